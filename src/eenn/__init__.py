@@ -1,0 +1,33 @@
+"""eenn: early-exit neural networks for PyTorch."""
+__version__ = "0.1.0"
+
+from .backbones import Backbone, StageInfo, create_backbone, list_backbones, register_backbone
+from .checkpoint import CheckpointError, load, read_description, save
+from .cost import CostTable
+from .heads import ExitHead, create_head, list_heads, register_head
+from .network import ExitOutputs, MultiExitNetwork, NetworkConfig, create_network, place_exits
+from .trace import TraceError, attach_exits
+
+__all__ = [
+    "Backbone",
+    "CheckpointError",
+    "CostTable",
+    "ExitHead",
+    "ExitOutputs",
+    "MultiExitNetwork",
+    "NetworkConfig",
+    "StageInfo",
+    "TraceError",
+    "attach_exits",
+    "create_backbone",
+    "create_head",
+    "create_network",
+    "list_backbones",
+    "list_heads",
+    "load",
+    "place_exits",
+    "read_description",
+    "register_backbone",
+    "register_head",
+    "save",
+]

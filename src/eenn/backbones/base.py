@@ -1,0 +1,183 @@
+"""The backbone contract: an ordered list of stages where exits may attach, a final classifier,
+and for every stage its per-sample output shape.
+
+A stage maps the running state to the next state. For the built-in backbones the state is one
+tensor; for models cut by :func:`eenn.attach_exits` it may be a tuple of tensors whose first
+element is the feature an exit head reads (the other elements are values a later stage still
+needs, such as the input of a residual add that spans the cut).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import Registry, check_options
+
+__all__ = [
+    "Backbone",
+    "StageInfo",
+    "register_backbone",
+    "create_backbone",
+    "list_backbones",
+    "head_input",
+    "dry_run",
+]
+
+State = Tensor | tuple[Tensor, ...]
+
+
+def head_input(state: State) -> Tensor:
+    """The tensor an exit head reads from a stage's output state."""
+    return state[0] if isinstance(state, tuple) else state
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """What an exit attached after this stage will see."""
+
+    index: int
+    name: str
+    shape: tuple[int, ...]  # per-sample shape of the head input: (C, H, W) or (F,)
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return self.shape[1:]
+
+
+@torch.no_grad()
+def dry_run(stages: Sequence[nn.Module], input_shape: Sequence[int], batch: int = 2) -> list[State]:
+    """Run ``stages`` in eval mode on zeros of per-sample shape ``input_shape``; return each
+    stage's output. Used to infer shapes; training mode is restored afterwards."""
+    params = [p for s in stages for p in s.parameters()]
+    device = params[0].device if params else torch.device("cpu")
+    dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
+    modes = [s.training for s in stages]
+    for s in stages:
+        s.eval()
+    try:
+        state: State = torch.zeros(batch, *input_shape, device=device, dtype=dtype)
+        outs = []
+        for s in stages:
+            state = s(state)
+            outs.append(state)
+        return outs
+    finally:
+        for s, m in zip(stages, modes):
+            s.train(m)
+
+
+class Backbone(nn.Module):
+    """Ordered ``stages`` plus a final ``classifier``.
+
+    ``forward(x)`` is the plain network (logits of the final classifier); ``stage_info`` gives,
+    for every stage, the shape an exit head attached there receives.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        classifier: nn.Module,
+        *,
+        input_shape: Sequence[int],
+        stage_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if len(stages) < 1:
+            raise ValueError("a backbone needs at least one stage")
+        self.stages = nn.ModuleList(stages)
+        self.classifier = classifier
+        self.input_shape = tuple(int(s) for s in input_shape)
+        names = list(stage_names) if stage_names is not None else [f"stage{i}" for i in range(len(stages))]
+        if len(names) != len(stages):
+            raise ValueError(f"{len(names)} stage names for {len(stages)} stages")
+        outs = dry_run(self.stages, self.input_shape)
+        self.stage_info = [
+            StageInfo(i, n, tuple(head_input(o).shape[1:])) for i, (n, o) in enumerate(zip(names, outs))
+        ]
+        with torch.no_grad():
+            was = classifier.training
+            classifier.eval()
+            logits = classifier(head_input(outs[-1]))
+            classifier.train(was)
+        if logits.dim() != 2:
+            raise ValueError(f"the classifier must return [batch, classes] logits, got shape {tuple(logits.shape)}")
+        self.num_classes = int(logits.shape[1])
+        # Set by create_backbone so that a checkpoint can rebuild the network from data.
+        self.spec: dict[str, Any] | None = None
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        state: State = x
+        for stage in self.stages:
+            state = stage(state)
+        return head_input(state)
+
+    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
+        """Every stage's head input, in order (the last one feeds the classifier)."""
+        feats = []
+        state: State = x
+        for stage in self.stages:
+            state = stage(state)
+            feats.append(head_input(state))
+        return feats
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.forward_features(x))
+
+
+_BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")
+
+
+def register_backbone(name: str | None = None):
+    """Decorator: register a keyword-only builder
+    ``fn(*, in_channels, num_classes, input_size, **options) -> Backbone``."""
+    return _BACKBONES.register(name)
+
+
+def list_backbones() -> list[str]:
+    return _BACKBONES.names()
+
+
+def _size2(input_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(input_size, int):
+        size = (input_size, input_size)
+    else:
+        size = tuple(int(s) for s in input_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"input_size must be a positive int or (height, width), got {input_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def create_backbone(
+    name: str,
+    *,
+    in_channels: int,
+    num_classes: int,
+    input_size: int | Sequence[int],
+    **options: Any,
+) -> Backbone:
+    """Build a registered backbone. ``options`` are the family's own (``width``, ...)."""
+    builder = _BACKBONES.get(name)
+    if in_channels < 1 or num_classes < 2:
+        raise ValueError(f"need in_channels >= 1 and num_classes >= 2, got {in_channels} and {num_classes}")
+    size = _size2(input_size)
+    check_options(f"backbone {name!r}", builder, options, skip=("in_channels", "num_classes", "input_size"))
+    net = builder(in_channels=in_channels, num_classes=num_classes, input_size=size, **options)
+    net.spec = {
+        "name": name,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "input_size": list(size),
+        "options": dict(options),
+    }
+    return net

@@ -1,0 +1,65 @@
+"""MobileNetV2 (Sandler et al. 2018) for small images: stride-1 stem and second group, so a
+32x32 input ends at 4x4 instead of 1x1. One stage per inverted-residual block."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ._layers import avgpool_linear, check_width, conv_bn_act, init_weights, make_divisible
+from .base import Backbone, register_backbone
+
+__all__ = ["mobilenetv2"]
+
+# (expansion t, channels c, blocks n, first stride s); ImageNet uses s=2 for the 24-channel group.
+_SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand + 3x3 depthwise + linear 1x1 projection, residual when shapes match."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = in_ch * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers.append(conv_bn_act(in_ch, hidden, 1, act=nn.ReLU6))
+        layers.append(conv_bn_act(hidden, hidden, 3, stride, groups=hidden, act=nn.ReLU6))
+        # No activation after the projection: the paper's linear bottleneck.
+        layers.append(conv_bn_act(hidden, out_ch, 1, act=None))
+        self.block = nn.Sequential(*layers)
+        self.residual = stride == 1 and in_ch == out_ch
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.block(x)
+        return x + out if self.residual else out
+
+
+@register_backbone("mobilenetv2")
+def mobilenetv2(
+    *,
+    in_channels: int,
+    num_classes: int,
+    input_size: tuple[int, int],
+    width: float = 1.0,
+    dropout: float = 0.2,
+) -> Backbone:
+    """MobileNetV2, CIFAR style; 17 stages (stem in the first, final 1x1 conv in the last)."""
+    check_width(width)
+    in_ch = make_divisible(32 * width)
+    last_ch = make_divisible(1280 * max(1.0, width))  # thinner nets keep the wide last layer
+    stem = conv_bn_act(in_channels, in_ch, 3, act=nn.ReLU6)
+    stages: list[nn.Module] = []
+    for t, c, n, s in _SETTINGS:
+        out_ch = make_divisible(c * width)
+        for i in range(n):
+            block = InvertedResidual(in_ch, out_ch, s if i == 0 else 1, t)
+            # The stem alone is too shallow to be worth an exit, so it shares the first stage.
+            stages.append(nn.Sequential(stem, block) if not stages else block)
+            in_ch = out_ch
+    stages[-1] = nn.Sequential(stages[-1], conv_bn_act(in_ch, last_ch, 1, act=nn.ReLU6))
+    init_weights(stages)
+    return Backbone(
+        stages,
+        avgpool_linear(last_ch, num_classes, dropout),
+        input_shape=(in_channels, *input_size),
+        stage_names=[f"block{i + 1}" for i in range(len(stages))],
+    )

@@ -1,0 +1,131 @@
+"""CIFAR-style ResNets: ResNet-18/34 (64-512 channels, projection shortcuts) and the He et al.
+(2016) CIFAR family ResNet-20/32/56/110 (16-64 channels) used by EENets. The stem is merged
+into the first block's stage; after that every BasicBlock is one stage."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._layers import avgpool_linear, check_width, conv_bn_act, init_weights, scaled
+from .base import Backbone, register_backbone
+
+__all__ = ["resnet18", "resnet34", "resnet20", "resnet32", "resnet56", "resnet110"]
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A of He et al.: subsample by striding and append zero channels (no parameters)."""
+
+    def __init__(self, extra_channels: int, stride: int) -> None:
+        super().__init__()
+        self.extra_channels, self.stride = extra_channels, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Same output size as the 3x3/pad-1 conv of the residual branch: ceil(n / stride).
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+
+    def extra_repr(self) -> str:
+        return f"extra_channels={self.extra_channels}, stride={self.stride}"
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers plus a shortcut; ReLU after the addition."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, shortcut: str) -> None:
+        super().__init__()
+        self.conv1 = conv_bn_act(in_ch, out_ch, 3, stride)
+        self.conv2 = conv_bn_act(out_ch, out_ch, 3, act=None)
+        self.shortcut: nn.Module
+        if stride == 1 and in_ch == out_ch:
+            self.shortcut = nn.Identity()
+        elif shortcut == "A":
+            self.shortcut = ZeroPadShortcut(out_ch - in_ch, stride)
+        else:
+            self.shortcut = conv_bn_act(in_ch, out_ch, 1, stride, act=None)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+def _resnet(
+    depths: tuple[int, ...],
+    channels: tuple[int, ...],
+    *,
+    in_channels: int,
+    num_classes: int,
+    input_size: tuple[int, int],
+    width: float,
+    shortcut: str,
+) -> Backbone:
+    check_width(width)
+    if shortcut not in ("A", "B"):
+        raise ValueError(f"shortcut must be 'A' (zero padding) or 'B' (projection), got {shortcut!r}")
+    widths = [scaled(c, width) for c in channels]
+    stem = conv_bn_act(in_channels, widths[0], 3)
+    stages: list[nn.Module] = []
+    names: list[str] = []
+    in_ch = widths[0]
+    for g, (depth, out_ch) in enumerate(zip(depths, widths)):
+        for i in range(depth):
+            stride = 2 if g > 0 and i == 0 else 1
+            block = BasicBlock(in_ch, out_ch, stride, shortcut)
+            # The stem alone is too shallow to be worth an exit, so it shares the first stage.
+            stages.append(nn.Sequential(stem, block) if not stages else block)
+            names.append(f"block{g + 1}.{i}")
+            in_ch = out_ch
+    init_weights(stages)
+    return Backbone(
+        stages,
+        avgpool_linear(in_ch, num_classes),
+        input_shape=(in_channels, *input_size),
+        stage_names=names,
+    )
+
+
+_WIDE = (64, 128, 256, 512)  # ResNet-18/34
+_CIFAR = (16, 32, 64)  # ResNet-20/32/56/110: depth = 6n + 2
+
+
+@register_backbone("resnet18")
+def resnet18(*, in_channels: int, num_classes: int, input_size: tuple[int, int], width: float = 1.0) -> Backbone:
+    """ResNet-18, CIFAR stem (3x3 conv, no max pool); 8 stages."""
+    return _resnet((2, 2, 2, 2), _WIDE, shortcut="B", **locals())
+
+
+@register_backbone("resnet34")
+def resnet34(*, in_channels: int, num_classes: int, input_size: tuple[int, int], width: float = 1.0) -> Backbone:
+    """ResNet-34, CIFAR stem (3x3 conv, no max pool); 16 stages."""
+    return _resnet((3, 4, 6, 3), _WIDE, shortcut="B", **locals())
+
+
+@register_backbone("resnet20")
+def resnet20(
+    *, in_channels: int, num_classes: int, input_size: tuple[int, int], width: float = 1.0, shortcut: str = "A"
+) -> Backbone:
+    """ResNet-20 (He et al. 2016, n=3); 9 stages."""
+    return _resnet((3, 3, 3), _CIFAR, **locals())
+
+
+@register_backbone("resnet32")
+def resnet32(
+    *, in_channels: int, num_classes: int, input_size: tuple[int, int], width: float = 1.0, shortcut: str = "A"
+) -> Backbone:
+    """ResNet-32 (He et al. 2016, n=5); 15 stages."""
+    return _resnet((5, 5, 5), _CIFAR, **locals())
+
+
+@register_backbone("resnet56")
+def resnet56(
+    *, in_channels: int, num_classes: int, input_size: tuple[int, int], width: float = 1.0, shortcut: str = "A"
+) -> Backbone:
+    """ResNet-56 (He et al. 2016, n=9); 27 stages."""
+    return _resnet((9, 9, 9), _CIFAR, **locals())
+
+
+@register_backbone("resnet110")
+def resnet110(
+    *, in_channels: int, num_classes: int, input_size: tuple[int, int], width: float = 1.0, shortcut: str = "A"
+) -> Backbone:
+    """ResNet-110 (He et al. 2016, n=18); 54 stages."""
+    return _resnet((18, 18, 18), _CIFAR, **locals())

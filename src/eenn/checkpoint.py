@@ -1,0 +1,177 @@
+"""Checkpoints: one ``.safetensors`` file holding the weights and, in its header, a JSON
+description from which the network is rebuilt without the script that trained it.
+
+Writes are atomic (a temporary file in the same folder, fsync, then rename), so a crash never
+leaves a half-written checkpoint where a good one was. Nothing is ever unpickled. A SHA-256 of
+the tensor bytes is stored and checked, so a file damaged after its header is refused too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CheckpointError", "save", "load", "read_description"]
+
+FORMAT = "eenn.multi_exit_network"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit; the message says why and what to do."""
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _digest(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """safetensors refuses tensors that share memory (tied or reused weights): keep one name
+    per storage view and record the others as aliases."""
+    seen: dict[tuple, str] = {}
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    for k, t in state.items():
+        sig = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and sig in seen:
+            aliases[k] = seen[sig]
+        else:
+            seen[sig] = k
+            tensors[k] = t.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def save(net: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``net`` (a :class:`~eenn.MultiExitNetwork`) to ``path``; ``extra`` is any JSON-able
+    data stored beside the description (metrics, training config, ...)."""
+    from safetensors.torch import save_file
+
+    from .network import MultiExitNetwork
+
+    if not isinstance(net, MultiExitNetwork):
+        raise TypeError(f"eenn.save takes a MultiExitNetwork, got {type(net).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; give a file name such as {path / 'model.safetensors'}")
+    tensors, aliases = _dedupe(net.state_dict())
+    desc = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "eenn_version": _version(),
+        "torch_version": torch.__version__,
+        "network": net.config,
+        "aliases": aliases,
+        "sha256": _digest(tensors),
+        "extra": extra or {},
+    }
+    try:
+        text = json.dumps(desc)
+    except TypeError as e:
+        raise CheckpointError(f"cannot save: the description or `extra` is not JSON-serialisable ({e})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"eenn": text})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _open_header(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error type for any malformed header
+        raise CheckpointError(
+            f"{path} is not a readable safetensors checkpoint (truncated or corrupted?): {e}. "
+            "Re-save it or use another copy."
+        ) from None
+    if "eenn" not in meta:
+        raise CheckpointError(f"{path} is a safetensors file but not an eenn checkpoint (no 'eenn' description)")
+    try:
+        desc = json.loads(meta["eenn"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the stored description is not valid JSON ({e})") from None
+    if desc.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {desc.get('format')!r}")
+    if int(desc.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer eenn ({desc.get('eenn_version')}, format "
+            f"{desc['format_version']}); upgrade eenn to read it"
+        )
+    return desc
+
+
+def read_description(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON description stored in a checkpoint (no weights are read)."""
+    return _open_header(Path(path))
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    leaf_modules: Sequence[type] | None = None,
+    map_location: str | torch.device = "cpu",
+):
+    """Rebuild the network described in ``path`` and load its weights.
+
+    For a network made by :func:`eenn.attach_exits`, pass a fresh instance of the same user
+    model as ``model`` (code is never loaded from a file)."""
+    from safetensors.torch import load_file
+
+    from .network import MultiExitNetwork
+
+    path = Path(path)
+    desc = _open_header(path)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{path}: the weights cannot be read (truncated or corrupted?): {e}") from None
+    if _digest(tensors) != desc.get("sha256"):
+        raise CheckpointError(f"{path}: the weights do not match their checksum; the file is corrupted")
+    net = MultiExitNetwork.from_config(desc["network"], model=model, leaf_modules=leaf_modules)
+    state = dict(tensors)
+    for alias, name in desc.get("aliases", {}).items():
+        state[alias] = tensors[name]
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+        raise CheckpointError(f"{path} does not fit the network it describes ({'; '.join(parts)})")
+    net.load_state_dict(state)
+    return net.to(map_location)

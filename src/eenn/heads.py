@@ -1,0 +1,175 @@
+"""Exit heads: small classifiers attached after a backbone stage.
+
+Every head has the same shape: a ``body`` that turns the stage's feature into a flat vector,
+a linear ``classifier`` to class logits, and optionally a ``gate`` branch, a linear unit and a
+sigmoid giving a per-sample exit confidence in [0, 1]. The gate is what differentiable
+branching, EENets and NACHOS learn; a single ``Linear(d, K + 1)`` whose last unit is the gate
+(as in Scardapane et al.) is the same function as our separate ``Linear(d, K)`` and
+``Linear(d, 1)`` on the same vector, so one mechanism serves all three.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .registry import Registry, check_options
+
+__all__ = ["ExitHead", "MixedPool2d", "create_head", "list_heads", "register_head"]
+
+
+class ExitHead(nn.Module):
+    """``body`` -> flat vector of size ``feature_dim`` -> logits (and a gate in [0, 1])."""
+
+    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int, *, gate: bool = False) -> None:
+        super().__init__()
+        self.body = body
+        self.classifier = nn.Linear(feature_dim, num_classes)
+        self.gate = nn.Linear(feature_dim, 1) if gate else None
+
+    @property
+    def has_gate(self) -> bool:
+        return self.gate is not None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        z = self.body(x)
+        logits = self.classifier(z)
+        gate = torch.sigmoid(self.gate(z)).squeeze(1) if self.gate is not None else None
+        return logits, gate
+
+
+class MixedPool2d(nn.Module):
+    """SDN's mixed pooling ``a * maxpool + (1 - a) * avgpool`` with a learnable scalar ``a``
+    (initialised uniformly in [0, 1], as in SDN)."""
+
+    def __init__(self, kernel_size: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.alpha = nn.Parameter(torch.rand(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.kernel_size
+        return self.alpha * nn.functional.max_pool2d(x, k) + (1 - self.alpha) * nn.functional.avg_pool2d(x, k)
+
+
+_HEADS: Registry[Callable[..., ExitHead]] = Registry("exit head")
+
+
+def register_head(name: str | None = None):
+    """Decorator: register ``fn(in_shape, num_classes, **options) -> ExitHead``."""
+    return _HEADS.register(name)
+
+
+def list_heads() -> list[str]:
+    return _HEADS.names()
+
+
+def create_head(name: str, in_shape: Sequence[int], num_classes: int, **options: Any) -> ExitHead:
+    """Build head ``name`` for per-sample input shape ``in_shape`` ((C, H, W) or (F,))."""
+    builder = _HEADS.get(name)
+    check_options(f"exit head {name!r}", builder, options, skip=("in_shape", "num_classes"))
+    return builder(tuple(int(s) for s in in_shape), num_classes, **options)
+
+
+def _pool_flatten(in_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
+    """Global average pooling for (C, H, W) features, identity for flat ones."""
+    if len(in_shape) == 1:
+        return nn.Flatten(), in_shape[0]
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), in_shape[0]
+
+
+def _hidden(body: nn.Module, dim: int, width: int | None) -> tuple[nn.Module, int]:
+    """Optionally add one hidden fully connected layer (the head ``width``)."""
+    if not width:
+        return body, dim
+    return nn.Sequential(body, nn.Linear(dim, width), nn.ReLU(inplace=True)), width
+
+
+def _need_spatial(name: str, in_shape: tuple[int, ...]) -> None:
+    if len(in_shape) != 3:
+        raise ValueError(
+            f"exit head {name!r} needs a (channels, height, width) feature map, but this stage gives "
+            f"shape {in_shape}; use head 'linear' or 'sdn' for flat features"
+        )
+
+
+@register_head("linear")
+def linear(in_shape, num_classes, *, width: int | None = None, gate: bool = False) -> ExitHead:
+    """Global average pool + fully connected (``width`` adds a hidden layer)."""
+    body, dim = _hidden(*_pool_flatten(in_shape), width)
+    return ExitHead(body, dim, num_classes, gate=gate)
+
+
+@register_head("conv")
+def conv(in_shape, num_classes, *, width: int | None = None, layers: int = 1, gate: bool = False) -> ExitHead:
+    """BranchyNet-style branch: ``layers`` x (conv3x3 + BN + ReLU) with ``width`` channels
+    (default: the stage's channels), global average pool, fully connected."""
+    _need_spatial("conv", in_shape)
+    if layers < 1:
+        raise ValueError(f"exit head 'conv' needs layers >= 1, got {layers}")
+    c = in_shape[0]
+    w = int(width or c)
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        mods += [nn.Conv2d(c if i == 0 else w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+    mods += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return ExitHead(nn.Sequential(*mods), w, num_classes, gate=gate)
+
+
+@register_head("sdn")
+def sdn(in_shape, num_classes, *, width: int | None = None, gate: bool = False) -> ExitHead:
+    """Shallow-Deep Networks' internal classifier: mixed max/avg pooling with kernel size/4
+    (no pooling below 4 px), flatten, fully connected."""
+    if len(in_shape) == 1:
+        body, dim = nn.Flatten(), in_shape[0]
+    else:
+        c, h, w = in_shape
+        k = min(h, w) // 4 if min(h, w) >= 4 else 1
+        if k > 1:
+            body = nn.Sequential(MixedPool2d(k), nn.Flatten())
+            dim = c * (h // k) * (w // k)
+        else:
+            body, dim = nn.Flatten(), c * h * w
+    body, dim = _hidden(body, dim, width)
+    return ExitHead(body, dim, num_classes, gate=gate)
+
+
+@register_head("branching")
+def branching(in_shape, num_classes, *, width: int | None = None) -> ExitHead:
+    """Differentiable branching (Scardapane et al. 2020): pool + linear to K logits and one
+    gate unit through a sigmoid."""
+    return linear(in_shape, num_classes, width=width, gate=True)
+
+
+@register_head("eenets")
+def eenets(in_shape, num_classes, *, batch_norm: bool = False, pool: bool = True) -> ExitHead:
+    """EENets' exit block: optional BatchNorm, global average pooling (``pool=False``
+    flattens instead), then separate confidence (sigmoid) and classification branches."""
+    mods: list[nn.Module] = []
+    if batch_norm:
+        mods.append(nn.BatchNorm2d(in_shape[0]) if len(in_shape) == 3 else nn.BatchNorm1d(in_shape[0]))
+    if pool and len(in_shape) == 3:
+        mods += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        dim = in_shape[0]
+    else:
+        mods.append(nn.Flatten())
+        dim = int(torch.tensor(in_shape).prod())
+    return ExitHead(nn.Sequential(*mods), dim, num_classes, gate=True)
+
+
+@register_head("nachos")
+def nachos(in_shape, num_classes, *, width: int = 32, pool: int | None = None) -> ExitHead:
+    """NACHOS' early-exit classifier: a max-pool (kernel ``pool``; by default the one that
+    brings the map to at most 4 px), three ReLU + conv3x3 layers of ``width``, 2x``width``,
+    4x``width`` channels, flatten, and a linear layer to K logits plus a confidence unit."""
+    _need_spatial("nachos", in_shape)
+    c, h, w = in_shape
+    k = pool if pool is not None else max(1, -(-min(h, w) // 4))
+    mods: list[nn.Module] = [nn.MaxPool2d(k, ceil_mode=True)] if k > 1 else []
+    chans = [c, width, 2 * width, 4 * width]
+    for cin, cout in zip(chans, chans[1:]):
+        mods += [nn.ReLU(), nn.Conv2d(cin, cout, 3, padding=1)]
+    mods += [nn.ReLU(), nn.Flatten()]
+    hp, wp = -(-h // k), -(-w // k)
+    return ExitHead(nn.Sequential(*mods), chans[-1] * hp * wp, num_classes, gate=True)

@@ -1,0 +1,356 @@
+"""MultiExitNetwork: a backbone's stages plus an exit head after chosen stages.
+
+``net(x)`` runs every exit and returns their outputs; it holds no exit policy. Deciding
+which exit answers is the job of the policies and the dynamic engine, which run the network
+one segment at a time through :meth:`MultiExitNetwork.forward_segment`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .backbones.base import Backbone, State, create_backbone, head_input
+from .cost import CostTable, count_macs, count_params, profile_stages
+from .heads import ExitHead, create_head
+
+__all__ = [
+    "EXIT_DISTRIBUTIONS",
+    "ExitOutputs",
+    "MultiExitNetwork",
+    "NetworkConfig",
+    "cost_thresholds",
+    "create_network",
+    "place_exits",
+]
+
+# Where to put exits: stage indices or names, "all", "none", or a cost distribution given
+# as {"distribution": "fine", "num_exits": 2} or the short string "fine:2".
+ExitSpec = Union[str, Sequence[Union[int, str]], dict]
+
+GOLDEN_RATIO = 1.61803398875
+EXIT_DISTRIBUTIONS = ("linear", "golden", "pareto", "fine")
+
+
+class ExitOutputs(NamedTuple):
+    """Every exit's output, final exit last."""
+
+    logits: Tensor  # [E, B, C]
+    gates: Tensor | None  # [E, B] in [0, 1]; the final exit's gate is 1. None if heads have none.
+
+
+def cost_thresholds(distribution: str, num_exits: int) -> list[float]:
+    """EENets' placement rule: exit i goes where the cumulative cost first reaches
+    ``fraction[i]`` of the whole network's (METHODS.md §2)."""
+    n = num_exits
+    if n < 1:
+        raise ValueError(f"num_exits must be >= 1, got {n}")
+    if distribution == "linear":
+        return [(i + 1) / (n + 1) for i in range(n)]
+    if distribution == "golden":
+        return [GOLDEN_RATIO ** (i - n) for i in range(n)]
+    if distribution == "pareto":
+        return [1 - 0.8 ** (i + 1) for i in range(n)]
+    if distribution == "fine":
+        return [1 - 0.95 ** (i + 1) for i in range(n)]
+    raise ValueError(f"unknown exit distribution {distribution!r}; choose one of {', '.join(EXIT_DISTRIBUTIONS)}")
+
+
+def place_exits(spec: ExitSpec, backbone: Backbone) -> list[int]:
+    """Resolve an exit specification into sorted stage indices (the final classifier, after
+    the last stage, is always an exit and is not listed)."""
+    n = backbone.num_stages
+    names = [s.name for s in backbone.stage_info]
+    if isinstance(spec, str) and ":" in spec:
+        dist, _, k = spec.partition(":")
+        if not k.isdigit():
+            raise ValueError(f"exit placement {spec!r}: expected '<distribution>:<number of exits>', e.g. 'fine:2'")
+        spec = {"distribution": dist, "num_exits": int(k)}
+    if spec == "all":
+        return list(range(n - 1))
+    if spec in ("none", None):
+        return []
+    if isinstance(spec, dict):
+        unknown = set(spec) - {"distribution", "num_exits"}
+        if unknown or "num_exits" not in spec:
+            raise ValueError(f"exit placement dict takes 'distribution' and 'num_exits', got keys {sorted(spec)}")
+        return _place_by_cost(spec.get("distribution", "fine"), int(spec["num_exits"]), backbone)
+    if isinstance(spec, str):
+        raise ValueError(f"exit placement {spec!r} not understood: use 'all', 'none', a list of stages, or e.g. 'fine:2'")
+    out = []
+    for s in spec:
+        if isinstance(s, str):
+            if s not in names:
+                raise ValueError(f"no stage named {s!r}; stages are: {', '.join(names)}")
+            s = names.index(s)
+        i = int(s) + n if int(s) < 0 else int(s)
+        if not 0 <= i < n - 1:
+            raise ValueError(
+                f"cannot attach an exit after stage {s}: valid stages are 0..{n - 2} "
+                f"(stage {n - 1} is the last one and feeds the final classifier)"
+            )
+        out.append(i)
+    if len(set(out)) != len(out):
+        raise ValueError(f"exit stages must be distinct, got {list(spec)}")
+    return sorted(out)
+
+
+def _place_by_cost(distribution: str, num_exits: int, backbone: Backbone) -> list[int]:
+    fractions = cost_thresholds(distribution, num_exits)
+    n = backbone.num_stages
+    if num_exits > n - 1:
+        raise ValueError(f"cannot place {num_exits} exits: this backbone has {n - 1} stages that can carry one")
+    stage_macs, cls_macs = profile_stages(backbone.stages, backbone.classifier, backbone.input_shape)
+    total = sum(stage_macs) + cls_macs
+    cum = torch.tensor(stage_macs, dtype=torch.float64).cumsum(0).tolist()
+    out: list[int] = []
+    for i, frac in enumerate(fractions):
+        # The first stage reaching the threshold that carries no exit yet (two thresholds can
+        # fall in one stage when stages are coarse; the later exit moves one stage on).
+        start = out[-1] + 1 if out else 0
+        idx = next((j for j in range(start, n) if cum[j] >= frac * total), n - 1)
+        if idx >= n - 1:
+            raise ValueError(
+                f"distribution {distribution!r} puts exit {i} at {100 * frac:.1f}% of the cost, past the last "
+                f"stage that can carry an exit; use fewer exits or another distribution"
+            )
+        out.append(idx)
+    return out
+
+
+def _per_exit(value: Any, n: int, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{what}: got {len(value)} entries for {n} exits")
+        return list(value)
+    return [value] * n
+
+
+class MultiExitNetwork(nn.Module):
+    """A backbone plus one exit head after each chosen stage; the final exit is the backbone's
+    own classifier.
+
+    Args:
+        backbone: a :class:`~eenn.backbones.Backbone` (see :func:`eenn.create_backbone`).
+        exits: stage indices or names, ``"all"``, ``"none"``, or a cost distribution
+            (``"fine:2"`` / ``{"distribution": "fine", "num_exits": 2}``; METHODS.md §2).
+        head: registered head name, or one per intermediate exit.
+        head_options: keyword options for the head(s), a dict or one per exit.
+        source: how to rebuild the backbone from data (set by the factories; used by
+            :func:`eenn.save`).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        exits: ExitSpec = "all",
+        head: str | Sequence[str] = "linear",
+        head_options: dict | Sequence[dict] | None = None,
+        *,
+        source: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.exit_spec = copy.deepcopy(exits) if not isinstance(exits, (list, tuple)) else list(exits)
+        self.exit_stages = place_exits(exits, backbone)
+        k = len(self.exit_stages)
+        self.head_names = [str(h) for h in _per_exit(head, k, "head")]
+        self.head_options = [dict(o or {}) for o in _per_exit(head_options or {}, k, "head_options")]
+        self.heads = nn.ModuleList(
+            create_head(h, backbone.stage_info[s].shape, backbone.num_classes, **o)
+            for h, s, o in zip(self.head_names, self.exit_stages, self.head_options)
+        )
+        gated = [h.has_gate for h in self.heads]
+        if any(gated) and not all(gated):
+            raise ValueError(
+                f"either every exit head emits a gate or none does; got heads {self.head_names} "
+                f"(gated: {gated})"
+            )
+        self.has_gates = bool(gated) and all(gated)
+        if source is None and backbone.spec is not None:
+            source = {"kind": "backbone", **backbone.spec}
+        self.source = source
+        ends = [*self.exit_stages, backbone.num_stages - 1]
+        self.segment_bounds = [(a + 1, b + 1) for a, b in zip([-1, *ends[:-1]], ends)]
+        self._cost: CostTable | None = None
+
+    # ----------------------------------------------------------------------------- shape
+    @property
+    def num_exits(self) -> int:
+        return len(self.heads) + 1
+
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.backbone.input_shape
+
+    @property
+    def exit_names(self) -> list[str]:
+        info = self.backbone.stage_info
+        return [f"exit{i}@{info[s].name}" for i, s in enumerate(self.exit_stages)] + ["final"]
+
+    # --------------------------------------------------------------------------- compute
+    def forward_segment(self, k: int, state: State) -> tuple[State, Tensor, Tensor | None]:
+        """Run segment ``k`` alone: the stages between exit ``k-1`` and exit ``k``, then exit
+        ``k``'s head. Returns the state to carry on, the exit's logits and its gate (the final
+        exit's gate is 1 when the network has gates, else None)."""
+        start, end = self.segment_bounds[k]
+        for i in range(start, end):
+            state = self.backbone.stages[i](state)
+        feat = head_input(state)
+        if k < len(self.heads):
+            logits, gate = self.heads[k](feat)
+        else:
+            logits = self.backbone.classifier(feat)
+            gate = logits.new_ones(logits.shape[0]) if self.has_gates else None
+        return state, logits, gate
+
+    def forward(self, x: Tensor) -> ExitOutputs:
+        state: State = x
+        logits, gates = [], []
+        for k in range(self.num_exits):
+            state, lg, g = self.forward_segment(k, state)
+            logits.append(lg)
+            gates.append(g)
+        return ExitOutputs(torch.stack(logits), torch.stack(gates) if self.has_gates else None)
+
+    # ------------------------------------------------------------------------------ cost
+    def cost(self) -> CostTable:
+        """Per-exit MACs and parameters (heads included), measured once and cached."""
+        if self._cost is None:
+            self._cost = self._measure_cost()
+        return self._cost
+
+    def _measure_cost(self) -> CostTable:
+        bb = self.backbone
+        stage_macs, cls_macs = profile_stages(bb.stages, bb.classifier, bb.input_shape)
+        head_macs = []
+        for h, s in zip(self.heads, self.exit_stages):
+            p = next(h.parameters())
+            modes = h.training
+            h.eval()
+            head_macs.append(count_macs(h, torch.zeros(1, *bb.stage_info[s].shape, device=p.device, dtype=p.dtype)))
+            h.train(modes)
+        head_macs.append(cls_macs)
+        stages = [*self.exit_stages, bb.num_stages - 1]
+        cum = torch.tensor(stage_macs, dtype=torch.int64).cumsum(0).tolist()
+        backbone_macs = [cum[s] for s in stages]
+        macs = [b + h for b, h in zip(backbone_macs, head_macs)]
+        dyn = [backbone_macs[e] + sum(head_macs[: e + 1]) for e in range(len(stages))]
+        heads = [*self.heads, bb.classifier]
+        params = [count_params([*bb.stages[: s + 1], heads[e]]) for e, s in enumerate(stages)]
+        return CostTable(
+            exit_names=tuple(self.exit_names),
+            stage_index=tuple(stages),
+            backbone_macs=tuple(backbone_macs),
+            head_macs=tuple(head_macs),
+            macs=tuple(macs),
+            dynamic_macs=tuple(dyn),
+            params=tuple(params),
+            fraction=tuple(m / macs[-1] for m in macs),
+            total_params=count_params([self]),
+        )
+
+    # ---------------------------------------------------------------------- description
+    @property
+    def config(self) -> dict[str, Any]:
+        """A JSON-able description from which :meth:`from_config` rebuilds this network."""
+        return {
+            "source": copy.deepcopy(self.source),
+            "exits": list(self.exit_stages),
+            "exit_spec": self.exit_spec,
+            "head": list(self.head_names),
+            "head_options": copy.deepcopy(self.head_options),
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+        }
+
+    @classmethod
+    def from_config(
+        cls, config: dict[str, Any], *, model: nn.Module | None = None, leaf_modules: Sequence[type] | None = None
+    ) -> "MultiExitNetwork":
+        """Rebuild from :attr:`config`. Networks made by :func:`eenn.attach_exits` need the
+        user's ``model`` again (and its ``leaf_modules``), since code is not part of the
+        description."""
+        src = config.get("source") or {}
+        kind = src.get("kind")
+        if kind == "backbone":
+            bb = create_backbone(
+                src["name"],
+                in_channels=src["in_channels"],
+                num_classes=src["num_classes"],
+                input_size=src["input_size"],
+                **src.get("options", {}),
+            )
+            return cls(bb, config["exits"], config["head"], config["head_options"])
+        if kind == "traced":
+            from .trace import attach_exits
+
+            if model is None:
+                raise ValueError(
+                    f"this network was made by attach_exits on a user model ({src.get('model_class')}); "
+                    "its code is not stored with the weights: pass model=<a fresh instance of that model>"
+                )
+            return attach_exits(
+                model,
+                at=src["at"],
+                input_shape=config["input_shape"],
+                num_classes=config["num_classes"],
+                head=config["head"],
+                head_options=config["head_options"],
+                leaf_modules=leaf_modules,
+            )
+        if isinstance(model, Backbone):
+            return cls(model, config["exits"], config["head"], config["head_options"])
+        raise ValueError(
+            "this network was built on a custom Backbone that eenn cannot rebuild from data; "
+            "pass model=<that Backbone, freshly built>"
+        )
+
+
+@dataclass
+class NetworkConfig:
+    """Everything needed to build a multi-exit network on a registered backbone."""
+
+    backbone: str = "resnet20"
+    in_channels: int = 3
+    num_classes: int = 10
+    input_size: int | tuple[int, int] = 32
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    exits: Any = "all"
+    head: str | list[str] = "linear"
+    head_options: dict[str, Any] | list[dict[str, Any]] = field(default_factory=dict)
+
+    def build(self) -> MultiExitNetwork:
+        bb = create_backbone(
+            self.backbone,
+            in_channels=self.in_channels,
+            num_classes=self.num_classes,
+            input_size=self.input_size,
+            **self.backbone_options,
+        )
+        return MultiExitNetwork(bb, self.exits, self.head, self.head_options)
+
+
+def create_network(
+    backbone: str,
+    *,
+    in_channels: int,
+    num_classes: int,
+    input_size: int | tuple[int, int],
+    exits: ExitSpec = "all",
+    head: str | Sequence[str] = "linear",
+    head_options: dict | Sequence[dict] | None = None,
+    **backbone_options: Any,
+) -> MultiExitNetwork:
+    """Build a registered backbone and attach exits:
+    ``create_network("resnet20", in_channels=1, num_classes=10, input_size=28, exits="fine:2")``."""
+    return NetworkConfig(
+        backbone, in_channels, num_classes, input_size, backbone_options, exits, head, head_options or {}
+    ).build()

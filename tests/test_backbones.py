@@ -1,0 +1,181 @@
+"""The built-in backbone families: shapes per stage, stage counts, parameter counts, options."""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eenn.backbones import Backbone, create_backbone, list_backbones, register_backbone
+from eenn.backbones.base import _BACKBONES
+
+K = 10
+INPUTS = [(1, 8), (1, 28), (3, 32)]  # (channels, size): sklearn digits, MNIST, CIFAR
+
+NUM_STAGES = {
+    "mlp": 3,
+    "lenet5": 4,
+    "alexnet": 5,
+    "vgg11": 8,
+    "vgg13": 10,
+    "vgg16": 13,
+    "resnet18": 8,
+    "resnet34": 16,
+    "resnet20": 9,
+    "resnet32": 15,
+    "resnet56": 27,
+    "resnet110": 54,
+    "mobilenetv2": 17,
+}
+
+# Exact counts for a 3x32x32 input, 10 classes, width 1 (default options), to catch drift.
+PARAMS = {
+    "mlp": 829_386,  # 3072-256-128-64-10 with BN
+    "lenet5": 83_126,  # 'same' conv1, so fc1 sees 16x6x6 (the classic unpadded LeNet: ~62k)
+    "alexnet": 4_554_058,  # CIFAR AlexNet, 512-unit hidden layer
+    "vgg11": 9_228_362,  # reference: VGG11-BN CIFAR ~9.2M
+    "vgg13": 9_413_066,  # reference: VGG13-BN CIFAR ~9.4M
+    "vgg16": 14_724_042,  # reference: VGG16-BN CIFAR ~14.7M
+    "resnet18": 11_173_962,  # reference: CIFAR ResNet-18 11.17M
+    "resnet34": 21_282_122,  # reference: CIFAR ResNet-34 21.3M
+    "resnet20": 269_722,  # reference (He et al. 2016, option A): 0.27M
+    "resnet32": 464_154,  # reference: 0.46M
+    "resnet56": 853_018,  # reference: 0.85M
+    "resnet110": 1_727_962,  # reference: 1.7M
+    "mobilenetv2": 2_236_682,  # reference: MobileNetV2 with 10 classes ~2.24M
+}
+HE_RESNETS = ["resnet20", "resnet32", "resnet56", "resnet110"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@functools.cache
+def _built(name: str, channels: int, size: int) -> Backbone:
+    torch.manual_seed(0)
+    return create_backbone(name, in_channels=channels, num_classes=K, input_size=size)
+
+
+def _count(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def _check_stage_shapes(net: Backbone, x: torch.Tensor) -> None:
+    """Running stage by stage gives exactly the shapes that stage_info promises."""
+    net.eval()
+    with torch.no_grad():
+        state = x
+        for stage, info in zip(net.stages, net.stage_info):
+            state = stage(state)
+            assert tuple(state.shape) == (x.shape[0], *info.shape), info.name
+        assert net.classifier(state).shape == (x.shape[0], K)
+
+
+def test_every_family_is_registered_with_keyword_only_builder():
+    assert set(NUM_STAGES) <= set(list_backbones())
+    for name in NUM_STAGES:
+        params = inspect.signature(_BACKBONES.get(name)).parameters.values()
+        assert all(p.kind is p.KEYWORD_ONLY for p in params), name
+
+
+@pytest.mark.parametrize("channels,size", INPUTS, ids=[f"{c}x{s}x{s}" for c, s in INPUTS])
+@pytest.mark.parametrize("name", list_backbones())
+def test_shapes(name, channels, size):
+    net = _built(name, channels, size)
+    x = torch.randn(2, channels, size, size)
+    assert net.input_shape == (channels, size, size)
+    assert net.num_classes == K
+    if name in NUM_STAGES:
+        assert net.num_stages == NUM_STAGES[name]
+    names = [info.name for info in net.stage_info]
+    assert len(set(names)) == len(names) and all(names)
+
+    _check_stage_shapes(net, x)
+    net.eval()
+    with torch.no_grad():
+        feats = net.forward_intermediates(x)
+        logits = net(x)
+    assert len(feats) == net.num_stages
+    assert [tuple(f.shape[1:]) for f in feats] == [info.shape for info in net.stage_info]
+    assert logits.shape == (2, K)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_train_step_reaches_every_parameter(name):
+    net = create_backbone(name, in_channels=1, num_classes=K, input_size=8)
+    net.train()
+    loss = F.cross_entropy(net(torch.randn(2, 1, 8, 8)), torch.tensor([0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    unused = [n for n, p in net.named_parameters() if p.grad is None]
+    assert not unused
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_non_square_input(name):
+    net = create_backbone(name, in_channels=2, num_classes=K, input_size=(4, 30))
+    _check_stage_shapes(net, torch.randn(2, 2, 4, 30))
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_parameter_count(name):
+    assert _count(_built(name, 3, 32)) == PARAMS[name]
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_half_width_is_smaller(name):
+    half = create_backbone(name, in_channels=1, num_classes=K, input_size=8, width=0.5)
+    assert _count(half) < _count(_built(name, 1, 8))
+    _check_stage_shapes(half, torch.randn(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("name", HE_RESNETS)
+def test_projection_shortcut_adds_parameters(name):
+    b = create_backbone(name, in_channels=3, num_classes=K, input_size=32, shortcut="B")
+    # Option B adds a 1x1 conv + BN at the two downsampling blocks: 16*32+64 and 32*64+128.
+    assert _count(b) - PARAMS[name] == 16 * 32 + 2 * 32 + 32 * 64 + 2 * 64
+    _check_stage_shapes(b, torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [("alexnet", {"batch_norm": True}), ("vgg11", {"hidden": 256}), ("lenet5", {"width": 2.0})],
+)
+def test_options_that_add_parameters(name, options):
+    net = create_backbone(name, in_channels=3, num_classes=K, input_size=32, **options)
+    assert _count(net) > PARAMS[name]
+    _check_stage_shapes(net, torch.randn(2, 3, 32, 32))
+
+
+def test_small_options():
+    net = create_backbone("mlp", in_channels=1, num_classes=3, input_size=8, hidden=(32, 16))
+    assert [i.shape for i in net.stage_info] == [(32,), (16,)]
+    net = create_backbone("mobilenetv2", in_channels=3, num_classes=K, input_size=32, dropout=0.0)
+    assert _count(net) == PARAMS["mobilenetv2"]
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(ValueError, match="bogus"):
+        create_backbone("resnet20", in_channels=3, num_classes=K, input_size=32, bogus=1)
+
+
+@pytest.mark.parametrize("options", [{"shortcut": "C"}, {"width": 0.0}])
+def test_bad_option_value(options):
+    with pytest.raises(ValueError, match=next(iter(options))):
+        create_backbone("resnet20", in_channels=3, num_classes=K, input_size=32, **options)
+
+
+def test_unknown_name_lists_available():
+    with pytest.raises(KeyError, match="resnet20") as err:
+        create_backbone("resnet21", in_channels=3, num_classes=K, input_size=32)
+    assert "mobilenetv2" in str(err.value)
+
+
+def test_duplicate_registration_raises():
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("resnet20")(lambda **kw: None)

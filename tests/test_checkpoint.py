@@ -1,0 +1,130 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import eenn
+from tests.test_trace import ResCat
+
+
+def _trained_like(net):
+    """Perturb weights and BN statistics so that a load that silently used defaults would differ."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    return net.eval()
+
+
+def test_save_load_round_trip(tmp_path):
+    net = _trained_like(
+        eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits="fine:2",
+                            head="eenets", head_options={"batch_norm": True}, width=0.5)
+    )
+    path = eenn.save(net, tmp_path / "m.safetensors", extra={"epoch": 3})
+    loaded = eenn.load(path).eval()
+    x = torch.randn(6, 1, 8, 8)
+    a, b = net(x), loaded(x)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.gates, b.gates)
+    assert loaded.exit_stages == net.exit_stages and loaded.head_names == ["eenets", "eenets"]
+    desc = eenn.read_description(path)
+    assert desc["extra"] == {"epoch": 3} and desc["eenn_version"] == eenn.__version__
+    assert desc["network"]["source"]["name"] == "resnet20"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_traced_model_round_trip_needs_the_model(tmp_path):
+    net = _trained_like(eenn.attach_exits(ResCat(), at=["relu", "cat"], input_shape=(3, 8, 8)))
+    path = eenn.save(net, tmp_path / "t.safetensors")
+    with pytest.raises(ValueError, match="pass model=<a fresh instance"):
+        eenn.load(path)
+    loaded = eenn.load(path, model=ResCat()).eval()
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(net(x).logits, loaded(x).logits)
+    with pytest.raises(eenn.CheckpointError, match="does not fit.*wrong shape"):
+        eenn.load(path, model=_Wider())
+
+
+class _Wider(ResCat):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Conv2d(8, 8, 3, padding=1)  # same graph, different weight shape
+
+
+def test_truncated_file_is_refused(tmp_path):
+    net = eenn.create_network("lenet5", in_channels=1, num_classes=10, input_size=8, exits="all")
+    path = eenn.save(net, tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    for cut in (4, 100, len(data) // 2, len(data) - 1):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(eenn.CheckpointError, match="truncated or corrupted"):
+            eenn.load(bad)
+
+
+def test_corrupted_weights_fail_the_checksum(tmp_path):
+    net = eenn.create_network("lenet5", in_channels=1, num_classes=10, input_size=8, exits="all")
+    path = eenn.save(net, tmp_path / "m.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # inside the tensor data, past the header
+    path.write_bytes(bytes(data))
+    with pytest.raises(eenn.CheckpointError, match="checksum"):
+        eenn.load(path)
+
+
+def test_foreign_and_missing_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(eenn.CheckpointError, match="not an eenn checkpoint"):
+        eenn.load(tmp_path / "plain.safetensors")
+    with pytest.raises(eenn.CheckpointError, match="no checkpoint at"):
+        eenn.load(tmp_path / "absent.safetensors")
+    (tmp_path / "junk.safetensors").write_text("not a checkpoint at all")
+    with pytest.raises(eenn.CheckpointError, match="truncated or corrupted"):
+        eenn.load(tmp_path / "junk.safetensors")
+    save_file({"w": torch.zeros(2)}, tmp_path / "future.safetensors",
+              metadata={"eenn": json.dumps({"format": "eenn.multi_exit_network", "format_version": 99, "eenn_version": "9"})})
+    with pytest.raises(eenn.CheckpointError, match="newer eenn"):
+        eenn.load(tmp_path / "future.safetensors")
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    net = eenn.create_network("mlp", in_channels=1, num_classes=10, input_size=8, exits="all")
+    path = eenn.save(net, tmp_path / "m.safetensors")
+    before = path.read_bytes()
+
+    def boom(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        eenn.save(net, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_shared_weights_are_saved_once(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = nn.Linear(6, 6)
+            self.l2 = self.l1  # the same module called twice
+            self.out = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.l2(torch.relu(self.l1(x)))))
+
+    net = eenn.attach_exits(Tied(), at=["relu"], input_shape=(6,))
+    p = eenn.save(net, tmp_path / "tied.safetensors")
+    assert eenn.read_description(p)["aliases"]
+    loaded = eenn.load(p, model=Tied())
+    x = torch.randn(2, 6)
+    assert torch.equal(net(x).logits, loaded(x).logits)
