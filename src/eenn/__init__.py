@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 from .backbones import Backbone, StageInfo, create_backbone, list_backbones, register_backbone
 from .checkpoint import CheckpointError, load, read_description, save
 from .cost import CostTable
+from .data import TensorLoader, list_datasets, load_dataset
 from .heads import ExitHead, create_head, list_heads, register_head
 from .network import ExitOutputs, MultiExitNetwork, NetworkConfig, create_network, place_exits
 from .trace import TraceError, attach_exits
@@ -17,14 +18,17 @@ __all__ = [
     "MultiExitNetwork",
     "NetworkConfig",
     "StageInfo",
+    "TensorLoader",
     "TraceError",
     "attach_exits",
     "create_backbone",
     "create_head",
     "create_network",
     "list_backbones",
+    "list_datasets",
     "list_heads",
     "load",
+    "load_dataset",
     "place_exits",
     "read_description",
     "register_backbone",

@@ -13,11 +13,11 @@ def _parser() -> argparse.ArgumentParser:
         help="train a multi-exit network on the embedded digits data and print per-exit accuracy and MACs",
         description="Train a multi-exit network on scikit-learn's digits (no download) and print "
         "per-exit test accuracy and MACs.",
-        epilog="example: eenn demo --backbone resnet20 --epochs 15",
+        epilog="example: eenn demo --backbone resnet20 --epochs 30",
     )
     d.add_argument("--backbone", default="resnet20", help="registered backbone (default: resnet20)")
     d.add_argument("--exits", default="all", help="'all', 'none', stage indices '1,3', or a distribution 'fine:2'")
-    d.add_argument("--epochs", type=int, default=15)
+    d.add_argument("--epochs", type=int, default=30)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
     l = sub.add_parser("list", help="list registered backbones, heads and datasets")

@@ -25,7 +25,7 @@ def exit_accuracy(net, loader) -> list[float]:
 
 
 def run_demo(
-    *, backbone: str = "resnet20", exits: str = "all", epochs: int = 15, batch_size: int = 64, seed: int = 0, device: str | None = None
+    *, backbone: str = "resnet20", exits: str = "all", epochs: int = 30, batch_size: int = 64, seed: int = 0, device: str | None = None
 ) -> dict:
     torch.manual_seed(seed)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -56,7 +56,7 @@ def run_demo(
             sched.step()
             total += loss.item()
         val_acc = exit_accuracy(net, val)
-        print(f"  epoch {epoch + 1:2d}/{epochs}  loss {total / len(train):.3f}  "
+        print(f"  epoch {epoch + 1:2d}/{epochs}  joint loss {total / len(train):.3f}  "
               f"val acc first/final exit {100 * val_acc[0]:.1f}% / {100 * val_acc[-1]:.1f}%")
     train_s = time.perf_counter() - t0
     test_acc = exit_accuracy(net, test)

@@ -1,0 +1,138 @@
+"""The in-memory containers of the data layer and the helpers that split them.
+
+A data set is held as ONE uint8 tensor of images ``[N, C, H, W]`` (0..255) and one int64 tensor of
+labels ``[N]``: compact (a byte per pixel), movable to a GPU in one copy, and batched by slicing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    in_channels: int
+    input_size: tuple[int, int]
+    mean: tuple[float, ...]   # per channel, of x/255 on the train split (after the val carve-out)
+    std: tuple[float, ...]
+    class_names: tuple[str, ...]
+
+
+def _as_tensor(a: Any) -> Tensor:
+    if isinstance(a, np.ndarray):  # frombuffer arrays are read-only: copy those, share the rest
+        return torch.from_numpy(np.require(a, requirements=["C", "W"]))
+    return torch.as_tensor(a)
+
+
+class TensorDataset:
+    """Images ``x`` uint8 ``[N, C, H, W]`` and labels ``y`` int64 ``[N]`` on one device."""
+
+    def __init__(self, x: Tensor | np.ndarray, y: Tensor | np.ndarray | Sequence[int]) -> None:
+        self.x = _as_tensor(x)
+        self.y = _as_tensor(y).to(self.x.device, torch.int64)
+        if self.x.dtype != torch.uint8:
+            raise TypeError(f"images must be uint8 (0..255), got {self.x.dtype}")
+        if self.x.ndim != 4:
+            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(self.x.shape)}")
+        if self.y.shape != (len(self.x),):
+            raise ValueError(f"labels must be [N] with N={len(self.x)}, got shape {tuple(self.y.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.x[i], self.y[i]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def to(self, device: str | torch.device) -> "TensorDataset":
+        return TensorDataset(self.x.to(device), self.y.to(device))
+
+    def subset(self, indices: Tensor | np.ndarray | Sequence[int]) -> "TensorDataset":
+        idx = torch.as_tensor(np.asarray(indices) if not isinstance(indices, Tensor) else indices,
+                              dtype=torch.int64, device=self.device)
+        return TensorDataset(self.x[idx], self.y[idx])
+
+    def __repr__(self) -> str:
+        return f"TensorDataset(n={len(self)}, shape={tuple(self.x.shape[1:])}, device={self.device})"
+
+
+@dataclass
+class DataSplits:
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset
+    info: DatasetInfo
+
+
+# ---------------------------------------------------------------------------------------- splitting
+
+def stratified_pick(labels: np.ndarray, count: int, seed: Sequence[int]) -> np.ndarray:
+    """Sorted indices of ``count`` samples drawn at random (seeded) with the class proportions of
+    ``labels`` preserved: each class gives ``count * n_c / n`` rounded so the total is exact."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    count = min(max(int(count), 0), n)
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    quota = counts * (count / n)
+    take = np.floor(quota).astype(np.int64)
+    short = count - int(take.sum())  # hand the rest to the largest remainders (ties: lower class)
+    take[np.argsort(-(quota - take), kind="stable")[:short]] += 1
+    perm = np.random.default_rng(list(seed)).permutation(n)
+    grouped = perm[np.argsort(inverse[perm], kind="stable")]  # by class, shuffled within each class
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    picked = np.concatenate([grouped[s:s + t] for s, t in zip(starts, take)])
+    return np.sort(picked)
+
+
+def complement(n: int, picked: np.ndarray) -> np.ndarray:
+    mask = np.ones(n, dtype=bool)
+    mask[picked] = False
+    return np.flatnonzero(mask)
+
+
+def split_off(ds: TensorDataset, fraction: float, seed: Sequence[int]) -> tuple[TensorDataset, TensorDataset]:
+    """(rest, part): ``part`` holds round(fraction * N) samples, stratified by label."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the fraction to split off must be in [0, 1), got {fraction}")
+    labels = ds.y.cpu().numpy()
+    picked = stratified_pick(labels, round(fraction * len(ds)), seed)
+    return ds.subset(complement(len(ds), picked)), ds.subset(picked)
+
+
+def cap(ds: TensorDataset, limit: int | None, seed: Sequence[int]) -> TensorDataset:
+    """At most ``limit`` samples, stratified and seeded; unchanged when already small enough."""
+    if limit is None or len(ds) <= limit:
+        return ds
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    return ds.subset(stratified_pick(ds.y.cpu().numpy(), limit, seed))
+
+
+def channel_stats(x: Tensor, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of ``x / 255`` (float64 sums over chunks: exact and low-memory).
+    A constant channel gets std 1.0 rather than 0, so normalising by it stays finite."""
+    c = x.shape[1]
+    if len(x) == 0:
+        return (0.0,) * c, (1.0,) * c
+    total = torch.zeros(c, dtype=torch.float64)
+    squares = torch.zeros(c, dtype=torch.float64)
+    for i in range(0, len(x), chunk):
+        part = x[i:i + chunk].to("cpu", torch.float64).div_(255.0)
+        total += part.sum(dim=(0, 2, 3))
+        squares += part.square_().sum(dim=(0, 2, 3))
+    count = x.numel() // c
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(0).sqrt()
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)

@@ -1,0 +1,17 @@
+"""The two errors the data layer raises for missing or broken files. Both carry a message meant
+for a person: what was looked for or what is wrong, and what to do about it."""
+from __future__ import annotations
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The data set's files are in none of the searched places (or a download failed)."""
+
+
+class DatasetCorruptError(ValueError):
+    """A data file exists but cannot be read: truncated, wrong format, inconsistent, or unsafe."""
+
+
+def corrupt(path: object, what: str, fix: str | None = None) -> DatasetCorruptError:
+    """Build the standard message: which file, what is wrong, what to do."""
+    fix = fix or "delete it and obtain it again (re-download, or reinstall the package that provided it)"
+    return DatasetCorruptError(f"{path}: {what}. To fix: {fix}.")
