@@ -128,3 +128,30 @@ def test_shared_weights_are_saved_once(tmp_path):
     loaded = eenn.load(p, model=Tied())
     x = torch.randn(2, 6)
     assert torch.equal(net(x).logits, loaded(x).logits)
+
+
+def test_training_state_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    net = eenn.create_network("mlp", in_channels=1, num_classes=10, input_size=8, exits="all")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    net(torch.randn(4, 1, 8, 8)).logits.sum().backward()
+    opt.step(), sched.step()
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+             "python_rng": random.getstate(), "numpy_rng": np.random.get_state(), "epoch": 3}
+    path = eenn.save(net, tmp_path / "last.safetensors", extra={"epoch": 3}, state=state)
+    extra, back = eenn.checkpoint.load_state(path)
+    assert extra == {"epoch": 3} and back["epoch"] == 3
+    opt2 = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(back["optimizer"])
+    for a, b in zip(opt.state.values(), opt2.state.values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert back["scheduler"] == sched.state_dict()
+    assert torch.equal(back["torch_rng"], torch.get_rng_state())
+    random.setstate(back["python_rng"])
+    np.random.set_state(back["numpy_rng"])
+    # the network itself still loads alone, ignoring the training state
+    eenn.load(path)

@@ -154,3 +154,17 @@ def test_per_exit_heads_and_options():
     assert net(torch.randn(2, 3, 32, 32)).logits.shape == (3, 2, 10)
     with pytest.raises(ValueError, match="2 exits"):
         eenn.create_network("vgg11", in_channels=3, num_classes=10, input_size=32, exits=[1, 3], head=["conv"])
+
+
+def test_forward_selected_exits_skips_the_rest():
+    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 4], head="branching").eval()
+    x = torch.randn(3, 1, 8, 8)
+    full = net(x)
+    only_final = net(x, exits=[-1])
+    assert only_final.logits.shape == (1, 3, 10) and torch.equal(only_final.logits[0], full.logits[-1])
+    first_two = net(x, exits=[1, 0])
+    assert torch.equal(first_two.logits, full.logits[:2]) and torch.equal(first_two.gates, full.gates[:2])
+    # heads that are not asked for do not run: their parameters get no gradient
+    net.train()
+    net(x, exits=[-1]).logits.sum().backward()
+    assert all(p.grad is None for p in net.heads.parameters())

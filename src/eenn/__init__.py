@@ -8,8 +8,17 @@ from .data import TensorLoader, list_datasets, load_dataset
 from .heads import ExitHead, create_head, list_heads, register_head
 from .network import ExitOutputs, MultiExitNetwork, NetworkConfig, create_network, place_exits
 from .trace import TraceError, attach_exits
+from .objectives import Objective, create_objective, list_objectives, register_objective
+from .trainer import TrainConfig, Trainer, fit
 
 __all__ = [
+    "Objective",
+    "TrainConfig",
+    "Trainer",
+    "create_objective",
+    "fit",
+    "list_objectives",
+    "register_objective",
     "Backbone",
     "CheckpointError",
     "CostTable",

@@ -17,10 +17,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "save", "load", "read_description"]
+__all__ = ["CheckpointError", "save", "load", "load_state", "load_weights", "read_checkpoint", "read_description"]
 
 FORMAT = "eenn.multi_exit_network"
 FORMAT_VERSION = 1
+STATE_PREFIX = "_state/"  # tensors of the training state (optimiser, RNG); not part of the network
 
 
 class CheckpointError(ValueError):
@@ -59,9 +60,55 @@ def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]
     return tensors, aliases
 
 
-def save(net: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
+def _flatten(obj: Any, tensors: dict[str, Tensor], path: str) -> Any:
+    """Turn a nested state (optimiser, scheduler, RNG states) into JSON, moving its tensors into
+    ``tensors``; tuples and non-string dict keys are tagged so that :func:`_unflatten` restores
+    them exactly."""
+    if isinstance(obj, Tensor):
+        key = STATE_PREFIX + path
+        tensors[key] = obj.detach().contiguous().cpu().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _flatten(v, tensors, f"{path}/{k}") for k, v in obj.items()}
+        return {"__items__": [[_flatten(k, tensors, f"{path}/k{i}"), _flatten(v, tensors, f"{path}/{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars (numpy's RNG state)
+        return {"__array__": obj.tolist(), "dtype": str(obj.dtype)}
+    raise CheckpointError(f"cannot store training state entry {path!r} of type {type(obj).__name__}")
+
+
+def _unflatten(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__tuple__" in obj:
+        return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__items__"]}
+    if "__array__" in obj:
+        import numpy as np
+
+        return np.asarray(obj["__array__"], dtype=obj["dtype"])
+    return {k: _unflatten(v, tensors) for k, v in obj.items()}
+
+
+def save(
+    net: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None, state: Any = None
+) -> Path:
     """Write ``net`` (a :class:`~eenn.MultiExitNetwork`) to ``path``; ``extra`` is any JSON-able
-    data stored beside the description (metrics, training config, ...)."""
+    data stored beside the description (metrics, training config, ...); ``state`` is a nested
+    training state (dicts, lists, tensors: optimiser, scheduler, RNG) read back by
+    :func:`load_state`, in the same file so that weights and state can never disagree."""
     from safetensors.torch import save_file
 
     from .network import MultiExitNetwork
@@ -72,6 +119,7 @@ def save(net: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | Non
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; give a file name such as {path / 'model.safetensors'}")
     tensors, aliases = _dedupe(net.state_dict())
+    state_tree = _flatten(state, tensors, "root") if state is not None else None
     desc = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -81,6 +129,7 @@ def save(net: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | Non
         "aliases": aliases,
         "sha256": _digest(tensors),
         "extra": extra or {},
+        "state": state_tree,
     }
     try:
         text = json.dumps(desc)
@@ -136,20 +185,9 @@ def read_description(path: str | os.PathLike) -> dict[str, Any]:
     return _open_header(Path(path))
 
 
-def load(
-    path: str | os.PathLike,
-    *,
-    model: nn.Module | None = None,
-    leaf_modules: Sequence[type] | None = None,
-    map_location: str | torch.device = "cpu",
-):
-    """Rebuild the network described in ``path`` and load its weights.
-
-    For a network made by :func:`eenn.attach_exits`, pass a fresh instance of the same user
-    model as ``model`` (code is never loaded from a file)."""
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The description and every tensor of a checkpoint, checksum verified."""
     from safetensors.torch import load_file
-
-    from .network import MultiExitNetwork
 
     path = Path(path)
     desc = _open_header(path)
@@ -159,8 +197,19 @@ def load(
         raise CheckpointError(f"{path}: the weights cannot be read (truncated or corrupted?): {e}") from None
     if _digest(tensors) != desc.get("sha256"):
         raise CheckpointError(f"{path}: the weights do not match their checksum; the file is corrupted")
-    net = MultiExitNetwork.from_config(desc["network"], model=model, leaf_modules=leaf_modules)
-    state = dict(tensors)
+    return desc, tensors
+
+
+def load_state(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
+    """The ``extra`` data and the training ``state`` saved with :func:`save` (state is None if
+    none was saved)."""
+    desc, tensors = read_checkpoint(Path(path))
+    tree = desc.get("state")
+    return desc.get("extra", {}), (_unflatten(tree, tensors) if tree is not None else None)
+
+
+def _load_into(net: nn.Module, desc: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> None:
+    state = {k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)}
     for alias, name in desc.get("aliases", {}).items():
         state[alias] = tensors[name]
     expected = net.state_dict()
@@ -172,6 +221,31 @@ def load(
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
             if keys:
                 parts.append(f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
-        raise CheckpointError(f"{path} does not fit the network it describes ({'; '.join(parts)})")
+        raise CheckpointError(f"{path} does not fit the network ({'; '.join(parts)})")
     net.load_state_dict(state)
+
+
+def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
+    """Load the weights of checkpoint ``path`` into an existing ``net`` of the same design."""
+    desc, tensors = read_checkpoint(path)
+    _load_into(net, desc, tensors, Path(path))
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    leaf_modules: Sequence[type] | None = None,
+    map_location: str | torch.device = "cpu",
+):
+    """Rebuild the network described in ``path`` and load its weights.
+
+    For a network made by :func:`eenn.attach_exits`, pass a fresh instance of the same user
+    model as ``model`` (code is never loaded from a file)."""
+    from .network import MultiExitNetwork
+
+    path = Path(path)
+    desc, tensors = read_checkpoint(path)
+    net = MultiExitNetwork.from_config(desc["network"], model=model, leaf_modules=leaf_modules)
+    _load_into(net, desc, tensors, path)
     return net.to(map_location)

@@ -200,24 +200,36 @@ class MultiExitNetwork(nn.Module):
         """Run segment ``k`` alone: the stages between exit ``k-1`` and exit ``k``, then exit
         ``k``'s head. Returns the state to carry on, the exit's logits and its gate (the final
         exit's gate is 1 when the network has gates, else None)."""
+        state = self._run_stages(k, state)
+        logits, gate = self._run_exit(k, head_input(state))
+        return state, logits, gate
+
+    def _run_stages(self, k: int, state: State) -> State:
         start, end = self.segment_bounds[k]
         for i in range(start, end):
             state = self.backbone.stages[i](state)
-        feat = head_input(state)
-        if k < len(self.heads):
-            logits, gate = self.heads[k](feat)
-        else:
-            logits = self.backbone.classifier(feat)
-            gate = logits.new_ones(logits.shape[0]) if self.has_gates else None
-        return state, logits, gate
+        return state
 
-    def forward(self, x: Tensor) -> ExitOutputs:
+    def _run_exit(self, k: int, feat: Tensor) -> tuple[Tensor, Tensor | None]:
+        if k < len(self.heads):
+            return self.heads[k](feat)
+        logits = self.backbone.classifier(feat)
+        return logits, (logits.new_ones(logits.shape[0]) if self.has_gates else None)
+
+    def forward(self, x: Tensor, exits: Sequence[int] | None = None) -> ExitOutputs:
+        """Every exit's output; with ``exits`` (indices, negative allowed) only those exits'
+        heads run, and stages only as deep as the deepest of them."""
+        wanted = range(self.num_exits) if exits is None else sorted({int(e) % self.num_exits for e in exits})
         state: State = x
         logits, gates = [], []
-        for k in range(self.num_exits):
-            state, lg, g = self.forward_segment(k, state)
-            logits.append(lg)
-            gates.append(g)
+        for k in range(wanted[-1] + 1 if len(wanted) else 0):
+            state = self._run_stages(k, state)
+            if k in wanted:
+                lg, g = self._run_exit(k, head_input(state))
+                logits.append(lg)
+                gates.append(g)
+        if not logits:
+            raise ValueError("forward(exits=...) needs at least one exit")
         return ExitOutputs(torch.stack(logits), torch.stack(gates) if self.has_gates else None)
 
     # ------------------------------------------------------------------------------ cost

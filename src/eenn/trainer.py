@@ -1,0 +1,376 @@
+"""The trainer: a small loop over an objective (STYLE.md habits 4-5).
+
+*What* a step computes belongs to the objective; *when* things happen belongs here. Progress,
+metrics logging, checkpoints and early stopping are callbacks (``eenn.callbacks``). The same
+code runs as one process or under ``torchrun`` with DistributedDataParallel.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import distributed as D
+from .callbacks import Callback, Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
+from .data import DataSplits, TensorDataset, TensorLoader
+from .network import MultiExitNetwork
+from .objectives import Objective, create_objective, exit_losses
+
+__all__ = ["TrainConfig", "Trainer", "fit", "evaluate_exits"]
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "step", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs; entry points fill it from flags or YAML (habit 9)."""
+
+    epochs: int = 10
+    batch_size: int = 128  # per process under torchrun
+    eval_batch_size: int = 512
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # per-step cosine annealing, one-cycle, step decay or constant
+    step_epochs: int = 30  # "step": multiply the rate by `gamma` every `step_epochs` epochs
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max global gradient norm
+    amp: bool = False  # bf16 autocast (CUDA only; ignored on CPU)
+    augment: bool = False  # random crop (zero padding `crop_padding`) + horizontal flip (if `flip`)
+    crop_padding: int = 4
+    flip: bool = True
+    seed: int = 0
+    deterministic: bool = False
+    device: str | None = None  # None: CUDA when present
+    out_dir: str | None = None  # metrics.jsonl, last.safetensors, best.safetensors
+    resume: bool = True  # continue from out_dir/last.safetensors when it exists
+    early_stopping: int | None = None  # patience in epochs
+    monitor: str = "val_acc_final"  # or "val_acc_mean", "val_loss"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}")
+        if self.monitor not in EarlyStopping.MONITORS:
+            raise ValueError(f"unknown monitor {self.monitor!r}; choose {', '.join(EarlyStopping.MONITORS)}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+class _Step(nn.Module):
+    """Network + objective as one module, so DDP keeps the objective's own parameters (learned
+    exit weights, say) in step across ranks too."""
+
+    def __init__(self, net: MultiExitNetwork, objective: Objective) -> None:
+        super().__init__()
+        self.net, self.objective = net, objective
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        out = self.net(x, exits=self.objective.exits)
+        return self.objective(out, y), out.logits
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate_exits(net: MultiExitNetwork, dataset: TensorDataset, *, batch_size: int = 512,
+                   mean=None, std=None, device=None, env: D.DistEnv = D.DistEnv()) -> dict[str, list[float]]:
+    """Per-exit mean cross-entropy and accuracy of ``net`` on ``dataset`` (eval mode). Under
+    DDP each rank takes every ``world_size``-th sample and the sums are reduced exactly."""
+    if env.enabled:
+        dataset = dataset.subset(torch.arange(env.rank, len(dataset), env.world_size))
+    loader = TensorLoader(dataset, batch_size, mean=mean, std=std, device=device)
+    was = net.training
+    net.eval()
+    dev = loader.device
+    sums = torch.zeros(2, net.num_exits, dtype=torch.float64, device=dev)  # loss, correct
+    count = torch.zeros(1, dtype=torch.float64, device=dev)
+    for x, y in loader:
+        logits = net(x).logits.float()
+        sums[0] += exit_losses(logits, y).double() * y.numel()
+        sums[1] += (logits.argmax(-1) == y).sum(1).double()
+        count += y.numel()
+    net.train(was)
+    D.all_reduce_sum(sums, env)
+    D.all_reduce_sum(count, env)
+    n = max(count.item(), 1.0)
+    return {"loss": (sums[0] / n).tolist(), "acc": (sums[1] / n).tolist()}
+
+
+class Trainer:
+    """``Trainer(config, callbacks).fit(net, objective, data)``.
+
+    The loop calls, in order: ``objective.prepare`` once, then per epoch
+    ``objective.set_epoch`` and ``objective.train_mode``, one optimiser step per batch on
+    ``objective(net(x, exits=objective.exits), y)["loss"]``, and validation. Callbacks see
+    ``on_fit_start``, ``on_epoch_start``, ``on_train_batch_end``, ``on_epoch_end`` and
+    ``on_fit_end``; the built-in ones are added from the config.
+    """
+
+    def __init__(self, config: TrainConfig | None = None, callbacks: Sequence[Callback] = ()) -> None:
+        self.config = config or TrainConfig()
+        self.config.validate()
+        self.extra_callbacks = list(callbacks)
+        self.should_stop = False
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------- set-up
+    def _device(self) -> torch.device:
+        if self.config.device:
+            dev = torch.device(self.config.device)
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {self.config.device!r} asked for, but CUDA is not available here")
+            return dev
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        c = self.config
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+
+    def _scheduler(self, opt: torch.optim.Optimizer, steps_per_epoch: int):
+        c = self.config
+        total = max(1, c.epochs * steps_per_epoch)
+        if c.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        if c.schedule == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total)
+        if c.schedule == "step":
+            return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, c.step_epochs * steps_per_epoch), gamma=c.gamma)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+    def _callbacks(self) -> list[Callback]:
+        c = self.config
+        cbs: list[Callback] = []
+        if c.early_stopping:
+            cbs.append(EarlyStopping(c.early_stopping, c.monitor))
+        if c.out_dir:
+            cbs += [MetricsLogger(Path(c.out_dir) / "metrics.jsonl"), Checkpointer(c.out_dir, c.monitor)]
+        if c.progress:
+            cbs.append(ProgressBar())
+        return cbs
+
+    # --------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything beyond the weights that an exact resume needs."""
+        return {
+            "epoch": self.epoch + 1,  # epochs completed
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "objective": self.objective.state_dict(),
+            "rng": rng_state(),
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks if cb.state_dict() is not None},
+            "config": asdict(self.config),
+        }
+
+    def _resume(self, path: Path) -> int:
+        from .checkpoint import load_weights, load_state
+
+        _, state = load_state(path)
+        if state is None:
+            raise ValueError(f"{path} holds no training state to resume from; delete it or set resume=False")
+        load_weights(self.net, path)
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for cb in self.callbacks:
+            cb.load_state_dict(state["callbacks"].get(type(cb).__name__))
+        set_rng_state(state["rng"])
+        return int(state["epoch"])
+
+    # ---------------------------------------------------------------------------- loop
+    def fit(self, net: MultiExitNetwork, objective: str | Objective, data: DataSplits) -> list[dict[str, Any]]:
+        c = self.config
+        device = self._device()
+        self.env = env = D.setup(device.type)
+        if env.enabled and device.type == "cuda":
+            device = torch.device("cuda", env.local_rank)
+            torch.cuda.set_device(device)
+        try:
+            return self._fit(net, objective, data, device, env)
+        finally:
+            D.teardown(env)
+
+    def _fit(self, net, objective, data, device, env) -> list[dict[str, Any]]:
+        c = self.config
+        seed_everything(c.seed, c.deterministic)
+        self.net = net.to(device)
+        opts = {"label_smoothing": c.label_smoothing} if c.label_smoothing else {}
+        self.objective = obj = create_objective(objective, **opts).to(device)
+        if c.label_smoothing and getattr(obj, "label_smoothing", None) != c.label_smoothing:
+            raise ValueError(f"objective {type(obj).__name__} does not take label_smoothing")
+        obj.prepare(net)
+        self.data, self.device = data, device
+        info = data.info
+        self.train_loader = TensorLoader(data.train, c.batch_size, shuffle=True, drop_last=env.enabled,
+                                         mean=info.mean, std=info.std, augment=c.augment, crop_padding=c.crop_padding,
+                                         flip=c.flip, device=device,
+                                         seed=c.seed, rank=env.rank, world_size=env.world_size)
+        if len(self.train_loader) == 0:
+            raise ValueError(f"the training split ({len(data.train)} samples) is smaller than one batch")
+        step = _Step(net, obj)
+        if env.enabled:
+            self.model = DistributedDataParallel(step, find_unused_parameters=_has_unused_parameters(step, data.train, info))
+        else:
+            self.model = step
+        params = [p for p in step.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: every parameter is frozen")
+        self.optimizer = self._optimizer(params)
+        self.scheduler = self._scheduler(self.optimizer, len(self.train_loader))
+        # The built-in callbacks write files and draw bars: rank 0 only. The user's run everywhere.
+        self.callbacks = (self._callbacks() if env.is_main else []) + self.extra_callbacks
+        torch.manual_seed(c.seed + env.rank)  # dropout differs per rank; weights are rank 0's (DDP)
+        start = 0
+        last = Path(c.out_dir) / "last.safetensors" if c.out_dir else None
+        if c.resume and last is not None and last.exists():
+            start = self._resume(last)
+        self.epoch, self.start_epoch, self.should_stop = start - 1, start, False
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.amp and device.type == "cuda")
+        for epoch in range(start, c.epochs):
+            self.epoch = epoch
+            metrics = self._train_epoch(epoch, autocast)
+            val = evaluate_exits(net, data.val, batch_size=c.eval_batch_size, mean=info.mean, std=info.std,
+                                 device=device, env=env) if len(data.val) else None
+            if val is not None:
+                metrics.update(val_loss=val["loss"], val_acc=val["acc"])
+            self.history.append(metrics)
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, metrics)
+            self.should_stop = D.broadcast_flag(self.should_stop, env, device)
+            if self.should_stop:
+                break
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        D.barrier(env)
+        return self.history
+
+    def _train_epoch(self, epoch: int, autocast) -> dict[str, Any]:
+        c, env, net = self.config, self.env, self.net
+        loader = self.train_loader
+        loader.set_epoch(epoch)
+        self.objective.set_epoch(epoch, c.epochs)
+        self.objective.train_mode(net)
+        for cb in self.callbacks:
+            cb.on_epoch_start(self)
+        exits = list(range(net.num_exits)) if self.objective.exits is None else \
+            sorted({e % net.num_exits for e in self.objective.exits})
+        dev = self.device
+        # Running sums stay on the device; nothing is synchronised per batch but the progress bar.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        exit_loss = torch.zeros(len(exits), dtype=torch.float64, device=dev)
+        correct = torch.zeros(len(exits), dtype=torch.float64, device=dev)
+        parts: dict[str, Tensor] = {}
+        seen = 0
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(loader):
+            with autocast:
+                out, logits = self.model(x, y)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; "
+                                         "lower the learning rate or enable grad_clip")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if c.grad_clip:
+                nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], c.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            with torch.no_grad():
+                n = y.numel()
+                logits = logits.float()
+                loss_sum += loss.detach().double() * n
+                exit_loss += exit_losses(logits, y).double() * n
+                correct += (logits.argmax(-1) == y).sum(1).double()
+                for k, v in out.items():
+                    if k != "loss" and v.dim() == 0:
+                        parts[k] = parts.get(k, 0) + v.detach().double() * n
+                seen += n
+            for cb in self.callbacks:
+                cb.on_train_batch_end(self, i, loss, correct / seen)
+        total = torch.tensor([float(seen)], dtype=torch.float64, device=dev)
+        for t in (loss_sum, exit_loss, correct, total, *parts.values()):
+            D.all_reduce_sum(t, env)
+        n = total.item()
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum.item() / n,
+            "train_exits": exits,
+            "train_exit_loss": (exit_loss / n).tolist(),
+            "train_acc": (correct / n).tolist(),
+            "epoch_time": time.perf_counter() - t0,
+        }
+        metrics.update({f"train_{k}": v.item() / n for k, v in parts.items()})
+        return metrics
+
+
+def _has_unused_parameters(step: _Step, train: TensorDataset, info) -> bool:
+    """Whether some trainable parameter gets no gradient from the loss (a gate that the loss does
+    not read, say): DDP must then look for them every step, which costs a graph traversal, so
+    it is only asked to when one backward pass on two samples shows it is needed."""
+    dev = next(step.parameters()).device
+    x, y = next(iter(TensorLoader(train.subset(torch.arange(min(2, len(train)))), 2,
+                                  mean=info.mean, std=info.std, device=dev)))
+    was = step.training
+    step.eval()  # no BatchNorm statistics move, no dropout randomness is drawn
+    step(x, y)[0]["loss"].backward()
+    step.train(was)
+    params = [p for p in step.parameters() if p.requires_grad]
+    unused = any(p.grad is None for p in params)
+    for p in params:
+        p.grad = None
+    return unused
+
+
+def fit(net: MultiExitNetwork, data: DataSplits, objective: str | Objective = "joint",
+        callbacks: Sequence[Callback] = (), **config: Any) -> list[dict[str, Any]]:
+    """One-call training: ``eenn.fit(net, data, "joint", epochs=5, lr=0.05, out_dir="runs/a")``."""
+    unknown = set(config) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown training option(s) {', '.join(sorted(unknown))}; "
+                         f"valid: {', '.join(TrainConfig.__dataclass_fields__)}")
+    return Trainer(TrainConfig(**config), callbacks).fit(net, objective, data)

@@ -1,0 +1,148 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eenn
+from eenn.objectives import HeadsOnly, Joint
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(__file__).resolve().parent / "train_script.py"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return eenn.load_dataset("digits", seed=0)
+
+
+def small_net(exits=(2, 5), head="linear"):
+    torch.manual_seed(0)
+    return eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=list(exits),
+                               head=head, width=0.5)
+
+
+def _run(args, **kw):
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "src") + ":" + str(ROOT)}
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.mark.parametrize("objective", ["final", "joint"])
+def test_objectives_train_on_digits(digits, objective):
+    net = small_net()
+    hist = eenn.fit(net, digits, objective, epochs=6, lr=0.05, batch_size=64, progress=False)
+    assert hist[-1]["train_loss"] < 0.5 * hist[0]["train_loss"]
+    if objective == "joint":
+        assert min(hist[-1]["val_acc"]) > 0.6  # every exit far above chance (0.1)
+    else:
+        assert hist[-1]["val_acc"][-1] > 0.9 and hist[-1]["train_exits"] == [2]
+
+
+def test_heads_only_trains_exits_on_a_frozen_backbone(digits, tmp_path):
+    # Exits deeper than in the other tests: a linear probe after the first blocks of a network
+    # trained for its final exit alone is weak (about 45% here), which is SDN's point.
+    base = small_net(exits=(4, 6))
+    eenn.fit(base, digits, "final", epochs=5, lr=0.05, batch_size=64, progress=False)
+    ckpt = eenn.save(base, tmp_path / "final.safetensors")
+    net = small_net(exits=(4, 6))  # fresh exits; the backbone comes from the checkpoint
+    hist = eenn.fit(net, digits, HeadsOnly(checkpoint=ckpt), epochs=6, lr=0.1, batch_size=64, progress=False)
+    for k, v in base.backbone.state_dict().items():  # weights and BatchNorm statistics untouched
+        assert torch.equal(v, net.backbone.state_dict()[k]), k
+    assert hist[-1]["train_exits"] == [0, 1]
+    assert min(hist[-1]["val_acc"]) > 0.6 and hist[-1]["val_acc"][-1] == pytest.approx(
+        eenn.trainer.evaluate_exits(base, digits.val, mean=digits.info.mean, std=digits.info.std)["acc"][-1])
+
+
+def test_heads_only_refuses_a_checkpoint_of_another_backbone(digits, tmp_path):
+    other = eenn.create_network("resnet32", in_channels=1, num_classes=10, input_size=8, exits=[2])
+    ckpt = eenn.save(other, tmp_path / "other.safetensors")
+    with pytest.raises(eenn.CheckpointError, match="backbone in .* does not match.*unexpected"):
+        eenn.Trainer(eenn.TrainConfig(epochs=1, progress=False)).fit(small_net(), HeadsOnly(checkpoint=ckpt), digits)
+
+
+def test_joint_weight_schemes():
+    net = small_net()
+    j = Joint("pabee")
+    j.prepare(net)
+    assert j.weights.tolist() == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+    s = Joint("sdn")
+    s.prepare(net)
+    frac = net.cost().fraction
+    s.set_epoch(0, 10)
+    assert s.weights.tolist() == pytest.approx([0.01, 0.01, 1.0])
+    s.set_epoch(5, 10)
+    assert s.weights.tolist() == pytest.approx([min(frac[0], 0.01 + 0.5 * frac[0]), min(frac[1], 0.01 + 0.5 * frac[1]), 1.0])
+    s.set_epoch(10, 10)
+    assert s.weights.tolist() == pytest.approx([frac[0], frac[1], 1.0])
+    u = Joint([0.2, 0.3, 1.0])
+    u.prepare(net)
+    logits = torch.randn(3, 4, 10)
+    y = torch.randint(0, 10, (4,))
+    per = [torch.nn.functional.cross_entropy(logits[i], y) for i in range(3)]
+    out = u(eenn.ExitOutputs(logits, None), y)
+    assert out["loss"].item() == pytest.approx(0.2 * per[0].item() + 0.3 * per[1].item() + per[2].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: eenn.create_objective("jointt"), "unknown objective 'jointt'"),
+    (lambda: Joint("growing"), "unknown weight scheme"),
+    (lambda: Joint([1.0, 2.0]).prepare(small_net()), "got 2 weights for a network with 3 exits"),
+    (lambda: eenn.create_objective("joint", wieghts="sdn"), "does not accept option"),
+    (lambda: eenn.TrainConfig(optimizer="adam").validate(), "unknown optimizer"),
+    (lambda: eenn.fit(small_net(), None, "joint", epochz=3), "unknown training option"),
+])
+def test_bad_settings_are_explained(make, message):
+    with pytest.raises((ValueError, KeyError), match=message):
+        make()
+
+
+def test_options_early_stopping_and_outputs(digits, tmp_path):
+    net = small_net()
+    hist = eenn.fit(net, digits, "joint", epochs=30, lr=0.02, optimizer="adamw", schedule="onecycle",
+                    label_smoothing=0.1, grad_clip=1.0, early_stopping=2, monitor="val_acc_mean",
+                    out_dir=str(tmp_path), progress=True)
+    assert len(hist) < 30  # stopped early
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == list(range(1, len(hist) + 1))
+    assert {"lr", "train_loss", "train_exit_loss", "train_acc", "val_loss", "val_acc", "epoch_time"} <= set(lines[0])
+    best = eenn.load(tmp_path / "best.safetensors")
+    assert eenn.read_description(tmp_path / "best.safetensors")["extra"]["metrics"]["val_acc"]
+    assert best.num_exits == 3
+
+
+def test_step_schedule_and_sgd_lr(digits):
+    hist = eenn.fit(small_net(), digits, "joint", epochs=3, lr=0.1, schedule="step", step_epochs=1, gamma=0.5, progress=False)
+    # the rate is logged after the epoch's last step
+    assert [h["lr"] for h in hist] == pytest.approx([0.05, 0.025, 0.0125])
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert _run([str(SCRIPT), str(full), "--epochs", "3"]).returncode == 0
+    r = _run([str(SCRIPT), str(killed), "--epochs", "3", "--kill-at", "1", "3"])
+    assert r.returncode == -9, r.stderr  # SIGKILL in the middle of the second epoch
+    assert eenn.read_description(killed / "last.safetensors")["extra"]["epoch"] == 1
+    r = _run([str(SCRIPT), str(killed), "--epochs", "3"])
+    assert r.returncode == 0, r.stderr
+    a = eenn.load(full / "last.safetensors").state_dict()
+    b = eenn.load(killed / "last.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [json.loads(l)["epoch"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_ddp_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    r = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+              str(SCRIPT), str(out), "--epochs", "8", "--lr", "0.2", "--head", "branching"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == list(range(1, 9))  # rank 0 alone wrote the log
+    assert lines[-1]["train_loss"] < 0.5 * lines[0]["train_loss"]
+    assert lines[-1]["val_acc"][-1] > 0.85
+    net = eenn.load(out / "last.safetensors")
+    data = eenn.load_dataset("digits", seed=0)
+    acc = eenn.trainer.evaluate_exits(net, data.val, mean=data.info.mean, std=data.info.std)["acc"]
+    assert acc == pytest.approx(lines[-1]["val_acc"])  # the reduced metrics are the full split's
