@@ -10,6 +10,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -211,6 +212,13 @@ class Trainer:
         if state is None:
             raise ValueError(f"{path} holds no training state to resume from; delete it or set resume=False")
         load_weights(self.net, path)
+        saved = state.get("config", {})
+        ignore = {"out_dir", "resume", "progress", "device", "early_stopping", "monitor", "eval_batch_size"}
+        changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in asdict(self.config).items()
+                   if k not in ignore and k in saved and saved[k] != v]
+        if changed:
+            warnings.warn(f"resuming {path} with changed settings ({'; '.join(changed)}); the optimiser and "
+                          "learning-rate schedule continue as they were saved", stacklevel=3)
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -323,10 +331,14 @@ class Trainer:
                 n = y.numel()
                 logits = logits.float()
                 loss_sum += loss.detach().double() * n
-                exit_loss += exit_losses(logits, y).double() * n
+                # Objectives that already computed every exit's CE hand it over (no work twice).
+                el = out.get("exit_losses")
+                if el is None or el.shape != (len(exits),):
+                    el = exit_losses(logits, y)
+                exit_loss += el.double() * n
                 correct += (logits.argmax(-1) == y).sum(1).double()
                 for k, v in out.items():
-                    if k != "loss" and v.dim() == 0:
+                    if k != "loss" and isinstance(v, Tensor) and v.dim() == 0:
                         parts[k] = parts.get(k, 0) + v.detach().double() * n
                 seen += n
             for cb in self.callbacks:
