@@ -113,7 +113,10 @@ def test_options_early_stopping_and_outputs(digits, tmp_path):
 
 
 def test_step_schedule_and_sgd_lr(digits):
-    hist = eenn.fit(small_net(), digits, "joint", epochs=3, lr=0.1, schedule="step", step_epochs=1, gamma=0.5, progress=False)
+    obj = Joint()
+    hist = eenn.fit(small_net(), digits, obj, epochs=3, lr=0.1, schedule="step", step_epochs=1, gamma=0.5,
+                    label_smoothing=0.05, progress=False)
+    assert obj.label_smoothing == 0.05
     # the rate is logged after the epoch's last step
     assert [h["lr"] for h in hist] == pytest.approx([0.05, 0.025, 0.0125])
 

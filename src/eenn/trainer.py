@@ -244,10 +244,11 @@ class Trainer:
         c = self.config
         seed_everything(c.seed, c.deterministic)
         self.net = net.to(device)
-        opts = {"label_smoothing": c.label_smoothing} if c.label_smoothing else {}
-        self.objective = obj = create_objective(objective, **opts).to(device)
-        if c.label_smoothing and getattr(obj, "label_smoothing", None) != c.label_smoothing:
-            raise ValueError(f"objective {type(obj).__name__} does not take label_smoothing")
+        self.objective = obj = create_objective(objective).to(device)
+        if c.label_smoothing:
+            if not hasattr(obj, "label_smoothing"):
+                raise ValueError(f"objective {type(obj).__name__} does not take label_smoothing")
+            obj.label_smoothing = c.label_smoothing
         obj.prepare(net)
         self.data, self.device = data, device
         info = data.info
