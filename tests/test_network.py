@@ -168,3 +168,38 @@ def test_forward_selected_exits_skips_the_rest():
     net.train()
     net(x, exits=[-1]).logits.sum().backward()
     assert all(p.grad is None for p in net.heads.parameters())
+
+
+def test_cascading_heads_read_the_previous_exit_detached():
+    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 3, 5],
+                              head="sdn", head_options={"cascade": True}).eval()
+    assert [h.cascades for h in net.heads] == [False, True, True] and net.cascades
+    x = torch.randn(4, 1, 8, 8)
+    full = net(x)
+    assert torch.equal(net(x, exits=[2]).logits[0], full.logits[2])
+    state, prev = x, None
+    for k in range(net.num_exits):
+        state, lg, _ = net.forward_segment(k, state, prev)
+        assert torch.equal(lg, full.logits[k])
+        prev = lg
+    # the cascade input is detached: exit 1's loss leaves exit 0's head untouched
+    net.train()
+    net(x).logits[1].sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in net.heads[0].parameters())
+    assert net.heads[1].classifier.weight.grad.any()
+
+
+def test_truncate_removes_later_layers_and_exits(tmp_path):
+    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 3, 5]).eval()
+    small = net.truncate(1)
+    assert small.num_exits == 2 and small.backbone.num_stages == 4
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(small(x).logits, net(x).logits[:2])
+    assert small.cost().macs == net.cost().macs[:2]
+    assert small.cost().total_params < net.cost().total_params
+    assert count_params([small]) == small.cost().total_params
+    path = eenn.save(small, tmp_path / "small.safetensors")
+    back = eenn.load(path).eval()
+    assert back.truncated_at == 1 and torch.equal(back(x).logits, small(x).logits)
+    assert net.truncate(-1) is net

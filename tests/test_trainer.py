@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import eenn
-from eenn.objectives import HeadsOnly, Joint
+from eenn.objectives import EpochContext, HeadsOnly, Joint
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve().parent / "train_script.py"
@@ -70,11 +70,12 @@ def test_joint_weight_schemes():
     s = Joint("sdn")
     s.prepare(net)
     frac = net.cost().fraction
-    s.set_epoch(0, 10)
+    ctx = lambda e: EpochContext(e, 10, net, None, (0.0,), (1.0,), torch.device("cpu"), 0)  # noqa: E731
+    s.begin_epoch(ctx(0))
     assert s.weights.tolist() == pytest.approx([0.01, 0.01, 1.0])
-    s.set_epoch(5, 10)
+    s.begin_epoch(ctx(5))
     assert s.weights.tolist() == pytest.approx([min(frac[0], 0.01 + 0.5 * frac[0]), min(frac[1], 0.01 + 0.5 * frac[1]), 1.0])
-    s.set_epoch(10, 10)
+    s.begin_epoch(ctx(10))
     assert s.weights.tolist() == pytest.approx([frac[0], frac[1], 1.0])
     u = Joint([0.2, 0.3, 1.0])
     u.prepare(net)

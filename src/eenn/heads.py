@@ -16,27 +16,61 @@ from torch import Tensor, nn
 
 from .registry import Registry, check_options
 
-__all__ = ["ExitHead", "MixedPool2d", "create_head", "list_heads", "register_head"]
+__all__ = ["ExitHead", "HeadClassifier", "MixedPool2d", "create_head", "list_heads", "register_head"]
 
 
 class ExitHead(nn.Module):
-    """``body`` -> flat vector of size ``feature_dim`` -> logits (and a gate in [0, 1])."""
+    """``body`` -> flat vector of size ``feature_dim`` -> logits (and a gate in [0, 1]).
+
+    With :meth:`add_cascade` the head also reads the previous exit's logits, layer-normalised
+    and detached, beside its own vector (Zero Time Waste's cascading heads)."""
 
     def __init__(self, body: nn.Module, feature_dim: int, num_classes: int, *, gate: bool = False) -> None:
         super().__init__()
         self.body = body
+        self.feature_dim = feature_dim
         self.classifier = nn.Linear(feature_dim, num_classes)
         self.gate = nn.Linear(feature_dim, 1) if gate else None
+        self.cascade_norm: nn.LayerNorm | None = None
 
     @property
     def has_gate(self) -> bool:
         return self.gate is not None
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    @property
+    def cascades(self) -> bool:
+        return self.cascade_norm is not None
+
+    def add_cascade(self, prev_classes: int) -> "ExitHead":
+        """Widen the classifier (and gate) to also read the previous exit's ``prev_classes`` logits."""
+        d, k = self.feature_dim, self.classifier.out_features
+        self.cascade_norm = nn.LayerNorm(prev_classes)
+        self.classifier = nn.Linear(d + prev_classes, k)
+        if self.gate is not None:
+            self.gate = nn.Linear(d + prev_classes, 1)
+        return self
+
+    def forward(self, x: Tensor, prev_logits: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         z = self.body(x)
+        if self.cascade_norm is not None:
+            if prev_logits is None:
+                raise ValueError("this cascading head needs the previous exit's logits")
+            # Detached, as in ZTW: a later head must not pull an earlier head's output around.
+            z = torch.cat([z, self.cascade_norm(prev_logits.detach())], dim=1)
         logits = self.classifier(z)
         gate = torch.sigmoid(self.gate(z)).squeeze(1) if self.gate is not None else None
         return logits, gate
+
+
+class HeadClassifier(nn.Module):
+    """An exit head used as a network's final classifier (after truncation): logits only."""
+
+    def __init__(self, head: ExitHead) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x)[0]
 
 
 class MixedPool2d(nn.Module):

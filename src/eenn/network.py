@@ -159,10 +159,15 @@ class MultiExitNetwork(nn.Module):
         k = len(self.exit_stages)
         self.head_names = [str(h) for h in _per_exit(head, k, "head")]
         self.head_options = [dict(o or {}) for o in _per_exit(head_options or {}, k, "head_options")]
-        self.heads = nn.ModuleList(
-            create_head(h, backbone.stage_info[s].shape, backbone.num_classes, **o)
-            for h, s, o in zip(self.head_names, self.exit_stages, self.head_options)
-        )
+        heads = []
+        for k, (h, s, o) in enumerate(zip(self.head_names, self.exit_stages, self.head_options)):
+            opts = {key: v for key, v in o.items() if key != "cascade"}
+            head = create_head(h, backbone.stage_info[s].shape, backbone.num_classes, **opts)
+            if o.get("cascade") and k > 0:  # ZTW: every head but the first reads its predecessor
+                head.add_cascade(backbone.num_classes)
+            heads.append(head)
+        self.heads = nn.ModuleList(heads)
+        self.cascades = any(h.cascades for h in self.heads)
         gated = [h.has_gate for h in self.heads]
         if any(gated) and not all(gated):
             raise ValueError(
@@ -175,6 +180,7 @@ class MultiExitNetwork(nn.Module):
         self.source = source
         ends = [*self.exit_stages, backbone.num_stages - 1]
         self.segment_bounds = [(a + 1, b + 1) for a, b in zip([-1, *ends[:-1]], ends)]
+        self.truncated_at: int | None = None  # set by truncate(): the exit that became final
         self._cost: CostTable | None = None
 
     # ----------------------------------------------------------------------------- shape
@@ -196,12 +202,15 @@ class MultiExitNetwork(nn.Module):
         return [f"exit{i}@{info[s].name}" for i, s in enumerate(self.exit_stages)] + ["final"]
 
     # --------------------------------------------------------------------------- compute
-    def forward_segment(self, k: int, state: State) -> tuple[State, Tensor, Tensor | None]:
+    def forward_segment(
+        self, k: int, state: State, prev_logits: Tensor | None = None
+    ) -> tuple[State, Tensor, Tensor | None]:
         """Run segment ``k`` alone: the stages between exit ``k-1`` and exit ``k``, then exit
         ``k``'s head. Returns the state to carry on, the exit's logits and its gate (the final
-        exit's gate is 1 when the network has gates, else None)."""
+        exit's gate is 1 when the network has gates, else None). Cascading heads (``cascades``)
+        also need the previous exit's logits as ``prev_logits``."""
         state = self._run_stages(k, state)
-        logits, gate = self._run_exit(k, head_input(state))
+        logits, gate = self._run_exit(k, head_input(state), prev_logits)
         return state, logits, gate
 
     def _run_stages(self, k: int, state: State) -> State:
@@ -210,27 +219,59 @@ class MultiExitNetwork(nn.Module):
             state = self.backbone.stages[i](state)
         return state
 
-    def _run_exit(self, k: int, feat: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _run_exit(self, k: int, feat: Tensor, prev_logits: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         if k < len(self.heads):
-            return self.heads[k](feat)
+            head = self.heads[k]
+            return head(feat, prev_logits) if head.cascades else head(feat)
         logits = self.backbone.classifier(feat)
         return logits, (logits.new_ones(logits.shape[0]) if self.has_gates else None)
 
     def forward(self, x: Tensor, exits: Sequence[int] | None = None) -> ExitOutputs:
         """Every exit's output; with ``exits`` (indices, negative allowed) only those exits'
-        heads run, and stages only as deep as the deepest of them."""
+        heads run (and those a cascading head needs), and stages only as deep as the deepest."""
         wanted = range(self.num_exits) if exits is None else sorted({int(e) % self.num_exits for e in exits})
+        if not len(wanted):
+            raise ValueError("forward(exits=...) needs at least one exit")
         state: State = x
         logits, gates = [], []
-        for k in range(wanted[-1] + 1 if len(wanted) else 0):
+        prev = None
+        for k in range(wanted[-1] + 1):
             state = self._run_stages(k, state)
-            if k in wanted:
-                lg, g = self._run_exit(k, head_input(state))
-                logits.append(lg)
-                gates.append(g)
-        if not logits:
-            raise ValueError("forward(exits=...) needs at least one exit")
+            if k in wanted or (self.cascades and k < len(self.heads)):
+                lg, g = self._run_exit(k, head_input(state), prev)
+                prev = lg
+                if k in wanted:
+                    logits.append(lg)
+                    gates.append(g)
         return ExitOutputs(torch.stack(logits), torch.stack(gates) if self.has_gates else None)
+
+    def truncate(self, exit_index: int) -> "MultiExitNetwork":
+        """A smaller network that ends at exit ``exit_index``: the stages after it and the later
+        exits are removed for good, and that exit's head becomes the final classifier (AEP's
+        pruning step). Parameters are shared with this network, not copied."""
+        from .heads import HeadClassifier
+
+        k = int(exit_index) % self.num_exits
+        if k == self.num_exits - 1:
+            return self
+        if self.heads[k].cascades:
+            raise ValueError(f"exit {k} has a cascading head, which cannot become the final classifier")
+        s = self.exit_stages[k]
+        bb = self.backbone
+        new_bb = Backbone(list(bb.stages[: s + 1]), HeadClassifier(self.heads[k]), input_shape=bb.input_shape,
+                          stage_names=[i.name for i in bb.stage_info[: s + 1]])
+        net = MultiExitNetwork(new_bb, "none", source=copy.deepcopy(self.source))
+        net.heads = nn.ModuleList(self.heads[:k])
+        net.exit_stages = list(self.exit_stages[:k])
+        net.head_names, net.head_options = self.head_names[:k], copy.deepcopy(self.head_options[:k])
+        net.cascades = any(h.cascades for h in net.heads)
+        net.has_gates = self.has_gates and k > 0
+        ends = [*net.exit_stages, s]
+        net.segment_bounds = [(a + 1, b + 1) for a, b in zip([-1, *ends[:-1]], ends)]
+        net.exit_spec = self.exit_spec
+        net.truncated_at = k
+        net._parent_config = self.config
+        return net
 
     # ------------------------------------------------------------------------------ cost
     def cost(self) -> CostTable:
@@ -273,6 +314,8 @@ class MultiExitNetwork(nn.Module):
     @property
     def config(self) -> dict[str, Any]:
         """A JSON-able description from which :meth:`from_config` rebuilds this network."""
+        if self.truncated_at is not None:
+            return {**self._parent_config, "truncated_at": self.truncated_at}
         return {
             "source": copy.deepcopy(self.source),
             "exits": list(self.exit_stages),
@@ -290,6 +333,9 @@ class MultiExitNetwork(nn.Module):
         """Rebuild from :attr:`config`. Networks made by :func:`eenn.attach_exits` need the
         user's ``model`` again (and its ``leaf_modules``), since code is not part of the
         description."""
+        if config.get("truncated_at") is not None:
+            full = cls.from_config({**config, "truncated_at": None}, model=model, leaf_modules=leaf_modules)
+            return full.truncate(config["truncated_at"])
         src = config.get("source") or {}
         kind = src.get("kind")
         if kind == "backbone":

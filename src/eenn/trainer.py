@@ -24,7 +24,7 @@ from . import distributed as D
 from .callbacks import Callback, Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
 from .data import DataSplits, TensorDataset, TensorLoader
 from .network import MultiExitNetwork
-from .objectives import Objective, create_objective, exit_losses
+from .objectives import EpochContext, Objective, create_objective, exit_losses
 
 __all__ = ["TrainConfig", "Trainer", "fit", "evaluate_exits"]
 
@@ -83,9 +83,10 @@ class _Step(nn.Module):
         super().__init__()
         self.net, self.objective = net, objective
 
-    def forward(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def forward(self, x: Tensor, y: Tensor, idx: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
         out = self.net(x, exits=self.objective.exits)
-        return self.objective(out, y), out.logits
+        extra = {"indices": idx} if self.objective.needs_indices else {}
+        return self.objective(out, y, **extra), out.logits
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -142,7 +143,7 @@ class Trainer:
     """``Trainer(config, callbacks).fit(net, objective, data)``.
 
     The loop calls, in order: ``objective.prepare`` once, then per epoch
-    ``objective.set_epoch`` and ``objective.train_mode``, one optimiser step per batch on
+    ``objective.begin_epoch`` and ``objective.train_mode``, one optimiser step per batch on
     ``objective(net(x, exits=objective.exits), y)["loss"]``, and validation. Callbacks see
     ``on_fit_start``, ``on_epoch_start``, ``on_train_batch_end``, ``on_epoch_end`` and
     ``on_fit_end``; the built-in ones are added from the config.
@@ -252,10 +253,11 @@ class Trainer:
         obj.prepare(net)
         self.data, self.device = data, device
         info = data.info
-        self.train_loader = TensorLoader(data.train, c.batch_size, shuffle=True, drop_last=env.enabled,
-                                         mean=info.mean, std=info.std, augment=c.augment, crop_padding=c.crop_padding,
-                                         flip=c.flip, device=device,
-                                         seed=c.seed, rank=env.rank, world_size=env.world_size)
+        self._loader_args = dict(shuffle=True, drop_last=env.enabled, mean=info.mean, std=info.std,
+                                 augment=c.augment, crop_padding=c.crop_padding, flip=c.flip, device=device,
+                                 seed=c.seed, rank=env.rank, world_size=env.world_size,
+                                 return_indices=obj.needs_indices)
+        self.train_loader = TensorLoader(data.train, c.batch_size, **self._loader_args)
         if len(self.train_loader) == 0:
             raise ValueError(f"the training split ({len(data.train)} samples) is smaller than one batch")
         step = _Step(net, obj)
@@ -299,9 +301,18 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, autocast) -> dict[str, Any]:
         c, env, net = self.config, self.env, self.net
-        loader = self.train_loader
+        info = self.data.info
+        ctx = EpochContext(epoch, c.epochs, net, self.data.train, info.mean, info.std, self.device, c.seed)
+        held_out = self.objective.begin_epoch(ctx)
+        keep = None
+        if held_out is not None:  # this epoch trains on the rest (e.g. NACHOS' support set is held out)
+            mask = torch.ones(len(self.data.train), dtype=torch.bool)
+            mask[held_out.cpu()] = False
+            keep = mask.nonzero().squeeze(1)
+            loader = TensorLoader(self.data.train.subset(keep), c.batch_size, **self._loader_args)
+        else:
+            loader = self.train_loader
         loader.set_epoch(epoch)
-        self.objective.set_epoch(epoch, c.epochs)
         self.objective.train_mode(net)
         for cb in self.callbacks:
             cb.on_epoch_start(self)
@@ -315,9 +326,14 @@ class Trainer:
         parts: dict[str, Tensor] = {}
         seen = 0
         t0 = time.perf_counter()
-        for i, (x, y) in enumerate(loader):
+        keep = keep.to(dev) if keep is not None else None
+        for i, batch in enumerate(loader):
+            x, y = batch[0], batch[1]
+            idx = None
+            if len(batch) == 3:  # indices into the full training split
+                idx = batch[2] if keep is None else keep[batch[2]]
             with autocast:
-                out, logits = self.model(x, y)
+                out, logits = self.model(x, y, idx)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; "
@@ -370,7 +386,7 @@ def _has_unused_parameters(step: _Step, train: TensorDataset, info) -> bool:
                                   mean=info.mean, std=info.std, device=dev)))
     was = step.training
     step.eval()  # no BatchNorm statistics move, no dropout randomness is drawn
-    step(x, y)[0]["loss"].backward()
+    step(x, y, torch.arange(len(y), device=dev))[0]["loss"].backward()
     step.train(was)
     params = [p for p in step.parameters() if p.requires_grad]
     unused = any(p.grad is None for p in params)

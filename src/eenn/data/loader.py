@@ -55,12 +55,14 @@ def crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding: int) 
 
 
 class TensorLoader:
-    """Iterate ``(x float32 [B, C, H, W], y int64 [B])`` on ``device``; see the module docstring."""
+    """Iterate ``(x float32 [B, C, H, W], y int64 [B])`` on ``device`` (plus the samples' indices
+    with ``return_indices``); see the module docstring."""
 
     def __init__(self, dataset: TensorDataset, batch_size: int, *, shuffle: bool = False, drop_last: bool = False,
                  mean: PerChannel = None, std: PerChannel = None,
                  augment: bool = False, crop_padding: int = 4, flip: bool = True,
-                 device: str | torch.device | None = None, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+                 device: str | torch.device | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 return_indices: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -75,6 +77,7 @@ class TensorLoader:
         self.augment, self.crop_padding, self.flip = augment, int(crop_padding), flip
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.epoch = 0
+        self.return_indices = return_indices  # yield (x, y, indices into `dataset`)
         channels = dataset.x.shape[1]
         mean_t, std_t = _per_channel(mean, channels, 0.0), _per_channel(std, channels, 1.0)
         if bool((std_t <= 0).any()):
@@ -130,4 +133,5 @@ class TensorLoader:
             x = x_all[idx]
             if params is not None:
                 x = crop_flip(x, params[0][sl], params[1][sl], params[2][sl], self.crop_padding)
-            yield x.to(torch.float32).mul_(self._scale).add_(self._shift), y_all[idx]
+            x = x.to(torch.float32).mul_(self._scale).add_(self._shift)
+            yield (x, y_all[idx], idx) if self.return_indices else (x, y_all[idx])

@@ -6,14 +6,42 @@ generic hooks below, whose defaults do nothing special.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
+from ..data import TensorDataset
 from ..network import ExitOutputs, MultiExitNetwork
 from ..registry import Registry, check_options
 
-__all__ = ["Objective", "create_objective", "list_objectives", "register_objective"]
+__all__ = ["EpochContext", "Objective", "create_objective", "list_objectives", "register_objective"]
+
+
+@dataclass
+class EpochContext:
+    """What an objective may look at when an epoch begins (e.g. to draw a support set)."""
+
+    epoch: int  # 0-based
+    num_epochs: int
+    net: MultiExitNetwork
+    train: TensorDataset  # the full training split (this rank's view of it is the loader's)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: torch.device
+    seed: int
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """uint8 images from ``train`` -> the float input the network is trained on."""
+        x = x.to(self.device, torch.float32) / 255.0
+        mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def generator(self, stream: int = 0) -> torch.Generator:
+        """A CPU generator that is the same on every DDP rank for this (seed, epoch, stream)."""
+        return torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + stream) % (2**62))
 
 
 class Objective(nn.Module):
@@ -31,10 +59,16 @@ class Objective(nn.Module):
         """Put ``net`` in training mode (a frozen part may stay in eval mode)."""
         net.train()
 
-    def set_epoch(self, epoch: int, num_epochs: int) -> None:
-        """Called at the start of every epoch (0-based), for schedules over training."""
+    #: Whether ``forward`` wants the training samples' indices (``indices=`` keyword), for
+    #: per-sample state such as EENets v4's exit tags.
+    needs_indices: bool = False
 
-    def forward(self, outputs: ExitOutputs, targets: Tensor) -> dict[str, Tensor]:
+    def begin_epoch(self, ctx: EpochContext) -> Tensor | None:
+        """Called at the start of every epoch, for schedules over training. May return indices
+        of training samples to hold out of this epoch's batches (NACHOS' support set)."""
+        return None
+
+    def forward(self, outputs: ExitOutputs, targets: Tensor, indices: Tensor | None = None) -> dict[str, Tensor]:
         raise NotImplementedError
 
 

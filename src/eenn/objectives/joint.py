@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..network import ExitOutputs, MultiExitNetwork
-from .base import Objective, register_objective
+from .base import EpochContext, Objective, register_objective
 
 WEIGHT_SCHEMES = ("uniform", "sdn", "pabee")
 
@@ -37,7 +37,7 @@ class Final(Objective):
     def prepare(self, net: MultiExitNetwork) -> None:
         net.heads.requires_grad_(False)
 
-    def forward(self, outputs: ExitOutputs, targets: Tensor) -> dict[str, Tensor]:
+    def forward(self, outputs: ExitOutputs, targets: Tensor, indices: Tensor | None = None) -> dict[str, Tensor]:
         loss = F.cross_entropy(outputs.logits[-1], targets, label_smoothing=self.label_smoothing)
         return {"loss": loss}
 
@@ -86,11 +86,11 @@ class Joint(Objective):
         c = self._fractions
         return [min(ci, 0.01 + epoch * ci / num_epochs) for ci in c[:-1]] + [1.0]
 
-    def set_epoch(self, epoch: int, num_epochs: int) -> None:
+    def begin_epoch(self, ctx: EpochContext) -> None:
         if self.scheme == "sdn":
-            self.weights = torch.tensor(self._sdn(epoch, num_epochs), device=self.weights.device)
+            self.weights = torch.tensor(self._sdn(ctx.epoch, ctx.num_epochs), device=self.weights.device)
 
-    def forward(self, outputs: ExitOutputs, targets: Tensor) -> dict[str, Tensor]:
+    def forward(self, outputs: ExitOutputs, targets: Tensor, indices: Tensor | None = None) -> dict[str, Tensor]:
         per_exit = exit_losses(outputs.logits, targets, self.label_smoothing)
         w = self.weights.to(per_exit.device, per_exit.dtype)
         return {"loss": (w * per_exit).sum(), "exit_losses": per_exit.detach()}
@@ -129,7 +129,7 @@ class HeadsOnly(Objective):
         if self.train_final:
             net.backbone.classifier.train()
 
-    def forward(self, outputs: ExitOutputs, targets: Tensor) -> dict[str, Tensor]:
+    def forward(self, outputs: ExitOutputs, targets: Tensor, indices: Tensor | None = None) -> dict[str, Tensor]:
         per_exit = exit_losses(outputs.logits, targets, self.label_smoothing)
         return {"loss": per_exit.sum(), "exit_losses": per_exit.detach()}
 
