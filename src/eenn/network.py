@@ -155,32 +155,34 @@ class MultiExitNetwork(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.exit_spec = copy.deepcopy(exits) if not isinstance(exits, (list, tuple)) else list(exits)
-        self.exit_stages = place_exits(exits, backbone)
-        k = len(self.exit_stages)
-        self.head_names = [str(h) for h in _per_exit(head, k, "head")]
-        self.head_options = [dict(o or {}) for o in _per_exit(head_options or {}, k, "head_options")]
+        stages = place_exits(exits, backbone)
+        names = [str(h) for h in _per_exit(head, len(stages), "head")]
+        options = [dict(o or {}) for o in _per_exit(head_options or {}, len(stages), "head_options")]
         heads = []
-        for k, (h, s, o) in enumerate(zip(self.head_names, self.exit_stages, self.head_options)):
+        for k, (h, s, o) in enumerate(zip(names, stages, options)):
             opts = {key: v for key, v in o.items() if key != "cascade"}
-            head = create_head(h, backbone.stage_info[s].shape, backbone.num_classes, **opts)
+            head_k = create_head(h, backbone.stage_info[s].shape, backbone.num_classes, **opts)
             if o.get("cascade") and k > 0:  # ZTW: every head but the first reads its predecessor
-                head.add_cascade(backbone.num_classes)
-            heads.append(head)
-        self.heads = nn.ModuleList(heads)
-        self.cascades = any(h.cascades for h in self.heads)
-        gated = [h.has_gate for h in self.heads]
-        if any(gated) and not all(gated):
-            raise ValueError(
-                f"either every exit head emits a gate or none does; got heads {self.head_names} "
-                f"(gated: {gated})"
-            )
-        self.has_gates = bool(gated) and all(gated)
+                head_k.add_cascade(backbone.num_classes)
+            heads.append(head_k)
+        self._set_exits(stages, heads, names, options)
         if source is None and backbone.spec is not None:
             source = {"kind": "backbone", **backbone.spec}
         self.source = source
-        ends = [*self.exit_stages, backbone.num_stages - 1]
-        self.segment_bounds = [(a + 1, b + 1) for a, b in zip([-1, *ends[:-1]], ends)]
         self.truncated_at: int | None = None  # set by truncate(): the exit that became final
+        self._parent_config: dict[str, Any] | None = None
+
+    def _set_exits(self, stages: list[int], heads: list[ExitHead], names: list[str], options: list[dict]) -> None:
+        """Install the intermediate exits and everything derived from them."""
+        gated = [h.has_gate for h in heads]
+        if any(gated) and not all(gated):
+            raise ValueError(f"either every exit head emits a gate or none does; got heads {names} (gated: {gated})")
+        self.exit_stages, self.head_names, self.head_options = list(stages), list(names), list(options)
+        self.heads = nn.ModuleList(heads)
+        self.has_gates = bool(gated) and all(gated)
+        self.cascades = any(h.cascades for h in heads)
+        ends = [*self.exit_stages, self.backbone.num_stages - 1]
+        self.segment_bounds = [(a + 1, b + 1) for a, b in zip([-1, *ends[:-1]], ends)]
         self._cost: CostTable | None = None
 
     # ----------------------------------------------------------------------------- shape
@@ -261,13 +263,8 @@ class MultiExitNetwork(nn.Module):
         new_bb = Backbone(list(bb.stages[: s + 1]), HeadClassifier(self.heads[k]), input_shape=bb.input_shape,
                           stage_names=[i.name for i in bb.stage_info[: s + 1]])
         net = MultiExitNetwork(new_bb, "none", source=copy.deepcopy(self.source))
-        net.heads = nn.ModuleList(self.heads[:k])
-        net.exit_stages = list(self.exit_stages[:k])
-        net.head_names, net.head_options = self.head_names[:k], copy.deepcopy(self.head_options[:k])
-        net.cascades = any(h.cascades for h in net.heads)
-        net.has_gates = self.has_gates and k > 0
-        ends = [*net.exit_stages, s]
-        net.segment_bounds = [(a + 1, b + 1) for a, b in zip([-1, *ends[:-1]], ends)]
+        net._set_exits(self.exit_stages[:k], list(self.heads[:k]), self.head_names[:k],
+                       copy.deepcopy(self.head_options[:k]))
         net.exit_spec = self.exit_spec
         net.truncated_at = k
         net._parent_config = self.config
