@@ -10,8 +10,13 @@ from .network import ExitOutputs, MultiExitNetwork, NetworkConfig, create_networ
 from .trace import TraceError, attach_exits
 from .objectives import Objective, create_objective, list_objectives, register_objective
 from .trainer import TrainConfig, Trainer, fit
+from .prune import EnsembleClassifier, aep_prune, load_pruned, save_pruned
 
 __all__ = [
+    "EnsembleClassifier",
+    "aep_prune",
+    "load_pruned",
+    "save_pruned",
     "Objective",
     "TrainConfig",
     "Trainer",

@@ -51,6 +51,10 @@ def check_options(what: str, fn: Callable, options: dict, skip: tuple[str, ...] 
     import inspect
 
     params = inspect.signature(fn).parameters
+    missing = [n for n, p in params.items() if n not in skip and p.default is p.empty
+               and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in options]
+    if missing:
+        raise ValueError(f"{what} needs option(s) {', '.join(map(repr, missing))}")
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
     accepted = [p for p in params if p not in skip]

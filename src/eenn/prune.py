@@ -1,0 +1,225 @@
+"""AEP's pruning step (METHODS.md §3; the whole procedure is an assumption [I]).
+
+On the validation split, the weighted ensemble truncated at each exit k (exits 0..k, weights
+renormalised) is scored; the exit k* with the best accuracy is kept (ties go to the smaller k,
+the cheaper network) and everything after it is removed with ``net.truncate(k*)``. Inference is
+then static: every sample runs to k* and gets the weighted ensemble of exits 0..k*, with no
+per-sample threshold. The before/after costs are parameters, MACs per sample and MEASURED
+latency (median of timed repeats), reported side by side.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import CheckpointError, load, read_description, save
+from .data import TensorDataset, TensorLoader
+from .network import MultiExitNetwork
+from .objectives.aep import ensemble_so_far
+
+__all__ = ["EnsembleClassifier", "PruneCost", "PruneResult", "aep_prune", "choose_exit", "evaluate_ensemble",
+           "load_pruned", "measure_latency", "prune_at", "save_pruned"]
+
+
+class EnsembleClassifier(nn.Module):
+    """Static AEP inference: run ``net`` to its final exit, every exit on the way, and return
+    the weighted ensemble's PROBABILITIES ``[B, C]`` (``sum_i w_i p_i / sum_i w_i``; take their
+    log for a log-likelihood). ``weights`` has one entry per exit of ``net`` and is stored as
+    given (a buffer); the normalisation happens in :func:`ensemble_so_far`."""
+
+    def __init__(self, net: MultiExitNetwork, weights: Tensor | Sequence[float]) -> None:
+        super().__init__()
+        w = torch.as_tensor(weights, dtype=torch.float32).detach().clone()
+        if w.shape != (net.num_exits,):
+            raise ValueError(f"need one weight per exit ({net.num_exits}), got shape {tuple(w.shape)}")
+        if bool((w < 0).any()) or not bool((w > 0).any()):
+            raise ValueError(f"ensemble weights must be >= 0 and not all zero, got {w.tolist()}")
+        self.net = net
+        self.register_buffer("weights", w.to(_device_of(net)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ensemble_so_far(self.net(x).logits, self.weights, check=False)[-1]
+
+
+def prune_at(net: MultiExitNetwork, weights: Tensor | Sequence[float], k: int) -> EnsembleClassifier:
+    """The ensemble of exits ``0..k`` on ``net.truncate(k)`` (stages and exits after ``k`` are
+    gone; parameters are shared with ``net``)."""
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    k = int(k) % net.num_exits
+    return EnsembleClassifier(net.truncate(k), w[: k + 1])
+
+
+def choose_exit(correct: Sequence[float] | Tensor) -> int:
+    """k* = the first index of the best score: ties go to the smaller k, the cheaper network.
+    Pass counts of correct samples to compare exactly."""
+    scores = torch.as_tensor(correct, dtype=torch.float64)
+    return int((scores == scores.max()).nonzero()[0, 0])
+
+
+@dataclass(frozen=True)
+class PruneCost:
+    """The cost of static ensemble inference on one network."""
+
+    params: int  # every parameter of the network (heads included)
+    macs: int  # per sample: the stages to the last exit kept plus every head on the way
+    latency_ms: float | None  # median wall time of one batch of static inference (None: not measured)
+
+
+@dataclass
+class PruneResult:
+    """What :func:`aep_prune` chose and what it saves."""
+
+    k: int  # the exit kept as the last one (0-based; num_exits - 1 means nothing was pruned)
+    exit_name: str
+    weights: list[float]  # the ensemble weights of the kept exits, as given
+    val_acc: list[float]  # validation accuracy of the ensemble truncated at each exit
+    module: EnsembleClassifier  # the pruned, static ensemble
+    before: PruneCost
+    after: PruneCost
+    latency_batch_size: int
+    full: EnsembleClassifier | None = field(default=None, repr=False)  # the unpruned ensemble
+
+    @property
+    def promised_acc(self) -> float:
+        """The validation accuracy of the pruned ensemble: what it promises on new data."""
+        return self.val_acc[self.k]
+
+    def ratios(self) -> dict[str, float | None]:
+        """after / before, per cost."""
+        def r(a, b):
+            return None if a is None or b is None else a / b
+        return {"params": r(self.after.params, self.before.params), "macs": r(self.after.macs, self.before.macs),
+                "latency": r(self.after.latency_ms, self.before.latency_ms)}
+
+    def report(self) -> str:
+        """A small text table: per-k validation accuracy, k*, costs before and after."""
+        lines = ["exit  val acc (ensemble truncated there)"]
+        lines += [f"{i:>4}  {100 * a:6.2f}%{'  <- k*' if i == self.k else ''}" for i, a in enumerate(self.val_acc)]
+        lines.append(f"k* = {self.k} ({self.exit_name}); promised (val) accuracy {100 * self.promised_acc:.2f}%")
+        rat = self.ratios()
+        lat = f"latency (batch {self.latency_batch_size}, ms)"
+        rows = [("params", self.before.params, self.after.params, rat["params"]),
+                ("MACs / sample", self.before.macs, self.after.macs, rat["macs"]),
+                (lat, self.before.latency_ms, self.after.latency_ms, rat["latency"])]
+        w = max(len(r[0]) for r in rows)
+        lines.append(f"{'':<{w}}  {'before':>12}  {'after':>12}  after/before")
+        for name, b, a, q in rows:
+            fmt = (lambda v: "-" if v is None else (f"{v:,.3f}" if isinstance(v, float) else f"{v:,}"))
+            lines.append(f"{name:<{w}}  {fmt(b):>12}  {fmt(a):>12}  {'-' if q is None else f'{q:.3f}'}")
+        return "\n".join(lines)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def _correct_per_exit(net: MultiExitNetwork, weights: Tensor, dataset: TensorDataset, mean, std,
+                      batch_size: int, device) -> Tensor:
+    """Correct samples of the ensemble truncated at each exit ``[E]`` (one pass over the data)."""
+    loader = TensorLoader(dataset, batch_size, mean=mean, std=std, device=device)
+    w = weights.to(loader.device)
+    correct = torch.zeros(net.num_exits, dtype=torch.int64, device=loader.device)
+    for x, y in loader:
+        correct += (ensemble_so_far(net(x).logits, w).argmax(-1) == y).sum(1)
+    return correct.cpu()
+
+
+@torch.no_grad()
+def evaluate_ensemble(module: nn.Module, dataset: TensorDataset, mean, std, *, batch_size: int = 512,
+                      device: str | torch.device | None = None) -> float:
+    """Accuracy of ``module`` (anything returning class scores ``[B, C]``) on ``dataset``, in eval
+    mode. With the same ``batch_size`` as :func:`aep_prune`, the pruned module's accuracy on the
+    validation split equals the promised one exactly."""
+    device = torch.device(device) if device is not None else _device_of(module)
+    was = module.training
+    module.eval()
+    correct, n = 0, 0
+    for x, y in TensorLoader(dataset, batch_size, mean=mean, std=std, device=device):
+        correct += int((module(x).argmax(-1) == y).sum())
+        n += y.numel()
+    module.train(was)
+    return correct / max(n, 1)
+
+
+@torch.inference_mode()
+def measure_latency(module: nn.Module, input_shape: Sequence[int], batch_size: int, *,
+                    device: str | torch.device | None = None, warmup: int = 3, repeats: int = 10) -> float:
+    """Median wall time in MILLISECONDS of ``module`` on one random batch of ``batch_size``
+    (``warmup`` untimed calls first; CUDA is synchronised around every timed call)."""
+    device = torch.device(device) if device is not None else _device_of(module)
+    was = module.training
+    module.eval()
+    x = torch.randn(batch_size, *input_shape, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        module(x)
+    times = []
+    for _ in range(max(1, repeats)):
+        sync()
+        t0 = time.perf_counter()
+        module(x)
+        sync()
+        times.append(time.perf_counter() - t0)
+    module.train(was)
+    return 1e3 * statistics.median(times)
+
+
+def aep_prune(net: MultiExitNetwork, weights: Tensor | Sequence[float], val: TensorDataset, *, mean, std,
+              batch_size: int = 512, device: str | torch.device | None = None,
+              latency_batch_size: int | None = 256, latency_repeats: int = 10) -> PruneResult:
+    """Choose k* on ``val`` (see the module docstring), cut ``net`` there and measure the costs.
+
+    ``weights``: the ensemble weights, one per exit (e.g. ``AEP.weights()``). ``mean``/``std``:
+    the data set's normalisation. ``device``: where the data go; by default the network's (the
+    network is not moved). ``latency_batch_size=None`` skips the latency measurement."""
+    w = torch.as_tensor(weights, dtype=torch.float32).detach().cpu()
+    if w.shape != (net.num_exits,):
+        raise ValueError(f"aep_prune: need one weight per exit ({net.num_exits}), got shape {tuple(w.shape)}")
+    device = torch.device(device) if device is not None else _device_of(net)
+    was = net.training
+    net.eval()
+    try:
+        correct = _correct_per_exit(net, w, val, mean, std, batch_size, device)
+    finally:
+        net.train(was)
+    k = choose_exit(correct)
+    full, pruned = EnsembleClassifier(net, w), prune_at(net, w, k)
+    costs = []
+    for m in (full, pruned):
+        lat = None
+        if latency_batch_size:
+            lat = measure_latency(m, net.input_shape, latency_batch_size, device=device, repeats=latency_repeats)
+        c = m.net.cost()
+        costs.append(PruneCost(params=c.total_params, macs=c.dynamic_macs[-1], latency_ms=lat))
+    n = max(len(val), 1)
+    return PruneResult(k=k, exit_name=net.exit_names[k], weights=w[: k + 1].tolist(),
+                       val_acc=[int(c) / n for c in correct], module=pruned, before=costs[0], after=costs[1],
+                       latency_batch_size=int(latency_batch_size or 0), full=full)
+
+
+def save_pruned(result: PruneResult | EnsembleClassifier, path: str | os.PathLike) -> Path:
+    """Save a pruned ensemble with :func:`eenn.save`: the truncated network's weights, and the
+    ensemble weights (plus k* and the validation accuracies, when given a result) in ``extra``."""
+    module = result.module if isinstance(result, PruneResult) else result
+    info: dict = {"weights": module.weights.tolist()}
+    if isinstance(result, PruneResult):
+        info.update(k=result.k, val_acc=result.val_acc, promised_acc=result.promised_acc)
+    return save(module.net, path, extra={"aep": info})
+
+
+def load_pruned(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> EnsembleClassifier:
+    """The :class:`EnsembleClassifier` saved by :func:`save_pruned`."""
+    info = read_description(path).get("extra", {}).get("aep")
+    if not info or "weights" not in info:
+        raise CheckpointError(f"{path} holds no AEP ensemble weights; was it written by save_pruned?")
+    net = load(path, map_location=map_location)
+    return EnsembleClassifier(net, info["weights"])
