@@ -13,6 +13,7 @@ import time
 import torch
 
 import eenn
+from eenn.evaluate import collect_outputs
 from eenn.objectives.branching import Branching, soft_cost
 from eenn.objectives.eenets import EENets, confidence_exit
 
@@ -30,14 +31,7 @@ def exit_spec(text: str):
 @torch.no_grad()
 def validate(net: eenn.MultiExitNetwork, data, version: str) -> dict:
     """Hard-rule accuracy and expected cost, soft expected cost and exit distribution on ``data.val``."""
-    net.eval()
-    logits, gates, ys = [], [], []
-    for x, y in eenn.TensorLoader(data.val, 512, mean=data.info.mean, std=data.info.std):
-        out = net(x)
-        logits.append(out.logits)
-        gates.append(out.gates)
-        ys.append(y)
-    logits, gates, y = torch.cat(logits, 1), torch.cat(gates, 1), torch.cat(ys)
+    logits, gates, y = collect_outputs(net, data.val, mean=data.info.mean, std=data.info.std)
     frac = torch.tensor(net.cost().fraction)
     ex = confidence_exit(gates, version)  # 0.5 (1/N for EENets v3); branching's rule is the 0.5 one
     dist = torch.bincount(ex, minlength=net.num_exits).double() / len(y)

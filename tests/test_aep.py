@@ -29,19 +29,12 @@ def trained(digits):
     """One short AEP run per weight scheme, and one learning theta from the literal weighted sum:
     name -> (net, objective, history)."""
     runs = {}
-    threads = torch.get_num_threads()
-    # A model this small gains nothing from a second thread, and loses several times over when
-    # another process holds the other core (threads wait for each other at every operation).
-    torch.set_num_threads(1)
-    try:
-        for name in (*SCHEMES, "learned-joint"):
-            scheme, _, source = name.partition("-")
-            torch.manual_seed(0)
-            net, obj = tiny_net(), eenn.create_objective("aep", scheme=scheme, learn_weights_from=source or "prefix")
-            hist = eenn.fit(net, digits, obj, epochs=4, lr=0.05, batch_size=64, progress=False)
-            runs[name] = (net.eval(), obj, hist)
-    finally:
-        torch.set_num_threads(threads)
+    for name in (*SCHEMES, "learned-joint"):
+        scheme, _, source = name.partition("-")
+        torch.manual_seed(0)
+        net, obj = tiny_net(), eenn.create_objective("aep", scheme=scheme, learn_weights_from=source or "prefix")
+        hist = eenn.fit(net, digits, obj, epochs=4, lr=0.05, batch_size=64, progress=False)
+        runs[name] = (net.eval(), obj, hist)
     return runs
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import eenn
+from eenn.evaluate import collect_outputs
 import eenn.objectives.branching  # noqa: F401  (registers "branching")
 from eenn.network import ExitOutputs
 from eenn.objectives.branching import Branching, exit_costs, hard_exit, probs_nll, soft_cost, soft_output
@@ -151,15 +152,6 @@ def test_bad_settings_raise_clear_errors():
 
 
 # ------------------------------------------------------------------------------ training
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These nets are tiny: two intra-op threads on a busy two-core machine run ~8x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return eenn.load_dataset("digits", seed=0)
@@ -167,15 +159,7 @@ def digits():
 
 def validation_costs(net, data):
     """Accuracy and expected cost (fraction of the full MACs) of the hard rule, and the soft cost."""
-    net.eval()
-    logits, gates, ys = [], [], []
-    with torch.no_grad():
-        for x, y in eenn.TensorLoader(data.val, 512, mean=data.info.mean, std=data.info.std):
-            out = net(x)
-            logits.append(out.logits)
-            gates.append(out.gates)
-            ys.append(y)
-    logits, gates, y = torch.cat(logits, 1), torch.cat(gates, 1), torch.cat(ys)
+    logits, gates, y = collect_outputs(net, data.val, mean=data.info.mean, std=data.info.std)
     frac = torch.tensor(net.cost().fraction)
     ex = hard_exit(gates)
     acc = (logits[ex, torch.arange(len(y))].argmax(-1) == y).float().mean().item()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import eenn
+from eenn.evaluate import collect_outputs
 import eenn.objectives.eenets  # noqa: F401  (registers "eenets")
 from eenn.callbacks import Callback
 from eenn.network import ExitOutputs
@@ -259,15 +260,6 @@ def test_v4_tags_are_merged_over_ddp_ranks(tmp_path):
 
 
 # ------------------------------------------------------------------------------ training
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These nets are tiny: two intra-op threads on a busy two-core machine run ~8x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return eenn.load_dataset("digits", seed=0)
@@ -276,15 +268,7 @@ def digits():
 def validation_costs(net, data, version="v2"):
     """Accuracy and expected cost (fraction of the full MACs) of the confidence rule, and the
     soft expected cost, on the validation split."""
-    net.eval()
-    logits, gates, ys = [], [], []
-    with torch.no_grad():
-        for x, y in eenn.TensorLoader(data.val, 512, mean=data.info.mean, std=data.info.std):
-            out = net(x)
-            logits.append(out.logits)
-            gates.append(out.gates)
-            ys.append(y)
-    logits, gates, y = torch.cat(logits, 1), torch.cat(gates, 1), torch.cat(ys)
+    logits, gates, y = collect_outputs(net, data.val, mean=data.info.mean, std=data.info.std)
     frac = torch.tensor(net.cost().fraction)
     ex = confidence_exit(gates, version)
     assert torch.equal(ex, hard_exit(gates)) or version == "v3"  # one rule, two names (threshold 0.5)
