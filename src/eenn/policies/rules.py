@@ -1,0 +1,212 @@
+"""Exit rules as small pure functions over cached per-exit outputs (STYLE.md habit 6).
+
+A rule maps the per-exit outputs (logits ``[E, N, C]``, gates ``[E, N]`` or ``None``) to a
+:class:`Scores`: one score per exit and sample ``[E, N]``, the prediction each exit would give
+``[E, N]``, and the comparison ``rule`` under which a score *fires* against its exit's
+threshold (``">="``, ``">"``, ``"<"`` or ``"<="``). One shared function, :func:`route`, turns
+scores and per-exit thresholds into the exit index: the first exit that fires, the final exit
+taking the rest (or, with ``fallback="most_confident"``, SDN's choice of the most confident exit
+among all). Thresholds are a tensor ``[E-1]`` (the final exit has none) or a scalar for all.
+
+Rules (``list_policies()``):
+
+- ``max_prob``  max softmax probability ``>= tau_e`` (SDN, MSDNet).
+- ``entropy``   entropy of the softmax ``< T_e`` (BranchyNet), in nats.
+- ``margin``    top-1 minus top-2 probability ``>= tau_e``.
+- ``gate``      the learned gate / confidence ``> tau_e`` (differentiable branching, EENets).
+- ``cumulative`` NACHOS: ``s_i = sum_{j<=i} pi_j`` with ``pi`` the stick-breaking of the gates,
+  exit when ``s_i >= eps_i``.
+- ``patience``  PABEE: a counter ``c_0 = 0``, ``c_i = c_{i-1} + 1`` if ``argmax h_i ==
+  argmax h_{i-1}`` else ``0``; exit at the first ``i`` with ``c_i >= t_i`` (with one ``t`` for all
+  exits this is PABEE's "counter reaches the patience"). ``t = 0`` exits at once; a ``t``
+  larger than ``i`` can never fire at exit ``i``.
+- ``ensemble``  max probability of the ensemble so far; its prediction is the ensemble's argmax.
+  Give the ensembled probabilities ``probs [E, N, C]``, or AEP ``weights [E]`` (through
+  :func:`~eenn.objectives.aep.ensemble_so_far`), or a ZTW ``GeometricEnsemble`` as ``ensemble``.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..evaluate import CachedOutputs
+from ..objectives.mixing import stick_breaking
+from ..registry import Registry, check_options
+
+__all__ = ["Scores", "Decision", "register_policy", "get_policy", "list_policies", "policy_scores",
+           "as_thresholds", "canonical", "route", "decide", "RULES"]
+
+RULES = (">=", ">", "<", "<=")
+
+
+class Scores(NamedTuple):
+    score: Tensor  # [E, N]
+    prediction: Tensor  # [E, N], long
+    rule: str  # how a score fires against its threshold: score <rule> threshold
+
+
+class Decision(NamedTuple):
+    exit: Tensor  # [N] the exit whose answer is given
+    prediction: Tensor  # [N]
+    depth: Tensor  # [N] the deepest exit computed (what the sample costs); == exit unless a fallback answered
+
+
+Policy = Callable[..., Scores]
+_POLICIES: Registry[Policy] = Registry("policy")
+register_policy = _POLICIES.register
+
+
+def get_policy(name: str | Policy) -> Policy:
+    return name if callable(name) else _POLICIES.get(name)
+
+
+def list_policies() -> list[str]:
+    return _POLICIES.names()
+
+
+# --- the rules ------------------------------------------------------------------------------
+
+def _probs(logits: Tensor) -> Tensor:
+    return F.softmax(logits.float(), dim=-1)
+
+
+@register_policy("max_prob")
+def max_prob(logits: Tensor, gates: Tensor | None = None) -> Scores:
+    conf, pred = _probs(logits).max(-1)
+    return Scores(conf, pred, ">=")
+
+
+@register_policy("entropy")
+def entropy(logits: Tensor, gates: Tensor | None = None) -> Scores:
+    logp = F.log_softmax(logits.float(), dim=-1)
+    h = -(logp.exp() * logp).nan_to_num().sum(-1)  # 0 log 0 = 0
+    return Scores(h, logits.argmax(-1), "<")
+
+
+@register_policy("margin")
+def margin(logits: Tensor, gates: Tensor | None = None) -> Scores:
+    top = _probs(logits).topk(2, dim=-1).values
+    return Scores(top[..., 0] - top[..., 1], logits.argmax(-1), ">=")
+
+
+def _need_gates(name: str, gates: Tensor | None, logits: Tensor) -> Tensor:
+    if gates is None:
+        raise ValueError(f"policy {name!r} needs gates (a network with gated exits)")
+    if gates.shape != logits.shape[:2]:
+        raise ValueError(f"gates must be [E, N] = {tuple(logits.shape[:2])}, got {tuple(gates.shape)}")
+    return gates.float()
+
+
+@register_policy("gate")
+def gate(logits: Tensor, gates: Tensor | None = None) -> Scores:
+    return Scores(_need_gates("gate", gates, logits), logits.argmax(-1), ">")
+
+
+@register_policy("cumulative")
+def cumulative(logits: Tensor, gates: Tensor | None = None) -> Scores:
+    pi = stick_breaking(_need_gates("cumulative", gates, logits))
+    return Scores(pi.cumsum(0), logits.argmax(-1), ">=")
+
+
+@register_policy("patience")
+def patience(logits: Tensor, gates: Tensor | None = None) -> Scores:
+    pred = logits.argmax(-1)
+    same = torch.zeros_like(pred, dtype=torch.bool)
+    same[1:] = pred[1:] == pred[:-1]
+    # counter = length of the run of agreements ending at each exit: i - (last reset index).
+    idx = torch.arange(pred.shape[0], device=pred.device)[:, None].expand_as(pred)
+    last_reset = torch.where(same, torch.zeros_like(idx), idx).cummax(0).values
+    return Scores((idx - last_reset).float(), pred, ">=")
+
+
+@register_policy("ensemble")
+def ensemble(logits: Tensor, gates: Tensor | None = None, *, probs: Tensor | None = None,
+             weights: Tensor | None = None, ensemble: torch.nn.Module | None = None) -> Scores:
+    if sum(x is not None for x in (probs, weights, ensemble)) != 1:
+        raise ValueError("policy 'ensemble' needs exactly one of probs=[E, N, C], weights=[E] (AEP) "
+                         "or ensemble=GeometricEnsemble (ZTW)")
+    if weights is not None:
+        from ..objectives.aep import ensemble_so_far
+
+        probs = ensemble_so_far(logits, weights)
+    elif ensemble is not None:
+        with torch.no_grad():
+            probs = _probs(ensemble(logits))
+    if probs.shape != logits.shape:
+        raise ValueError(f"ensembled probs must match the logits {tuple(logits.shape)}, got {tuple(probs.shape)}")
+    conf, pred = probs.float().max(-1)
+    return Scores(conf, pred, ">=")
+
+
+# --- the one shared mechanism ---------------------------------------------------------------
+
+def _unpack(cached_or_logits: CachedOutputs | Tensor, gates: Tensor | None):
+    if isinstance(cached_or_logits, CachedOutputs):
+        return cached_or_logits.logits, cached_or_logits.gates if gates is None else gates
+    return cached_or_logits, gates
+
+
+def policy_scores(policy: str | Policy, cached_or_logits: CachedOutputs | Tensor, *,
+                  gates: Tensor | None = None, **options) -> Scores:
+    """The rule's :class:`Scores` on a cache (or on logits ``[E, N, C]`` and ``gates``)."""
+    fn = get_policy(policy)
+    check_options(f"policy {getattr(fn, '__name__', policy)!r}", fn, options, skip=("logits", "gates"))
+    logits, gates = _unpack(cached_or_logits, gates)
+    s = fn(logits, gates, **options)
+    if s.rule not in RULES:
+        raise ValueError(f"a policy's rule must be one of {RULES}, got {s.rule!r}")
+    return s
+
+
+def as_thresholds(thresholds: Tensor | float | list, num_exits: int) -> Tensor:
+    """``[E-1]`` float thresholds from a scalar (the same for every exit) or a sequence."""
+    th = torch.as_tensor(thresholds, dtype=torch.float32)
+    if th.dim() == 0:
+        th = th.expand(num_exits - 1)
+    if th.shape[-1:] != (num_exits - 1,):
+        raise ValueError(f"need one threshold per non-final exit ({num_exits - 1}), got shape {tuple(th.shape)}")
+    return th
+
+
+def canonical(score: Tensor, thresholds: Tensor, rule: str) -> tuple[Tensor, Tensor, bool]:
+    """The same comparison with "higher fires": ``(score', thresholds', strict)`` such that
+    ``score <rule> th`` iff ``score' > th'`` (strict) or ``score' >= th'``."""
+    if rule in ("<", "<="):
+        return -score, -thresholds, rule == "<"
+    return score, thresholds, rule == ">"
+
+
+def route(score: Tensor, thresholds: Tensor, rule: str, *, fallback: str = "final") -> tuple[Tensor, Tensor]:
+    """``(exit, depth)`` per sample from scores ``[E, N]`` and thresholds ``[..., E-1]`` (leading
+    dimensions, e.g. a batch of candidate threshold vectors, broadcast to ``[..., N]``).
+
+    A sample leaves at the first non-final exit whose score fires; otherwise at the final exit
+    (``fallback="final"``) or, with ``fallback="most_confident"`` (SDN), it is answered by the exit
+    with the best score among all (the earliest on ties) while its cost stays the whole network
+    (``depth = E-1``)."""
+    if fallback not in ("final", "most_confident"):
+        raise ValueError(f"fallback must be 'final' or 'most_confident', got {fallback!r}")
+    e = score.shape[0]
+    s, th, strict = canonical(score.float(), thresholds.to(score.device, torch.float32), rule)
+    s_early, th = s[:-1], th.unsqueeze(-1)  # [E-1, N] vs [..., E-1, 1]
+    fire = s_early > th if strict else s_early >= th  # [..., E-1, N]
+    index = torch.arange(e - 1, device=score.device)[:, None]
+    depth = torch.where(fire, index, e - 1).min(-2).values  # the first that fires, else E-1
+    if fallback == "final":
+        return depth, depth
+    best = s.argmax(0).expand_as(depth)  # ties -> the earliest (argmax returns the first maximum)
+    return torch.where(depth < e - 1, depth, best), depth
+
+
+def decide(policy: str | Policy, cached_or_logits: CachedOutputs | Tensor, thresholds: Tensor | float, *,
+           gates: Tensor | None = None, fallback: str = "final", **options) -> Decision:
+    """Apply ``policy`` with per-exit ``thresholds`` ``[E-1]`` (or one scalar for all exits).
+    ``options`` go to the rule (e.g. ``weights=`` for ``ensemble``). The prediction is that of the
+    answering exit (for ``ensemble``, the ensemble's argmax there)."""
+    s = policy_scores(policy, cached_or_logits, gates=gates, **options)
+    th = as_thresholds(thresholds, s.score.shape[0])
+    exit_, depth = route(s.score, th, s.rule, fallback=fallback)
+    return Decision(exit_, s.prediction.gather(0, exit_[None]).squeeze(0), depth)
