@@ -11,6 +11,7 @@ from .trace import TraceError, attach_exits
 from .objectives import Objective, create_objective, list_objectives, register_objective
 from .trainer import TrainConfig, Trainer, fit
 from .prune import EnsembleClassifier, aep_prune, load_pruned, save_pruned
+from . import policies
 
 __all__ = [
     "EnsembleClassifier",

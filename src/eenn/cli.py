@@ -92,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("-O", "--objective-option", action="append", metavar="KEY=VALUE", help="e.g. weights=sdn")
     _add_train_config(t)
 
-    l = sub.add_parser("list", help="list registered backbones, heads, objectives and datasets")
-    l.add_argument("what", nargs="?", choices=["backbones", "heads", "objectives", "datasets"], default=None)
+    l = sub.add_parser("list", help="list registered backbones, heads, objectives, policies and datasets")
+    l.add_argument("what", nargs="?", choices=["backbones", "heads", "objectives", "policies", "datasets"], default=None)
     return p
 
 
@@ -129,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             _train(args)
         elif args.command == "list":
-            from . import data, list_backbones, list_heads, list_objectives
+            from . import data, list_backbones, list_heads, list_objectives, policies
 
             lists = {"backbones": list_backbones(), "heads": list_heads(), "objectives": list_objectives(),
-                     "datasets": data.list_datasets()}
+                     "policies": policies.list_policies(), "datasets": data.list_datasets()}
             for name, items in lists.items():
                 if args.what in (None, name):
                     print(f"{name}: {', '.join(items)}")
