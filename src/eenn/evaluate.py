@@ -7,10 +7,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import distributed as D
 from .data import TensorDataset, TensorLoader
 from .network import MultiExitNetwork
+from .objectives.joint import exit_losses
 
-__all__ = ["CachedOutputs", "collect_outputs"]
+__all__ = ["CachedOutputs", "collect_outputs", "evaluate_exits"]
 
 
 class CachedOutputs(NamedTuple):
@@ -35,3 +37,28 @@ def collect_outputs(net: MultiExitNetwork, dataset: TensorDataset, *, mean=None,
         ys.append(y.cpu())
     net.train(was)
     return CachedOutputs(torch.cat(logits, 1), torch.cat(gates, 1) if gates else None, torch.cat(ys))
+
+
+@torch.no_grad()
+def evaluate_exits(net: MultiExitNetwork, dataset: TensorDataset, *, batch_size: int = 512,
+                   mean=None, std=None, device=None, env: D.DistEnv = D.DistEnv()) -> dict[str, list[float]]:
+    """Per-exit mean cross-entropy and accuracy of ``net`` on ``dataset`` (eval mode). Under
+    DDP each rank takes every ``world_size``-th sample and the sums are reduced exactly."""
+    if env.enabled:
+        dataset = dataset.subset(torch.arange(env.rank, len(dataset), env.world_size))
+    loader = TensorLoader(dataset, batch_size, mean=mean, std=std, device=device)
+    was = net.training
+    net.eval()
+    dev = loader.device
+    sums = torch.zeros(2, net.num_exits, dtype=torch.float64, device=dev)  # loss, correct
+    count = torch.zeros(1, dtype=torch.float64, device=dev)
+    for x, y in loader:
+        logits = net(x).logits.float()
+        sums[0] += exit_losses(logits, y).double() * y.numel()
+        sums[1] += (logits.argmax(-1) == y).sum(1).double()
+        count += y.numel()
+    net.train(was)
+    D.all_reduce_sum(sums, env)
+    D.all_reduce_sum(count, env)
+    n = max(count.item(), 1.0)
+    return {"loss": (sums[0] / n).tolist(), "acc": (sums[1] / n).tolist()}

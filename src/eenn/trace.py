@@ -12,7 +12,6 @@ import difflib
 import operator
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, fx, nn
 
 from .backbones.base import Backbone, dry_run

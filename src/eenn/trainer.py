@@ -6,12 +6,11 @@ code runs as one process or under ``torchrun`` with DistributedDataParallel.
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed as D
 from .callbacks import Callback, Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
 from .data import DataSplits, TensorDataset, TensorLoader
+from .evaluate import evaluate_exits
 from .network import MultiExitNetwork
 from .objectives import EpochContext, Objective, create_objective, exit_losses
 
@@ -112,31 +112,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@torch.no_grad()
-def evaluate_exits(net: MultiExitNetwork, dataset: TensorDataset, *, batch_size: int = 512,
-                   mean=None, std=None, device=None, env: D.DistEnv = D.DistEnv()) -> dict[str, list[float]]:
-    """Per-exit mean cross-entropy and accuracy of ``net`` on ``dataset`` (eval mode). Under
-    DDP each rank takes every ``world_size``-th sample and the sums are reduced exactly."""
-    if env.enabled:
-        dataset = dataset.subset(torch.arange(env.rank, len(dataset), env.world_size))
-    loader = TensorLoader(dataset, batch_size, mean=mean, std=std, device=device)
-    was = net.training
-    net.eval()
-    dev = loader.device
-    sums = torch.zeros(2, net.num_exits, dtype=torch.float64, device=dev)  # loss, correct
-    count = torch.zeros(1, dtype=torch.float64, device=dev)
-    for x, y in loader:
-        logits = net(x).logits.float()
-        sums[0] += exit_losses(logits, y).double() * y.numel()
-        sums[1] += (logits.argmax(-1) == y).sum(1).double()
-        count += y.numel()
-    net.train(was)
-    D.all_reduce_sum(sums, env)
-    D.all_reduce_sum(count, env)
-    n = max(count.item(), 1.0)
-    return {"loss": (sums[0] / n).tolist(), "acc": (sums[1] / n).tolist()}
 
 
 class Trainer:
@@ -230,7 +205,6 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- loop
     def fit(self, net: MultiExitNetwork, objective: str | Objective, data: DataSplits) -> list[dict[str, Any]]:
-        c = self.config
         device = self._device()
         self.env = env = D.setup(device.type)
         if env.enabled and device.type == "cuda":
