@@ -200,7 +200,9 @@ class MultiExitNetwork(nn.Module):
             p = next(h.parameters())
             modes = h.training
             h.eval()
-            head_macs.append(count_macs(h, torch.zeros(1, *bb.stage_info[s].shape, device=p.device, dtype=p.dtype)))
+            x = torch.zeros(1, *bb.stage_info[s].shape, device=p.device, dtype=p.dtype)
+            prev = (torch.zeros(1, self.num_classes, device=p.device, dtype=p.dtype),) if h.cascades else ()
+            head_macs.append(count_macs(h, x, *prev))
             h.train(modes)
         head_macs.append(cls_macs)
         stages = [*self.exit_stages, bb.num_stages - 1]
