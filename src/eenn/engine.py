@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from .network import MultiExitNetwork
-from .policies.rules import as_thresholds, canonical, get_policy, policy_scores
+from .policies.rules import as_thresholds, canonical, get_policy
+from .registry import check_options
 
 __all__ = ["DynamicEngine", "EngineResult"]
 
@@ -45,6 +46,8 @@ class DynamicEngine:
             raise ValueError(f"fallback must be 'final' or 'most_confident', got {fallback!r}")
         self.net = net.eval()
         self.policy = get_policy(policy)
+        # Checked once here: the loop below calls the rule directly, once per exit and batch.
+        check_options(f"policy {policy!r}", self.policy, policy_options, skip=("logits", "gates"))
         self.options = policy_options
         self.fallback = fallback
         self.thresholds = as_thresholds(thresholds, net.num_exits)
@@ -70,7 +73,7 @@ class DynamicEngine:
             if gates is not None:
                 gates[k] = g.float()
             prev = lg
-            s = policy_scores(self.policy, logits, gates=gates, **self.options)
+            s = self.policy(logits, gates, **self.options)
             if k == E - 1:
                 break
             sc, t, strict = canonical(s.score[k], th[k], s.rule)
