@@ -6,6 +6,7 @@ Target: >= 0.85 at both.
     .venv/bin/python benchmarks/engine_speed.py [--dataset fashion_mnist --limit 20000 --epochs 2]
 """
 import argparse
+import os
 import statistics
 import time
 
@@ -46,13 +47,19 @@ def main():
     p.add_argument("--batches", default="1,256")
     p.add_argument("--samples", type=int, default=2048, help="test samples timed at the large batch")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--checkpoint", help="reuse this trained network if the file exists, else train and save it there")
     a = p.parse_args()
     data = eenn.load_dataset(a.dataset, limit=a.limit or None)
     info = data.info
-    torch.manual_seed(0)
-    net = eenn.create_network(a.backbone, in_channels=info.in_channels, num_classes=info.num_classes,
-                              input_size=info.input_size, exits=a.exits)
-    eenn.fit(net, data, "joint", epochs=a.epochs, lr=0.05, progress=False)
+    if a.checkpoint and os.path.exists(a.checkpoint):
+        net = eenn.load(a.checkpoint)
+    else:
+        torch.manual_seed(0)
+        net = eenn.create_network(a.backbone, in_channels=info.in_channels, num_classes=info.num_classes,
+                                  input_size=info.input_size, exits=a.exits)
+        eenn.fit(net, data, "joint", epochs=a.epochs, lr=0.05, progress=False)
+        if a.checkpoint:
+            eenn.save(net, a.checkpoint)
     net.eval()
     val = collect_outputs(net, data.val, mean=info.mean, std=info.std)
     th = calibrate(a.policy, val, net.cost(), {"max_drop": a.max_drop})

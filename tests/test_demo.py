@@ -1,9 +1,13 @@
 from eenn.demo import run_demo
 
 
-def test_demo_trains_every_exit(capsys):
-    res = run_demo(backbone="resnet20", exits=[3, 6], epochs=4)
+def test_demo_trains_every_exit(capsys, tmp_path):
+    res = run_demo(backbone="resnet20", exits=[3, 6], epochs=4, out=tmp_path, repeats=1)
     out = capsys.readouterr().out
     assert "per-exit test accuracy and cost" in out and "final" in out
+    # calibrated on validation, the Table-2 line on test, the oracle, and the files
+    assert "| resnet20 + max_prob |" in out and "| oracle |" in out and "measured / MAC-predicted" in out
+    assert {p.name for p in tmp_path.iterdir()} == {"report.json", "report.md", "curve.png", "exits.png"}
+    assert res["report"]["validation"]["final_accuracy"] - res["report"]["validation"]["accuracy"] <= 0.01 + 1e-9
     assert len(res["test_accuracy"]) == 3 and min(res["test_accuracy"]) > 0.5
     assert res["macs"] == sorted(res["macs"])

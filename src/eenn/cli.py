@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=30)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+    d.add_argument("--out", default="runs/demo", help="where the report and plots go (default: runs/demo)")
 
     t = sub.add_parser("train", help="train a multi-exit network with one objective",
                        description="Train a multi-exit network; writes metrics.jsonl, last.safetensors "
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            run_demo(backbone=args.backbone, exits=_exits(args.exits), epochs=args.epochs, seed=args.seed, device=args.device)
+            run_demo(backbone=args.backbone, exits=_exits(args.exits), epochs=args.epochs, seed=args.seed, device=args.device,
+                     out=args.out)
         elif args.command == "train":
             _train(args)
         elif args.command == "list":

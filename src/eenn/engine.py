@@ -28,8 +28,9 @@ class EngineResult(NamedTuple):
     macs: Tensor  # [B] MACs spent on the sample (heads on the way included)
 
 
-def _index(state, keep: Tensor):
-    return tuple(t[keep] for t in state) if isinstance(state, tuple) else state[keep]
+def _take(state, idx: Tensor):
+    """Rows ``idx`` of a state (a tensor or a tuple of tensors)."""
+    return tuple(t.index_select(0, idx) for t in state) if isinstance(state, tuple) else state.index_select(0, idx)
 
 
 class DynamicEngine:
@@ -51,6 +52,8 @@ class DynamicEngine:
         self.options = policy_options
         self.fallback = fallback
         self.thresholds = as_thresholds(thresholds, net.num_exits)
+        self._th_list = self.thresholds.detach().tolist()
+        self._alone = bool(getattr(self.policy, "per_exit", False)) and fallback == "final"
         self.dynamic_macs = torch.tensor(net.cost().dynamic_macs, dtype=torch.float64)
 
     @torch.no_grad()
@@ -63,36 +66,49 @@ class DynamicEngine:
         exit_ = torch.empty(B, dtype=torch.long, device=dev)
         depth = torch.empty(B, dtype=torch.long, device=dev)
         alive = torch.arange(B, device=dev)  # original positions of the samples still running
-        logits = torch.zeros(E, B, net.num_classes, device=dev)  # outputs so far, compacted
-        gates = torch.ones(E, B, device=dev) if net.has_gates else None
-        th = self.thresholds.to(dev)
-        state, prev = x, None
+        # A per-exit rule (max_prob, entropy, margin, gate) scores each exit alone; the others
+        # (and SDN's fallback, which compares every exit) see all outputs so far, padded to E.
+        alone = self._alone
+        logits = None if alone else torch.zeros(E, B, net.num_classes, device=dev)
+        gates = None if alone or not net.has_gates else torch.ones(E, B, device=dev)
+        th = self._th_list  # floats: comparing with a float makes no tensor
+        state, prev, n = x, None, B
         for k in range(E):
             state, lg, g = net.forward_segment(k, state, prev if net.cascades else None)
-            logits[k] = lg.float()
-            if gates is not None:
-                gates[k] = g.float()
             prev = lg
-            s = self.policy(logits, gates, **self.options)
+            if alone:
+                s = self.policy(lg[None], None if g is None else g[None], **self.options)
+                score, answer = s.score[0], s.prediction[0]
+            else:
+                logits[k] = lg.float()
+                if gates is not None:
+                    gates[k] = g.float()
+                s = self.policy(logits, gates, **self.options)
+                score, answer = s.score[k], s.prediction[k]
             if k == E - 1:
                 break
-            sc, t, strict = canonical(s.score[k], th[k], s.rule)
+            sc, t, strict = canonical(score, th[k], s.rule)
             fire = sc > t if strict else sc >= t
-            if fire.any():
-                done = alive[fire]
-                pred[done], exit_[done], depth[done] = s.prediction[k][fire], k, k
-                keep = ~fire
-                alive, state, prev = alive[keep], _index(state, keep), prev[keep]
-                logits = logits[:, keep]
-                gates = gates[:, keep] if gates is not None else None
-                if alive.numel() == 0:
-                    break
-        if alive.numel():
+            n_fire = int(fire.sum())  # the one host sync of the step
+            if n_fire == 0:
+                continue
+            if n_fire == n:  # everyone still running leaves here: no compaction needed
+                pred[alive], exit_[alive], depth[alive] = answer, k, k
+                n = 0
+                break
+            leave, stay = fire.nonzero().squeeze(1), (~fire).nonzero().squeeze(1)
+            done = alive[leave]
+            pred[done], exit_[done], depth[done] = answer[leave], k, k
+            alive, state, prev, n = alive[stay], _take(state, stay), prev.index_select(0, stay), n - n_fire
+            if logits is not None:
+                logits = logits.index_select(1, stay)
+                gates = gates.index_select(1, stay) if gates is not None else None
+        if n:
             if self.fallback == "final":
-                best = torch.full_like(alive, E - 1)
+                pred[alive], exit_[alive] = answer, E - 1
             else:  # SDN: the most confident exit among all (the earliest on ties)
-                sc, _, _ = canonical(s.score, th.new_zeros(E - 1), s.rule)
+                sc, _, _ = canonical(s.score, torch.zeros(E), s.rule)
                 best = sc.argmax(0)
-            pred[alive] = s.prediction.gather(0, best[None]).squeeze(0)
-            exit_[alive], depth[alive] = best, E - 1
+                pred[alive], exit_[alive] = s.prediction.gather(0, best[None]).squeeze(0), best
+            depth[alive] = E - 1
         return EngineResult(pred, exit_, depth, self.dynamic_macs.to(dev)[depth])

@@ -37,7 +37,7 @@ from ..objectives.mixing import stick_breaking
 from ..registry import Registry, check_options
 
 __all__ = ["Scores", "Decision", "register_policy", "get_policy", "list_policies", "policy_scores",
-           "as_thresholds", "canonical", "route", "decide", "RULES"]
+           "as_thresholds", "canonical", "per_exit", "route", "decide", "RULES"]
 
 RULES = (">=", ">", "<", "<=")
 
@@ -69,17 +69,26 @@ def list_policies() -> list[str]:
 
 # --- the rules ------------------------------------------------------------------------------
 
+def per_exit(fn: Policy) -> Policy:
+    """Mark a rule whose score at exit ``k`` depends on exit ``k``'s own outputs only; the
+    engine then scores each exit alone instead of re-running the rule on every exit so far."""
+    fn.per_exit = True
+    return fn
+
+
 def _probs(logits: Tensor) -> Tensor:
     return F.softmax(logits.float(), dim=-1)
 
 
 @register_policy("max_prob")
+@per_exit
 def max_prob(logits: Tensor, gates: Tensor | None = None) -> Scores:
     conf, pred = _probs(logits).max(-1)
     return Scores(conf, pred, ">=")
 
 
 @register_policy("entropy")
+@per_exit
 def entropy(logits: Tensor, gates: Tensor | None = None) -> Scores:
     logp = F.log_softmax(logits.float(), dim=-1)
     h = -(logp.exp() * logp).nan_to_num().sum(-1)  # 0 log 0 = 0
@@ -87,6 +96,7 @@ def entropy(logits: Tensor, gates: Tensor | None = None) -> Scores:
 
 
 @register_policy("margin")
+@per_exit
 def margin(logits: Tensor, gates: Tensor | None = None) -> Scores:
     top = _probs(logits).topk(2, dim=-1).values
     return Scores(top[..., 0] - top[..., 1], logits.argmax(-1), ">=")
@@ -101,6 +111,7 @@ def _need_gates(name: str, gates: Tensor | None, logits: Tensor) -> Tensor:
 
 
 @register_policy("gate")
+@per_exit
 def gate(logits: Tensor, gates: Tensor | None = None) -> Scores:
     return Scores(_need_gates("gate", gates, logits), logits.argmax(-1), ">")
 

@@ -1,0 +1,90 @@
+"""The evaluation report: calibrated on validation, reported on test, with measured timing,
+the accuracy-MACs curve, the oracle, JSON / Markdown / PNG output."""
+import json
+
+import pytest
+import torch
+
+import eenn
+from eenn.evaluate import collect_outputs
+from eenn.policies import evaluate_policy
+from eenn.report import Report, evaluate
+
+
+@pytest.fixture(scope="module")
+def trained():
+    data = eenn.load_dataset("synthetic", num_samples=600, noise=70.0)
+    torch.manual_seed(0)
+    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 4],
+                              width=0.5)
+    eenn.fit(net, data, "joint", epochs=2, lr=0.05, batch_size=64, progress=False)
+    return net.eval(), data
+
+
+@pytest.fixture(scope="module")
+def report(trained):
+    net, data = trained
+    return evaluate(net, data, goal={"max_drop": 0.02}, batch_sizes=(1, 32), timing_samples=(8, 64),
+                    repeats=1, curve_points=5)
+
+
+def test_report_figures_match_the_caches(trained, report):
+    net, data = trained
+    info, cost = data.info, net.cost()
+    test = collect_outputs(net, data.test, mean=info.mean, std=info.std)
+    r = report["result"]
+    again = evaluate_policy("max_prob", report["policy"]["thresholds"], test, cost)
+    assert r["accuracy"] == pytest.approx(again["accuracy"]) and r["expected_macs"] == pytest.approx(again["expected_macs"])
+    assert sum(r["exit_distribution"]) == pytest.approx(1.0)
+    per_exit = (test.logits.argmax(-1) == test.targets).double().mean(1).tolist()
+    assert [e["accuracy"] for e in report["exits"]] == pytest.approx(per_exit)
+    assert [e["dynamic_macs"] for e in report["exits"]] == list(cost.dynamic_macs)
+    # the goal was fitted on validation: it holds there by construction
+    v = report["validation"]
+    assert v["final_accuracy"] - v["accuracy"] <= 0.02 + 1e-9
+    # the oracle is an upper bound on accuracy among exit choices and costs no more than the full net
+    assert report["oracle"]["accuracy"] >= max(per_exit) - 1e-9
+    assert report["oracle"]["expected_macs"] <= cost.dynamic_macs[-1]
+    assert report["dataset"] == {"name": "synthetic", "split": "test", "samples": len(data.test)}
+
+
+def test_report_timing_and_curve(report):
+    timing = report["timing"]
+    assert [t["batch_size"] for t in timing] == [1, 32] and [t["samples"] for t in timing] == [8, 64]
+    for t in timing:
+        assert t["static_ms_per_sample"] > 0 and t["engine_ms_per_sample"] > 0
+        assert t["ratio"] == pytest.approx(t["measured_speedup"] / t["mac_speedup"])
+        best = report["model"]["full_macs"] / report["exits"][0]["dynamic_macs"]  # all leave at the first exit
+        worst = report["model"]["full_macs"] / report["exits"][-1]["dynamic_macs"]  # nobody leaves early
+        assert worst - 1e-9 <= t["mac_speedup"] <= best + 1e-9
+    curve = report["curve"]
+    assert 1 <= len(curve) <= 5
+    macs = [c["expected_macs"] for c in curve]
+    assert macs == sorted(macs)
+    for c in curve:  # each point was fitted to its budget on validation
+        assert c["val_macs"] <= c["budget"] * (1 + 1e-9)
+        assert 0 <= c["accuracy"] <= 1
+
+
+def test_report_writes_json_markdown_and_plots(report, tmp_path):
+    paths = report.save(tmp_path)
+    assert sorted(p.name for p in paths) == ["curve.png", "exits.png", "report.json", "report.md"]
+    for p in paths:
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    back = Report.load(tmp_path / "report.json")
+    assert back["result"]["accuracy"] == report["result"]["accuracy"]
+    assert back["policy"]["thresholds"] == report["policy"]["thresholds"]
+    json.loads((tmp_path / "report.json").read_text())  # strict JSON (no Infinity)
+    md = (tmp_path / "report.md").read_text()
+    assert "| Architecture | Test acc. | Inf. time (batch 1) | Speed-up | Exits |" in md
+    assert "oracle" in md and "measured" in md
+
+
+def test_report_without_timing_or_curve(trained):
+    net, data = trained
+    r = evaluate(net, data, batch_sizes=(), curve_points=0, split="val")
+    assert r["timing"] == [] and r["curve"] == [] and r["dataset"]["split"] == "val"
+    assert "Wall-clock" not in r.to_markdown()
+    with pytest.raises(ValueError, match="split"):
+        evaluate(net, data, split="dev")
