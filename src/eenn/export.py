@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ExportError", "export", "load_manifest", "StagedRunner", "Carry", "Answers", "EXPORT_TOLERANCE",
-           "calibration_record"]
+__all__ = ["ExportError", "export", "load_manifest", "read_segments", "StagedRunner", "Carry", "Answers",
+           "EXPORT_TOLERANCE", "calibration_record"]
 
 FORMAT = "eenn.staged_onnx"
 FORMAT_VERSION = 1
@@ -273,6 +273,12 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return m
 
 
+def read_segments(manifest: dict[str, Any], segments: tuple[int, int]) -> dict[int, bytes]:
+    """The ONNX bytes of segments ``a..b-1`` of an exported model, by index."""
+    base = Path(manifest["_dir"])
+    return {s["index"]: (base / s["file"]).read_bytes() for s in manifest["segments"][segments[0]:segments[1]]}
+
+
 def _session(model: bytes, threads: int):
     import onnxruntime as ort
 
@@ -351,11 +357,13 @@ class StagedRunner:
     ``StagedRunner(dir)(x)`` runs every segment and returns ``{prediction, exit, depth, probs,
     degraded}`` (NumPy arrays in batch order). ``segments=(a, b)`` loads only segments
     ``a..b-1`` (one tier); :meth:`start` and :meth:`advance` then run a batch through them.
-    ``policy`` / ``thresholds`` / ``fallback`` override the manifest's.
+    ``policy`` / ``thresholds`` / ``fallback`` override the manifest's; ``models`` gives the
+    segments' ONNX bytes by index instead of reading them from the export directory.
     """
 
     def __init__(self, path: str | os.PathLike | dict, *, segments: tuple[int, int] | None = None,
-                 threads: int = 1, policy: str | None = None, thresholds=None, fallback: str | None = None) -> None:
+                 threads: int = 1, policy: str | None = None, thresholds=None, fallback: str | None = None,
+                 models: dict[int, bytes] | None = None) -> None:
         from .policies.rules import as_thresholds, get_policy
 
         self.manifest = m = path if isinstance(path, dict) else load_manifest(path)
@@ -377,7 +385,8 @@ class StagedRunner:
         self.sessions: dict[int, Any] = {}
         base = Path(m.get("_dir", "."))
         for seg in m["segments"][a:b]:
-            data = (base / seg["file"]).read_bytes()
+            # ``models`` carries the graphs in memory (to a Ray worker on another machine).
+            data = models[seg["index"]] if models is not None else (base / seg["file"]).read_bytes()
             if _digest(data) != seg["sha256"]:
                 raise ExportError(f"{base / seg['file']} does not match its checksum in the manifest; re-export")
             self.sessions[seg["index"]] = _session(data, threads)
