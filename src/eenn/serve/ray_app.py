@@ -123,8 +123,9 @@ def start(plan: TierPlan, address: str | None = None, *, host: str = "127.0.0.1"
         else:
             ray.init(address=address, logging_level="warning",
                      runtime_env={"py_modules": [str(pkg)], "env_vars": env})
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(plan), name=APP_NAME, route_prefix="/", blocking=False)
+    quiet = {"log_level": "WARNING", "enable_access_log": False}
+    serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
+    serve.run(build_app(plan), name=APP_NAME, route_prefix="/", blocking=False, logging_config=quiet)
     return f"http://{host}:{port}"
 
 
