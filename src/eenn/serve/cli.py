@@ -152,7 +152,7 @@ def _speeds(specs: list[str], manifest: dict):
             if measured is None:
                 measured = measure_segments(manifest)
             factor = float(value.partition(":")[2] or 1.0)
-            speeds.append(TierSpeed(name, segment_s=[t / factor for t in measured]))
+            speeds.append(TierSpeed(name, segment_s=[t / factor for t in measured[0]], answer_s=measured[1] / factor))
         else:
             parts = [float(v) for v in value.split(",")]
             speeds.append(TierSpeed(name, parts[0], parts[1] if len(parts) > 1 else 0.0))

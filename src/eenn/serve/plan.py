@@ -141,12 +141,14 @@ def _segments(spec: Any, at: int, num_exits: int, name: str) -> tuple[int, int]:
 @dataclass
 class TierSpeed:
     """How fast a tier runs segments: ``macs_per_s`` and a fixed ``overhead_s`` per segment run
-    (call and policy overhead, which dominate small models), or ``segment_s`` measured there."""
+    (call and policy overhead, which dominate small models), or ``segment_s`` measured there
+    (:func:`measure_segments`); plus ``answer_s`` once for the sample that exits there."""
 
     name: str
     macs_per_s: float | None = None
     overhead_s: float = 0.0
     segment_s: Sequence[float] | None = None
+    answer_s: float = 0.0  # the cost of answering a sample that exits on this tier
 
     def time(self, k: int, macs: int) -> float:
         if self.segment_s is not None:
@@ -203,7 +205,7 @@ def expected_latency(manifest: dict[str, Any], bounds: Sequence[tuple[int, int]]
     for d in range(E):
         t_compute += speeds[tier_of[d]].time(d, macs[d])
         hops = sum(2 * links[i].latency_s + sizes[bounds[i][1]] / links[i].bandwidth for i in range(tier_of[d]))
-        per_depth.append(t_compute + hops)
+        per_depth.append(t_compute + speeds[tier_of[d]].answer_s + hops)
     total = sum(p * t for p, t in zip(depth, per_depth)) / max(sum(depth), 1e-12)
     return total, per_depth
 
@@ -245,9 +247,11 @@ def plan_splits(manifest: dict[str, Any], speeds: Sequence[TierSpeed], links: Se
     return PlanResult(best[1], best[0], best[2], [(r[0], r[1]) for r in results[:keep]])
 
 
-def measure_segments(manifest: dict[str, Any], *, repeats: int = 50, threads: int = 1) -> list[float]:
-    """Median seconds of each segment at batch 1 on this machine, through the same runner the
-    tiers use (onnxruntime call plus the policy's decision)."""
+def measure_segments(manifest: dict[str, Any], *, repeats: int = 50, threads: int = 1) -> tuple[list[float], float]:
+    """``(seconds per segment, seconds to answer)`` at batch 1 on this machine, through the runner
+    the tiers use: each segment run with nobody exiting (onnxruntime call plus the policy's
+    decision), and the extra cost when the sample exits (its answer: probabilities, prediction).
+    The segments are timed in turn, as a request meets them, not each in a hot loop. Medians."""
     import statistics
     import time
 
@@ -257,18 +261,22 @@ def measure_segments(manifest: dict[str, Any], *, repeats: int = 50, threads: in
 
     E = manifest["num_exits"]
     never = float("-inf") if manifest["policy"]["name"] == "entropy" else float("inf")  # nobody exits
+    always = -never
     runners = [StagedRunner(manifest, segments=(k, k + 1), threads=threads, thresholds=never) for k in range(E)]
+    exiting = StagedRunner(manifest, segments=(0, 1), threads=threads, thresholds=always)
     x = np.random.default_rng(0).standard_normal((1, *manifest["input_shape"])).astype(np.float32)
     carries = [runners[0].start(x)]
     for k in range(E - 1):  # the input each segment sees
         _, c = runners[k].advance(carries[-1])
         carries.append(c)
-    out = []
-    for k in range(E):
-        times = []
-        for _ in range(repeats):
+    times: list[list[float]] = [[] for _ in range(E + 1)]
+    for _ in range(repeats):
+        for k in range(E):
             t0 = time.perf_counter()
             runners[k].advance(carries[k])
-            times.append(time.perf_counter() - t0)
-        out.append(statistics.median(times))
-    return out
+            times[k].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        exiting.advance(carries[0])
+        times[E].append(time.perf_counter() - t0)
+    med = [statistics.median(t) for t in times]
+    return med[:E], max(med[E] - med[0], 0.0)
