@@ -1,0 +1,57 @@
+"""Multi-tier split serving of an exported model (device -> edge -> cloud).
+
+``serve(plan)`` serves a :class:`TierPlan` (a dict, a YAML/JSON file or the object): on Ray
+Serve, embedded (``address=None``) or on an existing cluster (``address="ray://host:10001"``),
+or in this process (``local=True``, no Ray). The HTTP API is the same: ``POST /predict`` and
+``GET /health`` (:mod:`.app`). The HTTP and Ray parts are imported on first use, so that
+``eenn --help`` needs neither.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .codec import decode, encode
+from .plan import LinkSpec, PlanResult, TierPlan, TierSpeed, expected_latency, measure_segments, plan_splits
+
+__all__ = ["Front", "InputError", "LinkSpec", "LocalPipeline", "LocalServer", "PlanResult", "Tier", "TierPlan",
+           "TierSpeed", "as_plan", "create_app", "decode", "decode_body", "encode", "expected_latency",
+           "local_front", "measure_segments", "plan_splits", "serve"]
+
+_LAZY = {"Front": "app", "LocalServer": "app", "create_app": "app", "local_front": "app", "InputError": "inputs",
+         "decode_body": "inputs", "LocalPipeline": "tiers", "Tier": "tiers"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def as_plan(plan: TierPlan | dict | str | Path) -> TierPlan:
+    if isinstance(plan, TierPlan):
+        return plan
+    if isinstance(plan, dict):
+        return TierPlan.from_dict(plan)
+    return TierPlan.load(plan)
+
+
+def serve(plan: TierPlan | dict | str | Path, address: str | None = None, *, local: bool = False,
+          host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve ``plan`` until interrupted: on Ray Serve (an embedded Ray when ``address`` is None,
+    the cluster at ``address`` otherwise), or in this process with ``local=True``."""
+    plan = as_plan(plan)
+    if local:
+        import uvicorn
+
+        from .app import create_app, local_front
+
+        front = local_front(plan)
+        print(f"eenn: serving {len(plan.tiers)} tiers in-process at http://{host}:{port} "
+              "(POST /predict, GET /health); Ctrl-C stops", flush=True)
+        uvicorn.run(create_app(front), host=host, port=port, log_level="warning", lifespan="off")
+        return
+    from .ray_app import serve_plan
+
+    serve_plan(plan, address, host=host, port=port)

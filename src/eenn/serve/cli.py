@@ -1,0 +1,202 @@
+"""``eenn export``, ``eenn serve`` and ``eenn plan``: registered on the main parser by
+:func:`add_parsers`; each parser's ``run`` default is the function to call with the parsed args."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["add_parsers", "run_export", "run_serve", "run_plan"]
+
+EPILOG_EXPORT = """examples:
+  eenn export runs/r20/best.safetensors --out export/ --policy max_prob --thresholds 0.9,0.85,0.8
+  eenn export runs/r20/best.safetensors --out export/ --calibration calib.json
+  eenn export runs/r20/best.safetensors --out export/ --dataset digits --max-drop 0.02
+
+--calibration reads JSON {"policy", "thresholds", "fallback", "validation", "mean", "std"} (any
+subset; eenn.export.calibration_record writes it). --dataset takes the normalisation from that data
+set and, without --thresholds, calibrates on its validation split for --max-drop and records the
+validation exit distribution (which `eenn plan` needs).
+"""
+
+EPILOG_SERVE = """examples:
+  eenn serve --plan plan.yaml                          # embedded Ray on this machine, port 8000
+  eenn serve --plan plan.yaml --local --port 8080      # in-process, no Ray
+  eenn serve --plan plan.yaml --address ray://head:10001
+  curl -s -X POST --data-binary @digit.png -H 'Content-Type: image/png' localhost:8000/predict
+  curl -s localhost:8000/health
+
+plan.yaml:
+  model: export/
+  tiers:
+    - {name: device, segments: "0-1"}
+    - {name: edge, segments: "2"}
+    - {name: cloud, segments: rest}
+"""
+
+EPILOG_PLAN = """examples:
+  eenn plan export/ --tier device=5e7 --tier edge=1e9 --tier cloud=1e10 \\
+      --link 1e6,0.010 --link 1e7,0.030 --out plan.yaml
+  eenn plan export/ --tier device=measure --tier edge=measure:4 --link 1e9,0.0001
+
+--tier NAME=MACS_PER_S[,OVERHEAD_S] declares a tier's speed; NAME=measure times the segments on
+this machine; NAME=measure:F assumes a tier F times faster than this machine. --link
+BYTES_PER_S,LATENCY_S (one way) per pair of neighbouring tiers.
+"""
+
+
+def _floats(text: str) -> list[float] | float:
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError:
+        v = [float(t) for t in text.split(",")]
+    if isinstance(v, list):
+        return [float(t) for t in v]
+    return float(v)
+
+
+def add_parsers(subparsers) -> None:
+    """Register ``export``, ``serve`` and ``plan`` on the main parser's subparsers."""
+    raw = argparse.RawDescriptionHelpFormatter
+    e = subparsers.add_parser("export", help="write each segment as an ONNX graph plus a manifest",
+                              description="Export a checkpoint as staged ONNX graphs (one per segment: "
+                              "stages plus exit head) and manifest.json (policy, thresholds, MACs, shapes).",
+                              epilog=EPILOG_EXPORT, formatter_class=raw)
+    e.add_argument("checkpoint", help="a .safetensors checkpoint written by eenn")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--policy", default=None, help="exit policy (default: the calibration's, else max_prob)")
+    e.add_argument("--thresholds", type=_floats, default=None, help="one value or one per non-final exit: 0.9,0.8")
+    e.add_argument("--fallback", default=None, choices=["final", "most_confident"])
+    e.add_argument("--calibration", default=None, metavar="FILE", help="JSON with thresholds etc. (see below)")
+    e.add_argument("--dataset", default=None, help="registered data set for normalisation / calibration")
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--max-drop", type=float, default=0.02, help="with --dataset and no --thresholds (default 0.02)")
+    e.add_argument("--opset", type=int, default=17)
+    e.set_defaults(run=run_export)
+
+    s = subparsers.add_parser("serve", help="serve an exported model split over tiers (Ray Serve or in-process)",
+                              description="Serve a tier plan: POST /predict (image, .npy or JSON array) and "
+                              "GET /health.", epilog=EPILOG_SERVE, formatter_class=raw)
+    s.add_argument("--plan", required=True, help="plan file (YAML or JSON)")
+    s.add_argument("--address", default=None, help="an existing Ray cluster (ray://host:10001 or auto)")
+    s.add_argument("--local", action="store_true", help="run every tier in this process, without Ray")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(run=run_serve)
+
+    p = subparsers.add_parser("plan", help="choose split points that minimise the expected latency",
+                              description="Choose the split of an exported model over tiers from tier speeds, "
+                              "link costs and the validation exit distribution.", epilog=EPILOG_PLAN,
+                              formatter_class=raw)
+    p.add_argument("export_dir")
+    p.add_argument("--tier", action="append", required=True, metavar="NAME=SPEED")
+    p.add_argument("--link", action="append", default=[], metavar="BYTES_PER_S,LATENCY_S")
+    p.add_argument("--float16", action="store_true", help="features cross tiers as float16")
+    p.add_argument("--out", default=None, help="write the chosen plan (YAML) here")
+    p.set_defaults(run=run_plan)
+
+
+def run_export(args) -> int:
+    from ..checkpoint import load
+    from ..export import calibration_record, export
+
+    calib = {}
+    if args.calibration:
+        with open(args.calibration) as f:
+            calib = json.load(f)
+    net = load(args.checkpoint).eval()
+    policy = args.policy or calib.get("policy", "max_prob")
+    fallback = args.fallback or calib.get("fallback", "final")
+    mean, std = calib.get("mean"), calib.get("std")
+    validation = calib.get("validation")
+    thresholds = args.thresholds if args.thresholds is not None else calib.get("thresholds")
+    if args.dataset:
+        from ..data import load_dataset
+
+        data = load_dataset(args.dataset, data_dir=args.data_dir)
+        mean, std = data.info.mean, data.info.std
+        if thresholds is None:
+            rec = calibration_record(net, data.val, policy, {"max_drop": args.max_drop}, mean=mean, std=std,
+                                     fallback=fallback)
+            thresholds, validation = rec["thresholds"], rec["validation"]
+            print(f"calibrated {policy} on {args.dataset} validation (max_drop={args.max_drop}): thresholds "
+                  f"{[round(t, 4) for t in thresholds]}, accuracy {100 * validation['accuracy']:.2f}%")
+    if thresholds is None:
+        raise ValueError("no thresholds: give --thresholds, --calibration FILE or --dataset NAME")
+    m = export(net, args.out, policy=policy, thresholds=thresholds, fallback=fallback, mean=mean, std=std,
+               validation=validation, opset=args.opset)
+    print(f"exported {m['num_exits']} segments to {args.out} (max |ONNX - PyTorch| logit "
+          f"{m['check']['max_abs_logit_diff']:.2g})")
+    for seg in m["segments"]:
+        print(f"  {seg['file']:<16} {seg['exit_name']:<22} {seg['macs']:>12,} MACs  hand-off "
+              f"{seg['handoff_bytes_per_sample']:>8,} B/sample")
+    return 0
+
+
+def run_serve(args) -> int:
+    from . import as_plan, serve
+
+    serve(as_plan(args.plan), args.address, local=args.local, host=args.host, port=args.port)
+    return 0
+
+
+def _speeds(specs: list[str], manifest: dict):
+    from .plan import TierSpeed, measure_segments
+
+    speeds, measured = [], None
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep:
+            raise ValueError(f"--tier takes NAME=SPEED, got {spec!r}")
+        if value.startswith("measure"):
+            if measured is None:
+                measured = measure_segments(manifest)
+            factor = float(value.partition(":")[2] or 1.0)
+            speeds.append(TierSpeed(name, segment_s=[t / factor for t in measured[0]], answer_s=measured[1] / factor))
+        else:
+            parts = [float(v) for v in value.split(",")]
+            speeds.append(TierSpeed(name, parts[0], parts[1] if len(parts) > 1 else 0.0))
+    return speeds
+
+
+def run_plan(args) -> int:
+    from ..export import load_manifest
+    from .plan import LinkSpec, plan_splits
+
+    m = load_manifest(args.export_dir)
+    speeds = _speeds(args.tier, m)
+    links = []
+    for text in args.link:
+        bw, lat = (float(v) for v in text.split(","))
+        links.append(LinkSpec(bw, lat))
+    r = plan_splits(m, speeds, links, float16=args.float16)
+    names = [s.name for s in speeds]
+    print(f"expected latency {1e3 * r.predicted_s:.3f} ms with "
+          + ", ".join(f"{n}: {a}-{b - 1}" if b > a else f"{n}: -" for n, (a, b) in zip(names, r.bounds)))
+    print("latency by depth (ms): " + " ".join(f"{1e3 * t:.3f}" for t in r.per_depth_s))
+    for t, bounds in r.ranking[1:]:
+        print(f"  next best {1e3 * t:.3f} ms: " + ", ".join(f"[{a},{b})" for a, b in bounds))
+    if args.out:
+        import yaml
+
+        plan = r.to_plan(str(args.export_dir), names, float16=args.float16)
+        with open(args.out, "w") as f:
+            yaml.safe_dump(plan, f, sort_keys=False)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m eenn.serve.cli``) until the main ``eenn`` command wires these in."""
+    parser = argparse.ArgumentParser(prog="eenn")
+    add_parsers(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"eenn: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

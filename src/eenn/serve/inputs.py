@@ -1,0 +1,183 @@
+"""Turning a request body into model inputs, or a clear 4xx.
+
+Accepted bodies (the content type decides; without one the first bytes do):
+
+- an image, PNG or JPEG (``image/png``, ``image/jpeg``; or a ``multipart/form-data`` upload):
+  decoded with Pillow, converted to the model's channels (L or RGB), resized to the model's input
+  size when it differs, then normalised with the exported ``mean``/``std`` (``(x/255 - mean)/std``);
+- a NumPy ``.npy`` array (``application/x-npy`` or ``application/octet-stream``; never unpickled):
+  float arrays are model inputs (already normalised), uint8 arrays are raw pixels and are
+  normalised as images are;
+- JSON (``application/json``): a nested list of numbers, or ``{"inputs": [...]}``; model inputs.
+
+An array is one sample ``input_shape`` or a batch ``[B, *input_shape]`` with ``1 <= B <= max_batch``.
+"""
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+__all__ = ["InputError", "decode_body", "MAX_BODY_BYTES", "MAX_BATCH"]
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_BATCH = 256
+MAX_IMAGE_PIXELS = 4096 * 4096  # refuse decompression bombs before decoding
+
+
+class InputError(ValueError):
+    """A request that cannot be served: ``status`` (4xx) and a message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _kind(body: bytes, content_type: str) -> str:
+    ct = content_type.split(";")[0].strip().lower()
+    if ct.startswith("multipart/form-data"):
+        return "multipart"
+    if ct in ("image/png", "image/jpeg", "image/jpg") or body[:8] == b"\x89PNG\r\n\x1a\n" or body[:3] == b"\xff\xd8\xff":
+        return "image"
+    if ct in ("application/x-npy", "application/npy") or body[:6] == b"\x93NUMPY":
+        return "npy"
+    if ct == "application/json" or body.lstrip()[:1] in (b"[", b"{"):
+        return "json"
+    if ct.startswith("image/"):
+        return "image"
+    raise InputError(415, f"unsupported content type {ct or '(none)'!r}: send image/png, image/jpeg, "
+                          "application/x-npy or application/json")
+
+
+def _multipart_file(body: bytes, content_type: str) -> tuple[bytes, str]:
+    """The first file part of a ``multipart/form-data`` body (the standard library's MIME parser)."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not msg.is_multipart():
+        raise InputError(400, "malformed multipart/form-data body (no boundary or no parts)")
+    for part in msg.iter_parts():
+        data = part.get_payload(decode=True)
+        if data:
+            return data, part.get_content_type() if part.get("Content-Type") else ""
+    raise InputError(400, "the multipart/form-data body holds no file")
+
+
+def _image(body: bytes, manifest: dict) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = _image_shape(manifest)
+    try:
+        with Image.open(io.BytesIO(body)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise InputError(413, f"image of {im.width}x{im.height} pixels is too large "
+                                      f"(at most {MAX_IMAGE_PIXELS} pixels)")
+            im = im.convert("L" if c == 1 else "RGB")
+            if im.size != (w, h):
+                im = im.resize((w, h), Image.Resampling.BILINEAR)
+            px = np.asarray(im, dtype=np.uint8)
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise InputError(400, f"cannot decode the image: {e}") from None
+    px = px[None] if px.ndim == 2 else px.transpose(2, 0, 1)
+    return _normalise(px[None], manifest)
+
+
+def _image_shape(manifest: dict) -> tuple[int, int, int]:
+    shape = manifest["input_shape"]
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise InputError(415, f"this model takes inputs of shape {tuple(shape)}, not images; send an array")
+    return tuple(shape)
+
+
+def _normalise(px: np.ndarray, manifest: dict) -> np.ndarray:
+    """uint8 pixels [B, C, H, W] -> float32 ``(x/255 - mean)/std`` with the exported statistics,
+    computed as :class:`eenn.TensorLoader` computes it (``x * scale + shift``, the factors rounded
+    from float64), so that a served image gets bit for bit the input the evaluation gave it."""
+    c = px.shape[1]
+    pre = manifest.get("preprocess") or {"mean": [0.0] * c, "std": [1.0] * c}
+    mean = np.broadcast_to(np.asarray(pre["mean"], np.float64), (c,))
+    std = np.broadcast_to(np.asarray(pre["std"], np.float64), (c,))
+    shape = (1, c) + (1,) * (px.ndim - 2)
+    scale = (1.0 / (255.0 * std)).astype(np.float32).reshape(shape)
+    shift = (-mean / std).astype(np.float32).reshape(shape)
+    x = px.astype(np.float32) * scale
+    return x + shift
+
+
+def _npy(body: bytes) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(body), allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e).lower():  # object arrays need unpickling, which is refused
+            raise InputError(422, f"the .npy array cannot be read without unpickling ({e}); send a numeric array") from None
+        raise InputError(400, f"cannot read the .npy body: {e}") from None
+    except Exception as e:
+        raise InputError(400, f"cannot read the .npy body: {type(e).__name__}: {e}") from None
+
+
+def _json(body: bytes) -> np.ndarray:
+    try:
+        value: Any = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(400, f"the body is not valid JSON: {e}") from None
+    if isinstance(value, dict):
+        if "inputs" not in value:
+            raise InputError(422, 'a JSON object body needs an "inputs" field holding the array')
+        value = value["inputs"]
+    try:
+        a = np.asarray(value)
+    except ValueError as e:  # ragged nesting
+        raise InputError(422, f"the JSON array is ragged (rows of different lengths): {e}") from None
+    if a.dtype.kind not in "iuf":
+        raise InputError(422, f"the JSON array must hold numbers only, got {a.dtype.kind!r} values "
+                              "(strings, booleans, nulls or nested objects)")
+    return a.astype(np.float64)
+
+
+def decode_body(body: bytes, content_type: str, manifest: dict, *, max_bytes: int = MAX_BODY_BYTES,
+                max_batch: int = MAX_BATCH) -> np.ndarray:
+    """The float32 model inputs ``[B, *input_shape]`` carried by a request body; raises
+    :class:`InputError` with a 4xx status and the reason otherwise."""
+    if len(body) > max_bytes:
+        raise InputError(413, f"body of {len(body)} bytes is larger than the limit of {max_bytes} bytes")
+    if not body:
+        raise InputError(400, "empty body: send an image, a .npy array or a JSON array")
+    kind = _kind(body, content_type)
+    if kind == "multipart":
+        body, content_type = _multipart_file(body, content_type)
+        kind = _kind(body, content_type)
+        if kind == "multipart":
+            raise InputError(400, "nested multipart bodies are not accepted")
+    if kind == "image":
+        return _image(body, manifest)
+    a = _npy(body) if kind == "npy" else _json(body)
+    if a.dtype == np.uint8:
+        pixels = True
+    elif a.dtype.kind == "f":
+        pixels = False
+    else:
+        raise InputError(422, f"arrays of dtype {a.dtype} are not accepted: send float model inputs "
+                              "(float16/32/64, normalised) or uint8 pixels")
+    shape = tuple(manifest["input_shape"])
+    if a.shape == shape:
+        a = a[None]
+    if a.shape[1:] != shape or not 1 <= a.shape[0]:
+        raise InputError(422, f"wrong shape {tuple(a.shape)}: expected one sample {shape} or a batch "
+                              f"(B, {', '.join(map(str, shape))})")
+    if a.shape[0] > max_batch:
+        raise InputError(413, f"batch of {a.shape[0]} samples is larger than the limit of {max_batch}")
+    if pixels:
+        return _normalise(a, manifest)
+    with np.errstate(over="ignore"):
+        x = a.astype(np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        raise InputError(422, f"the input holds {int(bad.sum())} non-finite values (NaN, infinity, or beyond "
+                              "float32's range); send finite numbers")
+    return x

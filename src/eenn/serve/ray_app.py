@@ -1,0 +1,162 @@
+"""The tiers as Ray Serve deployments: ingress (HTTP) -> tier 1 -> tier 2 -> ... .
+
+Each tier is a deployment holding its segments' ONNX graphs (shipped in memory, so tiers on other
+machines need no shared disk) and a handle to the next tier, which it calls only for the samples
+that no exit of its own took, with their features as one binary message. A tier waits for the
+next at most ``timeout_s`` per tier still ahead, then answers the carried samples itself with its
+deepest exit (``degraded``); Ray Serve restarts a dead replica on its own, and answers are whole
+again once it is back. ``ray_actor_options`` per tier pin tiers to machines (custom resources).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+from starlette.requests import Request
+
+from ..export import load_manifest, read_segments
+from .app import Front
+from .plan import TierPlan, TierSpec
+from .tiers import Tier
+
+__all__ = ["TierDeployment", "Ingress", "build_app", "start", "serve_plan", "free_port", "APP_NAME"]
+
+APP_NAME = "eenn"
+
+
+async def _within(response, timeout: float):
+    """Await a deployment response, cancelling it after ``timeout`` seconds."""
+    async def wait():
+        return await response
+
+    try:
+        return await asyncio.wait_for(wait(), timeout)
+    except asyncio.TimeoutError:
+        response.cancel()
+        raise TimeoutError(f"no answer within {timeout:g} s") from None
+
+
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=2, health_check_timeout_s=10,
+                  graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)
+class TierDeployment:
+    def __init__(self, manifest: dict, spec: dict, models: dict[int, bytes], next_tier, settings: dict) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        self.tier = Tier(manifest, TierSpec(**spec), float16=settings["float16"], threads=settings["threads"],
+                         models=models)
+        self.next, self.next_name, self.timeout = next_tier, settings.get("next_name"), settings["timeout_s"]
+
+    async def __call__(self, message: bytes) -> dict:
+        reply, carry = self.tier.begin(message)
+        if carry is None:
+            return reply
+        out, enc = self.tier.handoff(carry)
+        t0 = time.perf_counter()
+        try:
+            down = await _within(self.next.remote(out), self.timeout)
+        except Exception as e:  # dead replica, timeout, error downstream: answer with what we have
+            self.tier.fail(reply, carry, self.next_name, e)
+            return reply
+        self.tier.join(reply, down, time.perf_counter() - t0, enc, len(out))
+        return reply
+
+    def ping(self) -> str:
+        return self.tier.name
+
+    async def probe(self, n: int = 50) -> float | None:
+        """Median round trip (seconds) of an empty call from this tier to the next: the
+        measured loopback link cost that planning can use. None for the last tier."""
+        if self.next is None:
+            return None
+        times = []
+        for _ in range(n + 5):
+            t0 = time.perf_counter()
+            await self.next.ping.remote()
+            times.append(time.perf_counter() - t0)
+        times = sorted(times[5:])
+        return times[len(times) // 2]
+
+
+@serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)
+class Ingress:
+    def __init__(self, manifest: dict, plan: TierPlan, first_tier) -> None:
+        timeout = plan.timeout_s * len(plan.tiers) + 1.0  # the tiers' own timeouts fire first
+
+        async def call(message: bytes) -> dict:
+            return await _within(first_tier.remote(message), timeout)
+
+        self.front = Front(manifest, plan, call, mode="ray")
+
+    async def __call__(self, request: Request):
+        return await self.front.handle(request)
+
+
+def build_app(plan: TierPlan):
+    """The Ray Serve application of ``plan`` (not yet running)."""
+    manifest = load_manifest(plan.model)
+    clean = {k: v for k, v in manifest.items() if k != "_dir"}
+    nxt, n = None, len(plan.tiers)
+    for i in range(n - 1, -1, -1):
+        spec = plan.tiers[i]
+        settings = {"float16": plan.float16, "threads": plan.threads, "timeout_s": plan.timeout_s * (n - 1 - i),
+                    "next_name": plan.tiers[i + 1].name if i + 1 < n else None}
+        options = {"num_cpus": 0, **spec.ray_actor_options}
+        nxt = TierDeployment.options(name=f"tier-{spec.name}", ray_actor_options=options).bind(
+            clean, asdict(spec), read_segments(manifest, (spec.start, spec.stop)), nxt, settings)
+    return Ingress.options(name="ingress", ray_actor_options={"num_cpus": 0}).bind(clean, plan, nxt)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start(plan: TierPlan, address: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+          num_cpus: int = 2) -> str:
+    """Deploy ``plan`` and return its URL: on an embedded Ray started here (``address=None``;
+    ``num_cpus`` caps it) or on the Ray cluster at ``address`` (``"ray://head:10001"`` or
+    ``"auto"``), where eenn's code travels along as a runtime-env module."""
+    pkg = Path(__file__).resolve().parents[1]  # .../eenn
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if not ray.is_initialized():
+        if address is None:
+            # Workers import this very eenn (a checkout may differ from an installed one).
+            path = os.pathsep.join(p for p in (str(pkg.parent), os.environ.get("PYTHONPATH")) if p)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning",
+                     object_store_memory=128 * 1024 ** 2, runtime_env={"env_vars": {**env, "PYTHONPATH": path}})
+        else:
+            ray.init(address=address, logging_level="warning",
+                     runtime_env={"py_modules": [str(pkg)], "env_vars": env})
+    quiet = {"log_level": "WARNING", "enable_access_log": False}
+    serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
+    serve.run(build_app(plan), name=APP_NAME, route_prefix="/", blocking=False, logging_config=quiet)
+    return f"http://{host}:{port}"
+
+
+def stop(shutdown_ray: bool = True) -> None:
+    serve.shutdown()
+    if shutdown_ray:
+        ray.shutdown()
+
+
+def serve_plan(plan: TierPlan, address: str | None = None, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Deploy and serve until interrupted."""
+    url = start(plan, address, host=host, port=port)
+    print(f"eenn: serving {len(plan.tiers)} tiers on Ray Serve at {url} (POST /predict, GET /health); "
+          "Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(shutdown_ray=address is None)

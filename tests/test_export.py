@@ -1,0 +1,183 @@
+"""Staged ONNX export: the onnxruntime runner answers as the PyTorch dynamic engine does, sample for
+sample, for every policy, fallback and head kind; tuple states of fx-cut models cross the cuts as
+several named tensors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import eenn
+from eenn.engine import DynamicEngine
+from eenn.evaluate import CachedOutputs
+from eenn.export import EXPORT_TOLERANCE, ExportError, StagedRunner, export, load_manifest
+from eenn.objectives.ztw import GeometricEnsemble
+from eenn.policies import policy_scores
+
+
+def _net(head="linear", **opts):
+    torch.manual_seed(0)
+    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 3, 5],
+                              head=head, width=0.5, **opts)
+    with torch.no_grad():  # spread the BatchNorm statistics so that exits disagree
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def _midpoint_thresholds(net, x, policy, **opts):
+    """Per-exit thresholds halfway between two neighbouring sample scores near the median, so
+    that no score sits on a threshold (where a 1e-6 difference between ONNX and PyTorch could
+    legitimately flip a decision)."""
+    out = net(x)
+    s = policy_scores(policy, CachedOutputs(out.logits, out.gates, torch.zeros(len(x), dtype=torch.long)), **opts)
+    if policy == "patience":
+        return torch.tensor([0.5, 0.5, 1.5])
+    srt = s.score[:-1].sort(1).values
+    mid = srt.shape[1] // 2
+    return (srt[:, mid - 1] + srt[:, mid]) / 2
+
+
+def _assert_same(res, eng):
+    assert np.array_equal(res["exit"], eng.exit.numpy())
+    assert np.array_equal(res["depth"], eng.depth.numpy())
+    assert np.array_equal(res["prediction"], eng.prediction.numpy())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One export per head kind, reused by the policy cases (the runner overrides the policy)."""
+    out = {}
+    for head, opts in [("linear", {}), ("branching", {}), ("sdn", {"head_options": {"cascade": True}})]:
+        net = _net(head, **opts)
+        d = tmp_path_factory.mktemp(head)
+        export(net, d, policy="max_prob", thresholds=0.5)
+        out[head] = (net, d)
+    return out
+
+
+CASES = [
+    ("max_prob", "linear"), ("entropy", "linear"), ("margin", "linear"), ("patience", "linear"),
+    ("gate", "branching"), ("cumulative", "branching"), ("max_prob", "sdn"), ("entropy", "sdn"),
+]
+
+
+@pytest.mark.parametrize("fallback", ["final", "most_confident"])
+@pytest.mark.parametrize("policy, head", CASES)
+def test_runner_equals_engine(exported, policy, head, fallback):
+    net, d = exported[head]
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        th = _midpoint_thresholds(net, x, policy)
+    eng = DynamicEngine(net, policy, th, fallback=fallback)(x)
+    res = StagedRunner(d, policy=policy, thresholds=th, fallback=fallback)(x.numpy())
+    _assert_same(res, eng)
+    if policy != "patience":
+        assert 0 < (res["depth"] < 3).sum() < 64  # the case exercises compaction
+    # the probabilities are the answering exit's softmax
+    with torch.no_grad():
+        p = F.softmax(net(x).logits, -1)[torch.as_tensor(res["exit"]), torch.arange(64)]
+    assert np.allclose(res["probs"], p.numpy(), atol=1e-5)
+    assert not res["degraded"].any()
+
+
+def test_manifest_and_logit_agreement(exported):
+    net, d = exported["linear"]
+    m = load_manifest(d)
+    assert m["num_exits"] == 4 and m["num_classes"] == 10 and m["input_shape"] == [1, 8, 8]
+    assert m["policy"] == {"name": "max_prob", "thresholds": [0.5] * 3, "fallback": "final", "options": {}}
+    assert sum(s["macs"] for s in m["segments"]) == net.cost().dynamic_macs[-1]
+    assert [s["cumulative_macs"] for s in m["segments"]] == list(net.cost().dynamic_macs)
+    assert m["check"]["max_abs_logit_diff"] <= EXPORT_TOLERANCE
+    assert m["segments"][1]["inputs"][0]["shape"] == [None, *net.backbone.stage_info[1].shape]
+    # every exit's logits from the chained graphs match PyTorch (nobody exits: threshold above 1)
+    x = torch.randn(16, 1, 8, 8)
+    r = StagedRunner(d, thresholds=2.0)
+    _, carry = r.advance(r.start(x.numpy()), stop=3)
+    with torch.no_grad():
+        ref = net(x).logits[:3]
+    assert np.abs(carry.logits - ref.numpy()).max() <= EXPORT_TOLERANCE
+    json.dumps({k: v for k, v in m.items()})  # plain JSON throughout
+
+
+def test_ensemble_weights_are_exported_and_geometric_ensemble_refused(tmp_path):
+    net = _net()
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        th = _midpoint_thresholds(net, x, "ensemble", weights=w)
+    export(net, tmp_path / "ens", policy="ensemble", thresholds=th, policy_options={"weights": w})
+    eng = DynamicEngine(net, "ensemble", th, weights=w)(x)
+    _assert_same(StagedRunner(tmp_path / "ens")(x.numpy()), eng)
+    with pytest.raises(ExportError, match="GeometricEnsemble"):
+        export(net, tmp_path / "ztw", policy="ensemble", policy_options={"ensemble": GeometricEnsemble(4, 10)})
+    with pytest.raises(ExportError, match="gated"):
+        export(net, tmp_path / "gate", policy="gate")
+
+
+class Skip2(nn.Module):
+    """A residual input that lives across two cuts: the middle segment hands it on unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        s = self.stem(x)
+        a = torch.relu(self.a(s))
+        b = torch.relu(self.b(a))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(b + s, 1), 1))
+
+
+def test_traced_model_hands_on_tuples(tmp_path):
+    torch.manual_seed(0)
+    net = eenn.attach_exits(Skip2(), at=["relu", "relu_1"], input_shape=(3, 8, 8)).eval()
+    m = export(net, tmp_path, policy="max_prob", thresholds=0.5)
+    assert [s["num_state_outputs"] for s in m["segments"]] == [2, 2, 0]
+    assert [i["name"] for i in m["segments"][1]["inputs"]] == ["state_in_0", "state_in_1"]
+    assert m["segments"][0]["handoff_bytes_per_sample"] == 2 * 8 * 8 * 8 * 4
+    x = torch.randn(48, 3, 8, 8)
+    with torch.no_grad():
+        th = _midpoint_thresholds(net, x, "max_prob")
+    _assert_same(StagedRunner(tmp_path, thresholds=th)(x.numpy()), DynamicEngine(net, "max_prob", th)(x))
+
+
+def test_tiers_chain_and_degrade(exported):
+    net, d = exported["linear"]
+    x = torch.randn(32, 1, 8, 8)
+    whole = StagedRunner(d)(x.numpy())
+    device, cloud = StagedRunner(d, segments=(0, 2)), StagedRunner(d, segments=(2, 4))
+    ans, carry = device.advance(device.start(x.numpy()))
+    rest, none = cloud.advance(carry)
+    assert none is None
+    ans.extend(rest)
+    split = ans.ordered(32)
+    for key in ("prediction", "exit", "depth"):
+        assert np.array_equal(split[key], whole[key])
+    # the cloud is gone: the carried samples are answered by exit 1, flagged
+    ans, carry = device.advance(device.start(x.numpy()))
+    ans.extend(device.degrade(carry))
+    out = ans.ordered(32)
+    assert (out["exit"][out["degraded"]] == 1).all() and out["degraded"].sum() == len(carry.index) > 0
+    with pytest.raises(ExportError, match="starts at segment 2"):
+        cloud.advance(device.start(x.numpy()))
+
+
+def test_corrupted_segment_is_refused(exported, tmp_path):
+    import shutil
+
+    _, d = exported["linear"]
+    shutil.copytree(d, tmp_path / "copy")
+    with open(tmp_path / "copy" / "segment_2.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\0\0\0\0")
+    with pytest.raises(ExportError, match="checksum"):
+        StagedRunner(tmp_path / "copy")
+    StagedRunner(tmp_path / "copy", segments=(0, 2))  # a tier that does not hold it still loads

@@ -1,0 +1,239 @@
+"""Split serving in-process, over real loopback HTTP: answers equal the dynamic engine's, bad
+input gets a clear 4xx and the server keeps serving, a failing tier degrades to the deepest exit
+computed, and the planner picks the split the cost model says is fastest."""
+import io
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import eenn
+from eenn.engine import DynamicEngine
+from eenn.export import export, load_manifest
+from eenn.serve import LinkSpec, LocalServer, TierPlan, TierSpeed, decode, encode, expected_latency, plan_splits
+from eenn.serve.inputs import decode_body
+
+MEAN, STD = (0.3,), (0.25,)
+TH = [0.35, 0.45, 0.55]
+
+
+def _net():
+    torch.manual_seed(0)
+    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 3, 5], width=0.5)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    net = _net()
+    d = tmp_path_factory.mktemp("export")
+    val = {"depth_distribution": [0.5, 0.2, 0.2, 0.1], "exit_distribution": [0.5, 0.2, 0.2, 0.1]}
+    export(net, d, policy="max_prob", thresholds=TH, mean=MEAN, std=STD, validation=val)
+    return net, d
+
+
+def _plan(d, **kw):
+    return TierPlan.from_dict({"model": str(d), "tiers": [{"name": "device", "segments": "0-1"},
+                                                          {"name": "edge", "segments": 2},
+                                                          {"name": "cloud", "segments": "rest"}], **kw})
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    srv = LocalServer(_plan(model[1], max_body_bytes=200_000, timeout_s=2))
+    url = srv.start()
+    yield srv, url
+    srv.stop()
+
+
+def post(url, body, content_type, path="/predict"):
+    req = urllib.request.Request(url + path, data=body, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _npy(a):
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_served_answers_equal_the_engine(model, server):
+    net, _ = model
+    _, url = server
+    x = torch.randn(40, 1, 8, 8)
+    eng = DynamicEngine(net, "max_prob", TH)(x)
+    assert 0 < (eng.exit < 3).sum() < 40 and len(set(eng.exit.tolist())) >= 3  # several tiers answer
+    status, out = post(url, _npy(x.numpy()), "application/x-npy")
+    assert status == 200, out
+    rows = out["predictions"]
+    assert [r["class"] for r in rows] == eng.prediction.tolist()
+    assert [r["exit"] for r in rows] == eng.exit.tolist()
+    tier_of = {0: "device", 1: "device", 2: "edge", 3: "cloud"}
+    assert [r["tier"] for r in rows] == [tier_of[e] for e in eng.exit.tolist()]
+    assert not any(r["degraded"] for r in rows) and out["errors"] == []
+    assert set(out["time_s"]) == {"device", "edge", "cloud"}
+    assert [(h["from"], h["to"]) for h in out["hops"]] == [("device", "edge"), ("edge", "cloud")]
+    assert out["hops"][0]["bytes"] > out["hops"][1]["bytes"] > 0  # fewer samples go on to the cloud
+    # one sample at a time, as JSON: the same answers (the batch make-up changes nothing)
+    for i in range(0, 40, 9):
+        status, one = post(url, json.dumps(x[i].tolist()).encode(), "application/json")
+        assert status == 200 and one["class"] == eng.prediction[i] and one["exit"] == eng.exit[i]
+        assert abs(sum(one["probabilities"]) - 1) < 1e-4
+
+
+def test_images_are_normalised_as_the_evaluation_loader_does(model, server):
+    from PIL import Image
+
+    net, _ = model
+    _, url = server
+    px = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(px, "L").save(buf, format="PNG")
+    ds = eenn.data.TensorDataset(torch.from_numpy(px)[None, None], torch.zeros(1, dtype=torch.long))
+    x = next(iter(eenn.TensorLoader(ds, 1, mean=MEAN, std=STD)))[0]
+    assert np.array_equal(decode_body(buf.getvalue(), "image/png", load_manifest(model[1])), x.numpy())
+    eng = DynamicEngine(net, "max_prob", TH)(x)
+    for body, ct in [(buf.getvalue(), "image/png"), (buf.getvalue(), ""), (_npy(px[None]), "application/x-npy")]:
+        status, out = post(url, body, ct)
+        assert status == 200 and out["class"] == eng.prediction[0] and out["exit"] == eng.exit[0], out
+    # a multipart upload (curl -F file=@digit.png) and a JPEG of another size are accepted too
+    boundary = "XyZ"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + buf.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+    status, out = post(url, body, f"multipart/form-data; boundary={boundary}")
+    assert status == 200 and out["class"] == eng.prediction[0]
+    jpg = io.BytesIO()
+    Image.fromarray(np.repeat(np.repeat(px, 4, 0), 4, 1)).convert("RGB").save(jpg, format="JPEG")
+    assert post(url, jpg.getvalue(), "image/jpeg")[0] == 200
+
+
+BAD = [
+    (b"\x89PNG\r\n\x1a\nnot really", "image/png", 400, "cannot decode the image"),
+    (b"", "application/json", 400, "empty body"),
+    (b"{not json", "application/json", 400, "not valid JSON"),
+    (json.dumps([[1.0, 2.0]]).encode(), "application/json", 422, "wrong shape"),
+    (json.dumps([["a"] * 8] * 8).encode(), "application/json", 422, "numbers only"),
+    (json.dumps({"x": 1}).encode(), "application/json", 422, '"inputs"'),
+    (b"hello", "text/plain", 415, "unsupported content type"),
+]
+
+
+@pytest.mark.parametrize("body, ct, status, message", BAD, ids=[b[3] for b in BAD])
+def test_bad_input_gets_a_clear_4xx(server, body, ct, status, message):
+    _, url = server
+    got, out = post(url, body, ct)
+    assert got == status and message in out["error"], out
+
+
+def test_bad_arrays_and_limits(server):
+    srv, url = server
+    nan = np.zeros((1, 8, 8), np.float32)
+    nan[0, 2, 3] = np.nan
+    cases = [
+        (_npy(nan), 422, "non-finite"),
+        (_npy(np.full((1, 8, 8), np.inf)), 422, "non-finite"),
+        (_npy(np.full((1, 8, 8), 1e300)), 422, "non-finite"),  # beyond float32
+        (_npy(np.zeros((1, 8, 8), np.int64)), 422, "dtype int64"),
+        (_npy(np.zeros((3, 8, 8), np.float32)), 422, "wrong shape"),
+        (_npy(np.zeros((1, 8, 8), np.complex64)), 422, "dtype complex64"),
+        (_npy(np.array([{"a": 1}], dtype=object)), 422, "unpickling"),
+        (b"\x93NUMPY garbage", 400, ".npy"),
+        (_npy(np.zeros((1000, 1, 8, 8), np.float32)), 413, "larger than the limit"),  # 256 KB > 200 KB
+    ]
+    for body, status, message in cases:
+        got, out = post(url, body, "application/x-npy")
+        assert got == status and message in out["error"], (message, out)
+    assert post(url, _npy(np.zeros((300, 1, 8, 8), np.float16)), "application/x-npy")[0] == 413  # batch > 256
+    req = urllib.request.Request(url + "/predict")  # GET on /predict
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 405
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:  # still serving
+        h = json.loads(r.read())
+    assert h["status"] == "ok" and [t["name"] for t in h["tiers"]] == ["device", "edge", "cloud"]
+    assert post(url, _npy(np.zeros((1, 8, 8), np.float32)), "application/x-npy")[0] == 200
+
+
+def test_a_failing_tier_degrades_to_the_deepest_exit(model, server, monkeypatch):
+    net, _ = model
+    srv, url = server
+    cloud = srv.front.pipeline.tiers[2]
+
+    def broken(message):
+        raise ConnectionError("cloud is down")
+
+    monkeypatch.setattr(cloud, "begin", broken)
+    x = torch.randn(40, 1, 8, 8)
+    eng = DynamicEngine(net, "max_prob", TH)(x)
+    status, out = post(url, _npy(x.numpy()), "application/x-npy")
+    assert status == 200
+    rows = out["predictions"]
+    late = eng.exit == 3
+    assert late.any()
+    for r, e, p in zip(rows, eng.exit.tolist(), eng.prediction.tolist()):
+        if e < 3:  # answered before the cloud: unchanged
+            assert (r["exit"], r["class"], r["degraded"]) == (e, p, False)
+        else:  # the edge's exit 2 answers, flagged
+            assert (r["exit"], r["tier"], r["degraded"]) == (2, "edge", True)
+    assert "cloud is down" in out["errors"][0]
+
+
+def test_float16_handoff_halves_the_feature_bytes(model):
+    from eenn.serve.plan import handoff_bytes
+
+    m = load_manifest(model[1])
+    full, half = handoff_bytes(m, 1), handoff_bytes(m, 1, float16=True)
+    feat = m["segments"][0]["handoff_bytes_per_sample"]
+    assert full - half == feat // 2
+    a = {"state_0": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32), "index": np.arange(3)}
+    back, meta = decode(encode(a, {"k": 1}, float16=True, half=["state_0"]))
+    assert meta == {"k": 1} and back["state_0"].dtype == np.float32 and back["index"].dtype == np.int64
+    assert np.abs(back["state_0"] - a["state_0"]).max() < 1e-2 and np.array_equal(back["index"], a["index"])
+
+
+def test_plan_parsing_errors(model):
+    _, d = model
+    with pytest.raises(ValueError, match="consecutive"):
+        TierPlan.from_dict({"model": str(d), "tiers": [{"name": "a", "segments": "0-1"}, {"name": "b", "segments": 3}]})
+    with pytest.raises(ValueError, match="rest"):
+        TierPlan.from_dict({"model": str(d), "tiers": [{"name": "a", "segments": "0-1"}]})
+    p = _plan(d)
+    assert [(t.start, t.stop) for t in p.tiers] == [(0, 2), (2, 3), (3, 4)]
+
+
+def test_planner_minimises_expected_latency(model):
+    m = load_manifest(model[1])
+    E = m["num_exits"]
+    fast_net = [LinkSpec(1e9, 1e-5), LinkSpec(1e9, 1e-5)]
+    # a slow device and fast links: everything goes to the cloud
+    speeds = [TierSpeed("device", 1e3), TierSpeed("edge", 1e6), TierSpeed("cloud", 1e9)]
+    r = plan_splits(m, speeds, fast_net)
+    assert r.bounds == [(0, 0), (0, 0), (0, E)]
+    # equal tiers: no reason to pay a hop, everything stays on the device
+    same = [TierSpeed(n, 1e7) for n in ("device", "edge", "cloud")]
+    assert plan_splits(m, same, fast_net).bounds == [(0, E), (E, E), (E, E)]
+    # the chosen split is the minimum over every split (brute force agrees)
+    slow = [LinkSpec(1e5, 0.002), LinkSpec(1e6, 0.02)]
+    r = plan_splits(m, [TierSpeed("device", 2e6), TierSpeed("edge", 2e7), TierSpeed("cloud", 1e9)], slow)
+    depth = m["validation"]["depth_distribution"]
+    for a in range(E + 1):
+        for b in range(a, E + 1):
+            t, _ = expected_latency(m, [(0, a), (a, b), (b, E)], [TierSpeed("device", 2e6), TierSpeed("edge", 2e7),
+                                                                  TierSpeed("cloud", 1e9)], slow, depth)
+            assert r.predicted_s <= t + 1e-12
+    assert abs(r.predicted_s - sum(p * t for p, t in zip(depth, r.per_depth_s))) < 1e-12
+    plan = TierPlan.from_dict(r.to_plan(str(model[1]), ["device", "edge", "cloud"]))
+    assert plan.tiers[0].start == 0 and plan.tiers[-1].stop == E

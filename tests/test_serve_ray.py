@@ -1,0 +1,140 @@
+"""The split deployment on Ray Serve, on loopback: the same answers as the dynamic engine, clear
+4xx for bad input, and when a tier's replica is killed mid-stream every request still gets an
+answer (degraded to the deepest exit computed while the replica is down), then whole answers
+again once Ray Serve has replaced it.
+
+One embedded Ray (2 CPUs) for the module: start-up is about 20 s of the test's time. Set
+EENN_SKIP_RAY=1 to skip, only where Ray cannot start at all.
+"""
+import io
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import eenn
+from eenn.engine import DynamicEngine
+from eenn.export import export
+
+pytestmark = [pytest.mark.skipif(os.environ.get("EENN_SKIP_RAY") == "1", reason="EENN_SKIP_RAY=1"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # Ray's own pydantic notices
+
+TH = [0.35, 0.45, 0.55]
+
+
+def _net():
+    torch.manual_seed(0)
+    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 3, 5], width=0.5)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def ray_server(tmp_path_factory):
+    from eenn.serve import TierPlan
+    from eenn.serve import ray_app
+
+    net = _net()
+    d = tmp_path_factory.mktemp("export")
+    export(net, d, policy="max_prob", thresholds=TH)
+    plan = TierPlan.from_dict({"model": str(d), "timeout_s": 1.0, "max_body_bytes": 100_000,
+                               "tiers": [{"name": "device", "segments": "0-1"}, {"name": "cloud", "segments": "rest"}]})
+    url = ray_app.start(plan, port=ray_app.free_port())
+    yield net, url
+    ray_app.stop()
+
+
+def post(url, body, content_type="application/x-npy"):
+    req = urllib.request.Request(url + "/predict", data=body, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _npy(a):
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_ray_answers_equal_engine_and_bad_input_is_refused(ray_server):
+    net, url = ray_server
+    x = torch.randn(32, 1, 8, 8)
+    eng = DynamicEngine(net, "max_prob", TH)(x)
+    status, out = post(url, _npy(x.numpy()))
+    assert status == 200, out
+    rows = out["predictions"]
+    assert [r["class"] for r in rows] == eng.prediction.tolist()
+    assert [r["exit"] for r in rows] == eng.exit.tolist()
+    assert [r["tier"] for r in rows] == ["device" if e < 2 else "cloud" for e in eng.exit.tolist()]
+    assert out["hops"][0]["from"] == "device" and out["hops"][0]["bytes"] > 0
+    nan = np.zeros((1, 8, 8), np.float32)
+    nan[0, 0, 0] = np.nan
+    for body, ct, code in [(_npy(nan), "application/x-npy", 422), (b"[[1, 2]]", "application/json", 422),
+                           (b"\x89PNG\r\n\x1a\nbroken", "image/png", 400),
+                           (_npy(np.zeros((600, 1, 8, 8), np.float32)), "application/x-npy", 413),
+                           (_npy(np.zeros((1, 8, 8), np.int64)), "application/x-npy", 422)]:
+        got, err = post(url, body, ct)
+        assert got == code and err["error"], err
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        assert json.loads(r.read())["mode"] == "ray"
+
+
+def test_killed_tier_replica_degrades_then_recovers(ray_server):
+    import ray
+
+    net, url = ray_server
+    x = torch.randn(8, 1, 8, 8)
+    eng = DynamicEngine(net, "max_prob", TH)(x)
+    bodies = [_npy(x[i].numpy()) for i in range(8)]
+    results, stop = [], threading.Event()
+
+    def load():
+        i = 0
+        while not stop.is_set() and i < 400:
+            t0 = time.perf_counter()
+            status, out = post(url, bodies[i % 8])
+            results.append((i % 8, status, out, time.perf_counter() - t0))
+            i += 1
+            time.sleep(0.02)
+
+    th = threading.Thread(target=load)
+    th.start()
+    time.sleep(0.5)
+    victim = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "#tier-cloud#" in a["name"])
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    killed_at = len(results)
+    # keep the stream going until whole answers from the cloud come back (bounded)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        recent = results[killed_at:]
+        if any(r[2].get("degraded") for r in recent) and any(r[2].get("tier") == "cloud" and not r[2]["degraded"]
+                                                             for r in recent[-5:]):
+            break
+    stop.set()
+    th.join(timeout=60)
+    assert not th.is_alive()
+    assert all(status == 200 for _, status, _, _ in results), [r for r in results if r[1] != 200][:3]
+    assert max(r[3] for r in results) < 10  # nobody hung: the tier timeout is 1 s
+    degraded = [r for r in results if r[2]["degraded"]]
+    assert degraded, "no request was sent while the cloud replica was down"
+    for i, _, out, _ in results:
+        if out["degraded"]:  # the device's deepest exit answered
+            assert out["exit"] == 1 and out["tier"] == "device" and "cloud" in out["errors"][0]
+        else:
+            assert (out["class"], out["exit"]) == (eng.prediction[i], eng.exit[i])
+    assert results[-1][2]["degraded"] is False  # Ray Serve brought the replica back
