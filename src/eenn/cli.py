@@ -10,6 +10,7 @@ import typing
 
 EPILOG_TRAIN = """examples:
   eenn train --dataset fashion_mnist --backbone resnet20 --exits linear:3 --objective joint --epochs 10 --out runs/r20
+  eenn train --config configs/fmnist_resnet20.yaml --set train.epochs=3 --set model.backbone_options.width=0.5
   eenn train --dataset digits --objective joint -O weights=sdn --lr 0.1 --out runs/sdn
   eenn train --dataset fashion_mnist --objective heads_only -O checkpoint=runs/final/best.safetensors --out runs/ic
   torchrun --nproc_per_node=2 -m eenn train --dataset fashion_mnist --out runs/ddp   # DistributedDataParallel
@@ -22,16 +23,6 @@ def _value(text: str):
         return json.loads(text)
     except json.JSONDecodeError:
         return text
-
-
-def _options(pairs: list[str] | None, flag: str) -> dict:
-    out = {}
-    for pair in pairs or []:
-        key, sep, val = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{flag} takes KEY=VALUE, got {pair!r}")
-        out[key] = _value(val)
-    return out
 
 
 def _exits(text: str):
@@ -52,22 +43,169 @@ def _add_train_config(p: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
         if base is bool:
-            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+            g.add_argument(flag, dest=f"train.{f.name}", action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=f"default: {f.default}")
         else:
-            g.add_argument(flag, dest=f.name, type=base, default=f.default, metavar=f.name.upper(),
-                           help=f"default: {f.default}")
+            g.add_argument(flag, dest=f"train.{f.name}", type=base, default=argparse.SUPPRESS,
+                           metavar=f.name.upper(), help=f"default: {f.default}")
+
+
+EPILOG_EVALUATE = """examples:
+  eenn evaluate runs/r20                                # best checkpoint, the run's data and eval settings
+  eenn evaluate runs/r20 --policy entropy --max-drop 0.005 --out runs/r20/entropy
+  eenn evaluate runs/r20/best.safetensors --dataset fashion_mnist --batch-sizes 1,256 --repeats 7
+
+Writes report.json, report.md, curve.png and exits.png to --out (default: the run directory).
+"""
+
+EPILOG_CALIBRATE = """examples:
+  eenn calibrate runs/r20 --policy max_prob --max-drop 0.01
+  eenn calibrate runs/r20 --policy entropy --budget 2e6
+  eenn calibrate runs/r20 --max-drop 0.01 --alpha 0.05     # guarded: holds with 95% confidence
+
+Fits per-exit thresholds on the validation split, reports the goal on the test split and writes
+calibration.json (which `eenn predict` and `eenn export --calibration` read).
+"""
+
+EPILOG_PREDICT = """examples:
+  eenn predict runs/r20 shirt.png boot.jpg
+  eenn predict runs/r20 batch.npy --json
+
+Inputs: PNG/JPEG images (converted to the model's channels and size), .npy arrays (uint8 pixels,
+or float inputs already normalised; one sample or a batch), .json nested lists. Thresholds come
+from --calibration, else <run>/calibration.json, else the run's report.json.
+"""
+
+EPILOG_COMPARE = """examples:
+  eenn compare --config configs/fmnist_resnet18.yaml
+  eenn compare --config configs/fmnist_resnet18.yaml --methods Baseline,B-NET --set train.epochs=1 --out runs/quick
+
+Each method trains into <out>/<method> (resuming when re-run; finished runs are reused), then
+compare.md (Table 1, Table 2, pruning), compare.json and curves.png go to <out>.
+"""
+
+
+def _kv(flag: str):
+    def parse(text: str):
+        key, sep, val = text.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"{flag} takes KEY=VALUE, got {text!r}")
+        return key, _value(val)
+    return parse
+
+
+def _add_run_flags(p: argparse.ArgumentParser, *, model: bool = True, train: bool = True) -> None:
+    """The flags that set keys of a RunConfig; given flags override the --config file."""
+    S = argparse.SUPPRESS
+    p.add_argument("--config", help="YAML run config (sections data, model, objective, train, eval)")
+    p.add_argument("-s", "--set", action="append", dest="overrides", metavar="KEY=VALUE", default=[],
+                   help="override any config key, e.g. train.epochs=3 or model.backbone_options={width: 0.5}")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", dest="data.name", default=S, help="registered data set (eenn list datasets)")
+    g.add_argument("--data-dir", dest="data.data_dir", default=S)
+    g.add_argument("--download", dest="data.download", action=argparse.BooleanOptionalAction, default=S)
+    g.add_argument("--val-fraction", dest="data.val_fraction", type=float, default=S)
+    g.add_argument("--limit", dest="data.limit", type=int, default=S, help="cap every split at this many samples")
+    if model:
+        g = p.add_argument_group("model and objective")
+        g.add_argument("--backbone", dest="model.backbone", default=S)
+        g.add_argument("-B", "--backbone-option", dest="model.backbone_options", action="append", type=_kv("-B"),
+                       metavar="KEY=VALUE", default=S, help="e.g. width=0.5")
+        g.add_argument("--exits", dest="model.exits", type=_exits, default=S,
+                       help="'all', 'none', stage indices '1,3', or a distribution 'linear:3'")
+        g.add_argument("--head", dest="model.head", default=S)
+        g.add_argument("-H", "--head-option", dest="model.head_options", action="append", type=_kv("-H"),
+                       metavar="KEY=VALUE", default=S, help="e.g. width=64")
+        g.add_argument("--objective", dest="objective.name", default=S)
+        g.add_argument("-O", "--objective-option", dest="objective.options", action="append", type=_kv("-O"),
+                       metavar="KEY=VALUE", default=S, help="e.g. weights=sdn")
+    _add_eval_flags(p)
+    if train:
+        _add_train_config(p)
+    else:
+        p.add_argument("--device", dest="train.device", default=S, help="cpu, cuda, cuda:1")
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("exit policy and report")
+    g.add_argument("--policy", dest="eval.policy", default=S, help="exit rule (eenn list policies)")
+    goal = g.add_mutually_exclusive_group()
+    goal.add_argument("--max-drop", dest="goal.max_drop", type=float, default=S,
+                      help="goal: the largest saving within this accuracy drop (0.01 = 1 point)")
+    goal.add_argument("--budget", dest="goal.budget", type=float, default=S, help="goal: the best accuracy within these MACs per sample")
+    goal.add_argument("--msdnet-q", dest="goal.msdnet_q", type=float, default=S, help="goal: MSDNet's exit distribution p_k ~ q^k")
+    g.add_argument("--alpha", dest="goal.alpha", type=float, default=S, help="with --max-drop: guarantee it with confidence 1-alpha")
+    g.add_argument("--fallback", dest="eval.fallback", choices=("final", "most_confident"), default=S)
+    g.add_argument("--split", dest="eval.split", choices=("val", "test", "train"), default=S)
+    g.add_argument("--batch-sizes", dest="eval.batch_sizes", type=_ints, default=S, help="timed batch sizes, e.g. 1,256 ('' skips timing)")
+    g.add_argument("--timing-samples", dest="eval.timing_samples", type=_ints, default=S, help="samples timed per batch size, e.g. 256,2048")
+    g.add_argument("--repeats", dest="eval.repeats", type=int, default=S)
+    g.add_argument("--curve-points", dest="eval.curve_points", type=int, default=S)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _flag_values(args) -> dict:
+    """The dotted-key flags the user gave, as nested dicts ready to merge over a config."""
+    out: dict = {}
+    goal = {}
+    for dest, value in vars(args).items():
+        if dest.startswith("goal."):
+            goal[dest[5:]] = value
+            continue
+        if "." not in dest:
+            continue
+        if isinstance(value, list) and value and isinstance(value[0], tuple):  # -B/-H/-O pairs
+            value = dict(value)
+        section, key = dest.split(".", 1)
+        out.setdefault(section, {})[key] = value
+    if goal:
+        if "alpha" in goal and "max_drop" not in goal:
+            raise ValueError("--alpha guards a --max-drop goal: give --max-drop too")
+        out.setdefault("eval", {})["goal"] = goal
+    return out
+
+
+def _config(args, base: dict | None = None):
+    from .config import apply_overrides, config_from_dict, merge, read_yaml
+
+    values = dict(base or {})
+    if args.config:
+        file_values = read_yaml(args.config)
+        file_values.pop("methods", None)
+        values = merge(values, file_values)
+    flags = _flag_values(args)
+    values = merge(values, flags)
+    if "goal" in flags.get("eval", {}):  # a goal given on the command line replaces the config's
+        values["eval"]["goal"] = flags["eval"]["goal"]
+    values = apply_overrides(values, args.overrides)
+    return config_from_dict(values)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (and exit status 2), pointing at --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eenn", description="Early-exit neural networks for PyTorch.")
+    raw = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog="eenn", description="Early-exit neural networks for PyTorch.",
+                                epilog="`eenn COMMAND --help` shows each command's options and examples.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     d = sub.add_parser(
-        "demo",
-        help="train a multi-exit network on the embedded digits data and print per-exit accuracy and MACs",
-        description="Train a multi-exit network on scikit-learn's digits (no download) and print "
-        "per-exit test accuracy and MACs.",
-        epilog="example: eenn demo --backbone resnet20 --epochs 30",
-    )
+        "demo", help="train a multi-exit network on the embedded digits data, calibrate, report",
+        description="Train a multi-exit network on scikit-learn's digits (no download), print per-exit test "
+        "accuracy and MACs, fit max_prob thresholds on validation, and print the test-split Table-2 line "
+        "with the oracle; the report and plots go to --out.",
+        epilog="example: eenn demo --backbone resnet20 --epochs 30", formatter_class=raw)
     d.add_argument("--backbone", default="resnet20", help="registered backbone (default: resnet20)")
     d.add_argument("--exits", default="all", help="'all', 'none', stage indices '1,3', or a distribution 'fine:2'")
     d.add_argument("--epochs", type=int, default=30)
@@ -75,61 +213,234 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
     d.add_argument("--out", default="runs/demo", help="where the report and plots go (default: runs/demo)")
 
-    t = sub.add_parser("train", help="train a multi-exit network with one objective",
-                       description="Train a multi-exit network; writes metrics.jsonl, last.safetensors "
-                       "and best.safetensors to --out and resumes from there when re-run.",
-                       epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--dataset", default="digits")
-    t.add_argument("--data-dir", default=None)
-    t.add_argument("--download", action="store_true", help="fetch the data set if it is not found")
-    t.add_argument("--val-fraction", type=float, default=0.1)
-    t.add_argument("--limit", type=int, default=None, help="cap every split at this many samples")
-    t.add_argument("--backbone", default="resnet20")
-    t.add_argument("-B", "--backbone-option", action="append", metavar="KEY=VALUE", help="e.g. width=0.5")
-    t.add_argument("--exits", default="all")
-    t.add_argument("--head", default="linear")
-    t.add_argument("-H", "--head-option", action="append", metavar="KEY=VALUE", help="e.g. width=64")
-    t.add_argument("--objective", default="joint")
-    t.add_argument("-O", "--objective-option", action="append", metavar="KEY=VALUE", help="e.g. weights=sdn")
-    _add_train_config(t)
+    t = sub.add_parser("train", help="train a multi-exit network, then write its evaluation report",
+                       description="Train a multi-exit network with one objective. The run directory (--out) "
+                       "gets config.yaml, run.json (command, versions), metrics.jsonl, last/best.safetensors "
+                       "and the report (report.md/json, curve.png, exits.png); re-running resumes.",
+                       epilog=EPILOG_TRAIN, formatter_class=raw)
+    _add_run_flags(t)
+    t.add_argument("--no-report", dest="report", action="store_false", help="skip the evaluation report")
+
+    e = sub.add_parser("evaluate", help="the evaluation report of a trained network", description=
+                       "Calibrate on validation, then report on a split: per-exit accuracy, exit distribution, "
+                       "MACs, measured speed-up of the dynamic engine, accuracy-MACs curve with the oracle.",
+                       epilog=EPILOG_EVALUATE, formatter_class=raw)
+    e.add_argument("run", help="a run directory or a checkpoint file")
+    e.add_argument("--out", help="report directory (default: the run directory)")
+    _add_run_flags(e, model=False, train=False)
+
+    c = sub.add_parser("calibrate", help="fit per-exit thresholds on validation to a goal",
+                       description="Fit the policy's per-exit thresholds on the validation split to a goal and "
+                       "report how the goal holds on the test split.", epilog=EPILOG_CALIBRATE, formatter_class=raw)
+    c.add_argument("run", help="a run directory or a checkpoint file")
+    c.add_argument("--out", help="calibration file (default: <run>/calibration.json)")
+    _add_run_flags(c, model=False, train=False)
+
+    r = sub.add_parser("predict", help="predict the class of images or arrays, with the exit taken",
+                       description="Run the dynamic engine on input files: prediction, exit, confidence.",
+                       epilog=EPILOG_PREDICT, formatter_class=raw)
+    r.add_argument("run", help="a run directory or a checkpoint file")
+    r.add_argument("inputs", nargs="+", help="image (.png, .jpg), .npy or .json files")
+    r.add_argument("--calibration", help="calibration.json from `eenn calibrate`")
+    r.add_argument("--json", action="store_true", help="one JSON object per input on stdout")
+
+    m = sub.add_parser("compare", help="several methods on one backbone and data set, side by side",
+                       description="Train and report every method of a compare file (a run config plus "
+                       "'methods:'); write Table 1, Table 2 and one accuracy-MACs figure.",
+                       epilog=EPILOG_COMPARE, formatter_class=raw)
+    m.add_argument("--config", required=True, help="compare YAML file")
+    m.add_argument("--methods", type=lambda s: [x for x in s.split(",") if x], help="only these methods (comma-separated labels)")
+    m.add_argument("-s", "--set", action="append", dest="overrides", default=[], metavar="KEY=VALUE",
+                   help="override a base key for every method, e.g. train.epochs=1")
+    m.add_argument("--out", help="output directory (default: the file's train.out_dir)")
+    m.add_argument("--retrain", action="store_true", help="re-run methods whose runs are finished")
 
     l = sub.add_parser("list", help="list registered backbones, heads, objectives, policies and datasets")
     l.add_argument("what", nargs="?", choices=["backbones", "heads", "objectives", "policies", "datasets"], default=None)
+
+    from .serve.cli import add_parsers
+
+    add_parsers(sub)
     return p
 
 
 def _train(args) -> None:
-    from . import create_network, create_objective, load_dataset
-    from .trainer import TrainConfig, Trainer
+    from .run import train_run
 
-    data = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download,
-                        val_fraction=args.val_fraction, seed=args.seed, limit=args.limit)
-    info = data.info
-    net = create_network(args.backbone, in_channels=info.in_channels, num_classes=info.num_classes,
-                         input_size=info.input_size, exits=_exits(args.exits), head=args.head,
-                         head_options=_options(args.head_option, "--head-option"),
-                         **_options(args.backbone_option, "--backbone-option"))
-    objective = create_objective(args.objective, **_options(args.objective_option, "--objective-option"))
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    hist = Trainer(config).fit(net, objective, data)
-    if hist and "val_acc" in hist[-1] and os.environ.get("RANK", "0") == "0":
+    config = _config(args)
+    res = train_run(config, argv=sys.argv[1:] if args._argv is None else args._argv, report=args.report)
+    hist = res["history"]
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if hist and "val_acc" in hist[-1]:
         accs = " ".join(f"{100 * a:.2f}" for a in hist[-1]["val_acc"])
         print(f"done: {len(hist)} epochs; validation accuracy per exit (%): {accs}")
+    if res["report"] is not None:
+        _print_table2(res["report"])
+    print(f"run directory: {res['dir']}")
+
+
+def _print_table2(report) -> None:
+    print("| Architecture | Test acc. | Inf. time (batch 1) | Speed-up | Exits |")
+    print("|---|---|---|---|---|")
+    for row in report.table2_rows():
+        print("| " + " | ".join(row) + " |")
+
+
+def _opened(args):
+    """(net, config, run_dir) of the run/checkpoint argument, its config updated by the flags."""
+    from .config import config_to_dict
+    from .run import data_info_of, open_run
+
+    net, config, run_dir = open_run(args.run)
+    base = config_to_dict(config) if config is not None else {}
+    if config is None:  # a bare checkpoint: the data set it was trained on, when it says
+        ckpt = args.run if os.path.isfile(args.run) else None
+        info = data_info_of(ckpt) if ckpt else None
+        if info:
+            base = {"data": {"name": info["name"]}}
+    cfg = _config(args, base)
+    if config is None and "data" not in base and not getattr(args, "config", None) and "data.name" not in vars(args):
+        raise ValueError(f"{args.run} does not say which data set it was trained on: give --dataset")
+    return net, cfg, run_dir
+
+
+def _evaluate(args) -> None:
+    from .run import build_data, evaluate_run
+
+    net, cfg, run_dir = _opened(args)
+    report = evaluate_run(net, build_data(cfg), cfg, args.out or run_dir)
+    print(report.to_markdown())
+    print(f"report: {args.out or run_dir}/report.md")
+
+
+def _calibrate(args) -> None:
+    from .evaluate import collect_outputs
+    from .policies import calibrate, evaluate_policy, report_goal
+    from .report import _finite, _policy_options
+    from .run import build_data
+
+    net, cfg, run_dir = _opened(args)
+    data = build_data(cfg)
+    info, e = data.info, cfg.eval
+    net.eval()
+    opts = _policy_options(e.policy_options, net.num_exits)
+    val = collect_outputs(net, data.val, mean=info.mean, std=info.std)
+    test = collect_outputs(net, data.test, mean=info.mean, std=info.std)
+    th = calibrate(e.policy, val, net.cost(), e.goal, fallback=e.fallback, **opts)
+    on_val = evaluate_policy(e.policy, th, val, net.cost(), fallback=e.fallback, **opts)
+    on_test = report_goal(e.policy, th, test, net.cost(), e.goal, fallback=e.fallback, **opts)
+    record = {"policy": e.policy, "goal": e.goal, "fallback": e.fallback, "policy_options": e.policy_options,
+              "thresholds": th.tolist(), "mean": list(info.mean), "std": list(info.std),
+              "validation": on_val, "test": on_test}
+    out = args.out or os.path.join(run_dir, "calibration.json")
+    with open(out, "w") as f:
+        json.dump(_finite(record), f, indent=2)
+    print(f"{e.policy} thresholds (validation, goal {e.goal}): {', '.join(f'{t:.4g}' for t in th.tolist())}")
+    print(f"validation: accuracy {100 * on_val['accuracy']:.2f}% (final exit {100 * on_val['final_accuracy']:.2f}%), "
+          f"MAC speed-up {on_val['speedup']:.2f}x")
+    print(f"test:       accuracy {100 * on_test['accuracy']:.2f}% (final exit {100 * on_test['final_accuracy']:.2f}%), "
+          f"MAC speed-up {on_test['speedup']:.2f}x, goal held: {'yes' if on_test['goal_held'] else 'NO'}")
+    print(f"written: {out}")
+
+
+def _predict(args) -> int:
+    import numpy as np
+    import torch
+
+    from .engine import DynamicEngine
+    from .report import _infinite, _policy_options
+    from .run import data_info_of, open_run
+    from .serve.inputs import InputError, decode_body
+
+    net, config, run_dir = open_run(args.run)
+    cal_path = args.calibration or next((p for p in (os.path.join(run_dir, "calibration.json"),) if os.path.exists(p)), None)
+    if cal_path:
+        with open(cal_path) as f:
+            cal = _infinite(json.load(f))
+        policy, th, fallback, opts = cal["policy"], cal["thresholds"], cal.get("fallback", "final"), cal.get("policy_options", {})
+    elif os.path.exists(os.path.join(run_dir, "report.json")):
+        with open(os.path.join(run_dir, "report.json")) as f:
+            rep = _infinite(json.load(f))
+        policy, th, fallback = rep["policy"]["name"], rep["policy"]["thresholds"], rep["policy"]["fallback"]
+        opts = rep["policy"].get("options", {})
+    else:
+        raise ValueError(f"no thresholds for {args.run}: run `eenn calibrate {args.run}` first or give --calibration")
+    ckpt = args.run if os.path.isfile(args.run) else next(
+        (os.path.join(run_dir, n) for n in ("best.safetensors", "last.safetensors") if os.path.exists(os.path.join(run_dir, n))))
+    info = data_info_of(ckpt) or {}
+    names = info.get("class_names")
+    manifest = {"input_shape": list(net.input_shape),
+                "preprocess": {"mean": info["mean"], "std": info["std"]} if "mean" in info else None}
+    engine = DynamicEngine(net.eval(), policy, th, fallback=fallback, **_policy_options(opts, net.num_exits))
+    types = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".npy": "application/x-npy",
+             ".json": "application/json"}
+    failed = 0
+    for path in args.inputs:
+        ext = os.path.splitext(path)[1].lower()
+        try:
+            if ext not in types:
+                raise InputError(415, f"unsupported file type {ext or '(none)'}: give .png, .jpg, .npy or .json")
+            with open(path, "rb") as f:
+                x = torch.from_numpy(np.ascontiguousarray(decode_body(f.read(), types[ext], manifest, max_batch=4096)))
+        except (InputError, OSError) as err:
+            print(f"eenn: error: {path}: {getattr(err, 'message', None) or err}", file=sys.stderr)
+            failed += 1
+            continue
+        with torch.no_grad():
+            res = engine(x.float())
+            out = net(x.float(), exits=None)
+        probs = torch.softmax(out.logits.float(), -1)
+        for i in range(len(x)):
+            k, c = int(res.exit[i]), int(res.prediction[i])
+            rec = {"input": path if len(x) == 1 else f"{path}[{i}]", "prediction": c,
+                   "class": names[c] if names and c < len(names) else str(c), "exit": k,
+                   "exit_name": net.exit_names[k], "confidence": float(probs[k, i, c]), "macs": int(res.macs[i])}
+            if args.json:
+                print(json.dumps(rec))
+            else:
+                print(f"{rec['input']}: {rec['class']} (class {c}), exit {k} ({rec['exit_name']}), "
+                      f"confidence {rec['confidence']:.3f}, {rec['macs']:,} MACs")
+    return 1 if failed else 0
+
+
+def _compare(args) -> None:
+    from .compare import compare
+
+    res = compare(args.config, overrides=args.overrides, only=args.methods, out=args.out,
+                  argv=sys.argv[1:] if args._argv is None else args._argv, retrain=args.retrain)
+    print(res.markdown())
+    print(f"written: {res['dir']}/compare.md, compare.json, curves.png")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    from .config import ConfigError
+
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed on one line)
+        return int(e.code or 0)
+    args._argv = argv
     if args.command is None:
-        _parser().print_help()
+        parser.print_help()
         return 2
     try:
         if args.command == "demo":
             from .demo import run_demo
 
-            run_demo(backbone=args.backbone, exits=_exits(args.exits), epochs=args.epochs, seed=args.seed, device=args.device,
-                     out=args.out)
+            run_demo(backbone=args.backbone, exits=_exits(args.exits), epochs=args.epochs, seed=args.seed,
+                     device=args.device, out=args.out)
         elif args.command == "train":
             _train(args)
+        elif args.command == "evaluate":
+            _evaluate(args)
+        elif args.command == "calibrate":
+            _calibrate(args)
+        elif args.command == "predict":
+            return _predict(args)
+        elif args.command == "compare":
+            _compare(args)
         elif args.command == "list":
             from . import data, list_backbones, list_heads, list_objectives, policies
 
@@ -138,7 +449,12 @@ def main(argv: list[str] | None = None) -> int:
             for name, items in lists.items():
                 if args.what in (None, name):
                     print(f"{name}: {', '.join(items)}")
-    except (ValueError, KeyError, FileNotFoundError) as e:
+        elif hasattr(args, "run") and callable(args.run):
+            return args.run(args)
+    except ConfigError as e:
+        print(f"eenn: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"eenn: error: {msg}", file=sys.stderr)
         return 1

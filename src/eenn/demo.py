@@ -44,7 +44,7 @@ def run_demo(*, backbone: str = "resnet20", exits="all", epochs: int = 30, seed:
             print("  " + "  ".join("-" * w for w in widths))
     report = evaluate(net, data, policy="max_prob", goal={"max_drop": max_drop}, batch_sizes=(1, 256),
                       timing_samples=(len(data.test), len(data.test)), repeats=repeats, curve_points=10)
-    r, o = report["result"], report["oracle"]
+    r = report["result"]
     print(f"\nmax_prob thresholds fitted on the validation split for at most a {100 * max_drop:g}-point drop; "
           f"test split, dynamic engine vs static backbone:")
     print("  | Architecture | Test acc. | Inf. time (batch 1) | Speed-up | Exits |")

@@ -240,6 +240,20 @@ class Report:
         return cls(_infinite(json.loads(Path(path).read_text())))
 
 
+def _policy_options(options: Mapping | None, num_exits: int, objective=None) -> dict:
+    """Rule options from a config: AEP ``weights`` may be a scheme name (``linear``,
+    ``uniform``) or a list; both become a tensor."""
+    out = dict(options or {})
+    w = out.get("weights")
+    if isinstance(w, str):
+        from .objectives.aep import scheme_weights
+
+        out["weights"] = scheme_weights(w, num_exits)
+    elif isinstance(w, (list, tuple)):
+        out["weights"] = torch.tensor(w, dtype=torch.float32)
+    return out
+
+
 def _model_name(net: MultiExitNetwork) -> str:
     src = net.config.get("source") or {}
     return src.get("name") or src.get("kind") or type(net).__name__
@@ -257,7 +271,7 @@ def evaluate(net: MultiExitNetwork, data, *, policy: str = "max_prob", goal: Map
     size; ``batch_sizes=()`` skips timing); ``curve_points`` budgets for the accuracy-MACs curve
     (0 skips it). ``policy_options`` go to the rule (e.g. ``weights=`` for ``ensemble``)."""
     goal = dict(goal or {"max_drop": 0.01})
-    options = dict(policy_options or {})
+    options = _policy_options(policy_options, net.num_exits)
     if split not in ("val", "test", "train"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     dev = torch.device(device) if device is not None else next(net.parameters()).device
@@ -294,7 +308,8 @@ def evaluate(net: MultiExitNetwork, data, *, policy: str = "max_prob", goal: Map
         "validation": {"samples": len(val.targets), "accuracy": on_val["accuracy"],
                        "final_accuracy": on_val["final_accuracy"], "expected_macs": on_val["expected_macs"],
                        "speedup": on_val["speedup"]},
-        "policy": {"name": policy, "goal": goal, "fallback": fallback, "thresholds": th.tolist()},
+        "policy": {"name": policy, "goal": goal, "fallback": fallback, "thresholds": th.tolist(),
+                   "options": {k: v for k, v in dict(policy_options or {}).items() if isinstance(v, (str, int, float, list))}},
         "exits": exits,
         "result": result,
         "oracle": o,

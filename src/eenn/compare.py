@@ -1,0 +1,197 @@
+"""Several methods on one backbone and data set, side by side (``eenn compare``).
+
+A compare file is a run config (``data``, ``model``, ``objective``, ``train``, ``eval``) plus
+``methods: {label: {section: {...}, prune: bool}}``; each method's sections are merged over the
+base and validated. Every method becomes a run directory ``<out>/<label>`` (trained or resumed,
+then reported); the comparison goes to ``<out>/compare.md``, ``compare.json`` and
+``curves.png``:
+
+- Table 1: test accuracy of each method at its final exit (no early exit);
+- Table 2: each method with early exit enabled (thresholds fitted on validation): test accuracy,
+  inference time at batch 1, measured and MAC speed-up, exit distribution, and the oracle;
+- ``prune: true`` (AEP): the validation-chosen truncation of the ensemble, its accuracy and costs;
+- one accuracy-MACs figure with every method's curve and oracle point.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, merge, read_yaml
+from .report import Report, _finite
+from .run import build_data, default_run_dir, open_run, run_info, train_run
+
+__all__ = ["compare", "load_compare", "CompareResult"]
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "method"
+
+
+def load_compare(path: str | Path, overrides: list[str] | None = None,
+                 only: list[str] | None = None) -> tuple[RunConfig, dict[str, tuple[RunConfig, dict]]]:
+    """The base config and ``{label: (config, extras)}`` of a compare file; ``overrides``
+    (``train.epochs=1``) apply to the base and so to every method."""
+    values = read_yaml(path)
+    methods = values.pop("methods", None)
+    if not isinstance(methods, Mapping) or not methods:
+        raise ConfigError(f"{path}: a compare file needs 'methods: {{label: {{objective: ...}}, ...}}' with at least one method")
+    base_values = apply_overrides(values, overrides)
+    try:
+        base = config_from_dict(base_values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if only:
+        missing = [m for m in only if m not in methods]
+        if missing:
+            raise ConfigError(f"{path}: no method {missing[0]!r}; the file has {', '.join(methods)}")
+        methods = {k: v for k, v in methods.items() if k in only}
+    out = {}
+    for label, spec in methods.items():
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{path}: methods.{label}: expected a mapping of sections, got {spec!r}")
+        spec = dict(spec)
+        extras = {"prune": spec.pop("prune", False)}
+        if not isinstance(extras["prune"], bool):
+            raise ConfigError(f"{path}: methods.{label}.prune: expected true or false, got {extras['prune']!r}")
+        try:
+            cfg = config_from_dict(merge(base_values, spec))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: methods.{label}: {e}") from None
+        out[str(label)] = (cfg, extras)
+    return base, out
+
+
+class CompareResult(dict):
+    """``{"methods": {label: {...}}, "dir": ...}`` with the Markdown the command writes."""
+
+    def markdown(self) -> str:
+        return self["markdown"]
+
+
+def compare(path: str | Path, *, overrides: list[str] | None = None, only: list[str] | None = None,
+            out: str | Path | None = None, argv: list[str] | None = None, retrain: bool = False) -> CompareResult:
+    """Train (or resume) and report every method of the compare file at ``path``; write the
+    side-by-side tables and figure to ``out`` (default: the base ``train.out_dir``)."""
+    base, methods = load_compare(path, overrides, only)
+    root = Path(out or base.train.out_dir or default_run_dir(base).replace(base.objective.name, "compare"))
+    root.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict] = {}
+    for label, (cfg, extras) in methods.items():
+        run_dir = root / _slug(label)
+        cfg.train.out_dir = str(run_dir)
+        print(f"== {label}: {cfg.objective.name} {cfg.objective.options or ''} -> {run_dir}", flush=True)
+        done = (run_dir / "report.json").exists() and not retrain and _finished(run_dir, cfg)
+        if done:
+            report = Report.load(run_dir / "report.json")
+        else:
+            report = train_run(cfg, argv=argv)["report"]
+        row: dict[str, Any] = {"dir": str(run_dir), "objective": cfg.objective.name, "report": report.data}
+        if extras["prune"]:
+            row["prune"] = _prune(run_dir, cfg)
+        rows[label] = row
+    md = _markdown(base, rows)
+    (root / "compare.md").write_text(md)
+    (root / "compare.json").write_text(json.dumps(_finite({"run": run_info(argv), "methods": rows}), indent=2))
+    _plot(rows, root / "curves.png", base)
+    return CompareResult(methods=rows, dir=str(root), markdown=md)
+
+
+def _finished(run_dir: Path, cfg: RunConfig) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return False
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    same = (run_dir / "config.yaml").exists() and read_yaml(run_dir / "config.yaml") == config_to_dict(cfg)
+    return same and bool(lines) and lines[-1].get("epoch") == cfg.train.epochs
+
+
+def _prune(run_dir: Path, cfg: RunConfig) -> dict:
+    from .prune import aep_prune, evaluate_ensemble, measure_latency
+    from .report import _policy_options
+
+    net, _, _ = open_run(run_dir)
+    data = build_data(cfg)
+    info = data.info
+    opts = _policy_options(cfg.eval.policy_options, net.num_exits, cfg.objective)
+    w = opts.get("weights")
+    if w is None:
+        raise ConfigError(f"prune: needs eval.policy_options.weights (a scheme name or a list) for {run_dir}")
+    res = aep_prune(net.eval(), w, data.val, mean=info.mean, std=info.std, latency_batch_size=256, latency_repeats=5)
+    test_acc = evaluate_ensemble(res.module, data.test, info.mean, info.std)
+    full_acc = evaluate_ensemble(res.full, data.test, info.mean, info.std)
+    lat1 = [measure_latency(m, net.input_shape, 1, repeats=20) for m in (res.full, res.module)]
+    static = measure_latency(net.backbone.eval(), net.input_shape, 1, repeats=20)
+    out = {"k": res.k, "exit": res.exit_name, "promised_accuracy": res.promised_acc, "test_accuracy": test_acc,
+           "full_ensemble_test_accuracy": full_acc, "params": [res.before.params, res.after.params],
+           "macs": [res.before.macs, res.after.macs], "latency_ms_batch1": lat1,
+           "latency_ms_batch256": [res.before.latency_ms, res.after.latency_ms], "static_backbone_ms_batch1": static}
+    (run_dir / "prune.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def _exits_text(dist) -> str:
+    return ", ".join(f"#{i + 1}: {100 * p:.1f}%" for i, p in enumerate(dist) if p > 0)
+
+
+def _markdown(base: RunConfig, rows: dict[str, dict]) -> str:
+    labels = list(rows)
+    any_report = Report(next(iter(rows.values()))["report"])
+    d = any_report.data
+    lines = [f"# {base.model.backbone} on {base.data.name}: {', '.join(labels)}", "",
+             "Table 1: test accuracy at the final exit (no early exit).", "",
+             "| " + " | ".join(["data set", *labels]) + " |", "|---" * (len(labels) + 1) + "|",
+             "| " + " | ".join([d["dataset"]["name"], *(f"{100 * r['report']['result']['final_accuracy']:.2f}%"
+                                                        for r in rows.values())]) + " |", "",
+             "Table 2: early exit enabled (thresholds fitted on the validation split), test split. Inference time is "
+             "per sample at batch 1 on this machine; speed-up is over the static backbone, measured on the clock "
+             "and predicted by MACs.", "",
+             "| Method | Test acc. | Inf. time | Speed-up (measured) | Speed-up (MACs) | Exits | Oracle acc. | Oracle speed-up (MACs) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, row in rows.items():
+        r = row["report"]
+        res, o = r["result"], r["oracle"]
+        t1 = next((t for t in r["timing"] if t["batch_size"] == 1), None)
+        time_ = f"{t1['engine_ms_per_sample']:.2f} ms (static {t1['static_ms_per_sample']:.2f})" if t1 else "—"
+        meas = f"{t1['measured_speedup']:.2f}x" if t1 else "—"
+        lines.append(f"| {label} ({r['policy']['name']}) | {100 * res['accuracy']:.2f}% | {time_} | {meas} | "
+                     f"{res['speedup']:.2f}x | {_exits_text(res['exit_distribution'])} | "
+                     f"{100 * o['accuracy']:.2f}% | {o['speedup']:.2f}x |")
+    for label, row in rows.items():
+        p = row.get("prune")
+        if p:
+            lines += ["", f"{label} pruned (AEP): k* = {p['k']} ({p['exit']}), test accuracy "
+                      f"{100 * p['test_accuracy']:.2f}% (full ensemble {100 * p['full_ensemble_test_accuracy']:.2f}%, "
+                      f"promised on val {100 * p['promised_accuracy']:.2f}%); params {p['params'][0]:,} -> {p['params'][1]:,}, "
+                      f"MACs {p['macs'][0]:,} -> {p['macs'][1]:,}, latency at batch 1 {p['latency_ms_batch1'][0]:.2f} -> "
+                      f"{p['latency_ms_batch1'][1]:.2f} ms (static backbone {p['static_backbone_ms_batch1']:.2f} ms)."]
+    lines += ["", "Figure: curves.png (test accuracy against expected MACs per method; diamonds: oracles)."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: dict[str, dict], path: Path, base: RunConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (label, row) in enumerate(rows.items()):
+        r, c = row["report"], f"C{i % 10}"
+        curve = r["curve"] or [{"expected_macs": r["result"]["expected_macs"], "accuracy": r["result"]["accuracy"]}]
+        ax.plot([p["expected_macs"] / 1e6 for p in curve], [100 * p["accuracy"] for p in curve], "o-", ms=3,
+                color=c, label=label)
+        ax.plot([r["oracle"]["expected_macs"] / 1e6], [100 * r["oracle"]["accuracy"]], "D", color=c, ms=6)
+        if row.get("prune"):
+            p = row["prune"]
+            ax.plot([p["macs"][1] / 1e6], [100 * p["test_accuracy"]], "P", color=c, ms=9)
+    ax.set_xlabel("expected MACs per sample (millions)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{base.model.backbone} on {base.data.name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

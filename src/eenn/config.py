@@ -1,0 +1,222 @@
+"""Run configuration: YAML files and command-line overrides validated into dataclasses.
+
+A run is described by one :class:`RunConfig` with five sections::
+
+    data:      {name: fashion_mnist, limit: 20000, val_fraction: 0.1}
+    model:     {backbone: resnet20, exits: linear:3, head: linear, backbone_options: {width: 0.5}}
+    objective: {name: joint, options: {weights: sdn}}
+    train:     {epochs: 10, lr: 0.05, out_dir: runs/r20}        # eenn.trainer.TrainConfig
+    eval:      {policy: max_prob, goal: {max_drop: 0.01}}        # the report after training
+
+:func:`load_config` reads a YAML file (unknown keys and wrong types are refused with the key's
+dotted name), applies ``key=value`` overrides (``train.epochs=3``; values in YAML syntax), and
+returns the validated config. :func:`save_config` writes the resolved config back as YAML.
+A ``compare`` file adds ``methods: {label: {section: {...}}}``, each merged over the base.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .trainer import TrainConfig
+
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "ObjectiveConfig", "EvalConfig", "RunConfig",
+           "load_config", "save_config", "config_from_dict", "config_to_dict", "apply_overrides", "merge"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and says what to do."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    val_fraction: float = 0.1
+    limit: int | None = None  # cap every split at this many samples (stratified)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet20"
+    backbone_options: dict = field(default_factory=dict)  # e.g. {width: 0.5}
+    exits: str | list = "all"  # "all", "none", [1, 3], "linear:3", stage names
+    head: str = "linear"
+    head_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "joint"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    policy: str = "max_prob"
+    goal: dict = field(default_factory=lambda: {"max_drop": 0.01})  # max_drop | budget | msdnet_q (+ alpha)
+    fallback: str = "final"  # or "most_confident" (SDN)
+    split: str = "test"
+    batch_sizes: list = field(default_factory=lambda: [1, 256])
+    timing_samples: list = field(default_factory=lambda: [256, 2048])
+    repeats: int = 5
+    curve_points: int = 12
+    policy_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --- validation -----------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _check(value: Any, tp, key: str) -> Any:
+    """``value`` as type ``tp`` (ints accepted for floats), or a ConfigError naming ``key``."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for t in options:
+            if t is type(None):
+                continue
+            try:
+                return _check(value, t, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(t) for t in options)}, got {value!r}")
+    base = origin or tp
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected int, got {value!r}")
+    if isinstance(value, base):
+        return copy.deepcopy(value)
+    raise ConfigError(f"{key}: expected {_type_name(base)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls, values: Mapping, prefix: str):
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {dotted!r}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted + ".")
+        else:
+            kwargs[key] = _check(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: Mapping) -> RunConfig:
+    """A validated :class:`RunConfig` from nested dicts (missing keys take their defaults)."""
+    return _build(RunConfig, values, "")
+
+
+def config_to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def merge(base: Mapping, override: Mapping) -> dict:
+    """``override`` merged into a copy of ``base``, recursively for nested mappings."""
+    out = copy.deepcopy(dict(base))
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else copy.deepcopy(v)
+    return out
+
+
+def _yaml():
+    import yaml
+
+    return yaml
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return _yaml().safe_load(text) if text.strip() else ""
+    except _yaml().YAMLError:
+        return text
+
+
+def apply_overrides(values: Mapping, overrides: list[str] | None) -> dict:
+    """Apply ``section.key=value`` overrides (values in YAML syntax: ``3``, ``0.1``, ``[1, 3]``,
+    ``{width: 0.5}``, ``null``) to nested dicts."""
+    out = copy.deepcopy(dict(values))
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"an override takes KEY=VALUE with a dotted key (e.g. train.epochs=3), got {item!r}")
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_value(text)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML file, or a ConfigError that names the file and the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found")
+    try:
+        values = _yaml().safe_load(p.read_text()) or {}
+    except _yaml().YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (data, model, objective, train, eval)")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: Mapping | None = None) -> RunConfig:
+    """``base`` (dicts), then the YAML file at ``path``, then ``overrides``, validated."""
+    values = dict(base or {})
+    if path is not None:
+        file_values = read_yaml(path)
+        file_values.pop("methods", None)  # compare files: handled by eenn.compare
+        values = merge(values, file_values)
+    values = apply_overrides(values, overrides)
+    try:
+        return config_from_dict(values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def save_config(config: RunConfig, path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(_yaml().safe_dump(config_to_dict(config), sort_keys=False))
+    return p

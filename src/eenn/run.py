@@ -1,0 +1,143 @@
+"""Runs: one directory per run holding everything needed to trust and re-make its numbers.
+
+``<run>/``: ``config.yaml`` (the resolved :class:`~eenn.config.RunConfig`), ``run.json`` (the
+exact command, date, host and package versions), ``metrics.jsonl``, ``last.safetensors`` and
+``best.safetensors`` (from the trainer), ``report.json`` / ``report.md`` and ``curve.png`` /
+``exits.png`` (from :func:`eenn.report.evaluate`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import load, read_description
+from .config import ConfigError, RunConfig, config_from_dict, read_yaml, save_config
+from .data import load_dataset
+from .network import MultiExitNetwork, create_network
+from .objectives import create_objective
+from .report import Report, evaluate
+
+__all__ = ["build_data", "build_network", "train_run", "evaluate_run", "open_run", "run_info"]
+
+PACKAGES = ("eenn", "torch", "numpy", "safetensors", "scikit-learn", "scipy", "matplotlib", "pyyaml", "optuna",
+            "onnx", "onnxruntime", "ray")
+
+
+def run_info(argv: list[str] | None = None) -> dict:
+    """The command, date, machine and package versions of this process."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    versions["python"] = platform.python_version()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    from .report import _cpu_name
+
+    return {
+        "command": " ".join(["eenn", *(argv if argv is not None else sys.argv[1:])]),
+        "argv": list(argv if argv is not None else sys.argv[1:]),
+        "cwd": os.getcwd(),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": {"platform": platform.platform(), "cpu": _cpu_name(), "cpus": os.cpu_count(),
+                 "threads": torch.get_num_threads(),
+                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "git_commit": commit,
+        "versions": versions,
+    }
+
+
+def build_data(config: RunConfig):
+    d = config.data
+    return load_dataset(d.name, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
+                        seed=config.train.seed, limit=d.limit)
+
+
+def build_network(config: RunConfig, info) -> MultiExitNetwork:
+    m = config.model
+    torch.manual_seed(config.train.seed)
+    return create_network(m.backbone, in_channels=info.in_channels, num_classes=info.num_classes,
+                          input_size=info.input_size, exits=m.exits, head=m.head, head_options=dict(m.head_options),
+                          **m.backbone_options)
+
+
+def default_run_dir(config: RunConfig) -> str:
+    return f"runs/{config.data.name}-{config.model.backbone}-{config.objective.name}"
+
+
+def train_run(config: RunConfig, *, argv: list[str] | None = None, report: bool = True,
+              callbacks=()) -> dict:
+    """Train the run described by ``config`` in ``config.train.out_dir`` (resuming from its
+    ``last.safetensors``), then evaluate its best checkpoint; returns ``{"dir", "history",
+    "report"}``."""
+    from .trainer import Trainer
+
+    if config.train.out_dir is None:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=default_run_dir(config)))
+    out = Path(config.train.out_dir)
+    data = build_data(config)
+    net = build_network(config, data.info)
+    objective = create_objective(config.objective.name, **config.objective.options)
+    out.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("RANK", "0") == "0":
+        save_config(config, out / "config.yaml")
+        (out / "run.json").write_text(json.dumps(run_info(argv), indent=2))
+    history = Trainer(config.train, callbacks=callbacks).fit(net, objective, data)
+    result = {"dir": str(out), "history": history, "report": None}
+    if report and os.environ.get("RANK", "0") == "0":
+        best = load(out / "best.safetensors") if (out / "best.safetensors").exists() else net
+        result["report"] = evaluate_run(best, data, config, out)
+    return result
+
+
+def evaluate_run(net: MultiExitNetwork, data, config: RunConfig, out: str | Path | None) -> Report:
+    e = config.eval
+    report = evaluate(net, data, policy=e.policy, goal=e.goal, split=e.split, fallback=e.fallback,
+                      batch_sizes=tuple(e.batch_sizes), timing_samples=tuple(e.timing_samples), repeats=e.repeats,
+                      curve_points=e.curve_points, device=config.train.device, policy_options=e.policy_options)
+    report.data["run"] = {"objective": config.objective.name, "objective_options": config.objective.options}
+    if out is not None:
+        report.save(out)
+    return report
+
+
+def open_run(path: str | Path) -> tuple[MultiExitNetwork, RunConfig | None, Path]:
+    """A trained network from a run directory (its best, else last, checkpoint) or a checkpoint
+    file, with the run's config when there is one, and the directory reports go to."""
+    p = Path(path)
+    if p.is_dir():
+        ckpt = next((p / n for n in ("best.safetensors", "last.safetensors") if (p / n).exists()), None)
+        if ckpt is None:
+            raise FileNotFoundError(f"{p} holds no best.safetensors or last.safetensors: is it a run directory?")
+        run_dir = p
+    elif p.is_file():
+        ckpt, run_dir = p, p.parent
+    else:
+        raise FileNotFoundError(f"{p} is neither a run directory nor a checkpoint file")
+    config = None
+    if (run_dir / "config.yaml").exists():
+        try:
+            config = config_from_dict(read_yaml(run_dir / "config.yaml"))
+        except ConfigError as e:
+            raise ConfigError(f"{run_dir / 'config.yaml'}: {e}") from None
+    return load(ckpt), config, run_dir
+
+
+def data_info_of(path: str | Path) -> dict[str, Any] | None:
+    """The data set description a trainer checkpoint carries (sizes, normalisation, class names)."""
+    return read_description(path).get("extra", {}).get("data")
