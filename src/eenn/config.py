@@ -115,7 +115,7 @@ def _check(value: Any, tp, key: str) -> Any:
 
 def _build(cls, values: Mapping, prefix: str):
     if not isinstance(values, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(values).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -123,7 +123,7 @@ def _build(cls, values: Mapping, prefix: str):
         dotted = f"{prefix}{key}"
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else f"; valid keys: {', '.join(names)}"
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown key {dotted!r}{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -150,15 +150,42 @@ def merge(base: Mapping, override: Mapping) -> dict:
     return out
 
 
+_LOADER = None
+
+
 def _yaml():
     import yaml
 
     return yaml
 
 
+def _loader():
+    """A safe YAML loader that also reads ``1e6`` and ``2.5e-3`` as floats (YAML 1.1, and so
+    plain PyYAML, wants ``1.0e+6``)."""
+    global _LOADER
+    if _LOADER is None:
+        import re
+
+        yaml = _yaml()
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_implicit_resolver(
+            "tag:yaml.org,2002:float",
+            re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+            list("-+0123456789"))
+        _LOADER = Loader
+    return _LOADER
+
+
+def yaml_load(text: str):
+    return _yaml().load(text, Loader=_loader())
+
+
 def _parse_value(text: str) -> Any:
     try:
-        return _yaml().safe_load(text) if text.strip() else ""
+        return yaml_load(text) if text.strip() else ""
     except _yaml().YAMLError:
         return text
 
@@ -190,7 +217,7 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found")
     try:
-        values = _yaml().safe_load(p.read_text()) or {}
+        values = yaml_load(p.read_text()) or {}
     except _yaml().YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""

@@ -1,0 +1,54 @@
+"""YAML run configs: validated into the dataclasses, bad keys and types named, overrides applied."""
+import pytest
+
+from eenn.config import ConfigError, RunConfig, apply_overrides, config_to_dict, load_config, save_config
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_round_trip_and_overrides(tmp_path):
+    p = _write(tmp_path, """
+data: {name: fashion_mnist, limit: 2000}
+model: {backbone: resnet20, exits: linear:3, backbone_options: {width: 0.5}}
+objective: {name: joint, options: {weights: sdn}}
+train: {epochs: 4, lr: 0.1}
+eval: {policy: entropy, goal: {budget: 1.0e6}}
+""")
+    cfg = load_config(p, ["train.epochs=2", "model.backbone_options.width=0.25", "eval.batch_sizes=[1, 64]"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.data.name == "fashion_mnist" and cfg.data.limit == 2000 and cfg.data.val_fraction == 0.1
+    assert cfg.train.epochs == 2 and cfg.train.lr == 0.1 and cfg.train.momentum == 0.9
+    assert cfg.model.backbone_options == {"width": 0.25} and cfg.model.exits == "linear:3"
+    assert cfg.eval.goal == {"budget": 1e6} and cfg.eval.batch_sizes == [1, 64]
+    assert isinstance(cfg.train.lr, float)
+    again = load_config(save_config(cfg, tmp_path / "resolved.yaml"))
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: {epoch: 3}", "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+    ("trian: {epochs: 3}", "unknown key 'trian' (did you mean 'train'?)"),
+    ("train: {epochs: three}", "train.epochs: expected int, got str 'three'"),
+    ("train: {epochs: true}", "train.epochs: expected int"),
+    ("data: {limit: 1.5}", "data.limit: expected int or NoneType"),
+    ("model: [resnet20]", "model: expected a mapping"),
+    ("- a\n- b", "the top level must be a mapping"),
+    ("train: {epochs: [1,", "not valid YAML at line"),
+])
+def test_bad_configs_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, text))
+    assert message in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_bad_overrides_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["train.epochs"])
+    with pytest.raises(ConfigError, match="unknown key 'train.lrr'"):
+        load_config(None, ["train.lrr=0.1"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
