@@ -69,7 +69,8 @@ def _resnet(
         raise ValueError(f"every group needs depths >= 1 and channels >= 1, got depths={depths}, channels={channels}")
     if shortcut not in ("A", "B"):
         raise ValueError(f"shortcut must be 'A' (zero padding) or 'B' (projection), got {shortcut!r}")
-    widths = [scaled(c, width) for c in channels]
+    # The floor of 8 channels keeps thin variants usable; narrower groups asked for explicitly stay.
+    widths = [scaled(c, width, minimum=min(8, c)) for c in channels]
     stem = conv_bn_act(in_channels, widths[0], 3)
     stages: list[nn.Module] = []
     names: list[str] = []

@@ -12,6 +12,7 @@ import json
 import math
 import multiprocessing
 import os
+import socket
 import sys
 import time
 import warnings
@@ -205,13 +206,15 @@ def _storage(url: str | None, out: str | Path, heartbeat: tuple[int, int] | None
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    kw: dict[str, Any] = {}
-    if heartbeat:
-        # A trial whose process died stops beating; after the grace period the next trial start
-        # marks it failed and queues its design again (once).
-        kw = dict(heartbeat_interval=heartbeat[0], grace_period=heartbeat[1],
-                  heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat options
+        kw: dict[str, Any] = {}
+        if heartbeat:
+            # A trial whose process died stops beating; after the grace period the next trial start
+            # marks it failed and queues its design again (once).
+            kw = dict(heartbeat_interval=heartbeat[0], grace_period=heartbeat[1],
+                      heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kw)
 
 
 def create_study(config: SearchConfig, storage: Any = None, study_name: str | None = None, *, out: str | Path = ".",
@@ -247,6 +250,7 @@ def _objective(config: SearchConfig, data: DataSplits, device: str | None) -> Ca
     def objective(trial) -> tuple[float, float]:
         design = config.space.sample(trial, gated=config.gated, **shape)
         trial.set_user_attr("network", design.network)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         # The same design again (NSGA-II's children often repeat a parent): reuse its figures.
         for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             if t.params == trial.params and "val_accuracy" in t.user_attrs:
@@ -285,7 +289,7 @@ class _Progress:
 
         fl, ce = self.config.accuracy_floor, self.config.macs_ceiling
         recs = trial_records(study, fl, ce)
-        done = sum(r["state"] in ("COMPLETE", "PRUNED") for r in recs)
+        done = sum(counts_as_trained(r["state"], r) for r in recs)
         pruned = sum(r["state"] == "PRUNED" for r in recs)
         a = trial.user_attrs
         if trial.state == TrialState.COMPLETE:
@@ -306,7 +310,7 @@ class _Progress:
                  f"(trial {cheap['number']})")
         else:
             b = "no admissible design yet"
-        print(f"{self.prefix}[{done}/{self.target} done, {pruned} pruned] trial {trial.number}: {this} | {b}",
+        print(f"{self.prefix}[{done}/{self.target} trained, {pruned} pruned] trial {trial.number}: {this} | {b}",
               file=self.stream, flush=True)
 
 
@@ -342,29 +346,56 @@ def _check_possible(config: SearchConfig, data: DataSplits) -> None:
             "the space smaller")
 
 
+def counts_as_trained(state: str, attrs: dict[str, Any]) -> bool:
+    """Whether a finished trial used the training budget: designs turned away on MACs before
+    training, and repeats of a design already measured, are free (they cost no training)."""
+    if state == "COMPLETE":
+        return attrs.get("duplicate_of") is None
+    return state == "PRUNED" and "train_seconds" in attrs
+
+
 def _n_finished(study) -> int:
+    """Finished trials that count towards ``n_trials`` (see :func:`counts_as_trained`)."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return sum(counts_as_trained(t.state.name, t.user_attrs)
+               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+class _StopWhenTrained:
+    """Stops the study once ``n`` trials have used the training budget (across all workers)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, study, trial) -> None:
+        if _n_finished(study) >= self.n:
+            study.stop()
+
+
+# Free trials (pruned before training, repeats) are bounded too, so that a space whose designs
+# nearly all exceed the ceiling cannot spin for ever.
+_FREE_TRIALS_FACTOR = 10
 
 
 def _work(config: SearchConfig, storage: Any, study_name: str, n_trials: int, *, seed: int, out: str | Path,
           prefix: str, device: str | None, data: DataSplits | None = None, heartbeat=(5, 20),
           progress: bool = True) -> None:
     """One worker: optimise until the study holds ``n_trials`` finished (complete or pruned) trials."""
-    from optuna.study import MaxTrialsCallback
-    from optuna.trial import TrialState
-
     torch.set_num_threads(int(os.environ.get("EENN_SEARCH_THREADS", "1")))
     data = data if data is not None else load_search_data(config)
     study = create_study(config, storage, study_name, out=out, seed=seed, heartbeat=heartbeat)
-    left = n_trials - _n_finished(study)
-    if left <= 0:
+    if _n_finished(study) >= n_trials:
         return
-    callbacks: list = [MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))]
+    cap = _FREE_TRIALS_FACTOR * n_trials + 20 - len(study.get_trials(deepcopy=False))
+    if cap <= 0:
+        print(f"{prefix}eenn search: the study already holds {len(study.get_trials(deepcopy=False))} trials, most of them "
+              "pruned before training or repeats; stopping. Raise the MAC ceiling or shrink the space.", flush=True)
+        return
+    callbacks: list = [_StopWhenTrained(n_trials)]
     if progress:
         callbacks.append(_Progress(config, n_trials, prefix))
-    study.optimize(_objective(config, data, device), n_trials=left, callbacks=callbacks, catch=(FloatingPointError,))
+    study.optimize(_objective(config, data, device), n_trials=cap, callbacks=callbacks, catch=(FloatingPointError,))
 
 
 def _worker_main(config_dict: dict, storage: str, study_name: str, n_trials: int, seed: int, out: str, prefix: str,
@@ -378,12 +409,13 @@ def _worker_main(config_dict: dict, storage: str, study_name: str, n_trials: int
 def run_search(config: SearchConfig, *, storage: str | None = None, study_name: str | None = None,
                n_trials: int | None = None, workers: int = 1, out: str | Path = "search-out", device: str | None = None,
                progress: bool = True, heartbeat: tuple[int, int] | None = (5, 20), report: bool = True) -> SearchResult:
-    """Search until the study holds ``n_trials`` finished trials (default: the config's), with
+    """Search until the study holds ``n_trials`` trained trials (default: the config's; designs
+    pruned before training and repeats of a measured design are free, up to a bound), with
     ``workers`` local processes on one study, then write the report to ``out``.
 
     ``storage`` is an Optuna RDB URL (default ``sqlite:///<out>/study.db``; ``"memory"`` keeps it
     in this process only, one worker). Re-running the same call continues the same study: the
-    trials already finished count towards ``n_trials``. Raises :class:`ImpossibleConstraints`
+    trials already trained count towards ``n_trials``. Raises :class:`ImpossibleConstraints`
     before any training when the MAC ceiling is below the cheapest design of the space."""
     from .report import summarise, write_report
 
