@@ -311,3 +311,15 @@ def test_cli_runs_a_search_and_rewrites_the_report(tmp_path, capsys):
     # The same study reported under a floor nobody reaches: exit 1 and a sentence saying why.
     assert search_cli.main(["--config", str(cfg), "--out", str(out), "--report-only", "--floor", "1.0"]) == 1
     assert "no admissible design" in capsys.readouterr().out
+
+
+def test_nachos_objective_searches_gated_designs(tmp_path):
+    space = copy.deepcopy(SPACE)
+    space["head"] = {"type": "nachos", "width": 4}
+    cfg = SearchConfig.from_dict(tiny(space=space, objective={"name": "nachos"}, policy={"name": "cumulative"},
+                                      search={"trials": 1, "sampler": "random"},
+                                      constraints={"accuracy_floor": 0.0, "macs_ceiling": 10**6}))
+    assert cfg.objective_options["mmax"] == 10**6  # the MACs regulariser's ceiling is the constraint's
+    res = run_search(cfg, out=tmp_path, storage="memory", progress=False)
+    (done,) = [r for r in res.records if r["state"] == "COMPLETE"]
+    assert done["network"]["head"] == "nachos" and 0 < done["val_accuracy"] <= 1

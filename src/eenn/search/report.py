@@ -75,12 +75,13 @@ def summarise(study, config: SearchConfig) -> tuple[list[dict], list[dict], str]
     fl, ce = config.accuracy_floor, config.macs_ceiling
     records = trial_records(study, fl, ce)
     front = pareto_front([r for r in records if r["admissible"]])
-    n_done = sum(r["state"] == "COMPLETE" for r in records)
+    n_done = sum(r["state"] == "COMPLETE" and r.get("duplicate_of") is None for r in records)
+    n_rep = sum(r["state"] == "COMPLETE" and r.get("duplicate_of") is not None for r in records)
     n_pruned = sum(r["state"] == "PRUNED" for r in records)
     n_adm = sum(r["admissible"] for r in records)
     if front:
-        msg = (f"{len(front)} Pareto-optimal admissible design(s) out of {n_adm} admissible, {n_done} trained and "
-               f"{n_pruned} pruned trial(s).")
+        msg = (f"{len(front)} Pareto-optimal admissible design(s) out of {n_adm} admissible trial(s); {n_done} design(s) "
+               f"trained, {n_rep} repeat(s) of a trained design, {n_pruned} pruned.")
     else:
         msg = _why_empty(records, fl, ce)
     return records, front, msg
@@ -115,7 +116,7 @@ def design_config(record: dict[str, Any], config: SearchConfig, *, study_name: s
 
 
 def _k(x: float) -> str:
-    return f"{x / 1e3:,.1f}K" if x < 1e6 else f"{x / 1e6:,.2f}M"
+    return f"{x / 1e3:,.1f}K" if x < 1e6 else f"{x / 1e6:,.2f}M"  # MACs, short
 
 
 def _describe(net: dict[str, Any]) -> str:
@@ -172,9 +173,14 @@ def plot_trials(path: str | Path, records: list[dict], front: list[dict], config
     ax.axhline(100 * config.accuracy_floor, c="tab:green", ls="--", lw=1, label="accuracy floor")
     ax.axvline(config.macs_ceiling, c="tab:purple", ls="--", lw=1, label="MAC ceiling")
     n_pruned = sum(r["state"] == "PRUNED" for r in records)
+    counts = (f"{len(front)} on the admissible front, {len(ok)} admissible, {len(done)} complete, "
+              f"{n_pruned} pruned (not shown)")
     ax.set_xlabel("expected MACs per sample (validation exit distribution, heads included)")
     ax.set_ylabel("validation accuracy after calibration (%)")
-    ax.set_title(title + (f" ({n_pruned} pruned, not shown)" if n_pruned else ""), fontsize=9)
+    ax.set_title(f"{title}\n{counts}" if title else counts, fontsize=9)
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _k(v) if v > 0 else "0"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -221,7 +227,7 @@ def write_report(out: str | Path, study, config: SearchConfig, records: list[dic
            "pruned": [{"number": r["number"], "reason": r.get("pruned_reason")} for r in records if r["state"] == "PRUNED"],
            "front": [{**{k: r.get(k) for k in keep}, "config_file": designs[r["number"]]} for r in front]}
     (out / "pareto.json").write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
-    plot_trials(out / "pareto.png", records, front, config, title=f"design search {study_name}: {message.split('.')[0]}")
+    plot_trials(out / "pareto.png", records, front, config, title=f"design search {study_name!r}")
     files["designs"] = str(out / "designs")
     return files
 
