@@ -179,3 +179,25 @@ def test_unknown_name_lists_available():
 def test_duplicate_registration_raises():
     with pytest.raises(ValueError, match="already registered"):
         register_backbone("resnet20")(lambda **kw: None)
+
+
+def test_resnet_cifar_per_group_depths_and_channels():
+    # Defaults are ResNet-20 exactly.
+    assert _count(create_backbone("resnet_cifar", in_channels=3, num_classes=K, input_size=32)) == PARAMS["resnet20"]
+    net = create_backbone("resnet_cifar", in_channels=1, num_classes=K, input_size=8, depths=[2, 1], channels=[4, 12])
+    assert net.num_stages == 3 and [i.shape for i in net.stage_info] == [(4, 8, 8), (4, 8, 8), (12, 4, 4)]
+    # fewer channels in a later group: option A cannot drop channels, so that block projects
+    net = create_backbone("resnet_cifar", in_channels=1, num_classes=K, input_size=8, depths=[1, 1], channels=[16, 8])
+    _check_stage_shapes(net, torch.randn(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="one entry per group"):
+        create_backbone("resnet_cifar", in_channels=1, num_classes=K, input_size=8, depths=[1, 1], channels=[8])
+
+
+def test_mobilenetv2_settings_kernel_and_last_channels():
+    net = create_backbone("mobilenetv2", in_channels=1, num_classes=K, input_size=8, stem_channels=8,
+                          settings=[(1, 8, 1, 1), (4, 16, 2, 2, 5)], last_channels=32)
+    assert net.num_stages == 3 and net.stage_info[-1].shape == (32, 4, 4)
+    assert net.stages[1].block[1][0].kernel_size == (5, 5)
+    _check_stage_shapes(net, torch.randn(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="odd kernel size"):
+        create_backbone("mobilenetv2", in_channels=1, num_classes=K, input_size=8, settings=[(1, 8, 1, 1, 4)])

@@ -1,7 +1,10 @@
 """CIFAR-style ResNets: ResNet-18/34 (64-512 channels, projection shortcuts) and the He et al.
-(2016) CIFAR family ResNet-20/32/56/110 (16-64 channels) used by EENets. The stem is merged
+(2016) CIFAR family ResNet-20/32/56/110 (16-64 channels) used by EENets, and ``resnet_cifar``
+with free per-group depths and channels (for the design search). The stem is merged
 into the first block's stage; after that every BasicBlock is one stage."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -9,7 +12,7 @@ from torch import Tensor, nn
 from ._layers import avgpool_linear, check_width, conv_bn_act, init_weights, scaled
 from .base import Backbone, register_backbone
 
-__all__ = ["resnet18", "resnet34", "resnet20", "resnet32", "resnet56", "resnet110"]
+__all__ = ["resnet18", "resnet34", "resnet20", "resnet32", "resnet56", "resnet110", "resnet_cifar"]
 
 
 class ZeroPadShortcut(nn.Module):
@@ -38,7 +41,7 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module
         if stride == 1 and in_ch == out_ch:
             self.shortcut = nn.Identity()
-        elif shortcut == "A":
+        elif shortcut == "A" and out_ch >= in_ch:  # zero padding cannot drop channels: project then
             self.shortcut = ZeroPadShortcut(out_ch - in_ch, stride)
         else:
             self.shortcut = conv_bn_act(in_ch, out_ch, 1, stride, act=None)
@@ -49,8 +52,8 @@ class BasicBlock(nn.Module):
 
 
 def _resnet(
-    depths: tuple[int, ...],
-    channels: tuple[int, ...],
+    depths: Sequence[int],
+    channels: Sequence[int],
     *,
     in_channels: int,
     num_classes: int,
@@ -59,9 +62,15 @@ def _resnet(
     shortcut: str,
 ) -> Backbone:
     check_width(width)
+    depths, channels = [int(d) for d in depths], [int(c) for c in channels]
+    if not depths or len(depths) != len(channels):
+        raise ValueError(f"depths and channels need one entry per group, got {len(depths)} and {len(channels)}")
+    if min(depths) < 1 or min(channels) < 1:
+        raise ValueError(f"every group needs depths >= 1 and channels >= 1, got depths={depths}, channels={channels}")
     if shortcut not in ("A", "B"):
         raise ValueError(f"shortcut must be 'A' (zero padding) or 'B' (projection), got {shortcut!r}")
-    widths = [scaled(c, width) for c in channels]
+    # The floor of 8 channels keeps thin variants usable; narrower groups asked for explicitly stay.
+    widths = [scaled(c, width, minimum=min(8, c)) for c in channels]
     stem = conv_bn_act(in_channels, widths[0], 3)
     stages: list[nn.Module] = []
     names: list[str] = []
@@ -129,3 +138,21 @@ def resnet110(
 ) -> Backbone:
     """ResNet-110 (He et al. 2016, n=18); 54 stages."""
     return _resnet((18, 18, 18), _CIFAR, **locals())
+
+
+@register_backbone("resnet_cifar")
+def resnet_cifar(
+    *,
+    in_channels: int,
+    num_classes: int,
+    input_size: tuple[int, int],
+    depths: Sequence[int] = (3, 3, 3),
+    channels: Sequence[int] = (16, 32, 64),
+    width: float = 1.0,
+    shortcut: str = "A",
+) -> Backbone:
+    """A CIFAR ResNet with any number of groups, ``depths[g]`` BasicBlocks of ``channels[g]``
+    channels in group ``g`` (each group after the first halves the map). The defaults are
+    ResNet-20; this is the family the design search varies per stage."""
+    return _resnet(depths, channels, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+                   width=width, shortcut=shortcut)

@@ -1,0 +1,460 @@
+"""The search itself: one Optuna trial = sample a design, train it on the proxy budget, calibrate its
+thresholds on the validation split, repair them against the MAC ceiling, and report two
+objectives (validation accuracy, up; expected MACs per sample with every head counted, down).
+The accuracy floor and the MAC ceiling go to the sampler as constraints (``constraints_func``),
+not into the objectives. The study lives in Optuna storage (SQLite by default), so a killed
+search continues where it stopped and several processes can search one study together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..callbacks import Callback
+from ..cost import CostTable
+from ..data import DataSplits, load_dataset
+from ..data.core import cap
+from ..evaluate import CachedOutputs, collect_outputs
+from ..policies import Goal, calibrate, evaluate_policy
+from .config import SearchConfig
+from .space import ConfigError, Design
+
+__all__ = ["ImpossibleConstraints", "SearchResult", "constraint_values", "create_study", "evaluate_design",
+           "load_search_data", "repair_thresholds", "run_search", "default_storage"]
+
+# What must match for two runs to share a study (the rest, e.g. constraints or the trial count,
+# may change between runs: the report re-reads every trial against the current constraints).
+_STUDY_KEYS = ("dataset", "space", "objective", "policy", "train")
+
+
+class ImpossibleConstraints(ConfigError):
+    """No design of the space can satisfy the constraints (known before any training)."""
+
+
+# ------------------------------------------------------------------------------------------ data
+def load_search_data(config: SearchConfig) -> DataSplits:
+    """The data set with the search's own caps per split (stratified, seeded)."""
+    ds = config.dataset
+    data = load_dataset(ds["name"], data_dir=ds.get("data_dir"), download=bool(ds.get("download", False)),
+                        val_fraction=ds["val_fraction"], seed=ds["seed"])
+    splits = {}
+    for i, part in enumerate(("train", "val", "test")):
+        # streams 11-13: independent of load_dataset's own val carve-out and limit streams
+        splits[part] = cap(getattr(data, part), ds.get(f"{part}_limit"), (ds["seed"], 11 + i))
+    if len(splits["val"]) == 0:
+        raise ConfigError("dataset: the validation split is empty; thresholds are calibrated on it (raise val_fraction)")
+    return dataclasses.replace(data, **splits)
+
+
+def _shape_kw(data: DataSplits) -> dict[str, Any]:
+    info = data.info
+    return {"num_classes": info.num_classes, "in_channels": info.in_channels, "input_size": tuple(info.input_size)}
+
+
+# ---------------------------------------------------------------------------------------- repair
+def repair_thresholds(policy: str, thresholds: torch.Tensor, val_cache: CachedOutputs, cost: CostTable, *,
+                      accuracy_floor: float, macs_ceiling: float, fallback: str = "final") -> tuple[torch.Tensor, bool]:
+    """NACHOS' repair step (METHODS.md §4): when a design holds the accuracy floor but its expected
+    MACs exceed the ceiling, lower its thresholds until the ceiling holds, as long as the accuracy
+    stays at or above the floor. NACHOS walks the thresholds down by 0.1, last early exit first;
+    here the walk is eenn's exact threshold search (:func:`eenn.policies.calibrate` with
+    ``Goal(budget=ceiling)``: the most accurate thresholds whose expected MACs fit), kept only if
+    that accuracy reaches the floor. Returns ``(thresholds, repaired)``; unchanged when the
+    design already fits or cannot be repaired."""
+    now = evaluate_policy(policy, thresholds, val_cache, cost, fallback=fallback)
+    if now["expected_macs"] <= macs_ceiling or now["accuracy"] < accuracy_floor:
+        return thresholds, False
+    th = calibrate(policy, val_cache, cost, Goal(budget=macs_ceiling), fallback=fallback)
+    r = evaluate_policy(policy, th, val_cache, cost, fallback=fallback)
+    if r["expected_macs"] <= macs_ceiling and r["accuracy"] >= accuracy_floor:
+        return th, True
+    return thresholds, False
+
+
+# ------------------------------------------------------------------------------------ one design
+class _FirstEpochPruner(Callback):
+    """Stops a candidate whose best exit is below ``threshold`` on validation after epoch 1."""
+
+    def __init__(self, threshold: float | None) -> None:
+        self.threshold, self.pruned, self.first = threshold, False, None
+
+    def on_epoch_end(self, trainer, metrics: dict[str, Any]) -> None:
+        if metrics["epoch"] != 1 or "val_acc" not in metrics:
+            return
+        self.first = max(metrics["val_acc"])
+        if self.threshold is not None and trainer.config.epochs > 1 and self.first < self.threshold:
+            self.pruned = True
+            trainer.should_stop = True
+
+
+class Pruned(Exception):
+    """A candidate given up before or during training; ``attrs`` say why and what is known."""
+
+    def __init__(self, reason: str, attrs: dict[str, Any]) -> None:
+        super().__init__(reason)
+        self.attrs = {"pruned_reason": reason, **attrs}
+
+
+def evaluate_design(config: SearchConfig, design: Design, data: DataSplits, *, device: str | None = None) -> dict[str, Any]:
+    """Train ``design`` on the proxy budget and measure it: validation accuracy and expected MACs
+    after calibration and repair, and the same thresholds' figures on the test split. Raises
+    :class:`Pruned` for a hopeless candidate."""
+    from ..trainer import TrainConfig, Trainer
+
+    torch.manual_seed(config.seed)
+    net = design.build()
+    cost = net.cost()
+    floor, ceiling = config.accuracy_floor, config.macs_ceiling
+    lower = min(cost.dynamic_macs)
+    base = {"full_macs": float(cost.macs[-1]), "macs_lower_bound": float(lower), "params": int(cost.total_params)}
+    if lower > ceiling:
+        raise Pruned(f"even its cheapest exit costs {lower:,} MACs > the ceiling {ceiling:,.0f}; not trained",
+                     {**base, "val_accuracy": 0.0, "val_macs": float(lower)})
+    pruner = _FirstEpochPruner(config.prune_below)
+    train = {**config.train, "seed": config.seed, "out_dir": None, "resume": False}
+    if device is not None:
+        train["device"] = device
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. NACHOS' "the ceiling never binds" for a small design
+        from ..objectives import create_objective
+
+        objective = create_objective(config.objective, **config.objective_options)
+        Trainer(TrainConfig(**train), [pruner]).fit(net, objective, data)
+    seconds = time.perf_counter() - t0
+    if pruner.pruned:
+        raise Pruned(f"best exit reached {pruner.first:.3f} validation accuracy after epoch 1 (< {config.prune_below})",
+                     {**base, "val_accuracy": float(pruner.first), "val_macs": float(lower), "train_seconds": seconds})
+    info = data.info
+    kw = dict(mean=info.mean, std=info.std)
+    val = collect_outputs(net, data.val, **kw)
+    th = calibrate(config.policy, val, cost, Goal(max_drop=config.max_drop), fallback=config.fallback)
+    th, repaired = repair_thresholds(config.policy, th, val, cost, accuracy_floor=floor, macs_ceiling=ceiling,
+                                     fallback=config.fallback)
+    rv = evaluate_policy(config.policy, th, val, cost, fallback=config.fallback)
+    out = {**base, "train_seconds": seconds, "thresholds": [float(t) for t in th.tolist()], "repaired": repaired,
+           "val_accuracy": rv["accuracy"], "val_macs": rv["expected_macs"], "val_final_accuracy": rv["final_accuracy"],
+           "val_exit_distribution": rv["exit_distribution"], "exit_macs": [float(m) for m in cost.dynamic_macs]}
+    if len(data.test):
+        test = collect_outputs(net, data.test, **kw)
+        rt = evaluate_policy(config.policy, th, test, cost, fallback=config.fallback)
+        out.update(test_accuracy=rt["accuracy"], test_macs=rt["expected_macs"], test_final_accuracy=rt["final_accuracy"],
+                   test_exit_distribution=rt["exit_distribution"])
+    return out
+
+
+# ------------------------------------------------------------------------------------ the study
+def constraint_values(attrs: dict[str, Any], floor: float, ceiling: float) -> list[float]:
+    """Optuna's convention (<= 0 is satisfied): ``[floor - accuracy, (MACs - ceiling) / ceiling]``;
+    the MACs are scaled by the ceiling so both violations are fractions."""
+    return [floor - float(attrs.get("val_accuracy", 0.0)), (float(attrs.get("val_macs", math.inf)) - ceiling) / ceiling]
+
+
+CONSTRAINT_NAMES = ("accuracy_floor", "macs_ceiling")
+
+
+def _set_constraints(trial, attrs: dict[str, Any], config: SearchConfig) -> None:
+    """Hand the constraints to Optuna (``Trial.set_constraint``, Optuna >= 5; older versions read
+    them through the samplers' ``constraints_func`` from the same user attributes)."""
+    if hasattr(trial, "set_constraint"):
+        for k, v in zip(CONSTRAINT_NAMES, constraint_values(attrs, config.accuracy_floor, config.macs_ceiling)):
+            trial.set_constraint(k, v)
+
+
+def _sampler(config: SearchConfig, seed: int):
+    import optuna
+
+    floor, ceiling = config.accuracy_floor, config.macs_ceiling
+
+    def constraints_func(trial) -> list[float]:
+        return constraint_values(trial.user_attrs, floor, ceiling)
+
+    # Optuna >= 5 takes the constraints from each trial (set_constraint); before, from here.
+    constraints = None if hasattr(optuna.trial.Trial, "set_constraint") else constraints_func
+    if config.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=config.population, seed=seed, constraints_func=constraints)
+    if config.sampler == "tpe":
+        return optuna.samplers.TPESampler(n_startup_trials=config.startup_trials, seed=seed, multivariate=True,
+                                          constraints_func=constraints)
+    if config.sampler == "gp":
+        return optuna.samplers.GPSampler(n_startup_trials=config.startup_trials, seed=seed, constraints_func=constraints)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def default_storage(out: str | Path) -> str:
+    return f"sqlite:///{Path(out).resolve() / 'study.db'}"
+
+
+def _storage(url: str | None, out: str | Path, heartbeat: tuple[int, int] | None):
+    import optuna
+
+    url = url or default_storage(out)
+    if url == "memory":
+        return optuna.storages.InMemoryStorage()
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat options
+        kw: dict[str, Any] = {}
+        if heartbeat:
+            # A trial whose process died stops beating; after the grace period the next trial start
+            # marks it failed and queues its design again (once).
+            kw = dict(heartbeat_interval=heartbeat[0], grace_period=heartbeat[1],
+                      heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kw)
+
+
+def create_study(config: SearchConfig, storage: Any = None, study_name: str | None = None, *, out: str | Path = ".",
+                 seed: int | None = None, heartbeat: tuple[int, int] | None = (5, 20)):
+    """Create or load the study (directions: accuracy up, MACs down) with the configured sampler.
+    A study made with a different space, data, objective, policy or proxy budget is refused."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    st = storage if not isinstance(storage, (str, type(None))) else _storage(storage, out, heartbeat)
+    name = study_name or config.name
+    sampler = _sampler(config, config.seed if seed is None else seed)
+    study = optuna.create_study(storage=st, study_name=name, directions=["maximize", "minimize"], sampler=sampler,
+                                load_if_exists=True)
+    mine = json.loads(json.dumps(config.to_dict()))
+    saved = study.user_attrs.get("config")
+    if saved is None:
+        study.set_user_attr("config", mine)
+    else:
+        differ = [k for k in _STUDY_KEYS if saved.get(k) != mine.get(k)]
+        if differ:
+            raise ConfigError(f"study {name!r} in this storage was made with a different {', '.join(differ)}; "
+                              "its trials would not compare with new ones: use another --study name or --storage")
+    return study
+
+
+def _objective(config: SearchConfig, data: DataSplits, device: str | None) -> Callable:
+    import optuna
+    from optuna.trial import TrialState
+
+    shape = _shape_kw(data)
+
+    def objective(trial) -> tuple[float, float]:
+        design = config.space.sample(trial, gated=config.gated, **shape)
+        trial.set_user_attr("network", design.network)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        # The same design again (NSGA-II's children often repeat a parent): reuse its figures.
+        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.params == trial.params and "val_accuracy" in t.user_attrs:
+                for k, v in t.user_attrs.items():
+                    if k != "network":
+                        trial.set_user_attr(k, v)
+                trial.set_user_attr("duplicate_of", t.number)
+                _set_constraints(trial, t.user_attrs, config)
+                return t.values[0], t.values[1]
+        try:
+            result = evaluate_design(config, design, data, device=device)
+        except Pruned as p:
+            for k, v in p.attrs.items():
+                trial.set_user_attr(k, v)
+            _set_constraints(trial, p.attrs, config)
+            raise optuna.TrialPruned(str(p)) from None
+        for k, v in result.items():
+            trial.set_user_attr(k, v)
+        _set_constraints(trial, result, config)
+        return result["val_accuracy"], result["val_macs"]
+
+    return objective
+
+
+class _Progress:
+    """One line per finished trial: counts, this trial's figures, the best admissible so far."""
+
+    def __init__(self, config: SearchConfig, target: int, prefix: str = "", stream=None) -> None:
+        self.config, self.target, self.prefix = config, target, prefix
+        self.stream = stream or sys.stdout
+
+    def __call__(self, study, trial) -> None:
+        from optuna.trial import TrialState
+
+        from .report import trial_records
+
+        fl, ce = self.config.accuracy_floor, self.config.macs_ceiling
+        recs = trial_records(study, fl, ce)
+        done = sum(counts_as_trained(r["state"], r) for r in recs)
+        pruned = sum(r["state"] == "PRUNED" for r in recs)
+        a = trial.user_attrs
+        if trial.state == TrialState.COMPLETE:
+            ok = "admissible" if all(c <= 0 for c in constraint_values(a, fl, ce)) else "violates a constraint"
+            this = f"val acc {100 * a['val_accuracy']:.2f}% at {a['val_macs'] / 1e3:,.1f}K MACs ({ok})"
+            if a.get("duplicate_of") is not None:
+                this += f", same design as trial {a['duplicate_of']}"
+        elif trial.state == TrialState.PRUNED:
+            this = f"pruned: {a.get('pruned_reason', '')}"
+        else:
+            this = f"{trial.state.name.lower()}"
+        adm = [r for r in recs if r["admissible"]]
+        if adm:
+            best = max(adm, key=lambda r: (r["val_accuracy"], -r["val_macs"]))
+            cheap = min(adm, key=lambda r: (r["val_macs"], -r["val_accuracy"]))
+            b = (f"best admissible: {100 * best['val_accuracy']:.2f}% at {best['val_macs'] / 1e3:,.1f}K (trial "
+                 f"{best['number']}); cheapest: {cheap['val_macs'] / 1e3:,.1f}K at {100 * cheap['val_accuracy']:.2f}% "
+                 f"(trial {cheap['number']})")
+        else:
+            b = "no admissible design yet"
+        print(f"{self.prefix}[{done}/{self.target} trained, {pruned} pruned] trial {trial.number}: {this} | {b}",
+              file=self.stream, flush=True)
+
+
+@dataclass
+class SearchResult:
+    """What :func:`run_search` returns: the study and the report it wrote."""
+
+    study: Any
+    config: SearchConfig
+    records: list[dict[str, Any]]
+    front: list[dict[str, Any]]
+    message: str
+    files: dict[str, str]
+
+    @property
+    def feasible(self) -> bool:
+        return bool(self.front)
+
+
+def _check_possible(config: SearchConfig, data: DataSplits) -> None:
+    shape = _shape_kw(data)
+    lows = []
+    for d in config.space.cheapest(gated=config.gated, **shape):
+        try:
+            lows.append(min(d.build().cost().dynamic_macs))
+        except ValueError as e:  # e.g. a head that needs a feature map on a flat stage
+            raise ConfigError(f"space: design {d.network} cannot be built: {e}") from None
+    low = min(lows)
+    if low > config.macs_ceiling:
+        raise ImpossibleConstraints(
+            f"impossible constraints: the MAC ceiling {config.macs_ceiling:,.0f} is below the cheapest design of this "
+            f"space ({low:,} MACs per sample, smallest stages and its first exit alone); raise macs_ceiling or make "
+            "the space smaller")
+
+
+def counts_as_trained(state: str, attrs: dict[str, Any]) -> bool:
+    """Whether a finished trial used the training budget: designs turned away on MACs before
+    training, and repeats of a design already measured, are free (they cost no training)."""
+    if state == "COMPLETE":
+        return attrs.get("duplicate_of") is None
+    return state == "PRUNED" and "train_seconds" in attrs
+
+
+def _n_finished(study) -> int:
+    """Finished trials that count towards ``n_trials`` (see :func:`counts_as_trained`)."""
+    from optuna.trial import TrialState
+
+    return sum(counts_as_trained(t.state.name, t.user_attrs)
+               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+class _StopWhenTrained:
+    """Stops the study once ``n`` trials have used the training budget (across all workers)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, study, trial) -> None:
+        if _n_finished(study) >= self.n:
+            study.stop()
+
+
+# Free trials (pruned before training, repeats) are bounded too, so that a space whose designs
+# nearly all exceed the ceiling cannot spin for ever.
+_FREE_TRIALS_FACTOR = 10
+
+
+def _work(config: SearchConfig, storage: Any, study_name: str, n_trials: int, *, seed: int, out: str | Path,
+          prefix: str, device: str | None, data: DataSplits | None = None, heartbeat=(5, 20),
+          progress: bool = True) -> None:
+    """One worker: optimise until the study holds ``n_trials`` finished (complete or pruned) trials."""
+    torch.set_num_threads(int(os.environ.get("EENN_SEARCH_THREADS", "1")))
+    data = data if data is not None else load_search_data(config)
+    study = create_study(config, storage, study_name, out=out, seed=seed, heartbeat=heartbeat)
+    if _n_finished(study) >= n_trials:
+        return
+    cap = _FREE_TRIALS_FACTOR * n_trials + 20 - len(study.get_trials(deepcopy=False))
+    if cap <= 0:
+        print(f"{prefix}eenn search: the study already holds {len(study.get_trials(deepcopy=False))} trials, most of them "
+              "pruned before training or repeats; stopping. Raise the MAC ceiling or shrink the space.", flush=True)
+        return
+    callbacks: list = [_StopWhenTrained(n_trials)]
+    if progress:
+        callbacks.append(_Progress(config, n_trials, prefix))
+    study.optimize(_objective(config, data, device), n_trials=cap, callbacks=callbacks, catch=(FloatingPointError,))
+
+
+def _worker_main(config_dict: dict, storage: str, study_name: str, n_trials: int, seed: int, out: str, prefix: str,
+                 device: str | None, heartbeat, progress: bool) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    config = SearchConfig.from_dict(config_dict)
+    _work(config, storage, study_name, n_trials, seed=seed, out=out, prefix=prefix, device=device,
+          heartbeat=heartbeat, progress=progress)
+
+
+def run_search(config: SearchConfig, *, storage: str | None = None, study_name: str | None = None,
+               n_trials: int | None = None, workers: int = 1, out: str | Path = "search-out", device: str | None = None,
+               progress: bool = True, heartbeat: tuple[int, int] | None = (5, 20), report: bool = True) -> SearchResult:
+    """Search until the study holds ``n_trials`` trained trials (default: the config's; designs
+    pruned before training and repeats of a measured design are free, up to a bound), with
+    ``workers`` local processes on one study, then write the report to ``out``.
+
+    ``storage`` is an Optuna RDB URL (default ``sqlite:///<out>/study.db``; ``"memory"`` keeps it
+    in this process only, one worker). Re-running the same call continues the same study: the
+    trials already trained count towards ``n_trials``. Raises :class:`ImpossibleConstraints`
+    before any training when the MAC ceiling is below the cheapest design of the space."""
+    from .report import summarise, write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_trials = config.trials if n_trials is None else int(n_trials)
+    if n_trials < 1 or workers < 1:
+        raise ConfigError(f"need trials >= 1 and workers >= 1, got {n_trials} and {workers}")
+    url = storage or default_storage(out)
+    if url == "memory" and workers > 1:
+        raise ConfigError("workers > 1 need a shared storage: give an RDB URL (sqlite:///..., postgresql://...)")
+    name = study_name or config.name
+    data = load_search_data(config)
+    _check_possible(config, data)
+    st = _storage(url, out, heartbeat) if url == "memory" else url
+    study = create_study(config, st, name, out=out, heartbeat=heartbeat)  # created once, before the workers race
+    if progress:
+        have = _n_finished(study)
+        print(f"eenn search: study {name!r} in {url if url != 'memory' else 'memory'}; {have} of {n_trials} trials "
+              f"already finished; {workers} worker(s); space of {config.space.size():,} designs; constraints: "
+              f"val accuracy >= {config.accuracy_floor:.4f}, expected MACs <= {config.macs_ceiling:,.0f}", flush=True)
+    if workers == 1:
+        _work(config, study._storage if url == "memory" else url, name, n_trials, seed=config.seed, out=out, prefix="",
+              device=device, data=data, heartbeat=heartbeat, progress=progress)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_worker_main, args=(config.to_dict(), url, name, n_trials, config.seed + 1000 * w,
+                                                        str(out), f"[worker {w}] ", device, heartbeat, progress))
+                 for w in range(workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        bad = [p.exitcode for p in procs if p.exitcode != 0]
+        if bad:
+            raise RuntimeError(f"{len(bad)} search worker(s) failed (exit codes {bad}); the study keeps what they finished")
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=study._storage if url == "memory" else _storage(url, out, None))
+    records, front, message = summarise(study, config)
+    files = write_report(out, study, config, records, front, message, study_name=name, storage=url) if report else {}
+    return SearchResult(study, config, records, front, message, files)

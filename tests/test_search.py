@@ -1,0 +1,325 @@
+"""Design search: the space as data and its errors, the Pareto front, the repair step, impossible
+constraints, a small search on digits with its report, resuming after a kill, two workers on one
+SQLite study, and the command line."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+import eenn
+from eenn.evaluate import CachedOutputs
+from eenn.policies import evaluate_policy
+from eenn.search import (ConfigError, ImpossibleConstraints, SearchConfig, SearchSpace, pareto_front,
+                         repair_thresholds, run_search)
+from eenn.search import cli as search_cli
+from eenn.search.study import counts_as_trained
+
+SRC = str(Path(eenn.__file__).resolve().parents[1])
+
+SPACE = {
+    "family": "resnet",
+    "stages": [{"depth": [1, 2], "channels": [4, 8]}, {"depth": 1, "channels": [8, 16]}, {"depth": 1, "channels": 16}],
+    "head": {"type": ["linear", "conv"], "width": [None, 8]},
+}
+
+
+def tiny(**over) -> dict:
+    """A search small enough for a test: digits capped, tiny ResNets, two epochs."""
+    raw = {
+        "name": "tiny",
+        "dataset": {"name": "digits", "val_fraction": 0.2, "seed": 0, "train_limit": 400, "val_limit": 200,
+                    "test_limit": 200},
+        "space": copy.deepcopy(SPACE),
+        "constraints": {"accuracy_floor": 0.3, "macs_ceiling": 200_000},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 0.01},
+        "retrain": {"epochs": 20},
+        "search": {"trials": 2, "sampler": "random", "seed": 0},
+    }
+    for key, value in over.items():
+        section, _, sub = key.partition("__")
+        if sub:
+            raw[section][sub] = value
+        else:
+            raw[section] = value
+    return raw
+
+
+SHAPE = dict(num_classes=10, in_channels=1, input_size=(8, 8))
+
+
+# ------------------------------------------------------------------------------------- the space
+def test_space_samples_buildable_designs_with_at_least_one_exit():
+    space = SearchSpace.from_dict(SPACE)
+    # 2x2 (group 0) x 2 (group 1) x 3 exit sets ({0}, {1}, {0, 1}) x 2 heads x 2 widths
+    assert space.size() == 2 * 2 * 2 * 3 * 2 * 2
+    assert space.exit_sets == ["0", "1", "0,1"]
+    params = {"stage0.depth": 2, "stage0.channels": 8, "stage1.channels": 16, "exits": "0,1", "head.type": "conv",
+              "head.width": 8}
+    d = space.sample(optuna.trial.FixedTrial(params), **SHAPE)
+    net = d.build()
+    # Exits sit on each group's last block: blocks 0-1 are group 0, block 2 is group 1.
+    assert net.exit_stages == [1, 2]
+    assert d.network["backbone_options"] == {"depths": [2, 1, 1], "channels": [8, 16, 16]}
+    assert net.head_names == ["conv", "conv"] and d.network["head_options"] == {"width": 8}
+    assert net.num_exits == 3
+    # rebuilt from its own description (what a design's YAML holds)
+    again = eenn.NetworkConfig(**d.network).build()
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in net.parameters())
+
+
+def test_gated_objectives_get_gated_heads_and_mobilenet_family_builds():
+    space = SearchSpace.from_dict({"family": "mobilenet", "stages": [
+        {"depth": [1, 2], "channels": 8, "expansion": [2, 4], "kernel": [3, 5], "stride": 1},
+        {"depth": 1, "channels": 16, "expansion": 4}], "options": {"stem_channels": 8, "last_channels": 32},
+        "head": {"type": "linear"}})
+    d = space.sample(optuna.trial.FixedTrial({"stage0.depth": 2, "stage0.expansion": 4, "stage0.kernel": 5}),
+                     gated=True, **SHAPE)
+    net = d.build()
+    assert net.has_gates and net.exit_stages == [1]
+    assert d.network["backbone_options"]["settings"] == [[4, 8, 2, 1, 5], [4, 16, 1, 2, 3]]
+    assert net.backbone.stages[1].block[1][0].kernel_size == (5, 5)  # the depthwise conv took kernel 5
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda r: r.update(space={}), "space: empty"),
+    (lambda r: r["space"]["stages"][0].update(bogus=[1]), r"stages\[0\]: unknown key\(s\) bogus"),
+    (lambda r: r["space"].update(familly="resnet"), "unknown key.*familly"),
+    (lambda r: r["space"]["stages"][0].update(depth=["two"]), r"stage0.depth has 'two'"),
+    (lambda r: r["space"]["stages"][0].update(depth=[]), "stage0.depth is an empty list"),
+    (lambda r: r["space"].update(stages=[{"depth": 1, "channels": 8}]), "at least two stage groups"),
+    (lambda r: r["space"].update(exits=[2]), "space.exits"),
+    (lambda r: r["space"]["head"].update(type=["linear", "nope"]), "head.type has 'nope'"),
+    (lambda r: r["space"].update(family="vit"), "space.family"),
+    (lambda r: r["constraints"].update(accuracy_floor=90), "accuracy_floor: must be <= 1"),
+    (lambda r: r["constraints"].update(macs_ceiling=-5), "macs_ceiling: must be > 0"),
+    (lambda r: r["constraints"].pop("macs_ceiling"), "give both accuracy_floor"),
+    (lambda r: r["constraints"].update(accuracy_floor="high"), "accuracy_floor: expected a number"),
+    (lambda r: r.update(serch={}), "unknown top-level key.*serch"),
+    (lambda r: r["train"].update(epoch=3), r"train: unknown key\(s\) epoch"),
+    (lambda r: r["search"].update(sampler="cmaes"), "search.sampler"),
+    (lambda r: r.update(policy={"name": "ensemble"}), "policy.name"),
+])
+def test_bad_config_names_the_key(mutate, match):
+    raw = tiny()
+    mutate(raw)
+    with pytest.raises(ConfigError, match=match):
+        SearchConfig.from_dict(raw)
+
+
+# ------------------------------------------------------------------------------- front and repair
+@pytest.mark.parametrize("points, front", [
+    ([(0.9, 100), (0.8, 50), (0.85, 120), (0.95, 200)], [(0.8, 50), (0.9, 100), (0.95, 200)]),
+    ([(0.9, 100), (0.9, 100), (0.9, 90)], [(0.9, 90)]),  # equal accuracy: the cheaper one only
+    ([(0.7, 10), (0.7, 10)], [(0.7, 10)]),  # duplicates: once
+    ([(0.5, 10), (0.6, 10)], [(0.6, 10)]),  # equal cost: the more accurate one
+])
+def test_pareto_front_by_table(points, front):
+    recs = [{"number": i, "val_accuracy": a, "val_macs": m} for i, (a, m) in enumerate(points)]
+    assert [(r["val_accuracy"], r["val_macs"]) for r in pareto_front(recs)] == front
+
+
+def _cache_and_cost():
+    """Two exits; exit 0 right on 80% of the samples, the final on all; confidence higher where right."""
+    torch.manual_seed(0)
+    n = 200
+    y = torch.randint(0, 3, (n,))
+    right0 = torch.arange(n) % 5 != 0
+    conf0 = torch.where(right0, 2.0 + torch.rand(n), torch.rand(n))
+    logits = torch.zeros(2, n, 3)
+    wrong = (y + 1) % 3
+    logits[0, torch.arange(n), torch.where(right0, y, wrong)] = conf0
+    logits[1, torch.arange(n), y] = 5.0
+    net = eenn.create_network("resnet_cifar", in_channels=1, num_classes=3, input_size=8, exits=[0],
+                              depths=[1, 1], channels=[4, 8])
+    return CachedOutputs(logits, None, y), net.cost()
+
+
+def test_repair_lowers_thresholds_under_the_ceiling_keeping_the_floor():
+    cache, cost = _cache_and_cost()
+    th = torch.full((1,), float("inf"))  # nobody leaves early: the full network's cost
+    c0, c1 = cost.dynamic_macs
+    mid = c0 + 0.5 * (c1 - c0)
+    new, repaired = repair_thresholds("max_prob", th, cache, cost, accuracy_floor=0.85, macs_ceiling=mid)
+    after = evaluate_policy("max_prob", new, cache, cost)
+    assert repaired and after["expected_macs"] <= mid and after["accuracy"] >= 0.85
+    # Already under the ceiling: unchanged.
+    same, repaired = repair_thresholds("max_prob", new, cache, cost, accuracy_floor=0.85, macs_ceiling=mid)
+    assert not repaired and torch.equal(same, new)
+    # Under c0 + 10%, at least 90% must leave at exit 0, which is right on 80%: the floor 0.95
+    # cannot hold, so the thresholds stay as they were.
+    same, repaired = repair_thresholds("max_prob", th, cache, cost, accuracy_floor=0.95, macs_ceiling=c0 + 0.1 * (c1 - c0))
+    assert not repaired and torch.equal(same, th)
+
+
+# ------------------------------------------------------------------------------------ searching
+def test_impossible_ceiling_is_reported_before_any_training(tmp_path):
+    cfg = SearchConfig.from_dict(tiny(constraints={"accuracy_floor": 0.5, "macs_ceiling": 1000}))
+    with pytest.raises(ImpossibleConstraints, match=r"impossible constraints: the MAC ceiling 1,000 is below the "
+                                                    r"cheapest design of this space \([\d,]+ MACs"):
+        run_search(cfg, out=tmp_path, progress=False)
+    assert not (tmp_path / "study.db").exists()  # refused before a study was even made
+
+
+def test_unreachable_floor_is_explained_not_an_empty_table(tmp_path, capsys):
+    cfg = SearchConfig.from_dict(tiny(constraints={"accuracy_floor": 1.0, "macs_ceiling": 10**9},
+                                      search={"trials": 1, "sampler": "random"}))
+    res = run_search(cfg, out=tmp_path, storage="memory", progress=False)
+    assert res.front == [] and not res.feasible
+    assert "no admissible design" in res.message and "The most accurate reached" in res.message
+    md = (tmp_path / "pareto.md").read_text()
+    assert "no admissible design" in md and "| trial |" not in md
+    assert json.loads((tmp_path / "pareto.json").read_text())["feasible"] is False
+
+
+def test_search_on_digits_returns_admissible_non_dominated_designs(tmp_path):
+    cfg = SearchConfig.from_dict(tiny(search={"trials": 3, "sampler": "nsga2", "population": 2, "seed": 1}))
+    res = run_search(cfg, out=tmp_path, progress=False)
+    assert res.front, res.message
+    for d in res.front:
+        assert d["val_accuracy"] >= cfg.accuracy_floor and d["val_macs"] <= cfg.macs_ceiling
+        assert 0 <= d["test_accuracy"] <= 1 and d["test_macs"] > 0
+        others = [o for o in res.front if o is not d]
+        assert not any(o["val_accuracy"] >= d["val_accuracy"] and o["val_macs"] <= d["val_macs"] for o in others)
+    # Constraints reached Optuna as constraints (not folded into the objectives).
+    trained = [t for t in res.study.trials if t.state.name == "COMPLETE"]
+    assert all(len(t.values) == 2 for t in trained)
+    assert all(any(k.startswith("constraints") for k in t.system_attrs) for t in trained)
+    for name in ("pareto.md", "pareto.json", "pareto.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    doc = json.loads((tmp_path / "pareto.json").read_text())
+    assert doc["feasible"] and len(doc["front"]) == len(res.front)
+    # Every design's YAML retrains it: network = NetworkConfig fields, train = TrainConfig fields.
+    for d in doc["front"]:
+        body = yaml.safe_load(Path(d["config_file"]).read_text())
+        net = eenn.NetworkConfig(**body["network"]).build()
+        assert net.cost().macs[-1] == d["full_macs"]
+        assert eenn.TrainConfig(**body["train"]).epochs == 20
+        assert body["policy"]["thresholds"] == d["thresholds"]
+
+
+def test_first_epoch_pruning_and_pre_training_pruning_are_reported(tmp_path):
+    # Only designs with 4 channels and one block in group 0 and an exit there fit under this ceiling.
+    space = copy.deepcopy(SPACE)
+    space["head"] = {"type": "linear"}
+    cfg = SearchConfig.from_dict(tiny(space=space, search={"trials": 1, "sampler": "random", "prune_below": 0.99},
+                                      constraints={"accuracy_floor": 0.2, "macs_ceiling": 25_000}))
+    res = run_search(cfg, out=tmp_path, storage="memory", progress=False)
+    pruned = [r for r in res.records if r["state"] == "PRUNED"]
+    assert pruned and all(r["pruned_reason"] for r in pruned)
+    assert any("after epoch 1" in r["pruned_reason"] for r in pruned)
+    assert sum(counts_as_trained(r["state"], r) for r in res.records) == 1
+    doc = json.loads((tmp_path / "pareto.json").read_text())
+    assert doc["trials"]["pruned"] == len(pruned) and "Every candidate was pruned" in doc["message"]
+
+
+def _write_config(tmp_path: Path, raw: dict) -> Path:
+    p = tmp_path / "search.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _counted(url: str, name: str) -> list[int]:
+    study = optuna.load_study(study_name=name, storage=url)
+    return [t.number for t in study.trials if counts_as_trained(t.state.name, t.user_attrs)]
+
+
+def test_killed_search_continues_the_same_study(tmp_path):
+    # Slow-ish trials (the full digits train split), so the kill lands while one is running.
+    raw = tiny(search={"trials": 50, "sampler": "random"}, train={"epochs": 4, "batch_size": 32},
+               dataset={"name": "digits", "val_fraction": 0.2, "seed": 0, "val_limit": 100, "test_limit": 100})
+    cfg_path = _write_config(tmp_path, raw)
+    url = f"sqlite:///{tmp_path}/study.db"
+    code = ("import sys; from eenn.search import load_config, run_search; "
+            f"run_search(load_config({str(cfg_path)!r}), out={str(tmp_path)!r}, progress=False, heartbeat=(1, 2))")
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            time.sleep(0.5)
+            if (tmp_path / "study.db").exists():
+                try:
+                    if len(_counted(url, "tiny")) >= 1:
+                        break
+                except KeyError:  # the study is not created yet
+                    pass
+        else:
+            pytest.fail("the search never finished a trial")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = _counted(url, "tiny")
+    assert 1 <= len(before) < 50
+    time.sleep(2.5)  # past the heartbeat grace period: the killed trial is stale
+    cfg = SearchConfig.from_dict(raw)
+    res = run_search(cfg, out=tmp_path, n_trials=len(before) + 1, progress=False, heartbeat=(1, 2))
+    after = _counted(url, "tiny")
+    assert set(before) < set(after) and len(after) == len(before) + 1  # same study, one more trial
+    assert not [t for t in res.study.trials if t.state.name == "RUNNING"]  # the killed one was failed
+
+
+def test_two_workers_share_one_sqlite_study(tmp_path):
+    raw = tiny(search={"trials": 4, "sampler": "random"}, train={"epochs": 3, "batch_size": 32},
+               dataset={"name": "digits", "val_fraction": 0.2, "seed": 0, "val_limit": 100, "test_limit": 100})
+    res = run_search(SearchConfig.from_dict(raw), out=tmp_path, workers=2, progress=False)
+    trials = [t for t in res.study.trials if counts_as_trained(t.state.name, t.user_attrs)]
+    assert len(trials) >= 4
+    assert len({t.user_attrs["worker"] for t in res.study.trials}) == 2  # both processes wrote trials
+    assert len({t.number for t in res.study.trials}) == len(res.study.trials)
+
+
+# ------------------------------------------------------------------------------------- the command
+def test_cli_help_bad_config_and_impossible_constraints(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="eenn")
+    sub = parser.add_subparsers(dest="command")
+    search_cli.add_parser(sub)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["search", "--help"])
+    assert "eenn search --config configs/search_digits.yaml" in capsys.readouterr().out
+
+    bad = tiny()
+    bad["space"]["stages"][1]["width"] = [8]
+    args = parser.parse_args(["search", "--config", str(_write_config(tmp_path, bad)), "--out", str(tmp_path)])
+    assert search_cli.run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eenn search: error: space.stages[1]: unknown key(s) width") and err.count("\n") == 1
+
+    args = parser.parse_args(["search", "--config", str(_write_config(tmp_path, tiny())), "--ceiling", "10",
+                              "--out", str(tmp_path)])
+    assert search_cli.run(args) == 2
+    assert "impossible constraints" in capsys.readouterr().err
+
+
+def test_cli_runs_a_search_and_rewrites_the_report(tmp_path, capsys):
+    cfg = _write_config(tmp_path, tiny(search={"trials": 1, "sampler": "tpe"}))
+    out = tmp_path / "out"
+    assert search_cli.main(["--config", str(cfg), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "[1/1 trained" in text and "best admissible" in text and "Pareto-optimal" in text
+    # The same study reported under a floor nobody reaches: exit 1 and a sentence saying why.
+    assert search_cli.main(["--config", str(cfg), "--out", str(out), "--report-only", "--floor", "1.0"]) == 1
+    assert "no admissible design" in capsys.readouterr().out
+
+
+def test_nachos_objective_searches_gated_designs(tmp_path):
+    space = copy.deepcopy(SPACE)
+    space["head"] = {"type": "nachos", "width": 4}
+    cfg = SearchConfig.from_dict(tiny(space=space, objective={"name": "nachos"}, policy={"name": "cumulative"},
+                                      search={"trials": 1, "sampler": "random"},
+                                      constraints={"accuracy_floor": 0.0, "macs_ceiling": 10**6}))
+    assert cfg.objective_options["mmax"] == 10**6  # the MACs regulariser's ceiling is the constraint's
+    res = run_search(cfg, out=tmp_path, storage="memory", progress=False)
+    (done,) = [r for r in res.records if r["state"] == "COMPLETE"]
+    assert done["network"]["head"] == "nachos" and 0 < done["val_accuracy"] <= 1
