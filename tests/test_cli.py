@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import eenn
 from eenn.cli import main
@@ -44,3 +45,108 @@ def test_list_and_module_entry_point():
                        env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0
     assert "resnet110" in r.stdout and "heads_only" in r.stdout and "fashion_mnist" in r.stdout
+
+
+FAST_EVAL = ["--batch-sizes", "1,16", "--timing-samples", "4,32", "--repeats", "1", "--curve-points", "3"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One tiny run made from a YAML config with command-line overrides."""
+    root = tmp_path_factory.mktemp("cli")
+    cfg = root / "run.yaml"
+    cfg.write_text("data: {name: digits}\nmodel: {backbone: lenet5, exits: [1, 2], backbone_options: {width: 2}}\n"
+                   "objective: {name: joint}\ntrain: {epochs: 1, lr: 0.05, progress: false}\n"
+                   "eval: {policy: max_prob, goal: {max_drop: 0.02}}\n")
+    out = root / "run"
+    assert main(["train", "--config", str(cfg), "--set", "train.epochs=2", "--out", str(out), *FAST_EVAL]) == 0
+    return out
+
+
+def test_run_directory_holds_everything(run_dir):
+    from eenn.config import load_config
+
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "run.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "report.json",
+            "report.md", "curve.png", "exits.png"} <= names
+    cfg = load_config(run_dir / "config.yaml")  # the resolved config: file + --set + flags
+    assert cfg.train.epochs == 2 and cfg.model.backbone_options == {"width": 2} and cfg.eval.batch_sizes == [1, 16]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["argv"][:3] == ["train", "--config", str(run_dir.parent / "run.yaml")]
+    assert info["versions"]["torch"] and info["versions"]["python"]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "| Architecture |" in (run_dir / "report.md").read_text()
+
+
+def test_evaluate_calibrate_predict(run_dir, tmp_path, capsys):
+    import numpy as np
+
+    out = tmp_path / "entropy"
+    assert main(["evaluate", str(run_dir), "--policy", "entropy", "--budget", "200000", "--out", str(out), *FAST_EVAL]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["policy"]["name"] == "entropy" and rep["policy"]["goal"] == {"budget": 200000.0}
+    assert rep["validation"]["expected_macs"] <= 200000
+    assert main(["calibrate", str(run_dir), "--max-drop", "0.01"]) == 0
+    from eenn.report import read_json
+
+    cal = read_json(run_dir / "calibration.json")
+    assert cal["policy"] == "max_prob" and len(cal["thresholds"]) == 2 and "goal_held" in cal["test"]
+    capsys.readouterr()
+    # predict: a uint8 image-like .npy, a batch of float inputs, a PNG, and a bad file
+    from PIL import Image
+
+    data = eenn.load_dataset("digits")
+    x, y = data.test.x[:3], data.test.y[:3]
+    np.save(tmp_path / "one.npy", x[0].numpy())
+    Image.fromarray(x[1, 0].numpy()).save(tmp_path / "two.png")
+    (tmp_path / "bad.npy").write_bytes(b"not an array")
+    code = main(["predict", str(run_dir), str(tmp_path / "one.npy"), str(tmp_path / "two.png"),
+                 str(tmp_path / "bad.npy"), "--json"])
+    io = capsys.readouterr()
+    assert code == 1  # one input failed; the others were answered
+    recs = [json.loads(line) for line in io.out.splitlines()]
+    assert [r["input"] for r in recs] == [str(tmp_path / "one.npy"), str(tmp_path / "two.png")]
+    # the answers equal the engine's on the evaluation pipeline's own inputs
+    from eenn.engine import DynamicEngine
+
+    net = eenn.load(run_dir / "best.safetensors")
+    xb = next(iter(eenn.TensorLoader(data.test.subset(torch.arange(2)), 2, mean=data.info.mean, std=data.info.std)))[0]
+    ref = DynamicEngine(net, "max_prob", cal["thresholds"])(xb)
+    assert [r["prediction"] for r in recs] == ref.prediction.tolist() and [r["exit"] for r in recs] == ref.exit.tolist()
+    err = io.err.strip().splitlines()
+    assert len(err) == 1 and "bad.npy" in err[0]
+
+
+def test_compare_two_methods(tmp_path, capsys):
+    cfg = tmp_path / "cmp.yaml"
+    cfg.write_text("data: {name: digits}\nmodel: {backbone: lenet5, exits: [1, 2], backbone_options: {width: 2}}\n"
+                   "train: {epochs: 1, lr: 0.05, progress: false}\n"
+                   "eval: {batch_sizes: [1], timing_samples: [4], repeats: 1, curve_points: 3}\n"
+                   "methods:\n  Baseline: {objective: {name: final}}\n  B-NET: {objective: {name: joint}}\n")
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| data set | Baseline | B-NET |" in md and "| B-NET (max_prob) |" in md
+    assert (tmp_path / "cmp" / "curves.png").stat().st_size > 5000
+    assert {p.name for p in (tmp_path / "cmp").iterdir()} >= {"Baseline", "B-NET", "compare.json"}
+    # re-running reuses the finished runs (no training: the metrics files keep one line)
+    before = (tmp_path / "cmp" / "B-NET" / "metrics.jsonl").read_text()
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "cmp"), "--methods", "B-NET"]) == 0
+    assert (tmp_path / "cmp" / "B-NET" / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("argv, code, needle", [
+    (["train", "--epochs", "x"], 2, "invalid int value"),
+    (["train", "--set", "train.epoch=3"], 2, "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+    (["train", "--set", "train.epochs=many"], 2, "train.epochs: expected int"),
+    (["evaluate", "/nonexistent/run"], 1, "neither a run directory nor a checkpoint"),
+    (["train", "--dataset", "cifar10", "--epochs", "1"], 1, "cifar10"),
+    (["compare", "--config", "/nonexistent.yaml"], 2, "not found"),
+    (["predict"], 2, "the following arguments are required"),
+])
+def test_bad_input_is_one_line(argv, code, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EENN_DATA_DIR", str(tmp_path / "no-data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err

@@ -258,8 +258,10 @@ def _parser() -> argparse.ArgumentParser:
     l = sub.add_parser("list", help="list registered backbones, heads, objectives, policies and datasets")
     l.add_argument("what", nargs="?", choices=["backbones", "heads", "objectives", "policies", "datasets"], default=None)
 
+    from .search.cli import add_parser as add_search
     from .serve.cli import add_parsers
 
+    add_search(sub)
     add_parsers(sub)
     return p
 
@@ -316,8 +318,9 @@ def _evaluate(args) -> None:
 
 def _calibrate(args) -> None:
     from .evaluate import collect_outputs
-    from .policies import calibrate, evaluate_policy, report_goal
-    from .report import _finite, _policy_options
+    from .export import calibration_record
+    from .policies import report_goal
+    from .report import _policy_options, write_json
     from .run import build_data
 
     net, cfg, run_dir = _opened(args)
@@ -325,20 +328,16 @@ def _calibrate(args) -> None:
     info, e = data.info, cfg.eval
     net.eval()
     opts = _policy_options(e.policy_options, net.num_exits)
-    val = collect_outputs(net, data.val, mean=info.mean, std=info.std)
+    # The record `eenn export --calibration` and `eenn predict` read, plus the test-split figures.
+    record = calibration_record(net, data.val, e.policy, e.goal, mean=info.mean, std=info.std, fallback=e.fallback, **opts)
     test = collect_outputs(net, data.test, mean=info.mean, std=info.std)
-    th = calibrate(e.policy, val, net.cost(), e.goal, fallback=e.fallback, **opts)
-    on_val = evaluate_policy(e.policy, th, val, net.cost(), fallback=e.fallback, **opts)
-    on_test = report_goal(e.policy, th, test, net.cost(), e.goal, fallback=e.fallback, **opts)
-    record = {"policy": e.policy, "goal": e.goal, "fallback": e.fallback, "policy_options": e.policy_options,
-              "thresholds": th.tolist(), "mean": list(info.mean), "std": list(info.std),
-              "validation": on_val, "test": on_test}
+    on_test = report_goal(e.policy, record["thresholds"], test, net.cost(), e.goal, fallback=e.fallback, **opts)
+    record.update(policy_options=e.policy_options, test=on_test)
     out = args.out or os.path.join(run_dir, "calibration.json")
-    with open(out, "w") as f:
-        json.dump(_finite(record), f, indent=2)
-    print(f"{e.policy} thresholds (validation, goal {e.goal}): {', '.join(f'{t:.4g}' for t in th.tolist())}")
-    print(f"validation: accuracy {100 * on_val['accuracy']:.2f}% (final exit {100 * on_val['final_accuracy']:.2f}%), "
-          f"MAC speed-up {on_val['speedup']:.2f}x")
+    write_json(record, out)
+    v = record["validation"]
+    print(f"{e.policy} thresholds (validation, goal {e.goal}): {', '.join(f'{t:.4g}' for t in record['thresholds'])}")
+    print(f"validation: accuracy {100 * v['accuracy']:.2f}%, exits {', '.join(f'{100 * p:.1f}%' for p in v['exit_distribution'])}")
     print(f"test:       accuracy {100 * on_test['accuracy']:.2f}% (final exit {100 * on_test['final_accuracy']:.2f}%), "
           f"MAC speed-up {on_test['speedup']:.2f}x, goal held: {'yes' if on_test['goal_held'] else 'NO'}")
     print(f"written: {out}")
@@ -349,19 +348,17 @@ def _predict(args) -> int:
     import torch
 
     from .engine import DynamicEngine
-    from .report import _infinite, _policy_options
+    from .report import _policy_options, read_json
     from .run import data_info_of, open_run
     from .serve.inputs import InputError, decode_body
 
     net, config, run_dir = open_run(args.run)
     cal_path = args.calibration or next((p for p in (os.path.join(run_dir, "calibration.json"),) if os.path.exists(p)), None)
     if cal_path:
-        with open(cal_path) as f:
-            cal = _infinite(json.load(f))
+        cal = read_json(cal_path)
         policy, th, fallback, opts = cal["policy"], cal["thresholds"], cal.get("fallback", "final"), cal.get("policy_options", {})
     elif os.path.exists(os.path.join(run_dir, "report.json")):
-        with open(os.path.join(run_dir, "report.json")) as f:
-            rep = _infinite(json.load(f))
+        rep = read_json(os.path.join(run_dir, "report.json"))
         policy, th, fallback = rep["policy"]["name"], rep["policy"]["thresholds"], rep["policy"]["fallback"]
         opts = rep["policy"].get("options", {})
     else:
@@ -449,13 +446,17 @@ def main(argv: list[str] | None = None) -> int:
             for name, items in lists.items():
                 if args.what in (None, name):
                     print(f"{name}: {', '.join(items)}")
+        elif args.command == "search":
+            from .search.cli import run as run_search
+
+            return run_search(args)
         elif hasattr(args, "run") and callable(args.run):
             return args.run(args)
     except ConfigError as e:
         print(f"eenn: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else getattr(e, "summary", e)
         print(f"eenn: error: {msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -48,8 +48,8 @@ class ModelConfig:
     backbone: str = "resnet20"
     backbone_options: dict = field(default_factory=dict)  # e.g. {width: 0.5}
     exits: str | list = "all"  # "all", "none", [1, 3], "linear:3", stage names
-    head: str = "linear"
-    head_options: dict = field(default_factory=dict)
+    head: str | list = "linear"  # one head for every exit, or one per exit
+    head_options: dict | list = field(default_factory=dict)
 
 
 @dataclass
@@ -78,6 +78,7 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    meta: dict = field(default_factory=dict)  # free-form provenance (e.g. the search trial of a design); not used
 
 
 # --- validation -----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from .evaluate import CachedOutputs, collect_outputs
 from .network import MultiExitNetwork
 from .policies import calibrate, evaluate_policy, oracle, report_goal
 
-__all__ = ["Report", "evaluate", "time_engine", "accuracy_macs_curve"]
+__all__ = ["Report", "evaluate", "time_engine", "accuracy_macs_curve", "read_json", "write_json"]
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ class Report:
 
     @classmethod
     def load(cls, path: str | Path) -> "Report":
-        return cls(_infinite(json.loads(Path(path).read_text())))
+        return cls(read_json(path))
 
 
 def _policy_options(options: Mapping | None, num_exits: int, objective=None) -> dict:
@@ -319,6 +319,18 @@ def evaluate(net: MultiExitNetwork, data, *, policy: str = "max_prob", goal: Map
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
     }
     return Report(data_out)
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file eenn wrote: infinities (stored as the strings "inf" / "-inf") come back as floats."""
+    return _infinite(json.loads(Path(path).read_text()))
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Strict JSON (infinities as the strings "inf" / "-inf")."""
+    p = Path(path)
+    p.write_text(json.dumps(_finite(obj), indent=2))
+    return p
 
 
 def _cpu_name() -> str:

@@ -72,7 +72,7 @@ def build_network(config: RunConfig, info) -> MultiExitNetwork:
     m = config.model
     torch.manual_seed(config.train.seed)
     return create_network(m.backbone, in_channels=info.in_channels, num_classes=info.num_classes,
-                          input_size=info.input_size, exits=m.exits, head=m.head, head_options=dict(m.head_options),
+                          input_size=info.input_size, exits=m.exits, head=m.head, head_options=m.head_options,
                           **m.backbone_options)
 
 

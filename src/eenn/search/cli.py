@@ -16,7 +16,7 @@ EPILOG = """examples:
 
 The study lives in --storage (default: sqlite:///OUT/study.db): re-running the same command after a
 kill continues it. Writes OUT/pareto.md, OUT/pareto.json, OUT/pareto.png and OUT/designs/*.yaml
-(the network + train configs to retrain each design). Exit codes: 0 admissible designs found;
+(run configs: `eenn train --config DESIGN.yaml` retrains a design). Exit codes: 0 admissible designs found;
 1 none admissible (the report says why); 2 bad configuration, or constraints no design of the
 space can meet.
 """

@@ -88,30 +88,31 @@ def summarise(study, config: SearchConfig) -> tuple[list[dict], list[dict], str]
 
 
 def design_config(record: dict[str, Any], config: SearchConfig, *, study_name: str = "") -> dict[str, Any]:
-    """One design as a config that retrains it fully: ``network`` (NetworkConfig fields),
-    ``objective``, ``train`` (TrainConfig fields: the proxy settings with ``retrain`` on top),
-    ``dataset``, ``policy`` (its thresholds fitted after the proxy training; re-fit them after
-    the full training) and what the search measured."""
+    """One design as an :class:`eenn.config.RunConfig` file that ``eenn train --config`` retrains
+    fully: ``data``, ``model``, ``objective``, ``train`` (the proxy settings with ``retrain`` on
+    top), ``eval`` (the search's policy and goal; thresholds are re-fitted after training) and
+    ``meta.search`` (what the search measured, and the proxy-trained thresholds)."""
     from ..trainer import TrainConfig
     import dataclasses
 
     train = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     train.update({**config.train, **config.retrain, "seed": config.seed})
     train.update(progress=True, out_dir=None)
-    ds = {k: v for k, v in config.dataset.items() if k in ("name", "data_dir", "val_fraction", "seed")}
+    ds = {k: v for k, v in config.dataset.items() if k in ("name", "data_dir", "val_fraction")}
+    net = record["network"]
     measured = {k: record.get(k) for k in ("val_accuracy", "val_macs", "test_accuracy", "test_macs",
                                            "val_final_accuracy", "test_final_accuracy", "full_macs", "params",
                                            "repaired", "val_exit_distribution")}
     return {
-        "network": record["network"],
+        "data": ds,
+        "model": {k: net[k] for k in ("backbone", "backbone_options", "exits", "head", "head_options") if k in net},
         "objective": {"name": config.objective, "options": dict(config.objective_options)},
         "train": train,
-        "dataset": ds,
-        "policy": {"name": config.policy, "fallback": config.fallback, "max_drop": config.max_drop,
-                   "thresholds": record.get("thresholds")},
-        "search": {"study": study_name, "trial": record["number"], "params": record["params"],
-                   "constraints": {"accuracy_floor": config.accuracy_floor, "macs_ceiling": config.macs_ceiling},
-                   "proxy_train": dict(config.train), "measured": measured},
+        "eval": {"policy": config.policy, "fallback": config.fallback, "goal": {"max_drop": config.max_drop}},
+        "meta": {"search": {"study": study_name, "trial": record["number"], "params": record["params"],
+                            "constraints": {"accuracy_floor": config.accuracy_floor, "macs_ceiling": config.macs_ceiling},
+                            "proxy_train": dict(config.train), "proxy_thresholds": record.get("thresholds"),
+                            "network": net, "measured": measured}},
     }
 
 
@@ -202,7 +203,7 @@ def write_report(out: str | Path, study, config: SearchConfig, records: list[dic
         body = design_config(r, config, study_name=study_name)
         header = (f"# eenn design search: study {study_name!r}, trial {r['number']}: validation accuracy "
                   f"{100 * r['val_accuracy']:.2f}% at {r['val_macs']:,.0f} expected MACs (proxy training).\n"
-                  "# network: eenn.NetworkConfig fields; train: eenn.TrainConfig fields (full retraining).\n")
+                  "# An eenn run config: retrain it with `eenn train --config THIS_FILE --out runs/NAME`.\n")
         p.write_text(header + yaml.safe_dump(body, sort_keys=False))
         designs[r["number"]] = str(p)
     fl, ce = config.accuracy_floor, config.macs_ceiling
