@@ -9,30 +9,13 @@ import argparse
 import os
 import statistics
 import time
-
 import torch
 
 import eenn
 from eenn.engine import DynamicEngine
 from eenn.evaluate import collect_outputs
-from eenn.policies import calibrate, decide
-
-
-def timed(fn, batches, repeats):
-    """Median over ``repeats`` of the time to run ``fn`` on every batch (after one warm-up pass)."""
-    for x in batches:
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for x in batches:
-            fn(x)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from eenn.policies import calibrate
+from eenn.report import time_engine
 
 
 def main():
@@ -46,6 +29,8 @@ def main():
     p.add_argument("--max-drop", type=float, default=0.01)
     p.add_argument("--batches", default="1,256")
     p.add_argument("--samples", type=int, default=2048, help="test samples timed at the large batch")
+    p.add_argument("--micro-batch", type=int, default=None, help="engine and static baseline in pieces of this size")
+    p.add_argument("--samples-batch1", type=int, default=512, help="test samples timed one by one")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--checkpoint", help="reuse this trained network if the file exists, else train and save it there")
     a = p.parse_args()
@@ -64,24 +49,52 @@ def main():
     val = collect_outputs(net, data.val, mean=info.mean, std=info.std)
     th = calibrate(a.policy, val, net.cost(), {"max_drop": a.max_drop})
     x_all = next(iter(eenn.TensorLoader(data.test, a.samples, mean=info.mean, std=info.std)))[0]
-    engine = DynamicEngine(net, a.policy, th)
-    full = net.cost().macs[-1]
+    engine = DynamicEngine(net, a.policy, th, micro_batch=a.micro_batch)
     print(f"{a.backbone} exits {a.exits} on {a.dataset}, policy {a.policy} calibrated on val for a "
           f"{100 * a.max_drop:.0f}-point drop; thresholds {[round(t, 3) for t in th.tolist()]}; "
           f"{torch.get_num_threads()} threads\n")
-    print("| batch | samples | static s | engine s | measured speed-up | MAC speed-up | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    with torch.no_grad():
-        for b in (int(v) for v in a.batches.split(",")):
-            n = min(len(x_all), 256 if b == 1 else a.samples)
-            xs = list(x_all[:n].split(b))
-            test = collect_outputs(net, data.test.subset(torch.arange(n)), mean=info.mean, std=info.std)
-            dec = decide(a.policy, test, th)
-            mac_speedup = full / torch.tensor(net.cost().dynamic_macs, dtype=torch.float64)[dec.depth].mean().item()
-            t_static = timed(net.backbone, xs, a.repeats)
-            t_engine = timed(engine, xs, a.repeats)
-            sp = t_static / t_engine
-            print(f"| {b} | {n} | {t_static:.3f} | {t_engine:.3f} | {sp:.2f}x | {mac_speedup:.2f}x | {sp / mac_speedup:.2f} |")
+    print("| batch | micro-batch | samples | static ms/sample | engine ms/sample | measured speed-up | MAC speed-up "
+          "| ratio | time-predicted speed-up | engine efficiency |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for b in (int(v) for v in a.batches.split(",")):
+        n = min(len(x_all), a.samples_batch1 if b == 1 else a.samples)
+        t = time_engine(net, engine, x_all[:n], b, repeats=a.repeats)
+        bound = time_predicted(net, engine, x_all[:n], b, a.repeats)
+        print(f"| {b} | {a.micro_batch or '-'} | {n} | {t['static_ms_per_sample']:.3f} | {t['engine_ms_per_sample']:.3f} | "
+              f"{t['measured_speedup']:.2f}x | {t['mac_speedup']:.2f}x | {t['ratio']:.2f} | {bound:.2f}x | "
+              f"{t['measured_speedup'] / bound:.2f} |")
+    print("\nratio = measured / MAC-predicted speed-up. time-predicted: what an engine with no overhead of its own "
+          "would reach with these kernels (each segment's measured time per sample at this batch, weighted by how many "
+          "samples reach it); engine efficiency = measured / time-predicted. The gap between the time- and the "
+          "MAC-predicted speed-up is the hardware's: the segments do not cost time in proportion to their MACs.")
+
+
+@torch.no_grad()
+def time_predicted(net, engine, x, b, repeats):
+    """Static segments timed one by one at batch ``b`` (median of repeats), weighted by the share
+    of samples that reach each segment under the engine's decisions."""
+    E = net.num_exits
+    depth = torch.cat([engine(c).depth for c in x.split(b)])
+    reach = torch.stack([(depth >= k).double().mean() for k in range(E)])
+    seg = torch.zeros(E, dtype=torch.float64)
+    for c in x.split(b):
+        states = [c]
+        for k in range(E):
+            states.append(net.forward_segment(k, states[-1])[0])
+        for k in range(E):
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                net.forward_segment(k, states[k])
+                ts.append(time.perf_counter() - t0)
+            seg[k] += statistics.median(ts)
+    static = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for c in x.split(b):
+            engine.static(c)
+        static.append(time.perf_counter() - t0)
+    return statistics.median(static) / float((reach * seg).sum())
 
 
 if __name__ == "__main__":

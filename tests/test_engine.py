@@ -54,6 +54,21 @@ def test_engine_equals_simulation(policy, head, net_opts, opts, fallback):
     assert torch.allclose(res.macs, torch.tensor(net.cost().dynamic_macs, dtype=torch.float64)[sim.depth])
     if policy != "patience":  # random exits rarely agree, so patience keeps everyone here
         assert 0 < (res.depth < 3).sum() < 64  # some exit early, some do not
+    # One sample at a time (the batch-1 path) and in micro-batches: the same answers. Other
+    # batch sizes may pick other kernels (last-bit differences), so these thresholds sit
+    # halfway between two samples' scores rather than on one.
+    if policy != "patience":
+        sc = scores.score[:-1].sort(1).values
+        i = sc.shape[1] // 2
+        th = (sc[:, i] + sc[:, i + 1]) / 2
+    eng = DynamicEngine(net, policy, th, fallback=fallback, **opts)
+    res = eng(x)
+    ones = [eng(x[i:i + 1]) for i in range(16)]
+    for field in ("prediction", "exit", "depth", "macs"):
+        assert torch.equal(torch.cat([getattr(o, field) for o in ones]), getattr(res, field)[:16]), field
+    micro = DynamicEngine(net, policy, th, fallback=fallback, micro_batch=7, **opts)(x)
+    assert torch.equal(micro.prediction, res.prediction) and torch.equal(micro.exit, res.exit)
+    assert torch.equal(micro.depth, res.depth)
 
 
 def test_compaction_really_skips_work():

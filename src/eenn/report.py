@@ -60,7 +60,7 @@ def time_engine(net: MultiExitNetwork, engine: DynamicEngine, x: Tensor, batch_s
     net.eval()
     batches = list(x.split(batch_size))
     dev = x.device
-    static = net.backbone
+    static = engine.static  # the backbone in the engine's micro-batches, if any
 
     def run(fn: Callable[[Tensor], Any]) -> float:
         _sync(dev)
