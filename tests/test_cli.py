@@ -122,10 +122,15 @@ def test_compare_two_methods(tmp_path, capsys):
     cfg.write_text("data: {name: digits}\nmodel: {backbone: lenet5, exits: [1, 2], backbone_options: {width: 2}}\n"
                    "train: {epochs: 1, lr: 0.05, progress: false}\n"
                    "eval: {batch_sizes: [1], timing_samples: [4], repeats: 1, curve_points: 3}\n"
-                   "methods:\n  Baseline: {objective: {name: final}}\n  B-NET: {objective: {name: joint}}\n")
+                   "methods:\n  Baseline: {objective: {name: final}}\n  B-NET: {objective: {name: joint}}\n"
+                   "  AEP: {objective: {name: aep, options: {scheme: linear}}, prune: true,\n"
+                   "        eval: {policy: ensemble, policy_options: {weights: linear}}}\n")
     assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "cmp")]) == 0
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "| data set | Baseline | B-NET |" in md and "| B-NET (max_prob) |" in md
+    assert "| data set | Baseline | B-NET | AEP |" in md and "| B-NET (max_prob) |" in md
+    assert "| AEP (ensemble) |" in md and "AEP pruned (AEP): k* =" in md
+    prune = json.loads((tmp_path / "cmp" / "AEP" / "prune.json").read_text())
+    assert prune["macs"][1] <= prune["macs"][0] and 0 <= prune["k"] <= 2
     assert (tmp_path / "cmp" / "curves.png").stat().st_size > 5000
     assert {p.name for p in (tmp_path / "cmp").iterdir()} >= {"Baseline", "B-NET", "compare.json"}
     # re-running reuses the finished runs (no training: the metrics files keep one line)

@@ -255,7 +255,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", help="output directory (default: the file's train.out_dir)")
     m.add_argument("--retrain", action="store_true", help="re-run methods whose runs are finished")
 
-    l = sub.add_parser("list", help="list registered backbones, heads, objectives, policies and datasets")
+    l = sub.add_parser("list", help="list registered backbones, heads, objectives, policies and datasets",
+                       epilog="examples:\n  eenn list\n  eenn list backbones", formatter_class=raw)
     l.add_argument("what", nargs="?", choices=["backbones", "heads", "objectives", "policies", "datasets"], default=None)
 
     from .search.cli import add_parser as add_search
