@@ -56,10 +56,14 @@ def main():
     print("| batch | micro-batch | samples | static ms/sample | engine ms/sample | measured speed-up | MAC speed-up "
           "| ratio | time-predicted speed-up | engine efficiency |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    notes, cost = [], net.cost()
     for b in (int(v) for v in a.batches.split(",")):
         n = min(len(x_all), a.samples_batch1 if b == 1 else a.samples)
         t = time_engine(net, engine, x_all[:n], b, repeats=a.repeats)
-        bound = time_predicted(net, engine, x_all[:n], b, a.repeats)
+        bound, shares = time_predicted(net, engine, x_all[:n], b, a.repeats)
+        notes.append(f"batch {b}: cumulative share of the static time at each exit "
+                     f"{', '.join(f'{100 * v:.0f}%' for v in shares)} (of the MACs: "
+                     f"{', '.join(f'{100 * m / cost.macs[-1]:.0f}%' for m in cost.macs)})")
         print(f"| {b} | {a.micro_batch or '-'} | {n} | {t['static_ms_per_sample']:.3f} | {t['engine_ms_per_sample']:.3f} | "
               f"{t['measured_speedup']:.2f}x | {t['mac_speedup']:.2f}x | {t['ratio']:.2f} | {bound:.2f}x | "
               f"{t['measured_speedup'] / bound:.2f} |")
@@ -67,6 +71,7 @@ def main():
           "would reach with these kernels (each segment's measured time per sample at this batch, weighted by how many "
           "samples reach it); engine efficiency = measured / time-predicted. The gap between the time- and the "
           "MAC-predicted speed-up is the hardware's: the segments do not cost time in proportion to their MACs.")
+    print("\n".join(notes))
 
 
 @torch.no_grad()
@@ -94,7 +99,8 @@ def time_predicted(net, engine, x, b, repeats):
         for c in x.split(b):
             engine.static(c)
         static.append(time.perf_counter() - t0)
-    return statistics.median(static) / float((reach * seg).sum())
+    shares = (seg.cumsum(0) / seg.sum()).tolist()
+    return statistics.median(static) / float((reach * seg).sum()), shares
 
 
 if __name__ == "__main__":
