@@ -9,6 +9,7 @@ outputs. Networks must be in eval mode (BatchNorm then does not depend on the ba
 """
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -60,6 +61,13 @@ class DynamicEngine:
         self.policy = get_policy(policy)
         # Checked once here: the loop below calls the rule directly, once per exit and batch.
         check_options(f"policy {policy!r}", self.policy, policy_options, skip=("logits", "gates"))
+        if policy_options.get("weights") is not None and "check" in inspect.signature(self.policy).parameters:
+            # AEP weights: validate them once here (a clear error), not at every exit of every batch
+            from .objectives.aep import ensemble_so_far
+
+            w = torch.as_tensor(policy_options["weights"], dtype=torch.float32)
+            ensemble_so_far(torch.zeros(net.num_exits, 1, net.num_classes), w)
+            policy_options = {**policy_options, "weights": w, "check": False}
         self.options = policy_options
         self.fallback = fallback
         if micro_batch is not None and micro_batch < 1:

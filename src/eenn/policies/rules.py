@@ -135,14 +135,14 @@ def patience(logits: Tensor, gates: Tensor | None = None) -> Scores:
 
 @register_policy("ensemble")
 def ensemble(logits: Tensor, gates: Tensor | None = None, *, probs: Tensor | None = None,
-             weights: Tensor | None = None, ensemble: torch.nn.Module | None = None) -> Scores:
+             weights: Tensor | None = None, ensemble: torch.nn.Module | None = None, check: bool = True) -> Scores:
     if sum(x is not None for x in (probs, weights, ensemble)) != 1:
         raise ValueError("policy 'ensemble' needs exactly one of probs=[E, N, C], weights=[E] (AEP) "
                          "or ensemble=GeometricEnsemble (ZTW)")
     if weights is not None:
         from ..objectives.aep import ensemble_so_far
 
-        probs = ensemble_so_far(logits, weights)
+        probs = ensemble_so_far(logits, weights, check=check)  # the engine checks once, then not per step
     elif ensemble is not None:
         with torch.no_grad():
             probs = _probs(ensemble(logits))
