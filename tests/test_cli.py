@@ -91,6 +91,11 @@ def test_evaluate_calibrate_predict(run_dir, tmp_path, capsys):
 
     cal = read_json(run_dir / "calibration.json")
     assert cal["policy"] == "max_prob" and len(cal["thresholds"]) == 2 and "goal_held" in cal["test"]
+    # the record is what `eenn export --calibration` reads (infinite thresholds included)
+    assert main(["export", str(run_dir / "best.safetensors"), "--out", str(tmp_path / "exp"),
+                 "--calibration", str(run_dir / "calibration.json")]) == 0
+    manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
+    assert manifest["policy"]["thresholds"] == pytest.approx(cal["thresholds"])
     capsys.readouterr()
     # predict: a uint8 image-like .npy, a batch of float inputs, a PNG, and a bad file
     from PIL import Image

@@ -100,10 +100,14 @@ def run_export(args) -> int:
     from ..checkpoint import load
     from ..export import calibration_record, export
 
+    from ..report import read_json
+
     calib = {}
     if args.calibration:
-        with open(args.calibration) as f:
-            calib = json.load(f)
+        try:
+            calib = read_json(args.calibration)  # `eenn calibrate` writes infinite thresholds as "inf"
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{args.calibration}: not a JSON calibration record ({e})") from None
     net = load(args.checkpoint).eval()
     policy = args.policy or calib.get("policy", "max_prob")
     fallback = args.fallback or calib.get("fallback", "final")
