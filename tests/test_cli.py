@@ -101,7 +101,7 @@ def test_evaluate_calibrate_predict(run_dir, tmp_path, capsys):
     from PIL import Image
 
     data = eenn.load_dataset("digits")
-    x, y = data.test.x[:3], data.test.y[:3]
+    x = data.test.x[:3]
     np.save(tmp_path / "one.npy", x[0].numpy())
     Image.fromarray(x[1, 0].numpy()).save(tmp_path / "two.png")
     (tmp_path / "bad.npy").write_bytes(b"not an array")

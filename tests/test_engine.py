@@ -4,22 +4,12 @@ import pytest
 import torch
 
 import eenn
+from _nets import spread_net as _net
 from eenn.engine import DynamicEngine
 from eenn.evaluate import CachedOutputs
 from eenn.objectives.ztw import GeometricEnsemble
 from eenn.policies import calibrate, decide
 
-
-def _net(head="linear", **opts):
-    torch.manual_seed(0)
-    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 3, 5],
-                              head=head, width=0.5, **opts)
-    with torch.no_grad():  # spread the BatchNorm statistics so exits disagree in interesting ways
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return net.eval()
 
 
 CASES = [

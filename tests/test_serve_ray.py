@@ -17,9 +17,8 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-import eenn
+from _nets import spread_net as _net
 from eenn.engine import DynamicEngine
 from eenn.export import export
 
@@ -28,16 +27,6 @@ pytestmark = [pytest.mark.skipif(os.environ.get("EENN_SKIP_RAY") == "1", reason=
 
 TH = [0.35, 0.45, 0.55]
 
-
-def _net():
-    torch.manual_seed(0)
-    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 3, 5], width=0.5)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return net.eval()
 
 
 @pytest.fixture(scope="module")

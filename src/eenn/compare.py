@@ -132,10 +132,6 @@ def _prune(run_dir: Path, cfg: RunConfig) -> dict:
     return out
 
 
-def _exits_text(dist) -> str:
-    return ", ".join(f"#{i + 1}: {100 * p:.1f}%" for i, p in enumerate(dist) if p > 0)
-
-
 def _markdown(base: RunConfig, rows: dict[str, dict]) -> str:
     labels = list(rows)
     any_report = Report(next(iter(rows.values()))["report"])
@@ -157,7 +153,7 @@ def _markdown(base: RunConfig, rows: dict[str, dict]) -> str:
         time_ = f"{t1['engine_ms_per_sample']:.2f} ms (static {t1['static_ms_per_sample']:.2f})" if t1 else "—"
         meas = f"{t1['measured_speedup']:.2f}x" if t1 else "—"
         lines.append(f"| {label} ({r['policy']['name']}) | {100 * res['accuracy']:.2f}% | {time_} | {meas} | "
-                     f"{res['speedup']:.2f}x | {_exits_text(res['exit_distribution'])} | "
+                     f"{res['speedup']:.2f}x | {Report(r).exits_text()} | "
                      f"{100 * o['accuracy']:.2f}% | {o['speedup']:.2f}x |")
     for label, row in rows.items():
         p = row.get("prune")
