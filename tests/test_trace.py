@@ -118,3 +118,26 @@ def test_output_and_class_checks():
         eenn.attach_exits(ResCat(), at=["cat"], input_shape=(1, 8, 8))
     with pytest.raises(eenn.TraceError, match="at least one cut"):
         eenn.attach_exits(ResCat(), at=[], input_shape=(3, 8, 8))
+
+
+def test_engine_on_tuple_states_in_pieces_and_one_by_one():
+    """Compaction, micro-batches and the batch-1 path carry every value alive across a cut."""
+    from eenn.engine import DynamicEngine
+    from eenn.evaluate import CachedOutputs
+    from eenn.policies import decide, policy_scores
+
+    torch.manual_seed(0)
+    net = eenn.attach_exits(ResCat(), at=["relu", "cat"], num_classes=10, input_shape=(3, 16, 16)).eval()
+    x = torch.randn(40, 3, 16, 16)
+    with torch.no_grad():
+        out = net(x)
+    cache = CachedOutputs(out.logits, None, torch.zeros(40, dtype=torch.long))
+    sc = policy_scores("max_prob", cache).score[:-1].sort(1).values
+    th = (sc[:, 19] + sc[:, 20]) / 2  # about half leave at each early exit, no score on a threshold
+    sim = decide("max_prob", cache, th)
+    for eng in (DynamicEngine(net, "max_prob", th), DynamicEngine(net, "max_prob", th, micro_batch=6)):
+        res = eng(x)
+        assert torch.equal(res.exit, sim.exit) and torch.equal(res.prediction, sim.prediction)
+    ones = [DynamicEngine(net, "max_prob", th)(x[i:i + 1]) for i in range(10)]
+    assert torch.equal(torch.cat([o.exit for o in ones]), sim.exit[:10])
+    assert 0 < (sim.exit < 2).sum() < 40

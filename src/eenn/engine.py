@@ -86,8 +86,8 @@ class DynamicEngine:
             return self.net.forward_segment(k, state, prev)
         parts = [self.net.forward_segment(k, _rows(state, a, a + mb), None if prev is None else prev[a:a + mb])
                  for a in range(0, n, mb)]
-        st = tuple(torch.cat(t) for t in zip(*(p[0] for p in parts))) if isinstance(state, tuple) or \
-            isinstance(parts[0][0], tuple) else torch.cat([p[0] for p in parts])
+        states = [p[0] for p in parts]
+        st = tuple(torch.cat(t) for t in zip(*states)) if isinstance(states[0], tuple) else torch.cat(states)
         lg = torch.cat([p[1] for p in parts])
         g = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
         return st, lg, g
@@ -103,9 +103,8 @@ class DynamicEngine:
             s = self.policy(lg[None], None if g is None else g[None], **self.options)
             if k == E - 1:
                 break
-            score, t = float(s.score[0, 0]), th[k]  # the step's one host sync
-            r = s.rule
-            if (score >= t if r == ">=" else score > t if r == ">" else score < t if r == "<" else score <= t):
+            sc, t, strict = canonical(float(s.score[0, 0]), th[k], s.rule)  # the step's one host sync
+            if sc > t if strict else sc >= t:
                 break
         depth = torch.full((1,), k, dtype=torch.long, device=x.device)
         return EngineResult(s.prediction[0], depth, depth, self.dynamic_macs.to(x.device)[depth])
