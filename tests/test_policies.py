@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+import eenn
+
 from eenn.cost import CostTable
 from eenn.evaluate import CachedOutputs
 from eenn.objectives.aep import ensemble_so_far
@@ -302,3 +304,33 @@ def test_every_policy_calibrates_to_a_budget(policy, fallback):
     d = decide(policy, cache, th, fallback=fallback, **opts)
     assert torch.tensor(cost.dynamic_macs, dtype=torch.float64)[d.depth].mean().item() == pytest.approx(r["expected_macs"])
     assert (d.prediction == y).double().mean().item() == pytest.approx(r["accuracy"])
+
+
+@pytest.mark.parametrize("policy, opts", [
+    ("max_prob", {}), ("entropy", {}), ("margin", {}), ("gate", {}), ("cumulative", {}), ("patience", {}),
+    ("ensemble", {"weights": torch.tensor([0.1, 0.0, 0.3, 0.6])}),
+])
+def test_one_exit_at_a_time_equals_all_at_once(policy, opts):
+    """The engine's incremental form of each rule gives bit-identical scores and predictions."""
+    from eenn.policies.rules import exit_step
+
+    torch.manual_seed(1)
+    logits = torch.randn(4, 50, 6) * 2
+    logits[2, :25] = logits[1, :25]  # some agreement for patience
+    gates = torch.rand(4, 50)
+    gates[-1] = 1.0
+    full = eenn.policies.policy_scores(policy, logits, gates=gates, **opts)
+    step, carry = exit_step(policy, 4, **opts), None
+    for k in range(4):
+        s, carry = step(carry, logits[k], gates[k], k)
+        assert s.rule == full.rule
+        assert torch.equal(s.score, full.score[k]) and torch.equal(s.prediction, full.prediction[k]), k
+
+
+def test_ztw_ensemble_has_no_one_exit_form():
+    from eenn.objectives.ztw import GeometricEnsemble
+    from eenn.policies.rules import exit_step
+
+    assert exit_step("ensemble", 4, ensemble=GeometricEnsemble(4, 6)) is None
+    with pytest.raises(ValueError, match="weights"):
+        exit_step("ensemble", 4, weights=torch.tensor([0.0, 0.0, 0.0, 0.0]))

@@ -9,14 +9,13 @@ outputs. Networks must be in eval mode (BatchNorm then does not depend on the ba
 """
 from __future__ import annotations
 
-import inspect
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .network import MultiExitNetwork
-from .policies.rules import as_thresholds, canonical, get_policy
+from .policies.rules import as_thresholds, canonical, exit_step, get_policy
 from .registry import check_options
 
 __all__ = ["DynamicEngine", "EngineResult"]
@@ -61,13 +60,6 @@ class DynamicEngine:
         self.policy = get_policy(policy)
         # Checked once here: the loop below calls the rule directly, once per exit and batch.
         check_options(f"policy {policy!r}", self.policy, policy_options, skip=("logits", "gates"))
-        if policy_options.get("weights") is not None and "check" in inspect.signature(self.policy).parameters:
-            # AEP weights: validate them once here (a clear error), not at every exit of every batch
-            from .objectives.aep import ensemble_so_far
-
-            w = torch.as_tensor(policy_options["weights"], dtype=torch.float32)
-            ensemble_so_far(torch.zeros(net.num_exits, 1, net.num_classes), w)
-            policy_options = {**policy_options, "weights": w, "check": False}
         self.options = policy_options
         self.fallback = fallback
         if micro_batch is not None and micro_batch < 1:
@@ -75,7 +67,9 @@ class DynamicEngine:
         self.micro_batch = micro_batch
         self.thresholds = as_thresholds(thresholds, net.num_exits)
         self._th_list = self.thresholds.detach().tolist()
-        self._alone = bool(getattr(self.policy, "per_exit", False)) and fallback == "final"
+        # The rule one exit at a time when it has that form (all built-in rules but a ZTW
+        # ensemble); otherwise it is re-run on all outputs so far, padded to E, at every exit.
+        self._step = exit_step(self.policy, net.num_exits, **policy_options)
         self.dynamic_macs = torch.tensor(net.cost().dynamic_macs, dtype=torch.float64)
 
     def _segment(self, k: int, state, prev: Tensor | None, n: int):
@@ -93,21 +87,21 @@ class DynamicEngine:
         return st, lg, g
 
     def _one(self, x: Tensor) -> EngineResult:
-        """One sample and a per-exit rule (the latency case): the same decisions as the batched
-        loop, with Python scalars instead of index bookkeeping (a few tensor ops fewer per exit)."""
-        net, E, th = self.net, self.net.num_exits, self._th_list
-        state, prev = x, None
+        """One sample, a rule with a one-exit form and the final fallback (the latency case): the
+        same decisions as the batched loop, with Python scalars instead of index bookkeeping."""
+        net, E, th, step = self.net, self.net.num_exits, self._th_list, self._step
+        state, prev, carry = x, None, None
         for k in range(E):
             state, lg, g = net.forward_segment(k, state, prev if net.cascades else None)
             prev = lg
-            s = self.policy(lg[None], None if g is None else g[None], **self.options)
+            s, carry = step(carry, lg, g, k)
             if k == E - 1:
                 break
-            sc, t, strict = canonical(float(s.score[0, 0]), th[k], s.rule)  # the step's one host sync
+            sc, t, strict = canonical(float(s.score[0]), th[k], s.rule)  # the step's one host sync
             if sc > t if strict else sc >= t:
                 break
         depth = torch.full((1,), k, dtype=torch.long, device=x.device)
-        return EngineResult(s.prediction[0], depth, depth, self.dynamic_macs.to(x.device)[depth])
+        return EngineResult(s.prediction, depth, depth, self.dynamic_macs.to(x.device)[depth])
 
     def static(self, x: Tensor) -> Tensor:
         """The static backbone's logits on ``x``, in the same micro-batches: the fair baseline."""
@@ -122,25 +116,30 @@ class DynamicEngine:
         if net.training:
             raise RuntimeError("put the network in eval mode: training-mode BatchNorm mixes samples")
         dev, B = x.device, x.shape[0]
-        if B == 1 and self._alone:
+        step = self._step
+        if B == 1 and step is not None and self.fallback == "final":
             return self._one(x)
         pred = torch.empty(B, dtype=torch.long, device=dev)
         exit_ = torch.empty(B, dtype=torch.long, device=dev)
         depth = torch.empty(B, dtype=torch.long, device=dev)
         alive = torch.arange(B, device=dev)  # original positions of the samples still running
-        # A per-exit rule (max_prob, entropy, margin, gate) scores each exit alone; the others
-        # (and SDN's fallback, which compares every exit) see all outputs so far, padded to E.
-        alone = self._alone
-        logits = None if alone else torch.zeros(E, B, net.num_classes, device=dev)
-        gates = None if alone or not net.has_gates else torch.ones(E, B, device=dev)
+        # Without a one-exit form the rule sees all outputs so far, padded to E; SDN's fallback
+        # compares every exit's score, so those are kept (compacted like everything else).
+        logits = None if step is not None else torch.zeros(E, B, net.num_classes, device=dev)
+        gates = None if step is not None or not net.has_gates else torch.ones(E, B, device=dev)
+        keep_all = step is not None and self.fallback == "most_confident"
+        scores = torch.zeros(E, B, device=dev) if keep_all else None
+        answers = torch.zeros(E, B, dtype=torch.long, device=dev) if keep_all else None
         th = self._th_list  # floats: comparing with a float makes no tensor
-        state, prev, n = x, None, B
+        state, prev, carry, n = x, None, None, B
         for k in range(E):
             state, lg, g = self._segment(k, state, prev if net.cascades else None, n)
             prev = lg
-            if alone:
-                s = self.policy(lg[None], None if g is None else g[None], **self.options)
-                score, answer = s.score[0], s.prediction[0]
+            if step is not None:
+                s, carry = step(carry, lg, g, k)
+                score, answer = s.score, s.prediction
+                if keep_all:
+                    scores[k], answers[k] = score, answer
             else:
                 logits[k] = lg.float()
                 if gates is not None:
@@ -162,15 +161,19 @@ class DynamicEngine:
             done = alive[leave]
             pred[done], exit_[done], depth[done] = answer[leave], k, k
             alive, state, prev, n = alive[stay], _take(state, stay), prev.index_select(0, stay), n - n_fire
+            carry = _take(carry, stay) if carry is not None else None
             if logits is not None:
                 logits = logits.index_select(1, stay)
                 gates = gates.index_select(1, stay) if gates is not None else None
+            if keep_all:
+                scores, answers = scores.index_select(1, stay), answers.index_select(1, stay)
         if n:
             if self.fallback == "final":
                 pred[alive], exit_[alive] = answer, E - 1
             else:  # SDN: the most confident exit among all (the earliest on ties)
-                sc, _, _ = canonical(s.score, torch.zeros(E), s.rule)
+                all_scores, all_answers = (scores, answers) if keep_all else (s.score, s.prediction)
+                sc, _, _ = canonical(all_scores, torch.zeros(E), s.rule)
                 best = sc.argmax(0)
-                pred[alive], exit_[alive] = s.prediction.gather(0, best[None]).squeeze(0), best
+                pred[alive], exit_[alive] = all_answers.gather(0, best[None]).squeeze(0), best
             depth[alive] = E - 1
         return EngineResult(pred, exit_, depth, self.dynamic_macs.to(dev)[depth])

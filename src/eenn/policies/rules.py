@@ -37,7 +37,7 @@ from ..objectives.mixing import stick_breaking
 from ..registry import Registry, check_options
 
 __all__ = ["Scores", "Decision", "register_policy", "get_policy", "list_policies", "policy_scores",
-           "as_thresholds", "canonical", "per_exit", "route", "decide", "RULES"]
+           "as_thresholds", "canonical", "per_exit", "exit_step", "route", "decide", "RULES"]
 
 RULES = (">=", ">", "<", "<=")
 
@@ -150,6 +150,86 @@ def ensemble(logits: Tensor, gates: Tensor | None = None, *, probs: Tensor | Non
         raise ValueError(f"ensembled probs must match the logits {tuple(logits.shape)}, got {tuple(probs.shape)}")
     conf, pred = probs.float().max(-1)
     return Scores(conf, pred, ">=")
+
+
+# --- the same rules one exit at a time (what the engine runs) ------------------------------
+#
+# ``step(carry, logits_k [n, C], gate_k [n] | None, k) -> (Scores of exit k ([n] each), carry)``.
+# ``carry`` is what the rule remembers of the exits before ``k``: None or a tuple of tensors with
+# the samples first, so the engine can drop finished samples from it. Each step computes exit
+# k's score with the same operations, in the same order and precision, as the rule on all
+# exits at once, so on the CPU the scores are the same floats and the decisions match exactly
+# (tested for every rule). On CUDA, whose cumulative sums accumulate in float32, they can differ
+# in the last bit, which changes a decision only for a score on its threshold.
+
+Step = Callable[[tuple | None, Tensor, Tensor | None, int], tuple[Scores, tuple | None]]
+
+
+def exit_step(policy: str | Policy, num_exits: int, **options) -> Step | None:
+    """The rule as a function of one exit at a time, or None when it has no such form (then the
+    engine re-runs it on all outputs so far). Options are those of the rule."""
+    fn = get_policy(policy)
+    if getattr(fn, "per_exit", False):
+        def step(carry, logits, gates, k):
+            s = fn(logits[None], None if gates is None else gates[None], **options)
+            return Scores(s.score[0], s.prediction[0], s.rule), None
+        return step
+    make = getattr(fn, "make_step", None)
+    return make(num_exits, **options) if make is not None else None
+
+
+def _cumulative_step(num_exits: int) -> Step:
+    # torch's CPU cumprod / cumsum of float32 accumulate in float64 and round each output: the
+    # running product and sum are carried in float64 likewise, so every score is the same float.
+    def step(carry, logits, gates, k):
+        g = _need_gates("cumulative", gates[None] if gates is not None else None, logits[None])[0]
+        if k == num_exits - 1:
+            g = torch.ones_like(g)  # stick_breaking: the last gate counts as 1
+        survive, total = carry if carry is not None else (torch.ones_like(g, dtype=torch.float64), None)
+        pi = g * survive.float()  # stick_breaking: g_k * prod_{j<k}(1 - g_j), each factor a float32
+        total = pi.double() if total is None else total + pi
+        return Scores(total.float(), logits.argmax(-1), ">="), (survive * (1 - g), total)
+    return step
+
+
+def _patience_step(num_exits: int) -> Step:
+    def step(carry, logits, gates, k):
+        pred = logits.argmax(-1)
+        if carry is None:
+            count = torch.zeros(pred.shape, dtype=torch.float32, device=pred.device)
+        else:
+            last, count = carry
+            count = torch.where(pred == last, count + 1, torch.zeros_like(count))
+        return Scores(count, pred, ">="), (pred, count)
+    return step
+
+
+def _ensemble_step(num_exits: int, *, probs=None, weights=None, ensemble=None, check: bool = True) -> Step | None:
+    if weights is None or probs is not None or ensemble is not None:
+        return None  # a ZTW ensemble weighs every exit so far anew at each exit: no running form
+    from ..objectives.aep import ensemble_so_far
+
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    if check:
+        ensemble_so_far(torch.zeros(num_exits, 1, 1), w)  # the weights' checks, once
+    tiny = torch.finfo(torch.float32).tiny
+
+    def step(carry, logits, gates, k):
+        # ensemble_so_far's cumsums accumulate in float64 on the CPU: so do these running sums.
+        wk = w[k].to(logits.device)
+        num = wk * F.softmax(logits.float(), dim=-1)
+        if carry is not None:
+            num, den = carry[0] + num, carry[1] + wk
+        else:
+            num, den = num.double(), wk.double().expand(logits.shape[0])
+        conf, pred = (num.float() / den.float().clamp_min(tiny)[:, None]).max(-1)
+        return Scores(conf, pred, ">="), (num, den)
+    return step
+
+
+cumulative.make_step = _cumulative_step
+patience.make_step = _patience_step
+ensemble.make_step = _ensemble_step
 
 
 # --- the one shared mechanism ---------------------------------------------------------------
