@@ -93,7 +93,7 @@ def test_killed_tier_replica_degrades_then_recovers(ray_server):
 
     def load():
         i = 0
-        while not stop.is_set() and i < 400:
+        while not stop.is_set() and i < 20000:  # until told to stop (the wait below is bounded)
             t0 = time.perf_counter()
             status, out = post(url, bodies[i % 8])
             results.append((i % 8, status, out, time.perf_counter() - t0))
@@ -123,7 +123,10 @@ def test_killed_tier_replica_degrades_then_recovers(ray_server):
     assert degraded, "no request was sent while the cloud replica was down"
     for i, _, out, _ in results:
         if out["degraded"]:  # the device's deepest exit answered
-            assert out["exit"] == 1 and out["tier"] == "device" and "cloud" in out["errors"][0]
+            assert out["exit"] == 1 and out["tier"] == "device" and "cloud" in out["errors"][0], out
         else:
             assert (out["class"], out["exit"]) == (eng.prediction[i], eng.exit[i])
-    assert results[-1][2]["degraded"] is False  # Ray Serve brought the replica back
+    # Ray Serve brought the replica back: whole answers from the cloud after the first degraded one
+    # (a request already routed to the dead replica may still come back degraded just after)
+    first_degraded = min(j for j, r in enumerate(results) if r[2]["degraded"])
+    assert any(r[2]["tier"] == "cloud" and not r[2]["degraded"] for r in results[first_degraded + 1:])
