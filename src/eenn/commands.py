@@ -1,0 +1,187 @@
+"""What each ``eenn`` subcommand does with its parsed arguments (the parser and the entry point
+are in :mod:`eenn.cli`): merge the flags over the config, open runs, and call the library."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+def _flag_values(args) -> dict:
+    """The dotted-key flags the user gave, as nested dicts ready to merge over a config."""
+    out: dict = {}
+    goal = {}
+    for dest, value in vars(args).items():
+        if dest.startswith("goal."):
+            goal[dest[5:]] = value
+            continue
+        if "." not in dest:
+            continue
+        if isinstance(value, list) and value and isinstance(value[0], tuple):  # -B/-H/-O pairs
+            value = dict(value)
+        section, key = dest.split(".", 1)
+        out.setdefault(section, {})[key] = value
+    if goal:
+        if "alpha" in goal and "max_drop" not in goal:
+            raise ValueError("--alpha guards a --max-drop goal: give --max-drop too")
+        out.setdefault("eval", {})["goal"] = goal
+    return out
+
+
+def _config(args, base: dict | None = None):
+    from .config import apply_overrides, config_from_dict, merge, read_yaml
+
+    values = dict(base or {})
+    if args.config:
+        file_values = read_yaml(args.config)
+        file_values.pop("methods", None)
+        values = merge(values, file_values)
+    flags = _flag_values(args)
+    values = merge(values, flags)
+    if "goal" in flags.get("eval", {}):  # a goal given on the command line replaces the config's
+        values["eval"]["goal"] = flags["eval"]["goal"]
+    values = apply_overrides(values, args.overrides)
+    return config_from_dict(values)
+
+
+def _train(args) -> None:
+    from .run import train_run
+
+    config = _config(args)
+    res = train_run(config, argv=sys.argv[1:] if args._argv is None else args._argv, report=args.report)
+    hist = res["history"]
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if hist and "val_acc" in hist[-1]:
+        accs = " ".join(f"{100 * a:.2f}" for a in hist[-1]["val_acc"])
+        print(f"done: {len(hist)} epochs; validation accuracy per exit (%): {accs}")
+    if res["report"] is not None:
+        _print_table2(res["report"])
+    print(f"run directory: {res['dir']}")
+
+
+def _print_table2(report) -> None:
+    print("| Architecture | Test acc. | Inf. time (batch 1) | Speed-up | Exits |")
+    print("|---|---|---|---|---|")
+    for row in report.table2_rows():
+        print("| " + " | ".join(row) + " |")
+
+
+def _opened(args):
+    """(net, config, run_dir) of the run/checkpoint argument, its config updated by the flags."""
+    from .config import config_to_dict
+    from .run import data_info_of, open_run
+
+    net, config, run_dir = open_run(args.run)
+    base = config_to_dict(config) if config is not None else {}
+    if config is None:  # a bare checkpoint: the data set it was trained on, when it says
+        ckpt = args.run if os.path.isfile(args.run) else None
+        info = data_info_of(ckpt) if ckpt else None
+        if info:
+            base = {"data": {"name": info["name"]}}
+    cfg = _config(args, base)
+    if config is None and "data" not in base and not getattr(args, "config", None) and "data.name" not in vars(args):
+        raise ValueError(f"{args.run} does not say which data set it was trained on: give --dataset")
+    return net, cfg, run_dir
+
+
+def _evaluate(args) -> None:
+    from .run import build_data, evaluate_run
+
+    net, cfg, run_dir = _opened(args)
+    report = evaluate_run(net, build_data(cfg), cfg, args.out or run_dir)
+    print(report.to_markdown())
+    print(f"report: {args.out or run_dir}/report.md")
+
+
+def _calibrate(args) -> None:
+    from .evaluate import collect_outputs
+    from .export import calibration_record
+    from .policies import report_goal
+    from .report import _policy_options, write_json
+    from .run import build_data
+
+    net, cfg, run_dir = _opened(args)
+    data = build_data(cfg)
+    info, e = data.info, cfg.eval
+    net.eval()
+    opts = _policy_options(e.policy_options, net.num_exits)
+    # The record `eenn export --calibration` and `eenn predict` read, plus the test-split figures.
+    record = calibration_record(net, data.val, e.policy, e.goal, mean=info.mean, std=info.std, fallback=e.fallback, **opts)
+    test = collect_outputs(net, data.test, mean=info.mean, std=info.std)
+    on_test = report_goal(e.policy, record["thresholds"], test, net.cost(), e.goal, fallback=e.fallback, **opts)
+    record.update(policy_options=e.policy_options, test=on_test)
+    out = args.out or os.path.join(run_dir, "calibration.json")
+    write_json(record, out)
+    v = record["validation"]
+    print(f"{e.policy} thresholds (validation, goal {e.goal}): {', '.join(f'{t:.4g}' for t in record['thresholds'])}")
+    print(f"validation: accuracy {100 * v['accuracy']:.2f}%, exits {', '.join(f'{100 * p:.1f}%' for p in v['exit_distribution'])}")
+    print(f"test:       accuracy {100 * on_test['accuracy']:.2f}% (final exit {100 * on_test['final_accuracy']:.2f}%), "
+          f"MAC speed-up {on_test['speedup']:.2f}x, goal held: {'yes' if on_test['goal_held'] else 'NO'}")
+    print(f"written: {out}")
+
+
+def _predict(args) -> int:
+    import numpy as np
+    import torch
+
+    from .engine import DynamicEngine
+    from .report import _policy_options, read_json
+    from .run import data_info_of, open_run
+    from .serve.inputs import InputError, decode_body
+
+    net, config, run_dir = open_run(args.run)
+    cal_path = args.calibration or next((p for p in (os.path.join(run_dir, "calibration.json"),) if os.path.exists(p)), None)
+    if cal_path:
+        cal = read_json(cal_path)
+        policy, th, fallback, opts = cal["policy"], cal["thresholds"], cal.get("fallback", "final"), cal.get("policy_options", {})
+    elif os.path.exists(os.path.join(run_dir, "report.json")):
+        rep = read_json(os.path.join(run_dir, "report.json"))
+        policy, th, fallback = rep["policy"]["name"], rep["policy"]["thresholds"], rep["policy"]["fallback"]
+        opts = rep["policy"].get("options", {})
+    else:
+        raise ValueError(f"no thresholds for {args.run}: run `eenn calibrate {args.run}` first or give --calibration")
+    ckpt = args.run if os.path.isfile(args.run) else next(
+        (os.path.join(run_dir, n) for n in ("best.safetensors", "last.safetensors") if os.path.exists(os.path.join(run_dir, n))))
+    info = data_info_of(ckpt) or {}
+    names = info.get("class_names")
+    manifest = {"input_shape": list(net.input_shape),
+                "preprocess": {"mean": info["mean"], "std": info["std"]} if "mean" in info else None}
+    engine = DynamicEngine(net.eval(), policy, th, fallback=fallback, **_policy_options(opts, net.num_exits))
+    types = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".npy": "application/x-npy",
+             ".json": "application/json"}
+    failed = 0
+    for path in args.inputs:
+        ext = os.path.splitext(path)[1].lower()
+        try:
+            if ext not in types:
+                raise InputError(415, f"unsupported file type {ext or '(none)'}: give .png, .jpg, .npy or .json")
+            with open(path, "rb") as f:
+                x = torch.from_numpy(np.ascontiguousarray(decode_body(f.read(), types[ext], manifest, max_batch=4096)))
+        except (InputError, OSError) as err:
+            print(f"eenn: error: {path}: {getattr(err, 'message', None) or err}", file=sys.stderr)
+            failed += 1
+            continue
+        with torch.no_grad():
+            res = engine(x.float())
+            out = net(x.float(), exits=None)
+        probs = torch.softmax(out.logits.float(), -1)
+        for i in range(len(x)):
+            k, c = int(res.exit[i]), int(res.prediction[i])
+            rec = {"input": path if len(x) == 1 else f"{path}[{i}]", "prediction": c,
+                   "class": names[c] if names and c < len(names) else str(c), "exit": k,
+                   "exit_name": net.exit_names[k], "confidence": float(probs[k, i, c]), "macs": int(res.macs[i])}
+            if args.json:
+                print(json.dumps(rec))
+            else:
+                print(f"{rec['input']}: {rec['class']} (class {c}), exit {k} ({rec['exit_name']}), "
+                      f"confidence {rec['confidence']:.3f}, {rec['macs']:,} MACs")
+    return 1 if failed else 0
+
+
+def _compare(args) -> None:
+    from .compare import compare
+
+    res = compare(args.config, overrides=args.overrides, only=args.methods, out=args.out,
+                  argv=sys.argv[1:] if args._argv is None else args._argv, retrain=args.retrain)
+    print(res.markdown())
+    print(f"written: {res['dir']}/compare.md, compare.json, curves.png")
