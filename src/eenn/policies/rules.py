@@ -135,14 +135,14 @@ def patience(logits: Tensor, gates: Tensor | None = None) -> Scores:
 
 @register_policy("ensemble")
 def ensemble(logits: Tensor, gates: Tensor | None = None, *, probs: Tensor | None = None,
-             weights: Tensor | None = None, ensemble: torch.nn.Module | None = None, check: bool = True) -> Scores:
+             weights: Tensor | None = None, ensemble: torch.nn.Module | None = None) -> Scores:
     if sum(x is not None for x in (probs, weights, ensemble)) != 1:
         raise ValueError("policy 'ensemble' needs exactly one of probs=[E, N, C], weights=[E] (AEP) "
                          "or ensemble=GeometricEnsemble (ZTW)")
     if weights is not None:
         from ..objectives.aep import ensemble_so_far
 
-        probs = ensemble_so_far(logits, weights, check=check)  # the engine checks once, then not per step
+        probs = ensemble_so_far(logits, weights)
     elif ensemble is not None:
         with torch.no_grad():
             probs = _probs(ensemble(logits))
@@ -204,14 +204,13 @@ def _patience_step(num_exits: int) -> Step:
     return step
 
 
-def _ensemble_step(num_exits: int, *, probs=None, weights=None, ensemble=None, check: bool = True) -> Step | None:
+def _ensemble_step(num_exits: int, *, probs=None, weights=None, ensemble=None) -> Step | None:
     if weights is None or probs is not None or ensemble is not None:
         return None  # a ZTW ensemble weighs every exit so far anew at each exit: no running form
     from ..objectives.aep import ensemble_so_far
 
     w = torch.as_tensor(weights, dtype=torch.float32)
-    if check:
-        ensemble_so_far(torch.zeros(num_exits, 1, 1), w)  # the weights' checks, once
+    ensemble_so_far(torch.zeros(num_exits, 1, 1), w)  # the weights' checks, once, not at every step
     tiny = torch.finfo(torch.float32).tiny
 
     def step(carry, logits, gates, k):
