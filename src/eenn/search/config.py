@@ -211,13 +211,6 @@ class SearchConfig:
 
 def load_config(path: str | Path) -> SearchConfig:
     """Read a YAML (or JSON) search configuration file."""
-    import yaml
+    from ..config import read_yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"search config {str(p)!r} not found")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e})") from None
-    return SearchConfig.from_dict(raw or {})
+    return SearchConfig.from_dict(read_yaml(path))

@@ -23,11 +23,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from ..config import ConfigError  # one error type for every unusable config (the CLI exits 2 on it)
+
 __all__ = ["ConfigError", "Design", "FAMILIES", "SearchSpace"]
-
-
-class ConfigError(ValueError):
-    """A search configuration that cannot be used; the message names the key and the fix."""
 
 
 # family -> (backbone name, keys allowed per stage, required per-stage keys, fixed backbone options allowed)
