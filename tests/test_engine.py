@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import eenn
-from _nets import spread_net as _net
+from _helpers import spread_net as _net
 from eenn.engine import DynamicEngine
 from eenn.evaluate import CachedOutputs
 from eenn.objectives.ztw import GeometricEnsemble

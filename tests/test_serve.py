@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import eenn
-from _nets import spread_net as _net
+from _helpers import npy_bytes as _npy, post, spread_net as _net
 from eenn.engine import DynamicEngine
 from eenn.export import export, load_manifest
 from eenn.serve import LinkSpec, LocalServer, TierPlan, TierSpeed, decode, encode, expected_latency, plan_splits
@@ -45,19 +45,6 @@ def server(model):
     srv.stop()
 
 
-def post(url, body, content_type, path="/predict"):
-    req = urllib.request.Request(url + path, data=body, headers={"Content-Type": content_type}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def _npy(a):
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
 
 
 def test_served_answers_equal_the_engine(model, server):

@@ -1,0 +1,42 @@
+"""Small networks and request helpers shared by several test files."""
+import io
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import torch
+from torch import nn
+
+import eenn
+
+
+def spread_net(head: str = "linear", **opts) -> eenn.MultiExitNetwork:
+    """ResNet-20 (width 0.5, 8x8 grey input, exits after stages 1, 3, 5) in eval mode, with its
+    BatchNorm statistics spread at random so that the exits disagree in interesting ways."""
+    torch.manual_seed(0)
+    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 3, 5],
+                              head=head, width=0.5, **opts)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def post(url: str, body: bytes, content_type: str = "application/x-npy", path: str = "/predict"):
+    """``(status, JSON answer)`` of a POST to a served model (4xx answers included)."""
+    req = urllib.request.Request(url + path, data=body, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def npy_bytes(a) -> bytes:
+    """An array as the bytes of a .npy file."""
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
