@@ -97,14 +97,14 @@ def _calibrate(args) -> None:
     from .evaluate import collect_outputs
     from .export import calibration_record
     from .policies import report_goal
-    from .report import _policy_options, write_json
+    from .report import rule_options, write_json
     from .run import build_data
 
     net, cfg, run_dir = _opened(args)
     data = build_data(cfg)
     info, e = data.info, cfg.eval
     net.eval()
-    opts = _policy_options(e.policy_options, net.num_exits)
+    opts = rule_options(e.policy_options, net.num_exits)
     # The record `eenn export --calibration` and `eenn predict` read, plus the test-split figures.
     record = calibration_record(net, data.val, e.policy, e.goal, mean=info.mean, std=info.std, fallback=e.fallback, **opts)
     test = collect_outputs(net, data.test, mean=info.mean, std=info.std)
@@ -125,7 +125,7 @@ def _predict(args) -> int:
     import torch
 
     from .engine import DynamicEngine
-    from .report import _policy_options, read_json
+    from .report import rule_options, read_json
     from .run import data_info_of, open_run
     from .serve.inputs import InputError, decode_body
 
@@ -146,7 +146,7 @@ def _predict(args) -> int:
     names = info.get("class_names")
     manifest = {"input_shape": list(net.input_shape),
                 "preprocess": {"mean": info["mean"], "std": info["std"]} if "mean" in info else None}
-    engine = DynamicEngine(net.eval(), policy, th, fallback=fallback, **_policy_options(opts, net.num_exits))
+    engine = DynamicEngine(net.eval(), policy, th, fallback=fallback, **rule_options(opts, net.num_exits))
     types = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".npy": "application/x-npy",
              ".json": "application/json"}
     failed = 0

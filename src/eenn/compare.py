@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, merge, read_yaml
-from .report import Report, _finite
-from .run import build_data, default_run_dir, open_run, run_info, train_run
+from .report import Report, write_json
+from .run import build_data, open_run, run_info, train_run
 
 __all__ = ["compare", "load_compare", "CompareResult"]
 
@@ -76,7 +76,7 @@ def compare(path: str | Path, *, overrides: list[str] | None = None, only: list[
     """Train (or resume) and report every method of the compare file at ``path``; write the
     side-by-side tables and figure to ``out`` (default: the base ``train.out_dir``)."""
     base, methods = load_compare(path, overrides, only)
-    root = Path(out or base.train.out_dir or default_run_dir(base).replace(base.objective.name, "compare"))
+    root = Path(out or base.train.out_dir or f"runs/{base.data.name}-{base.model.backbone}-compare")
     root.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     for label, (cfg, extras) in methods.items():
@@ -94,7 +94,7 @@ def compare(path: str | Path, *, overrides: list[str] | None = None, only: list[
         rows[label] = row
     md = _markdown(base, rows)
     (root / "compare.md").write_text(md)
-    (root / "compare.json").write_text(json.dumps(_finite({"run": run_info(argv), "methods": rows}), indent=2))
+    write_json({"run": run_info(argv), "methods": rows}, root / "compare.json")
     _plot(rows, root / "curves.png", base)
     return CompareResult(methods=rows, dir=str(root), markdown=md)
 
@@ -110,12 +110,12 @@ def _finished(run_dir: Path, cfg: RunConfig) -> bool:
 
 def _prune(run_dir: Path, cfg: RunConfig) -> dict:
     from .prune import aep_prune, evaluate_ensemble, measure_latency
-    from .report import _policy_options
+    from .report import rule_options
 
     net, _, _ = open_run(run_dir)
     data = build_data(cfg)
     info = data.info
-    opts = _policy_options(cfg.eval.policy_options, net.num_exits, cfg.objective)
+    opts = rule_options(cfg.eval.policy_options, net.num_exits)
     w = opts.get("weights")
     if w is None:
         raise ConfigError(f"prune: needs eval.policy_options.weights (a scheme name or a list) for {run_dir}")

@@ -36,7 +36,7 @@ from .evaluate import CachedOutputs, collect_outputs
 from .network import MultiExitNetwork
 from .policies import calibrate, evaluate_policy, oracle, report_goal
 
-__all__ = ["Report", "evaluate", "time_engine", "accuracy_macs_curve", "read_json", "write_json"]
+__all__ = ["Report", "evaluate", "time_engine", "accuracy_macs_curve", "rule_options", "read_json", "write_json"]
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ class Report:
         return cls(read_json(path))
 
 
-def _policy_options(options: Mapping | None, num_exits: int, objective=None) -> dict:
+def rule_options(options: Mapping | None, num_exits: int) -> dict:
     """Rule options from a config: AEP ``weights`` may be a scheme name (``linear``,
     ``uniform``) or a list; both become a tensor."""
     out = dict(options or {})
@@ -271,7 +271,7 @@ def evaluate(net: MultiExitNetwork, data, *, policy: str = "max_prob", goal: Map
     size; ``batch_sizes=()`` skips timing); ``curve_points`` budgets for the accuracy-MACs curve
     (0 skips it). ``policy_options`` go to the rule (e.g. ``weights=`` for ``ensemble``)."""
     goal = dict(goal or {"max_drop": 0.01})
-    options = _policy_options(policy_options, net.num_exits)
+    options = rule_options(policy_options, net.num_exits)
     if split not in ("val", "test", "train"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     dev = torch.device(device) if device is not None else next(net.parameters()).device
