@@ -259,7 +259,11 @@ def test_killed_search_continues_the_same_study(tmp_path):
                 try:
                     with sqlite3.connect(f"file:{tmp_path}/study.db?mode=ro", uri=True, timeout=1) as db:
                         done = db.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
-                    if done >= 1:
+                        # a trial under way whose heartbeat is recorded: the kill lands mid-training, not
+                        # in the instant between Optuna creating a trial and its first heartbeat
+                        beating = db.execute("SELECT count(*) FROM trials t JOIN trial_heartbeats h "
+                                             "ON h.trial_id = t.trial_id WHERE t.state = 'RUNNING'").fetchone()[0]
+                    if done >= 1 and beating:
                         break
                 except sqlite3.Error:  # the schema is not there yet, or the file is locked
                     pass
