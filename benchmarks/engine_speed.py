@@ -3,6 +3,11 @@ ratio (measured wall-clock speed-up of the dynamic engine over the static backbo
 (MAC-predicted speed-up) on test samples, at batch 1 and at a large batch, in one run.
 Target: >= 0.85 at both.
 
+Two rows per batch size: the network as trained ("eager") and with every segment, and the
+static baseline alike, traced and optimised for inference ("optimized", DynamicEngine(...,
+optimize=True)). glibc is told to keep freed blocks (eenn.inference.tune_cpu_allocator) unless
+--default-allocator is given.
+
     .venv/bin/python benchmarks/engine_speed.py [--dataset fashion_mnist --limit 20000 --epochs 2]
 """
 import argparse
@@ -14,6 +19,7 @@ import torch
 import eenn
 from eenn.engine import DynamicEngine
 from eenn.evaluate import collect_outputs
+from eenn.inference import tune_cpu_allocator
 from eenn.policies import calibrate
 from eenn.report import time_engine
 
@@ -33,7 +39,10 @@ def main():
     p.add_argument("--samples-batch1", type=int, default=512, help="test samples timed one by one")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--checkpoint", help="reuse this trained network if the file exists, else train and save it there")
+    p.add_argument("--variants", default="eager,optimized", help="comma-separated: eager, optimized")
+    p.add_argument("--default-allocator", action="store_true", help="leave glibc's malloc settings alone")
     a = p.parse_args()
+    tuned = False if a.default_allocator else tune_cpu_allocator()
     data = eenn.load_dataset(a.dataset, limit=a.limit or None)
     info = data.info
     if a.checkpoint and os.path.exists(a.checkpoint):
@@ -49,24 +58,29 @@ def main():
     val = collect_outputs(net, data.val, mean=info.mean, std=info.std)
     th = calibrate(a.policy, val, net.cost(), {"max_drop": a.max_drop})
     x_all = next(iter(eenn.TensorLoader(data.test, a.samples, mean=info.mean, std=info.std)))[0]
-    engine = DynamicEngine(net, a.policy, th, micro_batch=a.micro_batch)
+    variants = [v for v in a.variants.split(",") if v]
+    if not set(variants) <= {"eager", "optimized"} or not variants:
+        p.error(f"--variants: eager and/or optimized, got {a.variants!r}")
+    engines = {v: DynamicEngine(net, a.policy, th, micro_batch=a.micro_batch, optimize=v == "optimized")
+               for v in variants}
     print(f"{a.backbone} exits {a.exits} on {a.dataset}, policy {a.policy} calibrated on val for a "
           f"{100 * a.max_drop:.0f}-point drop; thresholds {[round(t, 3) for t in th.tolist()]}; "
-          f"{torch.get_num_threads()} threads\n")
-    print("| batch | micro-batch | samples | static ms/sample | engine ms/sample | measured speed-up | MAC speed-up "
-          "| ratio | time-predicted speed-up | engine efficiency |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"{torch.get_num_threads()} threads; glibc malloc {'tuned' if tuned else 'as is'}\n")
+    print("| batch | network | micro-batch | samples | static ms/sample | engine ms/sample | measured speed-up "
+          "| MAC speed-up | ratio | time-predicted speed-up | engine efficiency |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     notes, cost = [], net.cost()
     for b in (int(v) for v in a.batches.split(",")):
         n = min(len(x_all), a.samples_batch1 if b == 1 else a.samples)
-        t = time_engine(net, engine, x_all[:n], b, repeats=a.repeats)
-        bound, shares = time_predicted(net, engine, x_all[:n], b, a.repeats)
-        notes.append(f"batch {b}: cumulative share of the static time at each exit "
-                     f"{', '.join(f'{100 * v:.0f}%' for v in shares)} (of the MACs: "
-                     f"{', '.join(f'{100 * m / cost.macs[-1]:.0f}%' for m in cost.macs)})")
-        print(f"| {b} | {a.micro_batch or '-'} | {n} | {t['static_ms_per_sample']:.3f} | {t['engine_ms_per_sample']:.3f} | "
-              f"{t['measured_speedup']:.2f}x | {t['mac_speedup']:.2f}x | {t['ratio']:.2f} | {bound:.2f}x | "
-              f"{t['measured_speedup'] / bound:.2f} |")
+        for v, engine in engines.items():
+            t = time_engine(net, engine, x_all[:n], b, repeats=a.repeats)
+            bound, shares = time_predicted(net, engine, x_all[:n], b, a.repeats)
+            notes.append(f"batch {b}, {v}: cumulative share of the static time at each exit "
+                         f"{', '.join(f'{100 * s:.0f}%' for s in shares)} (of the MACs: "
+                         f"{', '.join(f'{100 * m / cost.macs[-1]:.0f}%' for m in cost.macs)})")
+            print(f"| {b} | {v} | {a.micro_batch or '-'} | {n} | {t['static_ms_per_sample']:.3f} | "
+                  f"{t['engine_ms_per_sample']:.3f} | {t['measured_speedup']:.2f}x | {t['mac_speedup']:.2f}x | "
+                  f"{t['ratio']:.2f} | {bound:.2f}x | {t['measured_speedup'] / bound:.2f} |", flush=True)
     print("\nratio = measured / MAC-predicted speed-up. time-predicted: what an engine with no overhead of its own "
           "would reach with these kernels (each segment's measured time per sample at this batch, weighted by how many "
           "samples reach it); engine efficiency = measured / time-predicted. The gap between the time- and the "
@@ -85,12 +99,12 @@ def time_predicted(net, engine, x, b, repeats):
     for c in x.split(b):
         states = [c]
         for k in range(E):
-            states.append(net.forward_segment(k, states[-1])[0])
+            states.append(engine.forward_segment(k, states[-1])[0])
         for k in range(E):
             ts = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                net.forward_segment(k, states[k])
+                engine.forward_segment(k, states[k])
                 ts.append(time.perf_counter() - t0)
             seg[k] += statistics.median(ts)
     static = []

@@ -82,9 +82,11 @@ def test_evaluate_calibrate_predict(run_dir, tmp_path, capsys):
     import numpy as np
 
     out = tmp_path / "entropy"
-    assert main(["evaluate", str(run_dir), "--policy", "entropy", "--budget", "200000", "--out", str(out), *FAST_EVAL]) == 0
+    assert main(["evaluate", str(run_dir), "--policy", "entropy", "--budget", "200000", "--out", str(out), "--optimize",
+                 *FAST_EVAL]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["policy"]["name"] == "entropy" and rep["policy"]["goal"] == {"budget": 200000.0}
+    assert rep["timing_optimized"] and len(rep["timing"]) == 2 and "optimised for inference" in (out / "report.md").read_text()
     assert rep["validation"]["expected_macs"] <= 200000
     assert main(["calibrate", str(run_dir), "--max-drop", "0.01"]) == 0
     from eenn.report import read_json

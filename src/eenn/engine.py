@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .inference import OptimizedSegments
 from .network import MultiExitNetwork
 from .policies.rules import as_thresholds, canonical, exit_step, get_policy
 from .registry import check_options
@@ -48,10 +49,15 @@ class DynamicEngine:
     all pieces are merged before the next segment). On CPUs, large batches of high-resolution
     features fall out of cache; pieces of 32-64 keep the early stages as fast per sample as the
     late ones. Results do not depend on it (eval mode). :meth:`static` runs the static
-    backbone in the same pieces, the fair baseline for timing."""
+    backbone in the same pieces, the fair baseline for timing.
+
+    ``optimize=True``: run each segment (and :meth:`static`) traced, frozen and optimised for
+    inference (:class:`eenn.inference.OptimizedSegments`: BatchNorm folded, ReLU and adds fused,
+    oneDNN's layout kept between convolutions on CPU), built on first use. Outputs then agree
+    with the eager network to float rounding, not bit for bit."""
 
     def __init__(self, net: MultiExitNetwork, policy: str, thresholds, *, fallback: str = "final",
-                 micro_batch: int | None = None, **policy_options) -> None:
+                 micro_batch: int | None = None, optimize: bool = False, **policy_options) -> None:
         if "probs" in policy_options:
             raise ValueError("the engine computes ensembles itself: give weights= or ensemble=, not probs=")
         if fallback not in ("final", "most_confident"):
@@ -71,14 +77,18 @@ class DynamicEngine:
         # ensemble); otherwise it is re-run on all outputs so far, padded to E, at every exit.
         self._step = exit_step(self.policy, net.num_exits, **policy_options)
         self.dynamic_macs = torch.tensor(net.cost().dynamic_macs, dtype=torch.float64)
+        self.optimized = OptimizedSegments(self.net) if optimize else None
+        # What runs segment k (``(state, logits, gate)``, as MultiExitNetwork.forward_segment).
+        self.forward_segment = self.optimized.forward_segment if optimize else self.net.forward_segment
+        self._backbone = self.optimized.backbone if optimize else self.net.backbone
 
     def _segment(self, k: int, state, prev: Tensor | None, n: int):
         """Segment ``k`` on the ``n`` samples still running, in pieces of at most ``micro_batch``
         (the survivors of every piece are merged again before the next segment)."""
         mb = self.micro_batch
         if mb is None or n <= mb:
-            return self.net.forward_segment(k, state, prev)
-        parts = [self.net.forward_segment(k, _rows(state, a, a + mb), None if prev is None else prev[a:a + mb])
+            return self.forward_segment(k, state, prev)
+        parts = [self.forward_segment(k, _rows(state, a, a + mb), None if prev is None else prev[a:a + mb])
                  for a in range(0, n, mb)]
         states = [p[0] for p in parts]
         st = tuple(torch.cat(t) for t in zip(*states)) if isinstance(states[0], tuple) else torch.cat(states)
@@ -92,7 +102,7 @@ class DynamicEngine:
         net, E, th, step = self.net, self.net.num_exits, self._th_list, self._step
         state, prev, carry = x, None, None
         for k in range(E):
-            state, lg, g = net.forward_segment(k, state, prev if net.cascades else None)
+            state, lg, g = self.forward_segment(k, state, prev if net.cascades else None)
             prev = lg
             s, carry = step(carry, lg, g, k)
             if k == E - 1:
@@ -103,9 +113,10 @@ class DynamicEngine:
         depth = torch.full((1,), k, dtype=torch.long, device=x.device)
         return EngineResult(s.prediction, depth, depth, self.dynamic_macs.to(x.device)[depth])
 
+    @torch.no_grad()
     def static(self, x: Tensor) -> Tensor:
         """The static backbone's logits on ``x``, in the same micro-batches: the fair baseline."""
-        bb = self.net.backbone
+        bb = self._backbone
         if self.micro_batch is None or len(x) <= self.micro_batch:
             return bb(x)
         return torch.cat([bb(c) for c in x.split(self.micro_batch)])
