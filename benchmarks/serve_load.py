@@ -19,7 +19,6 @@ import argparse
 import http.client
 import io
 import json
-import os
 import platform
 import statistics
 import tempfile
@@ -254,7 +253,7 @@ def render(a, m, rec, eng, data, measured, results, choice, choice16, scen_speed
               f"- float32 hand-off: {fmt(choice.bounds)}; expected {1e3 * choice.predicted_s:.2f} ms "
               f"(by depth {[round(1e3 * t, 2) for t in choice.per_depth_s]} ms)",
               f"- float16 hand-off: {fmt(choice16.bounds)}; expected {1e3 * choice16.predicted_s:.2f} ms",
-              f"- runner-up splits: " + "; ".join(f"{fmt(b)} {1e3 * t:.2f} ms" for t, b in choice.ranking[1:3]), ""]
+              "- runner-up splits: " + "; ".join(f"{fmt(b)} {1e3 * t:.2f} ms" for t, b in choice.ranking[1:3]), ""]
     return "\n".join(lines)
 
 

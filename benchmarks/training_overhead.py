@@ -9,7 +9,6 @@ not counted; the ratio is of medians. Target: <= 1.2x.
 """
 import argparse
 import statistics
-import time
 
 import torch
 

@@ -178,7 +178,7 @@ def handoff_bytes(manifest: dict[str, Any], done: int, *, float16: bool = False)
 
     from .codec import encode
 
-    E, C = manifest["num_exits"], manifest["num_classes"]
+    C = manifest["num_classes"]
     if done == 0:
         state = [np.zeros((1, *manifest["input_shape"]), np.float32)]
     else:

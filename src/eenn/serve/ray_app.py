@@ -15,7 +15,6 @@ import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import ray
 from ray import serve
