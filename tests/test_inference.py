@@ -99,7 +99,7 @@ def test_a_piece_that_does_not_trace_faithfully_stays_eager():
     model = nn.Sequential(BakesBatchSize(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     net = eenn.attach_exits(model, at=["1"], input_shape=(1, 8, 8), leaf_modules=[BakesBatchSize]).eval()
     x = torch.randn(16, 1, 8, 8)
-    with pytest.warns(RuntimeWarning, match="segment 0 stays eager.*differ"):
+    with pytest.warns(RuntimeWarning, match="segment 0 .*stays eager.*differ"):
         res = DynamicEngine(net, "max_prob", [0.5], optimize=True)(x)
     ref = DynamicEngine(net, "max_prob", [0.5])(x)
     assert torch.equal(res.prediction, ref.prediction) and torch.equal(res.exit, ref.exit)

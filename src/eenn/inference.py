@@ -58,32 +58,44 @@ def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <
 
 
 # --- traced segments ----------------------------------------------------------------------------
+# Tracing needs tensors in and tensors out: inputs and outputs (nested tuples and named tuples
+# of tensors, None, strings) are flattened to their tensors plus a hashable spec to rebuild them.
+
+def _flatten(obj, leaves: list[Tensor]):
+    if isinstance(obj, Tensor):
+        leaves.append(obj)
+        return "T"
+    if isinstance(obj, tuple):
+        return (type(obj) if hasattr(obj, "_fields") else tuple, tuple(_flatten(o, leaves) for o in obj))
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return ("const", obj)
+    raise TypeError(f"cannot pass a {type(obj).__name__} through a traced segment")
+
+
+def _unflatten(spec, leaves):
+    if spec == "T":
+        return next(leaves)
+    kind, rest = spec
+    if kind == "const":
+        return rest
+    items = [_unflatten(s, leaves) for s in rest]
+    return kind(*items) if kind is not tuple else tuple(items)
+
 
 class _Flat(nn.Module):
-    """``fn(*state, [prev])`` with tensors only in and out (what tracing needs): the state
-    (a tensor or a tuple of tensors), then the logits, then the gate when there is one."""
+    """``fn(*inputs)`` with tensors only in and out: ``forward(*leaves)`` rebuilds the inputs
+    from ``spec_in``, calls ``fn`` and returns the output's tensors (layout in ``spec_out``)."""
 
-    def __init__(self, owner: nn.Module, fn: Callable, n_state: int | None, with_prev: bool) -> None:
+    def __init__(self, owner: nn.Module, fn: Callable, spec_in) -> None:
         super().__init__()
-        self.owner, self.fn, self.n_state, self.with_prev = owner, fn, n_state, with_prev
+        self.owner, self.fn, self.spec_in = owner, fn, spec_in  # owner: its parameters are traced
+        self.spec_out = None
 
-    def forward(self, *args: Tensor):
-        n = 1 if self.n_state is None else self.n_state
-        state = args[0] if self.n_state is None else tuple(args[:n])
-        out = self.fn(state, args[n]) if self.with_prev else self.fn(state)
-        return _flatten(out)
-
-
-def _flatten(out) -> tuple[Tensor, ...]:
-    if isinstance(out, Tensor):
-        return (out,)
-    flat: list[Tensor] = []
-    for o in out:
-        if isinstance(o, tuple):
-            flat.extend(o)
-        elif o is not None:
-            flat.append(o)
-    return tuple(flat)
+    def forward(self, *leaves: Tensor) -> tuple[Tensor, ...]:
+        out = self.fn(*_unflatten(self.spec_in, iter(leaves)))
+        flat: list[Tensor] = []
+        self.spec_out = _flatten(out, flat)
+        return tuple(flat)
 
 
 def _close(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
@@ -94,7 +106,7 @@ def _close(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
             return False
         if x.is_floating_point():
             scale = max(1.0, float(y.abs().max())) if y.numel() else 1.0
-            if not torch.allclose(x.float(), y.float(), rtol=1e-3, atol=1e-4 * scale):
+            if not torch.allclose(x.double(), y.double(), rtol=1e-3, atol=1e-4 * scale):
                 return False
         elif not torch.equal(x, y):
             return False
@@ -110,9 +122,9 @@ def _other_size(args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 
 class OptimizedSegments:
     """``net``'s segments (and its static backbone) traced, frozen and optimised for inference
-    on first use, for the device, dtype and state layout they are first called with.
+    on first use, for the device, dtype and input structure they are first called with.
 
-    Each traced piece is checked against the eager module on its first inputs and on the same
+    Each traced piece is checked against the eager code on its first inputs and on the same
     inputs at another batch size; a piece that cannot be traced, or whose outputs differ by more
     than float rounding (rtol 1e-3), stays eager, with a warning. Outputs agree with the eager
     network to float rounding (BatchNorm is folded into the convolutions), so a score within
@@ -126,70 +138,56 @@ class OptimizedSegments:
         if net.training:
             raise RuntimeError("put the network in eval mode before optimising it for inference")
         self.net = net
-        self._traced_fn: dict[tuple, Callable | None] = {}  # None: this piece runs eagerly
-        self._layout: dict[tuple, tuple[int | None, bool]] = {}
+        self._pieces: dict[tuple, tuple[Callable | None, object]] = {}  # key -> (traced or None, spec_out)
         self.fallbacks: list[str] = []  # what stayed eager, and why
 
-    def _trace(self, key: tuple, label: str, module: _Flat, args: tuple[Tensor, ...]) -> Callable | None:
-        fn: Callable | None = None
+    def _trace(self, label: str, module: _Flat, leaves: tuple[Tensor, ...]) -> Callable | None:
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer warnings: the checks below decide
-                traced = torch.jit.trace(module.eval(), args, check_trace=False)
+                traced = torch.jit.trace(module.eval(), leaves, check_trace=False)
                 fn = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-                other = _other_size(args)
-                if not (_close(fn(*args), module(*args)) and _close(fn(*other), module(*other))):
-                    raise ValueError("its outputs differ from the eager module's")
+                other = _other_size(leaves)
+                if not (_close(fn(*leaves), module(*leaves)) and _close(fn(*other), module(*other))):
+                    raise ValueError("its outputs differ from the eager code's")
+            return fn
         except Exception as e:  # noqa: BLE001 - any failure means: run this piece eagerly
-            fn = None
             reason = f"{label} stays eager ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             self.fallbacks.append(reason)
             warnings.warn(reason, RuntimeWarning, stacklevel=4)
-        return fn
+            return None
 
-    def _pick(self, key: tuple, label: str, module: Callable[[], _Flat], args: tuple[Tensor, ...]) -> Callable | None:
-        """The traced piece for ``args``, or None to run eagerly."""
-        if key not in self._traced_fn:
-            self._traced_fn[key] = self._trace(key, label, module(), args)
-        return self._traced_fn[key]
-
-    def traced(self) -> dict[str, bool]:
-        """``{"segment 0": True, "backbone": False, ...}``: which pieces run traced so far."""
-        return {("backbone" if k[0] == "backbone" else f"segment {k[1]}"): fn is not None
-                for k, fn in self._traced_fn.items()}
-
-    @staticmethod
-    def _key(*args: Tensor) -> tuple:
-        return tuple((a.device, a.dtype, a.dim()) for a in args)
+    def run(self, label: str, fn: Callable, *inputs):
+        """``fn(*inputs)``, traced on first use for this ``label`` and input structure (``fn`` must
+        then stand for the same computation at every call with that label)."""
+        leaves: list[Tensor] = []
+        spec_in = _flatten(inputs, leaves)
+        t = leaves[0]
+        key = (label, spec_in, t.device, t.dtype)
+        piece = self._pieces.get(key)
+        if piece is None:
+            if any(x.device != t.device for x in leaves):
+                return fn(*inputs)  # inputs on several devices: not traced
+            module = _Flat(self.net, fn, spec_in)
+            with torch.no_grad():
+                module(*leaves)  # the output's layout
+            piece = self._pieces[key] = (self._trace(label, module, tuple(leaves)), module.spec_out)
+        traced, spec_out = piece
+        if traced is None:
+            return fn(*inputs)
+        out = traced(*leaves)
+        return out[0] if spec_out == "T" else _unflatten(spec_out, iter(out))
 
     def forward_segment(self, k: int, state, prev: Tensor | None = None):
         """As :meth:`MultiExitNetwork.forward_segment`."""
         net = self.net
-        n_state = len(state) if isinstance(state, tuple) else None
-        args = (*state,) if n_state is not None else (state,)
-        if prev is not None:
-            args = args + (prev,)
-        key = ("segment", k, n_state, prev is not None) + self._key(*args)
-        if key not in self._layout:
-            with torch.no_grad():
-                out = net.forward_segment(k, state, prev)  # the output's layout, to unflatten
-            self._layout[key] = (len(out[0]) if isinstance(out[0], tuple) else None, out[2] is not None)
-
-        def module() -> _Flat:
-            seg = (lambda s, p: net.forward_segment(k, s, p)) if prev is not None else (lambda s: net.forward_segment(k, s))
-            return _Flat(net, seg, n_state, prev is not None)
-
-        fn = self._pick(key, f"segment {k}", module, args)
-        if fn is None:
-            return net.forward_segment(k, state, prev)
-        out = fn(*args)
-        n_out, has_gate = self._layout[key]
-        n = 1 if n_out is None else n_out
-        return (out[0] if n_out is None else tuple(out[:n])), out[n], (out[n + 1] if has_gate else None)
+        return self.run(f"segment {k}", lambda s, p: net.forward_segment(k, s, p), state, prev)
 
     def backbone(self, x: Tensor) -> Tensor:
-        """The static backbone's logits, optimised (and timed) the same way: the fair baseline."""
+        """The static backbone's logits, optimised the same way: the fair baseline."""
         bb = self.net.backbone
-        fn = self._pick(("backbone",) + self._key(x), "the static backbone",
-                        lambda: _Flat(bb, lambda s: bb(s), None, False), (x,))
-        return bb(x) if fn is None else fn(x)[0]
+        return self.run("the static backbone", bb, x)
+
+    def traced(self) -> dict[str, bool]:
+        """``{"segment 0": True, "the static backbone": False, ...}``: which pieces run traced."""
+        return {key[0]: fn is not None for key, (fn, _) in self._pieces.items()}
