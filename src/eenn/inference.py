@@ -130,14 +130,19 @@ class OptimizedSegments:
     network to float rounding (BatchNorm is folded into the convolutions), so a score within
     ~1e-6 of its threshold can decide the other way.
 
-    (Choosing eager or traced per piece and batch size by timing them was tried: timed alone,
-    a piece does not cost what it costs between the others, and mixing the two was slower than
-    either at batch 1; traced was as fast as eager at batch 1 and faster above.)"""
+    Batches smaller than ``min_batch`` run eagerly: at batch 1 on a CPU the layout changes at
+    a traced segment's two ends cost what fusing saves (``benchmarks/engine_speed.py``: engine
+    1.00-1.03 ms eager vs 1.03-1.06 ms traced per sample on ResNet-20 / Fashion-MNIST).
+    (Choosing per piece and batch size by timing both on first use was tried: timed alone, a
+    piece does not cost what it costs between the others, and the mix was slower than either.)"""
 
-    def __init__(self, net: MultiExitNetwork) -> None:
+    def __init__(self, net: MultiExitNetwork, *, min_batch: int = 2) -> None:
         if net.training:
             raise RuntimeError("put the network in eval mode before optimising it for inference")
+        if min_batch < 1:
+            raise ValueError(f"min_batch must be at least 1, got {min_batch}")
         self.net = net
+        self.min_batch = min_batch
         self._pieces: dict[tuple, tuple[Callable | None, object]] = {}  # key -> (traced or None, spec_out)
         self.fallbacks: list[str] = []  # what stayed eager, and why
 
@@ -181,11 +186,15 @@ class OptimizedSegments:
     def forward_segment(self, k: int, state, prev: Tensor | None = None):
         """As :meth:`MultiExitNetwork.forward_segment`."""
         net = self.net
+        if (state[0] if isinstance(state, tuple) else state).shape[0] < self.min_batch:
+            return net.forward_segment(k, state, prev)
         return self.run(f"segment {k}", lambda s, p: net.forward_segment(k, s, p), state, prev)
 
     def backbone(self, x: Tensor) -> Tensor:
         """The static backbone's logits, optimised the same way: the fair baseline."""
         bb = self.net.backbone
+        if x.shape[0] < self.min_batch:
+            return bb(x)
         return self.run("the static backbone", bb, x)
 
     def traced(self) -> dict[str, bool]:
