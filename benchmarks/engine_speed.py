@@ -5,7 +5,8 @@ Target: >= 0.85 at both.
 
 Two rows per batch size: the network as trained ("eager") and with every segment, and the
 static baseline alike, traced and optimised for inference ("optimized", DynamicEngine(...,
-optimize=True)). glibc is told to keep freed blocks (eenn.inference.tune_cpu_allocator) unless
+optimize=True); batches of 1 run eagerly there too, where tracing does not pay, so the two batch-1
+rows time the same computation twice). glibc is told to keep freed blocks (eenn.inference.tune_cpu_allocator) unless
 --default-allocator is given.
 
     .venv/bin/python benchmarks/engine_speed.py [--dataset fashion_mnist --limit 20000 --epochs 2]

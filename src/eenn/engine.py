@@ -53,8 +53,9 @@ class DynamicEngine:
 
     ``optimize=True``: run each segment (and :meth:`static`) traced, frozen and optimised for
     inference (:class:`eenn.inference.OptimizedSegments`: BatchNorm folded, ReLU and adds fused,
-    oneDNN's layout kept between convolutions on CPU), built on first use. Outputs then agree
-    with the eager network to float rounding, not bit for bit."""
+    oneDNN's layout kept between convolutions on CPU), built on first use; single samples stay
+    eager (tracing does not pay at batch 1). Outputs then agree with the eager network to float
+    rounding, not bit for bit."""
 
     def __init__(self, net: MultiExitNetwork, policy: str, thresholds, *, fallback: str = "final",
                  micro_batch: int | None = None, optimize: bool = False, **policy_options) -> None:
