@@ -6,6 +6,7 @@ import urllib.request
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import eenn
@@ -23,6 +24,24 @@ def spread_net(head: str = "linear", **opts) -> eenn.MultiExitNetwork:
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     return net.eval()
+
+
+class Skip2(nn.Module):
+    """A residual input that lives across two cuts: cut at ``["relu", "relu_1"]`` by
+    :func:`eenn.attach_exits`, the middle segment hands it on unchanged (a tuple state)."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        s = self.stem(x)
+        a = torch.relu(self.a(s))
+        b = torch.relu(self.b(a))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(b + s, 1), 1))
 
 
 def post(url: str, body: bytes, content_type: str = "application/x-npy", path: str = "/predict"):

@@ -15,6 +15,7 @@ from eenn.evaluate import CachedOutputs
 from eenn.export import EXPORT_TOLERANCE, ExportError, StagedRunner, export, load_manifest
 from eenn.objectives.ztw import GeometricEnsemble
 from eenn.policies import policy_scores
+from _helpers import Skip2
 
 
 def _net(head="linear", **opts):
@@ -117,23 +118,6 @@ def test_ensemble_weights_are_exported_and_geometric_ensemble_refused(tmp_path):
         export(net, tmp_path / "ztw", policy="ensemble", policy_options={"ensemble": GeometricEnsemble(4, 10)})
     with pytest.raises(ExportError, match="gated"):
         export(net, tmp_path / "gate", policy="gate")
-
-
-class Skip2(nn.Module):
-    """A residual input that lives across two cuts: the middle segment hands it on unchanged."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.a = nn.Conv2d(8, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x):
-        s = self.stem(x)
-        a = torch.relu(self.a(s))
-        b = torch.relu(self.b(a))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(b + s, 1), 1))
 
 
 def test_traced_model_hands_on_tuples(tmp_path):

@@ -4,11 +4,10 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import eenn
-from _helpers import spread_net
+from _helpers import Skip2, spread_net
 from eenn.engine import DynamicEngine
 from eenn.inference import OptimizedSegments, tune_cpu_allocator
 from eenn.objectives.ztw import GeometricEnsemble
@@ -16,26 +15,9 @@ from eenn.objectives.ztw import GeometricEnsemble
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-class Skip2(nn.Module):
-    """A residual input that lives across two cuts: the state handed on is a tuple."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
-        self.b = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        s = self.stem(x)
-        a = torch.relu(self.a(s))
-        b = torch.relu(self.b(a))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(b + s, 1), 1))
-
-
 def _fx_net():
     torch.manual_seed(0)
-    return eenn.attach_exits(Skip2(), at=["relu", "relu_1"], input_shape=(1, 8, 8)).eval()
+    return eenn.attach_exits(Skip2(in_channels=1, num_classes=10), at=["relu", "relu_1"], input_shape=(1, 8, 8)).eval()
 
 
 NETS = {
