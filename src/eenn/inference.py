@@ -131,8 +131,8 @@ class OptimizedSegments:
     ~1e-6 of its threshold can decide the other way.
 
     Batches smaller than ``min_batch`` run eagerly: at batch 1 on a CPU the layout changes at
-    a traced segment's two ends cost what fusing saves (``benchmarks/engine_speed.py``: engine
-    1.00-1.03 ms eager vs 1.03-1.06 ms traced per sample on ResNet-20 / Fashion-MNIST).
+    a traced segment's two ends cost what fusing saves (with ``min_batch=1`` the engine ran a
+    little slower than eager at batch 1 on ResNet-20 / Fashion-MNIST, in three runs).
     (Choosing per piece and batch size by timing both on first use was tried: timed alone, a
     piece does not cost what it costs between the others, and the mix was slower than either.)"""
 
