@@ -105,6 +105,21 @@ def test_manifest_and_logit_agreement(exported):
     json.dumps({k: v for k, v in m.items()})  # plain JSON throughout
 
 
+def test_infinite_thresholds_are_written_as_strict_json(tmp_path):
+    net = _net("linear")
+    export(net, tmp_path, policy="max_prob", thresholds=[float("-inf"), 0.5, float("inf")])
+    text = (tmp_path / "manifest.json").read_text()
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    strict = json.loads(text, parse_constant=refuse)  # what a strict parser (browser, Go, jq) accepts
+    assert strict["policy"]["thresholds"] == ["-inf", 0.5, "inf"]
+    assert load_manifest(tmp_path)["policy"]["thresholds"] == [float("-inf"), 0.5, float("inf")]
+    x = torch.randn(8, 1, 8, 8)
+    assert (StagedRunner(tmp_path)(x.numpy())["exit"] == 0).all()  # -inf: everyone leaves at the first exit
+
+
 def test_ensemble_weights_are_exported_and_geometric_ensemble_refused(tmp_path):
     net = _net()
     w = torch.tensor([0.1, 0.2, 0.3, 0.4])

@@ -215,8 +215,10 @@ def export(net, out_dir: str | os.PathLike, *, policy: str = "max_prob", thresho
         "check": {"batch": check_batch, "max_abs_logit_diff": worst, "tolerance": EXPORT_TOLERANCE},
         "segments": segments,
     }
+    from .report import write_json
+
     tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
+    write_json(manifest, tmp)  # strict JSON: infinite thresholds as "inf" / "-inf"
     os.replace(tmp, out / MANIFEST)
     return manifest
 
@@ -261,8 +263,10 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
         p = p / MANIFEST
     if not p.exists():
         raise ExportError(f"no exported model at {p.parent} (missing {MANIFEST}); run `eenn export` first")
+    from .report import read_json
+
     try:
-        m = json.loads(p.read_text())
+        m = read_json(p)
     except json.JSONDecodeError as e:
         raise ExportError(f"{p} is not valid JSON ({e})") from None
     if m.get("format") != FORMAT:
