@@ -98,21 +98,15 @@ class DynamicEngine:
         g = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
         return st, lg, g
 
-    def _advance(self, k: int, state, prev: Tensor | None, carry, n: int):
-        """Segment ``k`` and the rule's step on its exit: ``(state, logits, gate, scores, carry)``.
-        (Tracing the step into the optimised segment was tried: at batch 1 the traced rule's
-        small ops cost as much as the eager ones, so it saved nothing.)"""
-        state, lg, g = self._segment(k, state, prev, n)
-        s, carry = self._step(carry, lg, g, k)
-        return state, lg, g, s, carry
-
     def _one(self, x: Tensor) -> EngineResult:
         """One sample, a rule with a one-exit form and the final fallback (the latency case): the
         same decisions as the batched loop, with Python scalars instead of index bookkeeping."""
-        net, E, th = self.net, self.net.num_exits, self._th_list
+        net, E, th, step = self.net, self.net.num_exits, self._th_list, self._step
         state, prev, carry = x, None, None
         for k in range(E):
-            state, prev, _, s, carry = self._advance(k, state, prev if net.cascades else None, carry, 1)
+            state, lg, g = self.forward_segment(k, state, prev if net.cascades else None)
+            prev = lg
+            s, carry = step(carry, lg, g, k)
             if k == E - 1:
                 break
             sc, t, strict = canonical(s.score.item(), th[k], s.rule)  # the step's one host sync
@@ -153,14 +147,14 @@ class DynamicEngine:
         th = self._th_list  # floats: comparing with a float makes no tensor
         state, prev, carry, n = x, None, None, B
         for k in range(E):
+            state, lg, g = self._segment(k, state, prev if net.cascades else None, n)
+            prev = lg
             if step is not None:
-                state, prev, _, s, carry = self._advance(k, state, prev if net.cascades else None, carry, n)
+                s, carry = step(carry, lg, g, k)
                 score, answer = s.score, s.prediction
                 if keep_all:
                     scores[k], answers[k] = score, answer
             else:
-                state, lg, g = self._segment(k, state, prev if net.cascades else None, n)
-                prev = lg
                 logits[k] = lg.float()
                 if gates is not None:
                     gates[k] = g.float()
