@@ -164,7 +164,7 @@ def _speeds(specs: list[str], manifest: dict):
 
 
 def run_plan(args) -> int:
-    from ..export import load_manifest
+    from ..staged import load_manifest
     from .plan import LinkSpec, plan_splits
 
     m = load_manifest(args.export_dir)

@@ -63,7 +63,7 @@ class TierPlan:
                   num_exits: int | None = None) -> "TierPlan":
         """Parse a plan (see the module docstring); ``segments`` takes ``k``, ``"a-b"``
         (inclusive), ``[a, b, ...]`` (consecutive) or ``"rest"``."""
-        from ..export import load_manifest
+        from ..staged import load_manifest
 
         data = dict(data)
         unknown = set(data) - {"model", "tiers", "links", "float16", "timeout_s", "max_body_bytes", "max_batch",
@@ -257,7 +257,7 @@ def measure_segments(manifest: dict[str, Any], *, repeats: int = 50, threads: in
 
     import numpy as np
 
-    from ..export import StagedRunner
+    from ..staged import StagedRunner
 
     E = manifest["num_exits"]
     never = float("-inf") if manifest["policy"]["name"] == "entropy" else float("inf")  # nobody exits

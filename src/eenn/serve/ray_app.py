@@ -20,7 +20,7 @@ import ray
 from ray import serve
 from starlette.requests import Request
 
-from ..export import load_manifest, read_segments
+from ..staged import load_manifest, read_segments
 from .app import Front
 from .plan import TierPlan, TierSpec
 from .tiers import Tier

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..export import Answers, Carry, StagedRunner, load_manifest, read_segments
+from ..staged import Answers, Carry, StagedRunner, load_manifest, read_segments
 from .codec import decode, encode
 from .plan import TierPlan, TierSpec
 
