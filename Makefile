@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-random venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ test: $(STAMP)
 	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ]; then \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
 		echo "note: could not install dataset-fashion-mnist; its tests will be skipped"; fi
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -p no:randomly
+
+# The same suite in a random order (pytest-randomly): the seed is printed at the top of the run;
+# repeat an order with  SEED=<n> make test-random
+test-random: $(STAMP)
+	$(PY) -m pytest -q $(if $(SEED),--randomly-seed=$(SEED),)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,6 +1,7 @@
 """Design search: the space as data and its errors, the Pareto front, the repair step, impossible
-constraints, a small search on digits with its report, resuming after a kill, two workers on one
-SQLite study, and the command line."""
+constraints, a small search on digits with its report, resuming after a worker is killed at
+several moments (its trial failed and requeued, a live worker's left alone), a resumed sampler
+drawing new designs, two workers on one SQLite study, and the command line."""
 from __future__ import annotations
 
 import argparse
@@ -12,12 +13,15 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
 import yaml
+from optuna.trial import TrialState
 
 import eenn
 from eenn.evaluate import CachedOutputs
@@ -25,7 +29,8 @@ from eenn.policies import evaluate_policy
 from eenn.search import (ConfigError, ImpossibleConstraints, SearchConfig, SearchSpace, pareto_front,
                          repair_thresholds, run_search)
 from eenn.search import cli as search_cli
-from eenn.search.study import counts_as_trained
+from eenn.search import study as search_study
+from eenn.search.study import counts_as_trained, create_study
 
 SRC = str(Path(eenn.__file__).resolve().parents[1])
 
@@ -239,47 +244,214 @@ def _counted(url: str, name: str) -> list[int]:
     return [t.number for t in study.trials if counts_as_trained(t.state.name, t.user_attrs)]
 
 
-def test_killed_search_continues_the_same_study(tmp_path):
-    # Slow-ish trials (the full digits train split), so the kill lands while one is running.
-    raw = tiny(search={"trials": 50, "sampler": "random"}, train={"epochs": 4, "batch_size": 32},
-               dataset={"name": "digits", "val_fraction": 0.2, "seed": 0, "val_limit": 100, "test_limit": 100})
-    cfg_path = _write_config(tmp_path, raw)
-    url = f"sqlite:///{tmp_path}/study.db"
-    code = ("import sys; from eenn.search import load_config, run_search; "
-            f"run_search(load_config({str(cfg_path)!r}), out={str(tmp_path)!r}, progress=False, heartbeat=(1, 2))")
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            time.sleep(0.5)
-            if (tmp_path / "study.db").exists():
-                # Read-only peek with sqlite3: opening it through Optuna here could race the
-                # child's schema creation.
-                try:
-                    with sqlite3.connect(f"file:{tmp_path}/study.db?mode=ro", uri=True, timeout=1) as db:
-                        done = db.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
-                        # a trial under way whose heartbeat is recorded: the kill lands mid-training, not
-                        # in the instant between Optuna creating a trial and its first heartbeat
-                        beating = db.execute("SELECT count(*) FROM trials t JOIN trial_heartbeats h "
-                                             "ON h.trial_id = t.trial_id WHERE t.state = 'RUNNING'").fetchone()[0]
-                    if done >= 1 and beating:
-                        break
-                except sqlite3.Error:  # the schema is not there yet, or the file is locked
-                    pass
-        else:
-            pytest.fail("the search never finished a trial")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    before = _counted(url, "tiny")
-    assert 1 <= len(before) < 50
-    time.sleep(2.5)  # past the heartbeat grace period: the killed trial is stale
+def _wait_for(condition, timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds (a bound, not a wait)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:.0f} s: {what}")
+        time.sleep(0.05)
+
+
+def _heartbeat_rows(db: Path, trial_id: int) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as con:
+        return con.execute("SELECT count(*) FROM trial_heartbeats WHERE trial_id = ?", (trial_id,)).fetchone()[0]
+
+
+# A search worker that stops at a chosen moment of its first trial, says so (the marker file) and
+# waits there until the test kills it. The hooks live here, not in eenn.
+_HELD_WORKER = r'''
+import os, sys, threading
+from pathlib import Path
+
+import eenn.search.study as study
+from eenn.search import load_config, run_search
+
+where, marker, config, out = sys.argv[1:]
+
+
+def hold(*args, **kwargs):
+    Path(marker).write_text(str(os.getpid()))
+    threading.Event().wait()
+
+
+if where == "start":  # RUNNING, worker recorded, design not drawn yet, and never a heartbeat
+    import optuna
+    from eenn.search.space import SearchSpace
+
+    optuna.storages.RDBStorage.record_heartbeat = lambda self, trial_id: None
+    SearchSpace.sample = hold
+elif where == "train":  # at the end of the first of two epochs
+    study._FirstEpochPruner.on_epoch_end = hold
+elif where == "evaluate":  # trained; calibrating the exit thresholds on validation
+    study.calibrate = hold
+run_search(load_config(config), out=out, progress=False, heartbeat=(1, 2), report=False)
+'''
+
+
+def test_killed_workers_trials_are_failed_requeued_and_the_resumed_studies_finish(tmp_path, capsys):
+    """A worker killed before its trial's first heartbeat, while training, and while evaluating
+    (one study each; the three held workers start together to share their start-up time)."""
+    raw = tiny(search={"trials": 2, "sampler": "random"})
     cfg = SearchConfig.from_dict(raw)
-    res = run_search(cfg, out=tmp_path, n_trials=len(before) + 1, progress=False, heartbeat=(1, 2))
-    after = _counted(url, "tiny")
-    assert set(before) < set(after) and len(after) == len(before) + 1  # same study, one more trial
-    assert not [t for t in res.study.trials if t.state.name == "RUNNING"]  # the killed one was failed
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    workers = {}
+    for where in ("start", "train", "evaluate"):
+        out = tmp_path / where
+        out.mkdir()
+        workers[where] = subprocess.Popen([sys.executable, "-c", _HELD_WORKER, where, str(out / "held"),
+                                           str(_write_config(out, raw)), str(out)], env=env)
+    held, before = {}, {}
+    try:
+        for where, worker in workers.items():
+            out = tmp_path / where
+            url, db = f"sqlite:///{out}/study.db", out / "study.db"
+            _wait_for(lambda: (out / "held").exists() or worker.poll() is not None, 120,
+                      f"the worker never reached {where!r}")
+            assert worker.poll() is None, f"{where}: the worker exited instead of holding"
+            (t,) = optuna.load_study(study_name="tiny", storage=url).get_trials(states=(TrialState.RUNNING,))
+            assert t.user_attrs["worker_process"]["pid"] == worker.pid, where
+            assert t.user_attrs["worker_process"]["heartbeat"] == 1, where  # it records that it beats
+            if where == "start":
+                assert not t.params and _heartbeat_rows(db, t._trial_id) == 0
+            else:
+                assert t.params, where
+                _wait_for(lambda: _heartbeat_rows(db, t._trial_id) > 0, 60, f"{where}: the held trial never beat")
+            # Another run on the study while that worker lives leaves the worker's trial alone.
+            run_search(cfg, out=out, n_trials=1, progress=False, heartbeat=(1, 2), report=False)
+            study = optuna.load_study(study_name="tiny", storage=url)
+            assert study.trials[t.number].state == TrialState.RUNNING, where
+            assert not study.get_trials(states=(TrialState.FAIL, TrialState.WAITING)), where
+            held[where], before[where] = t, _counted(url, "tiny")
+            assert len(before[where]) == 1, where
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+    finally:
+        for worker in workers.values():
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGKILL)
+                worker.wait()
+    for where, worker in workers.items():
+        out, t = tmp_path / where, held[where]
+        capsys.readouterr()
+        res = run_search(cfg, out=out, n_trials=2, progress=True, heartbeat=(1, 2), report=False)
+        said = capsys.readouterr().out
+        assert f"trial {t.number} was left running by a worker that stopped (its worker process {worker.pid} " in said
+        trials = res.study.trials
+        assert not [r.number for r in trials if r.state == TrialState.RUNNING], where
+        after = _counted(f"sqlite:///{out}/study.db", "tiny")
+        assert set(before[where]) < set(after) and len(after) == 2, where  # the same study, the trials asked for
+        dead = trials[t.number]
+        assert dead.state == TrialState.FAIL, where
+        assert f"worker process {worker.pid} " in dead.user_attrs["failed_because"], where
+        retries = [r for r in trials if r.user_attrs.get("retried_from") == t.number]
+        if where == "start":
+            assert not retries  # it died before drawing a design: nothing to run again
+        else:  # its design ran again, once, in the resumed run
+            (retry,) = retries
+            assert retry.state == TrialState.COMPLETE and retry.params == dead.params, where
+            assert retry.user_attrs["worker_process"]["pid"] == os.getpid(), where
+
+
+def _exited_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("sweep", ["at start", "before each trial"])
+def test_dead_worker_rule_by_table(tmp_path, sweep):
+    """Which RUNNING trials count as left by a dead worker. Heartbeats every second, with a grace
+    period of 10 s so that "within grace" stays so on a slow machine; "an hour" is far past it."""
+    study = create_study(SearchConfig.from_dict(tiny()), f"sqlite:///{tmp_path}/study.db", out=tmp_path,
+                         heartbeat=(1, 10))
+    storage = study._storage
+    me = search_study._this_process(1)
+    if me["start"] is None:
+        pytest.skip("needs /proc to read process start times")
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for until the end: a zombie
+    _wait_for(lambda: (search_study._proc_stat(zombie.pid) or ("?",))[0] == "Z", 30, "the child never exited")
+    far = {**me, "host": "elsewhere.example"}
+    hour = 3600
+    # name: (worker_process, seconds since its start, seconds since its heartbeat (None: none), dead)
+    table = {
+        "live worker, never beat, started an hour ago": (me, hour, None, False),
+        "live worker, heartbeat an hour old": (me, hour, hour, False),
+        "worker gone": ({**me, "pid": _exited_pid()}, 0, 0, True),
+        "worker a zombie": ({**me, "pid": zombie.pid}, 0, 0, True),
+        "pid reused by a later process": ({**me, "start": me["start"] - 1}, 0, 0, True),
+        "other machine, heartbeat within grace": (far, hour, 1, False),
+        "other machine, heartbeat an hour old": (far, hour, hour, True),
+        "other machine, never beat, just started": (far, 0, None, False),
+        "other machine, never beat, started an hour ago": (far, hour, None, True),
+        "other machine without heartbeats": ({**far, "heartbeat": None}, hour, None, False),
+        "no worker recorded, just started": (None, 0, None, False),
+        "no worker recorded, heartbeat within grace": (None, hour, 1, False),
+        "no worker recorded, started an hour ago": (None, hour, None, True),
+        "a retry whose worker is gone too": ({**me, "pid": _exited_pid()}, 0, 0, True),
+    }
+    number = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize"
+        for name in table:
+            t = study.ask()
+            t.suggest_int("case", 0, 1000)
+            number[name] = t.number
+    tids = {name: study.trials[number[name]]._trial_id for name in table}
+    for name, (proc, *_) in table.items():
+        if proc is not None:
+            storage.set_trial_user_attr(tids[name], "worker_process", proc)
+        if name.startswith("a retry"):
+            storage.set_trial_user_attr(tids[name], "retried_from", 0)
+    con = sqlite3.connect(tmp_path / "study.db", timeout=30)
+    with con:  # one transaction: the times Optuna has no setter for
+        for name, (proc, started, beat, _) in table.items():
+            tid = tids[name]
+            start = (datetime.now() - timedelta(seconds=started)).strftime("%Y-%m-%d %H:%M:%S.%f")
+            con.execute("UPDATE trials SET datetime_start = ? WHERE trial_id = ?", (start, tid))
+            if beat is not None:
+                con.execute("INSERT INTO trial_heartbeats (trial_id, heartbeat) VALUES (?, datetime('now', ?))",
+                            (tid, f"-{beat} seconds"))
+    con.close()
+    run = (lambda: search_study._recover_dead_trials(study)) if sweep == "at start" else (
+        lambda: optuna.storages.fail_stale_trials(study))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        run()
+        trials = study.trials
+        for name, (_, _, _, dead) in table.items():
+            t = trials[number[name]]
+            assert (t.state == TrialState.FAIL) == dead and (t.state == TrialState.RUNNING) == (not dead), name
+            assert ("failed_because" in t.user_attrs) == dead, name
+        retried = {t.user_attrs["retried_from"]: t for t in trials if t.state == TrialState.WAITING}
+        expect = {number[n] for n, row in table.items() if row[3] and not n.startswith("a retry")}
+        assert set(retried) == expect  # each dead design queued once; a retry is not retried again
+        run()  # nothing more to do
+        assert len(study.trials) == len(trials)
+        for _ in retried:  # each queued trial, once started, draws the design of the trial it retries
+            warnings.simplefilter("ignore")
+            t = study.ask()
+            t.suggest_int("case", 0, 1000)
+            assert t.params == trials[t.user_attrs["retried_from"]].params
+    zombie.wait()
+
+
+def test_resumed_search_draws_new_designs(tmp_path, monkeypatch):
+    """A resumed search does not replay its sampler's earlier designs; a fresh one is reproducible."""
+    monkeypatch.setattr(search_study, "evaluate_design", lambda *a, **k: {"val_accuracy": 0.5, "val_macs": 1e4})
+    cfg = SearchConfig.from_dict(tiny(search={"trials": 3, "sampler": "random", "seed": 3}))
+
+    def designs(out, n):
+        res = run_search(cfg, out=tmp_path / out, n_trials=n, progress=False, report=False)
+        return [t.params for t in res.study.trials]
+
+    first = designs("a", 3)
+    assert designs("b", 3) == first  # a new study: the same designs from the same seed
+    resumed = designs("a", 6)
+    assert resumed[:3] == first and len(resumed) >= 6
+    assert resumed[3:6] != first  # the old code re-seeded with config.seed and drew `first` again
+    assert search_study._sampler_seed(3, 0, 0) == 3 and search_study._sampler_seed(3, 1, 0) == 1003
+    assert len({search_study._sampler_seed(3, w, n) for w in (0, 1) for n in (0, 3, 6)}) == 6
 
 
 def test_two_workers_share_one_sqlite_study(tmp_path):
@@ -289,6 +461,9 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
     trials = [t for t in res.study.trials if counts_as_trained(t.state.name, t.user_attrs)]
     assert len(trials) >= 4
     assert len({t.user_attrs["worker"] for t in res.study.trials}) == 2  # both processes wrote trials
+    # Each worker checks for dead workers' trials before each of its trials: the other's live
+    # trials were never among them.
+    assert not [t.number for t in res.study.trials if t.state in (TrialState.FAIL, TrialState.RUNNING)]
     assert len({t.number for t in res.study.trials}) == len(res.study.trials)
 
 

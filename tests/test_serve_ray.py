@@ -74,33 +74,38 @@ def test_killed_tier_replica_degrades_then_recovers(ray_server):
     x = torch.randn(8, 1, 8, 8)
     eng = DynamicEngine(net, "max_prob", TH)(x)
     bodies = [_npy(x[i].numpy()) for i in range(8)]
-    results, stop = [], threading.Event()
+    results, stop, arrived = [], threading.Event(), threading.Condition()
 
-    def load():
+    def load():  # one request after another, each sent when the previous one is answered
         i = 0
-        while not stop.is_set() and i < 20000:  # until told to stop (the wait below is bounded)
+        while not stop.is_set() and i < 20000:  # until told to stop (the waits below are bounded)
             t0 = time.perf_counter()
             status, out = post(url, bodies[i % 8])
-            results.append((i % 8, status, out, time.perf_counter() - t0))
+            with arrived:
+                results.append((i % 8, status, out, time.perf_counter() - t0))
+                arrived.notify_all()
             i += 1
-            time.sleep(0.02)
+
+    def whole_cloud_answer(rows):
+        return any(r[2].get("tier") == "cloud" and not r[2].get("degraded") for r in rows)
 
     th = threading.Thread(target=load)
     th.start()
-    time.sleep(0.5)
+    with arrived:  # the deployment answers whole before the kill
+        assert arrived.wait_for(lambda: whole_cloud_answer(results), timeout=60), results[-3:]
     victim = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "#tier-cloud#" in a["name"])
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
     killed_at = len(results)
-    # keep the stream going until whole answers from the cloud come back (bounded)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
+
+    def recovered():
         recent = results[killed_at:]
         first = next((j for j, r in enumerate(recent) if r[2].get("degraded")), None)
-        # recovered: a whole answer from the cloud after the first degraded one (answers from before
-        # the death was noticed do not count)
-        if first is not None and any(r[2].get("tier") == "cloud" and not r[2]["degraded"] for r in recent[first + 1:]):
-            break
+        # a whole answer from the cloud after the first degraded one (answers from before the
+        # death was noticed do not count)
+        return first is not None and whole_cloud_answer(recent[first + 1:])
+
+    with arrived:  # keep the stream going until Ray Serve has replaced the replica (bounded)
+        arrived.wait_for(recovered, timeout=60)
     stop.set()
     th.join(timeout=60)
     assert not th.is_alive()

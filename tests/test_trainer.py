@@ -137,21 +137,79 @@ def test_resume_after_kill_is_exact(tmp_path):
     assert epochs == [1, 2, 3]
 
 
-def test_ddp_two_processes(tmp_path):
-    out = tmp_path / "ddp"
-    cmd = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           str(SCRIPT), str(out), "--epochs", "8", "--lr", "0.2", "--head", "branching"]
-    r = _run(cmd)
-    if r.returncode != 0 and "SIGABRT" in r.stderr:
-        # Seen once on a loaded 2-core machine: a gloo worker aborted ("terminate called without
-        # an active exception"). The run resumes from its last checkpoint, as a user's would.
-        r = _run(cmd)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == list(range(1, 9))  # rank 0 alone wrote the log
-    assert lines[-1]["train_loss"] < 0.5 * lines[0]["train_loss"]
-    assert lines[-1]["val_acc"][-1] > 0.85
-    net = eenn.load(out / "last.safetensors")
+def _torchrun(nproc, out, *args):
+    return _run(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", str(SCRIPT), str(out),
+                 *args])
+
+
+def _why(r):
+    """A failed run's output: the first error is near the top, torchrun's summary at the end."""
+    err = r.stderr if len(r.stderr) < 6000 else r.stderr[:3000] + "\n[...]\n" + r.stderr[-3000:]
+    return f"exit code {r.returncode}\n{r.stdout[-1000:]}\n{err}"
+
+
+def _lines(path):
+    return [json.loads(l) for l in Path(path).read_text().splitlines()]
+
+
+def _single_process_eval(path, batch_size):
+    """What one process measures on the saved file (one thread, like each rank of the run)."""
+    net = eenn.load(path)
     data = eenn.load_dataset("digits", seed=0)
-    acc = eenn.trainer.evaluate_exits(net, data.val, mean=data.info.mean, std=data.info.std)["acc"]
-    assert acc == pytest.approx(lines[-1]["val_acc"])  # the reduced metrics are the full split's
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return eenn.trainer.evaluate_exits(net, data.val, batch_size=batch_size, mean=data.info.mean,
+                                           std=data.info.std)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("nproc, epochs", [(2, 6), (3, 3)])
+def test_ddp_validation_is_the_checkpoints_own(tmp_path, nproc, epochs):
+    # Small validation batches, so that every rank scores some of them: with one rank scoring
+    # everything, its own BatchNorm statistics would be the saved ones and nothing would be tested.
+    out = tmp_path / "ddp"
+    r = _torchrun(nproc, out, "--epochs", str(epochs), "--lr", "0.2", "--head", "branching",
+                  "--eval-batch-size", "32", "--keep-epochs")
+    assert r.returncode == 0, _why(r)
+    lines = _lines(out / "metrics.jsonl")
+    assert [l["epoch"] for l in lines] == list(range(1, epochs + 1))  # rank 0 alone wrote the log
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    if nproc == 2:
+        assert lines[-1]["val_acc"][-1] > 0.85
+    for line in lines:  # every epoch's reduced figures are its checkpoint's, exactly
+        mine = _single_process_eval(out / f"epoch{line['epoch']}.safetensors", 32)
+        assert mine["acc"] == line["val_acc"] and mine["loss"] == line["val_loss"], line["epoch"]
+    best = eenn.read_description(out / "best.safetensors")["extra"]["metrics"]
+    assert _single_process_eval(out / "best.safetensors", 32)["acc"] == best["val_acc"]
+    # the BatchNorm statistics were made one: rank 0 alone would not give the same buffers
+    net = eenn.load(out / f"epoch{epochs}.safetensors")
+    assert any(b.is_floating_point() for b in net.buffers())
+
+
+def test_ddp_resume_restores_each_ranks_rng(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    args = ("--epochs", "3", "--record-rng")
+    r = _torchrun(2, full, *args)
+    assert r.returncode == 0, _why(r)
+    r = _torchrun(2, killed, *args, "--kill-at", "1", "3")  # every rank SIGKILLs itself mid epoch 2
+    assert r.returncode != 0
+    assert eenn.read_description(killed / "last.safetensors")["extra"]["epoch"] == 1
+    r = _torchrun(2, killed, *args)
+    assert r.returncode == 0, _why(r)
+    for rank in (0, 1):
+        a = {l["epoch"]: l["draw"] for l in _lines(full / f"rng-{rank}.jsonl")}
+        b = {l["epoch"]: l["draw"] for l in _lines(killed / f"rng-{rank}.jsonl")}  # the resumed epoch's last
+        assert a == b and sorted(a) == [1, 2, 3], rank
+    assert _lines(full / "rng-0.jsonl")[1]["draw"] != _lines(full / "rng-1.jsonl")[1]["draw"]  # streams differ
+    a = eenn.load(full / "last.safetensors").state_dict()
+    b = eenn.load(killed / "last.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_rank_that_stops_answering_ends_the_job_with_a_clear_error(tmp_path):
+    r = _torchrun(2, tmp_path / "hang", "--epochs", "2", "--hang-rank", "1", "--dist-timeout", "3")
+    assert r.returncode != 0
+    assert "rank 0 of 2 gave up waiting on the other ranks during training step 1 of epoch 1" in r.stderr, \
+        r.stderr[-3000:]

@@ -42,23 +42,36 @@ def collect_outputs(net: MultiExitNetwork, dataset: TensorDataset, *, mean=None,
 @torch.no_grad()
 def evaluate_exits(net: MultiExitNetwork, dataset: TensorDataset, *, batch_size: int = 512,
                    mean=None, std=None, device=None, env: D.DistEnv = D.DistEnv()) -> dict[str, list[float]]:
-    """Per-exit mean cross-entropy and accuracy of ``net`` on ``dataset`` (eval mode). Under
-    DDP each rank takes every ``world_size``-th sample and the sums are reduced exactly."""
-    if env.enabled:
-        dataset = dataset.subset(torch.arange(env.rank, len(dataset), env.world_size))
+    """Per-exit mean cross-entropy and accuracy of ``net`` on ``dataset`` (eval mode).
+
+    The split is cut into the same consecutive batches whatever the number of processes; under
+    DDP rank r scores batches r, r + world_size, ... and the per-batch sums are gathered and added
+    in batch order. So the figures equal, bit for bit, those of one process evaluating the same
+    weights with the same ``batch_size`` (given bit-identical buffers on every rank, which the
+    trainer ensures): the metric that picks ``best.safetensors`` is the checkpoint's own."""
+    n_batches = -(-len(dataset) // batch_size)
+    mine = list(range(env.rank, n_batches, env.world_size))  # global numbers of this rank's batches
+    if env.enabled:  # only this rank's batches; all are full but the split's last, so boundaries stay
+        keep = [torch.arange(i * batch_size, min((i + 1) * batch_size, len(dataset))) for i in mine]
+        dataset = dataset.subset(torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long))
     loader = TensorLoader(dataset, batch_size, mean=mean, std=std, device=device)
     was = net.training
     net.eval()
     dev = loader.device
-    sums = torch.zeros(2, net.num_exits, dtype=torch.float64, device=dev)  # loss, correct
-    count = torch.zeros(1, dtype=torch.float64, device=dev)
-    for x, y in loader:
+    # per batch: [loss sum, correct] per exit, and the batch's size
+    per_batch = torch.zeros(n_batches, 2, net.num_exits, dtype=torch.float64, device=dev)
+    sizes = torch.zeros(n_batches, dtype=torch.float64, device=dev)
+    for i, (x, y) in zip(mine, loader):
         logits = net(x).logits.float()
-        sums[0] += exit_losses(logits, y).double() * y.numel()
-        sums[1] += (logits.argmax(-1) == y).sum(1).double()
-        count += y.numel()
+        per_batch[i, 0] = exit_losses(logits, y).double() * y.numel()
+        per_batch[i, 1] = (logits.argmax(-1) == y).sum(1).double()
+        sizes[i] = y.numel()
     net.train(was)
-    D.all_reduce_sum(sums, env)
-    D.all_reduce_sum(count, env)
-    n = max(count.item(), 1.0)
+    # each slot is written by one rank and zero elsewhere: the sum over ranks is exact
+    D.all_reduce_sum(per_batch, env, "the validation reduction")
+    D.all_reduce_sum(sizes, env, "the validation reduction")
+    sums = torch.zeros(2, net.num_exits, dtype=torch.float64, device=dev)
+    for i in range(n_batches):  # in batch order, as one process adds them
+        sums += per_batch[i]
+    n = max(sizes.sum().item(), 1.0)
     return {"loss": (sums[0] / n).tolist(), "acc": (sums[1] / n).tolist()}

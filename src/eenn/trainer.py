@@ -60,6 +60,7 @@ class TrainConfig:
     early_stopping: int | None = None  # patience in epochs
     monitor: str = "val_acc_final"  # or "val_acc_mean", "val_loss"
     progress: bool = True
+    dist_timeout: float = D.DEFAULT_TIMEOUT  # seconds a rank waits on the others under torchrun before it stops
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -73,6 +74,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
 
 
 class _Step(nn.Module):
@@ -170,13 +173,16 @@ class Trainer:
 
     # --------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Everything beyond the weights that an exact resume needs."""
+        """Everything beyond the weights that an exact resume needs. Under torchrun it holds every
+        rank's RNG state (gathered at the end of the epoch), so each rank resumes its own stream."""
+        ranks = getattr(self, "_rank_rng", None)
         return {
             "epoch": self.epoch + 1,  # epochs completed
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "objective": self.objective.state_dict(),
-            "rng": rng_state(),
+            "rng": ranks[0] if ranks else rng_state(),
+            **({"rng_ranks": ranks} if ranks and len(ranks) > 1 else {}),
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks if cb.state_dict() is not None},
             "config": asdict(self.config),
         }
@@ -189,7 +195,8 @@ class Trainer:
             raise ValueError(f"{path} holds no training state to resume from; delete it or set resume=False")
         load_weights(self.net, path)
         saved = state.get("config", {})
-        ignore = {"out_dir", "resume", "progress", "device", "early_stopping", "monitor", "eval_batch_size"}
+        ignore = {"out_dir", "resume", "progress", "device", "early_stopping", "monitor", "eval_batch_size",
+                  "dist_timeout"}
         changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in asdict(self.config).items()
                    if k not in ignore and k in saved and saved[k] != v]
         if changed:
@@ -200,13 +207,30 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         for cb in self.callbacks:
             cb.load_state_dict(state["callbacks"].get(type(cb).__name__))
-        set_rng_state(state["rng"])
+        self._restore_rng(state, path)
         return int(state["epoch"])
+
+    def _restore_rng(self, state: dict[str, Any], path: Path) -> None:
+        """Each rank takes back its own RNG state. A checkpoint written by a different number of
+        processes has no state for some ranks: those are re-seeded per rank and epoch (the run
+        goes on, but not as the uninterrupted one would have)."""
+        env = self.env
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) == env.world_size:
+            set_rng_state(ranks[env.rank])
+            return
+        if env.is_main:
+            warnings.warn(f"{path} was written by {len(ranks)} process(es), this run has {env.world_size}: "
+                          "ranks without a saved RNG state are re-seeded", stacklevel=4)
+        if env.rank < len(ranks):
+            set_rng_state(ranks[env.rank])
+        else:
+            torch.manual_seed(self.config.seed + env.rank + 1_000_003 * int(state["epoch"]))
 
     # ---------------------------------------------------------------------------- loop
     def fit(self, net: MultiExitNetwork, objective: str | Objective, data: DataSplits) -> list[dict[str, Any]]:
         device = self._device()
-        self.env = env = D.setup(device.type)
+        self.env = env = D.setup(device.type, self.config.dist_timeout)
         if env.enabled and device.type == "cuda":
             device = torch.device("cuda", env.local_rank)
             torch.cuda.set_device(device)
@@ -234,7 +258,7 @@ class Trainer:
         self.train_loader = TensorLoader(data.train, c.batch_size, **self._loader_args)
         if len(self.train_loader) == 0:
             raise ValueError(f"the training split ({len(data.train)} samples) is smaller than one batch")
-        step = _Step(net, obj)
+        self.step = step = _Step(net, obj)
         if env.enabled:
             self.model = DistributedDataParallel(step, find_unused_parameters=_has_unused_parameters(step, data.train, info))
         else:
@@ -247,6 +271,7 @@ class Trainer:
         # The built-in callbacks write files and draw bars: rank 0 only. The user's run everywhere.
         self.callbacks = (self._callbacks() if env.is_main else []) + self.extra_callbacks
         torch.manual_seed(c.seed + env.rank)  # dropout differs per rank; weights are rank 0's (DDP)
+        self._rank_rng = None
         start = 0
         last = Path(c.out_dir) / "last.safetensors" if c.out_dir else None
         if c.resume and last is not None and last.exists():
@@ -258,14 +283,20 @@ class Trainer:
         for epoch in range(start, c.epochs):
             self.epoch = epoch
             metrics = self._train_epoch(epoch, autocast)
+            # Each rank has moved rank 0's BatchNorm statistics with its own last batch: make them
+            # one (see D.sync_buffers for the rule) before they are validated or saved.
+            D.sync_buffers(step.buffers(), env, f"the buffer synchronisation after epoch {epoch + 1}")
             val = evaluate_exits(net, data.val, batch_size=c.eval_batch_size, mean=info.mean, std=info.std,
                                  device=device, env=env) if len(data.val) else None
             if val is not None:
                 metrics.update(val_loss=val["loss"], val_acc=val["acc"])
+            if env.enabled:  # every rank's RNG stream, for rank 0's checkpoint
+                self._rank_rng = D.all_gather_objects(rng_state(), env, f"gathering RNG states after epoch {epoch + 1}")
             self.history.append(metrics)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, metrics)
-            self.should_stop = D.broadcast_flag(self.should_stop, env, device)
+            self.should_stop = D.broadcast_flag(self.should_stop, env, device,
+                                                f"rank 0's stop decision after epoch {epoch + 1}")
             if self.should_stop:
                 break
         for cb in self.callbacks:
@@ -306,14 +337,16 @@ class Trainer:
             idx = None
             if len(batch) == 3:  # indices into the full training split
                 idx = batch[2] if keep is None else keep[batch[2]]
-            with autocast:
-                out, logits = self.model(x, y, idx)
-            loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; "
-                                         "lower the learning rate or enable grad_clip")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with D.collective(f"training step {i + 1} of epoch {epoch + 1} (DDP's buffer broadcast or gradient "
+                              "all-reduce)", env):
+                with autocast:
+                    out, logits = self.model(x, y, idx)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; "
+                                             "lower the learning rate or enable grad_clip")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             if c.grad_clip:
                 nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], c.grad_clip)
             self.optimizer.step()
@@ -336,7 +369,7 @@ class Trainer:
                 cb.on_train_batch_end(self, i, loss, correct / seen)
         total = torch.tensor([float(seen)], dtype=torch.float64, device=dev)
         for t in (loss_sum, exit_loss, correct, total, *parts.values()):
-            D.all_reduce_sum(t, env)
+            D.all_reduce_sum(t, env, f"the reduction of epoch {epoch + 1}'s training metrics")
         n = total.item()
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
