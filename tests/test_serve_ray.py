@@ -38,6 +38,16 @@ def ray_server(tmp_path_factory):
     plan = TierPlan.from_dict({"model": str(d), "timeout_s": 1.0, "max_body_bytes": 100_000,
                                "tiers": [{"name": "device", "segments": "0-1"}, {"name": "cloud", "segments": "rest"}]})
     url = ray_app.start(plan, port=ray_app.free_port())
+    # Ready means every replica answers: on a loaded machine a replica's first call (its imports,
+    # the onnxruntime session's first run) can outlast the tier timeout just after start-up.
+    # Wait for one whole answer through both tiers, bounded, before the tests look at answers.
+    probe = _npy(np.zeros((4, 1, 8, 8), np.float32))
+    deadline = time.monotonic() + 180
+    while True:
+        status, out = post(url, probe)
+        if status == 200 and not any(r.get("degraded") for r in out["predictions"]):
+            break
+        assert time.monotonic() < deadline, f"the Ray deployment never answered whole: {status} {out}"
     yield net, url
     ray_app.stop()
 
