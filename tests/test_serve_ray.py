@@ -102,7 +102,7 @@ def test_killed_tier_replica_degrades_then_recovers(ray_server):
     th = threading.Thread(target=load)
     th.start()
     with arrived:  # the deployment answers whole before the kill
-        assert arrived.wait_for(lambda: whole_cloud_answer(results), timeout=60), results[-3:]
+        assert arrived.wait_for(lambda: whole_cloud_answer(results), timeout=180), results[-3:]
     victim = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "#tier-cloud#" in a["name"])
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
     killed_at = len(results)
@@ -114,11 +114,14 @@ def test_killed_tier_replica_degrades_then_recovers(ray_server):
         # death was noticed do not count)
         return first is not None and whole_cloud_answer(recent[first + 1:])
 
-    with arrived:  # keep the stream going until Ray Serve has replaced the replica (bounded)
-        arrived.wait_for(recovered, timeout=60)
+    # Keep the stream going until Ray Serve has replaced the replica. Bounded generously: on two
+    # loaded cores, scheduling the new replica alone was seen to take over a minute.
+    with arrived:
+        back = arrived.wait_for(recovered, timeout=240)
     stop.set()
     th.join(timeout=60)
     assert not th.is_alive()
+    assert back, f"Ray Serve did not bring the cloud tier back within 240 s ({len(results) - killed_at} requests since the kill)"
     assert all(status == 200 for _, status, _, _ in results), [r for r in results if r[1] != 200][:3]
     assert max(r[3] for r in results) < 10  # nobody hung: the tier timeout is 1 s
     degraded = [r for r in results if r[2]["degraded"]]

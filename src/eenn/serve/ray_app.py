@@ -126,6 +126,11 @@ def start(plan: TierPlan, address: str | None = None, *, host: str = "127.0.0.1"
     ``"auto"``), where eenn's code travels along as a runtime-env module."""
     pkg = Path(__file__).resolve().parents[1]  # .../eenn
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # Ray Serve gives a new HTTP proxy 5 s to answer its readiness check before it kills and
+    # restarts it; on a busy machine a Python worker takes longer than that to start, and
+    # serve.start fails ("the actor never ran"; seen on 2 loaded cores). A minute, unless set.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]
     if not ray.is_initialized():
         if address is None:
             # Workers import this very eenn (a checkout may differ from an installed one).
