@@ -88,3 +88,29 @@ def test_report_without_timing_or_curve(trained):
     assert "Wall-clock" not in r.to_markdown()
     with pytest.raises(ValueError, match="split"):
         evaluate(net, data, split="dev")
+
+
+def test_gated_network_reports_both_inference_options_of_the_paper():
+    # Option 1, the soft output f~_1, as an accuracy; option 2 at the fixed 0.5, beside the fitted rule.
+    from eenn.objectives.branching import soft_output
+
+    data = eenn.load_dataset("synthetic", num_samples=300, noise=70.0)
+    torch.manual_seed(0)
+    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 4], width=0.5,
+                              head="branching")
+    eenn.fit(net, data, "branching", epochs=1, lr=0.05, batch_size=64, progress=False)
+    r = evaluate(net.eval(), data, policy="gate", batch_sizes=(), curve_points=0)
+    test = collect_outputs(net, data.test, mean=data.info.mean, std=data.info.std)
+    soft = (soft_output(test).argmax(-1) == test.targets).double().mean().item()
+    fixed = evaluate_policy("gate", torch.full((2,), 0.5), test, net.cost())
+    assert r["gated"]["soft_output_accuracy"] == pytest.approx(soft)
+    assert r["gated"]["fixed_rule"]["accuracy"] == pytest.approx(fixed["accuracy"])
+    assert r["gated"]["fixed_rule"]["speedup"] == pytest.approx(fixed["speedup"])
+    assert "soft output f~_1" in r.to_markdown()
+    assert "gated" not in evaluate(*_joint(), batch_sizes=(), curve_points=0).data  # no gates, no section
+
+
+def _joint():
+    data = eenn.load_dataset("synthetic", num_samples=200, noise=70.0)
+    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 4], width=0.5)
+    return net.eval(), data

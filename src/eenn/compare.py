@@ -140,7 +140,10 @@ def _markdown(base: RunConfig, rows: dict[str, dict]) -> str:
              "Table 1: test accuracy at the final exit (no early exit).", "",
              "| " + " | ".join(["data set", *labels]) + " |", "|---" * (len(labels) + 1) + "|",
              "| " + " | ".join([d["dataset"]["name"], *(f"{100 * r['report']['result']['final_accuracy']:.2f}%"
-                                                        for r in rows.values())]) + " |", "",
+                                                        for r in rows.values())]) + " |",
+             "| " + " | ".join(["soft output (gated: option 1)",
+                                *(f"{100 * r['report']['gated']['soft_output_accuracy']:.2f}%" if "gated" in r["report"]
+                                  else "—" for r in rows.values())]) + " |", "",
              "Table 2: early exit enabled (thresholds fitted on the validation split), test split. Inference time is "
              "per sample at batch 1 on this machine; speed-up is over the static backbone, measured on the clock "
              "and predicted by MACs.", "",
@@ -155,6 +158,13 @@ def _markdown(base: RunConfig, rows: dict[str, dict]) -> str:
         lines.append(f"| {label} ({r['policy']['name']}) | {100 * res['accuracy']:.2f}% | {time_} | {meas} | "
                      f"{res['speedup']:.2f}x | {Report(r).exits_text()} | "
                      f"{100 * o['accuracy']:.2f}% | {o['speedup']:.2f}x |")
+    fixed = [(label, row["report"]["gated"]["fixed_rule"]) for label, row in rows.items() if "gated" in row["report"]]
+    if fixed:
+        lines += ["", "Gated methods with the paper's fixed rule (first gate above 0.5, no fitting), test split:", "",
+                  "| Method | Test acc. | Speed-up (MACs) | Exits |", "|---|---|---|---|"]
+        for label, f in fixed:
+            lines.append(f"| {label} | {100 * f['accuracy']:.2f}% | {f['speedup']:.2f}x | "
+                         f"{Report(rows[label]['report']).exits_text(f['exit_distribution'])} |")
     for label, row in rows.items():
         p = row.get("prune")
         if p:

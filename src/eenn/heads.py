@@ -25,12 +25,17 @@ class ExitHead(nn.Module):
     With :meth:`add_cascade` the head also reads the previous exit's logits, layer-normalised
     and detached, beside its own vector (Zero Time Waste's cascading heads)."""
 
-    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int, *, gate: bool = False) -> None:
+    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int, *, gate: bool = False,
+                 gate_probs: bool = False) -> None:
         super().__init__()
         self.body = body
         self.feature_dim = feature_dim
         self.classifier = nn.Linear(feature_dim, num_classes)
-        self.gate = nn.Linear(feature_dim, 1) if gate else None
+        # gate_probs: the gate also reads its own exit's class probabilities, sorted (so it sees
+        # how peaked they are, whatever the class) and detached (the gate's losses do not move the
+        # classifier) [ours]: a gate can then learn at least what max_prob or the margin know.
+        self.gate_probs = bool(gate and gate_probs)
+        self.gate = nn.Linear(feature_dim + (num_classes if self.gate_probs else 0), 1) if gate else None
         self.cascade_norm: nn.LayerNorm | None = None
 
     @property
@@ -47,7 +52,7 @@ class ExitHead(nn.Module):
         self.cascade_norm = nn.LayerNorm(prev_classes)
         self.classifier = nn.Linear(d + prev_classes, k)
         if self.gate is not None:
-            self.gate = nn.Linear(d + prev_classes, 1)
+            self.gate = nn.Linear(d + prev_classes + (k if self.gate_probs else 0), 1)
         return self
 
     def forward(self, x: Tensor, prev_logits: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -58,8 +63,13 @@ class ExitHead(nn.Module):
             # Detached, as in ZTW: a later head must not pull an earlier head's output around.
             z = torch.cat([z, self.cascade_norm(prev_logits.detach())], dim=1)
         logits = self.classifier(z)
-        gate = torch.sigmoid(self.gate(z)).squeeze(1) if self.gate is not None else None
-        return logits, gate
+        if self.gate is None:
+            return logits, None
+        g_in = z
+        if self.gate_probs:
+            probs = logits.detach().float().softmax(-1).sort(-1, descending=True).values.to(z.dtype)
+            g_in = torch.cat([z, probs], dim=1)
+        return logits, torch.sigmoid(self.gate(g_in)).squeeze(1)
 
 
 class HeadClassifier(nn.Module):
@@ -169,17 +179,38 @@ def sdn(in_shape, num_classes, *, width: int | None = None, gate: bool = False) 
     return ExitHead(body, dim, num_classes, gate=gate)
 
 
+# Options whose default changed: a network records them explicitly when it is built, and a
+# description saved before the change (which lacks them) is rebuilt with the old value.
+RECORDED_DEFAULTS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "branching": {"gate_probs": (True, False)},  # (default now, what descriptions without it mean)
+    "eenets": {"gate_probs": (True, False)},
+}
+
+
+def resolve_head_options(name: str, options: dict[str, Any], *, saved: bool = False) -> dict[str, Any]:
+    """``options`` with the recorded defaults of head ``name`` filled in: today's for a new
+    network, the earlier ones for a description read back (``saved=True``)."""
+    out = dict(options)
+    for key, (now, before) in RECORDED_DEFAULTS.get(name, {}).items():
+        out.setdefault(key, before if saved else now)
+    return out
+
+
 @register_head("branching")
-def branching(in_shape, num_classes, *, width: int | None = None) -> ExitHead:
+def branching(in_shape, num_classes, *, width: int | None = None, gate_probs: bool = True) -> ExitHead:
     """Differentiable branching (Scardapane et al. 2020): pool + linear to K logits and one
-    gate unit through a sigmoid."""
-    return linear(in_shape, num_classes, width=width, gate=True)
+    gate unit through a sigmoid; with ``gate_probs`` (default) the gate also reads the exit's
+    sorted class probabilities [ours] (``gate_probs=False``: the paper's gate, on the features)."""
+    body, dim = _pool_flatten(in_shape)
+    body, dim = _hidden(body, dim, width)
+    return ExitHead(body, dim, num_classes, gate=True, gate_probs=gate_probs)
 
 
 @register_head("eenets")
-def eenets(in_shape, num_classes, *, batch_norm: bool = False, pool: bool = True) -> ExitHead:
+def eenets(in_shape, num_classes, *, batch_norm: bool = False, pool: bool = True, gate_probs: bool = True) -> ExitHead:
     """EENets' exit block: optional BatchNorm, global average pooling (``pool=False``
-    flattens instead), then separate confidence (sigmoid) and classification branches."""
+    flattens instead), then separate confidence (sigmoid) and classification branches; with
+    ``gate_probs`` (default) the confidence also reads the sorted class probabilities [ours]."""
     mods: list[nn.Module] = []
     if batch_norm:
         mods.append(nn.BatchNorm2d(in_shape[0]) if len(in_shape) == 3 else nn.BatchNorm1d(in_shape[0]))
@@ -189,7 +220,7 @@ def eenets(in_shape, num_classes, *, batch_norm: bool = False, pool: bool = True
     else:
         mods.append(nn.Flatten())
         dim = int(torch.tensor(in_shape).prod())
-    return ExitHead(nn.Sequential(*mods), dim, num_classes, gate=True)
+    return ExitHead(nn.Sequential(*mods), dim, num_classes, gate=True, gate_probs=gate_probs)
 
 
 @register_head("nachos")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .backbones.base import Backbone, State, create_backbone, head_input
 from .cost import CostTable, count_macs, count_params, profile_stages
-from .heads import ExitHead, create_head
+from .heads import ExitHead, create_head, resolve_head_options
 from .placement import EXIT_DISTRIBUTIONS, ExitSpec, cost_thresholds, place_exits
 
 __all__ = [
@@ -66,13 +66,15 @@ class MultiExitNetwork(nn.Module):
         head_options: dict | Sequence[dict] | None = None,
         *,
         source: dict | None = None,
+        saved: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.exit_spec = copy.deepcopy(exits) if not isinstance(exits, (list, tuple)) else list(exits)
         stages = place_exits(exits, backbone)
         names = [str(h) for h in _per_exit(head, len(stages), "head")]
-        options = [dict(o or {}) for o in _per_exit(head_options or {}, len(stages), "head_options")]
+        options = [resolve_head_options(h, dict(o or {}), saved=saved)
+                   for h, o in zip(names, _per_exit(head_options or {}, len(stages), "head_options"))]
         heads = []
         for k, (h, s, o) in enumerate(zip(names, stages, options)):
             opts = {key: v for key, v in o.items() if key != "cascade"}
@@ -260,7 +262,7 @@ class MultiExitNetwork(nn.Module):
                 input_size=src["input_size"],
                 **src.get("options", {}),
             )
-            return cls(bb, config["exits"], config["head"], config["head_options"])
+            return cls(bb, config["exits"], config["head"], config["head_options"], saved=True)
         if kind == "traced":
             from .trace import attach_exits
 
@@ -275,11 +277,13 @@ class MultiExitNetwork(nn.Module):
                 input_shape=config["input_shape"],
                 num_classes=config["num_classes"],
                 head=config["head"],
-                head_options=config["head_options"],
+                head_options=[resolve_head_options(str(h), dict(o or {}), saved=True) for h, o in zip(
+                    _per_exit(config["head"], len(src["at"]), "head"),
+                    _per_exit(config["head_options"] or {}, len(src["at"]), "head_options"))],
                 leaf_modules=leaf_modules,
             )
         if isinstance(model, Backbone):
-            return cls(model, config["exits"], config["head"], config["head_options"])
+            return cls(model, config["exits"], config["head"], config["head_options"], saved=True)
         raise ValueError(
             "this network was built on a custom Backbone that eenn cannot rebuild from data; "
             "pass model=<that Backbone, freshly built>"

@@ -163,6 +163,11 @@ class Report:
         for e in d["exits"]:
             lines.append(f"| {e['name']} | {100 * e['accuracy']:.2f}% | {e['dynamic_macs']:,} | "
                          f"{100 * e['dynamic_macs'] / r['full_macs']:.1f}% | {100 * e['share']:.1f}% |")
+        if d.get("gated"):
+            g, f = d["gated"], d["gated"]["fixed_rule"]
+            lines += ["", f"Gated network, the paper's two inference options: soft output f~_1 (every exit runs) "
+                      f"{100 * g['soft_output_accuracy']:.2f}%; hard exits at the fixed gate > 0.5 (no fitting) "
+                      f"{100 * f['accuracy']:.2f}% with a {f['speedup']:.2f}x MAC speed-up ({self.exits_text(f['exit_distribution'])})."]
         if d["timing"]:
             lines += ["", f"Wall-clock on {d['machine']['device']} ({d['machine']['threads']} threads), "
                       f"median of {d['timing'][0]['repeats']} interleaved repeats after warm-up"
@@ -294,6 +299,16 @@ def evaluate(net: MultiExitNetwork, data, *, policy: str = "max_prob", goal: Map
              for n, a, m, dm, p, s in zip(cost.exit_names, exit_acc, cost.macs, cost.dynamic_macs, cost.params,
                                           result["exit_distribution"])]
     o = oracle(cache, cost)
+    gated = None
+    if cache.gates is not None:
+        # The differentiable-branching paper's two inference options: (1) the soft output f~_1
+        # (every exit runs; an ensemble, nothing saved) and (2) hard exits by the gates at the
+        # fixed 0.5 (beside the thresholds fitted above).
+        from .objectives.branching import soft_output
+
+        fixed = evaluate_policy("gate", torch.full((net.num_exits - 1,), 0.5), cache, cost, fallback=fallback)
+        gated = {"soft_output_accuracy": (soft_output(cache).argmax(-1) == cache.targets).double().mean().item(),
+                 "fixed_rule": {k: fixed[k] for k in ("accuracy", "speedup", "expected_macs", "exit_distribution")}}
 
     timing = []
     if batch_sizes:
@@ -318,6 +333,7 @@ def evaluate(net: MultiExitNetwork, data, *, policy: str = "max_prob", goal: Map
         "exits": exits,
         "result": result,
         "oracle": o,
+        **({"gated": gated} if gated else {}),
         "timing": timing,
         "timing_optimized": bool(optimize and timing),
         "curve": curve,
