@@ -17,7 +17,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -76,9 +76,10 @@ _LOST = ("timed out", "timeout", "connection closed", "connection reset", "broke
 
 
 @contextlib.contextmanager
-def collective(what: str, env: DistEnv) -> Iterator[None]:
+def collective(what: str | Callable[[], str], env: DistEnv) -> Iterator[None]:
     """Run a block of collectives; a timeout or a lost peer in it becomes a
-    :class:`DistributedTimeout` saying which rank waited on what."""
+    :class:`DistributedTimeout` saying which rank waited on what (``what`` may be a function,
+    called only then, so a loop can name its current step without formatting it every time)."""
     if not env.enabled:
         yield
         return
@@ -91,6 +92,7 @@ def collective(what: str, env: DistEnv) -> Iterator[None]:
         if not any(w in text.lower() for w in _LOST):
             raise
         first = text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
+        what = what() if callable(what) else what
         raise DistributedTimeout(
             f"rank {env.rank} of {env.world_size} gave up waiting on the other ranks during {what} "
             f"(timeout {env.timeout:g} s): another rank has died, hangs, or runs a different number of steps; "

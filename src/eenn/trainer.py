@@ -258,7 +258,7 @@ class Trainer:
         self.train_loader = TensorLoader(data.train, c.batch_size, **self._loader_args)
         if len(self.train_loader) == 0:
             raise ValueError(f"the training split ({len(data.train)} samples) is smaller than one batch")
-        self.step = step = _Step(net, obj)
+        step = _Step(net, obj)
         if env.enabled:
             self.model = DistributedDataParallel(step, find_unused_parameters=_has_unused_parameters(step, data.train, info))
         else:
@@ -332,13 +332,15 @@ class Trainer:
         seen = 0
         t0 = time.perf_counter()
         keep = keep.to(dev) if keep is not None else None
-        for i, batch in enumerate(loader):
-            x, y = batch[0], batch[1]
-            idx = None
-            if len(batch) == 3:  # indices into the full training split
-                idx = batch[2] if keep is None else keep[batch[2]]
-            with D.collective(f"training step {i + 1} of epoch {epoch + 1} (DDP's buffer broadcast or gradient "
-                              "all-reduce)", env):
+        i = -1  # named lazily by the collective below, only if a rank gives up waiting
+        # DDP's buffer broadcast and gradient all-reduce run inside every step of this loop.
+        with D.collective(lambda: f"training step {i + 1} of epoch {epoch + 1} (DDP's buffer broadcast or "
+                          "gradient all-reduce)", env):
+            for i, batch in enumerate(loader):
+                x, y = batch[0], batch[1]
+                idx = None
+                if len(batch) == 3:  # indices into the full training split
+                    idx = batch[2] if keep is None else keep[batch[2]]
                 with autocast:
                     out, logits = self.model(x, y, idx)
                 loss = out["loss"]
@@ -347,26 +349,26 @@ class Trainer:
                                              "lower the learning rate or enable grad_clip")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            if c.grad_clip:
-                nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], c.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            with torch.no_grad():
-                n = y.numel()
-                logits = logits.float()
-                loss_sum += loss.detach().double() * n
-                # Objectives that already computed every exit's CE hand it over (no work twice).
-                el = out.get("exit_losses")
-                if el is None or el.shape != (len(exits),):
-                    el = exit_losses(logits, y)
-                exit_loss += el.double() * n
-                correct += (logits.argmax(-1) == y).sum(1).double()
-                for k, v in out.items():
-                    if k != "loss" and isinstance(v, Tensor) and v.dim() == 0:
-                        parts[k] = parts.get(k, 0) + v.detach().double() * n
-                seen += n
-            for cb in self.callbacks:
-                cb.on_train_batch_end(self, i, loss, correct / seen)
+                if c.grad_clip:
+                    nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], c.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                with torch.no_grad():
+                    n = y.numel()
+                    logits = logits.float()
+                    loss_sum += loss.detach().double() * n
+                    # Objectives that already computed every exit's CE hand it over (no work twice).
+                    el = out.get("exit_losses")
+                    if el is None or el.shape != (len(exits),):
+                        el = exit_losses(logits, y)
+                    exit_loss += el.double() * n
+                    correct += (logits.argmax(-1) == y).sum(1).double()
+                    for k, v in out.items():
+                        if k != "loss" and isinstance(v, Tensor) and v.dim() == 0:
+                            parts[k] = parts.get(k, 0) + v.detach().double() * n
+                    seen += n
+                for cb in self.callbacks:
+                    cb.on_train_batch_end(self, i, loss, correct / seen)
         total = torch.tensor([float(seen)], dtype=torch.float64, device=dev)
         for t in (loss_sum, exit_loss, correct, total, *parts.values()):
             D.all_reduce_sum(t, env, f"the reduction of epoch {epoch + 1}'s training metrics")
