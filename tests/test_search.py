@@ -30,6 +30,7 @@ from eenn.search import (ConfigError, ImpossibleConstraints, SearchConfig, Searc
                          repair_thresholds, run_search)
 from eenn.search import cli as search_cli
 from eenn.search import study as search_study
+from eenn.search import workers as search_workers
 from eenn.search.study import counts_as_trained, create_study
 
 SRC = str(Path(eenn.__file__).resolve().parents[1])
@@ -366,11 +367,11 @@ def test_dead_worker_rule_by_table(tmp_path, sweep):
     study = create_study(SearchConfig.from_dict(tiny()), f"sqlite:///{tmp_path}/study.db", out=tmp_path,
                          heartbeat=(1, 10))
     storage = study._storage
-    me = search_study._this_process(1)
+    me = search_workers._this_process(1)
     if me["start"] is None:
         pytest.skip("needs /proc to read process start times")
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for until the end: a zombie
-    _wait_for(lambda: (search_study._proc_stat(zombie.pid) or ("?",))[0] == "Z", 30, "the child never exited")
+    _wait_for(lambda: (search_workers._proc_stat(zombie.pid) or ("?",))[0] == "Z", 30, "the child never exited")
     far = {**me, "host": "elsewhere.example"}
     hour = 3600
     # name: (worker_process, seconds since its start, seconds since its heartbeat (None: none), dead)
