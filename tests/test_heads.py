@@ -57,3 +57,29 @@ def test_head_registry_errors():
 def test_mixed_gated_and_plain_heads_are_refused():
     with pytest.raises(ValueError, match="every exit head emits a gate or none"):
         eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 2], head=["linear", "branching"])
+
+
+@pytest.mark.parametrize("name", ["linear", "sdn", "branching"])
+def test_cascade_is_a_head_option(name):
+    plain = eenn.create_head(name, (16, 8, 8), 5)
+    head = eenn.create_head(name, (16, 8, 8), 5, cascade=True)
+    assert not plain.cascades and head.cascades
+    assert head.classifier.in_features == plain.classifier.in_features + 5
+    x, prev = torch.randn(3, 16, 8, 8), torch.randn(3, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="needs the previous exit's logits"):
+        head(x)
+    logits, gate = head(x, prev)
+    assert logits.shape == (3, 5) and (gate is None) == (name != "branching")
+    assert not torch.equal(head(x, prev * 3)[0], logits)  # it reads its predecessor's logits...
+    logits.sum().backward()
+    assert prev.grad is None  # ...detached
+
+
+def test_first_exit_never_cascades_and_the_option_is_kept_as_given():
+    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 3],
+                              head="linear", head_options={"cascade": True})
+    assert [h.cascades for h in net.heads] == [False, True]
+    assert [o["cascade"] for o in net.head_options] == [True, True]  # what a checkpoint stores
+    again = eenn.MultiExitNetwork.from_config(net.config)
+    assert [h.cascades for h in again.heads] == [False, True]
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}

@@ -1,4 +1,6 @@
 """attach_exits on user models the library does not ship."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,8 +60,123 @@ def test_module_qualified_names_work_as_cut_points():
 
 
 def test_wrong_node_name_lists_valid_ones():
-    with pytest.raises(eenn.TraceError, match=r"no node named 'cats'.*Did you mean 'cat'.*Valid names: .*stem_0"):
+    with pytest.raises(eenn.TraceError,
+                       match=r"no node or module named 'cats'.*Did you mean 'cat'.*Node names: .*stem_0"):
         eenn.attach_exits(ResCat(), at=["cats"], input_shape=(3, 8, 8))
+
+
+class Block(nn.Module):
+    """A residual block: fx inlines it, so no node is named after it."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+class Staged(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer1 = nn.Sequential(Block(8), Block(8))
+        self.layer2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), Block(16))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        h = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+def _randomize_bn(model):
+    """Non-trivial BatchNorm statistics, so that eval-mode outputs depend on them."""
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_container_names_cut_at_the_modules_output():
+    from eenn.backbones import head_input
+    from eenn.engine import DynamicEngine
+
+    torch.manual_seed(0)
+    model = _randomize_bn(Staged())
+    net = eenn.attach_exits(model, at=["stem", "layer1"], num_classes=10, input_shape=(3, 16, 16)).eval()
+    # the cut is the node each container returns: its last (`relu_1` is torch.relu in layer1.1)
+    assert [s.name for s in net.backbone.stage_info] == ["stem_2", "relu_1", "output"]
+    x = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        stem, layer1, final = model.stem(x), model.layer1(model.stem(x)), model(x)
+        state, lg0, _ = net.forward_segment(0, x)
+        assert torch.equal(head_input(state), stem)  # the exit reads exactly the stem's output
+        assert torch.equal(lg0, net.heads[0](stem)[0])
+        state, lg1, _ = net.forward_segment(1, state)
+        assert torch.equal(head_input(state), layer1)
+        out = net(x)
+        assert torch.equal(out.logits[0], lg0) and torch.equal(out.logits[1], lg1)
+        assert torch.allclose(out.logits[-1], final, atol=1e-6)
+        never = DynamicEngine(net, "max_prob", [2.0, 2.0])(x)  # no probability reaches 2: all go to the end
+        assert (never.exit == 2).all() and torch.equal(never.prediction, final.argmax(1))
+        first = DynamicEngine(net, "max_prob", [0.0, 0.0])(x)  # every sample leaves at the stem's exit
+        assert (first.exit == 0).all() and torch.equal(first.prediction, lg0.argmax(1))
+    # the description stores node names: rebuilding on a fresh model cuts at the same places
+    again = eenn.MultiExitNetwork.from_config(net.config, model=Staged())
+    assert [s.name for s in again.backbone.stage_info] == ["stem_2", "relu_1", "output"]
+
+
+def test_nested_container_name_cuts_after_that_block():
+    torch.manual_seed(0)
+    model = _randomize_bn(Staged())
+    net = eenn.attach_exits(model, at=["layer1.0", "layer2.2"], input_shape=(3, 16, 16)).eval()
+    assert [s.name for s in net.backbone.stage_info][:2] == ["relu", "relu_2"]
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        state, _, _ = net.forward_segment(0, x)
+        assert torch.equal(state, model.layer1[0](model.stem(x)))
+        assert torch.allclose(net(x).logits[-1], model(x), atol=1e-6)
+
+
+def test_wrong_name_lists_node_and_module_names():
+    with pytest.raises(eenn.TraceError) as err:
+        eenn.attach_exits(Staged(), at=["layer1.2"], input_shape=(3, 16, 16))
+    msg = str(err.value)
+    assert "no node or module named 'layer1.2'" in msg and "Did you mean" in msg and "'layer1.0'" in msg
+    assert re.search(r"Node names: .*\blayer1_0_conv\b", msg)  # a node name
+    assert re.search(r"Module names.*: .*\blayer1\.0\b", msg)  # a container's module name
+    # a leaf's dotted name is not listed a second time beside its node
+    assert not re.search(r"Module names.*: .*layer1\.0\.conv", msg)
+
+
+def test_module_called_twice_lists_its_calls():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.fc = Block(4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.block(self.block(x))
+            return self.fc(h.mean((2, 3)))
+
+    with pytest.raises(eenn.TraceError,
+                       match=r"module 'block' is called 2 times; name one call's node instead: relu, relu_1"):
+        eenn.attach_exits(Twice(), at=["block"], input_shape=(4, 8, 8))
+    net = eenn.attach_exits(Twice(), at=["relu"], input_shape=(4, 8, 8))
+    assert net.num_exits == 2
+
+
+def test_module_inside_a_leaf_module_is_explained():
+    with pytest.raises(eenn.TraceError, match=r"'layer1.0.conv' is never called.*inside 'layer1.0'.*leaf"):
+        eenn.attach_exits(Staged(), at=["layer1.0.conv"], input_shape=(3, 16, 16), leaf_modules=[Block])
+    net = eenn.attach_exits(Staged(), at=["layer1.0"], input_shape=(3, 16, 16), leaf_modules=[Block])
+    assert net.backbone.stage_info[0].name == "layer1_0"
+
+
+def test_two_names_of_one_cut_are_refused():
+    with pytest.raises(eenn.TraceError, match=r"must be distinct.*'stem' -> stem_2"):
+        eenn.attach_exits(Staged(), at=["stem", "stem_2"], input_shape=(3, 16, 16))
 
 
 def test_untraceable_model_says_why():

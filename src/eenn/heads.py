@@ -22,8 +22,9 @@ __all__ = ["ExitHead", "HeadClassifier", "MixedPool2d", "create_head", "list_hea
 class ExitHead(nn.Module):
     """``body`` -> flat vector of size ``feature_dim`` -> logits (and a gate in [0, 1]).
 
-    With :meth:`add_cascade` the head also reads the previous exit's logits, layer-normalised
-    and detached, beside its own vector (Zero Time Waste's cascading heads)."""
+    With :meth:`add_cascade` (``create_head(..., cascade=True)``) the head also reads the
+    previous exit's logits, layer-normalised and detached, beside its own vector (Zero Time
+    Waste's cascading heads)."""
 
     def __init__(self, body: nn.Module, feature_dim: int, num_classes: int, *, gate: bool = False,
                  gate_probs: bool = False) -> None:
@@ -101,7 +102,8 @@ _HEADS: Registry[Callable[..., ExitHead]] = Registry("exit head")
 
 
 def register_head(name: str | None = None):
-    """Decorator: register ``fn(in_shape, num_classes, **options) -> ExitHead``."""
+    """Decorator: register ``fn(in_shape, num_classes, **options) -> ExitHead``. The option
+    ``cascade`` is :func:`create_head`'s, common to every head: a builder does not take it."""
     return _HEADS.register(name)
 
 
@@ -109,11 +111,17 @@ def list_heads() -> list[str]:
     return _HEADS.names()
 
 
-def create_head(name: str, in_shape: Sequence[int], num_classes: int, **options: Any) -> ExitHead:
-    """Build head ``name`` for per-sample input shape ``in_shape`` ((C, H, W) or (F,))."""
+def create_head(name: str, in_shape: Sequence[int], num_classes: int, *, cascade: bool = False,
+                **options: Any) -> ExitHead:
+    """Build head ``name`` for per-sample input shape ``in_shape`` ((C, H, W) or (F,)).
+
+    ``cascade=True`` makes it a cascading head (ZTW) that also reads the previous exit's
+    ``num_classes`` logits, so it needs a predecessor: a network passes the option on to every
+    exit but its first (:class:`~eenn.network.MultiExitNetwork`)."""
     builder = _HEADS.get(name)
     check_options(f"exit head {name!r}", builder, options, skip=("in_shape", "num_classes"))
-    return builder(tuple(int(s) for s in in_shape), num_classes, **options)
+    head = builder(tuple(int(s) for s in in_shape), num_classes, **options)
+    return head.add_cascade(num_classes) if cascade else head
 
 
 def _pool_flatten(in_shape: tuple[int, ...]) -> tuple[nn.Module, int]:

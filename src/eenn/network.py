@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .backbones.base import Backbone, State, create_backbone, head_input
 from .cost import CostTable, count_macs, count_params, profile_stages
-from .heads import ExitHead, create_head, resolve_head_options
+from .heads import ExitHead, HeadClassifier, create_head, resolve_head_options
 from .placement import EXIT_DISTRIBUTIONS, ExitSpec, cost_thresholds, place_exits
 
 __all__ = [
@@ -42,6 +42,12 @@ def _per_exit(value: Any, n: int, what: str) -> list:
             raise ValueError(f"{what}: got {len(value)} entries for {n} exits")
         return list(value)
     return [value] * n
+
+
+# source["kind"] -> fn(config, *, model, leaf_modules) -> MultiExitNetwork, for networks whose
+# backbone another module builds: eenn.trace registers "traced" (attach_exits) when imported,
+# so that this module never imports it.
+_REBUILDERS: dict[str, Callable[..., "MultiExitNetwork"]] = {}
 
 
 class MultiExitNetwork(nn.Module):
@@ -75,13 +81,11 @@ class MultiExitNetwork(nn.Module):
         names = [str(h) for h in _per_exit(head, len(stages), "head")]
         options = [resolve_head_options(h, dict(o or {}), saved=saved)
                    for h, o in zip(names, _per_exit(head_options or {}, len(stages), "head_options"))]
-        heads = []
-        for k, (h, s, o) in enumerate(zip(names, stages, options)):
-            opts = {key: v for key, v in o.items() if key != "cascade"}
-            head_k = create_head(h, backbone.stage_info[s].shape, backbone.num_classes, **opts)
-            if o.get("cascade") and k > 0:  # ZTW: every head but the first reads its predecessor
-                head_k.add_cascade(backbone.num_classes)
-            heads.append(head_k)
+        # The first exit has no predecessor to read, so the head option "cascade" (ZTW) takes
+        # effect from the second exit on; the stored options keep it as given.
+        heads = [create_head(h, backbone.stage_info[s].shape, backbone.num_classes,
+                             **(o if k > 0 else {key: v for key, v in o.items() if key != "cascade"}))
+                 for k, (h, s, o) in enumerate(zip(names, stages, options))]
         self._set_exits(stages, heads, names, options)
         if source is None and backbone.spec is not None:
             source = {"kind": "backbone", **backbone.spec}
@@ -168,8 +172,6 @@ class MultiExitNetwork(nn.Module):
         """A smaller network that ends at exit ``exit_index``: the stages after it and the later
         exits are removed for good, and that exit's head becomes the final classifier (AEP's
         pruning step). Parameters are shared with this network, not copied."""
-        from .heads import HeadClassifier
-
         k = int(exit_index) % self.num_exits
         if k == self.num_exits - 1:
             return self
@@ -263,25 +265,8 @@ class MultiExitNetwork(nn.Module):
                 **src.get("options", {}),
             )
             return cls(bb, config["exits"], config["head"], config["head_options"], saved=True)
-        if kind == "traced":
-            from .trace import attach_exits
-
-            if model is None:
-                raise ValueError(
-                    f"this network was made by attach_exits on a user model ({src.get('model_class')}); "
-                    "its code is not stored with the weights: pass model=<a fresh instance of that model>"
-                )
-            return attach_exits(
-                model,
-                at=src["at"],
-                input_shape=config["input_shape"],
-                num_classes=config["num_classes"],
-                head=config["head"],
-                head_options=[resolve_head_options(str(h), dict(o or {}), saved=True) for h, o in zip(
-                    _per_exit(config["head"], len(src["at"]), "head"),
-                    _per_exit(config["head_options"] or {}, len(src["at"]), "head_options"))],
-                leaf_modules=leaf_modules,
-            )
+        if kind in _REBUILDERS:  # e.g. "traced", registered by eenn.trace
+            return _REBUILDERS[kind](config, model=model, leaf_modules=leaf_modules)
         if isinstance(model, Backbone):
             return cls(model, config["exits"], config["head"], config["head_options"], saved=True)
         raise ValueError(

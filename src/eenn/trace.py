@@ -15,6 +15,8 @@ from typing import Any, Sequence
 from torch import Tensor, fx, nn
 
 from .backbones.base import Backbone, dry_run
+from .heads import resolve_head_options
+from .network import _REBUILDERS, MultiExitNetwork, _per_exit
 
 __all__ = ["attach_exits", "TraceError"]
 
@@ -24,18 +26,31 @@ class TraceError(ValueError):
 
 
 class _Tracer(fx.Tracer):
+    """fx's tracer that keeps ``leaf_types`` whole and records what every submodule call
+    returns, containers that fx inlines (an ``nn.Sequential``) included, so that a module's
+    qualified name can name a cut point."""
+
     def __init__(self, leaf_types: tuple[type, ...]) -> None:
         super().__init__()
         self.leaf_types = leaf_types
+        # qualified name -> the node each call returned (None: not one traced value, e.g. a tuple)
+        self.module_calls: dict[str, list[fx.Node | None]] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
 
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        out = super().call_module(m, forward, args, kwargs)
+        node = out.node if isinstance(out, fx.Proxy) else None  # read now: an attribute proxy makes its node lazily
+        self.module_calls.setdefault(self.path_of_module(m), []).append(node)
+        return out
 
-def _trace(model: nn.Module, leaf_modules: Sequence[type] | None) -> fx.Graph:
+
+def _trace(model: nn.Module, leaf_modules: Sequence[type] | None) -> tuple[fx.Graph, dict[str, list[fx.Node | None]]]:
+    """The traced graph and, per called submodule, the node each of its calls returned."""
     tracer = _Tracer(tuple(leaf_modules or ()))
     try:
-        return tracer.trace(model)
+        graph = tracer.trace(model)
     except Exception as e:  # fx raises many types (TraceError, TypeError, NotImplementedError, ...)
         raise TraceError(
             f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}. "
@@ -43,35 +58,82 @@ def _trace(model: nn.Module, leaf_modules: Sequence[type] | None) -> fx.Graph:
             "cannot be traced symbolically; pass the class of the submodule that does it in "
             "leaf_modules=[...] so it is kept whole, or rewrite that part without such branching."
         ) from None
+    return graph, tracer.module_calls
 
 
-def _resolve_cuts(graph: fx.Graph, at: Sequence[str]) -> list[fx.Node]:
+def _resolve_cuts(
+    graph: fx.Graph,
+    at: Sequence[str],
+    calls: dict[str, list[fx.Node | None]],
+    module_names: Sequence[str],
+) -> list[fx.Node]:
+    """The nodes named by ``at``: an fx node name, or the qualified name of a submodule called
+    once (a leaf or a container fx inlines), which names the node its call returned, i.e. the
+    module's output as in torchvision's feature extraction. A node name wins over a module
+    name spelled the same."""
     nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     by_name = {n.name: n for n in nodes}
-    # Also accept a module's qualified name ("layer1.0") when that module is called once.
-    targets: dict[str, list[fx.Node]] = {}
-    for n in nodes:
-        if n.op == "call_module":
-            targets.setdefault(str(n.target), []).append(n)
     cuts = []
     for name in at:
         if name in by_name:
             cuts.append(by_name[name])
-        elif name in targets and len(targets[name]) == 1:
-            cuts.append(targets[name][0])
-        else:
-            valid = list(by_name) + [t for t, ns in targets.items() if len(ns) == 1 and t not in by_name]
-            close = difflib.get_close_matches(name, valid, n=3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            if name in targets:
-                hint = f" Module {name!r} is called {len(targets[name])} times; name one call's node instead: " + ", ".join(
-                    n.name for n in targets[name]
-                )
-            raise TraceError(f"no node named {name!r} in the traced graph.{hint} Valid names: {', '.join(valid)}")
+            continue
+        if name not in calls:
+            raise TraceError(_unknown_cut(name, by_name, calls, module_names))
+        outs = calls[name]
+        if len(outs) > 1:
+            raise TraceError(
+                f"module {name!r} is called {len(outs)} times; name one call's node instead: "
+                + ", ".join(o.name if o is not None else "(not one traced value)" for o in outs)
+            )
+        out = outs[0]
+        if out is None:
+            raise TraceError(
+                f"module {name!r} does not return one traced value (a tuple or a constant, say); "
+                "name the node to cut at instead"
+            )
+        if out.op == "placeholder":
+            raise TraceError(f"module {name!r} returns the model's input unchanged; there is nothing before it to cut")
+        cuts.append(out)
     if len({c.name for c in cuts}) != len(cuts):
-        raise TraceError(f"cut points must be distinct, got {list(at)}")
+        same = [f"{a!r} -> {c.name}" for a, c in zip(at, cuts) if sum(d is c for d in cuts) > 1]
+        raise TraceError(f"cut points must be distinct, got {list(at)} ({', '.join(same)})")
     order = {n: i for i, n in enumerate(graph.nodes)}
     return sorted(cuts, key=order.__getitem__)
+
+
+def _unknown_cut(
+    name: str, by_name: dict[str, fx.Node], calls: dict[str, list[fx.Node | None]], module_names: Sequence[str]
+) -> str:
+    """Why ``name`` names no cut point, with close matches and the valid names of both kinds."""
+    if name in module_names:  # a real submodule that the traced forward never called itself
+        leaves = {str(n.target) for n in by_name.values() if n.op == "call_module"}
+        inside = next((p for p in _prefixes(name) if p in leaves), None)
+        where = (f"it runs inside {inside!r}, which is traced whole (a leaf module): cut at {inside!r}, or "
+                 "leave its class out of leaf_modules" if inside else "it is not used by forward, or only "
+                 "through an untraced path")
+        return f"module {name!r} is never called in the traced graph: {where}"
+    single = {m: outs[0] for m, outs in calls.items() if len(outs) == 1 and outs[0] is not None
+              and outs[0].op != "placeholder"}
+    close = difflib.get_close_matches(name, list(by_name) + [m for m in single if m not in by_name], n=3)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    # A leaf module's dotted name and its call_module node (stem.0 / stem_0) are listed once.
+    order = {m: i for i, m in enumerate(module_names)}  # definition order: stem, layer1, layer1.0, ...
+    modules = sorted((m for m, n in single.items()
+                      if not (n.op == "call_module" and n.target == m) and m not in by_name),
+                     key=lambda m: order.get(m, len(order)))
+    leaf = next((n for n in by_name.values() if n.op == "call_module" and "." in str(n.target)), None)
+    also = f" (leaf modules also by their dotted name: {str(leaf.target)!r} for {leaf.name})" if leaf else ""
+    return (
+        f"no node or module named {name!r} in the traced graph.{hint} Node names: {', '.join(by_name)}. "
+        f"Module names{also}: {', '.join(modules) or 'none besides the leaves'}."
+    )
+
+
+def _prefixes(name: str) -> list[str]:
+    """'a.b.c' -> ['a.b', 'a']: the qualified names of a module's ancestors, nearest first."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
 def _build_segments(graph: fx.Graph, cuts: list[fx.Node], root: nn.Module) -> tuple[list[fx.GraphModule], list[list[str]]]:
@@ -88,6 +150,10 @@ def _build_segments(graph: fx.Graph, cuts: list[fx.Node], root: nn.Module) -> tu
     for n in nodes:
         if any(a in depends for a in n.all_input_nodes):
             depends.add(n)
+    for c in cuts:
+        if c not in depends:
+            raise TraceError(f"cut point {c.name!r} does not depend on the model's input (a parameter or a "
+                             "constant); cut at a node computed from the input")
     pos = {n: i for i, n in enumerate(nodes)}
     cut_pos = [pos[c] for c in cuts]
     nseg = len(cuts) + 1
@@ -158,19 +224,18 @@ def attach_exits(
 ):
     """Cut ``model`` at the fx nodes named in ``at`` and attach an exit head at each cut.
 
-    ``at`` takes fx node names (``layer1_0_relu``, ``cat``, ``add_1``; a wrong name lists the
-    valid ones) or qualified names of modules called once (``layer1.0``). ``input_shape`` is
-    one sample's shape, e.g. ``(3, 32, 32)``. The returned network shares its parameters with
-    ``model``; its final exit is ``model``'s own output.
+    ``at`` takes fx node names (``layer1_0_relu``, ``cat``, ``add_1``) or the qualified name of
+    any submodule called once, a container fx inlines included (``stem``, ``layer1.0``): the
+    cut is then at that module's output, the value its call returns. A wrong name lists the
+    valid ones. ``input_shape`` is one sample's shape, e.g. ``(3, 32, 32)``. The returned
+    network shares its parameters with ``model``; its final exit is ``model``'s own output.
     """
-    from .network import MultiExitNetwork
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach_exits needs an nn.Module, got {type(model).__name__}")
     if not at:
         raise TraceError("attach_exits needs at least one cut point in `at`")
-    graph = _trace(model, leaf_modules)
-    cuts = _resolve_cuts(graph, list(at))
+    graph, module_calls = _trace(model, leaf_modules)
+    cuts = _resolve_cuts(graph, list(at), module_calls, [m for m, _ in model.named_modules() if m])
     segments, carried = _build_segments(graph, cuts, model)
     input_shape = tuple(int(s) for s in input_shape)
     batch = 3  # odd, so that a batch dimension is not confused with a small fixed one
@@ -205,3 +270,30 @@ def attach_exits(
         "leaf_modules": [f"{t.__module__}.{t.__qualname__}" for t in leaf_modules or ()],
     }
     return MultiExitNetwork(backbone, list(range(len(cuts))), head, head_options, source=source)
+
+
+def _rebuild(
+    config: dict[str, Any], *, model: nn.Module | None, leaf_modules: Sequence[type] | None
+) -> MultiExitNetwork:
+    """:meth:`MultiExitNetwork.from_config` for a network made by :func:`attach_exits`: cut the
+    user's fresh ``model`` again where the description says."""
+    src = config["source"]
+    if model is None:
+        raise ValueError(
+            f"this network was made by attach_exits on a user model ({src.get('model_class')}); "
+            "its code is not stored with the weights: pass model=<a fresh instance of that model>"
+        )
+    n = len(src["at"])
+    return attach_exits(
+        model,
+        at=src["at"],
+        input_shape=config["input_shape"],
+        num_classes=config["num_classes"],
+        head=config["head"],
+        head_options=[resolve_head_options(str(h), dict(o or {}), saved=True) for h, o in zip(
+            _per_exit(config["head"], n, "head"), _per_exit(config["head_options"] or {}, n, "head_options"))],
+        leaf_modules=leaf_modules,
+    )
+
+
+_REBUILDERS["traced"] = _rebuild
