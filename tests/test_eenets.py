@@ -342,7 +342,7 @@ def test_resumed_v4_run_continues_with_the_same_tags(digits, tmp_path):
         rec = TagRecorder()
         config = eenn.TrainConfig(epochs=epochs, lr=0.05, batch_size=128, progress=False, schedule="constant",
                                   out_dir=str(out_dir) if out_dir else None)
-        eenn.Trainer(config, [rec]).fit(small_net(), EENets(version="v4", lam=0.3), digits)
+        eenn.Trainer(config, [rec]).fit(small_net(), digits, EENets(version="v4", lam=0.3))
         return rec.tags
 
     straight = run(3)

@@ -265,7 +265,7 @@ _HELD_WORKER = r'''
 import os, sys, threading
 from pathlib import Path
 
-import eenn.search.study as study
+import eenn.search.candidate as candidate
 from eenn.search import load_config, run_search
 
 where, marker, config, out = sys.argv[1:]
@@ -283,9 +283,9 @@ if where == "start":  # RUNNING, worker recorded, design not drawn yet, and neve
     optuna.storages.RDBStorage.record_heartbeat = lambda self, trial_id: None
     SearchSpace.sample = hold
 elif where == "train":  # at the end of the first of two epochs
-    study._FirstEpochPruner.on_epoch_end = hold
+    candidate._FirstEpochPruner.on_epoch_end = hold
 elif where == "evaluate":  # trained; calibrating the exit thresholds on validation
-    study.calibrate = hold
+    candidate.calibrate = hold
 run_search(load_config(config), out=out, progress=False, heartbeat=(1, 2), report=False)
 '''
 

@@ -59,7 +59,15 @@ def test_heads_only_refuses_a_checkpoint_of_another_backbone(digits, tmp_path):
     other = eenn.create_network("resnet32", in_channels=1, num_classes=10, input_size=8, exits=[2])
     ckpt = eenn.save(other, tmp_path / "other.safetensors")
     with pytest.raises(eenn.CheckpointError, match="backbone in .* does not match.*unexpected"):
-        eenn.Trainer(eenn.TrainConfig(epochs=1, progress=False)).fit(small_net(), HeadsOnly(checkpoint=ckpt), digits)
+        eenn.Trainer(eenn.TrainConfig(epochs=1, progress=False)).fit(small_net(), digits, HeadsOnly(checkpoint=ckpt))
+
+
+def test_trainer_fit_takes_net_data_objective_like_eenn_fit(digits):
+    trainer = eenn.Trainer(eenn.TrainConfig(epochs=1, batch_size=64, progress=False))
+    with pytest.raises(TypeError, match=r"\(net, data, objective\)"):
+        trainer.fit(small_net(), "joint", digits)  # the old order
+    hist = trainer.fit(objective="joint", data=digits, net=small_net())  # by keyword, in any order
+    assert [h["epoch"] for h in hist] == [1]
 
 
 def test_joint_weight_schemes():

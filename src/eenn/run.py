@@ -97,7 +97,7 @@ def train_run(config: RunConfig, *, argv: list[str] | None = None, report: bool 
     if os.environ.get("RANK", "0") == "0":
         save_config(config, out / "config.yaml")
         (out / "run.json").write_text(json.dumps(run_info(argv), indent=2))
-    history = Trainer(config.train, callbacks=callbacks).fit(net, objective, data)
+    history = Trainer(config.train, callbacks=callbacks).fit(net, data, objective)
     result = {"dir": str(out), "history": history, "report": None}
     if report and os.environ.get("RANK", "0") == "0":
         best = load(out / "best.safetensors") if (out / "best.safetensors").exists() else net

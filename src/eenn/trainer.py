@@ -10,7 +10,7 @@ import os
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,57 +25,9 @@ from .data import DataSplits, TensorDataset, TensorLoader
 from .evaluate import evaluate_exits
 from .network import MultiExitNetwork
 from .objectives import EpochContext, Objective, create_objective, exit_losses
+from .train_config import TrainConfig, build_optimizer, build_scheduler
 
 __all__ = ["TrainConfig", "Trainer", "fit", "evaluate_exits"]
-
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "onecycle", "step", "constant")
-
-
-@dataclass
-class TrainConfig:
-    """Everything the loop needs; entry points fill it from flags or YAML (habit 9)."""
-
-    epochs: int = 10
-    batch_size: int = 128  # per process under torchrun
-    eval_batch_size: int = 512
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # per-step cosine annealing, one-cycle, step decay or constant
-    step_epochs: int = 30  # "step": multiply the rate by `gamma` every `step_epochs` epochs
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
-    grad_clip: float | None = None  # max global gradient norm
-    amp: bool = False  # bf16 autocast (CUDA only; ignored on CPU)
-    augment: bool = False  # random crop (zero padding `crop_padding`) + horizontal flip (if `flip`)
-    crop_padding: int = 4
-    flip: bool = True
-    seed: int = 0
-    deterministic: bool = False
-    device: str | None = None  # None: CUDA when present
-    out_dir: str | None = None  # metrics.jsonl, last.safetensors, best.safetensors
-    resume: bool = True  # continue from out_dir/last.safetensors when it exists
-    early_stopping: int | None = None  # patience in epochs
-    monitor: str = "val_acc_final"  # or "val_acc_mean", "val_loss"
-    progress: bool = True
-    dist_timeout: float = D.DEFAULT_TIMEOUT  # seconds a rank waits on the others under torchrun before it stops
-
-    def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}")
-        if self.monitor not in EarlyStopping.MONITORS:
-            raise ValueError(f"unknown monitor {self.monitor!r}; choose {', '.join(EarlyStopping.MONITORS)}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.dist_timeout <= 0:
-            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
 
 
 class _Step(nn.Module):
@@ -118,7 +70,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    """``Trainer(config, callbacks).fit(net, objective, data)``.
+    """``Trainer(config, callbacks).fit(net, data, objective)`` (the order of :func:`fit`).
 
     The loop calls, in order: ``objective.prepare`` once, then per epoch
     ``objective.begin_epoch`` and ``objective.train_mode``, one optimiser step per batch on
@@ -142,23 +94,6 @@ class Trainer:
                 raise ValueError(f"device {self.config.device!r} asked for, but CUDA is not available here")
             return dev
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        c = self.config
-        if c.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-
-    def _scheduler(self, opt: torch.optim.Optimizer, steps_per_epoch: int):
-        c = self.config
-        total = max(1, c.epochs * steps_per_epoch)
-        if c.schedule == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-        if c.schedule == "onecycle":
-            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total)
-        if c.schedule == "step":
-            return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, c.step_epochs * steps_per_epoch), gamma=c.gamma)
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
     def _callbacks(self) -> list[Callback]:
         c = self.config
@@ -228,18 +163,20 @@ class Trainer:
             torch.manual_seed(self.config.seed + env.rank + 1_000_003 * int(state["epoch"]))
 
     # ---------------------------------------------------------------------------- loop
-    def fit(self, net: MultiExitNetwork, objective: str | Objective, data: DataSplits) -> list[dict[str, Any]]:
+    def fit(self, net: MultiExitNetwork, data: DataSplits, objective: str | Objective) -> list[dict[str, Any]]:
+        if isinstance(objective, DataSplits):
+            raise TypeError("Trainer.fit takes (net, data, objective), in that order, like eenn.fit")
         device = self._device()
         self.env = env = D.setup(device.type, self.config.dist_timeout)
         if env.enabled and device.type == "cuda":
             device = torch.device("cuda", env.local_rank)
             torch.cuda.set_device(device)
         try:
-            return self._fit(net, objective, data, device, env)
+            return self._fit(net, data, objective, device, env)
         finally:
             D.teardown(env)
 
-    def _fit(self, net, objective, data, device, env) -> list[dict[str, Any]]:
+    def _fit(self, net, data, objective, device, env) -> list[dict[str, Any]]:
         c = self.config
         seed_everything(c.seed, c.deterministic)
         self.net = net.to(device)
@@ -266,8 +203,8 @@ class Trainer:
         params = [p for p in step.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: every parameter is frozen")
-        self.optimizer = self._optimizer(params)
-        self.scheduler = self._scheduler(self.optimizer, len(self.train_loader))
+        self.optimizer = build_optimizer(c, params)
+        self.scheduler = build_scheduler(c, self.optimizer, len(self.train_loader))
         # The built-in callbacks write files and draw bars: rank 0 only. The user's run everywhere.
         self.callbacks = (self._callbacks() if env.is_main else []) + self.extra_callbacks
         torch.manual_seed(c.seed + env.rank)  # dropout differs per rank; weights are rank 0's (DDP)
@@ -411,4 +348,4 @@ def fit(net: MultiExitNetwork, data: DataSplits, objective: str | Objective = "j
     if unknown:
         raise ValueError(f"unknown training option(s) {', '.join(sorted(unknown))}; "
                          f"valid: {', '.join(TrainConfig.__dataclass_fields__)}")
-    return Trainer(TrainConfig(**config), callbacks).fit(net, objective, data)
+    return Trainer(TrainConfig(**config), callbacks).fit(net, data, objective)

@@ -9,11 +9,11 @@ The space is data (:class:`SearchSpace`, a ``space:`` section in YAML); a trial 
 briefly, calibrates its exit thresholds on validation and repairs them against the ceiling; the
 study lives in Optuna storage (SQLite by default), so a search resumes and workers share it.
 """
+from .candidate import evaluate_design, load_search_data, repair_thresholds
 from .config import SAMPLERS, SearchConfig, load_config
 from .report import design_config, pareto_designs, pareto_front, plot_trials, trial_records, write_report
 from .space import ConfigError, Design, SearchSpace
-from .study import (ImpossibleConstraints, SearchResult, constraint_values, create_study, evaluate_design,
-                    load_search_data, repair_thresholds, run_search)
+from .study import ImpossibleConstraints, SearchResult, constraint_values, create_study, run_search
 
 __all__ = ["ConfigError", "Design", "ImpossibleConstraints", "SAMPLERS", "SearchConfig", "SearchResult", "SearchSpace",
            "constraint_values", "create_study", "design_config", "evaluate_design", "load_config", "load_search_data",

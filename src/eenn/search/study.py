@@ -1,6 +1,7 @@
 """The search itself: one Optuna trial = sample a design, train it on the proxy budget, calibrate its
-thresholds on the validation split, repair them against the MAC ceiling, and report two
-objectives (validation accuracy, up; expected MACs per sample with every head counted, down).
+thresholds on the validation split, repair them against the MAC ceiling (those steps live in
+:mod:`eenn.search.candidate`), and report two objectives (validation accuracy, up; expected MACs
+per sample with every head counted, down).
 The accuracy floor and the MAC ceiling go to the sampler as constraints (``constraints_func``),
 not into the objectives. The study lives in Optuna storage (SQLite by default), so a killed
 search continues where it stopped and several processes can search one study together; the
@@ -9,14 +10,12 @@ trials a killed worker left running are failed and their designs queued again (s
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import math
 import multiprocessing
 import os
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +23,14 @@ from typing import Any, Callable
 
 import torch
 
-from ..callbacks import Callback
-from ..cost import CostTable
-from ..data import DataSplits, load_dataset
-from ..data.core import cap
-from ..evaluate import CachedOutputs, collect_outputs
-from ..policies import Goal, calibrate, evaluate_policy
+from ..data import DataSplits
+from .candidate import Pruned, _shape_kw, evaluate_design, load_search_data
 from .config import SearchConfig
-from .space import ConfigError, Design
+from .space import ConfigError
 from .workers import _OWN_ATTRS, _record_worker, _recover_dead_trials, _retry_dead_trial, _storage_class
 
-__all__ = ["ImpossibleConstraints", "SearchResult", "constraint_values", "create_study", "evaluate_design",
-           "load_search_data", "repair_thresholds", "run_search", "default_storage"]
+__all__ = ["ImpossibleConstraints", "SearchResult", "constraint_values", "create_study", "run_search",
+           "default_storage"]
 
 # What must match for two runs to share a study (the rest, e.g. constraints or the trial count,
 # may change between runs: the report re-reads every trial against the current constraints).
@@ -44,118 +39,6 @@ _STUDY_KEYS = ("dataset", "space", "objective", "policy", "train")
 
 class ImpossibleConstraints(ConfigError):
     """No design of the space can satisfy the constraints (known before any training)."""
-
-
-# ------------------------------------------------------------------------------------------ data
-def load_search_data(config: SearchConfig) -> DataSplits:
-    """The data set with the search's own caps per split (stratified, seeded)."""
-    ds = config.dataset
-    data = load_dataset(ds["name"], data_dir=ds.get("data_dir"), download=bool(ds.get("download", False)),
-                        val_fraction=ds["val_fraction"], seed=ds["seed"])
-    splits = {}
-    for i, part in enumerate(("train", "val", "test")):
-        # streams 11-13: independent of load_dataset's own val carve-out and limit streams
-        splits[part] = cap(getattr(data, part), ds.get(f"{part}_limit"), (ds["seed"], 11 + i))
-    if len(splits["val"]) == 0:
-        raise ConfigError("dataset: the validation split is empty; thresholds are calibrated on it (raise val_fraction)")
-    return dataclasses.replace(data, **splits)
-
-
-def _shape_kw(data: DataSplits) -> dict[str, Any]:
-    info = data.info
-    return {"num_classes": info.num_classes, "in_channels": info.in_channels, "input_size": tuple(info.input_size)}
-
-
-# ---------------------------------------------------------------------------------------- repair
-def repair_thresholds(policy: str, thresholds: torch.Tensor, val_cache: CachedOutputs, cost: CostTable, *,
-                      accuracy_floor: float, macs_ceiling: float, fallback: str = "final") -> tuple[torch.Tensor, bool]:
-    """NACHOS' repair step (METHODS.md §4): when a design holds the accuracy floor but its expected
-    MACs exceed the ceiling, lower its thresholds until the ceiling holds, as long as the accuracy
-    stays at or above the floor. NACHOS walks the thresholds down by 0.1, last early exit first;
-    here the walk is eenn's exact threshold search (:func:`eenn.policies.calibrate` with
-    ``Goal(budget=ceiling)``: the most accurate thresholds whose expected MACs fit), kept only if
-    that accuracy reaches the floor. Returns ``(thresholds, repaired)``; unchanged when the
-    design already fits or cannot be repaired."""
-    now = evaluate_policy(policy, thresholds, val_cache, cost, fallback=fallback)
-    if now["expected_macs"] <= macs_ceiling or now["accuracy"] < accuracy_floor:
-        return thresholds, False
-    th = calibrate(policy, val_cache, cost, Goal(budget=macs_ceiling), fallback=fallback)
-    r = evaluate_policy(policy, th, val_cache, cost, fallback=fallback)
-    if r["expected_macs"] <= macs_ceiling and r["accuracy"] >= accuracy_floor:
-        return th, True
-    return thresholds, False
-
-
-# ------------------------------------------------------------------------------------ one design
-class _FirstEpochPruner(Callback):
-    """Stops a candidate whose best exit is below ``threshold`` on validation after epoch 1."""
-
-    def __init__(self, threshold: float | None) -> None:
-        self.threshold, self.pruned, self.first = threshold, False, None
-
-    def on_epoch_end(self, trainer, metrics: dict[str, Any]) -> None:
-        if metrics["epoch"] != 1 or "val_acc" not in metrics:
-            return
-        self.first = max(metrics["val_acc"])
-        if self.threshold is not None and trainer.config.epochs > 1 and self.first < self.threshold:
-            self.pruned = True
-            trainer.should_stop = True
-
-
-class Pruned(Exception):
-    """A candidate given up before or during training; ``attrs`` say why and what is known."""
-
-    def __init__(self, reason: str, attrs: dict[str, Any]) -> None:
-        super().__init__(reason)
-        self.attrs = {"pruned_reason": reason, **attrs}
-
-
-def evaluate_design(config: SearchConfig, design: Design, data: DataSplits, *, device: str | None = None) -> dict[str, Any]:
-    """Train ``design`` on the proxy budget and measure it: validation accuracy and expected MACs
-    after calibration and repair, and the same thresholds' figures on the test split. Raises
-    :class:`Pruned` for a hopeless candidate."""
-    from ..trainer import TrainConfig, Trainer
-
-    torch.manual_seed(config.seed)
-    net = design.build()
-    cost = net.cost()
-    floor, ceiling = config.accuracy_floor, config.macs_ceiling
-    lower = min(cost.dynamic_macs)
-    base = {"full_macs": float(cost.macs[-1]), "macs_lower_bound": float(lower), "params": int(cost.total_params)}
-    if lower > ceiling:
-        raise Pruned(f"even its cheapest exit costs {lower:,} MACs > the ceiling {ceiling:,.0f}; not trained",
-                     {**base, "val_accuracy": 0.0, "val_macs": float(lower)})
-    pruner = _FirstEpochPruner(config.prune_below)
-    train = {**config.train, "seed": config.seed, "out_dir": None, "resume": False}
-    if device is not None:
-        train["device"] = device
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. NACHOS' "the ceiling never binds" for a small design
-        from ..objectives import create_objective
-
-        objective = create_objective(config.objective, **config.objective_options)
-        Trainer(TrainConfig(**train), [pruner]).fit(net, objective, data)
-    seconds = time.perf_counter() - t0
-    if pruner.pruned:
-        raise Pruned(f"best exit reached {pruner.first:.3f} validation accuracy after epoch 1 (< {config.prune_below})",
-                     {**base, "val_accuracy": float(pruner.first), "val_macs": float(lower), "train_seconds": seconds})
-    info = data.info
-    kw = dict(mean=info.mean, std=info.std)
-    val = collect_outputs(net, data.val, **kw)
-    th = calibrate(config.policy, val, cost, Goal(max_drop=config.max_drop), fallback=config.fallback)
-    th, repaired = repair_thresholds(config.policy, th, val, cost, accuracy_floor=floor, macs_ceiling=ceiling,
-                                     fallback=config.fallback)
-    rv = evaluate_policy(config.policy, th, val, cost, fallback=config.fallback)
-    out = {**base, "train_seconds": seconds, "thresholds": [float(t) for t in th.tolist()], "repaired": repaired,
-           "val_accuracy": rv["accuracy"], "val_macs": rv["expected_macs"], "val_final_accuracy": rv["final_accuracy"],
-           "val_exit_distribution": rv["exit_distribution"], "exit_macs": [float(m) for m in cost.dynamic_macs]}
-    if len(data.test):
-        test = collect_outputs(net, data.test, **kw)
-        rt = evaluate_policy(config.policy, th, test, cost, fallback=config.fallback)
-        out.update(test_accuracy=rt["accuracy"], test_macs=rt["expected_macs"], test_final_accuracy=rt["final_accuracy"],
-                   test_exit_distribution=rt["exit_distribution"])
-    return out
 
 
 # ------------------------------------------------------------------------------------ the study

@@ -1,0 +1,83 @@
+"""The training configuration, and what is built from it alone: the optimiser and the
+learning-rate schedule. The loop that uses them is :mod:`eenn.trainer`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import distributed as D
+from .callbacks import EarlyStopping
+
+__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "build_optimizer", "build_scheduler"]
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "step", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs; entry points fill it from flags or YAML (habit 9)."""
+
+    epochs: int = 10
+    batch_size: int = 128  # per process under torchrun
+    eval_batch_size: int = 512
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # per-step cosine annealing, one-cycle, step decay or constant
+    step_epochs: int = 30  # "step": multiply the rate by `gamma` every `step_epochs` epochs
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max global gradient norm
+    amp: bool = False  # bf16 autocast (CUDA only; ignored on CPU)
+    augment: bool = False  # random crop (zero padding `crop_padding`) + horizontal flip (if `flip`)
+    crop_padding: int = 4
+    flip: bool = True
+    seed: int = 0
+    deterministic: bool = False
+    device: str | None = None  # None: CUDA when present
+    out_dir: str | None = None  # metrics.jsonl, last.safetensors, best.safetensors
+    resume: bool = True  # continue from out_dir/last.safetensors when it exists
+    early_stopping: int | None = None  # patience in epochs
+    monitor: str = "val_acc_final"  # or "val_acc_mean", "val_loss"
+    progress: bool = True
+    dist_timeout: float = D.DEFAULT_TIMEOUT  # seconds a rank waits on the others under torchrun before it stops
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}")
+        if self.monitor not in EarlyStopping.MONITORS:
+            raise ValueError(f"unknown monitor {self.monitor!r}; choose {', '.join(EarlyStopping.MONITORS)}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+
+
+def build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    c = config
+    if c.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+
+
+def build_scheduler(config: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    """Stepped once per batch: ``step_epochs`` and the cosine/one-cycle lengths count batches."""
+    c = config
+    total = max(1, c.epochs * steps_per_epoch)
+    if c.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if c.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total)
+    if c.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, c.step_epochs * steps_per_epoch), gamma=c.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
