@@ -46,11 +46,11 @@ def main():
     net.eval()
     w = obj.weights().cpu()
 
-    res = aep_prune(net, w, data.val, mean=info.mean, std=info.std, device=device,
+    res = aep_prune(net, w, data.val, device=device,
                     latency_batch_size=256, latency_repeats=a.repeats)
-    test_acc = [evaluate_ensemble(prune_at(net, w, k), data.test, info.mean, info.std, device=device)
+    test_acc = [evaluate_ensemble(prune_at(net, w, k), data.test, device=device)
                 for k in range(net.num_exits)]
-    realised = evaluate_ensemble(res.module, data.test, info.mean, info.std, device=device)
+    realised = evaluate_ensemble(res.module, data.test, device=device)
     lat1 = [measure_latency(m, net.input_shape, 1, device=device, repeats=a.repeats) for m in (res.full, res.module)]
 
     print(f"AEP ({a.scheme}, theta from {a.learn_weights_from}) on {a.backbone}, exits {a.exits}, {a.dataset} "

@@ -56,9 +56,9 @@ def main():
         if a.checkpoint:
             eenn.save(net, a.checkpoint)
     net.eval()
-    val = collect_outputs(net, data.val, mean=info.mean, std=info.std)
+    val = collect_outputs(net, data.val)
     th = calibrate(a.policy, val, net.cost(), {"max_drop": a.max_drop})
-    x_all = next(iter(eenn.TensorLoader(data.test, a.samples, mean=info.mean, std=info.std)))[0]
+    x_all = next(iter(eenn.TensorLoader(data.test, a.samples, input_spec=net.input_spec)))[0]
     variants = [v for v in a.variants.split(",") if v]
     if not set(variants) <= {"eager", "optimized"} or not variants:
         p.error(f"--variants: eager and/or optimized, got {a.variants!r}")

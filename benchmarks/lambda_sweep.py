@@ -40,9 +40,8 @@ def exit_spec(text: str):
 @torch.no_grad()
 def validate(net: eenn.MultiExitNetwork, data, version: str) -> dict:
     """The fixed 0.5 rule on ``data.val``; calibrated gate and max_prob rules on ``data.test``."""
-    mean, std = data.info.mean, data.info.std
-    val = collect_outputs(net, data.val, mean=mean, std=std)
-    test = collect_outputs(net, data.test, mean=mean, std=std)
+    val = collect_outputs(net, data.val)
+    test = collect_outputs(net, data.test)
     logits, gates, y = val
     cost = net.cost()
     frac = torch.tensor(cost.fraction)

@@ -74,7 +74,7 @@ def main():
                         batch_size=a.batch_size, seed=a.seed, progress=False)
         if name == "final":
             eenn.save(n, fills["{final}"])
-        logits, gates, y = collect_outputs(n, data.test, mean=info.mean, std=info.std)
+        logits, gates, y = collect_outputs(n, data.test)
         acc = (logits.argmax(-1) == y).double().mean(1).tolist()
         # The method's own answer: gated methods stop at the first gate above 0.5 (their hard
         # rule); AEP answers with its full weighted ensemble; the others with the final exit.

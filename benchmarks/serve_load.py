@@ -137,12 +137,12 @@ def main():
                               exits=[1, 3, 5], width=0.5)
     eenn.fit(net, data, "joint", epochs=a.epochs, lr=0.1, progress=False)
     net.eval()
-    rec = calibration_record(net, data.val, "max_prob", {"max_drop": a.max_drop}, mean=info.mean, std=info.std)
+    rec = calibration_record(net, data.val, "max_prob", {"max_drop": a.max_drop})
     tmp = tempfile.mkdtemp(prefix="eenn-serve-")
-    m = export(net, tmp, policy="max_prob", thresholds=rec["thresholds"], mean=info.mean, std=info.std,
+    m = export(net, tmp, policy="max_prob", thresholds=rec["thresholds"],
                validation=rec["validation"])
     manifest = load_manifest(tmp)
-    x = next(iter(eenn.TensorLoader(data.test, len(data.test), mean=info.mean, std=info.std)))[0]
+    x = next(iter(eenn.TensorLoader(data.test, len(data.test), input_spec=net.input_spec)))[0]
     eng = DynamicEngine(net, "max_prob", rec["thresholds"])(x)
     expected = list(zip(eng.prediction.tolist(), eng.exit.tolist()))
     bodies = [png(px.numpy()) for px in data.test.x]

@@ -160,7 +160,8 @@ def test_aep_prune_picks_the_best_truncation(monkeypatch, correct_per_exit, k):
         return ExitOutputs(20.0 * F.one_hot(table[:, ids], num_classes).float(), None)
 
     monkeypatch.setattr(net, "forward", fake_forward)
-    res = aep_prune(net, [1.0, 1e3, 1e6, 1e9], TensorDataset(x, y), mean=(0.0,), std=(1.0,), latency_batch_size=None)
+    net.input_spec = eenn.InputSpec((1, 8, 8), (0.0,), (1.0,))
+    res = aep_prune(net, [1.0, 1e3, 1e6, 1e9], TensorDataset(x, y), latency_batch_size=None)
     assert res.k == k and res.val_acc == [c / n for c in correct_per_exit]
     assert res.promised_acc == correct_per_exit[k] / n
     assert res.module.net.num_exits == k + 1 and res.after.latency_ms is None
@@ -198,17 +199,16 @@ def test_aep_trains_on_digits(trained, digits, scheme):
     assert torch.allclose(w.sum(), torch.tensor(1.0))
     if scheme in ("learned", "hybrid"):  # theta is trained with the network
         assert not torch.allclose(w, aep.scheme_weights("uniform" if scheme == "learned" else "linear", 4))
-    acc = evaluate_ensemble(EnsembleClassifier(net, w), digits.val, digits.info.mean, digits.info.std)
+    acc = evaluate_ensemble(EnsembleClassifier(net, w), digits.val)
     assert acc > 0.6  # chance is 0.1
 
 
 def test_promised_accuracy_is_what_the_pruned_network_delivers(trained, digits):
     net, obj, _ = trained["uniform"]
-    info = digits.info
-    res = aep_prune(net, obj.weights(), digits.val, mean=info.mean, std=info.std,
+    res = aep_prune(net, obj.weights(), digits.val,
                     latency_batch_size=8, latency_repeats=1)
     assert res.k == choose_exit(res.val_acc)
-    assert evaluate_ensemble(res.module, digits.val, info.mean, info.std) == res.promised_acc
+    assert evaluate_ensemble(res.module, digits.val) == res.promised_acc
     assert res.after.params <= res.before.params and res.after.latency_ms > 0
     assert f"k* = {res.k}" in res.report() and res.ratios()["params"] == res.after.params / res.before.params
     x = torch.randn(8, 1, 8, 8)

@@ -234,7 +234,7 @@ def digits():
 
 def validation_costs(net, data):
     """Accuracy and expected cost (fraction of the full MACs) of the hard rule, and the soft cost."""
-    logits, gates, y = collect_outputs(net, data.val, mean=data.info.mean, std=data.info.std)
+    logits, gates, y = collect_outputs(net, data.val)
     frac = torch.tensor(net.cost().fraction)
     ex = hard_exit(gates)
     acc = (logits[ex, torch.arange(len(y))].argmax(-1) == y).float().mean().item()

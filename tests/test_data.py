@@ -414,6 +414,64 @@ def test_loader_normalisation():
     assert torch.allclose(raw, s.train.x.float() / 255)
 
 
+def test_input_spec_describes_a_data_set_and_round_trips():
+    import json
+
+    from eenn.data import InputSpec
+
+    s = load_dataset("synthetic", in_channels=3, input_size=(6, 5), num_classes=4)
+    spec = InputSpec.from_info(s.info)
+    assert spec.shape == (3, 6, 5) and spec.mean == s.info.mean and spec.std == s.info.std
+    assert spec.class_names == s.info.class_names == ("class_0", "class_1", "class_2", "class_3")
+    back = InputSpec.from_dict(json.loads(json.dumps(spec.to_dict())))  # exact through JSON
+    assert back == spec and back.mean == spec.mean and back.std == spec.std
+    with pytest.raises(ValueError, match="std must be positive"):
+        InputSpec((1, 2, 2), (0.5,), (0.0,))
+    with pytest.raises(ValueError, match="per-channel"):
+        InputSpec((3, 2, 2), (0.1, 0.2), (1.0, 1.0, 1.0))
+    with pytest.raises(TypeError, match="uint8"):
+        spec.normalize(torch.zeros(1, 3, 6, 5))
+    with pytest.raises(ValueError, match="do not fit"):
+        spec.normalize(torch.zeros(1, 3, 5, 6, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="not both"):
+        TensorLoader(s.train, 8, mean=s.info.mean, std=s.info.std, input_spec=spec)
+    with pytest.raises(ValueError, match="input_spec says"):
+        TensorLoader(load_dataset("synthetic", in_channels=3).train, 8, input_spec=spec)
+
+
+def test_every_normalisation_user_gives_the_same_floats():
+    """The loader, net.preprocess, the trainer's epoch context and the server turn the same uint8
+    pixels into bit-identical inputs: x * scale + shift with float32 factors rounded from float64."""
+    import eenn
+    from eenn.data import InputSpec
+    from eenn.objectives import EpochContext
+    from eenn.serve.inputs import decode_body
+    from _helpers import npy_bytes
+
+    s = load_dataset("synthetic", in_channels=3, input_size=8, num_samples=100)
+    spec = InputSpec.from_info(s.info)
+    assert len(set(spec.mean)) == 3 and len(set(spec.std)) == 3  # per channel, none trivial
+    px = s.train.x[:16]
+    ds = TensorDataset(px, s.train.y[:16])
+    loader_x = next(iter(TensorLoader(ds, 16, input_spec=spec)))[0]
+    by_stats = next(iter(TensorLoader(ds, 16, mean=s.info.mean, std=s.info.std)))[0]
+    net = eenn.create_network("lenet5", in_channels=3, num_classes=10, input_size=8)
+    net.input_spec = spec
+    pre = net.preprocess(px)
+    ctx = EpochContext(0, 1, net, s.train, spec.mean, spec.std, torch.device("cpu"), 0)
+    manifest = {"input_shape": list(spec.shape), "preprocess": {"mean": list(spec.mean), "std": list(spec.std)}}
+    served = decode_body(npy_bytes(px.numpy()), "application/x-npy", manifest)
+    # the arithmetic as the loader and the server have always done it, by hand in NumPy
+    mean, std = np.asarray(spec.mean), np.asarray(spec.std)
+    scale = (1.0 / (255.0 * std)).astype(np.float32).reshape(1, 3, 1, 1)
+    shift = (-mean / std).astype(np.float32).reshape(1, 3, 1, 1)
+    want = px.numpy().astype(np.float32) * scale + shift
+    assert loader_x.dtype == pre.dtype == torch.float32 and served.dtype == np.float32
+    for got in (loader_x, by_stats, pre, ctx.normalise(px), torch.from_numpy(served)):
+        assert np.array_equal(got.numpy(), want)
+    assert torch.equal(net.preprocess(px[0]), pre[0])  # one sample [C, H, W] too
+
+
 def test_loader_augmentation():
     d = id_dataset(40, c=3, hw=(8, 8))
     plain = TensorLoader(d, 16)

@@ -139,7 +139,7 @@ def test_ztw_heads_then_ensemble_on_a_frozen_network(digits, distilled, tmp_path
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
     ens = load_ensemble(save_ensemble(obj.ensemble, tmp_path / "ens.safetensors"))
     mean, std = digits.info.mean, digits.info.std
-    raw = evaluate_exits(net, digits.val, mean=mean, std=std)["acc"]
+    raw = evaluate_exits(net, digits.val)["acc"]
     net.eval()
     with torch.no_grad():
         x = eenn.TensorLoader(digits.val, len(digits.val), mean=mean, std=std)

@@ -274,7 +274,7 @@ def digits():
 def validation_costs(net, data, version="v2"):
     """Accuracy and expected cost (fraction of the full MACs) of the confidence rule, and the
     soft expected cost, on the validation split."""
-    logits, gates, y = collect_outputs(net, data.val, mean=data.info.mean, std=data.info.std)
+    logits, gates, y = collect_outputs(net, data.val)
     frac = torch.tensor(net.cost().fraction)
     ex = confidence_exit(gates, version)
     assert torch.equal(ex, hard_exit(gates)) or version == "v3"  # one rule, two names (threshold 0.5)

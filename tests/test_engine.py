@@ -92,8 +92,8 @@ def test_engine_with_calibrated_thresholds_on_digits():
     eenn.fit(net, data, "joint", epochs=4, lr=0.1, progress=False)
     from eenn.evaluate import collect_outputs
 
-    val = collect_outputs(net, data.val, mean=data.info.mean, std=data.info.std)
-    test = collect_outputs(net, data.test, mean=data.info.mean, std=data.info.std)
+    val = collect_outputs(net, data.val)
+    test = collect_outputs(net, data.test)
     th = calibrate("max_prob", val, net.cost(), {"max_drop": 0.02})
     sim = decide("max_prob", test, th)
     x = next(iter(eenn.TensorLoader(data.test, len(data.test), mean=data.info.mean, std=data.info.std)))[0]

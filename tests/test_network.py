@@ -203,3 +203,75 @@ def test_truncate_removes_later_layers_and_exits(tmp_path):
     back = eenn.load(path).eval()
     assert back.truncated_at == 1 and torch.equal(back(x).logits, small(x).logits)
     assert net.truncate(-1) is net
+
+
+# ------------------------------------------------------------------------ input description
+def _tiny(c=1, hw=8):
+    torch.manual_seed(0)
+    return eenn.create_network("lenet5", in_channels=c, num_classes=10, input_size=hw, exits=[1], width=0.5)
+
+
+def test_entry_points_refuse_a_network_without_input_spec():
+    from eenn.data import TensorDataset
+    from eenn.evaluate import collect_outputs, evaluate_exits
+    from eenn.prune import aep_prune
+
+    net = _tiny()
+    assert net.input_spec is None and "input_spec" not in net.config
+    ds = TensorDataset(torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8), torch.arange(6) % 10)
+    fix = r"net\.input_spec = eenn\.InputSpec\.from_info\(data\.info\).*eenn\.fit"
+    with pytest.raises(ValueError, match="collect_outputs.*" + fix):
+        collect_outputs(net, ds)
+    with pytest.raises(ValueError, match="evaluate_exits.*" + fix):
+        evaluate_exits(net, ds)
+    with pytest.raises(ValueError, match="aep_prune.*" + fix):
+        aep_prune(net, [0.5, 0.5], ds, latency_batch_size=None)
+    with pytest.raises(ValueError, match="preprocess.*" + fix):
+        net.preprocess(ds.x)
+    net.input_spec = eenn.InputSpec((1, 8, 8), (0.5,), (0.25,))
+    cache = collect_outputs(net, ds)
+    with torch.no_grad():
+        assert torch.equal(cache.logits, net.eval()(net.preprocess(ds.x)).logits)
+
+
+def test_preprocess_passes_float_inputs_through():
+    net = _tiny()
+    x = torch.randn(3, 1, 8, 8)
+    assert net.preprocess(x) is x  # no spec needed: a float tensor is a model input already
+    net.input_spec = eenn.InputSpec((1, 8, 8), (0.5,), (0.25,))
+    assert net.preprocess(x) is x and net.preprocess(x.double()).dtype == torch.float64
+    px = torch.full((2, 1, 8, 8), 255, dtype=torch.uint8)
+    assert torch.equal(net.preprocess(px), torch.full((2, 1, 8, 8), 2.0))  # (1 - 0.5) / 0.25
+
+
+def test_input_spec_survives_save_and_load(tmp_path):
+    from eenn.checkpoint import save
+
+    net = _tiny(c=3, hw=8)
+    spec = eenn.InputSpec((3, 8, 8), (0.1, 0.2, 0.3), (0.5, 0.6, 0.7), ("a",) * 10)
+    net.input_spec = spec
+    back = eenn.load(eenn.save(net, tmp_path / "n.safetensors"))
+    assert back.input_spec == spec and back.input_spec.class_names == spec.class_names
+    small = net.truncate(0)
+    assert small.input_spec == spec and small.config["input_spec"] == spec.to_dict()
+    back = eenn.load(eenn.save(small, tmp_path / "small.safetensors"))
+    assert back.truncated_at == 0 and back.input_spec == spec
+    # a checkpoint from before networks carried it: None, or what a trainer wrote beside it
+    net.input_spec = None
+    assert eenn.load(eenn.save(net, tmp_path / "old.safetensors")).input_spec is None
+    old = {"name": "x", "num_classes": 10, "in_channels": 3, "input_size": [8, 8], "mean": list(spec.mean),
+           "std": list(spec.std), "class_names": list(spec.class_names)}
+    assert eenn.load(save(net, tmp_path / "trainer.safetensors", extra={"data": old})).input_spec == spec
+
+
+def test_fit_sets_the_input_spec_and_refuses_other_statistics():
+    data = eenn.load_dataset("synthetic", num_samples=100)
+    net = _tiny()
+    eenn.fit(net, data, "joint", epochs=1, batch_size=32, progress=False)
+    assert net.input_spec == eenn.InputSpec.from_info(data.info) and net.input_spec.class_names[0] == "class_0"
+    eenn.fit(net, data, "joint", epochs=1, batch_size=32, progress=False)  # the same data: fine
+    other = eenn.load_dataset("synthetic", num_samples=100, seed=1)
+    assert other.info.mean != data.info.mean
+    with pytest.raises(ValueError, match="input description.*set net.input_spec = None"):
+        eenn.fit(net, other, "joint", epochs=1, batch_size=32, progress=False)
+    assert net.input_spec == eenn.InputSpec.from_info(data.info)

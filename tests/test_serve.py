@@ -25,9 +25,10 @@ TH = [0.35, 0.45, 0.55]
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     net = _net()
+    net.input_spec = eenn.InputSpec((1, 8, 8), MEAN, STD)
     d = tmp_path_factory.mktemp("export")
     val = {"depth_distribution": [0.5, 0.2, 0.2, 0.1], "exit_distribution": [0.5, 0.2, 0.2, 0.1]}
-    export(net, d, policy="max_prob", thresholds=TH, mean=MEAN, std=STD, validation=val)
+    export(net, d, policy="max_prob", thresholds=TH, validation=val)
     return net, d
 
 

@@ -52,7 +52,7 @@ def test_heads_only_trains_exits_on_a_frozen_backbone(digits, tmp_path):
         assert torch.equal(v, net.backbone.state_dict()[k]), k
     assert hist[-1]["train_exits"] == [0, 1]
     assert min(hist[-1]["val_acc"]) > 0.6 and hist[-1]["val_acc"][-1] == pytest.approx(
-        eenn.trainer.evaluate_exits(base, digits.val, mean=digits.info.mean, std=digits.info.std)["acc"][-1])
+        eenn.trainer.evaluate_exits(base, digits.val)["acc"][-1])
 
 
 def test_heads_only_refuses_a_checkpoint_of_another_backbone(digits, tmp_path):
@@ -167,8 +167,7 @@ def _single_process_eval(path, batch_size):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return eenn.trainer.evaluate_exits(net, data.val, batch_size=batch_size, mean=data.info.mean,
-                                           std=data.info.std)
+        return eenn.trainer.evaluate_exits(net, data.val, batch_size=batch_size)
     finally:
         torch.set_num_threads(threads)
 

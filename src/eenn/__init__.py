@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 from .backbones import Backbone, StageInfo, create_backbone, list_backbones, register_backbone
 from .checkpoint import CheckpointError, load, read_description, save
 from .cost import CostTable
-from .data import TensorLoader, list_datasets, load_dataset
+from .data import InputSpec, TensorLoader, list_datasets, load_dataset
 from .heads import ExitHead, create_head, list_heads, register_head
 from .network import ExitOutputs, MultiExitNetwork, NetworkConfig, create_network, place_exits
 from .trace import TraceError, attach_exits
@@ -30,6 +30,7 @@ __all__ = [
     "CostTable",
     "ExitHead",
     "ExitOutputs",
+    "InputSpec",
     "MultiExitNetwork",
     "NetworkConfig",
     "StageInfo",

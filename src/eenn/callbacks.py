@@ -5,7 +5,6 @@ state across a resume (it is saved inside the ``last`` checkpoint).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -113,8 +112,8 @@ class Checkpointer(Callback):
             self.best = monitored_value(metrics, self.monitor)
         extra = {"epoch": metrics["epoch"], "metrics": metrics}
         data = getattr(trainer, "data", None)
-        if data is not None:  # what `eenn predict` needs to read raw inputs: sizes, normalisation, names
-            extra["data"] = dataclasses.asdict(data.info)
+        if data is not None:  # which data set; its sizes, normalisation and names are net.input_spec
+            extra["data"] = {"name": data.info.name}
         save(trainer.net, self.dir / "last.safetensors", extra=extra, state=trainer.state_dict())
         if improved or "val_acc" not in metrics:
             save(trainer.net, self.dir / "best.safetensors", extra=extra)

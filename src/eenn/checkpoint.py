@@ -248,4 +248,21 @@ def load(
     desc, tensors = read_checkpoint(path)
     net = MultiExitNetwork.from_config(desc["network"], model=model, leaf_modules=leaf_modules)
     _load_into(net, desc, tensors, path)
+    if net.input_spec is None:
+        net.input_spec = _legacy_input_spec(desc)
     return net.to(map_location)
+
+
+def _legacy_input_spec(desc: dict[str, Any]):
+    """The input description of a trainer checkpoint written before networks carried one (its
+    ``extra["data"]`` held the data set's sizes, mean/std and class names), else None."""
+    from .data.spec import InputSpec
+
+    info = (desc.get("extra") or {}).get("data") or {}
+    if not all(k in info for k in ("in_channels", "input_size", "mean", "std")):
+        return None
+    try:
+        return InputSpec((info["in_channels"], *info["input_size"]), tuple(info["mean"]), tuple(info["std"]),
+                         info.get("class_names"))
+    except (TypeError, ValueError):
+        return None

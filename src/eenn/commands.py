@@ -102,12 +102,12 @@ def _calibrate(args) -> None:
 
     net, cfg, run_dir = _opened(args)
     data = build_data(cfg)
-    info, e = data.info, cfg.eval
+    e = cfg.eval
     net.eval()
     opts = rule_options(e.policy_options, net.num_exits)
     # The record `eenn export --calibration` and `eenn predict` read, plus the test-split figures.
-    record = calibration_record(net, data.val, e.policy, e.goal, mean=info.mean, std=info.std, fallback=e.fallback, **opts)
-    test = collect_outputs(net, data.test, mean=info.mean, std=info.std)
+    record = calibration_record(net, data.val, e.policy, e.goal, fallback=e.fallback, **opts)
+    test = collect_outputs(net, data.test)
     on_test = report_goal(e.policy, record["thresholds"], test, net.cost(), e.goal, fallback=e.fallback, **opts)
     record.update(policy_options=e.policy_options, test=on_test)
     out = args.out or os.path.join(run_dir, "calibration.json")
@@ -126,7 +126,7 @@ def _predict(args) -> int:
 
     from .engine import DynamicEngine
     from .report import rule_options, read_json
-    from .run import data_info_of, open_run
+    from .run import open_run
     from .serve.inputs import InputError, decode_body
 
     net, config, run_dir = open_run(args.run)
@@ -140,12 +140,10 @@ def _predict(args) -> int:
         opts = rep["policy"].get("options", {})
     else:
         raise ValueError(f"no thresholds for {args.run}: run `eenn calibrate {args.run}` first or give --calibration")
-    ckpt = args.run if os.path.isfile(args.run) else next(
-        (os.path.join(run_dir, n) for n in ("best.safetensors", "last.safetensors") if os.path.exists(os.path.join(run_dir, n))))
-    info = data_info_of(ckpt) or {}
-    names = info.get("class_names")
+    spec = net.input_spec  # older checkpoints: eenn.load reads it from their extra data
+    names = spec.class_names if spec is not None else None
     manifest = {"input_shape": list(net.input_shape),
-                "preprocess": {"mean": info["mean"], "std": info["std"]} if "mean" in info else None}
+                "preprocess": {"mean": list(spec.mean), "std": list(spec.std)} if spec is not None else None}
     engine = DynamicEngine(net.eval(), policy, th, fallback=fallback, **rule_options(opts, net.num_exits))
     types = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".npy": "application/x-npy",
              ".json": "application/json"}

@@ -114,14 +114,13 @@ def _prune(run_dir: Path, cfg: RunConfig) -> dict:
 
     net, _, _ = open_run(run_dir)
     data = build_data(cfg)
-    info = data.info
     opts = rule_options(cfg.eval.policy_options, net.num_exits)
     w = opts.get("weights")
     if w is None:
         raise ConfigError(f"prune: needs eval.policy_options.weights (a scheme name or a list) for {run_dir}")
-    res = aep_prune(net.eval(), w, data.val, mean=info.mean, std=info.std, latency_batch_size=256, latency_repeats=5)
-    test_acc = evaluate_ensemble(res.module, data.test, info.mean, info.std)
-    full_acc = evaluate_ensemble(res.full, data.test, info.mean, info.std)
+    res = aep_prune(net.eval(), w, data.val, latency_batch_size=256, latency_repeats=5)
+    test_acc = evaluate_ensemble(res.module, data.test)
+    full_acc = evaluate_ensemble(res.full, data.test)
     lat1 = [measure_latency(m, net.input_shape, 1, repeats=20) for m in (res.full, res.module)]
     static = measure_latency(net.backbone.eval(), net.input_shape, 1, repeats=20)
     out = {"k": res.k, "exit": res.exit_name, "promised_accuracy": res.promised_acc, "test_accuracy": test_acc,

@@ -30,7 +30,7 @@ def run_demo(*, backbone: str = "resnet20", exits="all", epochs: int = 30, seed:
     fit(net, data, "joint", epochs=epochs, batch_size=64, optimizer="adamw", lr=3e-3, weight_decay=5e-4,
         schedule="onecycle", seed=seed, device=device)
     train_s = time.perf_counter() - t0
-    test_acc = evaluate_exits(net, data.test, mean=info.mean, std=info.std)["acc"]
+    test_acc = evaluate_exits(net, data.test)["acc"]
     cost = net.cost()
     print(f"\ntrained in {train_s:.1f} s; per-exit test accuracy and cost (MACs per sample):")
     rows = [("exit", "test acc", "MACs", "of full", "params")]

@@ -22,14 +22,16 @@ class CachedOutputs(NamedTuple):
 
 
 @torch.no_grad()
-def collect_outputs(net: MultiExitNetwork, dataset: TensorDataset, *, mean=None, std=None,
-                    batch_size: int = 512, device=None) -> CachedOutputs:
-    """Every exit's output on every sample of ``dataset`` (eval mode; kept on the CPU)."""
+def collect_outputs(net: MultiExitNetwork, dataset: TensorDataset, *, batch_size: int = 512,
+                    device=None) -> CachedOutputs:
+    """Every exit's output on every sample of ``dataset`` (eval mode; kept on the CPU), its
+    pixels normalised by ``net.input_spec`` (a ValueError when the network has none)."""
+    spec = net.require_input_spec("collect_outputs")
     was = net.training
     net.eval()
     dev = device or next(net.parameters()).device
     logits, gates, ys = [], [], []
-    for x, y in TensorLoader(dataset, batch_size, mean=mean, std=std, device=dev):
+    for x, y in TensorLoader(dataset, batch_size, input_spec=spec, device=dev):
         out = net(x)
         logits.append(out.logits.float().cpu())
         if out.gates is not None:
@@ -41,20 +43,22 @@ def collect_outputs(net: MultiExitNetwork, dataset: TensorDataset, *, mean=None,
 
 @torch.no_grad()
 def evaluate_exits(net: MultiExitNetwork, dataset: TensorDataset, *, batch_size: int = 512,
-                   mean=None, std=None, device=None, env: D.DistEnv = D.DistEnv()) -> dict[str, list[float]]:
-    """Per-exit mean cross-entropy and accuracy of ``net`` on ``dataset`` (eval mode).
+                   device=None, env: D.DistEnv = D.DistEnv()) -> dict[str, list[float]]:
+    """Per-exit mean cross-entropy and accuracy of ``net`` on ``dataset`` (eval mode), its pixels
+    normalised by ``net.input_spec`` (a ValueError when the network has none).
 
     The split is cut into the same consecutive batches whatever the number of processes; under
     DDP rank r scores batches r, r + world_size, ... and the per-batch sums are gathered and added
     in batch order. So the figures equal, bit for bit, those of one process evaluating the same
     weights with the same ``batch_size`` (given bit-identical buffers on every rank, which the
     trainer ensures): the metric that picks ``best.safetensors`` is the checkpoint's own."""
+    spec = net.require_input_spec("evaluate_exits")
     n_batches = -(-len(dataset) // batch_size)
     mine = list(range(env.rank, n_batches, env.world_size))  # global numbers of this rank's batches
     if env.enabled:  # only this rank's batches; all are full but the split's last, so boundaries stay
         keep = [torch.arange(i * batch_size, min((i + 1) * batch_size, len(dataset))) for i in mine]
         dataset = dataset.subset(torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long))
-    loader = TensorLoader(dataset, batch_size, mean=mean, std=std, device=device)
+    loader = TensorLoader(dataset, batch_size, input_spec=spec, device=device)
     was = net.training
     net.eval()
     dev = loader.device

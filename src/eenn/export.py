@@ -20,7 +20,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,15 +87,16 @@ def _policy_record(net, policy: str, thresholds, fallback: str, options: dict | 
 
 
 def export(net, out_dir: str | os.PathLike, *, policy: str = "max_prob", thresholds=1.0, fallback: str = "final",
-           policy_options: dict | None = None, mean: Sequence[float] | None = None,
-           std: Sequence[float] | None = None, class_names: Sequence[str] | None = None,
-           validation: dict | None = None, opset: int = 17, check_batch: int = 5) -> dict[str, Any]:
+           policy_options: dict | None = None, validation: dict | None = None, opset: int = 17,
+           check_batch: int = 5) -> dict[str, Any]:
     """Write ``net`` (a :class:`~eenn.MultiExitNetwork`) to ``out_dir`` as ``segment_<k>.onnx``
     files plus ``manifest.json``; returns the manifest.
 
     ``thresholds`` (``[E-1]`` or one value) and ``fallback`` are the policy's, as for
-    :class:`~eenn.engine.DynamicEngine`; ``mean``/``std`` (per channel, of pixels scaled to
-    [0, 1]) let a server turn images into model inputs; ``validation`` (from
+    :class:`~eenn.engine.DynamicEngine`; the network's ``input_spec`` (its mean/std, per channel,
+    of pixels scaled to [0, 1], and class names) is written as the manifest's ``preprocess`` and
+    ``class_names``, which let a server turn images into model inputs (None when the network has
+    no input description: such an export takes float model inputs only); ``validation`` (from
     :func:`calibration_record`) stores the validation exit distribution that split planning uses.
     """
     from . import __version__
@@ -105,6 +106,7 @@ def export(net, out_dir: str | os.PathLike, *, policy: str = "max_prob", thresho
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory")
     net = net.eval()
+    spec = net.input_spec
     E = net.num_exits
     record = _policy_record(net, policy, thresholds, fallback, policy_options)
     cost = net.cost()
@@ -184,9 +186,8 @@ def export(net, out_dir: str | os.PathLike, *, policy: str = "max_prob", thresho
         "exit_names": list(net.exit_names),
         "has_gates": bool(net.has_gates),
         "policy": record,
-        "preprocess": ({"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
-                       if mean is not None and std is not None else None),
-        "class_names": list(class_names) if class_names is not None else None,
+        "preprocess": ({"mean": list(spec.mean), "std": list(spec.std)} if spec is not None else None),
+        "class_names": list(spec.class_names) if spec is not None and spec.class_names is not None else None,
         "validation": validation,
         "dynamic_macs": [int(m) for m in cost.dynamic_macs],
         "check": {"batch": check_batch, "max_abs_logit_diff": worst, "tolerance": EXPORT_TOLERANCE},
@@ -204,7 +205,7 @@ def _spec(name: str, t: Tensor) -> dict[str, Any]:
     return {"name": name, "shape": [None, *t.shape[1:]], "dtype": str(t.dtype).removeprefix("torch.")}
 
 
-def calibration_record(net, val_dataset, policy: str, goal, *, mean=None, std=None, fallback: str = "final",
+def calibration_record(net, val_dataset, policy: str, goal, *, fallback: str = "final",
                        **policy_options) -> dict[str, Any]:
     """Calibrate ``policy`` on a validation split and describe the result as the JSON that
     ``eenn export --calibration`` reads: thresholds, and the validation exit and depth
@@ -212,7 +213,7 @@ def calibration_record(net, val_dataset, policy: str, goal, *, mean=None, std=No
     from .evaluate import collect_outputs
     from .policies import calibrate, decide
 
-    cache = collect_outputs(net, val_dataset, mean=mean, std=std)
+    cache = collect_outputs(net, val_dataset)  # normalised by net.input_spec
     th = calibrate(policy, cache, net.cost(), goal, fallback=fallback, **policy_options)
     d = decide(policy, cache, th, fallback=fallback, **policy_options)
     E = net.num_exits
@@ -227,6 +228,4 @@ def calibration_record(net, val_dataset, policy: str, goal, *, mean=None, std=No
             "exit_distribution": (torch.bincount(d.exit, minlength=E).float() / len(d.exit)).tolist(),
             "depth_distribution": (torch.bincount(d.depth, minlength=E).float() / len(d.depth)).tolist(),
         },
-        "mean": list(mean) if mean is not None else None,
-        "std": list(std) if std is not None else None,
     }

@@ -92,6 +92,9 @@ class MultiExitNetwork(nn.Module):
         self.source = source
         self.truncated_at: int | None = None  # set by truncate(): the exit that became final
         self._parent_config: dict[str, Any] | None = None
+        # What the network takes as input (an eenn.InputSpec: shape, normalisation, class names);
+        # set by eenn.fit, saved with the checkpoint and the export, used by preprocess().
+        self.input_spec = None
 
     def _set_exits(self, stages: list[int], heads: list[ExitHead], names: list[str], options: list[dict]) -> None:
         """Install the intermediate exits and everything derived from them."""
@@ -118,6 +121,22 @@ class MultiExitNetwork(nn.Module):
     @property
     def input_shape(self) -> tuple[int, ...]:
         return self.backbone.input_shape
+
+    def require_input_spec(self, what: str = "this"):
+        """``input_spec``, or a ValueError saying how to set it (``what`` names the caller)."""
+        if self.input_spec is None:
+            raise ValueError(
+                f"{what} needs the network's input description (net.input_spec), which is not set, to turn "
+                "uint8 pixels into model inputs: set net.input_spec = eenn.InputSpec.from_info(data.info) "
+                "or train the network with eenn.fit, which sets it")
+        return self.input_spec
+
+    def preprocess(self, x: Tensor) -> Tensor:
+        """uint8 pixels ``[..., C, H, W]`` -> the float32 model input (``input_spec.normalize``);
+        a floating-point ``x`` is taken to be a model input already and is returned unchanged."""
+        if x.is_floating_point():
+            return x
+        return self.require_input_spec("preprocess").normalize(x)
 
     @property
     def exit_names(self) -> list[str]:
@@ -185,6 +204,7 @@ class MultiExitNetwork(nn.Module):
         net._set_exits(self.exit_stages[:k], list(self.heads[:k]), self.head_names[:k],
                        copy.deepcopy(self.head_options[:k]))
         net.exit_spec = self.exit_spec
+        net.input_spec = self.input_spec
         net.truncated_at = k
         net._parent_config = self.config
         return net
@@ -232,8 +252,10 @@ class MultiExitNetwork(nn.Module):
     @property
     def config(self) -> dict[str, Any]:
         """A JSON-able description from which :meth:`from_config` rebuilds this network."""
+        spec = {"input_spec": self.input_spec.to_dict()} if self.input_spec is not None else {}
         if self.truncated_at is not None:
-            return {**self._parent_config, "truncated_at": self.truncated_at}
+            parent = {k: v for k, v in self._parent_config.items() if k != "input_spec"}
+            return {**parent, "truncated_at": self.truncated_at, **spec}
         return {
             "source": copy.deepcopy(self.source),
             "exits": list(self.exit_stages),
@@ -242,6 +264,7 @@ class MultiExitNetwork(nn.Module):
             "head_options": copy.deepcopy(self.head_options),
             "num_classes": self.num_classes,
             "input_shape": list(self.input_shape),
+            **spec,
         }
 
     @classmethod
@@ -251,6 +274,12 @@ class MultiExitNetwork(nn.Module):
         """Rebuild from :attr:`config`. Networks made by :func:`eenn.attach_exits` need the
         user's ``model`` again (and its ``leaf_modules``), since code is not part of the
         description."""
+        if config.get("input_spec") is not None:  # the input description, on whatever was rebuilt
+            from .data.spec import InputSpec
+
+            net = cls.from_config({**config, "input_spec": None}, model=model, leaf_modules=leaf_modules)
+            net.input_spec = InputSpec.from_dict(config["input_spec"])
+            return net
         if config.get("truncated_at") is not None:
             full = cls.from_config({**config, "truncated_at": None}, model=model, leaf_modules=leaf_modules)
             return full.truncate(config["truncated_at"])

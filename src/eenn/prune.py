@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load, read_description, save
-from .data import TensorDataset, TensorLoader
+from .data import InputSpec, TensorDataset, TensorLoader
 from .network import MultiExitNetwork
 from .objectives.aep import ensemble_so_far
 
@@ -122,10 +122,10 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _correct_per_exit(net: MultiExitNetwork, weights: Tensor, dataset: TensorDataset, mean, std,
+def _correct_per_exit(net: MultiExitNetwork, weights: Tensor, dataset: TensorDataset,
                       batch_size: int, device) -> Tensor:
     """Correct samples of the ensemble truncated at each exit ``[E]`` (one pass over the data)."""
-    loader = TensorLoader(dataset, batch_size, mean=mean, std=std, device=device)
+    loader = TensorLoader(dataset, batch_size, input_spec=net.require_input_spec("aep_prune"), device=device)
     w = weights.to(loader.device)
     correct = torch.zeros(net.num_exits, dtype=torch.int64, device=loader.device)
     for x, y in loader:
@@ -134,16 +134,24 @@ def _correct_per_exit(net: MultiExitNetwork, weights: Tensor, dataset: TensorDat
 
 
 @torch.no_grad()
-def evaluate_ensemble(module: nn.Module, dataset: TensorDataset, mean, std, *, batch_size: int = 512,
-                      device: str | torch.device | None = None) -> float:
+def evaluate_ensemble(module: nn.Module, dataset: TensorDataset, *, batch_size: int = 512,
+                      device: str | torch.device | None = None, input_spec: InputSpec | None = None) -> float:
     """Accuracy of ``module`` (anything returning class scores ``[B, C]``) on ``dataset``, in eval
-    mode. With the same ``batch_size`` as :func:`aep_prune`, the pruned module's accuracy on the
-    validation split equals the promised one exactly."""
+    mode, the pixels normalised by ``input_spec``, by default that of the network ``module`` is
+    or holds (``module.net``, as in an :class:`EnsembleClassifier`). With the same ``batch_size``
+    as :func:`aep_prune`, the pruned module's accuracy on the validation split equals the
+    promised one exactly."""
+    if input_spec is None:
+        net = module if isinstance(module, MultiExitNetwork) else getattr(module, "net", None)
+        if not isinstance(net, MultiExitNetwork):
+            raise ValueError(f"evaluate_ensemble: a {type(module).__name__} carries no input description; "
+                             "pass input_spec=")
+        input_spec = net.require_input_spec("evaluate_ensemble")
     device = torch.device(device) if device is not None else _device_of(module)
     was = module.training
     module.eval()
     correct, n = 0, 0
-    for x, y in TensorLoader(dataset, batch_size, mean=mean, std=std, device=device):
+    for x, y in TensorLoader(dataset, batch_size, input_spec=input_spec, device=device):
         correct += int((module(x).argmax(-1) == y).sum())
         n += y.numel()
     module.train(was)
@@ -173,14 +181,14 @@ def measure_latency(module: nn.Module, input_shape: Sequence[int], batch_size: i
     return 1e3 * statistics.median(times)
 
 
-def aep_prune(net: MultiExitNetwork, weights: Tensor | Sequence[float], val: TensorDataset, *, mean, std,
+def aep_prune(net: MultiExitNetwork, weights: Tensor | Sequence[float], val: TensorDataset, *,
               batch_size: int = 512, device: str | torch.device | None = None,
               latency_batch_size: int | None = 256, latency_repeats: int = 10) -> PruneResult:
     """Choose k* on ``val`` (see the module docstring), cut ``net`` there and measure the costs.
 
-    ``weights``: the ensemble weights, one per exit (e.g. ``AEP.weights()``). ``mean``/``std``:
-    the data set's normalisation. ``device``: where the data go; by default the network's (the
-    network is not moved). ``latency_batch_size=None`` skips the latency measurement."""
+    ``weights``: the ensemble weights, one per exit (e.g. ``AEP.weights()``). The pixels of
+    ``val`` are normalised by ``net.input_spec``. ``device``: where the data go; by default the
+    network's (the network is not moved). ``latency_batch_size=None`` skips the latency measurement."""
     w = torch.as_tensor(weights, dtype=torch.float32).detach().cpu()
     if w.shape != (net.num_exits,):
         raise ValueError(f"aep_prune: need one weight per exit ({net.num_exits}), got shape {tuple(w.shape)}")
@@ -188,7 +196,7 @@ def aep_prune(net: MultiExitNetwork, weights: Tensor | Sequence[float], val: Ten
     was = net.training
     net.eval()
     try:
-        correct = _correct_per_exit(net, w, val, mean, std, batch_size, device)
+        correct = _correct_per_exit(net, w, val, batch_size, device)
     finally:
         net.train(was)
     k = choose_exit(correct)

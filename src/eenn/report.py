@@ -288,9 +288,9 @@ def evaluate(net: MultiExitNetwork, data, *, policy: str = "max_prob", goal: Map
     net = net.to(dev).eval()
     info = data.info
     cost = net.cost()
-    val = val if val is not None else collect_outputs(net, data.val, mean=info.mean, std=info.std, device=dev)
+    val = val if val is not None else collect_outputs(net, data.val, device=dev)
     split_set = getattr(data, split)
-    cache = collect_outputs(net, split_set, mean=info.mean, std=info.std, device=dev)
+    cache = collect_outputs(net, split_set, device=dev)
     th = calibrate(policy, val, cost, goal, fallback=fallback, **options)
     result = report_goal(policy, th, cache, cost, goal, fallback=fallback, **options)
     on_val = evaluate_policy(policy, th, val, cost, fallback=fallback, **options)
@@ -316,7 +316,7 @@ def evaluate(net: MultiExitNetwork, data, *, policy: str = "max_prob", goal: Map
         if len(counts) != len(batch_sizes):
             raise ValueError(f"timing_samples: give one count, or one per batch size ({len(batch_sizes)})")
         engine = DynamicEngine(net, policy, th, fallback=fallback, optimize=optimize, **options)
-        x_all = next(iter(TensorLoader(split_set, max(counts), mean=info.mean, std=info.std, device=dev)))[0]
+        x_all = next(iter(TensorLoader(split_set, max(counts), input_spec=net.input_spec, device=dev)))[0]
         for b, n in zip(batch_sizes, counts):
             timing.append(time_engine(net, engine, x_all[:n], b, repeats=repeats))
     curve = accuracy_macs_curve(policy, val, cache, cost, points=curve_points, fallback=fallback, **options) \

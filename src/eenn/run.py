@@ -140,5 +140,6 @@ def open_run(path: str | Path) -> tuple[MultiExitNetwork, RunConfig | None, Path
 
 
 def data_info_of(path: str | Path) -> dict[str, Any] | None:
-    """The data set description a trainer checkpoint carries (sizes, normalisation, class names)."""
+    """The data set a trainer checkpoint names (``{"name": ...}``; older ones also hold its sizes,
+    normalisation and class names, which the network's ``input_spec`` now carries)."""
     return read_description(path).get("extra", {}).get("data")

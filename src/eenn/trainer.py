@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed as D
 from .callbacks import Callback, Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
-from .data import DataSplits, TensorDataset, TensorLoader
+from .data import DataSplits, InputSpec, TensorDataset, TensorLoader
 from .evaluate import evaluate_exits
 from .network import MultiExitNetwork
 from .objectives import EpochContext, Objective, create_objective, exit_losses
@@ -166,6 +166,7 @@ class Trainer:
     def fit(self, net: MultiExitNetwork, data: DataSplits, objective: str | Objective) -> list[dict[str, Any]]:
         if isinstance(objective, DataSplits):
             raise TypeError("Trainer.fit takes (net, data, objective), in that order, like eenn.fit")
+        claim_input_spec(net, data.info)
         device = self._device()
         self.env = env = D.setup(device.type, self.config.dist_timeout)
         if env.enabled and device.type == "cuda":
@@ -187,8 +188,7 @@ class Trainer:
             obj.label_smoothing = c.label_smoothing
         obj.prepare(net)
         self.data, self.device = data, device
-        info = data.info
-        self._loader_args = dict(shuffle=True, drop_last=env.enabled, mean=info.mean, std=info.std,
+        self._loader_args = dict(shuffle=True, drop_last=env.enabled, input_spec=net.input_spec,
                                  augment=c.augment, crop_padding=c.crop_padding, flip=c.flip, device=device,
                                  seed=c.seed, rank=env.rank, world_size=env.world_size,
                                  return_indices=obj.needs_indices)
@@ -197,7 +197,7 @@ class Trainer:
             raise ValueError(f"the training split ({len(data.train)} samples) is smaller than one batch")
         step = _Step(net, obj)
         if env.enabled:
-            self.model = DistributedDataParallel(step, find_unused_parameters=_has_unused_parameters(step, data.train, info))
+            self.model = DistributedDataParallel(step, find_unused_parameters=_has_unused_parameters(step, data.train))
         else:
             self.model = step
         params = [p for p in step.parameters() if p.requires_grad]
@@ -223,8 +223,8 @@ class Trainer:
             # Each rank has moved rank 0's BatchNorm statistics with its own last batch: make them
             # one (see D.sync_buffers for the rule) before they are validated or saved.
             D.sync_buffers(step.buffers(), env, f"the buffer synchronisation after epoch {epoch + 1}")
-            val = evaluate_exits(net, data.val, batch_size=c.eval_batch_size, mean=info.mean, std=info.std,
-                                 device=device, env=env) if len(data.val) else None
+            val = evaluate_exits(net, data.val, batch_size=c.eval_batch_size, device=device,
+                                 env=env) if len(data.val) else None
             if val is not None:
                 metrics.update(val_loss=val["loss"], val_acc=val["acc"])
             if env.enabled:  # every rank's RNG stream, for rank 0's checkpoint
@@ -243,8 +243,8 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, autocast) -> dict[str, Any]:
         c, env, net = self.config, self.env, self.net
-        info = self.data.info
-        ctx = EpochContext(epoch, c.epochs, net, self.data.train, info.mean, info.std, self.device, c.seed)
+        spec = net.input_spec
+        ctx = EpochContext(epoch, c.epochs, net, self.data.train, spec.mean, spec.std, self.device, c.seed)
         held_out = self.objective.begin_epoch(ctx)
         keep = None
         if held_out is not None:  # this epoch trains on the rest (e.g. NACHOS' support set is held out)
@@ -323,13 +323,29 @@ class Trainer:
         return metrics
 
 
-def _has_unused_parameters(step: _Step, train: TensorDataset, info) -> bool:
+def claim_input_spec(net: MultiExitNetwork, info) -> InputSpec:
+    """Give ``net`` the input description of the data it is trained on (``info``, a
+    :class:`~eenn.data.DatasetInfo`), or check that the one it has is that one."""
+    spec = InputSpec.from_info(info)
+    if net.input_spec is None:
+        net.input_spec = spec
+    elif not net.input_spec.same_input(spec):
+        have = net.input_spec
+        raise ValueError(
+            f"the network's input description (shape {have.shape}, mean {have.mean}, std {have.std}) is not "
+            f"that of the data set {info.name!r} it is asked to train on (shape {spec.shape}, mean {spec.mean}, "
+            f"std {spec.std}): train it on data normalised as before, or set net.input_spec = None to "
+            "adopt this data set's statistics")
+    return net.input_spec
+
+
+def _has_unused_parameters(step: _Step, train: TensorDataset) -> bool:
     """Whether some trainable parameter gets no gradient from the loss (a gate that the loss does
     not read, say): DDP must then look for them every step, which costs a graph traversal, so
     it is only asked to when one backward pass on two samples shows it is needed."""
     dev = next(step.parameters()).device
     x, y = next(iter(TensorLoader(train.subset(torch.arange(min(2, len(train)))), 2,
-                                  mean=info.mean, std=info.std, device=dev)))
+                                  input_spec=step.net.input_spec, device=dev)))
     was = step.training
     step.eval()  # no BatchNorm statistics move, no dropout randomness is drawn
     step(x, y, torch.arange(len(y), device=dev))[0]["loss"].backward()

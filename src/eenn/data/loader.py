@@ -6,12 +6,13 @@ crop offset and one flip bit per position of that permutation; with ``world_size
 permutation is dealt round-robin to the ranks, exactly like ``DistributedSampler``. Because the
 augmentation is drawn per global position, what a sample gets does not depend on the rank count.
 Each batch is then gathered on ``device`` (crop and flip fused in one indexing op on uint8) and
-converted to float32 as ``(x / 255 - mean) / std``.
+converted to float32 as ``(x / 255 - mean) / std`` by :func:`eenn.data.spec.normalize`'s arithmetic
+(given as ``mean``/``std`` or as an ``input_spec``).
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,25 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .core import TensorDataset
+from .spec import InputSpec, PerChannel, apply_normalization, normalization_factors
 
 _SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1
-PerChannel = float | Sequence[float] | Tensor | None
 
 
 def _stream_seed(seed: int, epoch: int, stream: int) -> int:
     """A well-mixed 63-bit seed for one (seed, epoch, stream), so nearby seeds give unrelated streams."""
     words = np.random.SeedSequence([seed % 2**64, epoch % 2**64, stream]).generate_state(2, np.uint32)
     return int((int(words[0]) << 31) ^ int(words[1])) & (2**63 - 1)
-
-
-def _per_channel(value: PerChannel, channels: int, default: float) -> Tensor:
-    t = torch.full((channels,), default, dtype=torch.float64) if value is None else \
-        torch.as_tensor(value, dtype=torch.float64).flatten().cpu()
-    if t.numel() == 1:
-        t = t.expand(channels)
-    if t.numel() != channels:
-        raise ValueError(f"expected 1 or {channels} per-channel values, got {t.numel()}")
-    return t
 
 
 def crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding: int) -> Tensor:
@@ -56,10 +47,12 @@ def crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding: int) 
 
 class TensorLoader:
     """Iterate ``(x float32 [B, C, H, W], y int64 [B])`` on ``device`` (plus the samples' indices
-    with ``return_indices``); see the module docstring."""
+    with ``return_indices``); see the module docstring. The normalisation is ``mean``/``std`` or
+    ``input_spec`` (an :class:`~eenn.data.InputSpec`, e.g. ``net.input_spec``), not both; with
+    neither, pixels are only scaled to [0, 1]."""
 
     def __init__(self, dataset: TensorDataset, batch_size: int, *, shuffle: bool = False, drop_last: bool = False,
-                 mean: PerChannel = None, std: PerChannel = None,
+                 mean: PerChannel = None, std: PerChannel = None, input_spec: InputSpec | None = None,
                  augment: bool = False, crop_padding: int = 4, flip: bool = True,
                  device: str | torch.device | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  return_indices: bool = False) -> None:
@@ -78,13 +71,14 @@ class TensorLoader:
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.epoch = 0
         self.return_indices = return_indices  # yield (x, y, indices into `dataset`)
-        channels = dataset.x.shape[1]
-        mean_t, std_t = _per_channel(mean, channels, 0.0), _per_channel(std, channels, 1.0)
-        if bool((std_t <= 0).any()):
-            raise ValueError(f"std must be positive, got {std_t.tolist()}")
-        # (x / 255 - mean) / std == x * scale + shift
-        self._scale = (1.0 / (255.0 * std_t)).to(self.device, torch.float32).view(1, -1, 1, 1)
-        self._shift = (-mean_t / std_t).to(self.device, torch.float32).view(1, -1, 1, 1)
+        if input_spec is not None:
+            if mean is not None or std is not None:
+                raise ValueError("give the normalisation as mean/std or as input_spec, not both")
+            if tuple(dataset.x.shape[1:]) != input_spec.shape:
+                raise ValueError(f"the images are {tuple(dataset.x.shape[1:])}, the input_spec says {input_spec.shape}")
+            self._scale, self._shift = input_spec.factors(self.device)
+        else:  # (x / 255 - mean) / std == x * scale + shift
+            self._scale, self._shift = normalization_factors(mean, std, dataset.x.shape[1], self.device)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle order and augmentation the next iteration replays."""
@@ -133,5 +127,5 @@ class TensorLoader:
             x = x_all[idx]
             if params is not None:
                 x = crop_flip(x, params[0][sl], params[1][sl], params[2][sl], self.crop_padding)
-            x = x.to(torch.float32).mul_(self._scale).add_(self._shift)
+            x = apply_normalization(x, self._scale, self._shift)
             yield (x, y_all[idx], idx) if self.return_indices else (x, y_all[idx])

@@ -33,11 +33,11 @@ class EpochContext:
     seed: int
 
     def normalise(self, x: Tensor) -> Tensor:
-        """uint8 images from ``train`` -> the float input the network is trained on."""
-        x = x.to(self.device, torch.float32) / 255.0
-        mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        """uint8 images from ``train`` -> the float input the network is trained on (the
+        loader's own arithmetic, :func:`eenn.data.spec.normalize`)."""
+        from ..data.spec import normalize
+
+        return normalize(x.to(self.device), self.mean, self.std)
 
     def generator(self, stream: int = 0) -> torch.Generator:
         """A CPU generator that is the same on every DDP rank for this (seed, epoch, stream)."""

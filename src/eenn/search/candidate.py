@@ -118,9 +118,7 @@ def evaluate_design(config: SearchConfig, design: Design, data: DataSplits, *, d
     if pruner.pruned:
         raise Pruned(f"best exit reached {pruner.first:.3f} validation accuracy after epoch 1 (< {config.prune_below})",
                      {**base, "val_accuracy": float(pruner.first), "val_macs": float(lower), "train_seconds": seconds})
-    info = data.info
-    kw = dict(mean=info.mean, std=info.std)
-    val = collect_outputs(net, data.val, **kw)
+    val = collect_outputs(net, data.val)  # normalised by net.input_spec, which fit set
     th = calibrate(config.policy, val, cost, Goal(max_drop=config.max_drop), fallback=config.fallback)
     th, repaired = repair_thresholds(config.policy, th, val, cost, accuracy_floor=floor, macs_ceiling=ceiling,
                                      fallback=config.fallback)
@@ -129,7 +127,7 @@ def evaluate_design(config: SearchConfig, design: Design, data: DataSplits, *, d
            "val_accuracy": rv["accuracy"], "val_macs": rv["expected_macs"], "val_final_accuracy": rv["final_accuracy"],
            "val_exit_distribution": rv["exit_distribution"], "exit_macs": [float(m) for m in cost.dynamic_macs]}
     if len(data.test):
-        test = collect_outputs(net, data.test, **kw)
+        test = collect_outputs(net, data.test)
         rt = evaluate_policy(config.policy, th, test, cost, fallback=config.fallback)
         out.update(test_accuracy=rt["accuracy"], test_macs=rt["expected_macs"], test_final_accuracy=rt["final_accuracy"],
                    test_exit_distribution=rt["exit_distribution"])

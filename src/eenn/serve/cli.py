@@ -13,10 +13,11 @@ EPILOG_EXPORT = """examples:
   eenn export runs/r20/best.safetensors --out export/ --calibration calib.json
   eenn export runs/r20/best.safetensors --out export/ --dataset digits --max-drop 0.02
 
---calibration reads JSON {"policy", "thresholds", "fallback", "validation", "mean", "std"} (any
-subset; eenn.export.calibration_record writes it). --dataset takes the normalisation from that data
-set and, without --thresholds, calibrates on its validation split for --max-drop and records the
-validation exit distribution (which `eenn plan` needs).
+--calibration reads JSON {"policy", "thresholds", "fallback", "validation"} (any subset;
+eenn.export.calibration_record writes it). The normalisation and class names are the network's own
+(net.input_spec, set by training); --dataset supplies them only for a checkpoint without one and,
+without --thresholds, calibrates on its validation split for --max-drop and records the validation
+exit distribution (which `eenn plan` needs).
 """
 
 EPILOG_SERVE = """examples:
@@ -98,6 +99,7 @@ def add_parsers(subparsers) -> None:
 
 def run_export(args) -> int:
     from ..checkpoint import load
+    from ..data import InputSpec
     from ..export import calibration_record, export
 
     from ..report import read_json
@@ -111,23 +113,25 @@ def run_export(args) -> int:
     net = load(args.checkpoint).eval()
     policy = args.policy or calib.get("policy", "max_prob")
     fallback = args.fallback or calib.get("fallback", "final")
-    mean, std = calib.get("mean"), calib.get("std")
+    if net.input_spec is None and calib.get("mean") is not None and calib.get("std") is not None:
+        # a checkpoint without an input description, and a calibration record that carries it (older ones did)
+        net.input_spec = InputSpec(tuple(net.input_shape), tuple(calib["mean"]), tuple(calib["std"]))
     validation = calib.get("validation")
     thresholds = args.thresholds if args.thresholds is not None else calib.get("thresholds")
     if args.dataset:
         from ..data import load_dataset
 
         data = load_dataset(args.dataset, data_dir=args.data_dir)
-        mean, std = data.info.mean, data.info.std
+        if net.input_spec is None:  # a checkpoint without an input description: the named data set's
+            net.input_spec = InputSpec.from_info(data.info)
         if thresholds is None:
-            rec = calibration_record(net, data.val, policy, {"max_drop": args.max_drop}, mean=mean, std=std,
-                                     fallback=fallback)
+            rec = calibration_record(net, data.val, policy, {"max_drop": args.max_drop}, fallback=fallback)
             thresholds, validation = rec["thresholds"], rec["validation"]
             print(f"calibrated {policy} on {args.dataset} validation (max_drop={args.max_drop}): thresholds "
                   f"{[round(t, 4) for t in thresholds]}, accuracy {100 * validation['accuracy']:.2f}%")
     if thresholds is None:
         raise ValueError("no thresholds: give --thresholds, --calibration FILE or --dataset NAME")
-    m = export(net, args.out, policy=policy, thresholds=thresholds, fallback=fallback, mean=mean, std=std,
+    m = export(net, args.out, policy=policy, thresholds=thresholds, fallback=fallback,
                validation=validation, opset=args.opset)
     print(f"exported {m['num_exits']} segments to {args.out} (max |ONNX - PyTorch| logit "
           f"{m['check']['max_abs_logit_diff']:.2g})")

@@ -7,7 +7,7 @@ Accepted bodies (the content type decides; without one the first bytes do):
   size when it differs, then normalised with the exported ``mean``/``std`` (``(x/255 - mean)/std``);
 - a NumPy ``.npy`` array (``application/x-npy`` or ``application/octet-stream``; never unpickled):
   float arrays are model inputs (already normalised), uint8 arrays are raw pixels and are
-  normalised as images are;
+  normalised as images are (pixels are refused, 422, when the export has no ``preprocess``);
 - JSON (``application/json``): a nested list of numbers, or ``{"inputs": [...]}``; model inputs.
 
 An array is one sample ``input_shape`` or a batch ``[B, *input_shape]`` with ``1 <= B <= max_batch``.
@@ -97,17 +97,18 @@ def _image_shape(manifest: dict) -> tuple[int, int, int]:
 
 def _normalise(px: np.ndarray, manifest: dict) -> np.ndarray:
     """uint8 pixels [B, C, H, W] -> float32 ``(x/255 - mean)/std`` with the exported statistics,
-    computed as :class:`eenn.TensorLoader` computes it (``x * scale + shift``, the factors rounded
-    from float64), so that a served image gets bit for bit the input the evaluation gave it."""
-    c = px.shape[1]
-    pre = manifest.get("preprocess") or {"mean": [0.0] * c, "std": [1.0] * c}
-    mean = np.broadcast_to(np.asarray(pre["mean"], np.float64), (c,))
-    std = np.broadcast_to(np.asarray(pre["std"], np.float64), (c,))
-    shape = (1, c) + (1,) * (px.ndim - 2)
-    scale = (1.0 / (255.0 * std)).astype(np.float32).reshape(shape)
-    shift = (-mean / std).astype(np.float32).reshape(shape)
-    x = px.astype(np.float32) * scale
-    return x + shift
+    by :func:`eenn.data.spec.normalize` itself (the arithmetic of :class:`eenn.TensorLoader` and
+    ``net.preprocess``), so that a served image gets bit for bit the input the evaluation gave it."""
+    import torch
+
+    from ..data.spec import normalize
+
+    pre = manifest.get("preprocess")
+    if not pre:
+        raise InputError(422, "this model was exported without an input description (its manifest has no "
+                              "\"preprocess\" mean/std), so pixels cannot be turned into its inputs: send float "
+                              "model inputs, or export a network whose input_spec is set")
+    return normalize(torch.from_numpy(np.require(px, requirements=["C", "W"])), pre["mean"], pre["std"]).numpy()
 
 
 def _npy(body: bytes) -> np.ndarray:
