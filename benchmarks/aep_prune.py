@@ -13,7 +13,8 @@ import time
 import torch
 
 import eenn
-from eenn.objectives.aep import SCHEMES, AEP
+from eenn.functional import SCHEMES
+from eenn.objectives.aep import AEP
 from eenn.prune import aep_prune, evaluate_ensemble, measure_latency, prune_at
 
 

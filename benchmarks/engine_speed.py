@@ -57,12 +57,13 @@ def main():
             eenn.save(net, a.checkpoint)
     net.eval()
     val = collect_outputs(net, data.val)
-    th = calibrate(a.policy, val, net.cost(), {"max_drop": a.max_drop})
+    policy = calibrate(a.policy, val, net.cost(), {"max_drop": a.max_drop})
+    th = policy.thresholds
     x_all = next(iter(eenn.TensorLoader(data.test, a.samples, input_spec=net.input_spec)))[0]
     variants = [v for v in a.variants.split(",") if v]
     if not set(variants) <= {"eager", "optimized"} or not variants:
         p.error(f"--variants: eager and/or optimized, got {a.variants!r}")
-    engines = {v: DynamicEngine(net, a.policy, th, micro_batch=a.micro_batch, optimize=v == "optimized")
+    engines = {v: DynamicEngine(net, policy, micro_batch=a.micro_batch, optimize=v == "optimized")
                for v in variants}
     print(f"{a.backbone} exits {a.exits} on {a.dataset}, policy {a.policy} calibrated on val for a "
           f"{100 * a.max_drop:.0f}-point drop; thresholds {[round(t, 3) for t in th.tolist()]}; "

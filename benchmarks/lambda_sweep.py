@@ -51,8 +51,7 @@ def validate(net: eenn.MultiExitNetwork, data, version: str) -> dict:
     goal = {"max_drop": 0.01}
     fitted = {}
     for policy in ("gate", "max_prob"):
-        th = calibrate(policy, val, cost, goal)
-        fitted[policy] = report_goal(policy, th, test, cost, goal)
+        fitted[policy] = report_goal(calibrate(policy, val, cost, goal), test, cost, goal)
     return {
         "acc": (logits[ex, torch.arange(len(y))].argmax(-1) == y).double().mean().item(),
         "cost": hard_cost,

@@ -14,8 +14,7 @@ import torch
 
 import eenn
 from eenn.evaluate import collect_outputs
-from eenn.objectives.aep import ensemble_so_far
-from eenn.objectives.mixing import first_above
+from eenn.functional import ensemble_so_far, first_above
 
 # label -> (objective name, objective options, head, head options); "{final}" is the path of
 # the checkpoint the `final` run writes, "{mmax}" half the full network's MACs.

@@ -97,10 +97,11 @@ def client_run(url, bodies, expected, *, concurrency, max_requests, max_seconds)
 def local_hop_s(manifest, plan):
     """The in-process hop: encoding the device's hand-off and decoding it (no wire)."""
     from eenn.serve.tiers import Tier, start_message
+    from eenn.staged import StagedRunner
 
     dev = Tier(manifest, plan.tiers[0])
     x = np.random.default_rng(0).standard_normal((1, *manifest["input_shape"])).astype(np.float32)
-    dev.runner.thresholds = torch.full_like(dev.runner.thresholds, float("inf"))
+    dev.runner = StagedRunner(manifest, segments=(plan.tiers[0].start, plan.tiers[0].stop), thresholds=float("inf"))
     _, carry = dev.begin(start_message(manifest, x))
     times = []
     for _ in range(200):
@@ -139,11 +140,11 @@ def main():
     net.eval()
     rec = calibration_record(net, data.val, "max_prob", {"max_drop": a.max_drop})
     tmp = tempfile.mkdtemp(prefix="eenn-serve-")
-    m = export(net, tmp, policy="max_prob", thresholds=rec["thresholds"],
-               validation=rec["validation"])
+    policy = eenn.policies.ExitPolicy.from_dict(rec)
+    m = export(net, tmp, policy=policy, validation=rec["validation"])
     manifest = load_manifest(tmp)
     x = next(iter(eenn.TensorLoader(data.test, len(data.test), input_spec=net.input_spec)))[0]
-    eng = DynamicEngine(net, "max_prob", rec["thresholds"])(x)
+    eng = DynamicEngine(net, policy)(x)
     expected = list(zip(eng.prediction.tolist(), eng.exit.tolist()))
     bodies = [png(px.numpy()) for px in data.test.x]
     test_depth = (torch.bincount(eng.depth, minlength=4).float() / len(eng.depth)).tolist()
@@ -153,7 +154,7 @@ def main():
     seg_s, answer_s = measure_segments(manifest)
     speeds = [TierSpeed(t.name, segment_s=seg_s, answer_s=answer_s) for t in plan.tiers]
     print(f"model: {m['num_exits']} exits, MACs per segment {[s['macs'] for s in m['segments']]}, "
-          f"max |ONNX-PyTorch| {m['check']['max_abs_logit_diff']:.2g}; thresholds {np.round(rec['thresholds'], 4).tolist()}; "
+          f"max |ONNX-PyTorch| {m['check']['max_abs_logit_diff']:.2g}; thresholds {np.round(policy.thresholds.numpy(), 4).tolist()}; "
           f"test accuracy {100 * (eng.prediction == data.test.y).float().mean():.2f}%; segment ms "
           f"{[round(1e3 * t, 3) for t in seg_s]}, answer ms {1e3 * answer_s:.3f}", flush=True)
     results = {}
@@ -212,7 +213,7 @@ def render(a, m, rec, eng, data, measured, results, choice, choice16, scen_speed
         "",
         f"Model: ResNet-20 (width 0.5) with exits after stages 1, 3, 5 and the final classifier, trained "
         f"{a.epochs} epochs on digits (8x8 grey); max_prob calibrated on the validation split for a drop of at "
-        f"most {a.max_drop:g}; thresholds {np.round(rec['thresholds'], 4).tolist()}. Test accuracy of the "
+        f"most {a.max_drop:g}; thresholds {np.round(rec['policy']['thresholds'], 4).tolist()}. Test accuracy of the "
         f"dynamic engine {acc:.2f}%. Exported per segment (largest |ONNX - PyTorch| logit difference "
         f"{m['check']['max_abs_logit_diff']:.2g}); segment MACs {[s['macs'] for s in m['segments']]}; measured "
         f"segment times at batch 1 (onnxruntime + policy) {[round(1e3 * t, 3) for t in seg_s]} ms, plus "

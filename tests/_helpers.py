@@ -72,4 +72,4 @@ def gated_quick_check(net, data, objective, epochs: int = 8):
     val, test = (collect_outputs(net, split) for split in (data.val, data.test))
     exit_acc = (test.logits.argmax(-1) == test.targets[None]).double().mean(1)
     goal = {"max_drop": 0.01}
-    return exit_acc, report_goal("gate", calibrate("gate", val, net.cost(), goal), test, net.cost(), goal)
+    return exit_acc, report_goal(calibrate("gate", val, net.cost(), goal), test, net.cost(), goal)

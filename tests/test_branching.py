@@ -14,7 +14,7 @@ import eenn.objectives.branching  # noqa: F401  (registers "branching")
 from eenn.network import ExitOutputs, MultiExitNetwork
 from eenn.objectives.branching import (Branching, balanced_bce, correctness_bce, exit_costs, hard_exit, init_gates,
                                       probs_nll, soft_cost, soft_output)
-from eenn.objectives.mixing import soft_conditional, soft_conditional_recursive, stick_breaking
+from eenn.functional import soft_conditional, soft_conditional_recursive, stick_breaking
 
 # The paper's literal loss (what the formula tests below check term by term).
 LITERAL = dict(exit_ce=0.0, gate_bce=0.0, gate_init="none")

@@ -89,17 +89,17 @@ def test_evaluate_calibrate_predict(run_dir, tmp_path, capsys):
     assert rep["timing_optimized"] and len(rep["timing"]) == 2 and "optimised for inference" in (out / "report.md").read_text()
     assert rep["validation"]["expected_macs"] <= 200000
     assert main(["calibrate", str(run_dir), "--max-drop", "0.01"]) == 0
-    from eenn.report import read_json
+    from eenn.io import read_json
 
     cal = read_json(run_dir / "calibration.json")
-    assert cal["policy"] == "max_prob" and len(cal["thresholds"]) == 2 and "goal_held" in cal["test"]
+    assert cal["policy"]["rule"] == "max_prob" and len(cal["policy"]["thresholds"]) == 2 and "goal_held" in cal["test"]
     # the record is what `eenn export --calibration` reads (infinite thresholds included)
     assert main(["export", str(run_dir / "best.safetensors"), "--out", str(tmp_path / "exp"),
                  "--calibration", str(run_dir / "calibration.json")]) == 0
     from eenn.export import load_manifest
 
     manifest = load_manifest(tmp_path / "exp")
-    assert manifest["policy"]["thresholds"] == pytest.approx(cal["thresholds"])
+    assert manifest["policy"]["thresholds"] == pytest.approx(cal["policy"]["thresholds"])
     capsys.readouterr()
     # predict: a uint8 image-like .npy, a batch of float inputs, a PNG, and a bad file
     from PIL import Image
@@ -120,7 +120,7 @@ def test_evaluate_calibrate_predict(run_dir, tmp_path, capsys):
 
     net = eenn.load(run_dir / "best.safetensors")
     xb = next(iter(eenn.TensorLoader(data.test.subset(torch.arange(2)), 2, mean=data.info.mean, std=data.info.std)))[0]
-    ref = DynamicEngine(net, "max_prob", cal["thresholds"])(xb)
+    ref = DynamicEngine(net, eenn.policies.ExitPolicy.from_dict(cal))(xb)
     assert [r["prediction"] for r in recs] == ref.prediction.tolist() and [r["exit"] for r in recs] == ref.exit.tolist()
     err = io.err.strip().splitlines()
     assert len(err) == 1 and "bad.npy" in err[0]

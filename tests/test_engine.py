@@ -94,12 +94,12 @@ def test_engine_with_calibrated_thresholds_on_digits():
 
     val = collect_outputs(net, data.val)
     test = collect_outputs(net, data.test)
-    th = calibrate("max_prob", val, net.cost(), {"max_drop": 0.02})
-    sim = decide("max_prob", test, th)
+    policy = calibrate("max_prob", val, net.cost(), {"max_drop": 0.02})
+    sim = decide(policy, test)
     x = next(iter(eenn.TensorLoader(data.test, len(data.test), mean=data.info.mean, std=data.info.std)))[0]
-    res = DynamicEngine(net, "max_prob", th)(x)
+    res = DynamicEngine(net, policy)(x)
     assert torch.equal(res.prediction, sim.prediction) and torch.equal(res.exit, sim.exit)
     with pytest.raises(RuntimeError, match="eval mode"):
-        eng = DynamicEngine(net, "max_prob", th)
+        eng = DynamicEngine(net, policy)
         net.train()
         eng(x)

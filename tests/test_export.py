@@ -90,7 +90,7 @@ def test_manifest_and_logit_agreement(exported):
     net, d = exported["linear"]
     m = load_manifest(d)
     assert m["num_exits"] == 4 and m["num_classes"] == 10 and m["input_shape"] == [1, 8, 8]
-    assert m["policy"] == {"name": "max_prob", "thresholds": [0.5] * 3, "fallback": "final", "options": {}}
+    assert m["policy"] == {"rule": "max_prob", "thresholds": [0.5] * 3, "fallback": "final", "options": {}}
     assert sum(s["macs"] for s in m["segments"]) == net.cost().dynamic_macs[-1]
     assert [s["cumulative_macs"] for s in m["segments"]] == list(net.cost().dynamic_macs)
     assert m["check"]["max_abs_logit_diff"] <= EXPORT_TOLERANCE
@@ -98,10 +98,13 @@ def test_manifest_and_logit_agreement(exported):
     # every exit's logits from the chained graphs match PyTorch (nobody exits: threshold above 1)
     x = torch.randn(16, 1, 8, 8)
     r = StagedRunner(d, thresholds=2.0)
-    _, carry = r.advance(r.start(x.numpy()), stop=3)
+    carry = r.start(x.numpy())
     with torch.no_grad():
         ref = net(x).logits[:3]
-    assert np.abs(carry.logits - ref.numpy()).max() <= EXPORT_TOLERANCE
+    for k in range(3):  # one segment at a time: the carry holds the last exit's logits
+        _, carry = r.advance(carry, stop=k + 1)
+        assert carry.next == k + 1 and len(carry) == 16
+        assert np.abs(carry.prev.numpy() - ref[k].numpy()).max() <= EXPORT_TOLERANCE
     json.dumps({k: v for k, v in m.items()})  # plain JSON throughout
 
 
@@ -120,7 +123,7 @@ def test_infinite_thresholds_are_written_as_strict_json(tmp_path):
     assert (StagedRunner(tmp_path)(x.numpy())["exit"] == 0).all()  # -inf: everyone leaves at the first exit
 
 
-def test_ensemble_weights_are_exported_and_geometric_ensemble_refused(tmp_path):
+def test_ensemble_weights_and_geometric_ensemble_are_exported(tmp_path):
     net = _net()
     w = torch.tensor([0.1, 0.2, 0.3, 0.4])
     x = torch.randn(64, 1, 8, 8)
@@ -129,8 +132,17 @@ def test_ensemble_weights_are_exported_and_geometric_ensemble_refused(tmp_path):
     export(net, tmp_path / "ens", policy="ensemble", thresholds=th, policy_options={"weights": w})
     eng = DynamicEngine(net, "ensemble", th, weights=w)(x)
     _assert_same(StagedRunner(tmp_path / "ens")(x.numpy()), eng)
-    with pytest.raises(ExportError, match="GeometricEnsemble"):
-        export(net, tmp_path / "ztw", policy="ensemble", policy_options={"ensemble": GeometricEnsemble(4, 10)})
+    # ZTW: the geometric ensemble is data of the policy, stored in the manifest
+    torch.manual_seed(1)
+    ens = GeometricEnsemble(4, 10)
+    with torch.no_grad():
+        ens.weight.normal_(0, 0.5)
+        ens.bias.normal_(0, 0.5)
+        th = _midpoint_thresholds(net, x, "ensemble", ensemble=ens)
+    export(net, tmp_path / "ztw", policy=eenn.policies.ExitPolicy("ensemble", th, ensemble=ens))
+    _assert_same(StagedRunner(tmp_path / "ztw")(x.numpy()), DynamicEngine(net, "ensemble", th, ensemble=ens)(x))
+    with pytest.raises(ExportError, match="no thresholds"):
+        export(net, tmp_path / "none", policy="ensemble", policy_options={"ensemble": ens})
     with pytest.raises(ExportError, match="gated"):
         export(net, tmp_path / "gate", policy="gate")
 
@@ -165,7 +177,7 @@ def test_tiers_chain_and_degrade(exported):
     ans.extend(device.degrade(carry))
     out = ans.ordered(32)
     assert (out["exit"][out["degraded"]] == 1).all() and out["degraded"].sum() == len(carry.index) > 0
-    with pytest.raises(ExportError, match="starts at segment 2"):
+    with pytest.raises(ExportError, match="holds segments 2..3, the features are for segment 0"):
         cloud.advance(device.start(x.numpy()))
 
 

@@ -12,7 +12,7 @@ from eenn.network import ExitOutputs
 from eenn.objectives import EpochContext
 from eenn.objectives.nachos import (NACHOS, classification_loss, cumulative_exit, draw_support_set, macs_penalty,
                                     prior_loss, support_loss)
-from eenn.objectives.mixing import stick_breaking
+from eenn.functional import stick_breaking
 
 L2, L43 = math.log(2), math.log(4 / 3)
 

@@ -10,9 +10,9 @@ import eenn
 
 from eenn.cost import CostTable
 from eenn.evaluate import CachedOutputs
-from eenn.objectives.aep import ensemble_so_far
+from eenn.functional import ensemble_so_far
 from eenn.objectives.ztw import GeometricEnsemble
-from eenn.policies import (Goal, calibrate, captured_share, decide, evaluate_policy, get_policy, list_policies,
+from eenn.policies import (ExitPolicy, Goal, calibrate, captured_share, decide, evaluate_policy, get_policy, list_policies,
                            msdnet_distribution, oracle, oracle_exit, policy_scores, register_policy, report_goal)
 
 C = 3
@@ -175,8 +175,9 @@ def test_max_drop_zero_keeps_accuracy_and_saves():
     rules = [lambda c: c > 0.7]
     val, conf = synthetic(120, 0, rules, num_exits=2)
     cost = cost_table([10, 100], [8, 90])
-    th = calibrate("max_prob", val, cost, {"max_drop": 0.0})
-    r = evaluate_policy("max_prob", th, val, cost)
+    fitted = calibrate("max_prob", val, cost, {"max_drop": 0.0})
+    th = fitted.thresholds
+    r = evaluate_policy(fitted, val, cost)
     assert r["accuracy"] == 1.0
     confident = (conf[0] > 0.7).double().mean().item()
     assert r["expected_macs"] == pytest.approx(10 * confident + 100 * (1 - confident))  # every safe sample leaves
@@ -186,15 +187,16 @@ def test_max_drop_zero_keeps_accuracy_and_saves():
 def test_thresholds_are_per_exit():
     rules = [lambda c: c > 0.85, lambda c: c > 0.5]
     val, conf = synthetic(120, 1, rules)
-    th = calibrate("max_prob", val, COST3, Goal(max_drop=0.0))
-    r = evaluate_policy("max_prob", th, val, COST3)
+    fitted = calibrate("max_prob", val, COST3, Goal(max_drop=0.0))
+    th = fitted.thresholds
+    r = evaluate_policy(fitted, val, COST3)
     a0, a1 = conf[0] > 0.85, conf[1] > 0.5
     best = torch.where(a0, 10.0, torch.where(a1, 20.0, 100.0)).double().mean().item()
     assert r["accuracy"] == 1.0 and r["expected_macs"] == pytest.approx(best)
     assert th[0] > 0.8 and th[1] < 0.6
     # no shared threshold gets there
-    shared = min(evaluate_policy("max_prob", t, val, COST3)["expected_macs"]
-                 for t in conf.flatten().tolist() if evaluate_policy("max_prob", t, val, COST3)["accuracy"] == 1.0)
+    shared = min(evaluate_policy(ExitPolicy("max_prob", t), val, COST3)["expected_macs"]
+                 for t in conf.flatten().tolist() if evaluate_policy(ExitPolicy("max_prob", t), val, COST3)["accuracy"] == 1.0)
     assert shared > best + 1
 
 
@@ -202,12 +204,11 @@ def test_budget_respected_and_best_accuracy():
     rules = [lambda c: c > 0.8, lambda c: c > 0.6]
     val, conf = synthetic(40, 2, rules)
     budget = 22.0  # binding: the all-correct thresholds cost 30
-    th = calibrate("max_prob", val, COST3, {"budget": budget})
-    r = evaluate_policy("max_prob", th, val, COST3)
+    r = evaluate_policy(calibrate("max_prob", val, COST3, {"budget": budget}), val, COST3)
     assert r["expected_macs"] <= budget
     score = policy_scores("max_prob", val).score  # exhaustive: every partition at both exits
     cands, cands1 = ([-math.inf, math.inf] + score[i].tolist() for i in range(2))
-    brute = max(x["accuracy"] for x in (evaluate_policy("max_prob", torch.tensor([a, b]), val, COST3)
+    brute = max(x["accuracy"] for x in (evaluate_policy(ExitPolicy("max_prob", [a, b]), val, COST3)
                                         for a, b in itertools.product(cands, cands1)) if x["expected_macs"] <= budget)
     assert r["accuracy"] == pytest.approx(brute)
 
@@ -218,8 +219,7 @@ def test_msdnet_reproduces_distribution_on_val(policy):
     logits = torch.randn(4, 1000, C) * 2
     val = CachedOutputs(logits, None, torch.randint(0, C, (1000,)))
     cost = cost_table([10, 20, 30, 100])
-    th = calibrate(policy, val, cost, {"msdnet_q": 2.0})
-    counts = torch.bincount(decide(policy, val, th).exit, minlength=4)
+    counts = torch.bincount(decide(calibrate(policy, val, cost, {"msdnet_q": 2.0}), val).exit, minlength=4)
     p = msdnet_distribution(2.0, 4)
     assert counts[:3].tolist() == [math.floor(1000 * p[k].item()) for k in range(3)]
 
@@ -229,15 +229,15 @@ def test_fit_on_val_report_on_test():
     val, _ = synthetic(300, 4, rules)
     test, _ = synthetic(300, 5, rules)
     goal = Goal(max_drop=0.0)
-    th = calibrate("max_prob", val, COST3, goal)
-    r = report_goal("max_prob", th, test, COST3, goal)
+    fitted = calibrate("max_prob", val, COST3, goal)
+    r = report_goal(fitted, test, COST3, goal)
     assert r["goal_held"] and r["accuracy"] == 1.0 and r["speedup"] > 1
     assert r["oracle_macs"] <= r["expected_macs"] and 0 < r["captured_share"] <= 1
     assert sum(r["exit_distribution"]) == pytest.approx(1.0)
     # a test split where exit 0 is confidently wrong: the goal is measured there and fails
     bad, _ = synthetic(300, 5, [lambda c: c < 0.85, rules[1]])
-    assert not report_goal("max_prob", th, bad, COST3, goal)["goal_held"]
-    budget = report_goal("max_prob", calibrate("max_prob", val, COST3, {"budget": 40}), test, COST3, {"budget": 40})
+    assert not report_goal(fitted, bad, COST3, goal)["goal_held"]
+    budget = report_goal(calibrate("max_prob", val, COST3, {"budget": 40}), test, COST3, {"budget": 40})
     assert set(budget) >= {"accuracy", "expected_macs", "speedup", "exit_distribution", "goal_held"}
 
 
@@ -254,13 +254,13 @@ def noisy(n, seed):
 def test_guarded_max_drop():
     cost = cost_table([10, 100], [8, 90])
     val, test = noisy(4000, 0), noisy(20000, 1)
-    plain = calibrate("max_prob", val, cost, Goal(max_drop=0.05))
+    plain = calibrate("max_prob", val, cost, Goal(max_drop=0.05)).thresholds
     guarded = calibrate("max_prob", val, cost, Goal(max_drop=0.05, alpha=0.1))
-    assert math.isfinite(guarded.item()) and guarded.item() > plain.item()  # more careful, still saves
-    r = report_goal("max_prob", guarded, test, cost, Goal(max_drop=0.05, alpha=0.1))
+    assert math.isfinite(guarded.thresholds.item()) and guarded.thresholds.item() > plain.item()  # more careful, still saves
+    r = report_goal(guarded, test, cost, Goal(max_drop=0.05, alpha=0.1))
     assert r["goal_held"] and r["speedup"] > 1 and r["goal"]["alpha"] == 0.1
     # too few validation samples to certify anything: nobody leaves early
-    assert calibrate("max_prob", noisy(100, 0), cost, Goal(max_drop=0.05, alpha=0.1)).tolist() == [math.inf]
+    assert calibrate("max_prob", noisy(100, 0), cost, Goal(max_drop=0.05, alpha=0.1)).thresholds.tolist() == [math.inf]
 
 
 def test_goal_validation():
@@ -297,11 +297,11 @@ def test_every_policy_calibrates_to_a_budget(policy, fallback):
     cache = CachedOutputs(logits, torch.rand(4, 200), y)
     cost = cost_table([10, 20, 30, 100])
     opts = {"weights": torch.tensor([1.0, 1.0, 2.0, 2.0])} if policy == "ensemble" else {}
-    th = calibrate(policy, cache, cost, {"budget": 40}, fallback=fallback, **opts)
-    assert th.shape == (3,)
-    r = evaluate_policy(policy, th, cache, cost, fallback=fallback, **opts)
+    fitted = calibrate(policy, cache, cost, {"budget": 40}, fallback=fallback, **opts)
+    assert fitted.thresholds.shape == (3,) and fitted.fallback == fallback and fitted.name == policy
+    r = evaluate_policy(fitted, cache, cost)
     assert r["expected_macs"] <= 40
-    d = decide(policy, cache, th, fallback=fallback, **opts)
+    d = decide(fitted, cache)
     assert torch.tensor(cost.dynamic_macs, dtype=torch.float64)[d.depth].mean().item() == pytest.approx(r["expected_macs"])
     assert (d.prediction == y).double().mean().item() == pytest.approx(r["accuracy"])
 
@@ -334,3 +334,72 @@ def test_ztw_ensemble_has_no_one_exit_form():
     assert exit_step("ensemble", 4, ensemble=GeometricEnsemble(4, 6)) is None
     with pytest.raises(ValueError, match="weights"):
         exit_step("ensemble", 4, weights=torch.tensor([0.0, 0.0, 0.0, 0.0]))
+
+
+# --- the policy object and the one exit loop ------------------------------------------------
+
+def _random_cache(n=300, e=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 6, (n,), generator=g)
+    logits = torch.randn(e, n, 6, generator=g) * 2
+    logits[2, : n // 3] = logits[1, : n // 3]  # agreements for patience, ties for most_confident
+    gates = torch.rand(e, n, generator=g)
+    gates[-1] = 1.0
+    return CachedOutputs(logits, gates, y)
+
+
+POLICIES = [("max_prob", {}, 0.6), ("entropy", {}, 1.2), ("margin", {}, 0.3), ("gate", {}, 0.5),
+            ("cumulative", {}, 0.6), ("patience", {}, 1.0), ("ensemble", {"weights": [0.1, 0.0, 0.3, 0.6]}, 0.6),
+            ("ensemble", {"weights": "linear"}, 0.5),
+            ("ensemble", {"ensemble": GeometricEnsemble(4, 6)}, 0.5)]
+
+
+@pytest.mark.parametrize("fallback", ["final", "most_confident"])
+@pytest.mark.parametrize("rule, opts, th", POLICIES)
+def test_exit_loop_equals_vectorised_routing(rule, opts, th, fallback):
+    """The exit loop (what the engine, the ONNX runner and the tiers run) makes, sample for sample,
+    the decisions of the vectorised routing that calibration sweeps."""
+    from eenn.policies import route
+
+    cache = _random_cache()
+    policy = ExitPolicy(rule, [th, th * 0.9, th * 1.1], fallback=fallback, **opts)
+    bound = policy.bind(4)
+    s = bound.scores(cache.logits, cache.gates)
+    exit_, depth = route(s.score, bound.thresholds, s.rule, fallback=fallback)
+    d = decide(policy, cache)
+    assert 0 < (d.exit < 3).sum() < 300  # a real mix of early and late exits
+    assert torch.equal(d.exit, exit_) and torch.equal(d.depth, depth)
+    assert torch.equal(d.prediction, s.prediction.gather(0, exit_[None]).squeeze(0))
+
+
+@pytest.mark.parametrize("rule, opts, th", POLICIES)
+def test_policy_round_trips_through_json(rule, opts, th, tmp_path):
+    import json
+
+    from eenn.io import read_json, write_json
+
+    cache = _random_cache(seed=1)
+    policy = ExitPolicy(rule, [th, math.inf, th], fallback="most_confident", **opts)
+    write_json(policy.to_dict(), tmp_path / "p.json")
+    back = ExitPolicy.from_dict(read_json(tmp_path / "p.json"))
+    json.dumps(policy.to_dict())  # plain JSON apart from the infinity
+    assert back == policy and back.name == rule and back.fallback == "most_confident"
+    assert torch.equal(decide(back, cache).exit, decide(policy, cache).exit)
+
+
+def test_policy_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="unknown exit rule 'max_probs'.*max_prob"):
+        ExitPolicy("max_probs")
+    with pytest.raises(ValueError, match="fallback"):
+        ExitPolicy("max_prob", 0.5, fallback="best")
+    with pytest.raises(ValueError, match="no thresholds.*calibrate"):
+        decide(ExitPolicy("max_prob"), _random_cache())
+    with pytest.raises(ValueError, match="needs gated exit heads"):
+        ExitPolicy("gate", 0.5).bind(4, has_gates=False)
+    with pytest.raises(ValueError, match="one ensemble weight per exit"):
+        ExitPolicy("ensemble", 0.5, weights=[1.0, 1.0]).bind(4)
+    with pytest.raises(ValueError, match="'uniform' or 'linear'"):
+        ExitPolicy("ensemble", 0.5, weights="hybrid")
+    # an older record ({"name"|"policy", "thresholds", "fallback", "policy_options"}) still reads
+    old = {"policy": "ensemble", "thresholds": [0.5, 0.5, 0.5], "fallback": "final", "policy_options": {"weights": "linear"}}
+    assert ExitPolicy.from_dict(old) == ExitPolicy("ensemble", 0.5, weights="linear").replace(thresholds=[0.5] * 3)

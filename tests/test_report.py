@@ -7,7 +7,7 @@ import torch
 
 import eenn
 from eenn.evaluate import collect_outputs
-from eenn.policies import evaluate_policy
+from eenn.policies import ExitPolicy, evaluate_policy
 from eenn.report import Report, evaluate
 
 
@@ -33,7 +33,7 @@ def test_report_figures_match_the_caches(trained, report):
     cost = net.cost()
     test = collect_outputs(net, data.test)
     r = report["result"]
-    again = evaluate_policy("max_prob", report["policy"]["thresholds"], test, cost)
+    again = evaluate_policy(ExitPolicy.from_dict(report["policy"]), test, cost)
     assert r["accuracy"] == pytest.approx(again["accuracy"]) and r["expected_macs"] == pytest.approx(again["expected_macs"])
     assert sum(r["exit_distribution"]) == pytest.approx(1.0)
     per_exit = (test.logits.argmax(-1) == test.targets).double().mean(1).tolist()
@@ -102,7 +102,7 @@ def test_gated_network_reports_both_inference_options_of_the_paper():
     r = evaluate(net.eval(), data, policy="gate", batch_sizes=(), curve_points=0)
     test = collect_outputs(net, data.test)
     soft = (soft_output(test).argmax(-1) == test.targets).double().mean().item()
-    fixed = evaluate_policy("gate", torch.full((2,), 0.5), test, net.cost())
+    fixed = evaluate_policy(ExitPolicy("gate", 0.5), test, net.cost())
     assert r["gated"]["soft_output_accuracy"] == pytest.approx(soft)
     assert r["gated"]["fixed_rule"]["accuracy"] == pytest.approx(fixed["accuracy"])
     assert r["gated"]["fixed_rule"]["speedup"] == pytest.approx(fixed["speedup"])

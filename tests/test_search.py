@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 import eenn
 from eenn.evaluate import CachedOutputs
-from eenn.policies import evaluate_policy
+from eenn.policies import ExitPolicy, evaluate_policy
 from eenn.search import (ConfigError, ImpossibleConstraints, SearchConfig, SearchSpace, pareto_front,
                          repair_thresholds, run_search)
 from eenn.search import cli as search_cli
@@ -155,19 +155,19 @@ def _cache_and_cost():
 
 def test_repair_lowers_thresholds_under_the_ceiling_keeping_the_floor():
     cache, cost = _cache_and_cost()
-    th = torch.full((1,), float("inf"))  # nobody leaves early: the full network's cost
+    th = ExitPolicy("max_prob", float("inf"))  # nobody leaves early: the full network's cost
     c0, c1 = cost.dynamic_macs
     mid = c0 + 0.5 * (c1 - c0)
-    new, repaired = repair_thresholds("max_prob", th, cache, cost, accuracy_floor=0.85, macs_ceiling=mid)
-    after = evaluate_policy("max_prob", new, cache, cost)
+    new, repaired = repair_thresholds(th, cache, cost, accuracy_floor=0.85, macs_ceiling=mid)
+    after = evaluate_policy(new, cache, cost)
     assert repaired and after["expected_macs"] <= mid and after["accuracy"] >= 0.85
     # Already under the ceiling: unchanged.
-    same, repaired = repair_thresholds("max_prob", new, cache, cost, accuracy_floor=0.85, macs_ceiling=mid)
-    assert not repaired and torch.equal(same, new)
+    same, repaired = repair_thresholds(new, cache, cost, accuracy_floor=0.85, macs_ceiling=mid)
+    assert not repaired and same == new
     # Under c0 + 10%, at least 90% must leave at exit 0, which is right on 80%: the floor 0.95
     # cannot hold, so the thresholds stay as they were.
-    same, repaired = repair_thresholds("max_prob", th, cache, cost, accuracy_floor=0.95, macs_ceiling=c0 + 0.1 * (c1 - c0))
-    assert not repaired and torch.equal(same, th)
+    same, repaired = repair_thresholds(th, cache, cost, accuracy_floor=0.95, macs_ceiling=c0 + 0.1 * (c1 - c0))
+    assert not repaired and same == th
 
 
 # ------------------------------------------------------------------------------------ searching

@@ -21,11 +21,11 @@ def test_export_then_plan(tmp_path, capsys):
     assert _main(["export", str(ckpt), "--out", str(tmp_path / "b"), "--dataset", "digits", "--max-drop", "0.05",
                   "--policy", "entropy"]) == 0
     m = load_manifest(tmp_path / "b")
-    assert m["policy"]["name"] == "entropy" and m["preprocess"]["mean"] and len(m["validation"]["depth_distribution"]) == 4
+    assert m["policy"]["rule"] == "entropy" and m["preprocess"]["mean"] and len(m["validation"]["depth_distribution"]) == 4
     calib = tmp_path / "calib.json"
     calib.write_text(json.dumps({"policy": "margin", "thresholds": 0.5, "validation": m["validation"]}))
     assert _main(["export", str(ckpt), "--out", str(tmp_path / "c"), "--calibration", str(calib)]) == 0
-    assert load_manifest(tmp_path / "c")["policy"]["name"] == "margin"
+    assert load_manifest(tmp_path / "c")["policy"]["rule"] == "margin"
     out = tmp_path / "plan.yaml"
     assert _main(["plan", str(tmp_path / "c"), "--tier", "device=1e6", "--tier", "edge=1e8", "--tier", "cloud=1e10",
                   "--link", "1e6,0.001", "--link", "1e7,0.01", "--out", str(out)]) == 0

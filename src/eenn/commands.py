@@ -96,24 +96,24 @@ def _evaluate(args) -> None:
 def _calibrate(args) -> None:
     from .evaluate import collect_outputs
     from .export import calibration_record
-    from .policies import report_goal
-    from .report import rule_options, write_json
+    from .io import write_json
+    from .policies import ExitPolicy, report_goal
     from .run import build_data
 
     net, cfg, run_dir = _opened(args)
     data = build_data(cfg)
     e = cfg.eval
     net.eval()
-    opts = rule_options(e.policy_options, net.num_exits)
     # The record `eenn export --calibration` and `eenn predict` read, plus the test-split figures.
-    record = calibration_record(net, data.val, e.policy, e.goal, fallback=e.fallback, **opts)
+    record = calibration_record(net, data.val, ExitPolicy(e.policy, fallback=e.fallback, **e.policy_options), e.goal)
+    fitted = ExitPolicy.from_dict(record)
     test = collect_outputs(net, data.test)
-    on_test = report_goal(e.policy, record["thresholds"], test, net.cost(), e.goal, fallback=e.fallback, **opts)
-    record.update(policy_options=e.policy_options, test=on_test)
+    on_test = report_goal(fitted, test, net.cost(), e.goal)
+    record.update(test=on_test)
     out = args.out or os.path.join(run_dir, "calibration.json")
     write_json(record, out)
     v = record["validation"]
-    print(f"{e.policy} thresholds (validation, goal {e.goal}): {', '.join(f'{t:.4g}' for t in record['thresholds'])}")
+    print(f"{e.policy} thresholds (validation, goal {e.goal}): {', '.join(f'{t:.4g}' for t in fitted.thresholds.tolist())}")
     print(f"validation: accuracy {100 * v['accuracy']:.2f}%, exits {', '.join(f'{100 * p:.1f}%' for p in v['exit_distribution'])}")
     print(f"test:       accuracy {100 * on_test['accuracy']:.2f}% (final exit {100 * on_test['final_accuracy']:.2f}%), "
           f"MAC speed-up {on_test['speedup']:.2f}x, goal held: {'yes' if on_test['goal_held'] else 'NO'}")
@@ -125,26 +125,24 @@ def _predict(args) -> int:
     import torch
 
     from .engine import DynamicEngine
-    from .report import rule_options, read_json
+    from .io import read_json
+    from .policies import ExitPolicy
     from .run import open_run
     from .serve.inputs import InputError, decode_body
 
     net, config, run_dir = open_run(args.run)
     cal_path = args.calibration or next((p for p in (os.path.join(run_dir, "calibration.json"),) if os.path.exists(p)), None)
     if cal_path:
-        cal = read_json(cal_path)
-        policy, th, fallback, opts = cal["policy"], cal["thresholds"], cal.get("fallback", "final"), cal.get("policy_options", {})
+        policy = ExitPolicy.from_dict(read_json(cal_path))
     elif os.path.exists(os.path.join(run_dir, "report.json")):
-        rep = read_json(os.path.join(run_dir, "report.json"))
-        policy, th, fallback = rep["policy"]["name"], rep["policy"]["thresholds"], rep["policy"]["fallback"]
-        opts = rep["policy"].get("options", {})
+        policy = ExitPolicy.from_dict(read_json(os.path.join(run_dir, "report.json")))
     else:
         raise ValueError(f"no thresholds for {args.run}: run `eenn calibrate {args.run}` first or give --calibration")
     spec = net.input_spec  # older checkpoints: eenn.load reads it from their extra data
     names = spec.class_names if spec is not None else None
     manifest = {"input_shape": list(net.input_shape),
                 "preprocess": {"mean": list(spec.mean), "std": list(spec.std)} if spec is not None else None}
-    engine = DynamicEngine(net.eval(), policy, th, fallback=fallback, **rule_options(opts, net.num_exits))
+    engine = DynamicEngine(net.eval(), policy)
     types = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".npy": "application/x-npy",
              ".json": "application/json"}
     failed = 0

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, merge, read_yaml
-from .report import Report, write_json
+from .io import write_json
+from .policies import ExitPolicy
+from .report import Report
 from .run import build_data, open_run, run_info, train_run
 
 __all__ = ["compare", "load_compare", "CompareResult"]
@@ -110,14 +112,11 @@ def _finished(run_dir: Path, cfg: RunConfig) -> bool:
 
 def _prune(run_dir: Path, cfg: RunConfig) -> dict:
     from .prune import aep_prune, evaluate_ensemble, measure_latency
-    from .report import rule_options
-
     net, _, _ = open_run(run_dir)
     data = build_data(cfg)
-    opts = rule_options(cfg.eval.policy_options, net.num_exits)
-    w = opts.get("weights")
-    if w is None:
+    if cfg.eval.policy_options.get("weights") is None:
         raise ConfigError(f"prune: needs eval.policy_options.weights (a scheme name or a list) for {run_dir}")
+    w = ExitPolicy("ensemble", **cfg.eval.policy_options).bind(net.num_exits, need_thresholds=False).options["weights"]
     res = aep_prune(net.eval(), w, data.val, latency_batch_size=256, latency_repeats=5)
     test_acc = evaluate_ensemble(res.module, data.test)
     full_acc = evaluate_ensemble(res.full, data.test)

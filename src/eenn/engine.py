@@ -2,10 +2,10 @@
 have not exited yet (batch compaction), so the skipped computation is really skipped, at any
 batch size, on CPU and CUDA.
 
-At exit ``k`` the policy's rule is evaluated on the outputs computed so far, padded to all
-``E`` exits (every rule is causal: exit ``k``'s score depends on exits ``<= k`` only), so the
-engine makes, sample for sample, the decision :func:`eenn.policies.decide` makes on cached
-outputs. Networks must be in eval mode (BatchNorm then does not depend on the batch make-up).
+The decisions are made by the exit loop (:func:`eenn.policies.run_exits`), the same code that
+the ONNX runner, the serving tiers and the simulation on cached outputs run; the engine only
+supplies how a segment is computed (eager or optimised, whole or in micro-batches). Networks
+must be in eval mode (BatchNorm then does not depend on the batch make-up).
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from torch import Tensor
 
 from .inference import OptimizedSegments
 from .network import MultiExitNetwork
-from .policies.rules import as_thresholds, canonical, exit_step, get_policy
-from .registry import check_options
+from .policies.loop import Answers, run_exits, start
+from .policies.policy import ExitPolicy, as_policy
 
 __all__ = ["DynamicEngine", "EngineResult"]
 
@@ -34,16 +34,13 @@ def _rows(state, start: int, stop: int):
     return tuple(t[start:stop] for t in state) if isinstance(state, tuple) else state[start:stop]
 
 
-def _take(state, idx: Tensor):
-    """Rows ``idx`` of a state (a tensor or a tuple of tensors)."""
-    return tuple(t.index_select(0, idx) for t in state) if isinstance(state, tuple) else state.index_select(0, idx)
-
-
 class DynamicEngine:
-    """``DynamicEngine(net, "max_prob", thresholds)(x) -> EngineResult``.
+    """``DynamicEngine(net, policy)(x) -> EngineResult``, with ``policy`` an
+    :class:`~eenn.policies.ExitPolicy` (e.g. from :func:`~eenn.policies.calibrate`), or
+    ``DynamicEngine(net, "max_prob", thresholds, fallback=..., **rule_options)``.
 
-    ``policy_options`` go to the rule (``weights=`` for AEP ensembles, ``ensemble=`` for a ZTW
-    geometric ensemble); ``fallback="most_confident"`` is SDN's rule for samples no exit took.
+    ``x``: model inputs (float), or raw uint8 pixels, which the network's input description
+    normalises (:meth:`~eenn.MultiExitNetwork.preprocess`).
 
     ``micro_batch``: run each segment on at most this many samples at a time (the survivors of
     all pieces are merged before the next segment). On CPUs, large batches of high-resolution
@@ -57,37 +54,30 @@ class DynamicEngine:
     eager (tracing does not pay at batch 1). Outputs then agree with the eager network to float
     rounding, not bit for bit."""
 
-    def __init__(self, net: MultiExitNetwork, policy: str, thresholds, *, fallback: str = "final",
-                 micro_batch: int | None = None, optimize: bool = False, **policy_options) -> None:
-        if "probs" in policy_options:
+    def __init__(self, net: MultiExitNetwork, policy: ExitPolicy | str, thresholds=None, *,
+                 fallback: str | None = None, micro_batch: int | None = None, optimize: bool = False,
+                 **policy_options) -> None:
+        self.policy = as_policy(policy, thresholds, fallback=fallback, **policy_options)
+        if "probs" in self.policy.options:
             raise ValueError("the engine computes ensembles itself: give weights= or ensemble=, not probs=")
-        if fallback not in ("final", "most_confident"):
-            raise ValueError(f"fallback must be 'final' or 'most_confident', got {fallback!r}")
         self.net = net.eval()
-        self.policy = get_policy(policy)
-        # Checked once here: the loop below calls the rule directly, once per exit and batch.
-        check_options(f"policy {policy!r}", self.policy, policy_options, skip=("logits", "gates"))
-        self.options = policy_options
-        self.fallback = fallback
+        self.bound = self.policy.bind(net.num_exits, has_gates=net.has_gates)
+        self.thresholds = self.bound.thresholds
         if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"micro_batch must be a positive number of samples or None, got {micro_batch}")
         self.micro_batch = micro_batch
-        self.thresholds = as_thresholds(thresholds, net.num_exits)
-        self._th_list = self.thresholds.detach().tolist()
-        # The rule one exit at a time when it has that form (all built-in rules but a ZTW
-        # ensemble); otherwise it is re-run on all outputs so far, padded to E, at every exit.
-        self._step = exit_step(self.policy, net.num_exits, **policy_options)
         self.dynamic_macs = torch.tensor(net.cost().dynamic_macs, dtype=torch.float64)
-        self._macs_list = self.dynamic_macs.tolist()
         self.optimized = OptimizedSegments(self.net) if optimize else None
         # What runs segment k (``(state, logits, gate)``, as MultiExitNetwork.forward_segment).
         self.forward_segment = self.optimized.forward_segment if optimize else self.net.forward_segment
         self._backbone = self.optimized.backbone if optimize else self.net.backbone
 
-    def _segment(self, k: int, state, prev: Tensor | None, n: int):
-        """Segment ``k`` on the ``n`` samples still running, in pieces of at most ``micro_batch``
+    def _segment(self, k: int, state, prev: Tensor | None):
+        """Segment ``k`` on the samples still running, in pieces of at most ``micro_batch``
         (the survivors of every piece are merged again before the next segment)."""
+        prev = prev if self.net.cascades else None
         mb = self.micro_batch
+        n = (state[0] if isinstance(state, tuple) else state).shape[0]
         if mb is None or n <= mb:
             return self.forward_segment(k, state, prev)
         parts = [self.forward_segment(k, _rows(state, a, a + mb), None if prev is None else prev[a:a + mb])
@@ -98,96 +88,27 @@ class DynamicEngine:
         g = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
         return st, lg, g
 
-    def _one(self, x: Tensor) -> EngineResult:
-        """One sample, a rule with a one-exit form and the final fallback (the latency case): the
-        same decisions as the batched loop, with Python scalars instead of index bookkeeping."""
-        net, E, th, step = self.net, self.net.num_exits, self._th_list, self._step
-        state, prev, carry = x, None, None
-        for k in range(E):
-            state, lg, g = self.forward_segment(k, state, prev if net.cascades else None)
-            prev = lg
-            s, carry = step(carry, lg, g, k)
-            if k == E - 1:
-                break
-            sc, t, strict = canonical(s.score.item(), th[k], s.rule)  # the step's one host sync
-            if sc > t if strict else sc >= t:
-                break
-        depth = torch.full((1,), k, dtype=torch.long, device=x.device)
-        return EngineResult(s.prediction, depth, depth, torch.full((1,), self._macs_list[k], dtype=torch.float64,
-                                                                   device=x.device))
+    def _input(self, x: Tensor) -> Tensor:
+        return self.net.preprocess(x) if x.dtype == torch.uint8 else x
 
     @torch.no_grad()
     def static(self, x: Tensor) -> Tensor:
         """The static backbone's logits on ``x``, in the same micro-batches: the fair baseline."""
-        bb = self._backbone
+        x, bb = self._input(x), self._backbone
         if self.micro_batch is None or len(x) <= self.micro_batch:
             return bb(x)
         return torch.cat([bb(c) for c in x.split(self.micro_batch)])
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> EngineResult:
-        net, E = self.net, self.net.num_exits
-        if net.training:
+        if self.net.training:
             raise RuntimeError("put the network in eval mode: training-mode BatchNorm mixes samples")
-        dev, B = x.device, x.shape[0]
-        step = self._step
-        if B == 1 and step is not None and self.fallback == "final":
-            return self._one(x)
-        pred = torch.empty(B, dtype=torch.long, device=dev)
-        exit_ = torch.empty(B, dtype=torch.long, device=dev)
-        depth = torch.empty(B, dtype=torch.long, device=dev)
-        alive = torch.arange(B, device=dev)  # original positions of the samples still running
-        # Without a one-exit form the rule sees all outputs so far, padded to E; SDN's fallback
-        # compares every exit's score, so those are kept (compacted like everything else).
-        logits = None if step is not None else torch.zeros(E, B, net.num_classes, device=dev)
-        gates = None if step is not None or not net.has_gates else torch.ones(E, B, device=dev)
-        keep_all = step is not None and self.fallback == "most_confident"
-        scores = torch.zeros(E, B, device=dev) if keep_all else None
-        answers = torch.zeros(E, B, dtype=torch.long, device=dev) if keep_all else None
-        th = self._th_list  # floats: comparing with a float makes no tensor
-        state, prev, carry, n = x, None, None, B
-        for k in range(E):
-            state, lg, g = self._segment(k, state, prev if net.cascades else None, n)
-            prev = lg
-            if step is not None:
-                s, carry = step(carry, lg, g, k)
-                score, answer = s.score, s.prediction
-                if keep_all:
-                    scores[k], answers[k] = score, answer
-            else:
-                logits[k] = lg.float()
-                if gates is not None:
-                    gates[k] = g.float()
-                s = self.policy(logits, gates, **self.options)
-                score, answer = s.score[k], s.prediction[k]
-            if k == E - 1:
-                break
-            sc, t, strict = canonical(score, th[k], s.rule)
-            fire = sc > t if strict else sc >= t
-            n_fire = int(fire.sum())  # the one host sync of the step
-            if n_fire == 0:
-                continue
-            if n_fire == n:  # everyone still running leaves here: no compaction needed
-                pred[alive], exit_[alive], depth[alive] = answer, k, k
-                n = 0
-                break
-            leave, stay = fire.nonzero().squeeze(1), (~fire).nonzero().squeeze(1)
-            done = alive[leave]
-            pred[done], exit_[done], depth[done] = answer[leave], k, k
-            alive, state, prev, n = alive[stay], _take(state, stay), prev.index_select(0, stay), n - n_fire
-            carry = _take(carry, stay) if carry is not None else None
-            if logits is not None:
-                logits = logits.index_select(1, stay)
-                gates = gates.index_select(1, stay) if gates is not None else None
-            if keep_all:
-                scores, answers = scores.index_select(1, stay), answers.index_select(1, stay)
-        if n:
-            if self.fallback == "final":
-                pred[alive], exit_[alive] = answer, E - 1
-            else:  # SDN: the most confident exit among all (the earliest on ties)
-                all_scores, all_answers = (scores, answers) if keep_all else (s.score, s.prediction)
-                sc, _, _ = canonical(all_scores, torch.zeros(E), s.rule)
-                best = sc.argmax(0)
-                pred[alive], exit_[alive] = all_answers.gather(0, best[None]).squeeze(0), best
-            depth[alive] = E - 1
-        return EngineResult(pred, exit_, depth, self.dynamic_macs.to(dev)[depth])
+        x = self._input(x)
+        answers = Answers()
+        run_exits(self.bound, start(x), self._segment, answers)
+        if len(answers.index) == 1:  # everyone left at one exit (always so at batch 1): no reordering
+            pred, exit_, depth = answers.prediction[0], answers.exit[0], answers.depth[0]
+        else:
+            out = answers.ordered(x.shape[0])
+            pred, exit_, depth = out["prediction"], out["exit"], out["depth"]
+        return EngineResult(pred, exit_, depth, self.dynamic_macs.to(x.device)[depth])

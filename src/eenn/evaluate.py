@@ -10,7 +10,7 @@ from torch import Tensor
 from . import distributed as D
 from .data import TensorDataset, TensorLoader
 from .network import MultiExitNetwork
-from .objectives.joint import exit_losses
+from .functional import exit_losses
 
 __all__ = ["CachedOutputs", "collect_outputs", "evaluate_exits"]
 

@@ -26,11 +26,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .staged import (EXPORT_TOLERANCE, FORMAT, FORMAT_VERSION, MANIFEST, Answers, Carry, ExportError,
-                     StagedRunner, _digest, _session, load_manifest, read_segments)
+from .evaluate import collect_outputs
+from .io import write_json
+from .policies import ExitPolicy, as_policy, calibrate, decide
+from .staged import (EXPORT_TOLERANCE, FORMAT, FORMAT_VERSION, MANIFEST, ExportError, StagedRunner, _digest,
+                     _session, load_manifest, read_segments)
 
-__all__ = ["ExportError", "export", "load_manifest", "read_segments", "StagedRunner", "Carry", "Answers",
-           "EXPORT_TOLERANCE", "calibration_record"]
+__all__ = ["ExportError", "export", "load_manifest", "read_segments", "StagedRunner", "EXPORT_TOLERANCE",
+           "calibration_record"]
 
 
 # ------------------------------------------------------------------------------------ export
@@ -61,39 +64,22 @@ class _Segment(nn.Module):
         return tuple(outs)
 
 
-def _policy_record(net, policy: str, thresholds, fallback: str, options: dict | None) -> dict[str, Any]:
-    from .policies.rules import as_thresholds, get_policy
-    from .registry import check_options
-
-    if not isinstance(policy, str):
-        raise ExportError("export needs a registered policy name (a function cannot go into the manifest)")
-    fn = get_policy(policy)
-    options = dict(options or {})
-    check_options(f"policy {policy!r}", fn, options, skip=("logits", "gates"))
-    if fallback not in ("final", "most_confident"):
-        raise ExportError(f"fallback must be 'final' or 'most_confident', got {fallback!r}")
-    stored: dict[str, Any] = {}
-    for key, value in options.items():
-        if key == "weights":
-            stored[key] = [float(v) for v in torch.as_tensor(value, dtype=torch.float32).reshape(-1)]
-        else:
-            raise ExportError(
-                f"policy option {key!r} cannot be exported: only data (AEP ensemble weights=) goes into the "
-                "manifest; a ZTW GeometricEnsemble is a module, so export with another policy")
-    if policy in ("gate", "cumulative") and not net.has_gates:
-        raise ExportError(f"policy {policy!r} needs gated exit heads; this network has none")
-    th = as_thresholds(thresholds, net.num_exits)
-    return {"name": policy, "thresholds": [float(t) for t in th], "fallback": fallback, "options": stored}
+def _policy_record(net, policy: ExitPolicy) -> dict[str, Any]:
+    try:
+        bound = policy.bind(net.num_exits, has_gates=net.has_gates)
+        return policy.replace(thresholds=bound.thresholds).to_dict()  # one threshold per exit, spelled out
+    except ValueError as e:
+        raise ExportError(f"cannot export this policy: {e}") from None
 
 
-def export(net, out_dir: str | os.PathLike, *, policy: str = "max_prob", thresholds=1.0, fallback: str = "final",
-           policy_options: dict | None = None, validation: dict | None = None, opset: int = 17,
-           check_batch: int = 5) -> dict[str, Any]:
+def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_prob", thresholds=None,
+           fallback: str | None = None, policy_options: dict | None = None, validation: dict | None = None, opset: int = 17, check_batch: int = 5) -> dict[str, Any]:
     """Write ``net`` (a :class:`~eenn.MultiExitNetwork`) to ``out_dir`` as ``segment_<k>.onnx``
     files plus ``manifest.json``; returns the manifest.
 
-    ``thresholds`` (``[E-1]`` or one value) and ``fallback`` are the policy's, as for
-    :class:`~eenn.engine.DynamicEngine`; the network's ``input_spec`` (its mean/std, per channel,
+    ``policy``: an :class:`~eenn.policies.ExitPolicy` (e.g. from
+    :func:`~eenn.policies.calibrate`; AEP weights and a ZTW ensemble are stored as data), or a
+    rule name with ``thresholds`` (``[E-1]`` or one value), ``fallback`` and ``policy_options``; the network's ``input_spec`` (its mean/std, per channel,
     of pixels scaled to [0, 1], and class names) is written as the manifest's ``preprocess`` and
     ``class_names``, which let a server turn images into model inputs (None when the network has
     no input description: such an export takes float model inputs only); ``validation`` (from
@@ -108,7 +94,7 @@ def export(net, out_dir: str | os.PathLike, *, policy: str = "max_prob", thresho
     net = net.eval()
     spec = net.input_spec
     E = net.num_exits
-    record = _policy_record(net, policy, thresholds, fallback, policy_options)
+    record = _policy_record(net, as_policy(policy, thresholds, fallback=fallback, **dict(policy_options or {})))
     cost = net.cost()
     seg_macs = [cost.dynamic_macs[0]] + [b - a for a, b in zip(cost.dynamic_macs[:-1], cost.dynamic_macs[1:])]
     out.mkdir(parents=True, exist_ok=True)
@@ -193,8 +179,6 @@ def export(net, out_dir: str | os.PathLike, *, policy: str = "max_prob", thresho
         "check": {"batch": check_batch, "max_abs_logit_diff": worst, "tolerance": EXPORT_TOLERANCE},
         "segments": segments,
     }
-    from .report import write_json
-
     tmp = out / (MANIFEST + ".tmp")
     write_json(manifest, tmp)  # strict JSON: infinite thresholds as "inf" / "-inf"
     os.replace(tmp, out / MANIFEST)
@@ -205,22 +189,17 @@ def _spec(name: str, t: Tensor) -> dict[str, Any]:
     return {"name": name, "shape": [None, *t.shape[1:]], "dtype": str(t.dtype).removeprefix("torch.")}
 
 
-def calibration_record(net, val_dataset, policy: str, goal, *, fallback: str = "final",
+def calibration_record(net, val_dataset, policy: ExitPolicy | str, goal, *, fallback: str | None = None,
                        **policy_options) -> dict[str, Any]:
     """Calibrate ``policy`` on a validation split and describe the result as the JSON that
-    ``eenn export --calibration`` reads: thresholds, and the validation exit and depth
-    distributions that split planning weighs its latencies with."""
-    from .evaluate import collect_outputs
-    from .policies import calibrate, decide
-
+    ``eenn export --calibration`` and ``eenn predict`` read: the fitted policy, the goal, and the
+    validation exit and depth distributions that split planning weighs its latencies with."""
     cache = collect_outputs(net, val_dataset)  # normalised by net.input_spec
-    th = calibrate(policy, cache, net.cost(), goal, fallback=fallback, **policy_options)
-    d = decide(policy, cache, th, fallback=fallback, **policy_options)
+    fitted = calibrate(policy, cache, net.cost(), goal, fallback=fallback, **policy_options)
+    d = decide(fitted, cache)
     E = net.num_exits
     return {
-        "policy": policy,
-        "thresholds": [float(t) for t in th],
-        "fallback": fallback,
+        "policy": fitted.to_dict(),
         "goal": dict(goal) if isinstance(goal, dict) else {k: v for k, v in vars(goal).items() if v is not None},
         "validation": {
             "samples": int(len(cache.targets)),

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .checkpoint import CheckpointError, load, read_description, save
 from .data import InputSpec, TensorDataset, TensorLoader
 from .network import MultiExitNetwork
-from .objectives.aep import ensemble_so_far
+from .functional import ensemble_so_far
 
 __all__ = ["EnsembleClassifier", "PruneCost", "PruneResult", "aep_prune", "choose_exit", "evaluate_ensemble",
            "load_pruned", "measure_latency", "prune_at", "save_pruned"]

@@ -19,7 +19,6 @@ plots ``curve.png`` and ``exits.png``.
 from __future__ import annotations
 
 import json
-import math
 import platform
 import statistics
 import time
@@ -33,10 +32,12 @@ from torch import Tensor
 from .data import TensorLoader
 from .engine import DynamicEngine
 from .evaluate import CachedOutputs, collect_outputs
+from .io import _finite, read_json
 from .network import MultiExitNetwork
-from .policies import calibrate, evaluate_policy, oracle, report_goal
+from .functional import soft_conditional
+from .policies import ExitPolicy, as_policy, calibrate, evaluate_policy, oracle, report_goal
 
-__all__ = ["Report", "evaluate", "time_engine", "accuracy_macs_curve", "rule_options", "read_json", "write_json"]
+__all__ = ["Report", "evaluate", "time_engine", "accuracy_macs_curve"]
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -86,21 +87,21 @@ def time_engine(net: MultiExitNetwork, engine: DynamicEngine, x: Tensor, batch_s
             "measured_speedup": measured, "mac_speedup": predicted, "ratio": measured / predicted}
 
 
-def accuracy_macs_curve(policy: str, val: CachedOutputs, split: CachedOutputs, cost, *, points: int = 12,
-                        fallback: str = "final", **options) -> list[dict]:
+def accuracy_macs_curve(policy: ExitPolicy | str, val: CachedOutputs, split: CachedOutputs, cost, *,
+                        points: int = 12) -> list[dict]:
     """Thresholds fitted on ``val`` for ``points`` MAC budgets spread from the first exit's cost
     to the full network's, each evaluated on ``split``: ``[{budget, val_accuracy, accuracy,
     expected_macs, speedup, thresholds}]``, sorted by cost."""
     lo, hi = float(cost.dynamic_macs[0]), float(cost.macs[-1])
     out, seen = [], set()
     for b in torch.linspace(lo, hi, max(points, 2)).tolist():
-        th = calibrate(policy, val, cost, {"budget": b}, fallback=fallback, **options)
-        key = tuple(th.tolist())
+        fitted = calibrate(policy, val, cost, {"budget": b})
+        key = tuple(fitted.thresholds.tolist())
         if key in seen:  # a larger budget that buys nothing more on validation: same point
             continue
         seen.add(key)
-        v = evaluate_policy(policy, th, val, cost, fallback=fallback, **options)
-        r = evaluate_policy(policy, th, split, cost, fallback=fallback, **options)
+        v = evaluate_policy(fitted, val, cost)
+        r = evaluate_policy(fitted, split, cost)
         out.append({"budget": b, "val_accuracy": v["accuracy"], "val_macs": v["expected_macs"],
                     "accuracy": r["accuracy"], "expected_macs": r["expected_macs"], "speedup": r["speedup"],
                     "thresholds": r["thresholds"]})
@@ -247,18 +248,13 @@ class Report:
         return cls(read_json(path))
 
 
-def rule_options(options: Mapping | None, num_exits: int) -> dict:
-    """Rule options from a config: AEP ``weights`` may be a scheme name (``linear``,
-    ``uniform``) or a list; both become a tensor."""
-    out = dict(options or {})
-    w = out.get("weights")
-    if isinstance(w, str):
-        from .objectives.aep import scheme_weights
-
-        out["weights"] = scheme_weights(w, num_exits)
-    elif isinstance(w, (list, tuple)):
-        out["weights"] = torch.tensor(w, dtype=torch.float32)
-    return out
+def _record(policy: ExitPolicy) -> dict:
+    """The policy as stored in a report (a custom rule function is named, not stored)."""
+    try:
+        return policy.to_dict()
+    except ValueError:
+        return {"rule": policy.name, "thresholds": policy.thresholds.tolist(), "fallback": policy.fallback,
+                "options": {}}
 
 
 def _model_name(net: MultiExitNetwork) -> str:
@@ -266,7 +262,7 @@ def _model_name(net: MultiExitNetwork) -> str:
     return src.get("name") or src.get("kind") or type(net).__name__
 
 
-def evaluate(net: MultiExitNetwork, data, *, policy: str = "max_prob", goal: Mapping | None = None,
+def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_prob", goal: Mapping | None = None,
              split: str = "test", fallback: str = "final", batch_sizes: Sequence[int] = (1, 256),
              timing_samples: Sequence[int] | int = (256, 2048), repeats: int = 5, curve_points: int = 12,
              device: str | torch.device | None = None, val: CachedOutputs | None = None,
@@ -276,12 +272,14 @@ def evaluate(net: MultiExitNetwork, data, *, policy: str = "max_prob", goal: Map
     ``goal`` is a calibration goal (default ``{"max_drop": 0.01}``); ``batch_sizes`` the batch
     sizes timed, with ``timing_samples`` samples each (one number for all, or one per batch
     size; ``batch_sizes=()`` skips timing); ``curve_points`` budgets for the accuracy-MACs curve
-    (0 skips it). ``policy_options`` go to the rule (e.g. ``weights=`` for ``ensemble``).
+    (0 skips it). ``policy``: a rule name (with ``fallback`` and ``policy_options``, e.g.
+    ``weights=`` for ``ensemble``) or an :class:`~eenn.policies.ExitPolicy`; its thresholds are
+    fitted to ``goal`` on the validation split.
     ``optimize``: time the engine and the static baseline both traced and optimised for
     inference (``DynamicEngine(..., optimize=True)``); accuracy figures always come from the
     network as it is."""
     goal = dict(goal or {"max_drop": 0.01})
-    options = rule_options(policy_options, net.num_exits)
+    pol = as_policy(policy, fallback=fallback, **dict(policy_options or {}))
     if split not in ("val", "test", "train"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     dev = torch.device(device) if device is not None else next(net.parameters()).device
@@ -291,9 +289,9 @@ def evaluate(net: MultiExitNetwork, data, *, policy: str = "max_prob", goal: Map
     val = val if val is not None else collect_outputs(net, data.val, device=dev)
     split_set = getattr(data, split)
     cache = collect_outputs(net, split_set, device=dev)
-    th = calibrate(policy, val, cost, goal, fallback=fallback, **options)
-    result = report_goal(policy, th, cache, cost, goal, fallback=fallback, **options)
-    on_val = evaluate_policy(policy, th, val, cost, fallback=fallback, **options)
+    fitted = calibrate(pol, val, cost, goal)
+    result = report_goal(fitted, cache, cost, goal)
+    on_val = evaluate_policy(fitted, val, cost)
     exit_acc = (cache.logits.argmax(-1) == cache.targets[None]).double().mean(1).tolist()
     exits = [{"name": n, "accuracy": a, "macs": int(m), "dynamic_macs": int(dm), "params": int(p), "share": s}
              for n, a, m, dm, p, s in zip(cost.exit_names, exit_acc, cost.macs, cost.dynamic_macs, cost.params,
@@ -304,10 +302,9 @@ def evaluate(net: MultiExitNetwork, data, *, policy: str = "max_prob", goal: Map
         # The differentiable-branching paper's two inference options: (1) the soft output f~_1
         # (every exit runs; an ensemble, nothing saved) and (2) hard exits by the gates at the
         # fixed 0.5 (beside the thresholds fitted above).
-        from .objectives.branching import soft_output
-
-        fixed = evaluate_policy("gate", torch.full((net.num_exits - 1,), 0.5), cache, cost, fallback=fallback)
-        gated = {"soft_output_accuracy": (soft_output(cache).argmax(-1) == cache.targets).double().mean().item(),
+        fixed = evaluate_policy(ExitPolicy("gate", 0.5, fallback=pol.fallback), cache, cost)
+        soft = soft_conditional(cache.logits.softmax(-1), cache.gates)
+        gated = {"soft_output_accuracy": (soft.argmax(-1) == cache.targets).double().mean().item(),
                  "fixed_rule": {k: fixed[k] for k in ("accuracy", "speedup", "expected_macs", "exit_distribution")}}
 
     timing = []
@@ -315,12 +312,11 @@ def evaluate(net: MultiExitNetwork, data, *, policy: str = "max_prob", goal: Map
         counts = [timing_samples] * len(batch_sizes) if isinstance(timing_samples, int) else list(timing_samples)
         if len(counts) != len(batch_sizes):
             raise ValueError(f"timing_samples: give one count, or one per batch size ({len(batch_sizes)})")
-        engine = DynamicEngine(net, policy, th, fallback=fallback, optimize=optimize, **options)
+        engine = DynamicEngine(net, fitted, optimize=optimize)
         x_all = next(iter(TensorLoader(split_set, max(counts), input_spec=net.input_spec, device=dev)))[0]
         for b, n in zip(batch_sizes, counts):
             timing.append(time_engine(net, engine, x_all[:n], b, repeats=repeats))
-    curve = accuracy_macs_curve(policy, val, cache, cost, points=curve_points, fallback=fallback, **options) \
-        if curve_points else []
+    curve = accuracy_macs_curve(pol, val, cache, cost, points=curve_points) if curve_points else []
     data_out = {
         "model": {"name": _model_name(net), "exits": list(cost.exit_names), "params": cost.total_params,
                   "full_macs": int(cost.macs[-1])},
@@ -328,8 +324,7 @@ def evaluate(net: MultiExitNetwork, data, *, policy: str = "max_prob", goal: Map
         "validation": {"samples": len(val.targets), "accuracy": on_val["accuracy"],
                        "final_accuracy": on_val["final_accuracy"], "expected_macs": on_val["expected_macs"],
                        "speedup": on_val["speedup"]},
-        "policy": {"name": policy, "goal": goal, "fallback": fallback, "thresholds": th.tolist(),
-                   "options": {k: v for k, v in dict(policy_options or {}).items() if isinstance(v, (str, int, float, list))}},
+        "policy": {"name": pol.name, "goal": goal, **_record(fitted)},
         "exits": exits,
         "result": result,
         "oracle": o,
@@ -343,18 +338,6 @@ def evaluate(net: MultiExitNetwork, data, *, policy: str = "max_prob", goal: Map
     return Report(data_out)
 
 
-def read_json(path: str | Path) -> Any:
-    """A JSON file eenn wrote: infinities (stored as the strings "inf" / "-inf") come back as floats."""
-    return _infinite(json.loads(Path(path).read_text()))
-
-
-def write_json(obj: Any, path: str | Path) -> Path:
-    """Strict JSON (infinities as the strings "inf" / "-inf")."""
-    p = Path(path)
-    p.write_text(json.dumps(_finite(obj), indent=2))
-    return p
-
-
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -363,24 +346,3 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "CPU"
-
-
-def _infinite(obj):
-    if obj in ("inf", "-inf"):
-        return float(obj)
-    if isinstance(obj, dict):
-        return {k: _infinite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_infinite(v) for v in obj]
-    return obj
-
-
-def _finite(obj):
-    """JSON has no infinities: write them as strings."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

@@ -34,76 +34,21 @@ Only the abstract and a summary of the paper were available, so these are assump
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..functional import (SCHEMES, ensemble_so_far, ensemble_so_far_log, exit_losses, scheme_log_weights,
+                          scheme_weights)
 from ..network import ExitOutputs, MultiExitNetwork
 from .base import Objective, register_objective
-from .joint import exit_losses
 
 __all__ = ["AEP", "SCHEMES", "ensemble_so_far", "ensemble_so_far_log", "scheme_log_weights", "scheme_weights"]
 
-SCHEMES = ("uniform", "linear", "learned", "hybrid")
 WEIGHT_SOURCES = ("prefix", "ensemble", "joint")
 EXIT_LOSS_WEIGHTS = ("learned", "prior")
 _PRIOR = {"learned": "uniform", "hybrid": "linear"}  # the fixed part of each learned scheme
-
-
-def scheme_log_weights(scheme: str, num_exits: int, theta: Tensor | None = None) -> Tensor:
-    """``log w`` ``[E]`` of a weight scheme (see the module docstring); ``theta`` is needed by
-    ``learned`` and ``hybrid`` only. Log space keeps the learned weights' gradient finite
-    however small a weight becomes."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown AEP weight scheme {scheme!r}; choose {', '.join(SCHEMES)}")
-    n = int(num_exits)
-    if n < 1:
-        raise ValueError(f"num_exits must be >= 1, got {n}")
-    dev = theta.device if theta is not None else None
-    depth = torch.arange(1, n + 1, dtype=torch.float32, device=dev)
-    if scheme == "uniform":
-        return torch.full((n,), -math.log(n), device=dev)
-    if scheme == "linear":
-        return depth.log() - math.log(n * (n + 1) / 2)
-    if theta is None or theta.shape != (n,):
-        raise ValueError(f"scheme {scheme!r} needs theta of shape ({n},), got "
-                         f"{None if theta is None else tuple(theta.shape)}")
-    if scheme == "learned":
-        return F.log_softmax(theta.float(), 0)
-    return F.log_softmax(theta.float() + depth.log(), 0)  # hybrid: linear prior x softmax(theta), renormalised
-
-
-def scheme_weights(scheme: str, num_exits: int, theta: Tensor | None = None) -> Tensor:
-    """The normalised weights ``w [E]`` of a scheme (they sum to 1)."""
-    return scheme_log_weights(scheme, num_exits, theta).exp()
-
-
-def ensemble_so_far(logits: Tensor, weights: Tensor, *, check: bool = True) -> Tensor:
-    """The ensemble truncated at every exit: ``[E, B, C]`` logits -> ``[E, B, C]`` probabilities
-    whose row ``k`` is ``sum_{i<=k} w_i p_i / sum_{i<=k} w_i``. Row ``E-1`` is the full ensemble.
-    A row whose weights so far are all 0 comes out as zeros (there is no ensemble yet).
-
-    Pruning and the pruned network both compute their output with this one function, so that
-    the accuracy promised on the validation split is reproduced bit for bit. ``check=False``
-    skips the weights' validation, which waits for the device (for timed inference loops)."""
-    w = torch.as_tensor(weights, dtype=torch.float32, device=logits.device)
-    if w.shape != logits.shape[:1]:
-        raise ValueError(f"need one weight per exit ({logits.shape[0]}), got shape {tuple(w.shape)}")
-    if check and (bool((w < 0).any()) or not bool((w > 0).any())):
-        raise ValueError(f"ensemble weights must be >= 0 and not all zero, got {w.tolist()}")
-    p = F.softmax(logits.float(), dim=-1)
-    num = torch.cumsum(w[:, None, None] * p, dim=0)
-    den = torch.cumsum(w, dim=0).clamp_min(torch.finfo(torch.float32).tiny)
-    return num / den[:, None, None]
-
-
-def ensemble_so_far_log(logits: Tensor, log_weights: Tensor) -> Tensor:
-    """The log of :func:`ensemble_so_far`, from ``log w``, computed stably (for training)."""
-    lw = log_weights.to(logits.device, torch.float32)
-    num = torch.logcumsumexp(lw[:, None, None] + F.log_softmax(logits.float(), dim=-1), dim=0)
-    return num - torch.logcumsumexp(lw, dim=0)[:, None, None]
 
 
 @register_objective("aep")

@@ -25,8 +25,7 @@ from torch import Tensor
 
 from ..network import ExitOutputs, MultiExitNetwork
 from .base import Objective, register_objective
-from .joint import exit_losses
-from .mixing import first_above, soft_conditional
+from ..functional import exit_losses, first_above, soft_conditional
 
 __all__ = [
     "Branching",

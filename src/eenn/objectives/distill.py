@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..network import ExitOutputs, MultiExitNetwork
 from .base import Objective, register_objective
-from .joint import exit_losses
+from ..functional import exit_losses
 
 __all__ = ["SelfDistill", "kd_term"]
 

@@ -35,8 +35,7 @@ from ..network import ExitOutputs, MultiExitNetwork
 from .base import EpochContext, Objective, register_objective
 from .branching import (COST_KINDS, _check_gate_init, _check_lam, _check_outputs, _check_smoothing, _check_weight,
                         balanced_bce, correctness_bce, exit_costs, init_gates, probs_nll, require_gates)
-from .joint import exit_losses
-from .mixing import first_above, soft_conditional_recursive
+from ..functional import exit_losses, first_above, soft_conditional_recursive
 
 __all__ = ["EENets", "VERSIONS", "confidence_exit", "exit_tag_bce", "best_exit_tags"]
 

@@ -10,17 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..functional import exit_losses
 from ..network import ExitOutputs, MultiExitNetwork
 from .base import EpochContext, Objective, register_objective
 
 WEIGHT_SCHEMES = ("uniform", "sdn", "pabee")
-
-
-def exit_losses(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Mean cross-entropy of every exit: ``[E, B, C]`` logits -> ``[E]``, in one kernel."""
-    e, b, _ = logits.shape
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.repeat(e), reduction="none", label_smoothing=label_smoothing)
-    return ce.view(e, b).mean(1)
 
 
 @register_objective("final")

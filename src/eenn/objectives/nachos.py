@@ -19,7 +19,7 @@ from torch import Tensor
 from ..data import TensorDataset
 from ..network import ExitOutputs, MultiExitNetwork
 from .base import EpochContext, Objective, register_objective
-from .mixing import stick_breaking
+from ..functional import stick_breaking
 
 __all__ = ["NACHOS", "classification_loss", "cumulative_exit", "draw_support_set", "exit_accuracy_by_class",
            "macs_penalty", "prior_loss", "support_loss"]

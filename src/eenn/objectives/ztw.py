@@ -17,12 +17,12 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..functional import exit_losses, geometric_ensemble
 from ..network import ExitOutputs, MultiExitNetwork
 from .base import Objective, register_objective
-from .joint import HeadsOnly, exit_losses
+from .joint import HeadsOnly
 
 __all__ = ["GeometricEnsemble", "ZTWEnsemble", "ZTWHeads", "load_ensemble", "save_ensemble"]
 
@@ -57,19 +57,13 @@ class GeometricEnsemble(nn.Module):
         self.num_exits, self.num_classes = num_exits, num_classes
         self.weight = nn.Parameter(torch.randn(num_exits, num_exits) * init_std)
         self.bias = nn.Parameter(torch.zeros(num_exits, num_classes))
-        i = torch.arange(1, num_exits + 1, dtype=torch.float32)
-        # mask[i, j] / i: the 1/i average over the exits j ≤ i; zero for later exits.
-        self.register_buffer("scale", torch.tril(torch.ones(num_exits, num_exits)) / i[:, None], persistent=False)
 
     def forward(self, logits: Tensor) -> Tensor:
         """``[E, B, C]`` exit logits -> ``[E, B, C]`` ensemble logits."""
         if logits.shape[0] != self.num_exits or logits.shape[-1] != self.num_classes:
             raise ValueError(f"GeometricEnsemble({self.num_exits} exits, {self.num_classes} classes) got logits "
                              f"of shape {tuple(logits.shape)}")
-        log_p = F.log_softmax(logits.float(), dim=-1)
-        # masked_fill, not a product alone: exp of an unused (j > i) weight may overflow to inf.
-        w = self.weight.exp().masked_fill(self.scale == 0, 0.0) * self.scale
-        return torch.einsum("ij,jbc->ibc", w, log_p) + self.bias[:, None, :]
+        return geometric_ensemble(logits, self.weight, self.bias)
 
 
 @register_objective("ztw_ensemble")

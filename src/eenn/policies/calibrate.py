@@ -54,8 +54,10 @@ from torch import Tensor
 
 from ..cost import CostTable
 from ..evaluate import CachedOutputs
+from .loop import decide
 from .oracle import captured_share, oracle
-from .rules import Policy, as_thresholds, canonical, policy_scores, route
+from .policy import ExitPolicy, as_policy
+from .rules import canonical, route
 
 __all__ = ["Goal", "calibrate", "evaluate_policy", "report_goal", "msdnet_distribution"]
 
@@ -182,28 +184,32 @@ def _best(keys) -> int:
     return int(keep.to(torch.int8).argmax())
 
 
-def calibrate(policy: str | Policy, val_cache: CachedOutputs, cost_table: CostTable, goal: Goal | Mapping, *,
-              fallback: str = "final", levels: int = 65, multipliers: int = 25, pair_values: int = 32,
-              max_rounds: int = 20, seed: int = 0, steps: int = 5, **options) -> Tensor:
-    """Per-exit thresholds ``[E-1]`` for ``policy`` fitted on ``val_cache`` to ``goal`` (see the
-    module docstring for the search). ``options`` go to the rule (e.g. ``weights=``); give the same
-    ones (and the same ``fallback``) to :func:`~.rules.decide` and :func:`report_goal`."""
+def calibrate(policy: ExitPolicy | str, val_cache: CachedOutputs, cost_table: CostTable, goal: Goal | Mapping, *,
+              fallback: str | None = None, levels: int = 65, multipliers: int = 25, pair_values: int = 32,
+              max_rounds: int = 20, seed: int = 0, steps: int = 5, **options) -> ExitPolicy:
+    """``policy`` (an :class:`ExitPolicy`, or a rule name with ``fallback`` and rule ``options``
+    such as ``weights=``) with per-exit thresholds fitted on ``val_cache`` to ``goal`` (see the
+    module docstring for the search): the policy to give the engine, the export, the server."""
     goal = _as_goal(goal)
-    s = policy_scores(policy, val_cache, **options)
-    e, n = s.score.shape
+    pol = as_policy(policy, fallback=fallback, **options)
+    fallback = pol.fallback
+    e = val_cache.logits.shape[0]
+    s = pol.bind(e, need_thresholds=False).scores(val_cache.logits, val_cache.gates)
     if cost_table.num_exits != e:
         raise ValueError(f"cost table has {cost_table.num_exits} exits, the cache {e}")
     sc, _, strict = canonical(s.score.float(), torch.zeros(e - 1), s.rule)
     back = (lambda t: -t) if s.rule in ("<", "<=") else (lambda t: t)
 
     if goal.kind == "msdnet_q":
-        return back(_msdnet(sc, strict, msdnet_distribution(goal.msdnet_q, e)))
-    if goal.alpha is not None:
-        return back(_guarded(sc, strict, s.prediction == val_cache.targets[None], cost_table, goal, fallback,
-                             dict(levels=levels, multipliers=multipliers, pair_values=pair_values, max_rounds=max_rounds),
-                             seed=seed, steps=steps))
-    return back(_search(_Search(sc, strict, s.prediction == val_cache.targets[None], cost_table, fallback), goal,
-                        levels, multipliers, pair_values, max_rounds))
+        th = _msdnet(sc, strict, msdnet_distribution(goal.msdnet_q, e))
+    elif goal.alpha is not None:
+        th = _guarded(sc, strict, s.prediction == val_cache.targets[None], cost_table, goal, fallback,
+                      dict(levels=levels, multipliers=multipliers, pair_values=pair_values, max_rounds=max_rounds),
+                      seed=seed, steps=steps)
+    else:
+        th = _search(_Search(sc, strict, s.prediction == val_cache.targets[None], cost_table, fallback), goal,
+                     levels, multipliers, pair_values, max_rounds)
+    return pol.replace(thresholds=back(th))
 
 
 def _search(search: _Search, goal: Goal, levels: int, multipliers: int, pair_values: int, max_rounds: int) -> Tensor:
@@ -281,41 +287,38 @@ def _msdnet(sc: Tensor, strict: bool, p: Tensor) -> Tensor:
     return th
 
 
-def evaluate_policy(policy: str | Policy, thresholds: Tensor | float, cache: CachedOutputs, cost_table: CostTable, *,
-                    fallback: str = "final", **options) -> dict:
+def evaluate_policy(policy: ExitPolicy, cache: CachedOutputs, cost_table: CostTable) -> dict:
     """Accuracy, expected dynamic MACs, speed-up over the static network (``macs[-1]``), exit
     distribution (by the exit that answers) and ``final_accuracy``, on ``cache``. The final
     accuracy is that of the policy's own answer at the final exit (for ``ensemble``, the full
     ensemble's), the reference of the ``max_drop`` goal."""
-    return _evaluate(policy, thresholds, cache, cost_table, fallback, options)[0]
+    return _evaluate(as_policy(policy), cache, cost_table)[0]
 
 
-def _evaluate(policy, thresholds, cache, cost_table, fallback, options) -> tuple[dict, Tensor]:
-    s = policy_scores(policy, cache, **options)
-    e, n = s.score.shape
-    th = as_thresholds(thresholds, e)
-    exit_, depth = route(s.score, th, s.rule, fallback=fallback)
-    pred = s.prediction.gather(0, exit_[None]).squeeze(0)
-    macs = torch.tensor(cost_table.dynamic_macs, dtype=torch.float64)[depth].mean().item()
+def _evaluate(policy: ExitPolicy, cache: CachedOutputs, cost_table: CostTable) -> tuple[dict, Tensor]:
+    e = cache.logits.shape[0]
+    bound = policy.bind(e)
+    s = bound.scores(cache.logits, cache.gates)
+    d = decide(policy, cache)
+    macs = torch.tensor(cost_table.dynamic_macs, dtype=torch.float64)[d.depth].mean().item()
     full = float(cost_table.macs[-1])
     return {
-        "thresholds": th.tolist(),
-        "accuracy": (pred == cache.targets).double().mean().item(),
+        "thresholds": bound.thresholds.tolist(),
+        "accuracy": (d.prediction == cache.targets).double().mean().item(),
         "final_accuracy": (s.prediction[-1] == cache.targets).double().mean().item(),
         "expected_macs": macs,
         "full_macs": full,
         "speedup": full / macs if macs > 0 else math.inf,
-        "exit_distribution": (torch.bincount(exit_, minlength=e).double() / n).tolist(),
+        "exit_distribution": (torch.bincount(d.exit, minlength=e).double() / len(d.exit)).tolist(),
     }, s.prediction
 
 
-def report_goal(policy: str | Policy, thresholds: Tensor | float, test_cache: CachedOutputs, cost_table: CostTable,
-                goal: Goal | Mapping, *, fallback: str = "final", **options) -> dict:
+def report_goal(policy: ExitPolicy, test_cache: CachedOutputs, cost_table: CostTable, goal: Goal | Mapping) -> dict:
     """:func:`evaluate_policy` on the test cache plus the goal, whether it held there
     (``goal_held``), the oracle's point (on the policy's own per-exit predictions) and the share
     of the oracle's saving captured."""
     goal = _as_goal(goal)
-    r, predictions = _evaluate(policy, thresholds, test_cache, cost_table, fallback, options)
+    r, predictions = _evaluate(as_policy(policy), test_cache, cost_table)
     if goal.kind == "max_drop":
         r["accuracy_drop"] = r["final_accuracy"] - r["accuracy"]
         held = r["accuracy_drop"] <= goal.max_drop + 1e-9

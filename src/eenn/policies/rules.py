@@ -22,7 +22,12 @@ Rules (``list_policies()``):
   larger than ``i`` can never fire at exit ``i``.
 - ``ensemble``  max probability of the ensemble so far; its prediction is the ensemble's argmax.
   Give the ensembled probabilities ``probs [E, N, C]``, or AEP ``weights [E]`` (through
-  :func:`~eenn.objectives.aep.ensemble_so_far`), or a ZTW ``GeometricEnsemble`` as ``ensemble``.
+  :func:`~eenn.functional.ensemble_so_far`), or a ZTW ensemble as ``ensemble`` (a
+  ``GeometricEnsemble`` or its tensors ``{"weight", "bias"}``, through
+  :func:`~eenn.functional.geometric_ensemble`).
+
+Every rule also has a one-exit-at-a-time form (:func:`exit_step`, or the generic
+:func:`padded_step`), which the exit loop (:mod:`.loop`) runs.
 """
 from __future__ import annotations
 
@@ -32,12 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..evaluate import CachedOutputs
-from ..objectives.mixing import stick_breaking
-from ..registry import Registry, check_options
+from ..functional import ensemble_so_far, geometric_ensemble, stick_breaking
+from ..registry import Registry
 
-__all__ = ["Scores", "Decision", "register_policy", "get_policy", "list_policies", "policy_scores",
-           "as_thresholds", "canonical", "per_exit", "exit_step", "route", "decide", "RULES"]
+__all__ = ["Scores", "Decision", "register_policy", "get_policy", "list_policies", "as_thresholds", "canonical",
+           "per_exit", "exit_step", "padded_step", "route", "RULES"]
 
 RULES = (">=", ">", "<", "<=")
 
@@ -46,6 +50,7 @@ class Scores(NamedTuple):
     score: Tensor  # [E, N]
     prediction: Tensor  # [E, N], long
     rule: str  # how a score fires against its threshold: score <rule> threshold
+    probs: Tensor | None = None  # [E, N, C] the answering probabilities, when not softmax(logits) (ensembles)
 
 
 class Decision(NamedTuple):
@@ -135,28 +140,29 @@ def patience(logits: Tensor, gates: Tensor | None = None) -> Scores:
 
 @register_policy("ensemble")
 def ensemble(logits: Tensor, gates: Tensor | None = None, *, probs: Tensor | None = None,
-             weights: Tensor | None = None, ensemble: torch.nn.Module | None = None) -> Scores:
+             weights: Tensor | None = None, ensemble=None) -> Scores:
     if sum(x is not None for x in (probs, weights, ensemble)) != 1:
         raise ValueError("policy 'ensemble' needs exactly one of probs=[E, N, C], weights=[E] (AEP) "
-                         "or ensemble=GeometricEnsemble (ZTW)")
+                         "or ensemble=GeometricEnsemble or {'weight', 'bias'} (ZTW)")
     if weights is not None:
-        from ..objectives.aep import ensemble_so_far
-
         probs = ensemble_so_far(logits, weights)
     elif ensemble is not None:
+        w, b = (ensemble.weight, ensemble.bias) if isinstance(ensemble, torch.nn.Module) else \
+            (ensemble["weight"], ensemble["bias"])
         with torch.no_grad():
-            probs = _probs(ensemble(logits))
+            probs = _probs(geometric_ensemble(logits, w, b))
     if probs.shape != logits.shape:
         raise ValueError(f"ensembled probs must match the logits {tuple(logits.shape)}, got {tuple(probs.shape)}")
-    conf, pred = probs.float().max(-1)
-    return Scores(conf, pred, ">=")
+    probs = probs.float()
+    conf, pred = probs.max(-1)
+    return Scores(conf, pred, ">=", probs)
 
 
 # --- the same rules one exit at a time (what the engine runs) ------------------------------
 #
 # ``step(carry, logits_k [n, C], gate_k [n] | None, k) -> (Scores of exit k ([n] each), carry)``.
 # ``carry`` is what the rule remembers of the exits before ``k``: None or a tuple of tensors with
-# the samples first, so the engine can drop finished samples from it. Each step computes exit
+# the samples first, so the exit loop can drop finished samples from it. Each step computes exit
 # k's score with the same operations, in the same order and precision, as the rule on all
 # exits at once, so on the CPU the scores are the same floats and the decisions match exactly
 # (tested for every rule). On CUDA, whose cumulative sums accumulate in float32, they can differ
@@ -166,8 +172,8 @@ Step = Callable[[tuple | None, Tensor, Tensor | None, int], tuple[Scores, tuple 
 
 
 def exit_step(policy: str | Policy, num_exits: int, **options) -> Step | None:
-    """The rule as a function of one exit at a time, or None when it has no such form (then the
-    engine re-runs it on all outputs so far). Options are those of the rule."""
+    """The rule as a function of one exit at a time, or None when it has no such form (then
+    :func:`padded_step` re-runs it on all outputs so far). Options are those of the rule."""
     fn = get_policy(policy)
     if getattr(fn, "per_exit", False):
         def step(carry, logits, gates, k):
@@ -207,8 +213,6 @@ def _patience_step(num_exits: int) -> Step:
 def _ensemble_step(num_exits: int, *, probs=None, weights=None, ensemble=None) -> Step | None:
     if weights is None or probs is not None or ensemble is not None:
         return None  # a ZTW ensemble weighs every exit so far anew at each exit: no running form
-    from ..objectives.aep import ensemble_so_far
-
     w = torch.as_tensor(weights, dtype=torch.float32)
     ensemble_so_far(torch.zeros(num_exits, 1, 1), w)  # the weights' checks, once, not at every step
     tiny = torch.finfo(torch.float32).tiny
@@ -221,8 +225,9 @@ def _ensemble_step(num_exits: int, *, probs=None, weights=None, ensemble=None) -
             num, den = carry[0] + num, carry[1] + wk
         else:
             num, den = num.double(), wk.double().expand(logits.shape[0])
-        conf, pred = (num.float() / den.float().clamp_min(tiny)[:, None]).max(-1)
-        return Scores(conf, pred, ">="), (num, den)
+        p = num.float() / den.float().clamp_min(tiny)[:, None]
+        conf, pred = p.max(-1)
+        return Scores(conf, pred, ">=", p), (num, den)
     return step
 
 
@@ -231,25 +236,33 @@ patience.make_step = _patience_step
 ensemble.make_step = _ensemble_step
 
 
-# --- the one shared mechanism ---------------------------------------------------------------
-
-def _unpack(cached_or_logits: CachedOutputs | Tensor, gates: Tensor | None):
-    if isinstance(cached_or_logits, CachedOutputs):
-        return cached_or_logits.logits, cached_or_logits.gates if gates is None else gates
-    return cached_or_logits, gates
-
-
-def policy_scores(policy: str | Policy, cached_or_logits: CachedOutputs | Tensor, *,
-                  gates: Tensor | None = None, **options) -> Scores:
-    """The rule's :class:`Scores` on a cache (or on logits ``[E, N, C]`` and ``gates``)."""
+def padded_step(policy: str | Policy, num_exits: int, **options) -> Step:
+    """Any rule one exit at a time: the carry keeps every exit's logits (and gates) so far,
+    samples first; at exit ``k`` the rule runs on them padded to all ``E`` exits (zero logits,
+    unit gates) and row ``k`` is read. Every rule is causal (exit ``k``'s score depends on exits
+    ``<= k`` only), so the row is the rule's own."""
     fn = get_policy(policy)
-    check_options(f"policy {getattr(fn, '__name__', policy)!r}", fn, options, skip=("logits", "gates"))
-    logits, gates = _unpack(cached_or_logits, gates)
-    s = fn(logits, gates, **options)
-    if s.rule not in RULES:
-        raise ValueError(f"a policy's rule must be one of {RULES}, got {s.rule!r}")
-    return s
 
+    def step(carry, logits, gates, k):
+        lg = logits.float()[:, None]
+        g = None if gates is None else gates.float()[:, None]
+        if carry is not None:
+            lg = torch.cat([carry[0], lg], 1)
+            g = None if g is None else torch.cat([carry[1], g], 1)
+        n, c = lg.shape[0], lg.shape[-1]
+        full = torch.zeros(num_exits, n, c, device=lg.device)
+        full[: k + 1] = lg.transpose(0, 1)
+        gfull = None
+        if g is not None:
+            gfull = torch.ones(num_exits, n, device=lg.device)
+            gfull[: k + 1] = g.t()
+        s = fn(full, gfull, **options)
+        probs = None if s.probs is None else s.probs[k]
+        return Scores(s.score[k], s.prediction[k], s.rule, probs), (lg,) if g is None else (lg, g)
+    return step
+
+
+# --- thresholds and the vectorised routing (calibration's search) --------------------------
 
 def as_thresholds(thresholds: Tensor | float | list, num_exits: int) -> Tensor:
     """``[E-1]`` float thresholds from a scalar (the same for every exit) or a sequence."""
@@ -289,14 +302,3 @@ def route(score: Tensor, thresholds: Tensor, rule: str, *, fallback: str = "fina
         return depth, depth
     best = s.argmax(0).expand_as(depth)  # ties -> the earliest (argmax returns the first maximum)
     return torch.where(depth < e - 1, depth, best), depth
-
-
-def decide(policy: str | Policy, cached_or_logits: CachedOutputs | Tensor, thresholds: Tensor | float, *,
-           gates: Tensor | None = None, fallback: str = "final", **options) -> Decision:
-    """Apply ``policy`` with per-exit ``thresholds`` ``[E-1]`` (or one scalar for all exits).
-    ``options`` go to the rule (e.g. ``weights=`` for ``ensemble``). The prediction is that of the
-    answering exit (for ``ensemble``, the ensemble's argmax there)."""
-    s = policy_scores(policy, cached_or_logits, gates=gates, **options)
-    th = as_thresholds(thresholds, s.score.shape[0])
-    exit_, depth = route(s.score, th, s.rule, fallback=fallback)
-    return Decision(exit_, s.prediction.gather(0, exit_[None]).squeeze(0), depth)

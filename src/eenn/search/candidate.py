@@ -17,7 +17,7 @@ from ..cost import CostTable
 from ..data import DataSplits, load_dataset
 from ..data.core import cap
 from ..evaluate import CachedOutputs, collect_outputs
-from ..policies import Goal, calibrate, evaluate_policy
+from ..policies import ExitPolicy, Goal, calibrate, evaluate_policy
 from .config import SearchConfig
 from .space import ConfigError, Design
 
@@ -45,23 +45,23 @@ def _shape_kw(data: DataSplits) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- repair
-def repair_thresholds(policy: str, thresholds: torch.Tensor, val_cache: CachedOutputs, cost: CostTable, *,
-                      accuracy_floor: float, macs_ceiling: float, fallback: str = "final") -> tuple[torch.Tensor, bool]:
+def repair_thresholds(policy: ExitPolicy, val_cache: CachedOutputs, cost: CostTable, *,
+                      accuracy_floor: float, macs_ceiling: float) -> tuple[ExitPolicy, bool]:
     """NACHOS' repair step (METHODS.md §4): when a design holds the accuracy floor but its expected
     MACs exceed the ceiling, lower its thresholds until the ceiling holds, as long as the accuracy
     stays at or above the floor. NACHOS walks the thresholds down by 0.1, last early exit first;
     here the walk is eenn's exact threshold search (:func:`eenn.policies.calibrate` with
     ``Goal(budget=ceiling)``: the most accurate thresholds whose expected MACs fit), kept only if
-    that accuracy reaches the floor. Returns ``(thresholds, repaired)``; unchanged when the
+    that accuracy reaches the floor. Returns ``(policy, repaired)``; unchanged when the
     design already fits or cannot be repaired."""
-    now = evaluate_policy(policy, thresholds, val_cache, cost, fallback=fallback)
+    now = evaluate_policy(policy, val_cache, cost)
     if now["expected_macs"] <= macs_ceiling or now["accuracy"] < accuracy_floor:
-        return thresholds, False
-    th = calibrate(policy, val_cache, cost, Goal(budget=macs_ceiling), fallback=fallback)
-    r = evaluate_policy(policy, th, val_cache, cost, fallback=fallback)
+        return policy, False
+    fitted = calibrate(policy, val_cache, cost, Goal(budget=macs_ceiling))
+    r = evaluate_policy(fitted, val_cache, cost)
     if r["expected_macs"] <= macs_ceiling and r["accuracy"] >= accuracy_floor:
-        return th, True
-    return thresholds, False
+        return fitted, True
+    return policy, False
 
 
 # ------------------------------------------------------------------------------------ one design
@@ -119,16 +119,16 @@ def evaluate_design(config: SearchConfig, design: Design, data: DataSplits, *, d
         raise Pruned(f"best exit reached {pruner.first:.3f} validation accuracy after epoch 1 (< {config.prune_below})",
                      {**base, "val_accuracy": float(pruner.first), "val_macs": float(lower), "train_seconds": seconds})
     val = collect_outputs(net, data.val)  # normalised by net.input_spec, which fit set
-    th = calibrate(config.policy, val, cost, Goal(max_drop=config.max_drop), fallback=config.fallback)
-    th, repaired = repair_thresholds(config.policy, th, val, cost, accuracy_floor=floor, macs_ceiling=ceiling,
-                                     fallback=config.fallback)
-    rv = evaluate_policy(config.policy, th, val, cost, fallback=config.fallback)
-    out = {**base, "train_seconds": seconds, "thresholds": [float(t) for t in th.tolist()], "repaired": repaired,
+    fitted = calibrate(ExitPolicy(config.policy, fallback=config.fallback), val, cost, Goal(max_drop=config.max_drop))
+    fitted, repaired = repair_thresholds(fitted, val, cost, accuracy_floor=floor, macs_ceiling=ceiling)
+    rv = evaluate_policy(fitted, val, cost)
+    out = {**base, "train_seconds": seconds, "thresholds": [float(t) for t in fitted.thresholds.tolist()],
+           "repaired": repaired,
            "val_accuracy": rv["accuracy"], "val_macs": rv["expected_macs"], "val_final_accuracy": rv["final_accuracy"],
            "val_exit_distribution": rv["exit_distribution"], "exit_macs": [float(m) for m in cost.dynamic_macs]}
     if len(data.test):
         test = collect_outputs(net, data.test)
-        rt = evaluate_policy(config.policy, th, test, cost, fallback=config.fallback)
+        rt = evaluate_policy(fitted, test, cost)
         out.update(test_accuracy=rt["accuracy"], test_macs=rt["expected_macs"], test_final_accuracy=rt["final_accuracy"],
                    test_exit_distribution=rt["exit_distribution"])
     return out

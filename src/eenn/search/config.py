@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..policies import ExitPolicy, list_policies
 from .space import ConfigError, SearchSpace
 
 __all__ = ["SAMPLERS", "SearchConfig", "load_config"]
@@ -123,7 +124,6 @@ class SearchConfig:
         objective_options = dict(obj.get("options") or {})
 
         pol = _section(raw, "policy", _POLICY_KEYS)
-        from ..policies import list_policies
 
         policy = pol.get("name", "max_prob")
         if policy not in list_policies() or policy == "ensemble":
@@ -131,8 +131,10 @@ class SearchConfig:
                               f"{', '.join(p for p in list_policies() if p != 'ensemble')}")
         max_drop = _number("policy", "max_drop", pol.get("max_drop", 0.01), low=0, high=1)
         fallback = pol.get("fallback", "final")
-        if fallback not in ("final", "most_confident"):
-            raise ConfigError(f"policy.fallback: 'final' or 'most_confident', got {fallback!r}")
+        try:
+            ExitPolicy(policy, fallback=fallback)
+        except ValueError as e:
+            raise ConfigError(f"policy: {e}") from None
 
         from ..trainer import TrainConfig
 

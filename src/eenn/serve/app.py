@@ -72,7 +72,7 @@ class Front:
         m = self.manifest
         return {"status": "ok", "mode": self.mode, "served": self.served,
                 "model": {"num_exits": m["num_exits"], "num_classes": m["num_classes"],
-                          "input_shape": m["input_shape"], "policy": m["policy"]["name"]},
+                          "input_shape": m["input_shape"], "policy": m["policy"].get("rule") or m["policy"].get("name")},
                 "tiers": [{"name": t.name, "segments": [t.start, t.stop - 1]} for t in self.plan.tiers]}
 
 

@@ -101,8 +101,8 @@ def run_export(args) -> int:
     from ..checkpoint import load
     from ..data import InputSpec
     from ..export import calibration_record, export
-
-    from ..report import read_json
+    from ..io import read_json
+    from ..policies import ExitPolicy
 
     calib = {}
     if args.calibration:
@@ -111,28 +111,31 @@ def run_export(args) -> int:
         except json.JSONDecodeError as e:
             raise ValueError(f"{args.calibration}: not a JSON calibration record ({e})") from None
     net = load(args.checkpoint).eval()
-    policy = args.policy or calib.get("policy", "max_prob")
-    fallback = args.fallback or calib.get("fallback", "final")
+    policy = ExitPolicy.from_dict(calib) if calib.get("policy") is not None else ExitPolicy(args.policy or "max_prob")
+    if args.policy and args.policy != policy.name:  # another rule: the calibration's thresholds do not apply
+        policy = ExitPolicy(args.policy, fallback=policy.fallback)
+    if args.fallback:
+        policy = policy.replace(fallback=args.fallback)
+    if args.thresholds is not None:
+        policy = policy.replace(thresholds=args.thresholds)
     if net.input_spec is None and calib.get("mean") is not None and calib.get("std") is not None:
         # a checkpoint without an input description, and a calibration record that carries it (older ones did)
         net.input_spec = InputSpec(tuple(net.input_shape), tuple(calib["mean"]), tuple(calib["std"]))
     validation = calib.get("validation")
-    thresholds = args.thresholds if args.thresholds is not None else calib.get("thresholds")
     if args.dataset:
         from ..data import load_dataset
 
         data = load_dataset(args.dataset, data_dir=args.data_dir)
         if net.input_spec is None:  # a checkpoint without an input description: the named data set's
             net.input_spec = InputSpec.from_info(data.info)
-        if thresholds is None:
-            rec = calibration_record(net, data.val, policy, {"max_drop": args.max_drop}, fallback=fallback)
-            thresholds, validation = rec["thresholds"], rec["validation"]
-            print(f"calibrated {policy} on {args.dataset} validation (max_drop={args.max_drop}): thresholds "
-                  f"{[round(t, 4) for t in thresholds]}, accuracy {100 * validation['accuracy']:.2f}%")
-    if thresholds is None:
+        if policy.thresholds is None:
+            rec = calibration_record(net, data.val, policy, {"max_drop": args.max_drop})
+            policy, validation = ExitPolicy.from_dict(rec), rec["validation"]
+            print(f"calibrated {policy.name} on {args.dataset} validation (max_drop={args.max_drop}): thresholds "
+                  f"{[round(t, 4) for t in policy.thresholds.tolist()]}, accuracy {100 * validation['accuracy']:.2f}%")
+    if policy.thresholds is None:
         raise ValueError("no thresholds: give --thresholds, --calibration FILE or --dataset NAME")
-    m = export(net, args.out, policy=policy, thresholds=thresholds, fallback=fallback,
-               validation=validation, opset=args.opset)
+    m = export(net, args.out, policy=policy, validation=validation, opset=args.opset)
     print(f"exported {m['num_exits']} segments to {args.out} (max |ONNX - PyTorch| logit "
           f"{m['check']['max_abs_logit_diff']:.2g})")
     for seg in m["segments"]:

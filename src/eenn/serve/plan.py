@@ -257,10 +257,11 @@ def measure_segments(manifest: dict[str, Any], *, repeats: int = 50, threads: in
 
     import numpy as np
 
+    from ..policies import ExitPolicy
     from ..staged import StagedRunner
 
     E = manifest["num_exits"]
-    never = float("-inf") if manifest["policy"]["name"] == "entropy" else float("inf")  # nobody exits
+    never = float("-inf") if ExitPolicy.from_dict(manifest["policy"]).name == "entropy" else float("inf")  # nobody exits
     always = -never
     runners = [StagedRunner(manifest, segments=(k, k + 1), threads=threads, thresholds=never) for k in range(E)]
     exiting = StagedRunner(manifest, segments=(0, 1), threads=threads, thresholds=always)

@@ -1,9 +1,10 @@
 """One tier of a split deployment, the in-process chain of tiers, and the shape of an answer.
 
 A :class:`Tier` holds a consecutive range of segments. It receives a hand-off message (the
-features of the samples still running, see :mod:`.codec`), runs its segments with the exit
-policy (:class:`eenn.export.StagedRunner`), answers the samples that exit, and hands the rest
-on as a new message. The transport between tiers is not its business: :class:`LocalPipeline`
+features of the samples still running and what the exit policy remembers of them, see
+:mod:`.codec` and :class:`eenn.policies.Running`), runs its segments through the exit loop
+(:class:`eenn.staged.StagedRunner`), answers the samples that exit, and hands the rest on as
+a new message. The transport between tiers is not its business: :class:`LocalPipeline`
 chains tiers by plain calls in one process, :mod:`.ray_app` chains them through Ray Serve.
 
 When the next tier fails or times out, the samples it should have taken are answered by the
@@ -15,8 +16,10 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 
-from ..staged import Answers, Carry, StagedRunner, load_manifest, read_segments
+from ..policies.loop import Answers, Running, start
+from ..staged import StagedRunner, load_manifest, read_segments
 from .codec import decode, encode
 from .plan import TierPlan, TierSpec
 
@@ -24,22 +27,17 @@ __all__ = ["Tier", "LocalPipeline", "start_message", "build_response"]
 
 def start_message(manifest: dict[str, Any], x: np.ndarray) -> bytes:
     """The message the first tier receives: the model inputs, before segment 0."""
-    B = x.shape[0]
-    arrays = {"state_0": np.ascontiguousarray(x, np.float32), "index": np.arange(B, dtype=np.int64),
-              "logits": np.zeros((0, B, manifest["num_classes"]), np.float32)}
-    if manifest["has_gates"]:
-        arrays["gates"] = np.zeros((0, B), np.float32)
-    return encode(arrays, {"next_segment": 0, "batch": B})
+    arrays, meta = start((torch.from_numpy(np.ascontiguousarray(x, np.float32)),)).to_arrays()
+    return encode(arrays, meta)
 
 
 def _answers_json(a: Answers, tier: str) -> dict[str, list]:
     if not a.index:
         return {"index": [], "prediction": [], "exit": [], "depth": [], "probs": [], "degraded": [], "tier": []}
-    idx = np.concatenate(a.index)
-    return {"index": idx.tolist(), "prediction": np.concatenate(a.prediction).tolist(),
-            "exit": np.concatenate(a.exit).tolist(), "depth": np.concatenate(a.depth).tolist(),
-            "probs": np.concatenate(a.probs).tolist(), "degraded": np.concatenate(a.degraded).tolist(),
-            "tier": [tier] * len(idx)}
+    out = {name: torch.cat(getattr(a, name)).tolist()
+           for name in ("index", "prediction", "exit", "depth", "probs", "degraded")}
+    out["tier"] = [tier] * len(out["index"])
+    return out
 
 
 def _merge(into: dict[str, list], other: dict[str, list]) -> None:
@@ -56,24 +54,23 @@ class Tier:
         self.runner = StagedRunner(manifest, segments=(spec.start, spec.stop), threads=threads, models=models)
         self.last = spec.stop == manifest["num_exits"]
 
-    def begin(self, message: bytes) -> tuple[dict[str, Any], Carry | None]:
-        """Run this tier's segments on a message: the reply so far and the carry to hand on."""
+    def begin(self, message: bytes) -> tuple[dict[str, Any], Running | None]:
+        """Run this tier's segments on a message: the reply so far and the samples to hand on."""
         arrays, meta = decode(message)
-        carry = Carry.from_arrays(arrays, int(meta["next_segment"]), int(meta["batch"]))
+        running = Running.from_arrays(arrays, meta)
         t0 = time.perf_counter()
-        answers, carry = self.runner.advance(carry)
+        answers, carry = self.runner.advance(running)
         compute = time.perf_counter() - t0
         reply = {"answers": _answers_json(answers, self.name),
                  "tiers": [{"name": self.name, "s": compute, "samples": int(len(arrays["index"]))}],
                  "hops": [], "errors": []}
         return reply, carry
 
-    def handoff(self, carry: Carry) -> tuple[bytes, float]:
+    def handoff(self, carry: Running) -> tuple[bytes, float]:
         """The message for the next tier and the seconds it took to encode."""
         t0 = time.perf_counter()
-        arrays = carry.arrays()
-        msg = encode(arrays, {"next_segment": carry.next_segment, "batch": carry.batch}, float16=self.float16,
-                     half=[k for k in arrays if k.startswith("state_")])
+        arrays, meta = carry.to_arrays()
+        msg = encode(arrays, meta, float16=self.float16, half=[k for k in arrays if k.startswith("state_")])
         return msg, time.perf_counter() - t0
 
     def join(self, reply: dict[str, Any], down: dict[str, Any], round_trip_s: float, encode_s: float,
@@ -88,12 +85,12 @@ class Tier:
         reply["hops"] = [*reply["hops"], hop, *down["hops"]]
         reply["errors"] += down.get("errors", [])
 
-    def fail(self, reply: dict[str, Any], carry: Carry, next_name: str, error: BaseException | str) -> None:
+    def fail(self, reply: dict[str, Any], carry: Running, next_name: str, error: BaseException | str) -> None:
         """The next tier failed: answer the carried samples with this tier's deepest exit."""
         _merge(reply["answers"], _answers_json(self.runner.degrade(carry), self.name))
         why = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         reply["errors"].append(f"tier {next_name!r} unavailable ({why}); answered by exit "
-                               f"{carry.next_segment - 1} on tier {self.name!r}")
+                               f"{carry.next - 1} on tier {self.name!r}")
 
 
 class LocalPipeline:
