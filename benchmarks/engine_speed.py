@@ -19,7 +19,7 @@ import torch
 
 import eenn
 from eenn.engine import DynamicEngine
-from eenn.evaluate import collect_outputs
+from eenn.outputs import collect_outputs
 from eenn.inference import tune_cpu_allocator
 from eenn.policies import calibrate
 from eenn.report import time_engine

@@ -19,7 +19,7 @@ import time
 import torch
 
 import eenn
-from eenn.evaluate import collect_outputs
+from eenn.outputs import collect_outputs
 from eenn.objectives.branching import Branching, soft_cost, soft_output
 from eenn.objectives.eenets import EENets, confidence_exit
 from eenn.policies import calibrate, report_goal

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import eenn
-from eenn.evaluate import collect_outputs
+from eenn.outputs import collect_outputs
 from eenn.functional import ensemble_so_far, first_above
 
 # label -> (objective name, objective options, head, head options); "{final}" is the path of

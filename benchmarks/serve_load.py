@@ -30,7 +30,7 @@ import torch
 
 import eenn
 from eenn.engine import DynamicEngine
-from eenn.export import calibration_record, export, load_manifest
+from eenn.exporter import calibration_record, export, load_manifest
 from eenn.serve import LinkSpec, TierPlan, TierSpeed, expected_latency, measure_segments, plan_splits
 from eenn.serve.codec import decode
 

@@ -65,7 +65,7 @@ def gated_quick_check(net, data, objective, epochs: int = 8):
     """Train a gated network on ``data`` and return every exit's test accuracy and the test-split
     result of its gates with thresholds fitted on validation for a 1-point drop."""
     import eenn
-    from eenn.evaluate import collect_outputs
+    from eenn.outputs import collect_outputs
     from eenn.policies import calibrate, report_goal
 
     eenn.fit(net, data, objective, epochs=epochs, lr=0.05, batch_size=64, progress=False)

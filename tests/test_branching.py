@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import eenn
 from _helpers import gated_quick_check
-from eenn.evaluate import collect_outputs
+from eenn.outputs import collect_outputs
 import eenn.objectives.branching  # noqa: F401  (registers "branching")
 from eenn.network import ExitOutputs, MultiExitNetwork
 from eenn.objectives.branching import (Branching, balanced_bce, correctness_bce, exit_costs, hard_exit, init_gates,

@@ -96,7 +96,7 @@ def test_evaluate_calibrate_predict(run_dir, tmp_path, capsys):
     # the record is what `eenn export --calibration` reads (infinite thresholds included)
     assert main(["export", str(run_dir / "best.safetensors"), "--out", str(tmp_path / "exp"),
                  "--calibration", str(run_dir / "calibration.json")]) == 0
-    from eenn.export import load_manifest
+    from eenn.exporter import load_manifest
 
     manifest = load_manifest(tmp_path / "exp")
     assert manifest["policy"]["thresholds"] == pytest.approx(cal["policy"]["thresholds"])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import eenn
 from _helpers import gated_quick_check
-from eenn.evaluate import collect_outputs
+from eenn.outputs import collect_outputs
 import eenn.objectives.eenets  # noqa: F401  (registers "eenets")
 from eenn.callbacks import Callback
 from eenn.network import ExitOutputs

@@ -6,7 +6,7 @@ import torch
 import eenn
 from _helpers import spread_net as _net
 from eenn.engine import DynamicEngine
-from eenn.evaluate import CachedOutputs
+from eenn.outputs import CachedOutputs
 from eenn.objectives.ztw import GeometricEnsemble
 from eenn.policies import calibrate, decide
 
@@ -90,7 +90,7 @@ def test_engine_with_calibrated_thresholds_on_digits():
     torch.manual_seed(0)
     net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[2, 5], width=0.5)
     eenn.fit(net, data, "joint", epochs=4, lr=0.1, progress=False)
-    from eenn.evaluate import collect_outputs
+    from eenn.outputs import collect_outputs
 
     val = collect_outputs(net, data.val)
     test = collect_outputs(net, data.test)

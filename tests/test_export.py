@@ -11,8 +11,8 @@ from torch import nn
 
 import eenn
 from eenn.engine import DynamicEngine
-from eenn.evaluate import CachedOutputs
-from eenn.export import EXPORT_TOLERANCE, ExportError, StagedRunner, export, load_manifest
+from eenn.outputs import CachedOutputs
+from eenn.exporter import EXPORT_TOLERANCE, ExportError, StagedRunner, export, load_manifest
 from eenn.objectives.ztw import GeometricEnsemble
 from eenn.policies import policy_scores
 from _helpers import Skip2

@@ -45,7 +45,7 @@ def test_optimized_engine_gives_the_eager_answers(net_name, policy, opts, device
     eager = DynamicEngine(net, policy, [0.0] * (net.num_exits - 1), **opts)
     with torch.no_grad():  # thresholds between two samples' scores, so rounding cannot flip one
         out = net(x)
-        cache = eenn.evaluate.CachedOutputs(out.logits, out.gates, torch.zeros(64, dtype=torch.long))
+        cache = eenn.outputs.CachedOutputs(out.logits, out.gates, torch.zeros(64, dtype=torch.long))
         sc = eenn.policies.policy_scores(policy, cache, **opts).score[:-1].sort(1).values
     th = (sc[:, 32] + sc[:, 33]) / 2 if policy != "patience" else torch.tensor([1.0, 1.0, 2.0])
     eager = DynamicEngine(net, policy, th, **opts)

@@ -213,7 +213,7 @@ def _tiny(c=1, hw=8):
 
 def test_entry_points_refuse_a_network_without_input_spec():
     from eenn.data import TensorDataset
-    from eenn.evaluate import collect_outputs, evaluate_exits
+    from eenn.outputs import collect_outputs, evaluate_exits
     from eenn.prune import aep_prune
 
     net = _tiny()

@@ -9,7 +9,7 @@ import torch
 import eenn
 
 from eenn.cost import CostTable
-from eenn.evaluate import CachedOutputs
+from eenn.outputs import CachedOutputs
 from eenn.functional import ensemble_so_far
 from eenn.objectives.ztw import GeometricEnsemble
 from eenn.policies import (ExitPolicy, Goal, calibrate, captured_share, decide, evaluate_policy, get_policy, list_policies,

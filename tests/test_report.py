@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import eenn
-from eenn.evaluate import collect_outputs
+from eenn.outputs import collect_outputs
 from eenn.policies import ExitPolicy, evaluate_policy
 from eenn.report import Report, evaluate
 

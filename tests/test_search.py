@@ -24,7 +24,7 @@ import yaml
 from optuna.trial import TrialState
 
 import eenn
-from eenn.evaluate import CachedOutputs
+from eenn.outputs import CachedOutputs
 from eenn.policies import ExitPolicy, evaluate_policy
 from eenn.search import (ConfigError, ImpossibleConstraints, SearchConfig, SearchSpace, pareto_front,
                          repair_thresholds, run_search)

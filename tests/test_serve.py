@@ -13,7 +13,7 @@ import torch
 import eenn
 from _helpers import npy_bytes as _npy, post, spread_net as _net
 from eenn.engine import DynamicEngine
-from eenn.export import export, load_manifest
+from eenn.exporter import export, load_manifest
 from eenn.serve import LinkSpec, LocalServer, TierPlan, TierSpeed, decode, encode, expected_latency, plan_splits
 from eenn.serve.inputs import decode_body
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import eenn
-from eenn.export import load_manifest
+from eenn.exporter import load_manifest
 from eenn.serve import TierPlan
 from eenn.serve.cli import _main
 

@@ -18,7 +18,7 @@ import torch
 
 from _helpers import npy_bytes as _npy, post, spread_net as _net
 from eenn.engine import DynamicEngine
-from eenn.export import export
+from eenn.exporter import export
 
 pytestmark = [pytest.mark.skipif(os.environ.get("EENN_SKIP_RAY") == "1", reason="EENN_SKIP_RAY=1"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # Ray's own pydantic notices

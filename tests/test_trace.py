@@ -240,7 +240,7 @@ def test_output_and_class_checks():
 def test_engine_on_tuple_states_in_pieces_and_one_by_one():
     """Compaction, micro-batches and the batch-1 path carry every value alive across a cut."""
     from eenn.engine import DynamicEngine
-    from eenn.evaluate import CachedOutputs
+    from eenn.outputs import CachedOutputs
     from eenn.policies import decide, policy_scores
 
     torch.manual_seed(0)

@@ -1,4 +1,16 @@
-"""eenn: early-exit neural networks for PyTorch."""
+"""eenn: early-exit neural networks for PyTorch.
+
+The names a user needs, by layer (the modules behind them, bottom to top):
+
+- model: ``create_network``, ``attach_exits``, ``MultiExitNetwork``, ``InputSpec``, ``CostTable``,
+  ``create_backbone``/``create_head`` (``backbones``, ``heads``, ``network``, ``trace``, ``cost``);
+- data: ``load_dataset``, ``TensorLoader`` (``data``);
+- train: ``fit``, ``Trainer``, ``TrainConfig``, ``create_objective`` (``objectives``, ``trainer``);
+- infer: ``collect_outputs``, ``ExitPolicy``, ``calibrate``, ``Goal``, ``DynamicEngine``,
+  ``evaluate`` (``outputs``, ``policies``, ``engine``, ``inference``, ``report``);
+- deploy: ``export``, ``StagedRunner``, ``aep_prune`` (``exporter``, ``staged``, ``serve``, ``prune``);
+- files: ``save``, ``load`` (``checkpoint``).
+"""
 __version__ = "0.1.0"
 
 from .backbones import Backbone, StageInfo, create_backbone, list_backbones, register_backbone
@@ -10,44 +22,28 @@ from .network import ExitOutputs, MultiExitNetwork, NetworkConfig, create_networ
 from .trace import TraceError, attach_exits
 from .objectives import Objective, create_objective, list_objectives, register_objective
 from .trainer import TrainConfig, Trainer, fit
-from .prune import EnsembleClassifier, aep_prune, load_pruned, save_pruned
+from .outputs import CachedOutputs, collect_outputs
 from . import policies
+from .policies import ExitPolicy, Goal, calibrate
+from .engine import DynamicEngine
+from .report import evaluate
+from .exporter import export
+from .staged import StagedRunner
+from .prune import aep_prune
 
 __all__ = [
-    "EnsembleClassifier",
-    "aep_prune",
-    "load_pruned",
-    "save_pruned",
-    "Objective",
-    "TrainConfig",
-    "Trainer",
-    "create_objective",
-    "fit",
-    "list_objectives",
-    "register_objective",
-    "Backbone",
-    "CheckpointError",
-    "CostTable",
-    "ExitHead",
-    "ExitOutputs",
-    "InputSpec",
-    "MultiExitNetwork",
-    "NetworkConfig",
-    "StageInfo",
-    "TensorLoader",
-    "TraceError",
-    "attach_exits",
-    "create_backbone",
-    "create_head",
-    "create_network",
-    "list_backbones",
-    "list_datasets",
-    "list_heads",
-    "load",
-    "load_dataset",
-    "place_exits",
-    "read_description",
-    "register_backbone",
-    "register_head",
-    "save",
+    # model
+    "Backbone", "CostTable", "ExitHead", "ExitOutputs", "InputSpec", "MultiExitNetwork", "NetworkConfig",
+    "StageInfo", "TraceError", "attach_exits", "create_backbone", "create_head", "create_network", "list_backbones",
+    "list_heads", "place_exits", "register_backbone", "register_head",
+    # data
+    "TensorLoader", "list_datasets", "load_dataset",
+    # train
+    "Objective", "TrainConfig", "Trainer", "create_objective", "fit", "list_objectives", "register_objective",
+    # infer
+    "CachedOutputs", "DynamicEngine", "ExitPolicy", "Goal", "calibrate", "collect_outputs", "evaluate", "policies",
+    # deploy
+    "StagedRunner", "aep_prune", "export",
+    # files
+    "CheckpointError", "load", "read_description", "save",
 ]

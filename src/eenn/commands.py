@@ -94,8 +94,8 @@ def _evaluate(args) -> None:
 
 
 def _calibrate(args) -> None:
-    from .evaluate import collect_outputs
-    from .export import calibration_record
+    from .outputs import collect_outputs
+    from .exporter import calibration_record
     from .io import write_json
     from .policies import ExitPolicy, report_goal
     from .run import build_data

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .data import TensorLoader
 from .engine import DynamicEngine
-from .evaluate import CachedOutputs, collect_outputs
+from .outputs import CachedOutputs, collect_outputs
 from .io import _finite, read_json
 from .network import MultiExitNetwork
 from .functional import soft_conditional

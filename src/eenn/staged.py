@@ -1,4 +1,4 @@
-"""Reading and running a staged ONNX export (written by :func:`eenn.export.export`).
+"""Reading and running a staged ONNX export (written by :func:`eenn.exporter.export`).
 
 :class:`StagedRunner` loads those graphs (all of them, or only a consecutive range, as one tier
 of a split deployment does) and runs them through the exit loop (:func:`eenn.policies.

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed as D
 from .callbacks import Callback, Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
 from .data import DataSplits, InputSpec, TensorDataset, TensorLoader
-from .evaluate import evaluate_exits
+from .outputs import evaluate_exits
 from .network import MultiExitNetwork
 from .objectives import EpochContext, Objective, create_objective, exit_losses
 from .train_config import TrainConfig, build_optimizer, build_scheduler

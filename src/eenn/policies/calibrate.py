@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from ..cost import CostTable
-from ..evaluate import CachedOutputs
+from ..outputs import CachedOutputs
 from .loop import decide
 from .oracle import captured_share, oracle
 from .policy import ExitPolicy, as_policy

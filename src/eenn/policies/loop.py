@@ -237,7 +237,7 @@ def decide(policy: ExitPolicy | str, cached_or_logits, thresholds=None, *, gates
            fallback: str | None = None, **options) -> Decision:
     """Where each cached sample exits and what it answers, by the exit loop itself:
     ``decide(policy, cache)`` with an :class:`ExitPolicy`, or ``decide("max_prob", cache, th)``.
-    ``cached_or_logits``: a :class:`~eenn.evaluate.CachedOutputs` or logits ``[E, N, C]``."""
+    ``cached_or_logits``: a :class:`~eenn.outputs.CachedOutputs` or logits ``[E, N, C]``."""
     logits = getattr(cached_or_logits, "logits", cached_or_logits)
     if gates is None:
         gates = getattr(cached_or_logits, "gates", None)

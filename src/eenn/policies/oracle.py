@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..cost import CostTable
-from ..evaluate import CachedOutputs
+from ..outputs import CachedOutputs
 
 __all__ = ["oracle_exit", "oracle", "captured_share"]
 

@@ -16,7 +16,7 @@ from ..callbacks import Callback
 from ..cost import CostTable
 from ..data import DataSplits, load_dataset
 from ..data.core import cap
-from ..evaluate import CachedOutputs, collect_outputs
+from ..outputs import CachedOutputs, collect_outputs
 from ..policies import ExitPolicy, Goal, calibrate, evaluate_policy
 from .config import SearchConfig
 from .space import ConfigError, Design

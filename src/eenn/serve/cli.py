@@ -14,7 +14,7 @@ EPILOG_EXPORT = """examples:
   eenn export runs/r20/best.safetensors --out export/ --dataset digits --max-drop 0.02
 
 --calibration reads JSON {"policy", "thresholds", "fallback", "validation"} (any subset;
-eenn.export.calibration_record writes it). The normalisation and class names are the network's own
+eenn.exporter.calibration_record writes it). The normalisation and class names are the network's own
 (net.input_spec, set by training); --dataset supplies them only for a checkpoint without one and,
 without --thresholds, calibrates on its validation split for --max-drop and records the validation
 exit distribution (which `eenn plan` needs).
@@ -100,7 +100,7 @@ def add_parsers(subparsers) -> None:
 def run_export(args) -> int:
     from ..checkpoint import load
     from ..data import InputSpec
-    from ..export import calibration_record, export
+    from ..exporter import calibration_record, export
     from ..io import read_json
     from ..policies import ExitPolicy
 

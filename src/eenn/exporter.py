@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .evaluate import collect_outputs
+from .outputs import collect_outputs
 from .io import write_json
 from .policies import ExitPolicy, as_policy, calibrate, decide
 from .staged import (EXPORT_TOLERANCE, FORMAT, FORMAT_VERSION, MANIFEST, ExportError, StagedRunner, _digest,
