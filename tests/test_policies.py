@@ -403,3 +403,23 @@ def test_policy_refuses_what_it_cannot_do():
     # an older record ({"name"|"policy", "thresholds", "fallback", "policy_options"}) still reads
     old = {"policy": "ensemble", "thresholds": [0.5, 0.5, 0.5], "fallback": "final", "policy_options": {"weights": "linear"}}
     assert ExitPolicy.from_dict(old) == ExitPolicy("ensemble", 0.5, weights="linear").replace(thresholds=[0.5] * 3)
+
+
+def test_policy_is_kept_with_the_weights_and_read_from_any_eenn_file(tmp_path):
+    """eenn.save(net, path, policy=...) keeps a fitted policy in the checkpoint; ExitPolicy.load reads
+    it back from there, from a calibration record, a report or an export manifest alike."""
+    from eenn.io import write_json
+
+    net = eenn.create_network("mlp", in_channels=1, num_classes=6, input_size=8, exits=[0])
+    policy = ExitPolicy("ensemble", [math.inf], fallback="most_confident", weights="linear")
+    eenn.save(net, tmp_path / "m.safetensors", policy=policy)
+    assert ExitPolicy.load(tmp_path / "m.safetensors") == policy
+    assert eenn.load(tmp_path / "m.safetensors").num_exits == 2  # the network reads as before
+    write_json({"policy": policy.to_dict(), "goal": {"max_drop": 0.01}}, tmp_path / "calibration.json")
+    assert ExitPolicy.load(tmp_path / "calibration.json") == policy
+    eenn.save(net, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="holds no exit policy"):
+        ExitPolicy.load(tmp_path / "plain.safetensors")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a JSON file"):
+        ExitPolicy.load(tmp_path / "bad.json")

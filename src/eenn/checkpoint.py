@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from .io import encode_inf
+
 __all__ = ["CheckpointError", "save", "load", "load_state", "load_weights", "read_checkpoint", "read_description"]
 
 FORMAT = "eenn.multi_exit_network"
@@ -103,12 +105,15 @@ def _unflatten(obj: Any, tensors: dict[str, Tensor]) -> Any:
 
 
 def save(
-    net: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None, state: Any = None
+    net: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None, state: Any = None,
+    policy: Any = None,
 ) -> Path:
     """Write ``net`` (a :class:`~eenn.MultiExitNetwork`) to ``path``; ``extra`` is any JSON-able
     data stored beside the description (metrics, training config, ...); ``state`` is a nested
     training state (dicts, lists, tensors: optimiser, scheduler, RNG) read back by
-    :func:`load_state`, in the same file so that weights and state can never disagree."""
+    :func:`load_state`, in the same file so that weights and state can never disagree;
+    ``policy`` an :class:`~eenn.ExitPolicy` (e.g. from :func:`eenn.calibrate`) kept with the
+    weights, read back by :meth:`eenn.ExitPolicy.load`."""
     from safetensors.torch import save_file
 
     from .network import MultiExitNetwork
@@ -131,6 +136,8 @@ def save(
         "extra": extra or {},
         "state": state_tree,
     }
+    if policy is not None:
+        desc["policy"] = encode_inf(policy.to_dict())  # strict JSON: infinite thresholds as "inf"
     try:
         text = json.dumps(desc)
     except TypeError as e:

@@ -125,18 +125,27 @@ def _predict(args) -> int:
     import torch
 
     from .engine import DynamicEngine
-    from .io import read_json
     from .policies import ExitPolicy
     from .run import open_run
     from .serve.inputs import InputError, decode_body
 
     net, config, run_dir = open_run(args.run)
-    cal_path = args.calibration or next((p for p in (os.path.join(run_dir, "calibration.json"),) if os.path.exists(p)), None)
-    if cal_path:
-        policy = ExitPolicy.from_dict(read_json(cal_path))
-    elif os.path.exists(os.path.join(run_dir, "report.json")):
-        policy = ExitPolicy.from_dict(read_json(os.path.join(run_dir, "report.json")))
-    else:
+    # the policy: --calibration, the run's calibration.json, one saved in the checkpoint, the report's
+    candidates = [args.calibration] if args.calibration else [
+        os.path.join(run_dir, "calibration.json"),
+        args.run if os.path.isfile(args.run) else os.path.join(run_dir, "best.safetensors"),
+        os.path.join(run_dir, "report.json")]
+    policy = None
+    for path in candidates:
+        if not os.path.exists(path):
+            continue
+        try:
+            policy = ExitPolicy.load(path)
+            break
+        except ValueError:
+            if path == args.calibration:
+                raise
+    if policy is None:
         raise ValueError(f"no thresholds for {args.run}: run `eenn calibrate {args.run}` first or give --calibration")
     spec = net.input_spec  # older checkpoints: eenn.load reads it from their extra data
     names = spec.class_names if spec is not None else None

@@ -7,37 +7,37 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_json", "write_json"]
+__all__ = ["decode_inf", "encode_inf", "read_json", "write_json"]
 
 
 def read_json(path: str | Path) -> Any:
     """A JSON file eenn wrote: infinities (stored as the strings "inf" / "-inf") come back as floats."""
-    return _infinite(json.loads(Path(path).read_text()))
+    return decode_inf(json.loads(Path(path).read_text()))
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
     """Strict JSON (infinities as the strings "inf" / "-inf")."""
     p = Path(path)
-    p.write_text(json.dumps(_finite(obj), indent=2))
+    p.write_text(json.dumps(encode_inf(obj), indent=2))
     return p
 
 
-def _infinite(obj):
+def decode_inf(obj):
     if obj in ("inf", "-inf"):
         return float(obj)
     if isinstance(obj, dict):
-        return {k: _infinite(v) for k, v in obj.items()}
+        return {k: decode_inf(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_infinite(v) for v in obj]
+        return [decode_inf(v) for v in obj]
     return obj
 
 
-def _finite(obj):
+def encode_inf(obj):
     """JSON has no infinities: write them as strings."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: encode_inf(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [encode_inf(v) for v in obj]
     return obj

@@ -32,7 +32,7 @@ from torch import Tensor
 from .data import TensorLoader
 from .engine import DynamicEngine
 from .outputs import CachedOutputs, collect_outputs
-from .io import _finite, read_json
+from .io import encode_inf, read_json
 from .network import MultiExitNetwork
 from .functional import soft_conditional
 from .policies import ExitPolicy, as_policy, calibrate, evaluate_policy, oracle, report_goal
@@ -121,7 +121,7 @@ class Report:
         return self.data[key]
 
     def to_json(self) -> str:
-        return json.dumps(_finite(self.data), indent=2)
+        return json.dumps(encode_inf(self.data), indent=2)
 
     # ..................................................................... Markdown
     def exits_text(self, distribution: Sequence[float] | None = None) -> str:

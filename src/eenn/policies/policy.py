@@ -18,15 +18,20 @@ and export manifests store, and what the engine, the staged ONNX runner, the ser
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checkpoint import read_description
 from ..functional import SCHEMES, scheme_weights
+from ..io import decode_inf, read_json
 from ..registry import check_options
 from .rules import RULES, Scores, as_thresholds, get_policy, list_policies
 
@@ -119,6 +124,27 @@ class ExitPolicy:
             th = [float(v) for v in th] if isinstance(th, (list, tuple)) else float(th)
         return cls(rule, th, fallback=d.get("fallback") or "final",
                    **dict(d.get("options") or d.get("policy_options") or {}))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ExitPolicy":
+        """The policy stored in a file eenn wrote: a checkpoint saved with ``policy=``, a
+        calibration record (``eenn calibrate``), a ``report.json``, or an export (its directory
+        or ``manifest.json``)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "manifest.json"
+        if not p.exists():
+            raise FileNotFoundError(f"no file {p} to read an exit policy from")
+        if p.suffix == ".safetensors":
+            desc = read_description(p)
+            if "policy" not in desc:
+                raise ValueError(f"{p} holds no exit policy: save one with eenn.save(net, path, policy=...), or give "
+                                 "a calibration record (eenn calibrate)")
+            return cls.from_dict(decode_inf(desc["policy"]))
+        try:
+            return cls.from_dict(read_json(p))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} is not a JSON file eenn wrote ({e})") from None
 
     def __repr__(self) -> str:
         th = _floats(self.thresholds)

@@ -98,7 +98,7 @@ def add_parsers(subparsers) -> None:
 
 
 def run_export(args) -> int:
-    from ..checkpoint import load
+    from ..checkpoint import load, read_description
     from ..data import InputSpec
     from ..exporter import calibration_record, export
     from ..io import read_json
@@ -111,7 +111,12 @@ def run_export(args) -> int:
         except json.JSONDecodeError as e:
             raise ValueError(f"{args.calibration}: not a JSON calibration record ({e})") from None
     net = load(args.checkpoint).eval()
-    policy = ExitPolicy.from_dict(calib) if calib.get("policy") is not None else ExitPolicy(args.policy or "max_prob")
+    if calib.get("policy") is not None:
+        policy = ExitPolicy.from_dict(calib)
+    elif "policy" in read_description(args.checkpoint):  # saved with the weights: eenn.save(..., policy=)
+        policy = ExitPolicy.load(args.checkpoint)
+    else:
+        policy = ExitPolicy(args.policy or "max_prob")
     if args.policy and args.policy != policy.name:  # another rule: the calibration's thresholds do not apply
         policy = ExitPolicy(args.policy, fallback=policy.fallback)
     if args.fallback:
