@@ -72,8 +72,9 @@ EPILOG_PREDICT = """examples:
   eenn predict runs/r20 batch.npy --json
 
 Inputs: PNG/JPEG images (converted to the model's channels and size), .npy arrays (uint8 pixels,
-or float inputs already normalised; one sample or a batch), .json nested lists. Thresholds come
-from --calibration, else <run>/calibration.json, else the run's report.json.
+or float inputs already normalised; one sample or a batch), .json nested lists. The exit policy
+comes from --calibration, else <run>/calibration.json, else one saved in the checkpoint
+(eenn.save(..., policy=)), else the run's report.json.
 """
 
 EPILOG_COMPARE = """examples:

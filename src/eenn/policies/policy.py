@@ -33,11 +33,10 @@ from ..checkpoint import read_description
 from ..functional import SCHEMES, scheme_weights
 from ..io import decode_inf, read_json
 from ..registry import check_options
-from .rules import RULES, Scores, as_thresholds, get_policy, list_policies
+from .rules import FALLBACKS, RULES, Scores, as_thresholds, get_policy, list_policies
 
 __all__ = ["ExitPolicy", "BoundPolicy", "FALLBACKS", "as_policy", "policy_scores"]
 
-FALLBACKS = ("final", "most_confident")
 _GATED = ("gate", "cumulative")
 
 

@@ -41,9 +41,10 @@ from ..functional import ensemble_so_far, geometric_ensemble, stick_breaking
 from ..registry import Registry
 
 __all__ = ["Scores", "Decision", "register_policy", "get_policy", "list_policies", "as_thresholds", "canonical",
-           "per_exit", "exit_step", "padded_step", "route", "RULES"]
+           "per_exit", "exit_step", "padded_step", "route", "RULES", "FALLBACKS"]
 
 RULES = (">=", ">", "<", "<=")
+FALLBACKS = ("final", "most_confident")  # who answers a sample no exit took: the final exit, or SDN's most confident
 
 
 class Scores(NamedTuple):
@@ -290,7 +291,7 @@ def route(score: Tensor, thresholds: Tensor, rule: str, *, fallback: str = "fina
     (``fallback="final"``) or, with ``fallback="most_confident"`` (SDN), it is answered by the exit
     with the best score among all (the earliest on ties) while its cost stays the whole network
     (``depth = E-1``)."""
-    if fallback not in ("final", "most_confident"):
+    if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be 'final' or 'most_confident', got {fallback!r}")
     e = score.shape[0]
     s, th, strict = canonical(score.float(), thresholds.to(score.device, torch.float32), rule)

@@ -13,8 +13,10 @@ EPILOG_EXPORT = """examples:
   eenn export runs/r20/best.safetensors --out export/ --calibration calib.json
   eenn export runs/r20/best.safetensors --out export/ --dataset digits --max-drop 0.02
 
---calibration reads JSON {"policy", "thresholds", "fallback", "validation"} (any subset;
-eenn.exporter.calibration_record writes it). The normalisation and class names are the network's own
+--calibration reads a calibration record {"policy": {"rule", "thresholds", "fallback", "options"},
+"validation": ...} (`eenn calibrate` and eenn.exporter.calibration_record write it; older flat
+records {"policy": name, "thresholds", ...} are read too); without it, a policy saved in the
+checkpoint (eenn.save(..., policy=)) is used. The normalisation and class names are the network's own
 (net.input_spec, set by training); --dataset supplies them only for a checkpoint without one and,
 without --thresholds, calibrates on its validation split for --max-drop and records the validation
 exit distribution (which `eenn plan` needs).
