@@ -48,6 +48,8 @@ def main():
     info = data.info
     if a.checkpoint and os.path.exists(a.checkpoint):
         net = eenn.load(a.checkpoint)
+        if net.input_spec is None:  # saved before networks carried their input description
+            net.input_spec = eenn.InputSpec.from_info(info)
     else:
         torch.manual_seed(0)
         net = eenn.create_network(a.backbone, in_channels=info.in_channels, num_classes=info.num_classes,
