@@ -192,3 +192,62 @@ def test_corrupted_segment_is_refused(exported, tmp_path):
     with pytest.raises(ExportError, match="checksum"):
         StagedRunner(tmp_path / "copy")
     StagedRunner(tmp_path / "copy", segments=(0, 2))  # a tier that does not hold it still loads
+
+
+@pytest.mark.parametrize("policy, head", [("max_prob", "linear"), ("entropy", "linear"), ("margin", "linear"),
+                                          ("gate", "branching"), ("max_prob", "sdn")])
+def test_fused_batch1_graph_answers_as_the_engine(policy, head, tmp_path):
+    """At batch 1 the runner makes one call of the fused graph (segments, heads and the rule with
+    ONNX If nodes); its answers are the engine's, sample for sample, for any thresholds."""
+    net = _net(head, **({"head_options": {"cascade": True}} if head == "sdn" else {}))
+    x = torch.randn(48, 1, 8, 8)
+    with torch.no_grad():
+        th = _midpoint_thresholds(net, x, policy)
+    m = export(net, tmp_path, policy=policy, thresholds=th)
+    assert m["fused"]["file"] == "fused_batch1.onnx" and m["fused"]["rule"] == policy
+    runner = StagedRunner(tmp_path)
+    assert runner.fused is not None
+    calls = []
+    runner._segment = lambda *a: calls.append(a)  # the staged path must not run at batch 1
+    ones = [runner(x[i:i + 1].numpy()) for i in range(len(x))]
+    assert not calls
+    res = {k: np.concatenate([o[k] for o in ones]) for k in ones[0]}
+    eng = DynamicEngine(net, policy, th)(x)
+    _assert_same(res, eng)
+    assert 0 < (res["exit"] < 3).sum() < 48 and len(set(res["exit"].tolist())) >= 3  # every branch is taken
+    with torch.no_grad():
+        p = F.softmax(net(x).logits, -1)[torch.as_tensor(res["exit"]), torch.arange(48)]
+    assert np.allclose(res["probs"], p.numpy(), atol=1e-5)
+    # the thresholds are an input of the graph: a runner with other thresholds uses the same file
+    other = StagedRunner(tmp_path, thresholds=2.0 if policy != "entropy" else -1.0)
+    assert other.fused is not None and int(other(x[:1].numpy())["exit"][0]) == 3
+    # the tiers' path (advance) takes the fused graph too, with the same answer
+    a, rest = runner.advance(runner.start(x[:1].numpy()))
+    assert rest is None and int(a.exit[0][0]) == int(res["exit"][0])
+
+
+def test_fused_graph_only_where_it_applies(tmp_path):
+    net = _net()
+    m = export(net, tmp_path / "ens", policy="ensemble", thresholds=0.5, policy_options={"weights": [1.0] * 4})
+    assert m["fused"]["file"] is None and "no fused form" in m["fused"]["reason"]
+    m = export(net, tmp_path / "sdn", policy="max_prob", thresholds=0.5, fallback="most_confident")
+    assert m["fused"]["file"] is None
+    export(net, tmp_path / "mp", policy="max_prob", thresholds=0.5)
+    assert StagedRunner(tmp_path / "mp").fused is not None
+    assert StagedRunner(tmp_path / "mp", policy="entropy", thresholds=1.0).fused is None  # another rule: staged
+    assert StagedRunner(tmp_path / "mp", segments=(0, 2)).fused is None  # a tier holding some segments
+    (tmp_path / "mp" / "fused_batch1.onnx").write_bytes(b"tampered")
+    with pytest.raises(ExportError, match="checksum"):
+        StagedRunner(tmp_path / "mp")
+
+
+def test_static_graph_is_the_backbone(tmp_path):
+    import onnxruntime as ort
+
+    net = _net()
+    m = export(net, tmp_path, policy="max_prob", thresholds=0.5)
+    sess = ort.InferenceSession(str(tmp_path / m["static"]["file"]), providers=["CPUExecutionProvider"])
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        want = net.backbone(x).numpy()
+    assert np.abs(sess.run(None, {"input": x.numpy()})[0] - want).max() <= EXPORT_TOLERANCE

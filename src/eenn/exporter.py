@@ -17,6 +17,7 @@ manifest is written, and the largest absolute logit difference is recorded there
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from .outputs import collect_outputs
 from .io import write_json
 from .policies import ExitPolicy, as_policy, calibrate, decide
+from .fused import FUSED_RULES, fuse_segments
 from .staged import (EXPORT_TOLERANCE, FORMAT, FORMAT_VERSION, MANIFEST, ExportError, StagedRunner, _digest,
                      _session, load_manifest, read_segments)
 
@@ -100,7 +102,7 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(check_batch, *net.input_shape, generator=gen)
-    segments, worst = [], 0.0
+    segments, seg_bytes, worst = [], [], 0.0
     state: Any = x
     prev: Tensor | None = None
     in_names = ["input"]
@@ -129,6 +131,7 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
                                   dynamic_axes={n: {0: "batch"} for n in names_in + names_out},
                                   opset_version=opset, do_constant_folding=True)
             data = buf.getvalue()
+            seg_bytes.append(data)
             fname = f"segment_{k}.onnx"
             (out / fname).write_bytes(data)
             # Check this graph against PyTorch on the same inputs.
@@ -179,10 +182,60 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
         "check": {"batch": check_batch, "max_abs_logit_diff": worst, "tolerance": EXPORT_TOLERANCE},
         "segments": segments,
     }
+    manifest["static"] = _export_static(net, out, x, opset)
+    manifest["fused"] = _export_fused(manifest, seg_bytes, out, x, opset)
     tmp = out / (MANIFEST + ".tmp")
     write_json(manifest, tmp)  # strict JSON: infinite thresholds as "inf" / "-inf"
     os.replace(tmp, out / MANIFEST)
     return manifest
+
+
+def _export_static(net, out: Path, x: Tensor, opset: int) -> dict[str, Any]:
+    """The static network as one graph (``static.onnx``): the baseline an early exit must beat,
+    and what serving the network whole runs."""
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.backbone.eval(), (x,), buf, dynamo=False, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                          do_constant_folding=True)
+        want = net.backbone(x)
+    data = buf.getvalue()
+    got = _session(data, 1).run(None, {"input": x.numpy()})[0]
+    diff = float(np.max(np.abs(got - want.numpy())))
+    if not diff <= EXPORT_TOLERANCE * max(1.0, float(want.abs().max())):
+        raise ExportError(f"the static graph: ONNX differs from PyTorch by {diff:.3g}")
+    (out / "static.onnx").write_bytes(data)
+    return {"file": "static.onnx", "sha256": _digest(data), "max_abs_logit_diff": diff}
+
+
+def _export_fused(manifest: dict, seg_bytes: list[bytes], out: Path, x: Tensor, opset: int) -> dict[str, Any]:
+    """The batch-1 graph with the exit decisions inside (:mod:`eenn.fused`), when the policy's
+    rule has that form; checked against the staged runner sample by sample, with the policy's
+    thresholds and with thresholds that send everyone out at the first exit and nobody."""
+    policy = ExitPolicy.from_dict(manifest["policy"])
+    if policy.name not in FUSED_RULES or policy.fallback != "final":
+        return {"file": None, "reason": f"policy {policy.name!r} with fallback {policy.fallback!r} has no fused form "
+                                        f"(fused: {', '.join(FUSED_RULES)} with the final fallback)"}
+    data = fuse_segments(seg_bytes, manifest["segments"], policy.name, manifest["num_classes"], opset)
+    (out / "fused_batch1.onnx").write_bytes(data)
+    sess = _session(data, 1)
+    low = policy.name == "entropy"  # the rule that fires below its threshold
+    E = manifest["num_exits"]
+    for th in (policy.thresholds.expand(E - 1) if policy.thresholds.dim() == 0 else policy.thresholds,
+               torch.full((E - 1,), math.inf if low else -math.inf), torch.full((E - 1,), -math.inf if low else math.inf)):
+        runner = StagedRunner({**manifest, "_dir": str(out), "fused": None}, thresholds=th)
+        for i in range(len(x)):
+            want = runner(x[i:i + 1].numpy())
+            pred, exit_, probs = sess.run(None, {"input": x[i:i + 1].numpy(), "thresholds": th.numpy()})
+            if (pred[0], exit_[0]) != (want["prediction"][0], want["exit"][0]) or \
+                    not np.allclose(probs, want["probs"], atol=EXPORT_TOLERANCE):
+                (out / "fused_batch1.onnx").unlink()
+                reason = (f"the fused graph answered sample {i} with exit {exit_[0]}, class {pred[0]}, the staged "
+                          f"runner with exit {want['exit'][0]}, class {want['prediction'][0]}")
+                warnings.warn(f"no fused batch-1 graph: {reason}", RuntimeWarning, stacklevel=3)
+                return {"file": None, "reason": reason}
+    return {"file": "fused_batch1.onnx", "sha256": _digest(data), "rule": policy.name}
 
 
 def _spec(name: str, t: Tensor) -> dict[str, Any]:

@@ -121,6 +121,17 @@ class StagedRunner:
                 raise ExportError(f"{base / seg['file']} does not match its checksum in the manifest; re-export")
             self.sessions[seg["index"]] = _session(data, threads)
         self.segments = m["segments"]
+        # A single sample through the whole model: one call of the fused graph (eenn.fused), when
+        # the export has one for this runner's rule.
+        self.fused = None
+        fused = m.get("fused") or {}
+        if (fused.get("file") and (a, b) == (0, self.num_exits) and fused.get("rule") == self.policy.name
+                and self.policy.fallback == "final"):
+            data = (base / fused["file"]).read_bytes()
+            if _digest(data) != fused["sha256"]:
+                raise ExportError(f"{base / fused['file']} does not match its checksum in the manifest; re-export")
+            self.fused = _session(data, threads)
+            self._fused_th = self.bound.thresholds.numpy() if self.num_exits > 1 else np.zeros(1, np.float32)
 
     @property
     def thresholds(self):
@@ -130,6 +141,10 @@ class StagedRunner:
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
         if (self.first, self.stop) != (0, self.num_exits):
             raise ExportError("this runner holds only some segments; use start()/advance()")
+        if self.fused is not None and len(x) == 1:  # the latency case: one call, nothing around it
+            pred, exit_, probs = self._fused(np.ascontiguousarray(x, dtype=np.float32))
+            return {"prediction": pred, "exit": exit_, "depth": exit_.copy(), "probs": probs,
+                    "degraded": np.zeros(1, bool)}
         answers, rest = self.advance(self.start(x))
         assert rest is None
         return {k: v.numpy() for k, v in answers.ordered(len(x)).items()}
@@ -147,8 +162,18 @@ class StagedRunner:
             raise ExportError(f"this runner holds segments {self.first}..{self.stop - 1}, the features are for "
                               f"segment {running.next}")
         answers = Answers()
+        if self.fused is not None and running.next == 0 and stop == self.num_exits and len(running) == 1:
+            x = running.state[0] if isinstance(running.state, tuple) else running.state
+            pred, exit_, probs = self._fused(x.numpy())
+            k = int(exit_[0])
+            answers.add(running.index, torch.from_numpy(pred), k, k, torch.from_numpy(probs))
+            return answers, None
         rest = run_exits(self.bound, running, self._segment, answers, stop=stop, probs=True)
         return answers, rest
+
+    def _fused(self, x: np.ndarray) -> list[np.ndarray]:
+        """``[prediction [1], exit [1], probs [1, C]]`` of one sample from the fused graph."""
+        return self.fused.run(None, {"input": x, "thresholds": self._fused_th})
 
     def degrade(self, running: Running) -> Answers:
         """Answer every sample of ``running`` with the deepest exit already computed (when the

@@ -1,0 +1,147 @@
+"""One ONNX graph for a single sample: every segment, its exit head and the exit rule, chained
+with ONNX ``If`` nodes, so that a sample costs one onnxruntime call whatever exit it takes.
+
+Why. At batch 1 the staged runner calls onnxruntime once per segment and decides in Python
+between the calls; for a small network that overhead is a large part of the time, and the early
+exit then loses to the static network run as one graph. Here the decision is in the graph::
+
+    segment 0 -> logits_0 -> score_0 -> If(score_0 fires) then (answer of exit 0)
+                                                       else segment 1 -> ... -> the final exit
+
+The rule is one of the per-exit rules (``max_prob``, ``entropy``, ``margin``, ``gate``) with the
+final-exit fallback; the thresholds are an input of the graph (``thresholds [E-1]``), so one
+file serves any calibration of that rule. Other policies run through the staged runner.
+
+Inputs ``input [1, ...]`` and ``thresholds [E-1]``; outputs ``prediction [1]`` (int64),
+``exit [1]`` (int64) and ``probs [1, C]`` (softmax of the answering exit). The scores are
+computed by onnxruntime, so, as for the staged runner, a score within float rounding (~1e-6) of
+its threshold may decide the other way than PyTorch does.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+__all__ = ["FUSED_RULES", "fuse_segments"]
+
+FUSED_RULES = ("max_prob", "entropy", "margin", "gate")
+
+
+def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, num_classes: int,
+                  opset: int) -> bytes:
+    """The fused graph from the segments' ONNX bytes and their manifest entries (``inputs``,
+    ``outputs``, ``num_state_outputs``, ``cascade``)."""
+    import onnx
+    from onnx import TensorProto, compose, helper
+
+    if rule not in FUSED_RULES:
+        raise ValueError(f"rule {rule!r} has no fused form; fused rules: {', '.join(FUSED_RULES)}")
+    E = len(segments)
+    models = [compose.add_prefix(onnx.load_from_string(b), f"s{k}/") for k, b in enumerate(segments)]
+    initializers = [t for m in models for t in m.graph.initializer]
+    C = num_classes
+    const = []  # constants shared by every exit (top-level initializers)
+
+    def add_const(name, dtype, dims, values):
+        const.append(helper.make_tensor(name, dtype, dims, values))
+        return name
+
+    axes_last = add_const("c/axes_last", TensorProto.INT64, [1], [-1])
+    add_const("c/zero_f", TensorProto.FLOAT, [], [0.0])
+
+    def wiring(k: int) -> list:
+        """Identity nodes feeding segment k's inputs from segment k-1's outputs."""
+        if k == 0:
+            return [helper.make_node("Identity", ["input"], ["s0/input"])]
+        nodes = []
+        for i, spec in enumerate(s for s in specs[k]["inputs"] if s["name"] != "prev_logits"):
+            nodes.append(helper.make_node("Identity", [f"s{k - 1}/state_out_{i}"], [f"s{k}/{spec['name']}"]))
+        if specs[k]["cascade"]:
+            nodes.append(helper.make_node("Identity", [f"s{k - 1}/logits"], [f"s{k}/prev_logits"]))
+        return nodes
+
+    def answer(k: int, tag: str) -> tuple[list, list[str]]:
+        """Nodes computing exit k's answer: (prediction, exit, probs)."""
+        p = f"a{k}{tag}/"
+        exit_name = add_const(f"c/exit_{k}", TensorProto.INT64, [1], [k])
+        nodes = [helper.make_node("ArgMax", [f"s{k}/logits"], [p + "prediction"], axis=-1, keepdims=0),
+                 helper.make_node("Identity", [exit_name], [p + "exit"]),
+                 helper.make_node("Softmax", [f"s{k}/logits"], [p + "probs"], axis=-1)]
+        return nodes, [p + "prediction", p + "exit", p + "probs"]
+
+    def fires(k: int) -> tuple[list, str]:
+        """Nodes computing whether exit k's score fires against ``thresholds[k]`` (a [1] bool)."""
+        p = f"d{k}/"
+        idx = add_const(f"c/index_{k}", TensorProto.INT64, [1], [k])
+        nodes = [helper.make_node("Gather", ["thresholds", idx], [p + "th"], axis=0)]
+        lg = f"s{k}/logits"
+        if rule == "gate":
+            nodes.append(helper.make_node("Greater", [f"s{k}/gate", p + "th"], [p + "fire"]))
+            return nodes, p + "fire"
+        nodes.append(helper.make_node("Softmax", [lg], [p + "p"], axis=-1))
+        if rule == "max_prob":
+            nodes += [helper.make_node("ReduceMax", [p + "p", axes_last], [p + "score"], keepdims=0)
+                      if opset >= 18 else helper.make_node("ReduceMax", [p + "p"], [p + "score"], axes=[-1], keepdims=0),
+                      helper.make_node("GreaterOrEqual", [p + "score", p + "th"], [p + "fire"])]
+        elif rule == "margin":
+            k2 = add_const("c/two", TensorProto.INT64, [1], [2]) if "c/two" not in {c.name for c in const} else "c/two"
+            nodes += [helper.make_node("TopK", [p + "p", k2], [p + "top", p + "topi"], axis=-1),
+                      helper.make_node("Split", [p + "top"], [p + "t0", p + "t1"], axis=-1, num_outputs=2)
+                      if opset >= 18 else helper.make_node("Split", [p + "top"], [p + "t0", p + "t1"], axis=-1),
+                      helper.make_node("Sub", [p + "t0", p + "t1"], [p + "m"]),
+                      helper.make_node("Squeeze", [p + "m", axes_last], [p + "score"]),
+                      helper.make_node("GreaterOrEqual", [p + "score", p + "th"], [p + "fire"])]
+        else:  # entropy, in nats; 0 log 0 = 0
+            nodes += [helper.make_node("LogSoftmax", [lg], [p + "logp"], axis=-1),
+                      helper.make_node("Mul", [p + "p", p + "logp"], [p + "plogp"]),
+                      helper.make_node("IsNaN", [p + "plogp"], [p + "nan"]),
+                      helper.make_node("Where", [p + "nan", "c/zero_f", p + "plogp"], [p + "plogp0"]),
+                      helper.make_node("ReduceSum", [p + "plogp0", axes_last], [p + "negh"], keepdims=0),
+                      helper.make_node("Neg", [p + "negh"], [p + "score"]),
+                      helper.make_node("Less", [p + "score", p + "th"], [p + "fire"])]
+        return nodes, p + "fire"
+
+    out_info = [helper.make_tensor_value_info("prediction", TensorProto.INT64, [None]),
+                helper.make_tensor_value_info("exit", TensorProto.INT64, [None]),
+                helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, C])]
+
+    def branch_outputs(names: list[str], tag: str) -> tuple[list, list]:
+        """Identity nodes renaming a branch's answer to unique names, and their value infos."""
+        nodes, infos = [], []
+        for n, info in zip(names, out_info):
+            new = f"{tag}/{info.name}"
+            nodes.append(helper.make_node("Identity", [n], [new]))
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(info)
+            vi.name = new
+            infos.append(vi)
+        return nodes, infos
+
+    def from_exit(k: int) -> tuple[list, list[str]]:
+        """The nodes that run segment k onwards and the names of the answer they produce."""
+        nodes = wiring(k) + list(models[k].graph.node)
+        if k == E - 1:
+            a_nodes, names = answer(k, "")
+            return nodes + a_nodes, names
+        f_nodes, fire = fires(k)
+        then_nodes, then_names = answer(k, "t")
+        t_ren, t_infos = branch_outputs(then_names, f"then{k}")
+        else_nodes, else_names = from_exit(k + 1)
+        e_ren, e_infos = branch_outputs(else_names, f"else{k}")
+        then_graph = helper.make_graph(then_nodes + t_ren, f"exit{k}", [], t_infos)
+        else_graph = helper.make_graph(else_nodes + e_ren, f"after{k}", [], e_infos)
+        outs = [f"if{k}/prediction", f"if{k}/exit", f"if{k}/probs"]
+        node = helper.make_node("If", [fire], outs, then_branch=then_graph, else_branch=else_graph)
+        return nodes + f_nodes + [node], outs
+
+    body, names = from_exit(0)
+    body += [helper.make_node("Identity", [n], [info.name]) for n, info in zip(names, out_info)]
+    first = onnx.load_from_string(segments[0]).graph.input[0]
+    x_info = onnx.ValueInfoProto()
+    x_info.CopyFrom(first)
+    x_info.name = "input"
+    th_info = helper.make_tensor_value_info("thresholds", TensorProto.FLOAT, [max(E - 1, 1)])
+    graph = helper.make_graph(body, "eenn_fused_batch1", [x_info, th_info], out_info, initializer=initializers + const)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="eenn", ir_version=models[0].ir_version)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
