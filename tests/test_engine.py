@@ -103,3 +103,127 @@ def test_engine_with_calibrated_thresholds_on_digits():
         eng = DynamicEngine(net, policy)
         net.train()
         eng(x)
+
+
+# --- streaming: the survivors of successive batches pooled into full batches at every exit ----
+
+STREAM_SIZES = [23, 40, 7, 64, 31]
+
+
+def _recording(eng, log):
+    """Log ``("call", segment, samples)`` for every segment call of ``eng``."""
+    seg = eng._segment
+
+    def segment(k, state, prev):
+        log.append(("call", k, (state[0] if isinstance(state, tuple) else state).shape[0]))
+        return seg(k, state, prev)
+    eng._segment = segment
+
+
+def _feed(xs, log):
+    """The batches, logging ``("read", i)`` as each is handed out and ``("end",)`` when exhausted."""
+    for i, x in enumerate(xs):
+        log.append(("read", i))
+        yield x
+    log.append(("end",))
+
+
+def _assert_full_batches(log, size, num_exits):
+    """Every segment call before the input ran out saw ``size`` samples; in the final flush each
+    segment runs full batches too, but for its last call."""
+    end = log.index(("end",))
+    assert all(e[2] == size for e in log[:end] if e[0] == "call"), log
+    for k in range(num_exits):
+        flush = [e[2] for e in log[end:] if e[0] == "call" and e[1] == k]
+        assert all(n == size for n in flush[:-1]) and all(0 < n <= size for n in flush[-1:]), (k, log)
+
+
+@pytest.mark.parametrize("fallback", ["final", "most_confident"])
+@pytest.mark.parametrize("policy, head, net_opts, opts", CASES, ids=lambda c: str(c)[:20])
+def test_stream_equals_engine_per_batch(policy, head, net_opts, opts, fallback):
+    net = _net(head, **net_opts)
+    torch.manual_seed(1)
+    xs = [torch.randn(n, 1, 8, 8) for n in STREAM_SIZES]
+    x = torch.cat(xs)
+    out = net(x)
+    cache = CachedOutputs(out.logits, out.gates, torch.zeros(len(x), dtype=torch.long))
+    if policy == "patience":
+        th = torch.tensor([1.0, 1.0, 2.0])
+    else:  # halfway across the widest gap between two scores in the middle half (other batch
+        # sizes may pick other kernels, with last-bit differences): no score sits near it
+        sc = eenn.policies.policy_scores(policy, cache, **opts).score[:-1].sort(1).values
+        lo, hi = sc.shape[1] // 4, 3 * sc.shape[1] // 4
+        i = lo + (sc[:, lo + 1:hi + 1] - sc[:, lo:hi]).argmax(1, keepdim=True)
+        th = ((sc.gather(1, i) + sc.gather(1, i + 1)) / 2).squeeze(1)
+    eng = DynamicEngine(net, policy, th, fallback=fallback, **opts)
+    expected = [eng(xb) for xb in xs]
+    log = []
+    _recording(eng, log)
+    got = list(eng.stream(_feed(xs, log), batch_size=32))
+    assert len(got) == len(xs)
+    for b, (g, e) in enumerate(zip(got, expected)):  # in input order, row for row
+        for field in ("prediction", "exit", "depth", "macs"):
+            assert torch.equal(getattr(g, field), getattr(e, field)), (b, field)
+    depth = torch.cat([e.depth for e in expected])
+    if policy != "patience":
+        assert 0 < (depth < 3).sum() < len(x)  # some exit early, some do not
+    assert any(e[0] == "call" and e[1] == 3 for e in log)  # pooled survivors reached the end
+    _assert_full_batches(log, 32, net.num_exits)
+
+
+def test_stream_yields_each_batch_as_soon_as_it_is_answered():
+    net = _net()
+    torch.manual_seed(1)
+    xs = [torch.randn(n, 1, 8, 8) for n in STREAM_SIZES]
+    eng = DynamicEngine(net, "max_prob", 0.0)  # everyone exits at exit 0
+    log = []
+    _recording(eng, log)
+    loader = ((x, torch.zeros(len(x), dtype=torch.long)) for x in _feed(xs, log))  # (x, y) as a TensorLoader's
+    got = []
+    for j, r in enumerate(eng.stream(loader, batch_size=32)):
+        log.append(("yield", j))
+        got.append(r)
+    # batches of samples 0-22 | 23-62 | 63-69 | 70-133 | 134-164; exit 0 runs 0-31 once batch 1
+    # is read, 32-63 after batch 2, 64-95 and 96-127 after batch 3, 128-159 after batch 4, and
+    # 160-164 in the flush; each batch is yielded by the run that answers its last sample
+    events = [e[:2] if e[0] != "call" else ("call",) for e in log]
+    assert events == [("read", 0), ("read", 1), ("call",), ("yield", 0), ("read", 2), ("call",), ("yield", 1),
+                      ("read", 3), ("call",), ("yield", 2), ("call",), ("read", 4), ("call",), ("yield", 3),
+                      ("end",), ("call",), ("yield", 4)]
+    assert [e[1:] for e in log if e[0] == "call"] == [(0, 32)] * 5 + [(0, 5)]
+    for r, x in zip(got, xs, strict=True):
+        assert torch.equal(r.prediction, eng(x).prediction) and (r.exit == 0).all()
+
+
+def test_stream_where_nobody_exits_early():
+    net = _net()
+    torch.manual_seed(1)
+    xs = [torch.randn(n, 1, 8, 8) for n in STREAM_SIZES]
+    eng = DynamicEngine(net, "max_prob", 2.0)
+    log = []
+    _recording(eng, log)
+    got = list(eng.stream(_feed(xs, log), batch_size=32))
+    eng._segment = DynamicEngine(net, "max_prob", 2.0)._segment
+    for g, x in zip(got, xs, strict=True):
+        e = eng(x)
+        assert (g.exit == 3).all() and all(torch.equal(getattr(g, f), getattr(e, f)) for f in g._fields)
+    _assert_full_batches(log, 32, net.num_exits)
+    calls = [e[1:] for e in log if e[0] == "call"]
+    assert sorted(calls) == sorted([(k, 32) for k in range(4)] * 5 + [(k, 5) for k in range(4)])
+
+
+def test_stream_edge_cases():
+    net = _net()
+    eng = DynamicEngine(net, "max_prob", [0.3, 0.5, 0.7])
+    assert list(eng.stream([])) == []
+    with pytest.raises(ValueError, match="batch_size"):
+        eng.stream([torch.randn(4, 1, 8, 8)], batch_size=0)
+    # the default batch size is the first batch's; an empty batch gives an empty answer in its place
+    xs = [torch.randn(10, 1, 8, 8), torch.randn(0, 1, 8, 8), torch.randn(25, 1, 8, 8)]
+    got = list(eng.stream(xs))
+    assert [len(g.prediction) for g in got] == [10, 0, 25]
+    assert torch.equal(got[2].exit, eng(xs[2]).exit)
+    # micro-batches apply to the pooled segments as to any (results do not depend on them)
+    micro = list(DynamicEngine(net, "max_prob", [0.3, 0.5, 0.7], micro_batch=7).stream(xs, batch_size=16))
+    for m, g in zip(micro, got, strict=True):
+        assert torch.equal(m.prediction, g.prediction) and torch.equal(m.exit, g.exit)

@@ -372,6 +372,35 @@ def test_exit_loop_equals_vectorised_routing(rule, opts, th, fallback):
     assert torch.equal(d.prediction, s.prediction.gather(0, exit_[None]).squeeze(0))
 
 
+@pytest.mark.parametrize("fallback", ["final", "most_confident"])
+@pytest.mark.parametrize("rule, opts, th", POLICIES)
+def test_exit_loop_pools_the_survivors_of_several_batches(rule, opts, th, fallback):
+    """Running.cat / Running.split: the survivors of three batches (their indices sample ids
+    across them) pooled after two exits and cut again run on to the same decisions."""
+    from eenn.policies.loop import Answers, Running, run_exits, simulate_segment, start
+
+    cache = _random_cache()
+    policy = ExitPolicy(rule, [th, th * 0.9, th * 1.1], fallback=fallback, **opts)
+    bound, seg, answers = policy.bind(4), simulate_segment(cache.logits, cache.gates), Answers()
+    cuts = [0, 70, 130, 300]
+    left = [run_exits(bound, start(torch.arange(a, b), offset=a), seg, answers, stop=2, probs=True)
+            for a, b in zip(cuts, cuts[1:])]
+    pooled = Running.cat([r for r in left if r is not None])
+    assert pooled.next == 2 and pooled.batch == 300 and torch.equal(pooled.index, pooled.index.sort().values)
+    assert (pooled.seen is None) == (fallback == "final") and pooled.last is not None
+    n = len(pooled) // 2
+    head, rest = pooled.split(n)
+    assert n > 0 and len(head) == n and len(rest) == len(pooled) - n and pooled.split(len(pooled))[0] is pooled
+    assert pooled.split(len(pooled))[1] is None
+    for part in (rest, head):
+        assert run_exits(bound, part, seg, answers, probs=True) is None
+    out, d = answers.ordered(300), decide(policy, cache)
+    assert torch.equal(out["exit"], d.exit) and torch.equal(out["depth"], d.depth)
+    assert torch.equal(out["prediction"], d.prediction)
+    with pytest.raises(ValueError, match="different segments"):
+        Running.cat([pooled, start(torch.arange(3))])
+
+
 @pytest.mark.parametrize("rule, opts, th", POLICIES)
 def test_policy_round_trips_through_json(rule, opts, th, tmp_path):
     import json

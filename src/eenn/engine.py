@@ -9,14 +9,16 @@ must be in eval mode (BatchNorm then does not depend on the batch make-up).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import numbers
+from collections import deque
+from typing import Iterable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .inference import OptimizedSegments
 from .network import MultiExitNetwork
-from .policies.loop import Answers, run_exits, start
+from .policies.loop import Answers, Running, run_exits, start
 from .policies.policy import ExitPolicy, as_policy
 
 __all__ = ["DynamicEngine", "EngineResult"]
@@ -112,3 +114,108 @@ class DynamicEngine:
             out = answers.ordered(x.shape[0])
             pred, exit_, depth = out["prediction"], out["exit"], out["depth"]
         return EngineResult(pred, exit_, depth, self.dynamic_macs.to(x.device)[depth])
+
+    def stream(self, batches: Iterable, *, batch_size: int | None = None) -> Iterator[EngineResult]:
+        """Re-batching for throughput (E3, DREX): run a stream of batches with the survivors of
+        successive batches pooled at every exit, so that each segment runs on full batches of
+        ``batch_size`` samples (default: the size of the first batch) rather than on the
+        shrinking remnants of one batch. Yields one :class:`EngineResult` per input batch, in
+        input order, as soon as all its samples are answered; its rows and answers are those
+        of ``engine(batch)`` (eval mode: a sample's answer does not depend on its batch mates).
+
+        ``batches``: an iterable of inputs as :meth:`__call__` takes them (model inputs or raw
+        uint8 pixels), or of ``(x, y, ...)`` tuples such as a :class:`~eenn.TensorLoader`
+        yields (the first element is the input).
+
+        Scheduling: segment ``k`` has a queue of waiting samples, oldest first. While some queue
+        holds a full batch, the deepest such queue runs one batch (its survivors join queue
+        ``k+1``); only when none is full is the next input batch read into queue 0. Running the
+        deepest first answers the oldest samples first and keeps fewer than ``batch_size``
+        samples waiting before each segment (plus the batch being read). When the input is
+        exhausted the queues are flushed from the shallowest to the deepest, in full batches
+        while they last: only then does a segment run on fewer samples."""
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive number of samples or None, got {batch_size!r}")
+        batch_size = None if batch_size is None else int(batch_size)
+        if self.net.training:
+            raise RuntimeError("put the network in eval mode: training-mode BatchNorm mixes samples")
+        return self._stream(iter(batches), batch_size)
+
+    @torch.no_grad()
+    def _stream(self, batches: Iterator, size: int | None) -> Iterator[EngineResult]:
+        num = self.net.num_exits
+        queues = [deque() for _ in range(num)]  # Running pieces before segment k, oldest first
+        waiting = [0] * num  # samples in each queue
+        sizes: deque[int] = deque()  # input batches not yet yielded, in input order
+        base = 0  # sample id of the first sample of sizes[0]
+        read = 0  # samples read so far: the id of the next one
+        buf: dict[str, Tensor] = {}  # answers of samples base .. read-1 ("done": answered yet)
+        macs = None
+
+        def run(k: int, n: int) -> None:
+            pieces, got = [], 0
+            while got < n:
+                piece = queues[k].popleft()
+                if got + len(piece) > n:
+                    piece, rest = piece.split(n - got)
+                    queues[k].appendleft(rest)
+                pieces.append(piece)
+                got += len(piece)
+            waiting[k] -= got
+            answers = Answers()
+            left = run_exits(self.bound, Running.cat(pieces), self._segment, answers, stop=k + 1)
+            if left is not None:
+                queues[k + 1].append(left)
+                waiting[k + 1] += len(left)
+            for i, idx in enumerate(answers.index):
+                pos = idx - base
+                buf["prediction"][pos] = answers.prediction[i]
+                buf["exit"][pos] = answers.exit[i]
+                buf["depth"][pos] = answers.depth[i]
+                buf["done"][pos] = True
+
+        def ready() -> Iterator[EngineResult]:
+            nonlocal base
+            while sizes and bool(buf["done"][:sizes[0]].all()):
+                b = sizes.popleft()
+                pred, exit_, depth = (buf[f][:b].clone() for f in ("prediction", "exit", "depth"))
+                for f in buf:
+                    buf[f] = buf[f][b:]
+                base += b
+                yield EngineResult(pred, exit_, depth, macs[depth])
+
+        for x in batches:
+            if isinstance(x, (tuple, list)):
+                x = x[0]
+            x = self._input(x)
+            b = x.shape[0]
+            if macs is None:
+                macs = self.dynamic_macs.to(x.device)
+                buf.update({f: torch.zeros(0, dtype=torch.long, device=x.device) for f in ("prediction", "exit", "depth")})
+                buf["done"] = torch.zeros(0, dtype=torch.bool, device=x.device)
+            if size is None and b:
+                size = b
+            if b:
+                for f, t in buf.items():
+                    buf[f] = torch.cat([t, torch.zeros(b, dtype=t.dtype, device=t.device)])
+                for a, piece in zip(range(0, b, size), x.split(size)):  # views: no copy, none to re-split
+                    queues[0].append(start(piece, offset=read + a))
+                waiting[0] += b
+            sizes.append(b)
+            read += b
+            del x
+            while True:  # the deepest full queue runs first; the next batch is read when none is full
+                k = next((k for k in reversed(range(num)) if size is not None and waiting[k] >= size), None)
+                if k is None:
+                    break
+                run(k, size)
+                yield from ready()
+            yield from ready()
+        for k in range(num):  # flush, shallowest first: deeper queues collect the survivors
+            while waiting[k]:
+                run(k, min(size, waiting[k]))
+                yield from ready()
+        yield from ready()
+        if sizes:
+            raise RuntimeError(f"{len(sizes)} batches have unanswered samples")  # cannot happen

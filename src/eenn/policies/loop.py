@@ -13,7 +13,9 @@ the cached simulation, the samples' indices into the cache). The loop compacts t
 previous exit's logits (which cascading heads read), the rule's memory of earlier exits and, for
 SDN's ``most_confident`` fallback, every exit's score and answer so far, so that only running
 samples are computed. What is left after a range of segments is a :class:`Running`, which one
-serving tier hands to the next (:meth:`Running.to_arrays`).
+serving tier hands to the next (:meth:`Running.to_arrays`) and which a stream of batches pools
+with the survivors of other batches (:meth:`Running.cat`, :meth:`Running.split`), its indices
+then sample ids across the stream.
 """
 from __future__ import annotations
 
@@ -41,14 +43,26 @@ def _take(x, idx: Tensor):
     return x.index_select(0, idx)
 
 
+def _cat(parts: list):
+    """A tensor or a tuple of tensors (None stays None) joined along the samples."""
+    first = parts[0]
+    if first is None or isinstance(first, tuple):
+        if any((p is None) != (first is None) for p in parts):
+            raise ValueError("cannot join pieces where a field is set in some and None in others")
+        if first is None:
+            return None
+        return tuple(None if ts[0] is None else torch.cat(ts) for ts in zip(*parts))
+    return torch.cat(parts)
+
+
 @dataclass
 class Running:
     """The samples of a batch still running before segment ``next``."""
 
     next: int  # the next segment to run
-    index: Tensor  # [n] long: positions in the original batch
+    index: Tensor  # [n] long: positions in the original batch (in a stream: sample ids across it)
     state: Any  # what segment ``next`` takes: a tensor or a tuple of tensors, samples first
-    batch: int  # size of the original batch
+    batch: int  # size of the original batch (in a stream: the samples so far; index < batch)
     prev: Tensor | None = None  # [n, C] the logits of exit next-1
     carry: tuple | None = None  # the rule's memory of the exits before ``next``
     seen: tuple | None = None  # most_confident fallback: (scores [n, k], answers [n, k], probs [n, k, C] | None)
@@ -60,6 +74,27 @@ class Running:
     def take(self, idx: Tensor) -> "Running":
         return Running(self.next, self.index.index_select(0, idx), _take(self.state, idx), self.batch,
                        _take(self.prev, idx), _take(self.carry, idx), _take(self.seen, idx), _take(self.last, idx))
+
+    def split(self, n: int) -> "tuple[Running, Running | None]":
+        """The first ``n`` samples and the rest (None when nobody is left)."""
+        if n >= len(self):
+            return self, None
+        dev = self.index.device
+        return self.take(torch.arange(n, device=dev)), self.take(torch.arange(n, len(self), device=dev))
+
+    @classmethod
+    def cat(cls, pieces: "list[Running]") -> "Running":
+        """One Running of ``pieces`` (all before the same segment, their indices in one
+        numbering, e.g. sample ids across a stream), every field joined along the samples."""
+        if not pieces:
+            raise ValueError("nothing to join")
+        if len(pieces) == 1:
+            return pieces[0]
+        if len({p.next for p in pieces}) != 1:
+            raise ValueError(f"cannot join samples before different segments {sorted({p.next for p in pieces})}")
+        return cls(pieces[0].next, torch.cat([p.index for p in pieces]), _cat([p.state for p in pieces]),
+                   max(p.batch for p in pieces),
+                   *(_cat([getattr(p, f) for p in pieces]) for f in ("prev", "carry", "seen", "last")))
 
     # -- transport between tiers (named NumPy arrays, see eenn.serve.codec) --------------
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -102,11 +137,12 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def start(x, batch: int | None = None) -> Running:
-    """A batch of model inputs (a tensor, or a tuple of tensors) before segment 0."""
+def start(x, batch: int | None = None, *, offset: int = 0) -> Running:
+    """A batch of model inputs (a tensor, or a tuple of tensors) before segment 0; in a stream,
+    ``offset`` is the id of its first sample (the samples before it)."""
     first = x[0] if isinstance(x, tuple) else x
     b = first.shape[0] if batch is None else batch
-    return Running(0, torch.arange(b, device=first.device), x, b)
+    return Running(0, torch.arange(offset, offset + b, device=first.device), x, offset + b)
 
 
 @dataclass
