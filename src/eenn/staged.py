@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +70,7 @@ def read_segments(manifest: dict[str, Any], segments: tuple[int, int]) -> dict[i
     return {s["index"]: (base / s["file"]).read_bytes() for s in manifest["segments"][segments[0]:segments[1]]}
 
 
-def _session(model: bytes, threads: int):
+def _session(model: bytes, threads: int, optimized_path: str | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -76,7 +78,27 @@ def _session(model: bytes, threads: int):
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
+    if optimized_path is not None:  # also write the graph as onnxruntime optimised it for this machine
+        opts.optimized_model_filepath = optimized_path
     return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _fused_session(segments: dict[int, bytes], manifest: dict[str, Any], rule: str, threads: int):
+    """The fused batch-1 graph (:mod:`eenn.fused`) built from the segments as onnxruntime
+    optimises them on this machine. onnxruntime does not apply its blocked-layout (NCHWc)
+    convolutions inside ``If`` branches, so a graph fused from the exported segments runs every
+    segment after the first about twice as slowly as the same segment alone; fused from the
+    already optimised segments it does not. Those are specific to this processor, hence built
+    here at load time, not at export."""
+    from .fused import fuse_segments
+
+    with tempfile.TemporaryDirectory(prefix="eenn-fused-") as tmp:
+        optimised = []
+        for k in sorted(segments):
+            _session(segments[k], threads, optimized_path=f"{tmp}/segment_{k}.onnx")
+            optimised.append(Path(f"{tmp}/segment_{k}.onnx").read_bytes())
+    fused = fuse_segments(optimised, manifest["segments"], rule, int(manifest["num_classes"]), int(manifest["opset"]))
+    return _session(fused, threads)
 
 
 # ------------------------------------------------------------------------------------ runner
@@ -113,6 +135,7 @@ class StagedRunner:
         except ValueError as e:
             raise ExportError(str(e)) from None
         self.sessions: dict[int, Any] = {}
+        loaded: dict[int, bytes] = {}
         base = Path(m.get("_dir", "."))
         for seg in m["segments"][a:b]:
             # ``models`` carries the graphs in memory (to a Ray worker on another machine).
@@ -120,6 +143,7 @@ class StagedRunner:
             if _digest(data) != seg["sha256"]:
                 raise ExportError(f"{base / seg['file']} does not match its checksum in the manifest; re-export")
             self.sessions[seg["index"]] = _session(data, threads)
+            loaded[seg["index"]] = data
         self.segments = m["segments"]
         # A single sample through the whole model: one call of the fused graph (eenn.fused), when
         # the export has one for this runner's rule.
@@ -130,7 +154,12 @@ class StagedRunner:
             data = (base / fused["file"]).read_bytes()
             if _digest(data) != fused["sha256"]:
                 raise ExportError(f"{base / fused['file']} does not match its checksum in the manifest; re-export")
-            self.fused = _session(data, threads)
+            try:
+                self.fused = _fused_session(loaded, m, self.policy.name, threads)
+            except Exception as e:  # noqa: BLE001 - the exported (portable, slower) fused graph instead
+                warnings.warn(f"the fused batch-1 graph could not be built from the optimised segments "
+                              f"({type(e).__name__}: {e}); using the exported one", RuntimeWarning, stacklevel=2)
+                self.fused = _session(data, threads)
             self._fused_th = self.bound.thresholds.numpy() if self.num_exits > 1 else np.zeros(1, np.float32)
 
     @property

@@ -1,0 +1,71 @@
+"""Early exit against the best static deployment of the same network, on this machine.
+
+Trains (or reuses, --checkpoint) a ResNet-20 with exits on Fashion-MNIST, calibrates max_prob on
+the validation split for a 1-point drop, then times the static network and the early-exit network
+on every path eenn offers here (PyTorch eager, PyTorch optimised, onnxruntime at 1 thread and at
+torch's thread count; eenn.deployments), on test samples at each batch size. Prints one table per
+batch size, the speed-up of the fastest early-exit path over the fastest static path (both named)
+against the MAC speed-up, and ends with the line
+
+    worst ratio over the best static: X.XX
+
+Target (issue 16): >= 0.85 at batch 1 and 256 on 2 CPU threads.
+
+    .venv/bin/python benchmarks/deploy_speed.py --checkpoint runs/deploy-speed.safetensors
+"""
+import argparse
+import os
+import platform
+
+import torch
+
+import eenn
+from eenn.deployments import format_deployments, time_deployments
+from eenn.inference import tune_cpu_allocator
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--limit", type=int, default=20000, help="training images (0: all)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--exits", default="linear:3")
+    p.add_argument("--policy", default="max_prob")
+    p.add_argument("--max-drop", type=float, default=0.01)
+    p.add_argument("--batches", default="1,256")
+    p.add_argument("--samples", default="512,2048", help="test samples timed per batch size")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--checkpoint", help="reuse this trained network if the file exists, else train and save it there")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    tune_cpu_allocator()
+    data = eenn.load_dataset(a.dataset, limit=a.limit or None)
+    if a.checkpoint and os.path.exists(a.checkpoint):
+        net = eenn.load(a.checkpoint)
+        if net.input_spec is None:
+            net.input_spec = eenn.InputSpec.from_info(data.info)
+    else:
+        torch.manual_seed(0)
+        i = data.info
+        net = eenn.create_network("resnet20", in_channels=i.in_channels, num_classes=i.num_classes,
+                                  input_size=i.input_size, exits=a.exits)
+        eenn.fit(net, data, "joint", epochs=a.epochs, lr=0.05, progress=False)
+        if a.checkpoint:
+            eenn.save(net, a.checkpoint)
+    net.eval()
+    policy = eenn.calibrate(a.policy, eenn.collect_outputs(net, data.val), net.cost(), {"max_drop": a.max_drop})
+    batches = [int(v) for v in a.batches.split(",")]
+    samples = [int(v) for v in a.samples.split(",")]
+    samples = (samples * len(batches))[: len(batches)] if len(samples) == 1 else samples
+    x = net.preprocess(data.test.x[: max(samples)])
+    timing = time_deployments(net, policy, x, batches, samples=samples, repeats=a.repeats)
+    print(f"ResNet-20, exits {a.exits}, {a.dataset}; {a.policy} calibrated on validation for a "
+          f"{100 * a.max_drop:g}-point drop (thresholds {[round(t, 4) for t in policy.thresholds.tolist()]}); "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads\n")
+    print("\n".join(format_deployments(timing)))
+
+
+if __name__ == "__main__":
+    main()

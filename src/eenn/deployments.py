@@ -1,0 +1,139 @@
+"""Early exit against the best static deployment: every way eenn can run a network on this
+machine, the static network and the early-exit network on each, timed side by side.
+
+A user compares an early-exit network with the fastest way they already have to run the static
+one, not with eager PyTorch. So the speed-up that counts is the fastest early-exit path's over
+the fastest static path (each named), and the figure of merit is that speed-up divided by the
+MAC speed-up the policy promises on the same samples (1.0: every MAC saved shows on the clock).
+
+Paths (:func:`deployments`):
+
+- ``PyTorch eager``: the backbone / :class:`~eenn.engine.DynamicEngine`;
+- ``PyTorch optimised``: both traced, frozen and optimised for inference
+  (:class:`~eenn.inference.OptimizedSegments`; batch 1 stays eager there);
+- ``onnxruntime, N thread(s)`` (CPU, when onnxruntime is installed), for 1 thread and for
+  torch's thread count: the static network as one graph (``static.onnx``) / the staged runner
+  (one call of the fused graph at batch 1, see :mod:`eenn.fused`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import tempfile
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from .engine import DynamicEngine
+from .network import MultiExitNetwork
+from .policies import ExitPolicy
+
+__all__ = ["Deployment", "deployments", "time_deployments", "format_deployments"]
+
+
+class Deployment(NamedTuple):
+    name: str
+    static: Callable[[Tensor], Any]  # the static network on a batch of model inputs
+    early: Callable[[Tensor], Any]  # the early-exit network on the same batch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def deployments(net: MultiExitNetwork, policy: ExitPolicy, *, device: torch.device | str = "cpu",
+                onnx: bool = True, onnx_dir: str | None = None) -> list[Deployment]:
+    """The paths this machine offers for ``net`` with ``policy`` (see the module docstring).
+    ``onnx_dir``: an export of this network and policy to reuse (otherwise one is written to a
+    temporary directory)."""
+    device = torch.device(device)
+    net = net.eval().to(device)
+    eager = DynamicEngine(net, policy)
+    opt = DynamicEngine(net, policy, optimize=True)
+    out = [Deployment("PyTorch eager", net.backbone, eager), Deployment("PyTorch optimised", opt.static, opt)]
+    if not onnx or device.type != "cpu":
+        return out
+    if importlib.util.find_spec("onnxruntime") is None:  # the serve extra is not installed
+        return out
+    from .exporter import export
+    from .staged import StagedRunner, _session
+
+    d = onnx_dir or tempfile.mkdtemp(prefix="eenn-deploy-")
+    if onnx_dir is None:
+        export(net.cpu(), d, policy=policy)
+    static_bytes = open(f"{d}/static.onnx", "rb").read()
+    for threads in sorted({1, torch.get_num_threads()}):
+        sess = _session(static_bytes, threads)
+        runner = StagedRunner(d, threads=threads, policy=policy)
+        name = f"onnxruntime, {threads} thread{'s' if threads > 1 else ''}"
+        out.append(Deployment(name, lambda x, s=sess: s.run(None, {"input": x.numpy()}),
+                              lambda x, r=runner: r(x.numpy())))
+    return out
+
+
+@torch.no_grad()
+def time_deployments(net: MultiExitNetwork, policy: ExitPolicy, x: Tensor, batch_sizes: Sequence[int], *,
+                     samples: Sequence[int] | None = None, repeats: int = 5, paths: list[Deployment] | None = None,
+                     ) -> dict[str, Any]:
+    """Milliseconds per sample of the static and the early-exit network on every path, over the
+    model inputs ``x`` cut into batches of each size (the first ``samples[i]`` of them for the
+    i-th size): one untimed pass, then ``repeats`` timed passes with every path's static and
+    early-exit runs interleaved (a change in machine load hits all alike); medians.
+
+    Per batch size: the fastest static path and the fastest early-exit path (named), the
+    speed-up of the one over the other, the MAC speed-up the policy gives on these samples, and
+    their ratio; ``worst_ratio`` over the batch sizes."""
+    if repeats < 1 or not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"need repeats >= 1 and batch sizes >= 1, got {repeats} and {list(batch_sizes)}")
+    net = net.eval()
+    paths = paths if paths is not None else deployments(net, policy, device=x.device)
+    counts = list(samples) if samples is not None else [len(x)] * len(batch_sizes)
+    full = float(net.cost().macs[-1])
+    engine = DynamicEngine(net, policy)
+    rows = []
+    for b, n in zip(batch_sizes, counts):
+        batches = list(x[:n].split(b))
+        spent = torch.cat([engine(c).macs for c in batches]).double().mean().item()
+
+        def run(fn):
+            _sync(x.device)
+            t0 = time.perf_counter()
+            for c in batches:
+                fn(c)
+            _sync(x.device)
+            return time.perf_counter() - t0
+
+        times: dict[str, tuple[list[float], list[float]]] = {p.name: ([], []) for p in paths}
+        for rep in range(repeats + 1):
+            for p in paths:
+                s, e = run(p.static), run(p.early)
+                if rep:  # the first pass warms up (traces, allocations, caches)
+                    times[p.name][0].append(s)
+                    times[p.name][1].append(e)
+        per = {name: (1e3 * statistics.median(s) / n, 1e3 * statistics.median(e) / n) for name, (s, e) in times.items()}
+        best_static = min(per, key=lambda k: per[k][0])
+        best_early = min(per, key=lambda k: per[k][1])
+        speedup = per[best_static][0] / per[best_early][1]
+        rows.append({"batch_size": b, "samples": n, "paths": {k: {"static_ms": v[0], "early_ms": v[1]} for k, v in per.items()},
+                     "best_static": best_static, "best_early": best_early, "speedup": speedup,
+                     "mac_speedup": full / spent, "ratio": speedup * spent / full})
+    return {"rows": rows, "repeats": repeats, "threads": torch.get_num_threads(),
+            "worst_ratio": min(r["ratio"] for r in rows)}
+
+
+def format_deployments(timing: dict[str, Any]) -> list[str]:
+    """Markdown lines: one table per batch size (every path), then the comparison line per size."""
+    lines = []
+    for r in timing["rows"]:
+        lines += [f"Batch {r['batch_size']} ({r['samples']} samples; ms per sample, median of {timing['repeats']}):", "",
+                  "| path | static | early exit | early-exit speed-up on this path |", "|---|---|---|---|"]
+        for name, v in r["paths"].items():
+            lines.append(f"| {name} | {v['static_ms']:.4f} | {v['early_ms']:.4f} | {v['static_ms'] / v['early_ms']:.2f}x |")
+        lines += ["", f"Best static: **{r['best_static']}**; best early exit: **{r['best_early']}**: "
+                      f"{r['speedup']:.2f}x over the best static for a {r['mac_speedup']:.2f}x MAC saving, "
+                      f"ratio **{r['ratio']:.2f}**.", ""]
+    lines.append(f"worst ratio over the best static: {timing['worst_ratio']:.2f}")
+    return lines
