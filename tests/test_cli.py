@@ -82,11 +82,20 @@ def test_evaluate_calibrate_predict(run_dir, tmp_path, capsys):
     import numpy as np
 
     out = tmp_path / "entropy"
-    assert main(["evaluate", str(run_dir), "--policy", "entropy", "--budget", "200000", "--out", str(out), "--optimize",
+    assert main(["evaluate", str(run_dir), "--policy", "entropy", "--budget", "200000", "--out", str(out), "--deployments", "all",
                  *FAST_EVAL]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["policy"]["name"] == "entropy" and rep["policy"]["goal"] == {"budget": 200000.0}
-    assert rep["timing_optimized"] and len(rep["timing"]) == 2 and "optimised for inference" in (out / "report.md").read_text()
+    # every path this machine offers, the static and the early-exit network on each, the best of each named
+    rows = rep["deployments"]["rows"]
+    assert len(rep["timing"]) == len(rows) == 2
+    assert {"PyTorch eager", "PyTorch optimised", "onnxruntime, 1 thread"} <= set(rows[0]["paths"])
+    for r, t in zip(rows, rep["timing"]):
+        assert t["static_ms_per_sample"] == min(v["static_ms"] for v in r["paths"].values())
+        assert t["engine_ms_per_sample"] == min(v["early_ms"] for v in r["paths"].values())
+        assert r["ratio"] == pytest.approx(r["speedup"] / r["mac_speedup"])
+    assert rep["deployments"]["worst_ratio"] == min(r["ratio"] for r in rows)
+    assert "worst ratio over the best static:" in (out / "report.md").read_text()
     assert rep["validation"]["expected_macs"] <= 200000
     assert main(["calibrate", str(run_dir), "--max-drop", "0.01"]) == 0
     from eenn.io import read_json

@@ -251,3 +251,34 @@ def test_static_graph_is_the_backbone(tmp_path):
     with torch.no_grad():
         want = net.backbone(x).numpy()
     assert np.abs(sess.run(None, {"input": x.numpy()})[0] - want).max() <= EXPORT_TOLERANCE
+
+
+def test_deployments_time_every_path_and_name_the_fastest(tmp_path):
+    """eenn.deployments: the static and the early-exit network on every path (each path's two
+    runs give the network's own answers), the best of each named, the ratio to the MAC saving."""
+    from eenn.deployments import deployments, format_deployments, time_deployments
+
+    net = _net()
+    x = torch.randn(24, 1, 8, 8)
+    with torch.no_grad():
+        policy = eenn.ExitPolicy("max_prob", _midpoint_thresholds(net, x, "max_prob"))
+        paths = deployments(net, policy)
+        names = [p.name for p in paths]
+        assert names[:3] == ["PyTorch eager", "PyTorch optimised", "onnxruntime, 1 thread"]
+        want = DynamicEngine(net, policy)(x)
+        logits = net.backbone(x)
+        for p in paths:  # every path computes what it claims to
+            early, static = p.early(x), p.static(x)
+            exits = early["exit"] if isinstance(early, dict) else early.exit.numpy()
+            assert np.array_equal(exits, want.exit.numpy()), p.name
+            static = static[0] if isinstance(static, list) else static.numpy()
+            assert np.abs(static - logits.numpy()).max() < 1e-3, p.name
+        timing = time_deployments(net, policy, x, [1, 8], samples=[6, 24], repeats=1, paths=paths)
+    for r in timing["rows"]:
+        best_s = min(r["paths"], key=lambda k: r["paths"][k]["static_ms"])
+        best_e = min(r["paths"], key=lambda k: r["paths"][k]["early_ms"])
+        assert (r["best_static"], r["best_early"]) == (best_s, best_e) and set(r["paths"]) == set(names)
+        assert r["speedup"] == pytest.approx(r["paths"][best_s]["static_ms"] / r["paths"][best_e]["early_ms"])
+        assert r["ratio"] == pytest.approx(r["speedup"] / r["mac_speedup"]) and r["mac_speedup"] > 1
+    assert format_deployments(timing)[-1] == f"worst ratio over the best static: {timing['worst_ratio']:.2f}"
+    assert [p.name for p in deployments(net, policy, paths="eager")] == ["PyTorch eager"]

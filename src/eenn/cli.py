@@ -53,7 +53,7 @@ EPILOG_EVALUATE = """examples:
   eenn evaluate runs/r20                                # best checkpoint, the run's data and eval settings
   eenn evaluate runs/r20 --policy entropy --max-drop 0.005 --out runs/r20/entropy
   eenn evaluate runs/r20/best.safetensors --dataset fashion_mnist --batch-sizes 1,256 --repeats 7
-  eenn evaluate runs/r20 --optimize                     # time engine and baseline traced for inference
+  eenn evaluate runs/r20 --deployments eager            # time PyTorch eager only (quick)
 
 Writes report.json, report.md, curve.png and exits.png to --out (default: the run directory).
 """
@@ -143,8 +143,9 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timing-samples", dest="eval.timing_samples", type=_ints, default=S, help="samples timed per batch size, e.g. 256,2048")
     g.add_argument("--repeats", dest="eval.repeats", type=int, default=S)
     g.add_argument("--curve-points", dest="eval.curve_points", type=int, default=S)
-    g.add_argument("--optimize", dest="eval.optimize", action="store_const", const=True, default=S,
-                   help="time the engine and the static backbone traced and optimised for inference")
+    g.add_argument("--deployments", dest="eval.deployments", choices=("all", "eager"), default=S,
+                   help="paths timed: every one this machine offers (PyTorch eager and optimised, onnxruntime; the "
+                        "speed-up is over the fastest static one) or PyTorch eager only (default: all)")
 
 
 def _ints(text: str) -> list[int]:

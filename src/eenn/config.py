@@ -69,7 +69,7 @@ class EvalConfig:
     repeats: int = 5
     curve_points: int = 12
     policy_options: dict = field(default_factory=dict)
-    optimize: bool = False  # time the engine and the static baseline traced and optimised for inference
+    deployments: str = "all"  # the paths timed: "all" this machine offers (PyTorch, onnxruntime) or "eager"
 
 
 @dataclass

@@ -21,6 +21,7 @@ import importlib.util
 import statistics
 import tempfile
 import time
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
@@ -45,16 +46,20 @@ def _sync(device: torch.device) -> None:
 
 
 def deployments(net: MultiExitNetwork, policy: ExitPolicy, *, device: torch.device | str = "cpu",
-                onnx: bool = True, onnx_dir: str | None = None) -> list[Deployment]:
-    """The paths this machine offers for ``net`` with ``policy`` (see the module docstring).
-    ``onnx_dir``: an export of this network and policy to reuse (otherwise one is written to a
-    temporary directory)."""
+                paths: str = "all", onnx_dir: str | None = None) -> list[Deployment]:
+    """The paths this machine offers for ``net`` with ``policy`` (see the module docstring);
+    ``paths="eager"``: PyTorch eager only (quick). ``onnx_dir``: an export of this network and
+    policy to reuse (otherwise one is written to a temporary directory)."""
+    if paths not in ("all", "eager"):
+        raise ValueError(f"paths must be 'all' or 'eager', got {paths!r}")
     device = torch.device(device)
     net = net.eval().to(device)
-    eager = DynamicEngine(net, policy)
+    out = [Deployment("PyTorch eager", net.backbone, DynamicEngine(net, policy))]
+    if paths == "eager":
+        return out
     opt = DynamicEngine(net, policy, optimize=True)
-    out = [Deployment("PyTorch eager", net.backbone, eager), Deployment("PyTorch optimised", opt.static, opt)]
-    if not onnx or device.type != "cpu":
+    out.append(Deployment("PyTorch optimised", opt.static, opt))
+    if device.type != "cpu":
         return out
     if importlib.util.find_spec("onnxruntime") is None:  # the serve extra is not installed
         return out
@@ -63,7 +68,12 @@ def deployments(net: MultiExitNetwork, policy: ExitPolicy, *, device: torch.devi
 
     d = onnx_dir or tempfile.mkdtemp(prefix="eenn-deploy-")
     if onnx_dir is None:
-        export(net.cpu(), d, policy=policy)
+        try:
+            export(net, d, policy=policy)
+        except Exception as e:  # noqa: BLE001 - a network the exporter cannot take: time the PyTorch paths
+            warnings.warn(f"onnxruntime paths left out: the network could not be exported ({type(e).__name__}: {e})",
+                          RuntimeWarning, stacklevel=2)
+            return out
     static_bytes = open(f"{d}/static.onnx", "rb").read()
     for threads in sorted({1, torch.get_num_threads()}):
         sess = _session(static_bytes, threads)

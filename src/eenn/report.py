@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .data import TensorLoader
+from .deployments import deployments as make_deployments, format_deployments, time_deployments
 from .engine import DynamicEngine
 from .outputs import CachedOutputs, collect_outputs
 from .io import encode_inf, read_json
@@ -169,17 +170,11 @@ class Report:
             lines += ["", f"Gated network, the paper's two inference options: soft output f~_1 (every exit runs) "
                       f"{100 * g['soft_output_accuracy']:.2f}%; hard exits at the fixed gate > 0.5 (no fitting) "
                       f"{100 * f['accuracy']:.2f}% with a {f['speedup']:.2f}x MAC speed-up ({self.exits_text(f['exit_distribution'])})."]
-        if d["timing"]:
-            lines += ["", f"Wall-clock on {d['machine']['device']} ({d['machine']['threads']} threads), "
-                      f"median of {d['timing'][0]['repeats']} interleaved repeats after warm-up"
-                      f"{'; engine and static backbone traced and optimised for inference' if d.get('timing_optimized') else ''}:",
-                      "",
-                      "| batch | samples | static ms/sample | engine ms/sample | measured speed-up | MAC speed-up | ratio |",
-                      "|---|---|---|---|---|---|---|"]
-            for t in d["timing"]:
-                lines.append(f"| {t['batch_size']} | {t['samples']} | {t['static_ms_per_sample']:.3f} | "
-                             f"{t['engine_ms_per_sample']:.3f} | {t['measured_speedup']:.2f}x | "
-                             f"{t['mac_speedup']:.2f}x | {t['ratio']:.2f} |")
+        if d.get("deployments"):
+            lines += ["", f"Wall-clock on {d['machine']['device']} ({d['machine']['threads']} threads), the static "
+                      "and the early-exit network on every path timed side by side, interleaved, after warm-up; the "
+                      "speed-up is the fastest early-exit path's over the fastest static path's:", ""]
+            lines += format_deployments(d["deployments"])
         if d["curve"]:
             lines += ["", "Accuracy-MACs curve (thresholds fitted on validation per budget):", "",
                       "| MAC budget | expected MACs | speed-up | val acc. | acc. |", "|---|---|---|---|---|"]
@@ -266,7 +261,7 @@ def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_pro
              split: str = "test", fallback: str = "final", batch_sizes: Sequence[int] = (1, 256),
              timing_samples: Sequence[int] | int = (256, 2048), repeats: int = 5, curve_points: int = 12,
              device: str | torch.device | None = None, val: CachedOutputs | None = None,
-             policy_options: Mapping | None = None, optimize: bool = False) -> Report:
+             policy_options: Mapping | None = None, deployments: str = "all") -> Report:
     """The full report for ``net`` on ``data`` (a split bundle from :func:`eenn.load_dataset`).
 
     ``goal`` is a calibration goal (default ``{"max_drop": 0.01}``); ``batch_sizes`` the batch
@@ -275,9 +270,10 @@ def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_pro
     (0 skips it). ``policy``: a rule name (with ``fallback`` and ``policy_options``, e.g.
     ``weights=`` for ``ensemble``) or an :class:`~eenn.policies.ExitPolicy`; its thresholds are
     fitted to ``goal`` on the validation split.
-    ``optimize``: time the engine and the static baseline both traced and optimised for
-    inference (``DynamicEngine(..., optimize=True)``); accuracy figures always come from the
-    network as it is."""
+    ``deployments``: the paths timed (:mod:`eenn.deployments`): ``"all"`` that this machine
+    offers (PyTorch eager and optimised, onnxruntime), the speed-up being the fastest early-exit
+    path's over the fastest static path's; ``"eager"``: PyTorch eager only. Accuracy figures
+    always come from the network as it is."""
     goal = dict(goal or {"max_drop": 0.01})
     pol = as_policy(policy, fallback=fallback, **dict(policy_options or {}))
     if split not in ("val", "test", "train"):
@@ -307,15 +303,19 @@ def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_pro
         gated = {"soft_output_accuracy": (soft.argmax(-1) == cache.targets).double().mean().item(),
                  "fixed_rule": {k: fixed[k] for k in ("accuracy", "speedup", "expected_macs", "exit_distribution")}}
 
-    timing = []
+    timing, deploy = [], None
     if batch_sizes:
         counts = [timing_samples] * len(batch_sizes) if isinstance(timing_samples, int) else list(timing_samples)
         if len(counts) != len(batch_sizes):
             raise ValueError(f"timing_samples: give one count, or one per batch size ({len(batch_sizes)})")
-        engine = DynamicEngine(net, fitted, optimize=optimize)
         x_all = next(iter(TensorLoader(split_set, max(counts), input_spec=net.input_spec, device=dev)))[0]
-        for b, n in zip(batch_sizes, counts):
-            timing.append(time_engine(net, engine, x_all[:n], b, repeats=repeats))
+        paths = make_deployments(net, fitted, device=dev, paths=deployments)
+        deploy = time_deployments(net, fitted, x_all, batch_sizes, samples=counts, repeats=repeats, paths=paths)
+        timing = [{"batch_size": r["batch_size"], "samples": r["samples"], "repeats": repeats,
+                   "static_ms_per_sample": r["paths"][r["best_static"]]["static_ms"],
+                   "engine_ms_per_sample": r["paths"][r["best_early"]]["early_ms"], "measured_speedup": r["speedup"],
+                   "mac_speedup": r["mac_speedup"], "ratio": r["ratio"], "best_static": r["best_static"],
+                   "best_early": r["best_early"]} for r in deploy["rows"]]
     curve = accuracy_macs_curve(pol, val, cache, cost, points=curve_points) if curve_points else []
     data_out = {
         "model": {"name": _model_name(net), "exits": list(cost.exit_names), "params": cost.total_params,
@@ -330,7 +330,7 @@ def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_pro
         "oracle": o,
         **({"gated": gated} if gated else {}),
         "timing": timing,
-        "timing_optimized": bool(optimize and timing),
+        "deployments": deploy,
         "curve": curve,
         "machine": {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},

@@ -110,7 +110,7 @@ def evaluate_run(net: MultiExitNetwork, data, config: RunConfig, out: str | Path
     report = evaluate(net, data, policy=e.policy, goal=e.goal, split=e.split, fallback=e.fallback,
                       batch_sizes=tuple(e.batch_sizes), timing_samples=tuple(e.timing_samples), repeats=e.repeats,
                       curve_points=e.curve_points, device=config.train.device, policy_options=e.policy_options,
-                      optimize=e.optimize)
+                      deployments=e.deployments)
     report.data["run"] = {"objective": config.objective.name, "objective_options": config.objective.options}
     if out is not None:
         report.save(out)
