@@ -227,3 +227,58 @@ def test_stream_edge_cases():
     micro = list(DynamicEngine(net, "max_prob", [0.3, 0.5, 0.7], micro_batch=7).stream(xs, batch_size=16))
     for m, g in zip(micro, got, strict=True):
         assert torch.equal(m.prediction, g.prediction) and torch.equal(m.exit, g.exit)
+
+
+def _midpoints(net, x, policy, opts):
+    out = net(x)
+    cache = CachedOutputs(out.logits, out.gates, torch.zeros(len(x), dtype=torch.long))
+    if policy == "patience":
+        return torch.tensor([1.0, 1.0, 2.0])
+    sc = eenn.policies.policy_scores(policy, cache, **opts).score[:-1].sort(1).values
+    i = sc.shape[1] // 2
+    return (sc[:, i] + sc[:, i + 1]) / 2
+
+
+@pytest.mark.parametrize("fallback", ["final", "most_confident"])
+@pytest.mark.parametrize("policy, head, net_opts, opts", CASES, ids=lambda c: str(c)[:20])
+def test_bucketed_segments_give_the_engines_answers(policy, head, net_opts, opts, fallback):
+    """Segments run only at bucket sizes (survivors padded up; CUDA graphs on a GPU): the same
+    answers as the eager engine, sample for sample."""
+    net = _net(head, **net_opts)
+    x = torch.randn(40, 1, 8, 8)
+    with torch.no_grad():
+        th = _midpoints(net, x, policy, opts)
+    ref = DynamicEngine(net, policy, th, fallback=fallback, **opts)
+    eng = DynamicEngine(net, policy, th, fallback=fallback, buckets=(1, 4, 16), **opts)
+    for xb in (x, x[:3], x[:1]):  # more than the largest bucket (pieces), padded, exactly a bucket
+        a, b = ref(xb), eng(xb)
+        for field in ("prediction", "exit", "depth", "macs"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert {b for _, b in eng.graphed.calls} <= {1, 4, 16} and (0, 16) in eng.graphed.calls
+    with torch.no_grad():
+        assert torch.allclose(eng.static(x[:5]), net.backbone(x[:5]), atol=1e-5)
+
+
+def test_bucketed_segments_refuse_what_they_cannot_do():
+    net = _net("linear")
+    with pytest.raises(ValueError, match="alternatives"):
+        DynamicEngine(net, "max_prob", 0.5, optimize=True, buckets=(1, 8))
+    with pytest.raises(ValueError, match="positive batch sizes"):
+        DynamicEngine(net, "max_prob", 0.5, buckets=(0, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("policy, head, net_opts, opts", CASES, ids=lambda c: str(c)[:20])
+def test_cuda_graphs_give_the_eager_answers(policy, head, net_opts, opts):
+    net = _net(head, **net_opts).cuda()
+    x = torch.randn(300, 1, 8, 8, device="cuda")
+    with torch.no_grad():
+        th = _midpoints(net, x, policy, opts)
+    ref = DynamicEngine(net, policy, th, **opts)
+    eng = DynamicEngine(net, policy, th, buckets=(1, 16, 64, 256), **opts)
+    for xb in (x, x[:50], x[:1], x[:50]):  # the second x[:50] replays the graphs captured by the first
+        a, b = ref(xb), eng(xb)
+        assert torch.equal(a.exit, b.exit) and torch.equal(a.prediction, b.prediction)
+    assert eng.graphed._graphs  # captured, not run eagerly
+    with torch.no_grad():
+        assert torch.allclose(eng.static(x[:64]), net.backbone(x[:64]), atol=1e-4)

@@ -11,6 +11,8 @@ Paths (:func:`deployments`):
 - ``PyTorch eager``: the backbone / :class:`~eenn.engine.DynamicEngine`;
 - ``PyTorch optimised``: both traced, frozen and optimised for inference
   (:class:`~eenn.inference.OptimizedSegments`; batch 1 stays eager there);
+- ``PyTorch + CUDA graphs`` (CUDA): the backbone captured per batch size / the engine with its
+  segments captured per bucket size (:mod:`eenn.graphs`);
 - ``onnxruntime, N thread(s)`` (CPU, when onnxruntime is installed), for 1 thread and for
   torch's thread count: the static network as one graph (``static.onnx``) / the staged runner
   (one call of the fused graph at batch 1, see :mod:`eenn.fused`).
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .engine import DynamicEngine
+from .graphs import DEFAULT_BUCKETS
 from .network import MultiExitNetwork
 from .policies import ExitPolicy
 
@@ -57,6 +60,9 @@ def deployments(net: MultiExitNetwork, policy: ExitPolicy, *, device: torch.devi
     out = [Deployment("PyTorch eager", net.backbone, DynamicEngine(net, policy))]
     if paths == "eager":
         return out
+    if device.type == "cuda":  # launches and host syncs dominate a GPU: segments and backbone as CUDA graphs
+        graphed = DynamicEngine(net, policy, buckets=DEFAULT_BUCKETS)
+        out.append(Deployment("PyTorch + CUDA graphs", graphed.static, graphed))
     opt = DynamicEngine(net, policy, optimize=True)
     out.append(Deployment("PyTorch optimised", opt.static, opt))
     if device.type != "cpu":

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import numbers
 from collections import deque
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
+from .graphs import BucketedSegments
 from .inference import OptimizedSegments
 from .network import MultiExitNetwork
 from .policies.loop import Answers, Running, run_exits, start
@@ -54,11 +55,16 @@ class DynamicEngine:
     inference (:class:`eenn.inference.OptimizedSegments`: BatchNorm folded, ReLU and adds fused,
     oneDNN's layout kept between convolutions on CPU), built on first use; single samples stay
     eager (tracing does not pay at batch 1). Outputs then agree with the eager network to float
-    rounding, not bit for bit."""
+    rounding, not bit for bit.
+
+    ``buckets=(1, 4, 16, ...)``: run each segment only at these batch sizes, the samples still
+    running padded up to the next one, and on CUDA replay each (segment, bucket) as a CUDA graph
+    captured on first use (:class:`eenn.graphs.BucketedSegments`); :meth:`static` then replays
+    the backbone captured per batch size. The GPU's path; the answers are the eager engine's."""
 
     def __init__(self, net: MultiExitNetwork, policy: ExitPolicy | str, thresholds=None, *,
                  fallback: str | None = None, micro_batch: int | None = None, optimize: bool = False,
-                 **policy_options) -> None:
+                 buckets: Sequence[int] | None = None, **policy_options) -> None:
         self.policy = as_policy(policy, thresholds, fallback=fallback, **policy_options)
         if "probs" in self.policy.options:
             raise ValueError("the engine computes ensembles itself: give weights= or ensemble=, not probs=")
@@ -69,10 +75,16 @@ class DynamicEngine:
             raise ValueError(f"micro_batch must be a positive number of samples or None, got {micro_batch}")
         self.micro_batch = micro_batch
         self.dynamic_macs = torch.tensor(net.cost().dynamic_macs, dtype=torch.float64)
+        if optimize and buckets is not None:
+            raise ValueError("optimize=True (traced segments, for CPUs) and buckets= (CUDA graphs) are alternatives")
         self.optimized = OptimizedSegments(self.net) if optimize else None
+        self.graphed = BucketedSegments(self.net, buckets) if buckets is not None else None
         # What runs segment k (``(state, logits, gate)``, as MultiExitNetwork.forward_segment).
-        self.forward_segment = self.optimized.forward_segment if optimize else self.net.forward_segment
-        self._backbone = self.optimized.backbone if optimize else self.net.backbone
+        self.forward_segment = self.net.forward_segment
+        self._backbone = self.net.backbone
+        for fast in (self.optimized, self.graphed):
+            if fast is not None:
+                self.forward_segment, self._backbone = fast.forward_segment, fast.backbone
 
     def _segment(self, k: int, state, prev: Tensor | None):
         """Segment ``k`` on the samples still running, in pieces of at most ``micro_batch``
