@@ -282,3 +282,24 @@ def test_cuda_graphs_give_the_eager_answers(policy, head, net_opts, opts):
     assert eng.graphed._graphs  # captured, not run eagerly
     with torch.no_grad():
         assert torch.allclose(eng.static(x[:64]), net.backbone(x[:64]), atol=1e-4)
+
+
+def test_reduced_precision_and_channels_last_are_checked_on_validation():
+    """autocast=bf16 really computes the segments in bf16; channels_last keeps the answers; the
+    check compares either with the float32 engine on a validation split."""
+    from eenn.deployments import check_precision
+
+    net = _net("linear")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 1, 8, 8, generator=g), torch.randint(0, 10, (96,), generator=g)
+    with torch.no_grad():
+        th = _midpoints(net, x, "max_prob", {})
+        policy = eenn.ExitPolicy("max_prob", th)
+        low = DynamicEngine(net, policy, autocast=torch.bfloat16)
+        assert low.forward_segment(0, x[:4], None)[1].dtype == torch.bfloat16
+        assert DynamicEngine(net, policy).forward_segment(0, x[:4], None)[1].dtype == torch.float32
+    r = check_precision(net, policy, (x, y), autocast=None, channels_last=True)
+    assert r["agreement"] == 1.0 and r["held"] and r["accuracy"] == r["float32_accuracy"]
+    r = check_precision(net, policy, (x, y), autocast=torch.bfloat16, max_drop=-1.0)  # an impossible goal
+    assert not r["held"] and 0.5 < r["agreement"] <= 1.0 and r["autocast"] == "bfloat16"
+    assert next(net.parameters()).is_contiguous()  # the check works on a copy: the network is as it was

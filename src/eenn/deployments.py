@@ -19,6 +19,7 @@ Paths (:func:`deployments`):
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import statistics
 import tempfile
@@ -34,7 +35,7 @@ from .graphs import DEFAULT_BUCKETS
 from .network import MultiExitNetwork
 from .policies import ExitPolicy
 
-__all__ = ["Deployment", "deployments", "time_deployments", "format_deployments"]
+__all__ = ["Deployment", "check_precision", "deployments", "time_deployments", "format_deployments"]
 
 
 class Deployment(NamedTuple):
@@ -48,11 +49,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@torch.no_grad()
+def check_precision(net: MultiExitNetwork, policy: ExitPolicy, val, *, autocast: torch.dtype | None = torch.bfloat16,
+                    channels_last: bool = False, max_drop: float = 0.001, batch_size: int = 512) -> dict[str, Any]:
+    """Whether reduced precision (``autocast``) and/or the channels-last layout keep the early
+    exit's answers on a validation split (a ``TensorDataset`` of raw pixels, or
+    :class:`~eenn.outputs.CachedOutputs`-like ``(x, targets)``): the accuracy of the engine so
+    configured against the float32 engine's, on the same device, and the share of samples whose
+    exit and answer both agree. ``held``: the accuracy dropped by at most ``max_drop``."""
+    x, y = (val.x, val.y) if hasattr(val, "x") else val
+    dev = next(net.parameters()).device
+    ref = DynamicEngine(net, policy)
+    low = DynamicEngine(copy.deepcopy(net), policy, autocast=autocast, channels_last=channels_last)
+    right = [0, 0]
+    same = 0
+    for a in range(0, len(x), batch_size):
+        xb, yb = x[a:a + batch_size].to(dev), y[a:a + batch_size].to(dev)
+        r, q = ref(xb), low(xb)
+        right[0] += int((r.prediction == yb).sum())
+        right[1] += int((q.prediction == yb).sum())
+        same += int(((r.prediction == q.prediction) & (r.exit == q.exit)).sum())
+    n = max(len(x), 1)
+    acc32, acc = right[0] / n, right[1] / n
+    return {"autocast": str(autocast).removeprefix("torch.") if autocast is not None else None,
+            "channels_last": channels_last, "samples": len(x), "float32_accuracy": acc32, "accuracy": acc,
+            "agreement": same / n, "held": acc32 - acc <= max_drop + 1e-12}
+
+
 def deployments(net: MultiExitNetwork, policy: ExitPolicy, *, device: torch.device | str = "cpu",
-                paths: str = "all", onnx_dir: str | None = None) -> list[Deployment]:
+                paths: str = "all", onnx_dir: str | None = None, val=None) -> list[Deployment]:
     """The paths this machine offers for ``net`` with ``policy`` (see the module docstring);
     ``paths="eager"``: PyTorch eager only (quick). ``onnx_dir``: an export of this network and
-    policy to reuse (otherwise one is written to a temporary directory)."""
+    policy to reuse (otherwise one is written to a temporary directory). ``val``: a validation
+    split on which, on CUDA, bf16 with channels-last is checked (:func:`check_precision`) and,
+    where the accuracy holds, timed as one more path."""
     if paths not in ("all", "eager"):
         raise ValueError(f"paths must be 'all' or 'eager', got {paths!r}")
     device = torch.device(device)
@@ -63,6 +93,10 @@ def deployments(net: MultiExitNetwork, policy: ExitPolicy, *, device: torch.devi
     if device.type == "cuda":  # launches and host syncs dominate a GPU: segments and backbone as CUDA graphs
         graphed = DynamicEngine(net, policy, buckets=DEFAULT_BUCKETS)
         out.append(Deployment("PyTorch + CUDA graphs", graphed.static, graphed))
+        if val is not None and check_precision(net, policy, val, channels_last=True)["held"]:
+            low = DynamicEngine(copy.deepcopy(net), policy, buckets=DEFAULT_BUCKETS, autocast=torch.bfloat16,
+                                channels_last=True)
+            out.append(Deployment("PyTorch + CUDA graphs, bf16, channels-last", low.static, low))
     opt = DynamicEngine(net, policy, optimize=True)
     out.append(Deployment("PyTorch optimised", opt.static, opt))
     if device.type != "cpu":

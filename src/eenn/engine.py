@@ -60,11 +60,17 @@ class DynamicEngine:
     ``buckets=(1, 4, 16, ...)``: run each segment only at these batch sizes, the samples still
     running padded up to the next one, and on CUDA replay each (segment, bucket) as a CUDA graph
     captured on first use (:class:`eenn.graphs.BucketedSegments`); :meth:`static` then replays
-    the backbone captured per batch size. The GPU's path; the answers are the eager engine's."""
+    the backbone captured per batch size. The GPU's path; the answers are the eager engine's.
+
+    ``autocast=torch.bfloat16``: run the segments (and :meth:`static`) under autocast at that
+    precision; ``channels_last=True``: images in the channels-last layout (the network is
+    converted in place). Both change the arithmetic: use them where
+    :func:`eenn.deployments.check_precision` finds the answers hold on the validation split."""
 
     def __init__(self, net: MultiExitNetwork, policy: ExitPolicy | str, thresholds=None, *,
                  fallback: str | None = None, micro_batch: int | None = None, optimize: bool = False,
-                 buckets: Sequence[int] | None = None, **policy_options) -> None:
+                 buckets: Sequence[int] | None = None, autocast: torch.dtype | None = None,
+                 channels_last: bool = False, **policy_options) -> None:
         self.policy = as_policy(policy, thresholds, fallback=fallback, **policy_options)
         if "probs" in self.policy.options:
             raise ValueError("the engine computes ensembles itself: give weights= or ensemble=, not probs=")
@@ -85,6 +91,22 @@ class DynamicEngine:
         for fast in (self.optimized, self.graphed):
             if fast is not None:
                 self.forward_segment, self._backbone = fast.forward_segment, fast.backbone
+        self.channels_last = channels_last
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if autocast is not None:
+            device_type = next(self.net.parameters()).device.type
+            seg, bb = self.forward_segment, self._backbone
+
+            def seg_autocast(k, state, prev):
+                with torch.autocast(device_type, dtype=autocast, cache_enabled=False):
+                    return seg(k, state, prev)
+
+            def bb_autocast(x):
+                with torch.autocast(device_type, dtype=autocast, cache_enabled=False):
+                    return bb(x)
+
+            self.forward_segment, self._backbone = seg_autocast, bb_autocast
 
     def _segment(self, k: int, state, prev: Tensor | None):
         """Segment ``k`` on the samples still running, in pieces of at most ``micro_batch``
@@ -103,7 +125,8 @@ class DynamicEngine:
         return st, lg, g
 
     def _input(self, x: Tensor) -> Tensor:
-        return self.net.preprocess(x) if x.dtype == torch.uint8 else x
+        x = self.net.preprocess(x) if x.dtype == torch.uint8 else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     @torch.no_grad()
     def static(self, x: Tensor) -> Tensor:

@@ -309,7 +309,7 @@ def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_pro
         if len(counts) != len(batch_sizes):
             raise ValueError(f"timing_samples: give one count, or one per batch size ({len(batch_sizes)})")
         x_all = next(iter(TensorLoader(split_set, max(counts), input_spec=net.input_spec, device=dev)))[0]
-        paths = make_deployments(net, fitted, device=dev, paths=deployments)
+        paths = make_deployments(net, fitted, device=dev, paths=deployments, val=data.val)
         deploy = time_deployments(net, fitted, x_all, batch_sizes, samples=counts, repeats=repeats, paths=paths)
         timing = [{"batch_size": r["batch_size"], "samples": r["samples"], "repeats": repeats,
                    "static_ms_per_sample": r["paths"][r["best_static"]]["static_ms"],
