@@ -12,6 +12,7 @@ against the MAC speed-up, and ends with the line
 Target (issue 16): >= 0.85 at batch 1 and 256 on 2 CPU threads.
 
     .venv/bin/python benchmarks/deploy_speed.py --checkpoint runs/deploy-speed.safetensors
+    python benchmarks/deploy_speed.py --device cuda --batches 1,256,4096 --samples 512,8192,16384
 """
 import argparse
 import os
@@ -20,7 +21,7 @@ import platform
 import torch
 
 import eenn
-from eenn.deployments import format_deployments, time_deployments
+from eenn.deployments import deployments, format_deployments, time_deployments
 from eenn.inference import tune_cpu_allocator
 
 
@@ -36,6 +37,7 @@ def main():
     p.add_argument("--samples", default="512,2048", help="test samples timed per batch size")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: CUDA graphs, bf16 where it holds)")
     p.add_argument("--checkpoint", help="reuse this trained network if the file exists, else train and save it there")
     a = p.parse_args()
     if a.threads:
@@ -54,16 +56,18 @@ def main():
         eenn.fit(net, data, "joint", epochs=a.epochs, lr=0.05, progress=False)
         if a.checkpoint:
             eenn.save(net, a.checkpoint)
-    net.eval()
+    net.eval().to(a.device)
     policy = eenn.calibrate(a.policy, eenn.collect_outputs(net, data.val), net.cost(), {"max_drop": a.max_drop})
     batches = [int(v) for v in a.batches.split(",")]
     samples = [int(v) for v in a.samples.split(",")]
     samples = (samples * len(batches))[: len(batches)] if len(samples) == 1 else samples
-    x = net.preprocess(data.test.x[: max(samples)])
-    timing = time_deployments(net, policy, x, batches, samples=samples, repeats=a.repeats)
+    x = net.preprocess(data.test.x[: max(samples)].to(a.device))
+    paths = deployments(net, policy, device=a.device, val=data.val)
+    timing = time_deployments(net, policy, x, batches, samples=samples, repeats=a.repeats, paths=paths)
     print(f"ResNet-20, exits {a.exits}, {a.dataset}; {a.policy} calibrated on validation for a "
           f"{100 * a.max_drop:g}-point drop (thresholds {[round(t, 4) for t in policy.thresholds.tolist()]}); "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads\n")
+          f"{torch.cuda.get_device_name() if a.device == 'cuda' else platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} torch threads\n")
     print("\n".join(format_deployments(timing)))
 
 
