@@ -148,6 +148,10 @@ def run_export(args) -> int:
     for seg in m["segments"]:
         print(f"  {seg['file']:<16} {seg['exit_name']:<22} {seg['macs']:>12,} MACs  hand-off "
               f"{seg['handoff_bytes_per_sample']:>8,} B/sample")
+    print(f"  {m['static']['file']:<16} the static network as one graph (the baseline; serving it whole)")
+    fused = m["fused"]
+    print(f"  {fused['file']:<16} one call per sample, the {fused['rule']} rule inside (batch 1)" if fused["file"]
+          else f"  no fused batch-1 graph: {fused['reason']}")
     return 0
 
 
