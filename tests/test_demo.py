@@ -6,7 +6,7 @@ def test_demo_trains_every_exit(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "per-exit test accuracy and cost" in out and "final" in out
     # calibrated on validation, the Table-2 line on test, the oracle, and the files
-    assert "| resnet20 + max_prob |" in out and "| oracle |" in out and "measured / MAC-predicted" in out
+    assert "| resnet20 + max_prob |" in out and "| oracle |" in out and "ratio to the MAC saving" in out
     assert {p.name for p in tmp_path.iterdir()} == {"report.json", "report.md", "curve.png", "exits.png"}
     assert res["report"]["validation"]["final_accuracy"] - res["report"]["validation"]["accuracy"] <= 0.01 + 1e-9
     assert len(res["test_accuracy"]) == 3 and min(res["test_accuracy"]) > 0.5
