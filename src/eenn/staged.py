@@ -166,6 +166,38 @@ class StagedRunner:
     def thresholds(self):
         return self.bound.thresholds
 
+    def set_policy(self, policy: ExitPolicy | str, thresholds=None, *, fallback: str | None = None) -> None:
+        """Serve another policy from now on (new thresholds after a refit, say): checked against
+        this model, as at construction. The fused batch-1 graph takes the thresholds as an input,
+        so it stays while the rule (and the final-exit fallback) does; for another rule it is
+        dropped and single samples run through the segments."""
+        policy = as_policy(policy, thresholds, fallback=fallback)
+        try:
+            bound = policy.bind(self.num_exits, has_gates=self.has_gates)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+        if self.fused is not None:
+            if policy.name != self.policy.name or policy.fallback != "final":
+                self.fused = None
+            else:
+                self._fused_th = bound.thresholds.numpy() if self.num_exits > 1 else np.zeros(1, np.float32)
+        self.policy, self.bound = policy, bound
+
+    def exit_outputs(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every exit's output on a batch ``x``, nobody leaving: ``(logits [E, N, C], gates [E, N]
+        or None)``, as :class:`~eenn.outputs.CachedOutputs` holds them (what a shadow run to the
+        final exit sees, to compare the early exits' answers with the final one's)."""
+        if (self.first, self.stop) != (0, self.num_exits):
+            raise ExportError("this runner holds only some segments; exit_outputs needs all of them")
+        state: Any = (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),)
+        prev, logits, gates = None, [], []
+        for k in range(self.num_exits):
+            state, prev, g = self._segment(k, state, prev)
+            logits.append(prev)
+            if g is not None:
+                gates.append(g.reshape(-1).float())
+        return torch.stack(logits), (torch.stack(gates) if self.has_gates else None)
+
     # -- the whole model ----------------------------------------------------------------
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
         if (self.first, self.stop) != (0, self.num_exits):

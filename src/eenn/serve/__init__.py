@@ -2,9 +2,10 @@
 
 ``serve(plan)`` serves a :class:`TierPlan` (a dict, a YAML/JSON file or the object): on Ray
 Serve, embedded (``address=None``) or on an existing cluster (``address="ray://host:10001"``),
-or in this process (``local=True``, no Ray). The HTTP API is the same: ``POST /predict`` and
-``GET /health`` (:mod:`.app`). The HTTP and Ray parts are imported on first use, so that
-``eenn --help`` needs neither.
+or in this process (``local=True``, no Ray). The HTTP API is the same: ``POST /predict``,
+``GET /health`` and ``GET /metrics`` (:mod:`.app`); in-process, a plan's ``monitor:`` section adds
+an agreement monitor that refits the thresholds under drift (:mod:`.monitor`). The HTTP and Ray
+parts are imported on first use, so that ``eenn --help`` needs neither.
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from pathlib import Path
 from .codec import decode, encode
 from .plan import LinkSpec, PlanResult, TierPlan, TierSpeed, expected_latency, measure_segments, plan_splits
 
-__all__ = ["Front", "InputError", "LinkSpec", "LocalPipeline", "LocalServer", "PlanResult", "Tier", "TierPlan",
-           "TierSpeed", "as_plan", "create_app", "decode", "decode_body", "encode", "expected_latency",
-           "local_front", "measure_segments", "plan_splits", "serve"]
+__all__ = ["AgreementMonitor", "Front", "InputError", "LinkSpec", "LocalPipeline", "LocalServer", "MonitorConfig",
+           "PlanResult", "Tier", "TierPlan", "TierSpeed", "as_plan", "create_app", "decode", "decode_body", "encode",
+           "expected_latency", "local_front", "measure_segments", "plan_splits", "serve"]
 
 _LAZY = {"Front": "app", "LocalServer": "app", "create_app": "app", "local_front": "app", "InputError": "inputs",
-         "decode_body": "inputs", "LocalPipeline": "tiers", "Tier": "tiers"}
+         "decode_body": "inputs", "LocalPipeline": "tiers", "Tier": "tiers", "AgreementMonitor": "monitor",
+         "MonitorConfig": "monitor"}
 
 
 def __getattr__(name: str):
@@ -49,7 +51,7 @@ def serve(plan: TierPlan | dict | str | Path, address: str | None = None, *, loc
 
         front = local_front(plan)
         print(f"eenn: serving {len(plan.tiers)} tiers in-process at http://{host}:{port} "
-              "(POST /predict, GET /health); Ctrl-C stops", flush=True)
+              "(POST /predict, GET /health, GET /metrics); Ctrl-C stops", flush=True)
         uvicorn.run(create_app(front), host=host, port=port, log_level="warning", lifespan="off")
         return
     from .ray_app import serve_plan

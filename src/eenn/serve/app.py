@@ -1,5 +1,7 @@
-"""The HTTP front: ``POST /predict``, ``GET /health``, the same for the in-process and the Ray
-Serve deployments. Only the way the first tier is called differs (``call``)."""
+"""The HTTP front: ``POST /predict``, ``GET /health`` and ``GET /metrics`` (Prometheus text), the
+same for the in-process and the Ray Serve deployments. Only the way the first tier is called
+differs (``call``). In the in-process mode a plan's ``monitor:`` section adds an
+:class:`~eenn.serve.monitor.AgreementMonitor` fed by the served requests."""
 from __future__ import annotations
 
 import asyncio
@@ -8,23 +10,33 @@ import time
 from typing import Any, Awaitable, Callable
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
+from ..io import encode_inf
+from ..policies import ExitPolicy
 from .inputs import InputError, decode_body
+from .monitor import prometheus_text, thresholds_of
 from .plan import TierPlan
 from .tiers import LocalPipeline, build_response, start_message
 
-__all__ = ["Front", "create_app", "LocalServer", "local_front"]
+__all__ = ["Front", "create_app", "LocalServer", "local_front", "METRICS_TYPE"]
 
 Call = Callable[[bytes], Awaitable[dict]]
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text exposition format
 
 
 class Front:
     """Validates a request, sends it into the first tier through ``call`` and shapes the answer."""
 
-    def __init__(self, manifest: dict[str, Any], plan: TierPlan, call: Call, *, mode: str) -> None:
+    def __init__(self, manifest: dict[str, Any], plan: TierPlan, call: Call, *, mode: str, monitor=None) -> None:
         self.manifest, self.plan, self.call, self.mode = manifest, plan, call, mode
-        self.served = 0
+        self.monitor = monitor  # an AgreementMonitor (fed every served batch) or None
+        self.served = 0  # requests answered
+        self.samples = 0
+        self.exit_answers = [0] * int(manifest["num_exits"])
+        self.degraded = 0
+        self.rejected: dict[int, int] = {}  # status -> requests refused or failed
+        self._policy = ExitPolicy.from_dict(manifest["policy"])
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.plan.max_body_bytes
@@ -45,11 +57,15 @@ class Front:
             if method != "GET":
                 return _error(405, "use GET /health")
             return JSONResponse(self.health())
+        if path == "/metrics":
+            if method != "GET":
+                return _error(405, "use GET /metrics")
+            return Response(self.metrics(), media_type=METRICS_TYPE)
         if path == "/predict":
             if method != "POST":
                 return _error(405, "use POST /predict with an image, a .npy array or a JSON array as the body")
             return await self.predict(request)
-        return _error(404, f"no route {path}; the routes are POST /predict and GET /health")
+        return _error(404, f"no route {path}; the routes are POST /predict, GET /health and GET /metrics")
 
     async def predict(self, request: Request) -> JSONResponse:
         t0 = time.perf_counter()
@@ -58,22 +74,88 @@ class Front:
             x = decode_body(body, request.headers.get("content-type", ""), self.manifest,
                             max_bytes=self.plan.max_body_bytes, max_batch=self.plan.max_batch)
         except InputError as e:
+            self._reject(e.status)
             return _error(e.status, e.message)
         single = x.shape[0] == 1
         try:
             reply = await self.call(start_message(self.manifest, x))
         except Exception as e:  # the first tier failed: no exit computed, no answer to give
             first = self.plan.tiers[0].name
+            self._reject(503)
             return _error(503, f"the first tier {first!r} is unavailable ({type(e).__name__}: {e}); retry later")
+        out = build_response(self.manifest, reply, x.shape[0], time.perf_counter() - t0, single)
         self.served += 1
-        return JSONResponse(build_response(self.manifest, reply, x.shape[0], time.perf_counter() - t0, single))
+        self.samples += x.shape[0]
+        for e in reply["answers"]["exit"]:
+            self.exit_answers[int(e)] += 1
+        self.degraded += sum(bool(d) for d in reply["answers"]["degraded"])
+        if self.monitor is not None:
+            self.monitor.observe(x)  # queues the shadow share; never blocks
+        return JSONResponse(out)
+
+    def _reject(self, status: int) -> None:
+        self.rejected[status] = self.rejected.get(status, 0) + 1
+
+    @property
+    def policy(self) -> ExitPolicy:
+        """The policy served now (the monitor's, which it may have refitted, else the export's)."""
+        return self.monitor.policy if self.monitor is not None else self._policy
 
     def health(self) -> dict[str, Any]:
         m = self.manifest
         return {"status": "ok", "mode": self.mode, "served": self.served,
                 "model": {"num_exits": m["num_exits"], "num_classes": m["num_classes"],
                           "input_shape": m["input_shape"], "policy": m["policy"].get("rule") or m["policy"].get("name")},
-                "tiers": [{"name": t.name, "segments": [t.start, t.stop - 1]} for t in self.plan.tiers]}
+                "tiers": [{"name": t.name, "segments": [t.start, t.stop - 1]} for t in self.plan.tiers],
+                "thresholds": encode_inf(thresholds_of(self.policy, int(m["num_exits"]))),
+                "monitor": self.monitor.stats() if self.monitor is not None else None}
+
+    def metrics(self) -> str:
+        """``GET /metrics``: the counters and, with a monitor, the agreement on its window, in the
+        Prometheus text exposition format."""
+        E = int(self.manifest["num_exits"])
+        th = thresholds_of(self.policy, E)
+        fams = [
+            ("eenn_requests_total", "counter", "Prediction requests answered.", [({}, self.served)]),
+            ("eenn_samples_total", "counter", "Samples answered (a request may carry a batch).", [({}, self.samples)]),
+            ("eenn_exit_answers_total", "counter", "Samples answered by each exit.",
+             [({"exit": str(k)}, self.exit_answers[k]) for k in range(E)]),
+            ("eenn_degraded_total", "counter", "Samples answered by a shallower exit because a tier was down.",
+             [({}, self.degraded)]),
+            ("eenn_rejected_total", "counter", "Prediction requests refused or failed, by HTTP status.",
+             [({"status": str(k)}, v) for k, v in sorted(self.rejected.items())]),
+            ("eenn_threshold", "gauge", "The exit threshold served now, per non-final exit.",
+             [({"exit": str(k)}, v) for k, v in enumerate(th)]),
+        ]
+        mon = self.monitor
+        if mon is not None:
+            st = mon.stats(last=0)
+            per_exit = st["exit_agreement"]
+            fams += [
+                ("eenn_shadow_samples_total", "counter", "Served samples run to the final exit in the background.",
+                 [({}, st["processed"])]),
+                ("eenn_shadow_dropped_total", "counter", "Samples chosen for the shadow run but dropped (queue full).",
+                 [({}, st["dropped"])]),
+                ("eenn_window_samples", "gauge", "Shadow samples in the monitor's window.", [({}, st["window_fill"])]),
+                ("eenn_exit_agreement", "gauge",
+                 "Share of window samples on which each exit agrees with the final exit.",
+                 [({"exit": str(k)}, v) for k, v in enumerate(per_exit)] if per_exit is not None else []),
+                ("eenn_served_agreement", "gauge", "Share of window samples on which the served answer (the current "
+                 "thresholds) agrees with the final exit.",
+                 [({}, st["served_agreement"])] if st["served_agreement"] is not None else []),
+                ("eenn_agreement_goal", "gauge", "The served agreement the monitor keeps: 1 - max_drop.",
+                 [({}, st["goal"])]),
+                ("eenn_expected_macs_fraction", "gauge", "Expected MACs per window sample under the current "
+                 "thresholds, as a share of the full model's.",
+                 [({}, st["macs_fraction"])] if st["macs_fraction"] is not None else []),
+                ("eenn_threshold_changes_total", "counter", "Threshold changes (refits and reverts).",
+                 [({}, st["changes_total"])]),
+            ]
+        return prometheus_text(fams)
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -89,14 +171,16 @@ def create_app(front: Front):
         return await front.handle(request)
 
     routes = [Route("/predict", endpoint, methods=["GET", "POST", "PUT"]),
-              Route("/health", endpoint, methods=["GET", "POST"])]
+              Route("/health", endpoint, methods=["GET", "POST"]),
+              Route("/metrics", endpoint, methods=["GET", "POST"])]
     app = Starlette(routes=routes)
     app.state.front = front
     return app
 
 
 def local_front(plan: TierPlan) -> Front:
-    """A front whose tiers run in this process (each request in a worker thread)."""
+    """A front whose tiers run in this process (each request in a worker thread); with the plan's
+    ``monitor:`` section, an agreement monitor whose new thresholds go to every tier's runner."""
     pipe = LocalPipeline(plan)
     lock = threading.Lock()  # one request at a time through the tiers: the cores are the tiers' own
 
@@ -107,7 +191,17 @@ def local_front(plan: TierPlan) -> Front:
     async def call(message: bytes) -> dict:
         return await asyncio.to_thread(run, message)
 
-    front = Front(pipe.manifest, plan, call, mode="local")
+    monitor = None
+    if plan.monitor is not None:
+        from .monitor import AgreementMonitor
+
+        def apply(policy) -> None:  # between requests: a request sees one policy on every tier
+            with lock:
+                for tier in pipe.tiers:
+                    tier.runner.set_policy(policy)
+
+        monitor = AgreementMonitor(pipe.manifest, config=plan.monitor, apply=apply, threads=plan.threads)
+    front = Front(pipe.manifest, plan, call, mode="local", monitor=monitor)
     front.pipeline = pipe
     return front
 
@@ -142,6 +236,7 @@ class LocalServer:
         self.server.should_exit = True
         if self.thread is not None:
             self.thread.join(timeout=10)
+        self.front.close()
 
     def __enter__(self) -> str:
         return self.start()

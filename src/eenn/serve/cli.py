@@ -28,6 +28,7 @@ EPILOG_SERVE = """examples:
   eenn serve --plan plan.yaml --address ray://head:10001
   curl -s -X POST --data-binary @digit.png -H 'Content-Type: image/png' localhost:8000/predict
   curl -s localhost:8000/health
+  curl -s localhost:8000/metrics                       # Prometheus text format
 
 plan.yaml:
   model: export/
@@ -35,6 +36,7 @@ plan.yaml:
     - {name: device, segments: "0-1"}
     - {name: edge, segments: "2"}
     - {name: cloud, segments: rest}
+  # with --local, optionally: monitor: {shadow_fraction: 0.1, window: 512, max_drop: 0.01}
 """
 
 EPILOG_PLAN = """examples:
@@ -78,8 +80,8 @@ def add_parsers(subparsers) -> None:
     e.set_defaults(run=run_export)
 
     s = subparsers.add_parser("serve", help="serve an exported model split over tiers (Ray Serve or in-process)",
-                              description="Serve a tier plan: POST /predict (image, .npy or JSON array) and "
-                              "GET /health.", epilog=EPILOG_SERVE, formatter_class=raw)
+                              description="Serve a tier plan: POST /predict (image, .npy or JSON array), "
+                              "GET /health and GET /metrics.", epilog=EPILOG_SERVE, formatter_class=raw)
     s.add_argument("--plan", required=True, help="plan file (YAML or JSON)")
     s.add_argument("--address", default=None, help="an existing Ray cluster (ray://host:10001 or auto)")
     s.add_argument("--local", action="store_true", help="run every tier in this process, without Ray")

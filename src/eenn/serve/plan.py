@@ -12,6 +12,10 @@ A plan file (YAML or JSON; segment indices are exit indices, 0-based)::
     links:                    # optional, for planning: one per pair of neighbouring tiers
       - {bandwidth: 2.5e6, latency_s: 0.010}    # bytes/s, one-way seconds
       - {bandwidth: 1.25e7, latency_s: 0.030}
+    monitor:                  # optional, in-process serving only: hold the agreement with the final
+      shadow_fraction: 0.1    # exit under drift (eenn.serve.monitor; every key is optional)
+      window: 512
+      max_drop: 0.01
 
 :func:`plan_splits` chooses the split points that minimise the expected end-to-end latency
 (:func:`expected_latency`) from each segment's time on each tier (MACs / declared MAC/s plus a
@@ -57,6 +61,7 @@ class TierPlan:
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch: int = 256
     threads: int = 1  # onnxruntime threads per tier
+    monitor: Any = None  # a eenn.serve.monitor.MonitorConfig, or None: no agreement monitor
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, base_dir: str | Path | None = None,
@@ -67,7 +72,7 @@ class TierPlan:
 
         data = dict(data)
         unknown = set(data) - {"model", "tiers", "links", "float16", "timeout_s", "max_body_bytes", "max_batch",
-                               "threads"}
+                               "threads", "monitor"}
         if unknown:
             raise ValueError(f"unknown plan keys: {', '.join(sorted(unknown))}")
         if "model" not in data or "tiers" not in data:
@@ -96,7 +101,12 @@ class TierPlan:
         if links and len(links) != len(tiers) - 1:
             raise ValueError(f"{len(tiers)} tiers need {len(tiers) - 1} links, got {len(links)}")
         rest = {k: data[k] for k in ("float16", "timeout_s", "max_body_bytes", "max_batch", "threads") if k in data}
-        return cls(str(model), tiers, links, **rest)
+        monitor = None
+        if "monitor" in data and data["monitor"] is not None:
+            from .monitor import MonitorConfig
+
+            monitor = MonitorConfig.from_dict(data["monitor"])
+        return cls(str(model), tiers, links, **rest, monitor=monitor)
 
     @classmethod
     def load(cls, path: str | Path) -> "TierPlan":
@@ -112,6 +122,8 @@ class TierPlan:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if self.monitor is None:
+            del d["monitor"]
         d["tiers"] = [{"name": t.name, "segments": f"{t.start}-{t.stop - 1}",
                        **({"ray_actor_options": t.ray_actor_options} if t.ray_actor_options else {})}
                       for t in self.tiers]

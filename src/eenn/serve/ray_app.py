@@ -100,6 +100,9 @@ class Ingress:
 
 def build_app(plan: TierPlan):
     """The Ray Serve application of ``plan`` (not yet running)."""
+    if plan.monitor is not None:
+        raise ValueError("the agreement monitor (plan `monitor:`) runs in the in-process mode only (eenn serve "
+                         "--local); remove `monitor:` to serve on Ray")
     manifest = load_manifest(plan.model)
     clean = {k: v for k, v in manifest.items() if k != "_dir"}
     nxt, n = None, len(plan.tiers)
