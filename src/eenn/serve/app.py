@@ -37,6 +37,7 @@ class Front:
         self.degraded = 0
         self.rejected: dict[int, int] = {}  # status -> requests refused or failed
         self._policy = ExitPolicy.from_dict(manifest["policy"])
+        self.closers: list[Callable[[], Any]] = []  # called by close()
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.plan.max_body_bytes
@@ -156,6 +157,8 @@ class Front:
     def close(self) -> None:
         if self.monitor is not None:
             self.monitor.close()
+        for close in self.closers:
+            close()
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -179,30 +182,33 @@ def create_app(front: Front):
 
 
 def local_front(plan: TierPlan) -> Front:
-    """A front whose tiers run in this process (each request in a worker thread); with the plan's
-    ``monitor:`` section, an agreement monitor whose new thresholds go to every tier's runner."""
-    pipe = LocalPipeline(plan)
-    lock = threading.Lock()  # one request at a time through the tiers: the cores are the tiers' own
+    """A front whose tiers run in this process (each request in a worker thread of its own pool;
+    each tier runs one batch at a time, as its ``max_batch``/``batch_wait_ms`` gather them); with
+    the plan's ``monitor:`` section, an agreement monitor whose new thresholds go to every tier's
+    runner."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    def run(message: bytes) -> dict:
-        with lock:
-            return pipe(message)
+    pipe = LocalPipeline(plan)
+    # enough request threads to fill the largest batch from single-sample requests
+    pool = ThreadPoolExecutor(max_workers=min(256, max(16, 2 * max(t.max_batch for t in plan.tiers))),
+                              thread_name_prefix="eenn-request")
 
     async def call(message: bytes) -> dict:
-        return await asyncio.to_thread(run, message)
+        return await asyncio.get_running_loop().run_in_executor(pool, pipe, message)
 
     monitor = None
     if plan.monitor is not None:
         from .monitor import AgreementMonitor
 
         def apply(policy) -> None:  # between requests: a request sees one policy on every tier
-            with lock:
+            with pipe.quiesced():
                 for tier in pipe.tiers:
                     tier.runner.set_policy(policy)
 
         monitor = AgreementMonitor(pipe.manifest, config=plan.monitor, apply=apply, threads=plan.threads)
     front = Front(pipe.manifest, plan, call, mode="local", monitor=monitor)
     front.pipeline = pipe
+    front.closers.append(lambda: (pipe.close(), pool.shutdown(wait=False)))
     return front
 
 

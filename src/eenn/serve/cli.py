@@ -36,6 +36,8 @@ plan.yaml:
     - {name: device, segments: "0-1"}
     - {name: edge, segments: "2"}
     - {name: cloud, segments: rest}
+  # per tier, optionally: max_batch: 32, batch_wait_ms: 2 (batch concurrent requests);
+  #   on Ray also replicas: 2, ray_actor_options: {num_cpus: 1}
   # with --local, optionally: monitor: {shadow_fraction: 0.1, window: 512, max_drop: 0.01}
 """
 

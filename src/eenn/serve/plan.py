@@ -7,8 +7,8 @@ A plan file (YAML or JSON; segment indices are exit indices, 0-based)::
     timeout_s: 5              # per tier: how long a tier waits for the next one
     tiers:
       - {name: device, segments: "0-1"}
-      - {name: edge,   segments: "2"}
-      - {name: cloud,  segments: rest}
+      - {name: edge,   segments: "2", max_batch: 32, batch_wait_ms: 2}
+      - {name: cloud,  segments: rest, replicas: 2, ray_actor_options: {num_cpus: 1}}
     links:                    # optional, for planning: one per pair of neighbouring tiers
       - {bandwidth: 2.5e6, latency_s: 0.010}    # bytes/s, one-way seconds
       - {bandwidth: 1.25e7, latency_s: 0.030}
@@ -24,6 +24,12 @@ distribution of how deep samples run (the exported manifest's ``validation.depth
 A sample that runs to segment ``d`` costs every segment up to ``d`` on the tier that holds it,
 plus, for every link it crosses, ``2 * latency`` (the request goes on, the answer comes back) and
 the hand-off bytes over the bandwidth.
+
+Per tier, optionally: ``max_batch`` (1) samples that the tier gathers from concurrent requests
+into one run of its segments, waiting at most ``batch_wait_ms`` (0) after the first arrives (a
+request larger than ``max_batch`` runs alone; 1: no batching, no wait); on Ray Serve also
+``replicas`` (1) and ``ray_actor_options`` (e.g. ``{num_cpus: 1, num_gpus: 0, resources: {edge:
+0.01}}``). The plan-wide ``max_batch`` (256) is another thing: the most samples one request may carry.
 """
 from __future__ import annotations
 
@@ -43,6 +49,14 @@ class TierSpec:
     start: int  # first segment (inclusive)
     stop: int  # last segment + 1
     ray_actor_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"resources": {"edge": 0.01}}
+    replicas: int = 1  # Ray Serve replicas of this tier
+    max_batch: int = 1  # samples gathered from concurrent requests into one run (1: no batching)
+    batch_wait_ms: float = 0.0  # the longest a first arrival waits for others to join its batch
+
+    def __post_init__(self) -> None:
+        _check_tier_options(self.name, {"replicas": self.replicas, "max_batch": self.max_batch,
+                                        "batch_wait_ms": self.batch_wait_ms,
+                                        "ray_actor_options": self.ray_actor_options})
 
 
 @dataclass
@@ -90,7 +104,13 @@ class TierPlan:
             if a != at:
                 raise ValueError(f"tier {t['name']!r} starts at segment {a} but the previous tier stops at {at - 1}: "
                                  "tiers take consecutive segments in order")
-            tiers.append(TierSpec(str(t["name"]), a, b, dict(t.get("ray_actor_options") or {})))
+            unknown = set(t) - TIER_KEYS
+            if unknown:
+                raise ValueError(f"tier {t['name']!r}: unknown keys {', '.join(sorted(map(str, unknown)))} (a tier "
+                                 f"takes {', '.join(sorted(TIER_KEYS))})")
+            options = {k: t[k] for k in ("replicas", "max_batch", "batch_wait_ms") if k in t}
+            actor = t.get("ray_actor_options") or {}
+            tiers.append(TierSpec(str(t["name"]), a, b, dict(actor) if isinstance(actor, dict) else actor, **options))
             at = b
         if at != num_exits:
             raise ValueError(f"the tiers cover segments 0..{at - 1} of 0..{num_exits - 1}; the last tier "
@@ -125,9 +145,46 @@ class TierPlan:
         if self.monitor is None:
             del d["monitor"]
         d["tiers"] = [{"name": t.name, "segments": f"{t.start}-{t.stop - 1}",
-                       **({"ray_actor_options": t.ray_actor_options} if t.ray_actor_options else {})}
+                       **{k: getattr(t, k) for k, default in _TIER_DEFAULTS.items() if getattr(t, k) != default}}
                       for t in self.tiers]
         return d
+
+
+TIER_KEYS = {"name", "segments", "replicas", "ray_actor_options", "max_batch", "batch_wait_ms"}
+_TIER_DEFAULTS = {"replicas": 1, "max_batch": 1, "batch_wait_ms": 0.0, "ray_actor_options": {}}
+# what Ray Serve takes in a deployment's ray_actor_options
+_ACTOR_KEYS = {"num_cpus", "num_gpus", "memory", "object_store_memory", "resources", "accelerator_type", "runtime_env"}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_tier_options(name: str, o: dict[str, Any]) -> None:
+    """Refuse a tier's ``replicas``, ``max_batch``, ``batch_wait_ms`` and ``ray_actor_options``
+    with a message that says what is wrong."""
+    for key in ("replicas", "max_batch"):
+        v = o[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"tier {name!r}: `{key}` must be an integer >= 1, got {v!r}")
+    w = o["batch_wait_ms"]
+    if not _number(w) or not w >= 0 or w == float("inf"):
+        raise ValueError(f"tier {name!r}: `batch_wait_ms` must be a number of milliseconds >= 0, got {w!r}")
+    ao = o["ray_actor_options"]
+    if not isinstance(ao, dict):
+        raise ValueError(f"tier {name!r}: `ray_actor_options` must be a mapping such as {{num_cpus: 1, num_gpus: 0}}, "
+                         f"got {ao!r}")
+    unknown = set(ao) - _ACTOR_KEYS
+    if unknown:
+        raise ValueError(f"tier {name!r}: unknown ray_actor_options {', '.join(sorted(map(str, unknown)))} (Ray "
+                         f"Serve takes {', '.join(sorted(_ACTOR_KEYS))})")
+    for key in ("num_cpus", "num_gpus", "memory", "object_store_memory"):
+        if key in ao and (not _number(ao[key]) or ao[key] < 0):
+            raise ValueError(f"tier {name!r}: ray_actor_options `{key}` must be a number >= 0, got {ao[key]!r}")
+    res = ao.get("resources", {})
+    if not isinstance(res, dict) or not all(isinstance(k, str) and _number(v) and v >= 0 for k, v in res.items()):
+        raise ValueError(f"tier {name!r}: ray_actor_options `resources` must map resource names to amounts >= 0, "
+                         f"got {res!r}")
 
 
 def _segments(spec: Any, at: int, num_exits: int, name: str) -> tuple[int, int]:

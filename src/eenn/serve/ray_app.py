@@ -5,7 +5,10 @@ machines need no shared disk) and a handle to the next tier, which it calls only
 that no exit of its own took, with their features as one binary message. A tier waits for the
 next at most ``timeout_s`` per tier still ahead, then answers the carried samples itself with its
 deepest exit (``degraded``); Ray Serve restarts a dead replica on its own, and answers are whole
-again once it is back. ``ray_actor_options`` per tier pin tiers to machines (custom resources).
+again once it is back. Per tier, the plan's ``replicas`` and ``ray_actor_options`` (which can pin
+tiers to machines with custom resources) configure the deployment, and ``max_batch`` /
+``batch_wait_ms`` its ``serve.batch``: concurrent requests' samples run through the tier's
+segments together (:meth:`eenn.serve.tiers.Tier.run_many`, as in the in-process mode).
 """
 from __future__ import annotations
 
@@ -42,6 +45,20 @@ async def _within(response, timeout: float):
         raise TimeoutError(f"no answer within {timeout:g} s") from None
 
 
+class _Item:
+    """One request waiting in a tier's batch queue: its samples, what they count for against
+    ``max_batch`` (a request larger than that runs alone) and when it arrived."""
+
+    __slots__ = ("running", "size", "t0")
+
+    def __init__(self, running, size: int, t0: float) -> None:
+        self.running, self.size, self.t0 = running, size, t0
+
+
+def _samples(items: list) -> int:
+    return sum(i.size for i in items)
+
+
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=2, health_check_timeout_s=10,
                   graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)
 class TierDeployment:
@@ -49,12 +66,16 @@ class TierDeployment:
         import torch
 
         torch.set_num_threads(1)
-        self.tier = Tier(manifest, TierSpec(**spec), float16=settings["float16"], threads=settings["threads"],
+        self.spec = TierSpec(**spec)
+        self.tier = Tier(manifest, self.spec, float16=settings["float16"], threads=settings["threads"],
                          models=models)
         self.next, self.next_name, self.timeout = next_tier, settings.get("next_name"), settings["timeout_s"]
+        self._run.set_max_batch_size(self.spec.max_batch)  # samples (see _samples)
+        self._run.set_batch_wait_timeout_s(self.spec.batch_wait_ms / 1000.0)
 
     async def __call__(self, message: bytes) -> dict:
-        reply, carry = self.tier.begin(message)
+        running = self.tier.read(message)
+        reply, carry = await self._run(_Item(running, min(len(running), self.spec.max_batch), time.perf_counter()))
         if carry is None:
             return reply
         out, enc = self.tier.handoff(carry)
@@ -66,6 +87,12 @@ class TierDeployment:
             return reply
         self.tier.join(reply, down, time.perf_counter() - t0, enc, len(out))
         return reply
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, batch_size_fn=_samples)
+    async def _run(self, items: list) -> list:
+        """The requests gathered by ``serve.batch`` through this tier's segments at once."""
+        now = time.perf_counter()
+        return self.tier.run_many([i.running for i in items], [now - i.t0 for i in items])
 
     def ping(self) -> str:
         return self.tier.name
@@ -111,7 +138,8 @@ def build_app(plan: TierPlan):
         settings = {"float16": plan.float16, "threads": plan.threads, "timeout_s": plan.timeout_s * (n - 1 - i),
                     "next_name": plan.tiers[i + 1].name if i + 1 < n else None}
         options = {"num_cpus": 0, **spec.ray_actor_options}
-        nxt = TierDeployment.options(name=f"tier-{spec.name}", ray_actor_options=options).bind(
+        nxt = TierDeployment.options(name=f"tier-{spec.name}", ray_actor_options=options, num_replicas=spec.replicas,
+                                     max_ongoing_requests=max(64, spec.max_batch)).bind(
             clean, asdict(spec), read_segments(manifest, (spec.start, spec.stop)), nxt, settings)
     return Ingress.options(name="ingress", ray_actor_options={"num_cpus": 0}).bind(clean, plan, nxt)
 

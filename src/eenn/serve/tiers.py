@@ -9,10 +9,21 @@ chains tiers by plain calls in one process, :mod:`.ray_app` chains them through 
 
 When the next tier fails or times out, the samples it should have taken are answered by the
 deepest exit already computed and flagged ``degraded``; the reason goes into ``errors``.
+
+Batching: a tier may run the samples of several concurrent requests at once
+(:meth:`Tier.run_many`, through :func:`advance_many`, the one implementation of "merge the
+requests, advance, split the answers and the survivors back"), then hands each request's
+survivors on by themselves; the next tier batches again whatever arrives there. In-process a
+:class:`_Batcher` per tier gathers the requests (at most the tier's ``max_batch`` samples, waiting
+at most ``batch_wait_ms`` after the first); on Ray Serve, ``serve.batch`` does (:mod:`.ray_app`).
 """
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -23,7 +34,7 @@ from ..staged import StagedRunner, load_manifest, read_segments
 from .codec import decode, encode
 from .plan import TierPlan, TierSpec
 
-__all__ = ["Tier", "LocalPipeline", "start_message", "build_response"]
+__all__ = ["Tier", "LocalPipeline", "advance_many", "start_message", "build_response"]
 
 def start_message(manifest: dict[str, Any], x: np.ndarray) -> bytes:
     """The message the first tier receives: the model inputs, before segment 0."""
@@ -45,6 +56,47 @@ def _merge(into: dict[str, list], other: dict[str, list]) -> None:
         into[k].extend(v)
 
 
+def _answers_of(a: Answers, lo: int, n: int) -> Answers:
+    """The answers to samples ``lo .. lo+n-1`` of a merged batch, numbered from 0 again."""
+    out = Answers()
+    for i, idx in enumerate(a.index):
+        sel = ((idx >= lo) & (idx < lo + n)).nonzero().squeeze(1)
+        if not len(sel):
+            continue
+        out.index.append(idx.index_select(0, sel) - lo)
+        for name in ("prediction", "exit", "depth", "degraded", "probs"):
+            chunks = getattr(a, name)
+            if chunks:  # probs only when recorded
+                getattr(out, name).append(chunks[i].index_select(0, sel))
+    return out
+
+
+def advance_many(runner: StagedRunner, runnings: list[Running]) -> list[tuple[Answers, Running | None]]:
+    """Run the samples of several requests (each a :class:`Running` numbered from 0, before the
+    same segment) through ``runner`` at once: one :meth:`~eenn.staged.StagedRunner.advance` of
+    their concatenation, its sample ids made unique by offsetting each request's by the sizes of
+    the requests before it; then every request gets its own answers and its own survivors back,
+    numbered as it sent them (None when none of its samples is left)."""
+    if len(runnings) == 1:
+        return [runner.advance(runnings[0])]
+    offsets, at = [], 0
+    for r in runnings:
+        offsets.append(at)
+        at += r.batch
+    merged = Running.cat([replace(r, index=r.index + off, batch=off + r.batch) for r, off in zip(runnings, offsets)])
+    answers, carry = runner.advance(merged)
+    out = []
+    for r, off in zip(runnings, offsets):
+        rest = None
+        if carry is not None:
+            sel = ((carry.index >= off) & (carry.index < off + r.batch)).nonzero().squeeze(1)
+            if len(sel):
+                mine = carry.take(sel)
+                rest = replace(mine, index=mine.index - off, batch=r.batch)
+        out.append((_answers_of(answers, off, r.batch), rest))
+    return out
+
+
 class Tier:
     """Segments ``spec.start .. spec.stop-1`` of an exported model."""
 
@@ -56,15 +108,28 @@ class Tier:
 
     def begin(self, message: bytes) -> tuple[dict[str, Any], Running | None]:
         """Run this tier's segments on a message: the reply so far and the samples to hand on."""
+        return self.run_many([self.read(message)])[0]
+
+    def read(self, message: bytes) -> Running:
+        """The samples a hand-off message carries."""
         arrays, meta = decode(message)
-        running = Running.from_arrays(arrays, meta)
+        return Running.from_arrays(arrays, meta)
+
+    def run_many(self, runnings: list[Running], waits: list[float] | None = None
+                 ) -> list[tuple[dict[str, Any], Running | None]]:
+        """Run this tier's segments once on the samples of several requests (:func:`advance_many`):
+        per request, the reply so far and its samples to hand on. ``waits``: the seconds each
+        request waited for its batch. A reply's ``tiers`` entry gives the run's compute time
+        ``s``, the request's ``samples``, the ``batch`` (samples run together) and ``wait_s``."""
         t0 = time.perf_counter()
-        answers, carry = self.runner.advance(running)
+        results = advance_many(self.runner, runnings)
         compute = time.perf_counter() - t0
-        reply = {"answers": _answers_json(answers, self.name),
-                 "tiers": [{"name": self.name, "s": compute, "samples": int(len(arrays["index"]))}],
-                 "hops": [], "errors": []}
-        return reply, carry
+        total = sum(len(r) for r in runnings)
+        waits = waits or [0.0] * len(runnings)
+        return [({"answers": _answers_json(answers, self.name),
+                  "tiers": [{"name": self.name, "s": compute, "samples": len(r), "batch": total, "wait_s": w}],
+                  "hops": [], "errors": []}, carry)
+                for r, w, (answers, carry) in zip(runnings, waits, results)]
 
     def handoff(self, carry: Running) -> tuple[bytes, float]:
         """The message for the next tier and the seconds it took to encode."""
@@ -76,8 +141,9 @@ class Tier:
     def join(self, reply: dict[str, Any], down: dict[str, Any], round_trip_s: float, encode_s: float,
              nbytes: int) -> None:
         """Fold the next tier's reply in. The hop's time is the round trip less the time spent
-        inside the tiers downstream: moving and (de)coding features and answers, no compute."""
-        inner = sum(t["s"] for t in down["tiers"]) + sum(h["s"] for h in down["hops"])
+        inside the tiers downstream (computing, or waiting for a batch to fill): moving and
+        (de)coding features and answers."""
+        inner = sum(t["s"] + t.get("wait_s", 0.0) for t in down["tiers"]) + sum(h["s"] for h in down["hops"])
         hop = {"from": self.name, "to": down["tiers"][0]["name"], "bytes": int(nbytes),
                "s": max(round_trip_s - inner, 0.0) + encode_s}
         _merge(reply["answers"], down["answers"])
@@ -93,22 +159,138 @@ class Tier:
                                f"{carry.next - 1} on tier {self.name!r}")
 
 
+class _Batcher:
+    """One tier's queue in the in-process mode. ``submit`` blocks until the tier has run the
+    request's samples. With ``max_batch`` 1 the caller runs them itself (one call at a time on
+    the tier); otherwise a worker thread takes the requests in arrival order, up to ``max_batch``
+    samples (a larger request alone), waiting at most ``wait_s`` after the first for others, and
+    runs them together (:meth:`Tier.run_many`). ``sizes`` records the samples of every run."""
+
+    def __init__(self, tier: Tier, max_batch: int, wait_s: float) -> None:
+        self.tier, self.max_batch, self.wait_s = tier, int(max_batch), float(wait_s)
+        self.sizes: deque[int] = deque(maxlen=4096)  # samples per run, the latest last
+        self._cv = threading.Condition()
+        self._queue: deque[tuple[Running, Future, float]] = deque()
+        self._closed = False
+        self._thread = None
+        if self.max_batch > 1:
+            self._thread = threading.Thread(target=self._work, daemon=True, name=f"eenn-tier-{tier.name}")
+            self._thread.start()
+
+    def submit(self, message: bytes) -> tuple[dict[str, Any], Running | None]:
+        if self._thread is None:
+            with self._cv:
+                reply, carry = self.tier.begin(message)
+                self.sizes.append(reply["tiers"][0].get("batch", 0))
+                return reply, carry
+        running = self.tier.read(message)  # decoded in the caller's thread
+        fut: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError(f"tier {self.tier.name!r} is closed")
+            self._queue.append((running, fut, time.perf_counter()))
+            self._cv.notify_all()
+        return fut.result()
+
+    def _take(self) -> list[tuple[Running, Future, float]] | None:
+        """The next batch (None once closed and empty): called holding the lock."""
+        self._cv.wait_for(lambda: self._queue or self._closed)
+        if not self._queue:
+            return None
+        deadline = self._queue[0][2] + self.wait_s
+        while not self._closed and sum(len(q[0]) for q in self._queue) < self.max_batch:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            self._cv.wait(left)  # a new arrival or the end of the batching window
+        batch = [self._queue.popleft()]
+        n = len(batch[0][0])
+        while self._queue and n + len(self._queue[0][0]) <= self.max_batch:
+            item = self._queue.popleft()
+            batch.append(item)
+            n += len(item[0])
+        return batch
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                batch = self._take()
+            if batch is None:
+                return
+            now = time.perf_counter()
+            try:
+                results = self.tier.run_many([b[0] for b in batch], [now - b[2] for b in batch])
+            except BaseException as e:  # noqa: BLE001 - every request of the batch gets the error
+                for b in batch:
+                    b[1].set_exception(e)
+                continue
+            self.sizes.append(sum(len(b[0]) for b in batch))
+            for b, r in zip(batch, results):
+                b[1].set_result(r)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
 class LocalPipeline:
     """Every tier of a plan in this process, chained by plain calls (the default for tests and
-    small use): ``LocalPipeline(plan)(message) -> reply`` as the Ray chain answers."""
+    small use): ``LocalPipeline(plan)(message) -> reply`` as the Ray chain answers. Calls may
+    come from many threads at once: each tier batches them as its ``max_batch`` and
+    ``batch_wait_ms`` say (:class:`_Batcher`), and a request's survivors queue at the next tier.
+    :meth:`quiesced` holds new requests back and waits for those in flight (to change the
+    policy of every tier between requests)."""
 
     def __init__(self, plan: TierPlan, manifest: dict[str, Any] | None = None) -> None:
         self.plan = plan
         self.manifest = manifest or load_manifest(plan.model)
         self.tiers = [Tier(self.manifest, s, float16=plan.float16, threads=plan.threads,
                            models=read_segments(self.manifest, (s.start, s.stop))) for s in plan.tiers]
+        self.batchers = [_Batcher(t, s.max_batch, s.batch_wait_ms / 1000.0) for t, s in zip(self.tiers, plan.tiers)]
+        self._cv = threading.Condition()
+        self._in_flight, self._held = 0, False
 
     def __call__(self, message: bytes) -> dict[str, Any]:
-        return self._from(0, message)
+        with self._cv:
+            self._cv.wait_for(lambda: not self._held)
+            self._in_flight += 1
+        try:
+            return self._from(0, message)
+        finally:
+            with self._cv:
+                self._in_flight -= 1
+                self._cv.notify_all()
+
+    def quiesced(self):
+        """A context: no request in flight inside it (new ones wait until it ends)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def held():
+            with self._cv:
+                self._cv.wait_for(lambda: not self._held)
+                self._held = True
+                self._cv.notify_all()
+                self._cv.wait_for(lambda: self._in_flight == 0)
+            try:
+                yield
+            finally:
+                with self._cv:
+                    self._held = False
+                    self._cv.notify_all()
+
+        return held()
+
+    def close(self) -> None:
+        for b in self.batchers:
+            b.close()
 
     def _from(self, i: int, message: bytes) -> dict[str, Any]:
         tier = self.tiers[i]
-        reply, carry = tier.begin(message)
+        reply, carry = self.batchers[i].submit(message)
         if carry is None:
             return reply
         out, enc = tier.handoff(carry)
@@ -140,6 +322,7 @@ def build_response(manifest: dict[str, Any], reply: dict[str, Any], batch: int, 
             row["label"] = classes[c]
         rows.append(row)
     timing = {"time_s": {t["name"]: t["s"] for t in reply["tiers"]},
+              "batch_samples": {t["name"]: t.get("batch", t.get("samples")) for t in reply["tiers"]},
               "hops": reply["hops"], "total_s": total_s, "errors": reply.get("errors", [])}
     if single:
         return {**rows[0], **timing}

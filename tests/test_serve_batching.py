@@ -1,0 +1,295 @@
+"""Batched tiers: concurrent requests' samples run through a tier's segments together, and each
+request still gets exactly its own answers (the dynamic engine's); the plan's per-tier
+``replicas``, ``ray_actor_options``, ``max_batch`` and ``batch_wait_ms`` are checked when it is
+read and reach the Ray deployments.
+
+The requests are released together by a barrier; a tier's batching window is long (seconds) where
+the test needs a batch to fill, which it does as soon as every expected sample has arrived."""
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from _helpers import npy_bytes as _npy, post, spread_net as _net
+from eenn.engine import DynamicEngine
+from eenn.exporter import export, load_manifest
+from eenn.outputs import CachedOutputs
+from eenn.policies import policy_scores
+from eenn.serve import LocalServer, TierPlan
+from eenn.serve.tiers import LocalPipeline, build_response, start_message
+
+SIZES = [1, 2, 3, 1, 2, 1, 3, 1, 1, 2, 1, 3, 1, 1, 2, 3]  # samples per request: 28 in all
+N = sum(SIZES)
+TIER_OF = {0: "device", 1: "device", 2: "edge", 3: "cloud"}
+
+
+def _midpoint_thresholds(net, x):
+    """Per-exit max_prob thresholds halfway between the two neighbouring sample scores with the
+    widest gap in the middle third, so that no score lies near a threshold (where the 1e-6
+    difference between ONNX and PyTorch logits could flip a decision)."""
+    out = net(x)
+    s = policy_scores("max_prob", CachedOutputs(out.logits, out.gates, torch.zeros(len(x), dtype=torch.long)))
+    srt = s.score[:-1].sort(1).values
+    lo, hi = srt.shape[1] // 3, 2 * srt.shape[1] // 3
+    gaps = srt[:, lo + 1:hi + 1] - srt[:, lo:hi]
+    at = lo + gaps.argmax(1)
+    rows = torch.arange(len(srt))
+    return ((srt[rows, at] + srt[rows, at + 1]) / 2).tolist()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    net = _net()
+    torch.manual_seed(1)
+    x = torch.randn(N, 1, 8, 8)
+    th = _midpoint_thresholds(net, x)
+    d = tmp_path_factory.mktemp("export")
+    export(net, d, policy="max_prob", thresholds=th)
+    with torch.no_grad():
+        eng = DynamicEngine(net, "max_prob", th)(x)
+    assert len(set(eng.exit.tolist())) >= 3  # several tiers answer
+    return net, d, x, eng
+
+
+def _plan(d, device=None, edge=None, cloud=None, **kw):
+    return TierPlan.from_dict({"model": str(d), "tiers": [{"name": "device", "segments": "0-1", **(device or {})},
+                                                          {"name": "edge", "segments": 2, **(edge or {})},
+                                                          {"name": "cloud", "segments": "rest", **(cloud or {})}],
+                               **kw})
+
+
+def _together(fns, timeout=120):
+    """Run ``fns`` in threads released at once by a barrier; their results in order."""
+    barrier = threading.Barrier(len(fns))
+    results = [None] * len(fns)
+    errors = []
+
+    def run(i):
+        try:
+            barrier.wait(timeout=timeout)
+            results[i] = fns[i]()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "a request never came back"
+    assert not errors, errors
+    return results
+
+
+def _check_rows(rows, eng, lo):
+    for j, r in enumerate(rows):
+        assert (r["class"], r["exit"]) == (int(eng.prediction[lo + j]), int(eng.exit[lo + j]))
+        assert r["tier"] == TIER_OF[int(eng.exit[lo + j])] and not r["degraded"]
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answers(model):
+    net, d, x, eng = model
+    # device: one batch of every sample (its window is long and ends when N samples are in);
+    # edge: at most 4 samples a run; cloud: no batching
+    plan = _plan(d, device={"max_batch": N, "batch_wait_ms": 20_000}, edge={"max_batch": 4, "batch_wait_ms": 50})
+    pipe = LocalPipeline(plan)
+    try:
+        m = pipe.manifest
+        starts = np.cumsum([0, *SIZES])
+        msgs = [start_message(m, x[a:b].numpy()) for a, b in zip(starts[:-1], starts[1:])]
+        replies = _together([lambda msg=msg: pipe(msg) for msg in msgs])
+        unbatched = LocalPipeline(_plan(d))
+        alone = [unbatched(msg) for msg in msgs]  # one request at a time, no batching: what it gets alone
+        unbatched.close()
+        for (a, b), reply, single in zip(zip(starts[:-1], starts[1:]), replies, alone):
+            out = build_response(m, reply, b - a, 0.0, False)
+            _check_rows(out["predictions"], eng, a)
+            ref = build_response(m, single, b - a, 0.0, False)["predictions"]
+            assert [(r["class"], r["exit"]) for r in out["predictions"]] == [(r["class"], r["exit"]) for r in ref]
+            assert np.allclose([r["probabilities"] for r in out["predictions"]],
+                               [r["probabilities"] for r in ref], atol=1e-5)
+            assert reply["tiers"][0]["samples"] == b - a
+        device, edge, cloud = (list(b.sizes) for b in pipe.batchers)
+        n_edge, n_cloud = int((eng.exit >= 2).sum()), int((eng.exit == 3).sum())
+        # the device ran every request's samples at once, and each reply says so
+        assert device == [N] and all(r["tiers"][0]["batch"] == N for r in replies)
+        # the edge batched the survivors as they came (50 ms window), at most 4 samples a run
+        assert sum(edge) == n_edge and max(edge) <= 4
+        assert sum(cloud) == n_cloud and max(cloud) <= 3  # no batching: one request's samples a run
+        print(f"batch sizes: device {device}, edge {edge}, cloud {cloud}")
+    finally:
+        pipe.close()
+
+
+def test_a_tier_runs_at_most_max_batch_samples(model):
+    _, d, x, eng = model
+    pipe = LocalPipeline(_plan(d, device={"max_batch": 4, "batch_wait_ms": 20_000}))
+    try:
+        m = pipe.manifest
+        replies = _together([lambda i=i: pipe(start_message(m, x[i:i + 1].numpy())) for i in range(8)])
+        assert list(pipe.batchers[0].sizes) == [4, 4]  # full batches go at once; 8 single samples make two
+        big = pipe(start_message(m, x[8:14].numpy()))  # more than max_batch: runs alone, at once
+        assert list(pipe.batchers[0].sizes) == [4, 4, 6] and big["tiers"][0]["batch"] == 6
+        for i, reply in enumerate(replies):
+            _check_rows([build_response(m, reply, 1, 0.0, True)], eng, i)
+        _check_rows(build_response(m, big, 6, 0.0, False)["predictions"], eng, 8)
+    finally:
+        pipe.close()
+
+
+def test_a_batched_tier_degrades_each_request_when_the_next_fails(model, monkeypatch):
+    net, d, x, eng = model
+    n_edge = int((eng.exit >= 2).sum())
+    pipe = LocalPipeline(_plan(d, edge={"max_batch": n_edge, "batch_wait_ms": 20_000}))
+    try:
+
+        def broken(message):
+            raise ConnectionError("cloud is down")
+
+        monkeypatch.setattr(pipe.tiers[2], "begin", broken)
+        m = pipe.manifest
+        idx = [i for i in range(N) if eng.exit[i] >= 2]  # single-sample requests that all reach the edge
+        replies = _together([lambda i=i: pipe(start_message(m, x[i:i + 1].numpy())) for i in idx])
+        assert list(pipe.batchers[1].sizes) == [n_edge]  # all of them in one edge run
+        for i, reply in zip(idx, replies):
+            row = build_response(m, reply, 1, 0.0, True)
+            if eng.exit[i] == 2:
+                assert (row["exit"], row["class"], row["degraded"]) == (2, int(eng.prediction[i]), False)
+            else:  # the edge's exit answers, flagged
+                assert (row["exit"], row["tier"], row["degraded"]) == (2, "edge", True)
+                assert "cloud is down" in row["errors"][0]
+    finally:
+        pipe.close()
+
+
+def test_local_server_batches_concurrent_http_requests(model):
+    net, d, x, eng = model
+    n = 8
+    with LocalServer(_plan(d, device={"max_batch": n, "batch_wait_ms": 20_000})) as url:
+        outs = _together([lambda i=i: post(url, _npy(x[i].numpy())) for i in range(n)])
+    for i, (status, out) in enumerate(outs):
+        assert status == 200, out
+        _check_rows([out], eng, i)
+        assert out["batch_samples"]["device"] == n  # all eight ran through the device together
+
+
+def test_quiesced_waits_for_requests_in_flight(model, monkeypatch):
+    _, d, x, _ = model
+    pipe = LocalPipeline(_plan(d))
+    entered, release, done = threading.Event(), threading.Event(), threading.Event()
+    begin = pipe.tiers[0].begin
+
+    def slow(message):
+        entered.set()
+        assert release.wait(60)
+        return begin(message)
+
+    monkeypatch.setattr(pipe.tiers[0], "begin", slow)
+    msg = start_message(pipe.manifest, x[:2].numpy())
+    th = threading.Thread(target=pipe, args=(msg,))
+    th.start()
+    assert entered.wait(60)
+
+    def hold():
+        with pipe.quiesced():
+            done.set()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    with pipe._cv:  # the holder has closed the door and waits for the request in flight
+        assert pipe._cv.wait_for(lambda: pipe._held, 60)
+    assert not done.is_set() and pipe._in_flight == 1
+    release.set()
+    assert done.wait(60)
+    th.join(60)
+    holder.join(60)
+    pipe.close()
+
+
+# ------------------------------------------------------------------------------------ the plan
+def test_plan_tier_options_parse_and_round_trip(model, tmp_path):
+    _, d, _, _ = model
+    p = _plan(d)
+    assert [(t.replicas, t.max_batch, t.batch_wait_ms, t.ray_actor_options) for t in p.tiers] == [(1, 1, 0.0, {})] * 3
+    f = tmp_path / "plan.yaml"
+    f.write_text(f"model: {d}\ntiers:\n"
+                 "  - {name: device, segments: '0-1', max_batch: 16, batch_wait_ms: 2.5}\n"
+                 "  - {name: edge, segments: 2, replicas: 3, ray_actor_options: {num_cpus: 1, num_gpus: 0,"
+                 " resources: {edge: 0.01}}}\n"
+                 "  - {name: cloud, segments: rest}\n")
+    p = TierPlan.load(f)
+    dev, edge, cloud = p.tiers
+    assert (dev.max_batch, dev.batch_wait_ms, dev.replicas) == (16, 2.5, 1)
+    assert edge.replicas == 3 and edge.ray_actor_options == {"num_cpus": 1, "num_gpus": 0, "resources": {"edge": 0.01}}
+    d2 = p.to_dict()
+    assert d2["tiers"][0] == {"name": "device", "segments": "0-1", "max_batch": 16, "batch_wait_ms": 2.5}
+    assert d2["tiers"][2] == {"name": "cloud", "segments": "3-3"}
+    back = TierPlan.from_dict(d2)
+    assert back.tiers == p.tiers
+
+
+BAD_TIERS = [
+    ({"replica": 2}, "unknown keys replica"),
+    ({"replicas": 0}, "`replicas` must be an integer >= 1, got 0"),
+    ({"replicas": "2"}, "`replicas` must be an integer >= 1, got '2'"),
+    ({"replicas": True}, "`replicas` must be an integer >= 1"),
+    ({"max_batch": 0}, "`max_batch` must be an integer >= 1"),
+    ({"max_batch": 2.5}, "`max_batch` must be an integer >= 1, got 2.5"),
+    ({"batch_wait_ms": -1}, "`batch_wait_ms` must be a number of milliseconds >= 0"),
+    ({"batch_wait_ms": "5ms"}, "`batch_wait_ms` must be a number"),
+    ({"ray_actor_options": [1]}, "`ray_actor_options` must be a mapping"),
+    ({"ray_actor_options": {"cpus": 1}}, "unknown ray_actor_options cpus"),
+    ({"ray_actor_options": {"num_gpus": -1}}, "`num_gpus` must be a number >= 0"),
+    ({"ray_actor_options": {"resources": {"edge": "x"}}}, "`resources` must map resource names"),
+]
+
+
+@pytest.mark.parametrize("options, message", BAD_TIERS, ids=[b[1] for b in BAD_TIERS])
+def test_plan_tier_options_are_checked(model, options, message):
+    _, d, _, _ = model
+    with pytest.raises(ValueError, match="tier 'edge'") as e:
+        _plan(d, edge=options)
+    assert message in str(e.value)
+
+
+# ------------------------------------------------------------------------------------ Ray Serve
+def test_ray_deployments_take_replicas_options_and_batches(model, monkeypatch):
+    """The deployments ``build_app`` makes carry the plan's replicas and actor options; a tier
+    replica's ``serve.batch`` (run here in a plain event loop, no cluster) gathers concurrent
+    requests' samples up to ``max_batch``, a larger request alone, and answers each its own."""
+    from ray.serve import batching
+
+    from eenn.serve import ray_app
+    from eenn.staged import read_segments
+
+    _, d, x, eng = model
+    plan = _plan(d, edge={"replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "max_batch": 8,
+                          "batch_wait_ms": 20_000})
+    ingress = ray_app.build_app(plan)._bound_deployment
+    device = ingress.init_args[2]._bound_deployment
+    edge = device.init_args[3]._bound_deployment
+    assert (device.name, device.num_replicas, device.ray_actor_options) == ("tier-device", 1, {"num_cpus": 0})
+    assert (edge.name, edge.num_replicas, edge.ray_actor_options) == ("tier-edge", 2, {"num_cpus": 0.5})
+
+    # serve.batch warns (through the replica context, absent here) when max_batch_size exceeds
+    # max_ongoing_requests; nothing else needs a running Serve
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    m = load_manifest(d)
+    spec = {"name": "all", "start": 0, "stop": m["num_exits"], "max_batch": 8, "batch_wait_ms": 20_000}
+    tier = ray_app.TierDeployment.func_or_class(m, spec, read_segments(m, (0, m["num_exits"])), None,
+                                                {"float16": False, "threads": 1, "timeout_s": 1.0})
+    sizes = [1, 2, 3, 2, 12]  # 8 samples fill a batch; the 12 run alone
+    starts = np.cumsum([0, *sizes])
+
+    async def main():
+        return await asyncio.gather(*[tier(start_message(m, x[a:b].numpy()))
+                                      for a, b in zip(starts[:-1], starts[1:])])
+
+    replies = asyncio.run(main())
+    assert [r["tiers"][0]["batch"] for r in replies] == [8, 8, 8, 8, 12]
+    for (a, b), reply in zip(zip(starts[:-1], starts[1:]), replies):
+        rows = build_response(m, reply, b - a, 0.0, False)["predictions"]
+        assert [(r["class"], r["exit"]) for r in rows] == list(zip(eng.prediction[a:b].tolist(),
+                                                                   eng.exit[a:b].tolist()))
