@@ -226,7 +226,7 @@ def test_fused_batch1_graph_answers_as_the_engine(policy, head, tmp_path):
     assert rest is None and int(a.exit[0][0]) == int(res["exit"][0])
 
 
-def test_fused_graph_only_where_it_applies(tmp_path):
+def test_fused_graph_only_where_it_applies(tmp_path, monkeypatch):
     net = _net()
     m = export(net, tmp_path / "ens", policy="ensemble", thresholds=0.5, policy_options={"weights": [1.0] * 4})
     assert m["fused"]["file"] is None and "no fused form" in m["fused"]["reason"]
@@ -236,6 +236,23 @@ def test_fused_graph_only_where_it_applies(tmp_path):
     assert StagedRunner(tmp_path / "mp").fused is not None
     assert StagedRunner(tmp_path / "mp", policy="entropy", thresholds=1.0).fused is None  # another rule: staged
     assert StagedRunner(tmp_path / "mp", segments=(0, 2)).fused is None  # a tier holding some segments
+    # segments sent in memory (a Ray worker without the export directory): built from them alone
+    from eenn.staged import read_segments
+
+    m = load_manifest(tmp_path / "mp")
+    remote = StagedRunner({k: v for k, v in m.items() if k != "_dir"}, models=read_segments(m, (0, 4)))
+    assert remote.fused is not None
+    x = torch.randn(1, 1, 8, 8).numpy()
+    assert np.array_equal(remote(x)["exit"], StagedRunner(tmp_path / "mp")(x)["exit"])
+    # when the build from the segments fails, the exported (portable) graph is used, checked first
+    import eenn.staged
+
+    def fail(*a, **k):
+        raise RuntimeError("no optimised segments here")
+
+    monkeypatch.setattr(eenn.staged, "_fused_session", fail)
+    with pytest.warns(RuntimeWarning, match="using the exported one"):
+        assert StagedRunner(tmp_path / "mp").fused is not None
     (tmp_path / "mp" / "fused_batch1.onnx").write_bytes(b"tampered")
     with pytest.raises(ExportError, match="checksum"):
         StagedRunner(tmp_path / "mp")

@@ -151,12 +151,17 @@ class StagedRunner:
         fused = m.get("fused") or {}
         if (fused.get("file") and (a, b) == (0, self.num_exits) and fused.get("rule") == self.policy.name
                 and self.policy.fallback == "final"):
-            data = (base / fused["file"]).read_bytes()
-            if _digest(data) != fused["sha256"]:
-                raise ExportError(f"{base / fused['file']} does not match its checksum in the manifest; re-export")
+            # Built from the segments (also when they came in memory, on a Ray worker); the exported
+            # file is the portable fallback and is checked like a segment when it is read.
             try:
                 self.fused = _fused_session(loaded, m, self.policy.name, threads)
             except Exception as e:  # noqa: BLE001 - the exported (portable, slower) fused graph instead
+                path = base / fused["file"]
+                if models is not None or not path.exists():
+                    raise ExportError(f"the fused batch-1 graph could not be built ({type(e).__name__}: {e})") from None
+                data = path.read_bytes()
+                if _digest(data) != fused["sha256"]:
+                    raise ExportError(f"{path} does not match its checksum in the manifest; re-export") from None
                 warnings.warn(f"the fused batch-1 graph could not be built from the optimised segments "
                               f"({type(e).__name__}: {e}); using the exported one", RuntimeWarning, stacklevel=2)
                 self.fused = _session(data, threads)
