@@ -276,6 +276,10 @@ def test_ray_deployments_take_replicas_options_and_batches(model, monkeypatch):
     # serve.batch warns (through the replica context, absent here) when max_batch_size exceeds
     # max_ongoing_requests; nothing else needs a running Serve
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    # serve.batch keeps its queue (bound to this event loop) and limits in one object shared by the
+    # class; put it back as it was, or the class can no longer be pickled for a real deployment later
+    shared = ray_app.TierDeployment.func_or_class._run.set_max_batch_size.__self__
+    monkeypatch.setattr(shared, "__dict__", dict(shared.__dict__))
     m = load_manifest(d)
     spec = {"name": "all", "start": 0, "stop": m["num_exits"], "max_batch": 8, "batch_wait_ms": 20_000}
     tier = ray_app.TierDeployment.func_or_class(m, spec, read_segments(m, (0, m["num_exits"])), None,
