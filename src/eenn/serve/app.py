@@ -15,7 +15,8 @@ from starlette.responses import JSONResponse, Response
 from ..io import encode_inf
 from ..policies import ExitPolicy
 from .inputs import InputError, decode_body
-from .monitor import prometheus_text, thresholds_of
+from .monitor_config import thresholds_of
+from .prometheus import prometheus_text
 from .plan import TierPlan
 from .tiers import LocalPipeline, build_response, start_message
 

@@ -123,7 +123,7 @@ class TierPlan:
         rest = {k: data[k] for k in ("float16", "timeout_s", "max_body_bytes", "max_batch", "threads") if k in data}
         monitor = None
         if "monitor" in data and data["monitor"] is not None:
-            from .monitor import MonitorConfig
+            from .monitor_config import MonitorConfig
 
             monitor = MonitorConfig.from_dict(data["monitor"])
         return cls(str(model), tiers, links, **rest, monitor=monitor)
