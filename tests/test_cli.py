@@ -155,6 +155,12 @@ def test_compare_two_methods(tmp_path, capsys):
     before = (tmp_path / "cmp" / "B-NET" / "metrics.jsonl").read_text()
     assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "cmp"), "--methods", "B-NET"]) == 0
     assert (tmp_path / "cmp" / "B-NET" / "metrics.jsonl").read_text() == before
+    # other evaluation settings: reported again with them, still no training
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "cmp"), "--methods", "B-NET",
+                 "--set", "eval.goal={max_drop: 0.2}"]) == 0
+    assert (tmp_path / "cmp" / "B-NET" / "metrics.jsonl").read_text() == before
+    rep = json.loads((tmp_path / "cmp" / "B-NET" / "report.json").read_text())
+    assert rep["policy"]["goal"] == {"max_drop": 0.2} and rep["result"]["goal"]["max_drop"] == 0.2
 
 
 @pytest.mark.parametrize("argv, code, needle", [

@@ -19,11 +19,12 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, merge, read_yaml
+from .config import (ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, merge, read_yaml,
+                     save_config)
 from .io import write_json
 from .policies import ExitPolicy
 from .report import Report
-from .run import build_data, open_run, run_info, train_run
+from .run import build_data, evaluate_run, open_run, run_info, train_run
 
 __all__ = ["compare", "load_compare", "CompareResult"]
 
@@ -85,9 +86,13 @@ def compare(path: str | Path, *, overrides: list[str] | None = None, only: list[
         run_dir = root / _slug(label)
         cfg.train.out_dir = str(run_dir)
         print(f"== {label}: {cfg.objective.name} {cfg.objective.options or ''} -> {run_dir}", flush=True)
-        done = (run_dir / "report.json").exists() and not retrain and _finished(run_dir, cfg)
-        if done:
+        state = "untrained" if retrain else _finished(run_dir, cfg)
+        if state == "done":
             report = Report.load(run_dir / "report.json")
+        elif state == "trained":  # only the evaluation settings changed: report again, no training
+            net, _, _ = open_run(run_dir)
+            report = evaluate_run(net, build_data(cfg), cfg, run_dir)
+            save_config(cfg, run_dir / "config.yaml")
         else:
             report = train_run(cfg, argv=argv)["report"]
         row: dict[str, Any] = {"dir": str(run_dir), "objective": cfg.objective.name, "report": report.data}
@@ -101,13 +106,18 @@ def compare(path: str | Path, *, overrides: list[str] | None = None, only: list[
     return CompareResult(methods=rows, dir=str(root), markdown=md)
 
 
-def _finished(run_dir: Path, cfg: RunConfig) -> bool:
+def _finished(run_dir: Path, cfg: RunConfig) -> str:
+    """``"done"`` (trained and reported with this very config), ``"trained"`` (trained with it,
+    reported with other evaluation settings) or ``"untrained"``."""
     metrics = run_dir / "metrics.jsonl"
-    if not metrics.exists():
-        return False
+    if not metrics.exists() or not (run_dir / "config.yaml").exists():
+        return "untrained"
     lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    same = (run_dir / "config.yaml").exists() and read_yaml(run_dir / "config.yaml") == config_to_dict(cfg)
-    return same and bool(lines) and lines[-1].get("epoch") == cfg.train.epochs
+    saved, want = read_yaml(run_dir / "config.yaml"), config_to_dict(cfg)
+    trained = all(saved.get(k) == v for k, v in want.items() if k != "eval")
+    if not (trained and lines and lines[-1].get("epoch") == cfg.train.epochs):
+        return "untrained"
+    return "done" if saved.get("eval") == want.get("eval") and (run_dir / "report.json").exists() else "trained"
 
 
 def _prune(run_dir: Path, cfg: RunConfig) -> dict:
