@@ -81,6 +81,7 @@ class DynamicEngine:
             raise ValueError(f"micro_batch must be a positive number of samples or None, got {micro_batch}")
         self.micro_batch = micro_batch
         self.dynamic_macs = torch.tensor(net.cost().dynamic_macs, dtype=torch.float64)
+        self._macs: dict[torch.device, Tensor] = {}  # dynamic_macs on each device used, copied once
         if optimize and buckets is not None:
             raise ValueError("optimize=True (traced segments, for CPUs) and buckets= (CUDA graphs) are alternatives")
         self.optimized = OptimizedSegments(self.net) if optimize else None
@@ -148,7 +149,13 @@ class DynamicEngine:
         else:
             out = answers.ordered(x.shape[0])
             pred, exit_, depth = out["prediction"], out["exit"], out["depth"]
-        return EngineResult(pred, exit_, depth, self.dynamic_macs.to(x.device)[depth])
+        return EngineResult(pred, exit_, depth, self._macs_on(x.device)[depth])
+
+    def _macs_on(self, device: torch.device) -> Tensor:
+        macs = self._macs.get(device)
+        if macs is None:
+            macs = self._macs[device] = self.dynamic_macs.to(device)
+        return macs
 
     def stream(self, batches: Iterable, *, batch_size: int | None = None) -> Iterator[EngineResult]:
         """Re-batching for throughput (E3, DREX): run a stream of batches with the survivors of
@@ -226,7 +233,7 @@ class DynamicEngine:
             x = self._input(x)
             b = x.shape[0]
             if macs is None:
-                macs = self.dynamic_macs.to(x.device)
+                macs = self._macs_on(x.device)
                 buf.update({f: torch.zeros(0, dtype=torch.long, device=x.device) for f in ("prediction", "exit", "depth")})
                 buf["done"] = torch.zeros(0, dtype=torch.bool, device=x.device)
             if size is None and b:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .data import TensorLoader
-from .deployments import deployments as make_deployments, format_deployments, time_deployments
+from .deployments import _sync, deployments as make_deployments, format_deployments, time_deployments
 from .engine import DynamicEngine
 from .outputs import CachedOutputs, collect_outputs
 from .io import encode_inf, read_json
@@ -42,11 +42,6 @@ __all__ = ["Report", "evaluate", "time_engine", "accuracy_macs_curve"]
 
 
 # --- measuring ------------------------------------------------------------------------------
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 @torch.no_grad()
 def time_engine(net: MultiExitNetwork, engine: DynamicEngine, x: Tensor, batch_size: int, *,

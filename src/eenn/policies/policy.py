@@ -33,7 +33,7 @@ from ..checkpoint import read_description
 from ..functional import SCHEMES, scheme_weights
 from ..io import decode_inf, read_json
 from ..registry import check_options
-from .rules import FALLBACKS, RULES, Scores, as_thresholds, get_policy, list_policies
+from .rules import FALLBACKS, RULES, Scores, as_thresholds, exit_step, get_policy, list_policies, padded_step
 
 __all__ = ["ExitPolicy", "BoundPolicy", "FALLBACKS", "as_policy", "policy_scores"]
 
@@ -196,8 +196,6 @@ class BoundPolicy:
     def __post_init__(self) -> None:
         self.fallback = self.policy.fallback
         self.th = self.thresholds.tolist()  # floats: comparing a tensor with a float makes no extra tensor
-        from .rules import exit_step, padded_step
-
         self.step = exit_step(self.policy.fn, self.num_exits, **self.options) or \
             padded_step(self.policy.fn, self.num_exits, **self.options)
 
