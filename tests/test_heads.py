@@ -4,14 +4,20 @@ import torch
 import eenn
 from eenn.heads import MixedPool2d
 
-SHAPES = [(16, 8, 8), (32, 1, 1), (64,)]
+SHAPES = [(16, 8, 8), (32, 1, 1), (64,), (17, 8)]  # feature map, 1x1 map, flat, tokens (class token + 4x4)
+TOKEN_HEADS = ("token", "lgvit_local", "lgvit_global")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("name", eenn.list_heads())
 def test_head_outputs(name, shape):
-    if name in ("conv", "nachos") and len(shape) == 1:
-        with pytest.raises(ValueError, match="feature map"):
+    if name in ("conv", "nachos") and len(shape) != 3:
+        with pytest.raises(ValueError, match="feature map.*use head") as err:
+            eenn.create_head(name, shape, 5)
+        assert ("token" in str(err.value)) == (len(shape) == 2)
+        return
+    if name in TOKEN_HEADS and len(shape) != 2:
+        with pytest.raises(ValueError, match="reads token states"):
             eenn.create_head(name, shape, 5)
         return
     head = eenn.create_head(name, shape, 5)
@@ -83,3 +89,60 @@ def test_first_exit_never_cascades_and_the_option_is_kept_as_given():
     again = eenn.MultiExitNetwork.from_config(net.config)
     assert [h.cascades for h in again.heads] == [False, True]
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+
+
+def test_token_heads_read_what_they_say():
+    """The class-token head depends on token 0 only; the mean head on every token; the local
+    head on the patch grid only (the class token left out); the global head on every token."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 17, 8)
+    moved = x.clone()
+    moved[:, 1:] += torch.randn(2, 16, 8)  # every patch token changes, the class token does not
+    cls_only = x.clone()
+    cls_only[:, 0] += torch.randn(2, 8)  # (not a constant: LayerNorm would remove it)
+    heads = {n: eenn.create_head(n, (17, 8), 5).eval() for n in ("token", "linear", "lgvit_local", "lgvit_global")}
+    same = {n: torch.allclose(h(x)[0], h(moved)[0]) for n, h in heads.items()}
+    assert same == {"token": True, "linear": False, "lgvit_local": False, "lgvit_global": False}
+    assert torch.allclose(heads["lgvit_local"](x)[0], heads["lgvit_local"](cls_only)[0])
+    assert not torch.allclose(heads["lgvit_global"](x)[0], heads["lgvit_global"](cls_only)[0])
+    # A token index other than the class token, and DeeBERT's pooler.
+    last = eenn.create_head("token", (17, 8), 5, index=-1, width=6).eval()
+    changed_last = x.clone()
+    changed_last[:, -1] += torch.randn(2, 8)
+    assert not torch.allclose(last(x)[0], last(changed_last)[0])
+    changed_first = x.clone()
+    changed_first[:, :-1] += torch.randn(2, 16, 8)
+    assert torch.allclose(last(x)[0], last(changed_first)[0])
+
+
+def test_local_head_finds_the_grid_or_asks_for_it():
+    from eenn.heads import token_grid
+
+    assert token_grid(49) == (7, 7, False) and token_grid(50) == (7, 7, True) and token_grid(128) is None
+    assert eenn.create_head("lgvit_local", (49, 8), 3)(torch.randn(2, 49, 8))[0].shape == (2, 3)
+    with pytest.raises(ValueError, match="not a square patch grid.*grid="):
+        eenn.create_head("lgvit_local", (24, 8), 3)
+    rect = eenn.create_head("lgvit_local", (25, 8), 3, grid=(4, 6), class_token=True)
+    assert rect(torch.randn(2, 25, 8))[0].shape == (2, 3)
+    with pytest.raises(ValueError, match="does not fit 25 tokens"):
+        eenn.create_head("lgvit_local", (25, 8), 3, grid=(4, 4))
+    with pytest.raises(ValueError, match="outside the 17 tokens"):
+        eenn.create_head("token", (17, 8), 3, index=17)
+
+
+def test_attention_is_counted_on_every_path():
+    """The flop counter misses the fused attention kernels of eval mode (SDPA's CPU kernel, the
+    fast paths of nn.MultiheadAttention and nn.TransformerEncoderLayer); eenn's counter does not,
+    so a block costs the same in training and in inference mode."""
+    from eenn.cost import count_macs
+
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    x = torch.randn(1, 10, 16)
+    linear = 10 * (4 * 16 * 16 + 2 * 16 * 32)
+    attention = 2 * 10 * 10 * 16
+    assert count_macs(layer.eval(), x) == count_macs(layer.train(), x) == linear + attention
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    assert count_macs(lambda a: mha.eval()(a, a, a), x) == count_macs(lambda a: mha.train()(a, a, a), x) \
+        == 10 * 4 * 16 * 16 + attention
+    q = torch.randn(1, 2, 10, 8)
+    assert count_macs(lambda a: torch.nn.functional.scaled_dot_product_attention(a, a, a), q) == 2 * 2 * 10 * 10 * 8

@@ -11,14 +11,56 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-__all__ = ["CostTable", "count_macs", "count_params"]
+__all__ = ["CostTable", "count_macs", "count_params", "flop_counter"]
+
+aten = torch.ops.aten
+
+
+# PyTorch's flop counter misses the fused inference kernels that attention takes on the CPU and
+# in eval mode: scaled_dot_product_attention's CPU flash kernel and the fast paths of
+# nn.MultiheadAttention and nn.TransformerEncoderLayer. Without these formulas a transformer's
+# attention (and, on the fast path, its whole block) would cost nothing. The formulas count the
+# same products as the decomposed (training-mode) path, so a block costs the same either way.
+def _sdpa_cpu(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _attention_flops(b: int, n: int, s: int, d: int) -> int:
+    """Q @ K^T and softmax(.) @ V for ``b`` samples, ``n`` queries, ``s`` keys, width ``d``."""
+    return 2 * 2 * b * n * s * d
+
+
+def _native_mha(query, key, value, embed_dim, num_head, qkv_weight, *args, out_shape=None, **kwargs) -> int:
+    b, n, d = query
+    s = key[1]
+    proj = 2 * b * (n + 2 * s) * d * d + 2 * b * n * d * d  # in-projections of q, k, v; out-projection
+    return proj + _attention_flops(b, n, s, d)
+
+
+def _encoder_layer(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu, norm_first,
+                   eps, nw1, nb1, nw2, nb2, ffn_weight_1, *args, out_shape=None, **kwargs) -> int:
+    b, n, d = src
+    hidden = ffn_weight_1[0]
+    return 2 * b * n * (4 * d * d + 2 * d * hidden) + _attention_flops(b, n, n, d)
+
+
+_EXTRA_FORMULAS = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+    aten._native_multi_head_attention: _native_mha,
+    aten._transformer_encoder_layer_fwd: _encoder_layer,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """PyTorch's flop counter, with formulas for the fused attention kernels it misses."""
+    return FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
 
 
 def count_macs(module: nn.Module | callable, *inputs) -> int:
     """MACs of one call ``module(*inputs)`` (flop-counter FLOPs / 2)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         module(*inputs)
     return int(counter.get_total_flops()) // 2
 
@@ -117,7 +159,7 @@ def profile_stages(stages: Sequence[nn.Module], classifier: nn.Module, input_sha
         state = torch.zeros(1, *input_shape, device=device, dtype=dtype)
         macs = []
         for stage in stages:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            with torch.no_grad(), flop_counter() as counter:
                 state = stage(state)
             macs.append(int(counter.get_total_flops()) // 2)
         return macs, count_macs(classifier, head_input(state))

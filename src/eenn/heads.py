@@ -16,7 +16,18 @@ from torch import Tensor, nn
 
 from .registry import Registry, check_options
 
-__all__ = ["ExitHead", "HeadClassifier", "MixedPool2d", "create_head", "list_heads", "register_head"]
+__all__ = [
+    "AttentionPool",
+    "ExitHead",
+    "HeadClassifier",
+    "MixedPool2d",
+    "TokenGridConv",
+    "TokenPool",
+    "create_head",
+    "list_heads",
+    "register_head",
+    "token_grid",
+]
 
 
 class ExitHead(nn.Module):
@@ -98,6 +109,93 @@ class MixedPool2d(nn.Module):
         return self.alpha * nn.functional.max_pool2d(x, k) + (1 - self.alpha) * nn.functional.avg_pool2d(x, k)
 
 
+# ----------------------------------------------------------------------------- token states
+# A transformer's state is a sequence of tokens [B, N, D] (per-sample shape (N, D)); its
+# residual stream is not normalised (pre-norm blocks), so every token body starts with a
+# LayerNorm, as the transformer's own classifier does.
+
+
+def token_grid(num_tokens: int) -> tuple[int, int, bool] | None:
+    """``(height, width, has_class_token)`` when ``num_tokens`` tokens are a square patch grid,
+    possibly after one class token (49 -> 7x7; 50 -> class token + 7x7); else None."""
+    for extra in (0, 1):
+        side = int(round((num_tokens - extra) ** 0.5))
+        if side > 0 and side * side == num_tokens - extra:
+            return side, side, bool(extra)
+    return None
+
+
+class TokenPool(nn.Module):
+    """LayerNorm over the width, then one token (``index``; the class token at 0, as DeeBERT's
+    and PABEE's heads read it) or, with ``index=None``, the mean over all tokens."""
+
+    def __init__(self, dim: int, index: int | None = None) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.index = index
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm(x)
+        return x.mean(dim=1) if self.index is None else x[:, self.index]
+
+
+class TokenGridConv(nn.Module):
+    """LGViT-style local perception [our reading of Xu et al. 2023]: the patch tokens laid back
+    on their grid (a class token, if any, left out), a depthwise 3x3 convolution with a
+    pointwise one, GELU, and global average pooling."""
+
+    def __init__(self, dim: int, grid: tuple[int, int], skip: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.grid, self.skip = tuple(grid), int(skip)
+        self.depthwise = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.pointwise = nn.Conv2d(dim, dim, 1)
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm(x[:, self.skip:])
+        b, n, d = x.shape
+        x = x.transpose(1, 2).reshape(b, d, *self.grid)
+        x = self.act(self.pointwise(self.depthwise(x)))
+        return x.mean(dim=(2, 3))
+
+
+class AttentionPool(nn.Module):
+    """LGViT-style global aggregation [ours in the details]: ``heads`` learned queries attend
+    over all tokens (one query per head, keys and values from a linear map of the normalised
+    tokens); the heads' results are concatenated and projected."""
+
+    def __init__(self, dim: int, heads: int = 4) -> None:
+        super().__init__()
+        if heads < 1 or dim % heads:
+            raise ValueError(f"attention pooling needs a head count that divides the width {dim}, got {heads}")
+        self.norm = nn.LayerNorm(dim)
+        self.heads = heads
+        self.query = nn.Parameter(torch.randn(heads, dim // heads) * (dim // heads) ** -0.5)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        h = self.heads
+        k, v = self.kv(self.norm(x)).reshape(b, n, 2, h, d // h).unbind(2)  # [B, N, H, D/H] each
+        scores = torch.einsum("bnhc,hc->bhn", k, self.query)  # the query carries the 1/sqrt scale
+        out = torch.einsum("bhn,bnhc->bhc", scores.softmax(dim=-1), v)
+        return self.proj(out.reshape(b, d))
+
+
+def _tokens(in_shape: tuple[int, ...]) -> bool:
+    return len(in_shape) == 2
+
+
+def _need_tokens(name: str, in_shape: tuple[int, ...]) -> None:
+    if not _tokens(in_shape):
+        raise ValueError(
+            f"exit head {name!r} reads token states (tokens, width), but this stage gives shape {in_shape}; "
+            "use head 'linear', 'conv' or 'sdn' for feature maps and flat features"
+        )
+
+
 _HEADS: Registry[Callable[..., ExitHead]] = Registry("exit head")
 
 
@@ -125,9 +223,12 @@ def create_head(name: str, in_shape: Sequence[int], num_classes: int, *, cascade
 
 
 def _pool_flatten(in_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
-    """Global average pooling for (C, H, W) features, identity for flat ones."""
+    """Global average pooling for (C, H, W) features, the normalised mean over tokens for token
+    states (N, D), identity for flat ones."""
     if len(in_shape) == 1:
         return nn.Flatten(), in_shape[0]
+    if _tokens(in_shape):
+        return TokenPool(in_shape[1]), in_shape[1]
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), in_shape[0]
 
 
@@ -140,15 +241,18 @@ def _hidden(body: nn.Module, dim: int, width: int | None) -> tuple[nn.Module, in
 
 def _need_spatial(name: str, in_shape: tuple[int, ...]) -> None:
     if len(in_shape) != 3:
+        other = ("'linear' (mean over tokens), 'token' (class token), 'lgvit_local' or 'lgvit_global' for token "
+                 "states" if _tokens(in_shape) else "'linear' or 'sdn' for flat features")
         raise ValueError(
             f"exit head {name!r} needs a (channels, height, width) feature map, but this stage gives "
-            f"shape {in_shape}; use head 'linear' or 'sdn' for flat features"
+            f"shape {in_shape}; use head {other}"
         )
 
 
 @register_head("linear")
 def linear(in_shape, num_classes, *, width: int | None = None, gate: bool = False) -> ExitHead:
-    """Global average pool + fully connected (``width`` adds a hidden layer)."""
+    """Global average pool + fully connected (``width`` adds a hidden layer). On token states
+    (N, D): LayerNorm, the mean over tokens, fully connected."""
     body, dim = _hidden(*_pool_flatten(in_shape), width)
     return ExitHead(body, dim, num_classes, gate=gate)
 
@@ -172,9 +276,11 @@ def conv(in_shape, num_classes, *, width: int | None = None, layers: int = 1, ga
 @register_head("sdn")
 def sdn(in_shape, num_classes, *, width: int | None = None, gate: bool = False) -> ExitHead:
     """Shallow-Deep Networks' internal classifier: mixed max/avg pooling with kernel size/4
-    (no pooling below 4 px), flatten, fully connected."""
+    (no pooling below 4 px), flatten, fully connected (token states: their normalised mean)."""
     if len(in_shape) == 1:
         body, dim = nn.Flatten(), in_shape[0]
+    elif _tokens(in_shape):
+        body, dim = _pool_flatten(in_shape)
     else:
         c, h, w = in_shape
         k = min(h, w) // 4 if min(h, w) >= 4 else 1
@@ -219,6 +325,10 @@ def eenets(in_shape, num_classes, *, batch_norm: bool = False, pool: bool = True
     """EENets' exit block: optional BatchNorm, global average pooling (``pool=False``
     flattens instead), then separate confidence (sigmoid) and classification branches; with
     ``gate_probs`` (default) the confidence also reads the sorted class probabilities [ours]."""
+    if _tokens(in_shape):  # a LayerNorm is in the token body already; BatchNorm is for feature maps
+        body, dim = _pool_flatten(in_shape) if pool else (nn.Sequential(nn.LayerNorm(in_shape[1]), nn.Flatten()),
+                                                            in_shape[0] * in_shape[1])
+        return ExitHead(body, dim, num_classes, gate=True, gate_probs=gate_probs)
     mods: list[nn.Module] = []
     if batch_norm:
         mods.append(nn.BatchNorm2d(in_shape[0]) if len(in_shape) == 3 else nn.BatchNorm1d(in_shape[0]))
@@ -246,3 +356,49 @@ def nachos(in_shape, num_classes, *, width: int = 32, pool: int | None = None) -
     mods += [nn.ReLU(), nn.Flatten()]
     hp, wp = -(-h // k), -(-w // k)
     return ExitHead(nn.Sequential(*mods), chans[-1] * hp * wp, num_classes, gate=True)
+
+
+@register_head("token")
+def token(in_shape, num_classes, *, index: int = 0, width: int | None = None, gate: bool = False) -> ExitHead:
+    """A transformer's class-token head (DeeBERT, PABEE): LayerNorm, the token at ``index``
+    (the class token, 0 by default), fully connected. ``width`` adds DeeBERT's pooler, one
+    hidden layer with tanh."""
+    _need_tokens("token", in_shape)
+    n, d = in_shape
+    if not -n <= index < n:
+        raise ValueError(f"exit head 'token': index {index} is outside the {n} tokens of this stage")
+    body: nn.Module = TokenPool(d, index)
+    if width:
+        body, d = nn.Sequential(body, nn.Linear(d, width), nn.Tanh()), width
+    return ExitHead(body, d, num_classes, gate=gate)
+
+
+@register_head("lgvit_local")
+def lgvit_local(in_shape, num_classes, *, grid: Sequence[int] | None = None, class_token: bool | None = None,
+                gate: bool = False) -> ExitHead:
+    """LGViT's local perception head, for early exits of a vision transformer: the patch tokens
+    on their grid through a depthwise + pointwise convolution, pooled, fully connected. The grid
+    and the class token are read from the token count (49: 7x7; 50: class token + 7x7); name
+    ``grid=(h, w)`` and ``class_token`` when the count does not tell (a rectangular grid)."""
+    _need_tokens("lgvit_local", in_shape)
+    n, d = in_shape
+    if grid is None:
+        found = token_grid(n)
+        if found is None:
+            raise ValueError(f"exit head 'lgvit_local': {n} tokens are not a square patch grid (with or without "
+                             "a class token); pass grid=(height, width) and class_token=True/False")
+        grid, class_token = found[:2], found[2] if class_token is None else class_token
+    h, w = (int(g) for g in grid)
+    skip = n - h * w
+    if skip not in (0, 1) or (class_token is not None and skip != int(class_token)):
+        raise ValueError(f"exit head 'lgvit_local': grid {h}x{w} does not fit {n} tokens "
+                         f"(class token: {class_token}); the grid must cover all tokens but an optional first one")
+    return ExitHead(TokenGridConv(d, (h, w), skip), d, num_classes, gate=gate)
+
+
+@register_head("lgvit_global")
+def lgvit_global(in_shape, num_classes, *, heads: int = 4, gate: bool = False) -> ExitHead:
+    """LGViT's global aggregation head, for late exits of a vision transformer: attention
+    pooling over all tokens (``heads`` learned queries), fully connected."""
+    _need_tokens("lgvit_global", in_shape)
+    return ExitHead(AttentionPool(in_shape[1], heads), in_shape[1], num_classes, gate=gate)
