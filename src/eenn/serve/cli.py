@@ -46,9 +46,19 @@ EPILOG_PLAN = """examples:
       --link 1e6,0.010 --link 1e7,0.030 --out plan.yaml
   eenn plan export/ --tier device=measure --tier edge=measure:4 --link 1e9,0.0001
 
+  eenn plan export/ --tier device=measure --tier edge=measure --tier cloud=measure --link 1e9,0.0001 \
+      --split 0,1-2,3 --cores 2 --concurrency 32 --out plan.yaml
+
 --tier NAME=MACS_PER_S[,OVERHEAD_S] declares a tier's speed; NAME=measure times the segments on
 this machine; NAME=measure:F assumes a tier F times faster than this machine. --link
-BYTES_PER_S,LATENCY_S (one way) per pair of neighbouring tiers.
+BYTES_PER_S,LATENCY_S (one way) per pair of neighbouring tiers. --split fixes the segments of each
+tier (comma-separated, one per tier: k, a-b or rest) instead of choosing them.
+
+With --concurrency N (closed-loop clients) or --rate R (requests/s), and --cores, it also proposes
+each tier's max_batch, batch_wait_ms, replicas and ray_actor_options.num_cpus from the segment
+times (measured at batch 1 and at --measure-batch for NAME=measure tiers; per run and per MAC for
+declared ones) and the share of samples that reach each tier, prints why, and writes them into the
+plan (eenn.serve.plan.propose_serving).
 """
 
 
@@ -100,6 +110,17 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--link", action="append", default=[], metavar="BYTES_PER_S,LATENCY_S")
     p.add_argument("--float16", action="store_true", help="features cross tiers as float16")
     p.add_argument("--out", default=None, help="write the chosen plan (YAML) here")
+    p.add_argument("--split", default=None, metavar="SEGS,SEGS,...",
+                   help="the segments of each tier, e.g. 0,1-2,rest (default: the split of least expected latency)")
+    p.add_argument("--concurrency", type=int, default=None, help="propose batching for N concurrent clients")
+    p.add_argument("--rate", type=float, default=None, help="propose batching for R requests/s arriving")
+    p.add_argument("--cores", type=float, default=None, help="cores to share among the tiers (default: this machine's)")
+    p.add_argument("--samples-per-request", type=int, default=1, help="samples each request carries (default 1)")
+    p.add_argument("--batch-cap", type=int, default=64, help="the largest max_batch proposed (default 64)")
+    p.add_argument("--request-overhead-ms", type=float, default=0.0,
+                   help="what each request costs a tier besides compute (decoding, the call); default 0")
+    p.add_argument("--measure-batch", type=int, default=32,
+                   help="the batch at which NAME=measure tiers are also timed (default 32)")
     p.set_defaults(run=run_plan)
 
 
@@ -166,10 +187,10 @@ def run_serve(args) -> int:
     return 0
 
 
-def _speeds(specs: list[str], manifest: dict):
+def _speeds(specs: list[str], manifest: dict, batch: int = 1):
     from .plan import TierSpeed, measure_segments
 
-    speeds, measured = [], None
+    speeds, measured, batched = [], None, None
     for spec in specs:
         name, sep, value = spec.partition("=")
         if not sep:
@@ -177,35 +198,108 @@ def _speeds(specs: list[str], manifest: dict):
         if value.startswith("measure"):
             if measured is None:
                 measured = measure_segments(manifest)
-            factor = float(value.partition(":")[2] or 1.0)
-            speeds.append(TierSpeed(name, segment_s=[t / factor for t in measured[0]], answer_s=measured[1] / factor))
+                if batch > 1:
+                    batched = measure_segments(manifest, batch=batch, repeats=10)[0]
+            try:
+                factor = float(value.partition(":")[2] or 1.0)
+            except ValueError:
+                raise ValueError(f"--tier {spec!r}: measure:F takes a number F (how many times faster)") from None
+            if not factor > 0:
+                raise ValueError(f"--tier {spec!r}: the speed factor must be > 0")
+            speeds.append(TierSpeed(name, segment_s=[t / factor for t in measured[0]], answer_s=measured[1] / factor,
+                                    batch_s=None if batched is None else [t / factor for t in batched], batch=batch))
         else:
             parts = [float(v) for v in value.split(",")]
             speeds.append(TierSpeed(name, parts[0], parts[1] if len(parts) > 1 else 0.0))
     return speeds
 
 
-def run_plan(args) -> int:
-    from ..staged import load_manifest
-    from .plan import LinkSpec, plan_splits
+def _split(text: str, names: list[str], num_exits: int) -> list[tuple[int, int]]:
+    from .plan import _segments
 
+    specs = [t.strip() for t in text.split(",")]
+    if len(specs) != len(names):
+        raise ValueError(f"--split gives {len(specs)} tiers' segments for {len(names)} tiers ({text!r})")
+    bounds, at = [], 0
+    for spec, name in zip(specs, names):
+        a, b = _segments(int(spec) if spec.isdigit() else spec, at, num_exits, name)
+        if a != at:
+            raise ValueError(f"--split: tier {name!r} starts at segment {a}, not {at}: tiers take consecutive "
+                             "segments in order")
+        bounds.append((a, b))
+        at = b
+    if at != num_exits:
+        raise ValueError(f"--split covers segments 0..{at - 1} of 0..{num_exits - 1} (the last tier can say rest)")
+    return bounds
+
+
+def run_plan(args) -> int:
+    import os
+
+    from ..staged import load_manifest
+    from .plan import LinkSpec, expected_latency, plan_splits, propose_serving
+
+    batching = args.concurrency is not None or args.rate is not None
+    if args.concurrency is not None and args.rate is not None:
+        raise ValueError("give --concurrency or --rate, not both")
+    if args.measure_batch < 1:
+        raise ValueError(f"--measure-batch must be >= 1, got {args.measure_batch}")
     m = load_manifest(args.export_dir)
-    speeds = _speeds(args.tier, m)
+    speeds = _speeds(args.tier, m, args.measure_batch if batching else 1)
     links = []
     for text in args.link:
-        bw, lat = (float(v) for v in text.split(","))
+        try:
+            bw, lat = (float(v) for v in text.split(","))
+        except ValueError:
+            raise ValueError(f"--link takes BYTES_PER_S,LATENCY_S, got {text!r}") from None
         links.append(LinkSpec(bw, lat))
-    r = plan_splits(m, speeds, links, float16=args.float16)
     names = [s.name for s in speeds]
-    print(f"expected latency {1e3 * r.predicted_s:.3f} ms with "
-          + ", ".join(f"{n}: {a}-{b - 1}" if b > a else f"{n}: -" for n, (a, b) in zip(names, r.bounds)))
-    print("latency by depth (ms): " + " ".join(f"{1e3 * t:.3f}" for t in r.per_depth_s))
-    for t, bounds in r.ranking[1:]:
-        print(f"  next best {1e3 * t:.3f} ms: " + ", ".join(f"[{a},{b})" for a, b in bounds))
+    depth = (m.get("validation") or {}).get("depth_distribution")
+    if args.split is not None:
+        if len(links) != len(speeds) - 1:
+            raise ValueError(f"{len(speeds)} tiers need {len(speeds) - 1} links, got {len(links)}")
+        if depth is None:
+            raise ValueError("no depth distribution: export with --calibration or --dataset (a validation record)")
+        bounds = _split(args.split, names, int(m["num_exits"]))
+        predicted, per_depth = expected_latency(m, bounds, speeds, links, depth, float16=args.float16)
+        print(f"expected latency {1e3 * predicted:.3f} ms with the given split "
+              + ", ".join(f"{n}: {a}-{b - 1}" for n, (a, b) in zip(names, bounds)))
+        print("latency by depth (ms): " + " ".join(f"{1e3 * t:.3f}" for t in per_depth))
+    else:
+        r = plan_splits(m, speeds, links, float16=args.float16)
+        bounds = r.bounds
+        print(f"expected latency {1e3 * r.predicted_s:.3f} ms with "
+              + ", ".join(f"{n}: {a}-{b - 1}" if b > a else f"{n}: -" for n, (a, b) in zip(names, r.bounds)))
+        print("latency by depth (ms): " + " ".join(f"{1e3 * t:.3f}" for t in r.per_depth_s))
+        for t, other in r.ranking[1:]:
+            print(f"  next best {1e3 * t:.3f} ms: " + ", ".join(f"[{a},{b})" for a, b in other))
+    tiers = [{"name": n, "segments": f"{a}-{b - 1}"} for n, (a, b) in zip(names, bounds) if b > a]
+    if batching:
+        cores = args.cores if args.cores is not None else float(os.cpu_count() or 1)
+        props, lines = propose_serving(m, bounds, speeds, depth, cores=cores, concurrency=args.concurrency,
+                                       rate=args.rate, samples_per_request=args.samples_per_request,
+                                       batch_cap=args.batch_cap,
+                                       request_overhead_s=args.request_overhead_ms / 1000.0)
+        load = (f"{args.concurrency} concurrent clients" if args.concurrency is not None
+                else f"{args.rate:g} requests/s")
+        print(f"batching and replicas for {load} of {args.samples_per_request} sample(s) on {cores:g} cores:")
+        by_name = {p.name: p for p in props}
+        for t in tiers:
+            p = by_name[t["name"]]
+            t.update(p.options())
+            print(f"  {p.name}: max_batch {p.max_batch}, batch_wait_ms {p.batch_wait_ms:g}, replicas {p.replicas}, "
+                  f"num_cpus {p.num_cpus:g}")
+            for why in p.reasons:
+                print(f"    - {why}")
+        for line in lines:
+            print(f"  {line}")
+    elif args.cores is not None or args.samples_per_request != 1:
+        raise ValueError("--cores and --samples-per-request describe the load for batching: give --concurrency "
+                         "or --rate too")
     if args.out:
         import yaml
 
-        plan = r.to_plan(str(args.export_dir), names, float16=args.float16)
+        plan = {"model": str(args.export_dir), "tiers": tiers, "float16": args.float16}
         with open(args.out, "w") as f:
             yaml.safe_dump(plan, f, sort_keys=False)
         print(f"wrote {args.out}")

@@ -1,0 +1,105 @@
+"""`eenn plan` proposes each tier's batching (max_batch, batch_wait_ms) and placement (replicas,
+num_cpus) from the segment times: the proposal must follow the times (swap which tier is slow and
+the replicas swap), the load (more clients, bigger batches) and the fixed cost per run (what
+batching saves); bad settings are refused with the reason."""
+import pytest
+import torch
+import yaml
+
+from _helpers import spread_net
+from eenn.exporter import export
+from eenn.serve import TierPlan
+from eenn.serve.cli import _main
+from eenn.serve.plan import TierSpeed, propose_serving
+
+MANIFEST = {"num_exits": 2, "segments": [{"macs": 1000}, {"macs": 1000}]}
+BOUNDS = [(0, 1), (1, 2)]
+DEPTH = [0.5, 0.5]  # half the samples leave at exit 0: the second tier sees half of them
+
+
+def _speeds(t0, t1, *, fixed=(0.0, 0.0), batch=32):
+    """Two one-segment tiers: batch-1 times t0, t1; a run of 32 costs the fixed part once."""
+    tb = [f + (t - f) * batch for t, f in zip((t0, t1), fixed)]
+    return [TierSpeed("a", segment_s=[t0, t1], batch_s=tb, batch=batch),
+            TierSpeed("b", segment_s=[t0, t1], batch_s=tb, batch=batch)]
+
+
+def _by_name(props):
+    return {p.name: p for p in props}
+
+
+def test_the_slower_tier_gets_the_cores():
+    # tier b's segment is 8x tier a's: though only half the samples reach it, it gets the replicas
+    slow_b, _ = propose_serving(MANIFEST, BOUNDS, _speeds(1e-3, 8e-3), DEPTH, cores=5, concurrency=16)
+    slow_a, _ = propose_serving(MANIFEST, BOUNDS, _speeds(8e-3, 1e-3), DEPTH, cores=5, concurrency=16)
+    b, a = _by_name(slow_b), _by_name(slow_a)
+    assert b["b"].replicas > b["a"].replicas and a["a"].replicas > a["b"].replicas
+    assert b["b"].cores == pytest.approx(4.0) and a["a"].cores == pytest.approx(5 * 8 / 8.5)
+    for props in (slow_b, slow_a):  # the reservations fit on the machine
+        assert sum(p.replicas * p.num_cpus for p in props) <= 5 + 1e-9
+
+
+def test_batches_follow_the_clients_reach_and_run_time():
+    props, lines = propose_serving(MANIFEST, BOUNDS, _speeds(1e-3, 2e-3), DEPTH, cores=2, concurrency=32)
+    p = _by_name(props)
+    assert (p["a"].max_batch, p["b"].max_batch) == (32, 16)  # 32 clients; half of them reach b
+    assert p["a"].batch_wait_ms == pytest.approx(1e3 * 32 * 1e-3, abs=0.05)  # one full run
+    assert p["b"].batch_wait_ms == pytest.approx(1e3 * 16 * 2e-3, abs=0.05)
+    assert any("capacity" in line for line in lines) and all(q.reasons for q in props)
+    one, _ = propose_serving(MANIFEST, BOUNDS, _speeds(1e-3, 2e-3), DEPTH, cores=2, concurrency=1)
+    assert [(q.max_batch, q.batch_wait_ms) for q in one] == [(1, 0.0), (1, 0.0)]
+    capped, _ = propose_serving(MANIFEST, BOUNDS, _speeds(1e-3, 2e-3), DEPTH, cores=2, concurrency=500, batch_cap=48)
+    assert [q.max_batch for q in capped] == [48, 48]
+
+
+def test_at_a_rate_the_tier_with_the_larger_fixed_cost_batches_more():
+    # 400 requests/s: tier a pays 2 ms per run whatever its size, tier b 0.1 ms; both 0.5 ms per sample
+    sp = _speeds(2.5e-3, 0.6e-3, fixed=(2e-3, 0.1e-3))
+    props, lines = propose_serving(MANIFEST, BOUNDS, sp, DEPTH, cores=2, rate=400)
+    p = _by_name(props)
+    # a keeps up when 400 (2 ms + 0.5 ms b) <= b, i.e. b >= 0.8 / (1 - 0.2) = 1: no batching needed
+    assert p["a"].max_batch == 1 and p["b"].max_batch == 1
+    props, _ = propose_serving(MANIFEST, BOUNDS, sp, DEPTH, cores=2, rate=1200)
+    p = _by_name(props)
+    # a: 1200 * 2 ms / (1 - 1200 * 0.5 ms) = 2.4 / 0.4 = 6; b: 600 * 0.1 ms / (1 - 0.3) = 0.086 -> 1
+    assert p["a"].max_batch == 6 and p["b"].max_batch == 1
+    assert 0 < p["a"].batch_wait_ms <= 1e3 * p["a"].run_s() + 0.05
+    over, lines = propose_serving(MANIFEST, BOUNDS, sp, DEPTH, cores=2, rate=5000)
+    assert _by_name(over)["a"].max_batch == 64 and any("overloaded" in line for line in lines)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({}, "concurrency"), ({"concurrency": 4, "rate": 10}, "one of them"), ({"concurrency": 0}, "concurrency"),
+    ({"rate": -1}, "rate"), ({"concurrency": 4, "cores": 0}, "cores"),
+    ({"concurrency": 4, "batch_cap": 0}, "batch_cap"), ({"concurrency": 4, "request_overhead_s": -1}, "overhead"),
+])
+def test_bad_load_settings_are_refused(kw, message):
+    kw = {"cores": 2, **kw}
+    with pytest.raises(ValueError, match=message):
+        propose_serving(MANIFEST, BOUNDS, _speeds(1e-3, 1e-3), DEPTH, **kw)
+
+
+def test_eenn_plan_writes_the_proposal_into_the_plan(tmp_path, capsys):
+    d = tmp_path / "export"
+    export(spread_net(), d, policy="max_prob", thresholds=[0.5, 0.5, 0.5],
+           validation={"depth_distribution": [0.4, 0.2, 0.2, 0.2], "exit_distribution": [0.4, 0.2, 0.2, 0.2]})
+    out = tmp_path / "plan.yaml"
+    assert _main(["plan", str(d), "--tier", "device=measure", "--tier", "cloud=measure", "--link", "1e9,0.0001",
+                  "--split", "0-1,rest", "--cores", "3", "--concurrency", "20", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "max_batch 20" in printed and "8.0 samples can wait" in printed and "capacity" in printed
+    plan = TierPlan.load(out)
+    (dev, cloud) = plan.tiers
+    assert (dev.start, dev.stop, cloud.start, cloud.stop) == (0, 2, 2, 4)
+    assert (dev.max_batch, cloud.max_batch) == (20, 8)  # 20 clients; 40% of the samples reach the cloud
+    assert dev.batch_wait_ms > 0 and cloud.batch_wait_ms > 0
+    assert dev.replicas * dev.ray_actor_options["num_cpus"] + cloud.replicas * cloud.ray_actor_options["num_cpus"] <= 3
+    raw = yaml.safe_load(out.read_text())
+    assert set(raw["tiers"][0]) == {"name", "segments", "max_batch", "batch_wait_ms", "replicas", "ray_actor_options"}
+    # bad usage: a clear error, exit status 1
+    for argv, message in [(["--split", "0-1", "--concurrency", "4"], "--split gives 1"),
+                          (["--split", "0-1,rest", "--concurrency", "4", "--rate", "3"], "not both"),
+                          (["--split", "0-1,rest", "--cores", "2"], "--concurrency or --rate")]:
+        assert _main(["plan", str(d), "--tier", "device=measure", "--tier", "cloud=measure", "--link", "1e9,0.0001",
+                      *argv]) == 1
+        assert message in capsys.readouterr().err
