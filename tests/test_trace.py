@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 import eenn
 
@@ -213,7 +213,10 @@ def test_leaf_modules_keep_untraceable_parts_whole():
     assert torch.allclose(net(x).logits[-1], model(x))
 
 
-def test_non_tensor_value_across_a_cut_is_refused():
+def test_sizes_cross_a_cut_and_follow_compaction():
+    """The batch size read before a cut is read again after it, from the compacted state."""
+    from eenn.engine import DynamicEngine
+
     class Sizes(nn.Module):
         def __init__(self):
             super().__init__()
@@ -224,8 +227,35 @@ def test_non_tensor_value_across_a_cut_is_refused():
             h = torch.relu(self.conv(x))
             return self.fc(h.reshape(n, -1))
 
-    with pytest.raises(eenn.TraceError, match="only tensors with a leading batch dimension"):
-        eenn.attach_exits(Sizes(), at=["relu"], input_shape=(1, 8, 8))
+    torch.manual_seed(0)
+    model = Sizes().eval()
+    net = eenn.attach_exits(model, at=["relu"], input_shape=(1, 8, 8)).eval()
+    x = torch.randn(7, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(net(x).logits[-1], model(x), atol=1e-6)
+        state, _, _ = net.forward_segment(0, x)
+        assert isinstance(state, Tensor)  # the size is not carried: segment 1 reads it from the state
+        lg0 = net(x).logits[0]
+        th = lg0.softmax(1).max(1).values.median()  # some samples leave, the rest run on compacted
+        res = DynamicEngine(net, "max_prob", [float(th)])(x)
+        assert 0 < int((res.exit == 0).sum()) < 7
+        late = res.exit == 1
+        assert torch.equal(res.prediction[late], model(x[late]).argmax(1))
+
+
+def test_value_whose_shape_depends_on_the_batch_elsewhere_is_refused():
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.fc = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            t = x.t()  # [4, B]: the batch in the second dimension
+            h = torch.relu(self.a(x))
+            return self.fc(h + t.t())
+
+    with pytest.raises(eenn.TraceError, match=r"would carry 't' \(a tensor of shape \(4, 3\)\).*first dimension"):
+        eenn.attach_exits(Transposed(), at=["relu"], input_shape=(4,))
 
 
 def test_output_and_class_checks():

@@ -144,8 +144,10 @@ def _first_param(modules: Sequence[nn.Module]) -> Tensor | None:
     return None
 
 
-def profile_stages(stages: Sequence[nn.Module], classifier: nn.Module, input_shape: Sequence[int]) -> tuple[list[int], int]:
-    """MACs of each stage, in order, and of the classifier, for one sample."""
+def profile_stages(stages: Sequence[nn.Module], classifier: nn.Module, input_shape: Sequence[int],
+                   input_dtype: torch.dtype | None = None) -> tuple[list[int], int]:
+    """MACs of each stage, in order, and of the classifier, for one sample (a zero input of
+    ``input_dtype``; by default the parameters' floating type)."""
     from .backbones.base import head_input
 
     mods = [*stages, classifier]
@@ -156,7 +158,7 @@ def profile_stages(stages: Sequence[nn.Module], classifier: nn.Module, input_sha
     for m in mods:
         m.eval()
     try:
-        state = torch.zeros(1, *input_shape, device=device, dtype=dtype)
+        state = torch.zeros(1, *input_shape, device=device, dtype=input_dtype or dtype)
         macs = []
         for stage in stages:
             with torch.no_grad(), flop_counter() as counter:

@@ -16,6 +16,7 @@ manifest is written, and the largest absolute logit difference is recorded there
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -66,6 +67,28 @@ class _Segment(nn.Module):
         return tuple(outs)
 
 
+@contextlib.contextmanager
+def _no_fastpath():
+    """nn.MultiheadAttention and nn.TransformerEncoderLayer off their fused inference kernels,
+    which have no ONNX form, while a graph is exported (the same arithmetic, decomposed)."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
+def _example_input(net, batch: int, gen: torch.Generator) -> Tensor:
+    """A random batch to check the graphs on: normal floats, or, for a network that takes
+    integers (token ids), ids valid for every embedding table in it."""
+    dtype = getattr(net.backbone, "input_dtype", None)
+    if dtype is None or dtype.is_floating_point:
+        return torch.randn(batch, *net.input_shape, generator=gen, dtype=dtype or torch.float32)
+    high = min((m.num_embeddings for m in net.modules() if isinstance(m, nn.Embedding)), default=2)
+    return torch.randint(0, high, (batch, *net.input_shape), generator=gen, dtype=dtype)
+
+
 def _policy_record(net, policy: ExitPolicy) -> dict[str, Any]:
     try:
         bound = policy.bind(net.num_exits, has_gates=net.has_gates)
@@ -101,7 +124,7 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
     seg_macs = [cost.dynamic_macs[0]] + [b - a for a, b in zip(cost.dynamic_macs[:-1], cost.dynamic_macs[1:])]
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(check_batch, *net.input_shape, generator=gen)
+    x = _example_input(net, check_batch, gen)
     segments, seg_bytes, worst = [], [], 0.0
     state: Any = x
     prev: Tensor | None = None
@@ -125,7 +148,7 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
                     names_out.append("gate")
             module = _Segment(net, k, n_in, cascade).eval()
             buf = io.BytesIO()
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _no_fastpath():
                 warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer notes
                 torch.onnx.export(module, args, buf, dynamo=False, input_names=names_in, output_names=names_out,
                                   dynamic_axes={n: {0: "batch"} for n in names_in + names_out},
@@ -142,7 +165,7 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
                 diff = float(np.max(np.abs(g_.astype(np.float64) - w_.numpy().astype(np.float64)))) if w_.numel() else 0.0
                 if name == "logits":
                     worst = max(worst, diff)
-                if not diff <= EXPORT_TOLERANCE * max(1.0, float(w_.abs().max())):
+                if not diff <= EXPORT_TOLERANCE * max(1.0, float(w_.double().abs().max())):  # masks: bool
                     raise ExportError(f"segment {k} output {name!r}: ONNX differs from PyTorch by {diff:.3g}")
             tensors_in = [*state_in] + ([prev] if cascade else [])
             segments.append({
@@ -171,7 +194,7 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
         "num_exits": E,
         "num_classes": net.num_classes,
         "input_shape": list(net.input_shape),
-        "input_dtype": "float32",
+        "input_dtype": str(x.dtype).removeprefix("torch."),
         "exit_names": list(net.exit_names),
         "has_gates": bool(net.has_gates),
         "policy": record,
@@ -194,7 +217,7 @@ def _export_static(net, out: Path, x: Tensor, opset: int) -> dict[str, Any]:
     """The static network as one graph (``static.onnx``): the baseline an early exit must beat,
     and what serving the network whole runs."""
     buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _no_fastpath():
         warnings.simplefilter("ignore")
         torch.onnx.export(net.backbone.eval(), (x,), buf, dynamo=False, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,

@@ -199,7 +199,7 @@ class MultiExitNetwork(nn.Module):
         s = self.exit_stages[k]
         bb = self.backbone
         new_bb = Backbone(list(bb.stages[: s + 1]), HeadClassifier(self.heads[k]), input_shape=bb.input_shape,
-                          stage_names=[i.name for i in bb.stage_info[: s + 1]])
+                          stage_names=[i.name for i in bb.stage_info[: s + 1]], input_dtype=bb.input_dtype)
         net = MultiExitNetwork(new_bb, "none", source=copy.deepcopy(self.source))
         net._set_exits(self.exit_stages[:k], list(self.heads[:k]), self.head_names[:k],
                        copy.deepcopy(self.head_options[:k]))
@@ -218,7 +218,7 @@ class MultiExitNetwork(nn.Module):
 
     def _measure_cost(self) -> CostTable:
         bb = self.backbone
-        stage_macs, cls_macs = profile_stages(bb.stages, bb.classifier, bb.input_shape)
+        stage_macs, cls_macs = profile_stages(bb.stages, bb.classifier, bb.input_shape, bb.input_dtype)
         head_macs = []
         for h, s in zip(self.heads, self.exit_stages):
             p = next(h.parameters())

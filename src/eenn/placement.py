@@ -80,7 +80,8 @@ def _place_by_cost(distribution: str, num_exits: int, backbone: Backbone) -> lis
     n = backbone.num_stages
     if num_exits > n - 1:
         raise ValueError(f"cannot place {num_exits} exits: this backbone has {n - 1} stages that can carry one")
-    stage_macs, cls_macs = profile_stages(backbone.stages, backbone.classifier, backbone.input_shape)
+    stage_macs, cls_macs = profile_stages(backbone.stages, backbone.classifier, backbone.input_shape,
+                                          backbone.input_dtype)
     total = sum(stage_macs) + cls_macs
     cum = torch.tensor(stage_macs, dtype=torch.float64).cumsum(0).tolist()
     out: list[int] = []

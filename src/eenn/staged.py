@@ -126,6 +126,7 @@ class StagedRunner:
         self.manifest = m = path if isinstance(path, dict) else load_manifest(path)
         self.num_exits, self.num_classes = int(m["num_exits"]), int(m["num_classes"])
         self.input_shape = tuple(m["input_shape"])
+        self.input_dtype = np.dtype(m.get("input_dtype", "float32"))
         a, b = segments if segments is not None else (0, self.num_exits)
         if not 0 <= a < b <= self.num_exits:
             raise ExportError(f"segments ({a}, {b}) out of range for {self.num_exits} segments")
@@ -201,7 +202,7 @@ class StagedRunner:
         final exit sees, to compare the early exits' answers with the final one's)."""
         if (self.first, self.stop) != (0, self.num_exits):
             raise ExportError("this runner holds only some segments; exit_outputs needs all of them")
-        state: Any = (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),)
+        state: Any = (torch.from_numpy(np.ascontiguousarray(x, dtype=self.input_dtype)),)
         prev, logits, gates = None, [], []
         for k in range(self.num_exits):
             state, prev, g = self._segment(k, state, prev)
@@ -215,7 +216,7 @@ class StagedRunner:
         if (self.first, self.stop) != (0, self.num_exits):
             raise ExportError("this runner holds only some segments; use start()/advance()")
         if self.fused is not None and len(x) == 1:  # the latency case: one call, nothing around it
-            pred, exit_, probs = self._fused(np.ascontiguousarray(x, dtype=np.float32))
+            pred, exit_, probs = self._fused(np.ascontiguousarray(x, dtype=self.input_dtype))
             return {"prediction": pred, "exit": exit_, "depth": exit_.copy(), "probs": probs,
                     "degraded": np.zeros(1, bool)}
         answers, rest = self.advance(self.start(x))
@@ -224,8 +225,8 @@ class StagedRunner:
 
     # -- one tier's share ----------------------------------------------------------------
     def start(self, x: np.ndarray) -> Running:
-        """A batch of model inputs ``[B, *input_shape]`` (float) before segment 0."""
-        return start((torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),))
+        """A batch of model inputs ``[B, *input_shape]`` (float32, or the export's ``input_dtype``) before segment 0."""
+        return start((torch.from_numpy(np.ascontiguousarray(x, dtype=self.input_dtype)),))
 
     def advance(self, running: Running, stop: int | None = None) -> tuple[Answers, Running | None]:
         """Run ``running`` through this runner's segments (up to ``stop``); return the samples

@@ -5,13 +5,30 @@ add that spans the cut, say. Each segment therefore returns the cut node's value
 what the exit head reads) followed by every other value a later segment still needs, and the
 next segment takes them all. Values that do not depend on the input (parameters read with
 ``get_attr``, constants) are recomputed in every segment that uses them instead of carried.
+
+What crosses a cut must survive the engine's compaction, which keeps the running samples of
+every carried tensor with ``index_select(0, idx)``. The cut model is run at two batch sizes to
+see how each carried value depends on the batch, and each is carried accordingly:
+
+- a tensor with a leading batch dimension (a state, an attention mask [B, L]) as it is;
+- a tensor without one (position ids [1, L], a broadcast mask [1, 1, L, L]) with a batch
+  dimension in front (a broadcast ``expand``, no copy), which the next segment drops again;
+- a tensor of ``B * k`` rows (tokens flattened with the samples) as ``[B, k, ...]``;
+- a Python number, or a tuple of them (sizes read from the input's shape), not at all: a
+  constant is written into the next segment, the batch size (times a factor) is read there
+  from the state, so it is right after compaction.
+
+Models that ``torch.fx`` cannot trace symbolically, Hugging Face models among them, can be
+traced with ``torch.export`` instead (``tracer="export"``; :func:`eenn.hf.encoder` does this).
 """
 from __future__ import annotations
 
 import difflib
+import functools
 import operator
 from typing import Any, Sequence
 
+import torch
 from torch import Tensor, fx, nn
 
 from .backbones.base import Backbone, dry_run
@@ -37,13 +54,36 @@ class _Tracer(fx.Tracer):
         self.module_calls: dict[str, list[fx.Node | None]] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+        if isinstance(m, self.leaf_types):
+            return True
+        if isinstance(m, nn.TransformerEncoder):  # traced layer by layer, see _encoder_forward
+            return False
+        return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        if isinstance(m, nn.TransformerEncoder) and not isinstance(m, self.leaf_types):
+            forward = functools.partial(_encoder_forward, m)
         out = super().call_module(m, forward, args, kwargs)
-        node = out.node if isinstance(out, fx.Proxy) else None  # read now: an attribute proxy makes its node lazily
+        # read now: an attribute proxy makes its node lazily. A module returning a tuple whose
+        # first element is traced (a Hugging Face layer: hidden state, attention weights) names
+        # that element.
+        first = out[0] if isinstance(out, (tuple, list)) and len(out) else out
+        node = first.node if isinstance(first, fx.Proxy) else None
         self.module_calls.setdefault(self.path_of_module(m), []).append(node)
         return out
+
+
+def _encoder_forward(encoder: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    """nn.TransformerEncoder's forward without its checks for the nested-tensor fast path,
+    which branch on tensor properties and cannot be traced: its layers in turn, then its norm.
+    The layers stay whole (and keep their own fast path in inference), and each can be named as
+    a cut point (``blocks.layers.1``). Padded positions are computed, not left as zeros as the
+    nested-tensor path leaves them; the other positions are the same."""
+    out = src
+    extra = {} if is_causal is None else {"is_causal": is_causal}
+    for layer in encoder.layers:
+        out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, **extra)
+    return encoder.norm(out) if encoder.norm is not None else out
 
 
 def _trace(model: nn.Module, leaf_modules: Sequence[type] | None) -> tuple[fx.Graph, dict[str, list[fx.Node | None]]]:
@@ -56,9 +96,98 @@ def _trace(model: nn.Module, leaf_modules: Sequence[type] | None) -> tuple[fx.Gr
             f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}. "
             "Python control flow on tensor values (if/while on a tensor, data-dependent shapes) "
             "cannot be traced symbolically; pass the class of the submodule that does it in "
-            "leaf_modules=[...] so it is kept whole, or rewrite that part without such branching."
+            "leaf_modules=[...] so it is kept whole, rewrite that part without such branching, or "
+            "trace with torch.export, which follows shapes: attach_exits(..., tracer=\"export\")."
         ) from None
     return graph, tracer.module_calls
+
+
+# torch.export leaves checks in its graph that mean nothing in a segment: asserts on tensor
+# metadata and symbolic sizes (call_function nodes without users).
+_EXPORT_CHECKS = ("_assert", "sym_constrain_range")
+
+
+def _export(model: nn.Module, input_shape: tuple[int, ...], input_dtype: torch.dtype | None,
+            ) -> tuple[fx.GraphModule, dict[str, list[fx.Node | None]]]:
+    """``model`` traced with ``torch.export`` (ATen operators, a dynamic batch dimension), made
+    fit to be cut: its checks removed, symbolic sizes read with ``Tensor.size`` (so that the
+    ONNX exporter keeps them dynamic), dropout as ``nn.Dropout`` modules that follow
+    ``train()``/``eval()`` (the export is made in eval mode). The second value maps every
+    module called to the node each call handed on, from the graph's ``nn_module_stack``."""
+    p = next(iter(model.parameters()), None)
+    dtype = input_dtype or (p.dtype if p is not None and p.is_floating_point() else torch.float32)
+    x = torch.zeros(3, *input_shape, dtype=dtype, device=p.device if p is not None else None)
+    was = model.training
+    model.eval()
+    try:
+        ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    except Exception as e:  # noqa: BLE001 - torch.export raises many types
+        raise TraceError(
+            f"torch.export cannot trace {type(model).__name__} on an input of shape {(3, *input_shape)} "
+            f"({dtype}): {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}. "
+            "Check input_shape and input_dtype; a model that treats the batch size as fixed cannot be cut."
+        ) from None
+    finally:
+        model.train(was)
+    gm = ep.module()
+    g = gm.graph
+    drops = 0
+    for n in list(g.nodes):
+        if n.op == "call_module" and str(n.target).startswith("_guards"):
+            g.erase_node(n)
+        elif n.op == "call_function" and not n.users and any(c in str(n.target) for c in _EXPORT_CHECKS):
+            g.erase_node(n)
+        elif n.op == "call_function" and n.target is torch.ops.aten.sym_size.int:
+            with g.inserting_before(n):
+                new = g.call_method("size", tuple(n.args))
+            new.meta = dict(n.meta)
+            n.replace_all_uses_with(new)
+            g.erase_node(n)
+        elif n.op == "call_function" and n.target is torch.ops.aten.dropout.default:
+            name = f"eenn_dropout_{drops}"
+            drops += 1
+            gm.add_submodule(name, nn.Dropout(float(n.args[1])))
+            with g.inserting_before(n):
+                new = g.call_module(name, (n.args[0],))
+            new.meta = dict(n.meta)
+            n.replace_all_uses_with(new)
+            g.erase_node(n)
+    g.lint()
+    return gm, _export_module_calls(g, model)
+
+
+def _export_module_calls(g: fx.Graph, model: nn.Module) -> dict[str, list[fx.Node | None]]:
+    """Per submodule (qualified name), the node each call hands on: the one node of the call
+    (input-dependent) that a node outside it uses; None when that is not exactly one."""
+    names = {m for m, _ in model.named_modules() if m}
+    members: dict[str, list[fx.Node]] = {}  # one entry per call (nn_module_stack key)
+    path_of: dict[str, str] = {}
+    for n in g.nodes:
+        for key, (path, _) in (n.meta.get("nn_module_stack") or {}).items():
+            path = _export_path(str(path), names)
+            if path:
+                members.setdefault(key, []).append(n)
+                path_of[key] = path
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    depends = set(placeholders)
+    for n in g.nodes:
+        if any(a in depends for a in n.all_input_nodes):
+            depends.add(n)
+    calls: dict[str, list[fx.Node | None]] = {}
+    for key, nodes in members.items():
+        inside = set(nodes)
+        outs = [n for n in nodes if n in depends and any(u not in inside for u in n.users)]
+        calls.setdefault(path_of[key], []).append(outs[0] if len(outs) == 1 else None)
+    return calls
+
+
+def _export_path(path: str, names: set[str]) -> str:
+    """A module path as torch.export records it (``bert.encoder.layer.1``, or with a prefix
+    such as ``L['self'].``) as the model's qualified name; '' for the model itself."""
+    for cand in (path, path.split("].", 1)[-1], path.removeprefix("self.")):
+        if cand in names:
+            return cand
+    return ""
 
 
 def _resolve_cuts(
@@ -76,7 +205,7 @@ def _resolve_cuts(
     cuts = []
     for name in at:
         if name in by_name:
-            cuts.append(by_name[name])
+            cuts.append(_first_element(name, by_name[name]))
             continue
         if name not in calls:
             raise TraceError(_unknown_cut(name, by_name, calls, module_names))
@@ -94,12 +223,25 @@ def _resolve_cuts(
             )
         if out.op == "placeholder":
             raise TraceError(f"module {name!r} returns the model's input unchanged; there is nothing before it to cut")
-        cuts.append(out)
+        cuts.append(_first_element(name, out))
     if len({c.name for c in cuts}) != len(cuts):
         same = [f"{a!r} -> {c.name}" for a, c in zip(at, cuts) if sum(d is c for d in cuts) > 1]
         raise TraceError(f"cut points must be distinct, got {list(at)} ({', '.join(same)})")
     order = {n: i for i, n in enumerate(graph.nodes)}
     return sorted(cuts, key=order.__getitem__)
+
+
+def _first_element(name: str, node: fx.Node) -> fx.Node:
+    """A call that returns a tuple (a leaf module such as nn.MultiheadAttention, whose value is
+    only ever indexed) is cut at its element 0, the hidden state by convention."""
+    users = list(node.users)
+    if users and all(u.op == "call_function" and u.target is operator.getitem for u in users):
+        first = [u for u in users if u.args[1] == 0]
+        if len(first) == 1:
+            return first[0]
+        raise TraceError(f"module {name!r} returns a tuple whose element 0 is not used; name the node to cut "
+                         f"at instead: {', '.join(u.name for u in users)}")
+    return node
 
 
 def _unknown_cut(
@@ -136,7 +278,68 @@ def _prefixes(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
-def _build_segments(graph: fx.Graph, cuts: list[fx.Node], root: nn.Module) -> tuple[list[fx.GraphModule], list[list[str]]]:
+def _broadcast(value: Tensor, like: Tensor) -> Tensor:
+    """``value`` (no batch dimension) with one in front, as long as ``like``'s: a view."""
+    return value.unsqueeze(0).expand(like.shape[0], *value.shape)
+
+
+def _unbroadcast(value: Tensor) -> Tensor:
+    return value[0]
+
+
+def _split_rows(value: Tensor, like: Tensor) -> Tensor:
+    """``[B * k, ...]`` -> ``[B, k, ...]`` with ``B`` the batch of ``like``."""
+    return value.reshape(like.shape[0], -1, *value.shape[1:])
+
+
+def _batch_size(like: Tensor, factor: int) -> int:
+    return like.size(0) if factor == 1 else like.size(0) * factor
+
+
+def _as_tuple(*items):
+    return tuple(items)
+
+
+def _as_list(*items):
+    return list(items)
+
+
+def _as_size(*items):
+    return torch.Size(items)
+
+
+_PACK = {tuple: _as_tuple, list: _as_list, torch.Size: _as_size}
+_LITERAL = (int, float, bool, str, type(None), torch.dtype)
+
+
+def _carry_kind(a: Any, b: Any, ba: int, bb: int) -> tuple | None:
+    """How a value alive across a cut is carried, from its values ``a`` and ``b`` at batch
+    sizes ``ba`` and ``bb`` (see the module's docstring); None: it cannot be."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        if a.dim() >= 1 and (a.shape[0], b.shape[0]) == (ba, bb) and a.shape[1:] == b.shape[1:]:
+            return ("batch",)
+        if a.shape == b.shape:
+            return ("broadcast",)
+        if a.dim() >= 1 and a.shape[1:] == b.shape[1:] and a.shape[0] % ba == 0 and b.shape[0] == a.shape[0] // ba * bb:
+            return ("rows",)
+        return None
+    if type(a) is int and type(b) is int and a != b:
+        return ("batch_size", a // ba) if a % ba == 0 and b == a // ba * bb else None
+    if type(a) in _PACK and type(a) is type(b) and len(a) == len(b):
+        kinds = [_carry_kind(x, y, ba, bb) for x, y in zip(a, b)]
+        if all(k is not None and k[0] in ("constant", "batch_size") for k in kinds):
+            return ("pack", _PACK[type(a)], kinds)
+        return None
+    if isinstance(a, _LITERAL) and type(a) is type(b) and a == b:
+        return ("constant", a)
+    return None
+
+
+def _build_segments(
+    graph: fx.Graph, cuts: list[fx.Node], root: nn.Module, kinds: list[list[tuple]] | None = None
+) -> tuple[list[fx.GraphModule], list[list[str]]]:
+    """The segments; ``kinds[k][i]`` says how the ``i``-th value alive across cut ``k`` is
+    carried (:func:`_carry_kind`); without it every value is handed on as it is (to find out)."""
     nodes = list(graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
@@ -164,6 +367,9 @@ def _build_segments(graph: fx.Graph, cuts: list[fx.Node], root: nn.Module) -> tu
         return next((k for k, p in enumerate(cut_pos) if pos[n] <= p), nseg - 1)
 
     seg = {n: seg_of(n) for n in nodes if n in depends and n.op != "output"}
+    for n in nodes:  # a tuple's elements are taken where it is made: only they may cross a cut
+        if n.op == "call_function" and n.target is operator.getitem and n.args[0] in seg and n in seg:
+            seg[n] = min(seg[n], seg[n.args[0]])
     # carried[k] = values produced in segments <= k and still used after segment k.
     carried: list[list[fx.Node]] = []
     for k in range(nseg - 1):
@@ -174,18 +380,38 @@ def _build_segments(graph: fx.Graph, cuts: list[fx.Node], root: nn.Module) -> tu
         ]
         head = cuts[k]
         carried.append([head] + [n for n in live if n is not head])
+    if kinds is None:
+        kinds = [[("batch",)] * len(c) for c in carried]
+    sent = [[i for i, kd in enumerate(kk) if kd[0] in ("batch", "broadcast", "rows")] for kk in kinds]
 
     modules = []
     for k in range(nseg):
         g = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
-        inputs = [placeholders[0]] if k == 0 else carried[k - 1]
+        env: dict[fx.Node, Any] = {}
         ph = g.placeholder("state")
-        if len(inputs) == 1:
-            env[inputs[0]] = ph
+        if k == 0:
+            env[placeholders[0]] = ph
         else:
-            for i, n in enumerate(inputs):
-                env[n] = g.call_function(operator.getitem, (ph, i))
+            inputs, kk, got = carried[k - 1], kinds[k - 1], sent[k - 1]
+            received = {i: ph if len(got) == 1 else g.call_function(operator.getitem, (ph, j))
+                        for j, i in enumerate(got)}
+            head = received[0]
+
+            def unpack(kd: tuple, i: int | None = None) -> Any:
+                if kd[0] == "batch":
+                    return received[i]
+                if kd[0] == "broadcast":
+                    return g.call_function(_unbroadcast, (received[i],))
+                if kd[0] == "rows":
+                    return g.call_method("flatten", (received[i], 0, 1))
+                if kd[0] == "constant":
+                    return kd[1]
+                if kd[0] == "batch_size":
+                    return g.call_function(_batch_size, (head, kd[1]))
+                return g.call_function(kd[1], tuple(unpack(sub) for sub in kd[2]))  # "pack"
+
+            for i, (n, kd) in enumerate(zip(inputs, kk)):
+                env[n] = unpack(kd, i)
 
         def copy(n: fx.Node) -> fx.Node:
             if n not in env:  # an input-independent node: recompute it here
@@ -200,10 +426,15 @@ def _build_segments(graph: fx.Graph, cuts: list[fx.Node], root: nn.Module) -> tu
                     copy(a)
                 env[n] = g.node_copy(n, lambda a: env[a])
         if k < nseg - 1:
-            outs = [env[n] for n in carried[k]]
+            head = env[carried[k][0]]
+            wrap = {"batch": lambda v: v, "broadcast": lambda v: g.call_function(_broadcast, (v, head)),
+                    "rows": lambda v: g.call_function(_split_rows, (v, head))}
+            outs = [wrap[kinds[k][i][0]](env[carried[k][i]]) for i in sent[k]]
             g.output(outs[0] if len(outs) == 1 else tuple(outs))
         else:
             result = output.args[0]
+            if isinstance(result, (tuple, list)) and len(result) == 1:  # torch.export's flat outputs
+                result = result[0]
             if not isinstance(result, fx.Node):
                 raise TraceError("the model must return a single logits tensor [batch, classes]")
             g.output(copy(result))
@@ -221,54 +452,88 @@ def attach_exits(
     head: str | Sequence[str] = "linear",
     head_options: dict | Sequence[dict] | None = None,
     leaf_modules: Sequence[type] | None = None,
+    input_dtype: torch.dtype | None = None,
+    tracer: str | None = None,
 ):
     """Cut ``model`` at the fx nodes named in ``at`` and attach an exit head at each cut.
 
     ``at`` takes fx node names (``layer1_0_relu``, ``cat``, ``add_1``) or the qualified name of
-    any submodule called once, a container fx inlines included (``stem``, ``layer1.0``): the
-    cut is then at that module's output, the value its call returns. A wrong name lists the
-    valid ones. ``input_shape`` is one sample's shape, e.g. ``(3, 32, 32)``. The returned
-    network shares its parameters with ``model``; its final exit is ``model``'s own output.
+    any submodule called once, a container fx inlines included (``stem``, ``layer1.0``,
+    ``blocks.layers.1`` in an ``nn.TransformerEncoder``): the cut is then at that module's
+    output, the value its call returns (element 0 when it returns a tuple). A wrong name lists
+    the valid ones. ``input_shape`` is one sample's shape, e.g. ``(3, 32, 32)``, or ``(L,)`` for
+    token ids with ``input_dtype=torch.long``. ``tracer`` is ``"fx"`` (``torch.fx``'s symbolic
+    tracing, the default) or ``"export"`` (``torch.export``, for models whose Python code
+    branches on shapes, e.g. Hugging Face models; node names are then those of ATen operators);
+    a model may name its own with an ``eenn_tracer`` attribute. The returned network shares its
+    parameters with ``model``; its final exit is ``model``'s own output.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach_exits needs an nn.Module, got {type(model).__name__}")
     if not at:
         raise TraceError("attach_exits needs at least one cut point in `at`")
-    graph, module_calls = _trace(model, leaf_modules)
-    cuts = _resolve_cuts(graph, list(at), module_calls, [m for m, _ in model.named_modules() if m])
-    segments, carried = _build_segments(graph, cuts, model)
+    if input_dtype is not None and not isinstance(input_dtype, torch.dtype):
+        raise TypeError(f"input_dtype must be a torch.dtype such as torch.long, got {input_dtype!r}")
+    tracer = tracer or getattr(model, "eenn_tracer", "fx")
     input_shape = tuple(int(s) for s in input_shape)
-    batch = 3  # odd, so that a batch dimension is not confused with a small fixed one
+    if tracer == "fx":
+        graph, module_calls = _trace(model, leaf_modules)
+        root = model
+    elif tracer == "export":
+        if leaf_modules:
+            raise TraceError("leaf_modules applies to tracer='fx'; torch.export traces every module through")
+        root, module_calls = _export(model, input_shape, input_dtype)
+        graph = root.graph
+    else:
+        raise TraceError(f"tracer must be 'fx' or 'export', got {tracer!r}")
+    cuts = _resolve_cuts(graph, list(at), module_calls, [m for m, _ in model.named_modules() if m])
+    segments, carried = _build_segments(graph, cuts, root)
+    # Two odd batch sizes, so that a batch dimension is not confused with a small fixed one, and
+    # the way every carried value depends on the batch shows.
+    batches = (3, 5)
     try:
-        outs = dry_run(segments, input_shape, batch=batch)
+        runs = [dry_run(segments, input_shape, batch=b, input_dtype=input_dtype) for b in batches]
     except Exception as e:
+        kind = f"{input_dtype} " if input_dtype is not None else ""
         raise TraceError(
-            f"running the cut {type(model).__name__} on a zero input of shape {input_shape} failed: "
-            f"{type(e).__name__}: {e}. Check input_shape."
+            f"running the cut {type(model).__name__} on a zero {kind}input of shape {input_shape} failed: "
+            f"{type(e).__name__}: {e}. Check input_shape (and input_dtype: torch.long for token ids)."
         ) from None
-    for k, out in enumerate(outs[:-1]):
-        for name, v in zip(carried[k], out if isinstance(out, tuple) else (out,)):
-            if not (isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == batch):
-                what = type(v).__name__ if not isinstance(v, Tensor) else f"a tensor of shape {tuple(v.shape)}"
+    kinds = []
+    for k in range(len(cuts)):
+        outs = [r[k] if isinstance(r[k], tuple) else (r[k],) for r in runs]
+        kinds.append([])
+        for i, (name, a, b) in enumerate(zip(carried[k], *outs)):
+            kind = _carry_kind(a, b, *batches)
+            if kind is None or (i == 0 and kind[0] != "batch"):
+                what = type(a).__name__ if not isinstance(a, Tensor) else f"a tensor of shape {tuple(a.shape)}"
                 raise TraceError(
-                    f"cutting at {cuts[k].name!r} would carry {name!r} ({what}) to the next segment; only "
-                    "tensors with a leading batch dimension can cross a cut. Cut at another node."
+                    f"cutting at {cuts[k].name!r} would carry {name!r} ({what}) to the next segment: "
+                    + ("the cut point itself must be a tensor with a leading batch dimension. " if i == 0 else
+                       "only tensors (with or without a leading batch dimension), numbers and tuples of them "
+                       "can cross a cut, and a tensor's shape may depend on the batch only in its first "
+                       "dimension. ") + "Cut at another node."
                 )
-    final = outs[-1]
-    if not (isinstance(final, Tensor) and final.dim() == 2 and final.shape[0] == batch):
+            kinds[-1].append(kind)
+    segments, carried = _build_segments(graph, cuts, root, kinds)
+    final = runs[0][-1]
+    if not (isinstance(final, Tensor) and final.dim() == 2 and final.shape[0] == batches[0]):
         got = tuple(final.shape) if isinstance(final, Tensor) else type(final).__name__
         raise TraceError(f"the model must return logits of shape [batch, classes]; it returned {got}")
     if num_classes is not None and final.shape[1] != num_classes:
         raise TraceError(f"num_classes={num_classes} but the model returns {final.shape[1]} logits")
     names = [c.name for c in cuts] + ["output"]
-    backbone = Backbone(segments, nn.Identity(), input_shape=input_shape, stage_names=names)
+    backbone = Backbone(segments, nn.Identity(), input_shape=input_shape, stage_names=names, input_dtype=input_dtype)
     source: dict[str, Any] = {
         "kind": "traced",
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "at": names[:-1],
         # Informational only: classes cannot go into JSON, so loading takes them again.
         "leaf_modules": [f"{t.__module__}.{t.__qualname__}" for t in leaf_modules or ()],
+        "tracer": tracer,
     }
+    if input_dtype is not None:
+        source["input_dtype"] = str(input_dtype).removeprefix("torch.")
     return MultiExitNetwork(backbone, list(range(len(cuts))), head, head_options, source=source)
 
 
@@ -293,6 +558,8 @@ def _rebuild(
         head_options=[resolve_head_options(str(h), dict(o or {}), saved=True) for h, o in zip(
             _per_exit(config["head"], n, "head"), _per_exit(config["head_options"] or {}, n, "head_options"))],
         leaf_modules=leaf_modules,
+        input_dtype=getattr(torch, src["input_dtype"]) if src.get("input_dtype") else None,
+        tracer=src.get("tracer", "fx"),
     )
 
 

@@ -52,12 +52,15 @@ class StageInfo:
 
 
 @torch.no_grad()
-def dry_run(stages: Sequence[nn.Module], input_shape: Sequence[int], batch: int = 2) -> list[State]:
-    """Run ``stages`` in eval mode on zeros of per-sample shape ``input_shape``; return each
-    stage's output. Used to infer shapes; training mode is restored afterwards."""
+def dry_run(stages: Sequence[nn.Module], input_shape: Sequence[int], batch: int = 2,
+            input_dtype: torch.dtype | None = None) -> list[State]:
+    """Run ``stages`` in eval mode on zeros of per-sample shape ``input_shape`` (of
+    ``input_dtype``, e.g. ``torch.long`` for token ids; by default the parameters' floating
+    type); return each stage's output. Used to infer shapes; training mode is restored afterwards."""
     params = [p for s in stages for p in s.parameters()]
     device = params[0].device if params else torch.device("cpu")
     dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
+    dtype = input_dtype if input_dtype is not None else dtype
     modes = [s.training for s in stages]
     for s in stages:
         s.eval()
@@ -87,6 +90,7 @@ class Backbone(nn.Module):
         *,
         input_shape: Sequence[int],
         stage_names: Sequence[str] | None = None,
+        input_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if len(stages) < 1:
@@ -94,10 +98,12 @@ class Backbone(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.classifier = classifier
         self.input_shape = tuple(int(s) for s in input_shape)
+        # None: floating-point inputs (the parameters' type); an integer type for token ids.
+        self.input_dtype = input_dtype
         names = list(stage_names) if stage_names is not None else [f"stage{i}" for i in range(len(stages))]
         if len(names) != len(stages):
             raise ValueError(f"{len(names)} stage names for {len(stages)} stages")
-        outs = dry_run(self.stages, self.input_shape)
+        outs = dry_run(self.stages, self.input_shape, input_dtype=input_dtype)
         self.stage_info = [
             StageInfo(i, n, tuple(head_input(o).shape[1:])) for i, (n, o) in enumerate(zip(names, outs))
         ]

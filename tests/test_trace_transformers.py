@@ -1,0 +1,211 @@
+"""attach_exits on transformer encoders: torch.nn encoders (nn.TransformerEncoder, a list of
+encoder layers), values without a batch dimension and attention masks across the cuts, token-id
+inputs, and Hugging Face encoders built from a config (where `transformers` is installed)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import eenn
+from eenn.cost import count_macs
+from eenn.engine import DynamicEngine
+from eenn.exporter import StagedRunner, export
+from eenn.outputs import CachedOutputs
+from eenn.policies import decide, policy_scores
+
+
+def _layer(dim):
+    return nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.1, batch_first=True)
+
+
+class ViT(nn.Module):
+    """A 4-block ViT for 1x16x16 images: 16 patches and a class token; the blocks are an
+    nn.TransformerEncoder or a ModuleList of encoder layers."""
+
+    def __init__(self, dim=16, depth=4, encoder=True, num_classes=10):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+        if encoder:
+            self.blocks = nn.TransformerEncoder(_layer(dim), depth, enable_nested_tensor=False)
+        else:
+            self.blocks = nn.ModuleList(_layer(dim) for _ in range(depth))
+        self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
+        if isinstance(self.blocks, nn.ModuleList):
+            for b in self.blocks:
+                t = b(t)
+        else:
+            t = self.blocks(t)
+        return self.fc(self.norm(t)[:, 0])
+
+
+def _thresholds(net, x, policy="max_prob"):
+    """Per exit, halfway between the two middle scores: about half leave, no score on a threshold."""
+    with torch.no_grad():
+        out = net(x)
+    s = policy_scores(policy, CachedOutputs(out.logits, out.gates, torch.zeros(len(x), dtype=torch.long))).score[:-1]
+    srt = s.sort(1).values
+    mid = srt.shape[1] // 2
+    return (srt[:, mid - 1] + srt[:, mid]) / 2
+
+
+def _engine_equals_simulation(net, x, th):
+    with torch.no_grad():
+        out = net(x)
+    sim = decide("max_prob", CachedOutputs(out.logits, None, torch.zeros(len(x), dtype=torch.long)), th)
+    for eng in (DynamicEngine(net, "max_prob", th), DynamicEngine(net, "max_prob", th, micro_batch=5)):
+        res = eng(x)
+        assert torch.equal(res.exit, sim.exit) and torch.equal(res.prediction, sim.prediction)
+    assert 0 < int((sim.exit < net.num_exits - 1).sum()) < len(x)  # compaction is exercised
+    return sim
+
+
+@pytest.mark.parametrize("encoder", [True, False], ids=["TransformerEncoder", "ModuleList"])
+def test_vit_with_encoder_layers_end_to_end(encoder, tmp_path):
+    torch.manual_seed(0)
+    model = ViT(encoder=encoder)
+    prefix = "blocks.layers" if encoder else "blocks"
+    net = eenn.attach_exits(model, at=[f"{prefix}.{i}" for i in range(3)], num_classes=10, input_shape=(1, 16, 16))
+    assert [s.shape for s in net.backbone.stage_info] == [(17, 16)] * 3 + [(10,)]
+    x = torch.randn(24, 1, 16, 16)
+    model.eval(), net.eval()
+    with torch.no_grad():  # eval: the layers' fused fast path, in the model and in the segments
+        out = net(x)
+        assert torch.allclose(out.logits[-1], model(x), atol=1e-5)
+    # cost: the same as the model's own, attention included (the fast path's kernel is counted)
+    cost = net.cost()
+    stage_macs = [b - a for a, b in zip((0,) + cost.backbone_macs[:-1], cost.backbone_macs)]
+    n, d = 17, 16
+    block = n * (4 * d * d + 2 * d * 2 * d) + 2 * n * n * d  # projections, MLP, QK^T and AV
+    assert stage_macs[1] == stage_macs[2] == block
+    assert cost.backbone_macs[-1] + cost.head_macs[-1] == count_macs(model, torch.zeros(1, 1, 16, 16))
+    # a training step reaches every parameter (training mode: the layers' decomposed path, dropout on)
+    net.train()
+    out = net(x[:8])
+    sum(F.cross_entropy(lg, torch.arange(8) % 10) for lg in out.logits).backward()
+    assert all(p.grad is not None for p in net.parameters())
+    net.eval()
+    th = _thresholds(net, x)
+    _engine_equals_simulation(net, x, th)
+    # save and load on a fresh model
+    eenn.save(net, tmp_path / "vit.eenn")
+    again = eenn.load(tmp_path / "vit.eenn", model=ViT(encoder=encoder)).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, net(x).logits)
+    # ONNX: the runner answers as the engine (the fast path is turned off while exporting)
+    export(net, tmp_path / "onnx", policy="max_prob", thresholds=th)
+    res = StagedRunner(tmp_path / "onnx")(x.numpy())
+    eng = DynamicEngine(net, "max_prob", th)(x)
+    assert np.array_equal(res["exit"], eng.exit.numpy()) and np.array_equal(res["prediction"], eng.prediction.numpy())
+
+
+def test_a_module_returning_a_tuple_is_cut_at_element_0():
+    class Attn(nn.Module):
+        def __init__(self, dim=8):
+            super().__init__()
+            self.emb, self.attn, self.fc = nn.Linear(4, dim), nn.MultiheadAttention(dim, 2, batch_first=True), nn.Linear(dim, 3)
+
+        def forward(self, x):
+            h = self.emb(x)
+            a, _ = self.attn(h, h, h)  # a leaf returning (output, weights)
+            return self.fc((a + h).mean(1))
+
+    model = Attn().eval()
+    net = eenn.attach_exits(model, at=["attn"], input_shape=(5, 4)).eval()
+    assert net.backbone.stage_info[0].name == "getitem" and net.backbone.stage_info[0].shape == (5, 8)
+    x = torch.randn(3, 5, 4)
+    with torch.no_grad():
+        assert torch.allclose(net(x).logits[-1], model(x), atol=1e-6)
+
+
+class TokenModel(nn.Module):
+    """Token ids -> a padded-sequence classifier. Position ids [1, L] and a causal-free
+    additive bias [1, 1, L, L]... carried across the cuts without a batch dimension; the key
+    padding mask [B, L] (ids == pad) with one."""
+
+    def __init__(self, vocab=20, dim=16, depth=3, num_classes=4, pad=0):
+        super().__init__()
+        self.pad = pad
+        self.tok, self.posemb = nn.Embedding(vocab, dim), nn.Embedding(32, dim)
+        self.layers = nn.ModuleList(_layer(dim) for _ in range(depth))
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, ids):
+        pad = ids == self.pad  # [B, L]
+        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)  # [1, L], from the input's shape
+        length = ids.shape[1]
+        h = self.tok(ids) + self.posemb(pos)
+        for layer in self.layers:
+            h = layer(h, src_key_padding_mask=pad) + 0.01 * self.posemb(pos)[:, :length]
+        keep = (~pad).unsqueeze(-1).float()
+        return self.fc((h * keep).sum(1) / keep.sum(1).clamp(min=1))
+
+
+def test_masks_and_position_ids_cross_cuts_and_follow_compaction(tmp_path):
+    torch.manual_seed(0)
+    model = TokenModel().eval()
+    net = eenn.attach_exits(model, at=["layers.0", "layers.1"], input_shape=(12,), input_dtype=torch.long).eval()
+    assert net.backbone.input_dtype == torch.long
+    # what crosses cut 0: the state, the mask [B, L] as it is, the position ids with a batch in front
+    ids = torch.randint(1, 20, (16, 12))
+    for i in range(16):
+        ids[i, 12 - i % 7:] = 0  # every sample its own amount of padding
+    with torch.no_grad():
+        state, _, _ = net.forward_segment(0, ids)
+        shapes = [tuple(t.shape) for t in state]
+        assert shapes[0] == (16, 12, 16) and (16, 12) in shapes and (16, 1, 12) in shapes
+        assert torch.allclose(net(ids).logits[-1], model(ids), atol=1e-5)
+    th = _thresholds(net, ids)
+    sim = _engine_equals_simulation(net, ids, th)
+    assert len(set(sim.exit.tolist())) == 3  # samples leave at every exit
+    one_by_one = [DynamicEngine(net, "max_prob", th)(ids[i:i + 1]) for i in range(16)]
+    assert torch.equal(torch.cat([r.exit for r in one_by_one]), sim.exit)
+    assert torch.equal(torch.cat([r.prediction for r in one_by_one]), sim.prediction)
+    # cost and export take integer inputs
+    assert net.cost().macs[-1] > 0
+    m = export(net, tmp_path, policy="max_prob", thresholds=th)
+    assert m["input_dtype"] == "int64"
+    res = StagedRunner(tmp_path)(ids.numpy())
+    assert np.array_equal(res["exit"], sim.exit.numpy()) and np.array_equal(res["prediction"], sim.prediction.numpy())
+    again = eenn.load(eenn.save(net, tmp_path / "tok.eenn"), model=TokenModel()).eval()
+    assert again.backbone.input_dtype == torch.long
+
+
+def test_constant_and_batch_size_values_cross_a_cut():
+    class Shaped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            shape = x.shape  # torch.Size: batch size and fixed sizes together
+            h = torch.relu(self.a(x))
+            return self.b(h.reshape(shape[0], shape[1], 6).mean(1))
+
+    torch.manual_seed(0)
+    model = Shaped().eval()
+    net = eenn.attach_exits(model, at=["relu"], input_shape=(4, 6)).eval()
+    x = torch.randn(9, 4, 6)
+    with torch.no_grad():
+        assert torch.allclose(net(x).logits[-1], model(x), atol=1e-6)
+    th = _thresholds(net, x)
+    res = DynamicEngine(net, "max_prob", th)(x)
+    late = res.exit == 1
+    assert 0 < int(late.sum()) < 9
+    with torch.no_grad():
+        assert torch.equal(res.prediction[late], model(x[late]).argmax(1))
+
+
+def test_bad_input_dtype_and_tracer_say_what_to_do():
+    with pytest.raises(TypeError, match="torch.dtype such as torch.long"):
+        eenn.attach_exits(TokenModel(), at=["layers.0"], input_shape=(8,), input_dtype="long")
+    with pytest.raises(eenn.TraceError, match="tracer must be 'fx' or 'export'"):
+        eenn.attach_exits(TokenModel(), at=["layers.0"], input_shape=(8,), input_dtype=torch.long, tracer="jit")
+    with pytest.raises(eenn.TraceError, match="torch.long for token ids"):
+        eenn.attach_exits(TokenModel(), at=["layers.0"], input_shape=(8,))  # float ids into an embedding
