@@ -209,3 +209,75 @@ def test_bad_input_dtype_and_tracer_say_what_to_do():
         eenn.attach_exits(TokenModel(), at=["layers.0"], input_shape=(8,), input_dtype=torch.long, tracer="jit")
     with pytest.raises(eenn.TraceError, match="torch.long for token ids"):
         eenn.attach_exits(TokenModel(), at=["layers.0"], input_shape=(8,))  # float ids into an embedding
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+def _bert():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                                  vocab_size=100, max_position_embeddings=32, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def test_hf_bert_with_exits_end_to_end(tmp_path):
+    bert = _bert()
+    at = [f"bert.encoder.layer.{i}" for i in range(3)]
+    net = eenn.attach_exits(eenn.hf.encoder(bert, pad_token_id=0), at=at, input_shape=(12,),
+                            input_dtype=torch.long, head="token").eval()
+    assert [s.shape for s in net.backbone.stage_info] == [(12, 32)] * 3 + [(3,)]
+    torch.manual_seed(1)
+    ids = torch.randint(1, 100, (24, 12))
+    for i in range(24):
+        ids[i, 12 - i % 6:] = 0  # padded: the attention mask crosses every cut with the state
+    with torch.no_grad():
+        ref = bert(input_ids=ids, attention_mask=(ids != 0).long()).logits
+        assert torch.allclose(net(ids).logits[-1], ref, atol=1e-5)
+    # a layer's cost: projections, MLP and attention (QK^T, AV) for 12 tokens of width 32
+    cost = net.cost()
+    assert cost.backbone_macs[2] - cost.backbone_macs[1] == 12 * (4 * 32 * 32 + 2 * 32 * 64) + 2 * 12 * 12 * 32
+    th = _thresholds(net, ids)
+    sim = _engine_equals_simulation(net, ids, th)
+    alone = [DynamicEngine(net, "max_prob", th)(ids[i:i + 1]) for i in range(24)]
+    assert torch.equal(torch.cat([r.exit for r in alone]), sim.exit)
+    assert torch.equal(torch.cat([r.prediction for r in alone]), sim.prediction)
+    # (ONNX export of torch.export graphs is not covered: the TorchScript exporter fixes their
+    # batch size in the attention mask's construction.)
+    # dropout follows train()/eval() (the graph was taken in eval mode); a step reaches the exits
+    net.train()
+    out = net(ids[:6])
+    assert not torch.equal(out.logits[-1], net(ids[:6]).logits[-1])
+    sum(F.cross_entropy(lg, torch.arange(6) % 3) for lg in out.logits).backward()
+    assert all(h.weight.grad is not None for h in net.modules() if isinstance(h, nn.Linear))
+    net.eval()
+    again = eenn.load(eenn.save(net, tmp_path / "bert.eenn"), model=eenn.hf.encoder(_bert(), pad_token_id=0)).eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, net(ids).logits)
+
+
+def test_hf_vit_with_exits():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=32, num_hidden_layers=3,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=10)
+    vit = transformers.ViTForImageClassification(cfg).eval()
+    net = eenn.attach_exits(eenn.hf.encoder(vit), at=["vit.layers.0", "vit.layers.1"],
+                            input_shape=(1, 28, 28)).eval()
+    assert net.backbone.stage_info[0].shape == (17, 32)  # 16 patches and the class token
+    x = torch.randn(12, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(net(x).logits[-1], vit(pixel_values=x).logits, atol=1e-5)
+    _engine_equals_simulation(net, x, _thresholds(net, x))
+
+
+def test_hf_model_traced_with_fx_says_what_to_do():
+    bert = _bert()
+    with pytest.raises(eenn.TraceError, match=r"cannot trace HFEncoder.*tracer=\"export\""):
+        eenn.attach_exits(eenn.hf.encoder(bert), at=["bert.encoder.layer.0"], input_shape=(8,),
+                          input_dtype=torch.long, tracer="fx")
+    with pytest.raises(ValueError, match="pad_token_id applies to token-id models"):
+        transformers = pytest.importorskip("transformers")
+        vit = transformers.ViTForImageClassification(transformers.ViTConfig(
+            image_size=8, patch_size=4, num_channels=1, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+            intermediate_size=8))
+        eenn.hf.encoder(vit, pad_token_id=0)

@@ -23,7 +23,7 @@ from .trace import TraceError, attach_exits
 from .objectives import Objective, create_objective, list_objectives, register_objective
 from .trainer import TrainConfig, Trainer, fit
 from .outputs import CachedOutputs, collect_outputs
-from . import policies
+from . import hf, policies
 from .policies import ExitPolicy, Goal, calibrate
 from .engine import DynamicEngine
 from .report import evaluate

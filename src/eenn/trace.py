@@ -143,6 +143,11 @@ def _export(model: nn.Module, input_shape: tuple[int, ...], input_dtype: torch.d
             new.meta = dict(n.meta)
             n.replace_all_uses_with(new)
             g.erase_node(n)
+        elif n.op == "call_function" and n.target in (torch.ops.aten.arange.default, torch.ops.aten.arange.start):
+            # torch.arange takes a traced size (a tensor while the ONNX exporter traces), the
+            # ATen operator only a number
+            n.target = torch.arange
+            n.kwargs = {k: v for k, v in n.kwargs.items() if k != "pin_memory"}
         elif n.op == "call_function" and n.target is torch.ops.aten.dropout.default:
             name = f"eenn_dropout_{drops}"
             drops += 1
