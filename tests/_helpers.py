@@ -12,17 +12,33 @@ from torch import nn
 import eenn
 
 
-def spread_net(head: str = "linear", **opts) -> eenn.MultiExitNetwork:
-    """ResNet-20 (width 0.5, 8x8 grey input, exits after stages 1, 3, 5) in eval mode, with its
-    BatchNorm statistics spread at random so that the exits disagree in interesting ways."""
+ARCHS = ["resnet20", "vit"]
+
+
+def spread_net(head: str = "linear", arch: str = "resnet20", **opts) -> eenn.MultiExitNetwork:
+    """A small network with three early exits and a final one (4 exits), 8x8 grey input, in eval
+    mode, with its statistics spread at random so that the exits disagree in interesting ways:
+
+    - ``resnet20``: width 0.5, exits after stages 1, 3, 5, BatchNorm statistics spread;
+    - ``vit``: 4 blocks of width 16 (2x2 patches: 16 tokens and a class token), exits after
+      blocks 0-2 (token states), LayerNorm affine parameters and linear weights spread."""
     torch.manual_seed(0)
-    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 3, 5],
-                              head=head, width=0.5, **opts)
+    if arch == "vit":
+        net = eenn.create_network("vit", in_channels=1, num_classes=10, input_size=8, exits=[0, 1, 2],
+                                  head=head, dim=16, depth=4, heads=2, **opts)
+    else:
+        net = eenn.create_network(arch, in_channels=1, num_classes=10, input_size=8, exits=[1, 3, 5],
+                                  head=head, width=0.5, **opts)
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.5, 0.5)
+            elif isinstance(m, nn.Linear) and arch == "vit":
+                m.weight.normal_(0.0, 1.5 / m.in_features ** 0.5)
     return net.eval()
 
 

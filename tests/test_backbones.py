@@ -28,6 +28,7 @@ NUM_STAGES = {
     "resnet56": 27,
     "resnet110": 54,
     "mobilenetv2": 17,
+    "vit": 6,
 }
 
 # Exact counts for a 3x32x32 input, 10 classes, width 1 (default options), to catch drift.
@@ -45,6 +46,7 @@ PARAMS = {
     "resnet56": 853_018,  # reference: 0.85M
     "resnet110": 1_727_962,  # reference: 1.7M
     "mobilenetv2": 2_236_682,  # reference: MobileNetV2 with 10 classes ~2.24M
+    "vit": 208_970,  # 4x4 patches, width 64, 6 blocks (33,472 each), MLP ratio 2, class token, 65 positions
 }
 HE_RESNETS = ["resnet20", "resnet32", "resnet56", "resnet110"]
 
@@ -201,3 +203,25 @@ def test_mobilenetv2_settings_kernel_and_last_channels():
     _check_stage_shapes(net, torch.randn(2, 1, 8, 8))
     with pytest.raises(ValueError, match="odd kernel size"):
         create_backbone("mobilenetv2", in_channels=1, num_classes=K, input_size=8, settings=[(1, 8, 1, 1, 4)])
+
+
+def test_vit_blocks_are_stages_of_token_states_and_attention_is_counted():
+    """Each encoder block is a stage of (tokens, width) states; a block's MACs are its linear
+    layers plus attention (Q K^T and A V), which the fused CPU kernel would otherwise hide."""
+    import eenn
+    from eenn.cost import profile_stages
+
+    grey = create_backbone("vit", in_channels=1, num_classes=K, input_size=28)
+    assert [s.shape for s in grey.stage_info] == [(50, 64)] * 6  # class token + 7x7 patches
+    rgb = create_backbone("vit", in_channels=3, num_classes=K, input_size=32, depth=4, dim=48, heads=3)
+    assert [s.shape for s in rgb.stage_info] == [(65, 48)] * 4
+    macs, head = profile_stages(grey.stages, grey.classifier, grey.input_shape)
+    block = 50 * (4 * 64 * 64 + 2 * 64 * 128) + 2 * 50 * 50 * 64
+    assert macs[1:] == [block] * 5 and macs[0] == block + 49 * 16 * 64 and head == 64 * K
+    # placement by cost spreads the exits over the blocks as on a CNN
+    net = eenn.create_network("vit", in_channels=1, num_classes=K, input_size=28, exits="linear:2")
+    assert net.exit_stages == [1, 3]
+    with pytest.raises(ValueError, match="patch_size 5 must divide"):
+        create_backbone("vit", in_channels=1, num_classes=K, input_size=28, patch_size=5)
+    with pytest.raises(ValueError, match="multiple of the head count"):
+        create_backbone("vit", in_channels=1, num_classes=K, input_size=28, dim=30, heads=4, width=1.0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import eenn
-from _helpers import spread_net as _net
+from _helpers import ARCHS, spread_net as _net
 from eenn.engine import DynamicEngine
 from eenn.outputs import CachedOutputs
 from eenn.objectives.ztw import GeometricEnsemble
@@ -25,10 +25,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("fallback", ["final", "most_confident"])
 @pytest.mark.parametrize("policy, head, net_opts, opts", CASES, ids=lambda c: str(c)[:20])
-def test_engine_equals_simulation(policy, head, net_opts, opts, fallback):
-    net = _net(head, **net_opts)
+def test_engine_equals_simulation(policy, head, net_opts, opts, fallback, arch):
+    net = _net(head, arch, **net_opts)
     x = torch.randn(64, 1, 8, 8)
     out = net(x)
     cache = CachedOutputs(out.logits, out.gates, torch.zeros(64, dtype=torch.long))
@@ -138,10 +139,11 @@ def _assert_full_batches(log, size, num_exits):
         assert all(n == size for n in flush[:-1]) and all(0 < n <= size for n in flush[-1:]), (k, log)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("fallback", ["final", "most_confident"])
 @pytest.mark.parametrize("policy, head, net_opts, opts", CASES, ids=lambda c: str(c)[:20])
-def test_stream_equals_engine_per_batch(policy, head, net_opts, opts, fallback):
-    net = _net(head, **net_opts)
+def test_stream_equals_engine_per_batch(policy, head, net_opts, opts, fallback, arch):
+    net = _net(head, arch, **net_opts)
     torch.manual_seed(1)
     xs = [torch.randn(n, 1, 8, 8) for n in STREAM_SIZES]
     x = torch.cat(xs)
@@ -244,12 +246,13 @@ def _midpoints(net, x, policy, opts):
     return (sc[rows, i] + sc[rows, i + 1]) / 2
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("fallback", ["final", "most_confident"])
 @pytest.mark.parametrize("policy, head, net_opts, opts", CASES, ids=lambda c: str(c)[:20])
-def test_bucketed_segments_give_the_engines_answers(policy, head, net_opts, opts, fallback):
+def test_bucketed_segments_give_the_engines_answers(policy, head, net_opts, opts, fallback, arch):
     """Segments run only at bucket sizes (survivors padded up; CUDA graphs on a GPU): the same
     answers as the eager engine, sample for sample."""
-    net = _net(head, **net_opts)
+    net = _net(head, arch, **net_opts)
     x = torch.randn(40, 1, 8, 8)
     with torch.no_grad():
         th = _midpoints(net, x, policy, opts)
@@ -273,9 +276,10 @@ def test_bucketed_segments_refuse_what_they_cannot_do():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("policy, head, net_opts, opts", CASES, ids=lambda c: str(c)[:20])
-def test_cuda_graphs_give_the_eager_answers(policy, head, net_opts, opts):
-    net = _net(head, **net_opts).cuda()
+def test_cuda_graphs_give_the_eager_answers(policy, head, net_opts, opts, arch):
+    net = _net(head, arch, **net_opts).cuda()
     x = torch.randn(300, 1, 8, 8, device="cuda")
     with torch.no_grad():
         th = _midpoints(net, x, policy, opts)

@@ -15,19 +15,11 @@ from eenn.outputs import CachedOutputs
 from eenn.exporter import EXPORT_TOLERANCE, ExportError, StagedRunner, export, load_manifest
 from eenn.objectives.ztw import GeometricEnsemble
 from eenn.policies import policy_scores
-from _helpers import Skip2
+from _helpers import ARCHS, Skip2, spread_net
 
 
-def _net(head="linear", **opts):
-    torch.manual_seed(0)
-    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 3, 5],
-                              head=head, width=0.5, **opts)
-    with torch.no_grad():  # spread the BatchNorm statistics so that exits disagree
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return net.eval()
+def _net(head="linear", arch="resnet20", **opts):
+    return spread_net(head, arch, **opts)
 
 
 def _midpoint_thresholds(net, x, policy, **opts):
@@ -51,13 +43,15 @@ def _assert_same(res, eng):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """One export per head kind, reused by the policy cases (the runner overrides the policy)."""
+    """One export per network and head kind, reused by the policy cases (the runner overrides
+    the policy)."""
     out = {}
-    for head, opts in [("linear", {}), ("branching", {}), ("sdn", {"head_options": {"cascade": True}})]:
-        net = _net(head, **opts)
-        d = tmp_path_factory.mktemp(head)
-        export(net, d, policy="max_prob", thresholds=0.5)
-        out[head] = (net, d)
+    for arch in ARCHS:
+        for head, opts in [("linear", {}), ("branching", {}), ("sdn", {"head_options": {"cascade": True}})]:
+            net = _net(head, arch, **opts)
+            d = tmp_path_factory.mktemp(f"{arch}-{head}")
+            export(net, d, policy="max_prob", thresholds=0.5)
+            out[arch, head] = (net, d)
     return out
 
 
@@ -67,10 +61,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("fallback", ["final", "most_confident"])
 @pytest.mark.parametrize("policy, head", CASES)
-def test_runner_equals_engine(exported, policy, head, fallback):
-    net, d = exported[head]
+def test_runner_equals_engine(exported, policy, head, fallback, arch):
+    net, d = exported[arch, head]
     x = torch.randn(64, 1, 8, 8)
     with torch.no_grad():
         th = _midpoint_thresholds(net, x, policy)
@@ -87,7 +82,7 @@ def test_runner_equals_engine(exported, policy, head, fallback):
 
 
 def test_manifest_and_logit_agreement(exported):
-    net, d = exported["linear"]
+    net, d = exported["resnet20", "linear"]
     m = load_manifest(d)
     assert m["num_exits"] == 4 and m["num_classes"] == 10 and m["input_shape"] == [1, 8, 8]
     assert m["policy"] == {"rule": "max_prob", "thresholds": [0.5] * 3, "fallback": "final", "options": {}}
@@ -161,7 +156,7 @@ def test_traced_model_hands_on_tuples(tmp_path):
 
 
 def test_tiers_chain_and_degrade(exported):
-    net, d = exported["linear"]
+    net, d = exported["resnet20", "linear"]
     x = torch.randn(32, 1, 8, 8)
     whole = StagedRunner(d)(x.numpy())
     device, cloud = StagedRunner(d, segments=(0, 2)), StagedRunner(d, segments=(2, 4))
@@ -184,7 +179,7 @@ def test_tiers_chain_and_degrade(exported):
 def test_corrupted_segment_is_refused(exported, tmp_path):
     import shutil
 
-    _, d = exported["linear"]
+    _, d = exported["resnet20", "linear"]
     shutil.copytree(d, tmp_path / "copy")
     with open(tmp_path / "copy" / "segment_2.onnx", "r+b") as f:
         f.seek(100)
@@ -194,12 +189,13 @@ def test_corrupted_segment_is_refused(exported, tmp_path):
     StagedRunner(tmp_path / "copy", segments=(0, 2))  # a tier that does not hold it still loads
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("policy, head", [("max_prob", "linear"), ("entropy", "linear"), ("margin", "linear"),
                                           ("gate", "branching"), ("max_prob", "sdn")])
-def test_fused_batch1_graph_answers_as_the_engine(policy, head, tmp_path):
+def test_fused_batch1_graph_answers_as_the_engine(policy, head, tmp_path, arch):
     """At batch 1 the runner makes one call of the fused graph (segments, heads and the rule with
     ONNX If nodes); its answers are the engine's, sample for sample, for any thresholds."""
-    net = _net(head, **({"head_options": {"cascade": True}} if head == "sdn" else {}))
+    net = _net(head, arch, **({"head_options": {"cascade": True}} if head == "sdn" else {}))
     x = torch.randn(48, 1, 8, 8)
     with torch.no_grad():
         th = _midpoint_thresholds(net, x, policy)

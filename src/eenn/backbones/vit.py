@@ -97,7 +97,8 @@ def vit(
         raise ValueError(f"vit: patch_size {patch} must divide the input size {h}x{w}; pick one that does")
     if depth < 1 or dim < 1 or heads < 1 or mlp_ratio <= 0:
         raise ValueError(f"vit: need depth, dim, heads >= 1 and mlp_ratio > 0; got {depth}, {dim}, {heads}, {mlp_ratio}")
-    dim = max(heads, round(dim * width / heads) * heads)
+    if width != 1.0:  # a scaled width stays a multiple of the head count
+        dim = max(heads, round(dim * width / heads) * heads)
     embed = PatchEmbed(in_channels, dim, patch, (h // patch, w // patch), class_token)
     blocks = [EncoderBlock(dim, heads, mlp_ratio) for _ in range(depth)]
     stages: list[nn.Module] = [nn.Sequential(embed, blocks[0]), *blocks[1:]]
