@@ -270,6 +270,16 @@ def test_hf_vit_with_exits():
     _engine_equals_simulation(net, x, _thresholds(net, x))
 
 
+def test_hf_network_export_is_refused_with_what_to_do(tmp_path):
+    from eenn.exporter import ExportError
+
+    net = eenn.attach_exits(eenn.hf.encoder(_bert(), pad_token_id=0), at=["bert.encoder.layer.0"],
+                            input_shape=(8,), input_dtype=torch.long, head="token")
+    with pytest.raises(ExportError, match="not supported yet.*DynamicEngine.*nn.TransformerEncoder"):
+        eenn.export(net, tmp_path / "out", policy="max_prob", thresholds=0.5)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
 def test_hf_model_traced_with_fx_says_what_to_do():
     bert = _bert()
     with pytest.raises(eenn.TraceError, match=r"cannot trace HFEncoder.*tracer=\"export\""):

@@ -116,6 +116,15 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory")
+    source = getattr(net, "source", None) or {}
+    if source.get("kind") == "traced" and source.get("tracer") == "export":
+        # Segments cut from a torch.export graph (Hugging Face models through eenn.hf.encoder)
+        # keep some sizes fixed in the ONNX graphs, so their answers at other batch sizes are wrong.
+        raise ExportError(
+            f"ONNX export of a network cut from a torch.export graph ({source.get('model_class')}, e.g. a Hugging "
+            "Face model through eenn.hf.encoder) is not supported yet: run it with eenn.DynamicEngine, or write the "
+            "encoder with torch.nn modules (nn.TransformerEncoder) and cut that, which exports"
+        )
     net = net.eval()
     spec = net.input_spec
     E = net.num_exits
