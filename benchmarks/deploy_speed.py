@@ -1,6 +1,7 @@
 """Early exit against the best static deployment of the same network, on this machine.
 
-Trains (or reuses, --checkpoint) a ResNet-20 with exits on Fashion-MNIST, calibrates max_prob on
+Trains (or reuses, --checkpoint: any saved network, e.g. a ViT from configs/fmnist_vit.yaml) a
+ResNet-20 with exits on Fashion-MNIST, calibrates max_prob on
 the validation split for a 1-point drop, then times the static network and the early-exit network
 on every path eenn offers here (PyTorch eager, PyTorch optimised, onnxruntime at 1 thread and at
 torch's thread count; eenn.deployments), on test samples at each batch size. Prints one table per
@@ -64,7 +65,9 @@ def main():
     x = net.preprocess(data.test.x[: max(samples)].to(a.device))
     paths = deployments(net, policy, device=a.device, val=data.val)
     timing = time_deployments(net, policy, x, batches, samples=samples, repeats=a.repeats, paths=paths)
-    print(f"ResNet-20, exits {a.exits}, {a.dataset}; {a.policy} calibrated on validation for a "
+    spec = net.backbone.spec or {}
+    name = spec.get("name") or (net.source or {}).get("model_class", "network")
+    print(f"{name} {spec.get('options') or ''}, exits at stages {net.exit_stages}, {a.dataset}; {a.policy} calibrated on validation for a "
           f"{100 * a.max_drop:g}-point drop (thresholds {[round(t, 4) for t in policy.thresholds.tolist()]}); "
           f"{torch.cuda.get_device_name() if a.device == 'cuda' else platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} torch threads\n")
