@@ -18,7 +18,8 @@ from eenn.exporter import export, load_manifest
 from eenn.outputs import CachedOutputs
 from eenn.policies import policy_scores
 from eenn.serve import LocalServer, TierPlan
-from eenn.serve.tiers import LocalPipeline, build_response, start_message
+from eenn.serve.plan import TierSpec
+from eenn.serve.tiers import LocalPipeline, Tier, build_response, start_message
 
 SIZES = [1, 2, 3, 1, 2, 1, 3, 1, 1, 2, 1, 3, 1, 1, 2, 3]  # samples per request: 28 in all
 N = sum(SIZES)
@@ -297,3 +298,79 @@ def test_ray_deployments_take_replicas_options_and_batches(model, monkeypatch):
         rows = build_response(m, reply, b - a, 0.0, False)["predictions"]
         assert [(r["class"], r["exit"]) for r in rows] == list(zip(eng.prediction[a:b].tolist(),
                                                                    eng.exit[a:b].tolist()))
+
+
+def test_ray_tier_hands_a_batchs_survivors_on_as_one_message(model, monkeypatch):
+    """A Ray tier replica runs the requests ``serve.batch`` gathered, then sends the survivors of
+    all of them to the next tier in one call (not one per request) and splits the reply back: each
+    request still gets exactly its own answers, and a failing next tier degrades each of them."""
+    from ray.serve import batching
+
+    from eenn.serve import ray_app
+    from eenn.staged import read_segments
+
+    _, d, x, eng = model
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    shared = ray_app.TierDeployment.func_or_class._run.set_max_batch_size.__self__
+    monkeypatch.setattr(shared, "__dict__", dict(shared.__dict__))
+    m = load_manifest(d)
+    E = m["num_exits"]
+    settings = {"float16": False, "threads": 1, "timeout_s": 5.0}
+    # the next tier: a plain Tier (the serve.batch queue is the class's: one tier class per process)
+    cloud = Tier(m, TierSpec("cloud", 2, E), models=read_segments(m, (2, E)))
+    calls, broken = [], []
+
+    class Response:  # what a deployment handle's .remote() gives: awaitable, cancellable
+        def __init__(self, coro):
+            self.coro = coro
+
+        def __await__(self):
+            return self.coro.__await__()
+
+        def cancel(self):
+            self.coro.close()
+
+    class Handle:
+        def remote(self, message):
+            calls.append(message)
+
+            async def answer():
+                if broken:
+                    raise RuntimeError("replica died")
+                reply, carry = cloud.begin(message)
+                assert carry is None
+                return reply
+
+            return Response(answer())
+
+    device = ray_app.TierDeployment.func_or_class(
+        m, {"name": "device", "start": 0, "stop": 2, "max_batch": N, "batch_wait_ms": 20_000},
+        read_segments(m, (0, 2)), Handle(), {**settings, "next_name": "cloud"})
+    starts = np.cumsum([0, *SIZES])
+
+    async def main():
+        return await asyncio.gather(*[device(start_message(m, x[a:b].numpy()))
+                                      for a, b in zip(starts[:-1], starts[1:])])
+
+    replies = asyncio.run(main())
+    assert len(calls) == 1  # one batch of every request, its survivors in one message
+    for (a, b), reply in zip(zip(starts[:-1], starts[1:]), replies):
+        rows = build_response(m, reply, b - a, 0.0, False)["predictions"]
+        assert [(r["class"], r["exit"]) for r in rows] == list(zip(eng.prediction[a:b].tolist(),
+                                                                   eng.exit[a:b].tolist()))
+        assert [r["tier"] for r in rows] == ["device" if e < 2 else "cloud" for e in eng.exit[a:b].tolist()]
+        if any(e >= 2 for e in eng.exit[a:b].tolist()):
+            assert [h["from"] for h in reply["hops"]] == ["device"] and reply["hops"][0]["bytes"] > 0
+    broken.append(True)
+    shared._queue = None  # the queue belongs to the event loop that made it: a new one for the new loop
+    replies = asyncio.run(main())
+    assert len(calls) == 2
+    for (a, b), reply in zip(zip(starts[:-1], starts[1:]), replies):
+        rows = build_response(m, reply, b - a, 0.0, False)["predictions"]
+        for r, e, c in zip(rows, eng.exit[a:b].tolist(), eng.prediction[a:b].tolist()):
+            if e < 2:
+                assert (r["class"], r["exit"], r["degraded"]) == (c, e, False)
+            else:  # answered by the device's deepest exit, flagged
+                assert r["exit"] == 1 and r["degraded"] and r["tier"] == "device"
+        if any(e >= 2 for e in eng.exit[a:b].tolist()):
+            assert "replica died" in reply["errors"][0]

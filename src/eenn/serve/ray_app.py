@@ -26,11 +26,14 @@ from starlette.requests import Request
 from ..staged import load_manifest, read_segments
 from .app import Front
 from .plan import TierPlan, TierSpec
-from .tiers import Tier
+from .tiers import Tier, merge_runnings, split_reply
 
-__all__ = ["TierDeployment", "Ingress", "build_app", "start", "serve_plan", "free_port", "APP_NAME"]
+__all__ = ["TierDeployment", "NoopTier", "Ingress", "build_app", "start", "serve_plan", "free_port", "APP_NAME"]
 
 APP_NAME = "eenn"
+# batches a tier replica may have in flight at once: one computes (the event loop's thread) while
+# the others wait for the next tier's answer
+CONCURRENT_BATCHES = 8
 
 
 async def _within(response, timeout: float):
@@ -75,24 +78,35 @@ class TierDeployment:
 
     async def __call__(self, message: bytes) -> dict:
         running = self.tier.read(message)
-        reply, carry = await self._run(_Item(running, min(len(running), self.spec.max_batch), time.perf_counter()))
-        if carry is None:
-            return reply
-        out, enc = self.tier.handoff(carry)
+        return await self._run(_Item(running, min(len(running), self.spec.max_batch), time.perf_counter()))
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, batch_size_fn=_samples,
+                 max_concurrent_batches=CONCURRENT_BATCHES)
+    async def _run(self, items: list) -> list:
+        """The requests gathered by ``serve.batch`` through this tier's segments at once; then the
+        survivors of all of them go on to the next tier as one message (one call, not one per
+        request), and the next tier's reply is split back per request."""
+        now = time.perf_counter()
+        results = self.tier.run_many([i.running for i in items], [now - i.t0 for i in items])
+        replies = [r for r, _ in results]
+        carried = [(j, c) for j, (_, c) in enumerate(results) if c is not None]
+        if not carried:
+            return replies
+        merged, offsets = merge_runnings([c for _, c in carried])
+        out, enc = self.tier.handoff(merged)
         t0 = time.perf_counter()
         try:
             down = await _within(self.next.remote(out), self.timeout)
         except Exception as e:  # dead replica, timeout, error downstream: answer with what we have
-            self.tier.fail(reply, carry, self.next_name, e)
-            return reply
-        self.tier.join(reply, down, time.perf_counter() - t0, enc, len(out))
-        return reply
-
-    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, batch_size_fn=_samples)
-    async def _run(self, items: list) -> list:
-        """The requests gathered by ``serve.batch`` through this tier's segments at once."""
-        now = time.perf_counter()
-        return self.tier.run_many([i.running for i in items], [now - i.t0 for i in items])
+            for j, c in carried:
+                self.tier.fail(replies[j], c, self.next_name, e)
+            return replies
+        rt = time.perf_counter() - t0
+        total = len(merged)
+        for (j, c), off in zip(carried, offsets):
+            share = len(c) / total
+            self.tier.join(replies[j], split_reply(down, off, c.batch, share), rt, enc * share, len(out) * share)
+        return replies
 
     def ping(self) -> str:
         return self.tier.name
@@ -111,6 +125,37 @@ class TierDeployment:
         return times[len(times) // 2]
 
 
+@serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)
+class NoopTier:
+    """A tier that computes nothing: it reads the message, waits in the same ``serve.batch`` as a
+    tier would (the first tier's ``max_batch`` and ``batch_wait_ms``) and answers every sample
+    with class 0 at exit 0. Behind the same ingress, it measures what the framework itself costs
+    (HTTP, input decoding, the Ray call, batching, the JSON answer): the ceiling a served model
+    can approach (``build_app(plan, noop=True)``)."""
+
+    def __init__(self, spec: dict, num_classes: int) -> None:
+        self.spec = TierSpec(**spec)
+        self.probs = [1.0 / num_classes] * num_classes
+        self._run.set_max_batch_size(self.spec.max_batch)
+        self._run.set_batch_wait_timeout_s(self.spec.batch_wait_ms / 1000.0)
+
+    async def __call__(self, message: bytes) -> dict:
+        from .codec import decode
+
+        _, meta = decode(message)
+        n = int(meta["batch"])
+        return await self._run(_Item(n, min(n, self.spec.max_batch), time.perf_counter()))
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, batch_size_fn=_samples)
+    async def _run(self, items: list) -> list:
+        now, total = time.perf_counter(), sum(i.running for i in items)
+        return [{"answers": {"index": list(range(i.running)), "prediction": [0] * i.running, "exit": [0] * i.running,
+                             "depth": [0] * i.running, "probs": [self.probs] * i.running,
+                             "degraded": [False] * i.running, "tier": [self.spec.name] * i.running},
+                 "tiers": [{"name": self.spec.name, "s": 0.0, "samples": i.running, "batch": total,
+                            "wait_s": now - i.t0}], "hops": [], "errors": []} for i in items]
+
+
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)
 class Ingress:
     def __init__(self, manifest: dict, plan: TierPlan, first_tier) -> None:
@@ -125,8 +170,18 @@ class Ingress:
         return await self.front.handle(request)
 
 
-def build_app(plan: TierPlan):
-    """The Ray Serve application of ``plan`` (not yet running)."""
+def build_app(plan: TierPlan, *, noop: bool = False):
+    """The Ray Serve application of ``plan`` (not yet running). ``noop``: the same ingress in front
+    of a :class:`NoopTier` with the first tier's batching, replicas and placement instead of the
+    tiers (the framework's own ceiling, for benchmarks)."""
+    if noop:
+        manifest = load_manifest(plan.model)
+        clean = {k: v for k, v in manifest.items() if k != "_dir"}
+        spec = plan.tiers[0]
+        tier = NoopTier.options(name="tier-noop", ray_actor_options={"num_cpus": 0, **spec.ray_actor_options},
+                                num_replicas=spec.replicas, max_ongoing_requests=max(64, spec.max_batch)).bind(
+            asdict(spec), int(manifest["num_classes"]))
+        return Ingress.options(name="ingress", ray_actor_options={"num_cpus": 0}).bind(clean, plan, tier)
     if plan.monitor is not None:
         raise ValueError("the agreement monitor (plan `monitor:`) runs in the in-process mode only (eenn serve "
                          "--local); remove `monitor:` to serve on Ray")
@@ -151,7 +206,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def start(plan: TierPlan, address: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-          num_cpus: int = 2) -> str:
+          num_cpus: int = 2, noop: bool = False) -> str:
     """Deploy ``plan`` and return its URL: on an embedded Ray started here (``address=None``;
     ``num_cpus`` caps it) or on the Ray cluster at ``address`` (``"ray://head:10001"`` or
     ``"auto"``), where eenn's code travels along as a runtime-env module."""
@@ -173,8 +228,16 @@ def start(plan: TierPlan, address: str | None = None, *, host: str = "127.0.0.1"
                      runtime_env={"py_modules": [str(pkg)], "env_vars": env})
     quiet = {"log_level": "WARNING", "enable_access_log": False}
     serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
-    serve.run(build_app(plan), name=APP_NAME, route_prefix="/", blocking=False, logging_config=quiet)
+    serve.run(build_app(plan, noop=noop), name=APP_NAME, route_prefix="/", blocking=False, logging_config=quiet)
     return f"http://{host}:{port}"
+
+
+def redeploy(plan: TierPlan, *, noop: bool = False) -> None:
+    """Replace the running application (after :func:`start`) by ``plan``'s: the old one is deleted
+    first, so that its replicas' CPU reservations are free for the new one's."""
+    quiet = {"log_level": "WARNING", "enable_access_log": False}
+    serve.delete(APP_NAME)
+    serve.run(build_app(plan, noop=noop), name=APP_NAME, route_prefix="/", blocking=False, logging_config=quiet)
 
 
 def stop(shutdown_ray: bool = True) -> None:

@@ -34,7 +34,8 @@ from ..staged import StagedRunner, load_manifest, read_segments
 from .codec import decode, encode
 from .plan import TierPlan, TierSpec
 
-__all__ = ["Tier", "LocalPipeline", "advance_many", "start_message", "build_response"]
+__all__ = ["Tier", "LocalPipeline", "advance_many", "merge_runnings", "split_reply", "start_message",
+           "build_response"]
 
 def start_message(manifest: dict[str, Any], x: np.ndarray) -> bytes:
     """The message the first tier receives: the model inputs, before segment 0."""
@@ -71,6 +72,32 @@ def _answers_of(a: Answers, lo: int, n: int) -> Answers:
     return out
 
 
+def merge_runnings(runnings: list[Running]) -> tuple[Running, list[int]]:
+    """The samples of several requests (each numbered from 0, before the same segment) as one
+    :class:`Running`, each request's sample ids offset by the sizes of the requests before it;
+    and those offsets."""
+    offsets, at = [], 0
+    for r in runnings:
+        offsets.append(at)
+        at += r.batch
+    if len(runnings) == 1:
+        return runnings[0], offsets
+    return Running.cat([replace(r, index=r.index + off, batch=off + r.batch) for r, off in zip(runnings, offsets)]), offsets
+
+
+def split_reply(reply: dict[str, Any], offset: int, n: int, share: float = 1.0) -> dict[str, Any]:
+    """One request's part of a reply to merged requests (:func:`merge_runnings`): the answers to
+    its samples ``offset .. offset+n-1``, numbered from 0 again; the tier and hop records are the
+    merged run's, their ``bytes`` scaled by ``share``."""
+    a = reply["answers"]
+    keep = [i for i, idx in enumerate(a["index"]) if offset <= idx < offset + n]
+    answers = {k: [v[i] for i in keep] for k, v in a.items()}
+    answers["index"] = [a["index"][i] - offset for i in keep]
+    hops = [{**h, "bytes": int(round(h["bytes"] * share))} for h in reply["hops"]]
+    return {"answers": answers, "tiers": [dict(t) for t in reply["tiers"]], "hops": hops,
+            "errors": list(reply.get("errors", []))}
+
+
 def advance_many(runner: StagedRunner, runnings: list[Running]) -> list[tuple[Answers, Running | None]]:
     """Run the samples of several requests (each a :class:`Running` numbered from 0, before the
     same segment) through ``runner`` at once: one :meth:`~eenn.staged.StagedRunner.advance` of
@@ -79,11 +106,7 @@ def advance_many(runner: StagedRunner, runnings: list[Running]) -> list[tuple[An
     numbered as it sent them (None when none of its samples is left)."""
     if len(runnings) == 1:
         return [runner.advance(runnings[0])]
-    offsets, at = [], 0
-    for r in runnings:
-        offsets.append(at)
-        at += r.batch
-    merged = Running.cat([replace(r, index=r.index + off, batch=off + r.batch) for r, off in zip(runnings, offsets)])
+    merged, offsets = merge_runnings(runnings)
     answers, carry = runner.advance(merged)
     out = []
     for r, off in zip(runnings, offsets):
