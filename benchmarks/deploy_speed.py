@@ -65,12 +65,17 @@ def main():
     x = net.preprocess(data.test.x[: max(samples)].to(a.device))
     paths = deployments(net, policy, device=a.device, val=data.val)
     timing = time_deployments(net, policy, x, batches, samples=samples, repeats=a.repeats, paths=paths)
+    test = eenn.policies.report_goal(policy, eenn.collect_outputs(net, data.test), net.cost(), {"max_drop": a.max_drop})
     spec = net.backbone.spec or {}
     name = spec.get("name") or (net.source or {}).get("model_class", "network")
     print(f"{name} {spec.get('options') or ''}, exits at stages {net.exit_stages}, {a.dataset}; {a.policy} calibrated on validation for a "
           f"{100 * a.max_drop:g}-point drop (thresholds {[round(t, 4) for t in policy.thresholds.tolist()]}); "
           f"{torch.cuda.get_device_name() if a.device == 'cuda' else platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} torch threads\n")
+          f"{torch.get_num_threads()} torch threads")
+    print(f"test split ({len(data.test)} images): final exit {100 * test['final_accuracy']:.2f}%, early exit "
+          f"{100 * test['accuracy']:.2f}% at {test['speedup']:.2f}x fewer MACs "
+          f"({100 * (1 - 1 / test['speedup']):.0f}% saved, heads counted); "
+          f"exits {[round(100 * v, 1) for v in test['exit_distribution']]}%\n")
     print("\n".join(format_deployments(timing)))
 
 
