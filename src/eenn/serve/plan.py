@@ -427,9 +427,10 @@ def propose_serving(manifest: dict[str, Any], bounds: Sequence[tuple[int, int]],
       ``reach_t``).
     - cores: tier ``t`` does ``reach_t * (F_t / b_t + V_t + h / s)`` core-seconds of work per sample
       served (``h`` the request overhead, ``s`` samples per request);
-      the cores are shared in proportion. ``replicas`` = those cores rounded (at least 1: a
-      replica runs one batch at a time, on one core), ``num_cpus`` per replica = its cores /
-      replicas (rounded down to 0.05, so that the reservations fit on the machine).
+      the cores are shared in proportion. ``replicas``: one per whole core of work (at least 1; a
+      replica runs one batch at a time, on one core, and each further replica is another process
+      competing for the cores, worth it only with a core's work for it), ``num_cpus`` per replica
+      = its cores / replicas (rounded down to 0.05, so that the reservations fit on the machine).
     """
     import math
 
@@ -502,7 +503,7 @@ def propose_serving(manifest: dict[str, Any], bounds: Sequence[tuple[int, int]],
         raise ValueError("the measured or declared tier times are all zero: nothing to share the cores by")
     for p, w in zip(props, work):
         p.cores = cores * w / per_sample
-        p.replicas = max(1, round(p.cores))
+        p.replicas = max(1, math.floor(p.cores + 1e-9))
         p.num_cpus = max(math.floor(p.cores / p.replicas * 20) / 20, 0.05)
         p.reasons.append(f"{100 * w / per_sample:.0f}% of the work ({1e3 * w:.3f} ms per sample served) -> "
                          f"{p.cores:.2f} of {cores:g} cores -> {p.replicas} replica(s) x num_cpus {p.num_cpus:g}")
