@@ -1,261 +1,512 @@
-"""Load on the split deployment over loopback HTTP, in-process and on Ray Serve.
+"""Serving under load: the early-exit plan against the same network served whole, in-process and
+on Ray Serve, with a do-nothing Ray Serve deployment as the framework's ceiling.
 
-Trains a small multi-exit ResNet on digits, calibrates max_prob on the validation split, exports
-it, and serves it split over three tiers (device: exits 0-1, edge: exit 2, cloud: exit 3). Then,
-for each mode:
+Fashion-MNIST (the real test split). The network is the trained checkpoint ``--checkpoint``
+(default ``runs/engine-cmp.safetensors``, a ResNet-20 with three linear exits, when present) or a
+small multi-exit ResNet-20 trained here for ``--epochs`` on ``--train-samples`` training images.
+The max_prob thresholds are set on the validation split so that about ``--past`` of the samples go
+past each non-final tier (the measured shares on the test split are printed). Three tiers: device
+= segment 0, edge = segments 1-2, cloud = segment 3 (float32 hand-off). The same export with
+thresholds that never fire, as one tier, is the static baseline ("whole network"). Every
+deployment's batching, replicas and CPUs come from ``eenn.serve.plan.propose_serving`` for
+``--plan-clients`` clients on ``--cores`` cores, from segment times measured here; the no-op
+deployment takes the first tier's.
 
-1. sequential requests (one client): the mean time inside the tier chain, next to the latency the
-   planner predicts for this plan from the segment times measured here and the measured hop cost;
-2. a closed loop of ``--concurrency`` clients, bounded by ``--requests`` and ``--seconds``:
-   requests/s, p50/p99 client latency, failed valid requests (target 0), answers that differ from
-   the PyTorch engine's, and the exit mix.
+For each deployment and each number of concurrent clients (``--clients``), a closed loop (every
+client sends its next request when it has the answer; a separate process, so that the clients do
+not share the server's interpreter) for ``--seconds``: requests/s, samples/s, p50/p99 latency,
+failed valid requests, answers that differ from the PyTorch engine's (class and exit), degraded
+answers and the share of samples past each tier. Single-sample requests and requests carrying
+``--batch-samples`` samples (both as ``.npy`` uint8 pixel bodies, normalised by the server).
+The run ends with one line::
 
-Finally the planner's choice for a declared device/edge/cloud scenario. Every request is a test
-image sent as PNG. ``--doc docs/serving.md`` writes the figures as Markdown.
+    ray at 32 clients: N req/s single samples, no-op ceiling C req/s, share S; batches of 32: X
+    samples/s early exit, Y samples/s whole network, ratio R
 
-    OMP_NUM_THREADS=1 python benchmarks/serve_load.py [--modes local,ray] [--doc docs/serving.md]
+    OMP_NUM_THREADS=1 python benchmarks/serve_load.py [--seconds 8] [--clients 1,8,32,128] [--doc docs/serving.md]
 """
+from __future__ import annotations
+
 import argparse
-import http.client
+import asyncio
 import io
 import json
+import math
+import multiprocessing as mp
+import os
 import platform
-import statistics
+import subprocess
 import tempfile
-import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-import eenn
-from eenn.engine import DynamicEngine
-from eenn.exporter import calibration_record, export, load_manifest
-from eenn.serve import LinkSpec, TierPlan, TierSpeed, expected_latency, measure_segments, plan_splits
-from eenn.serve.codec import decode
+NAMES = ["device", "edge", "cloud"]
 
 
-def png(px: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(px[0], "L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def client_run(url, bodies, expected, *, concurrency, max_requests, max_seconds):
-    """Closed loop: each client sends the next image as soon as it has its answer."""
-    host, port = url.removeprefix("http://").split(":")
-    lock, counter, rows = threading.Lock(), [0], []
-    deadline = time.monotonic() + max_seconds
-
-    def worker():
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+# ----------------------------------------------------------------------------- the load generator
+async def _request(reader, writer, head: bytes, body: bytes) -> tuple[int, bytes]:
+    """One HTTP/1.1 keep-alive POST on an open connection: ``(status, body)``."""
+    writer.write(head + body)
+    await writer.drain()
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionError("connection closed")
+    status = int(status_line.split()[1])
+    length, chunked = None, False
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        k, _, v = line.decode("latin-1").partition(":")
+        k = k.strip().lower()
+        if k == "content-length":
+            length = int(v)
+        elif k == "transfer-encoding" and "chunked" in v.lower():
+            chunked = True
+    if chunked:
+        parts = []
         while True:
-            with lock:
-                i = counter[0]
-                counter[0] += 1
-            if i >= max_requests or time.monotonic() > deadline:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                await reader.readline()
                 break
-            k = i % len(bodies)
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        return status, b"".join(parts)
+    return status, await reader.readexactly(length or 0)
+
+
+async def _closed_loop(host: str, port: int, bodies: list[bytes], clients: int, seconds: float):
+    """``clients`` connections, each sending the next body as soon as it has the answer."""
+    deadline = time.perf_counter() + seconds
+    rows: list[tuple[int, int, bytes, float]] = []  # (body index, status, answer, seconds)
+    counter = [0]
+
+    async def client(c: int) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        while time.perf_counter() < deadline:
+            k = counter[0] % len(bodies)
+            counter[0] += 1
+            head = (f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-npy\r\n"
+                    f"Content-Length: {len(bodies[k])}\r\n\r\n").encode()
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/predict", body=bodies[k], headers={"Content-Type": "image/png"})
-                r = conn.getresponse()
-                out, status = json.loads(r.read()), r.status
-            except Exception as e:  # a failed valid request
-                conn.close()
-                conn = http.client.HTTPConnection(host, int(port), timeout=30)
-                out, status = {"error": repr(e)}, 0
-            dt = time.perf_counter() - t0
-            with lock:
-                rows.append((k, status, out, dt))
-        conn.close()
+                status, answer = await _request(reader, writer, head, bodies[k])
+            except Exception as e:  # noqa: BLE001 - a failed valid request, counted
+                status, answer = 0, repr(e).encode()
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+            rows.append((k, status, answer, time.perf_counter() - t0))
+        writer.close()
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    ok = [r for r in rows if r[1] == 200]
-    lat = sorted(r[3] for r in rows)
-    exits = np.bincount([r[2]["exit"] for r in ok], minlength=4) / max(len(ok), 1)
-    differ = sum(1 for k, _, out, _ in ok if (out["class"], out["exit"]) != expected[k])
-    chain = [sum(out["time_s"].values()) + sum(h["s"] for h in out["hops"]) for _, _, out, _ in ok]
-    return {"requests": len(rows), "seconds": wall, "rps": len(rows) / wall,
-            "p50_ms": 1e3 * lat[len(lat) // 2], "p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-            "failed": len(rows) - len(ok), "differ": differ, "degraded": sum(r[2]["degraded"] for r in ok),
-            "exit_mix": [round(float(e), 3) for e in exits], "chain_ms": 1e3 * statistics.mean(chain),
-            "server_ms": 1e3 * statistics.mean(out["total_s"] for _, _, out, _ in ok),
-            "client_ms": 1e3 * statistics.mean(lat),
-            "hop_ms": [1e3 * statistics.mean(h["s"] for _, _, out, _ in ok for h in out["hops"] if h["from"] == f)
-                       for f in ("device", "edge") if any(h["from"] == f for _, _, o, _ in ok for h in o["hops"])]}
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    return rows, time.perf_counter() - t0
 
 
-def local_hop_s(manifest, plan):
-    """The in-process hop: encoding the device's hand-off and decoding it (no wire)."""
-    from eenn.serve.tiers import Tier, start_message
-    from eenn.staged import StagedRunner
+def _load_process(url: str, inputs: np.ndarray, per_request: int, clients: int, seconds: float, conn) -> None:
+    """In a child process: run the closed loop and send back the parsed answers."""
+    host, port = url.removeprefix("http://").split(":")
+    bodies = []
+    for i in range(0, len(inputs) - per_request + 1, per_request):
+        buf = io.BytesIO()
+        np.save(buf, inputs[i:i + per_request] if per_request > 1 else inputs[i])
+        bodies.append(buf.getvalue())
+    rows, wall = asyncio.run(_closed_loop(host, int(port), bodies, clients, seconds))
+    out = []
+    for k, status, answer, dt in rows:
+        rec = {"k": k, "status": status, "s": dt}
+        if status == 200:
+            a = json.loads(answer)
+            preds = a["predictions"] if "predictions" in a else [a]
+            rec["cls"] = [p["class"] for p in preds]
+            rec["exit"] = [p["exit"] for p in preds]
+            rec["degraded"] = sum(bool(p["degraded"]) for p in preds)
+        else:
+            rec["error"] = answer[:300].decode("utf-8", "replace")
+        out.append(rec)
+    conn.send((out, wall))
+    conn.close()
 
-    dev = Tier(manifest, plan.tiers[0])
-    x = np.random.default_rng(0).standard_normal((1, *manifest["input_shape"])).astype(np.float32)
-    dev.runner = StagedRunner(manifest, segments=(plan.tiers[0].start, plan.tiers[0].stop), thresholds=float("inf"))
-    _, carry = dev.begin(start_message(manifest, x))
-    times = []
-    for _ in range(200):
-        t0 = time.perf_counter()
-        msg, _ = dev.handoff(carry)
-        decode(msg)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+def run_load(url, inputs, expected, *, per_request, clients, seconds, stops=(1, 3)):
+    """The figures of one closed-loop run: requests/s, samples/s, latency, failures, agreement;
+    ``stops``: the first exit beyond the device tier and beyond the edge tier."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_load_process, args=(url, inputs, per_request, clients, seconds, child))
+    proc.start()
+    child.close()
+    deadline = time.monotonic() + seconds + 300
+    while not parent.poll(1.0):  # the child's answer, unless it died or hangs
+        if not proc.is_alive() or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the load generator failed (exit code {proc.exitcode})")
+    rows, wall = parent.recv()
+    proc.join()
+    ok = [r for r in rows if r["status"] == 200]
+    lat = sorted(r["s"] for r in rows) or [float("nan")]
+    differ = samples = 0
+    exits = []
+    for r in ok:
+        base = r["k"] * per_request
+        for j, (c, e) in enumerate(zip(r["cls"], r["exit"])):
+            differ += (c, e) != expected[base + j]
+        samples += len(r["cls"])
+        exits += r["exit"]
+    exits = np.asarray(exits)
+    return {"clients": clients, "per_request": per_request, "requests": len(rows), "seconds": wall,
+            "rps": len(ok) / wall, "sps": samples / wall, "p50_ms": 1e3 * lat[len(lat) // 2],
+            "p99_ms": 1e3 * lat[min(len(lat) - 1, math.ceil(0.99 * len(lat)) - 1)],
+            "failed": len(rows) - len(ok), "differ": int(differ), "degraded": sum(r["degraded"] for r in ok),
+            "past_device": float((exits >= stops[0]).mean()) if len(exits) else float("nan"),
+            "past_edge": float((exits >= stops[1]).mean()) if len(exits) else float("nan"),
+            "errors": sorted({r.get("error", "")[:120] for r in rows if r["status"] != 200})[:3]}
 
 
-def ray_hop_s(n=100):
-    """Round trip of an empty call from the device tier's replica to the edge's, through Ray Serve."""
-    from ray import serve
+# ------------------------------------------------------------------------------- model and plans
+def thresholds_for(scores: np.ndarray, bounds, past: float, front: float) -> list[float]:
+    """max_prob thresholds for the non-final exits from validation scores ``[E-1, N]``: a share
+    ``past`` of the samples that reach a non-final tier go on past it (``past`` past the first,
+    ``past**2`` past the second, ...); of those a tier answers, its first exit takes ``front`` and
+    its later exits the rest in equal parts."""
+    n = scores.shape[1]
+    goals, reach = [], 1.0  # share of all samples still running after each non-final exit
+    for t, (lo, hi) in enumerate(bounds[:-1]):
+        out = reach * past
+        exits = list(range(lo, hi))
+        answered = reach - out
+        for j, _ in enumerate(exits):
+            if len(exits) == 1:
+                done = answered
+            else:
+                done = answered * (front + (1 - front) * j / (len(exits) - 1))
+            goals.append(reach - done)
+        reach = out
+    alive = np.ones(n, bool)
+    th = []
+    for k, goal in enumerate(goals):
+        s = scores[k][alive]
+        leave = alive.sum() - goal * n  # samples to stop here
+        q = 1.0 - leave / max(len(s), 1)  # a sample exits when its score >= the threshold
+        t = float(np.quantile(s, min(max(q, 0.0), 1.0)))
+        th.append(t)
+        alive &= ~(scores[k] >= t)
+    return th
 
-    return serve.get_deployment_handle("tier-device", app_name="eenn").probe.remote(n).result()
+
+def parse_split(text: str, num_exits: int):
+    """``"0-1,2,3"`` -> ``[(0, 2), (2, 3), (3, 4)]`` (one entry per tier: k or a-b, consecutive)."""
+    bounds, at = [], 0
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        lo, hi = int(lo), int(hi or lo)
+        if lo != at or hi < lo:
+            raise SystemExit(f"--split {text!r}: tiers take consecutive segments from 0")
+        bounds.append((lo, hi + 1))
+        at = hi + 1
+    if at != num_exits or len(bounds) != 3:
+        raise SystemExit(f"--split {text!r}: three tiers covering segments 0-{num_exits - 1}")
+    return bounds
 
 
+def build_model(a):
+    import eenn
+    from eenn.data import InputSpec
+
+    data = eenn.load_dataset("fashion_mnist", data_dir=a.data_dir)
+    ckpt = a.checkpoint
+    if ckpt and Path(ckpt).exists():
+        net = eenn.load(ckpt)
+        source = f"the checkpoint {ckpt}"
+    else:
+        torch.manual_seed(0)
+        net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=data.info.input_size,
+                                  exits="linear:3", width=0.5)
+        from dataclasses import replace
+
+        sub = data
+        if a.train_samples and a.train_samples < len(data.train):
+            sub = replace(data, train=data.train.subset(range(a.train_samples)))
+        eenn.fit(net, sub, "joint", epochs=a.epochs, lr=0.1, progress=False)
+        source = f"a ResNet-20 (width 0.5) trained here for {a.epochs} epoch(s)"
+    net.eval()
+    if net.input_spec is None:
+        net.input_spec = InputSpec.from_info(data.info)
+    return data, net, source
+
+
+def exit_scores(net, split) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every exit's logits on a split, and the labels, and the uint8 pixels."""
+    import eenn
+
+    x, y = next(iter(eenn.TensorLoader(split, len(split), input_spec=net.input_spec)))
+    with torch.no_grad():
+        logits = torch.cat([net(x[i:i + 1000]).logits for i in range(0, len(x), 1000)], 1)
+    return logits, y, x
+
+
+def make_plan(model_dir, bounds, names, speeds, depth, manifest, *, cores, clients, samples=1, batch_cap=64,
+              threads=1, float16=False):
+    from eenn.serve import TierPlan
+    from eenn.serve.plan import propose_serving
+
+    props, lines = propose_serving(manifest, bounds, speeds, depth, cores=cores, concurrency=clients,
+                                   samples_per_request=samples, batch_cap=batch_cap)
+    tiers = [{"name": n, "segments": f"{lo}-{hi - 1}", **p.options()} for n, (lo, hi), p in zip(names, bounds, props)]
+    return TierPlan.from_dict({"model": str(model_dir), "timeout_s": 10, "threads": threads, "float16": float16,
+                               "tiers": tiers}), props, lines
+
+
+def wait_served(url: str, body: bytes, timeout: float = 300.0) -> None:
+    """Until the deployment answers a request whole (every replica up), bounded."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            req = urllib.request.Request(url + "/predict", data=body, headers={"Content-Type": "application/x-npy"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                out = json.loads(r.read())
+            rows = out.get("predictions", [out])
+            if not any(p["degraded"] for p in rows):
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer whole within {timeout:g} s")
+        time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------------------- the run
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--max-drop", type=float, default=0.01)
+    p.add_argument("--checkpoint", default="runs/engine-cmp.safetensors",
+                   help="a multi-exit ResNet-20 (3 exits + final) trained on Fashion-MNIST; trains one if absent")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--epochs", type=int, default=2, help="training epochs when there is no checkpoint")
+    p.add_argument("--train-samples", type=int, default=20000, help="training images when there is no checkpoint")
+    p.add_argument("--split", default="0-1,2,3", help="segments of the device, edge and cloud tiers")
+    p.add_argument("--past", type=float, default=0.45,
+                   help="share of the samples reaching a non-final tier that go past it (set on validation)")
+    p.add_argument("--front", type=float, default=0.75,
+                   help="share of a tier's answers that its first exit gives (the rest: its later exits)")
+    p.add_argument("--float16", action="store_true", help="features cross tiers as float16")
+    p.add_argument("--clients", default="1,8,32,128", help="concurrent clients, single-sample requests")
+    p.add_argument("--batch-clients", default="1,8,32", help="concurrent clients, batch requests")
+    p.add_argument("--batch-samples", type=int, default=32, help="samples per batch request")
+    p.add_argument("--seconds", type=float, default=8.0, help="seconds per measured point")
     p.add_argument("--modes", default="local,ray")
-    p.add_argument("--requests", type=int, default=400, help="cap per load run")
-    p.add_argument("--seconds", type=float, default=20.0, help="cap per load run")
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--sequential", type=int, default=100, help="requests of the one-client run")
+    p.add_argument("--cores", type=float, default=float(os.cpu_count() or 1), help="cores the plans share")
+    p.add_argument("--plan-clients", type=int, default=32, help="the load the plans are proposed for")
+    p.add_argument("--batch-cap", type=int, default=128, help="the largest max_batch the plans may propose")
+    p.add_argument("--no-one-tier", dest="one_tier", action="store_false",
+                   help="skip the early-exit plan as one tier (batch requests only)")
+    p.add_argument("--test-samples", type=int, default=4096, help="test images sent (round robin)")
     p.add_argument("--doc", default=None, help="write the figures as Markdown here")
+    p.add_argument("--note", default="", help="a line for the document (e.g. other load on the machine)")
     a = p.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    data = eenn.load_dataset("digits")
-    info = data.info
-    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=info.input_size,
-                              exits=[1, 3, 5], width=0.5)
-    eenn.fit(net, data, "joint", epochs=a.epochs, lr=0.1, progress=False)
-    net.eval()
-    rec = calibration_record(net, data.val, "max_prob", {"max_drop": a.max_drop})
-    tmp = tempfile.mkdtemp(prefix="eenn-serve-")
-    policy = eenn.policies.ExitPolicy.from_dict(rec)
-    m = export(net, tmp, policy=policy, validation=rec["validation"])
-    manifest = load_manifest(tmp)
-    x = next(iter(eenn.TensorLoader(data.test, len(data.test), input_spec=net.input_spec)))[0]
-    eng = DynamicEngine(net, policy)(x)
+    t_start, load_start = time.perf_counter(), os.getloadavg()[0]
+
+    import eenn
+    from eenn.engine import DynamicEngine
+    from eenn.exporter import export, load_manifest
+    from eenn.policies import ExitPolicy
+    from eenn.serve.plan import TierSpeed, measure_segments
+
+    clients = [int(c) for c in a.clients.split(",") if c]
+    batch_clients = [int(c) for c in a.batch_clients.split(",") if c]
+    data, net, source = build_model(a)
+    val_logits, _, _ = exit_scores(net, data.val)
+    bounds_ee = parse_split(a.split, net.num_exits)
+    th = thresholds_for(val_logits[:-1].softmax(-1).max(-1).values.numpy(), bounds_ee, a.past, a.front)
+    test_logits, test_y, _ = exit_scores(net, data.test)
+    n_test = min(a.test_samples, len(data.test))
+    pixels = data.test.x[:n_test].numpy()  # uint8 [N, 1, 28, 28]: sent as is, normalised by the server
+    assert pixels.dtype == np.uint8, pixels.dtype
+    x_test = next(iter(eenn.TensorLoader(data.test, len(data.test), input_spec=net.input_spec)))[0][:n_test]
+    policy = ExitPolicy("max_prob", th)
+    whole_policy = ExitPolicy("max_prob", [float("inf")] * 3)
+    with torch.no_grad():
+        eng = DynamicEngine(net, policy)(x_test)
+        eng_whole = DynamicEngine(net, whole_policy)(x_test)
     expected = list(zip(eng.prediction.tolist(), eng.exit.tolist()))
-    bodies = [png(px.numpy()) for px in data.test.x]
-    test_depth = (torch.bincount(eng.depth, minlength=4).float() / len(eng.depth)).tolist()
-    plan = TierPlan.from_dict({"model": tmp, "timeout_s": 5, "tiers": [
-        {"name": "device", "segments": "0-1"}, {"name": "edge", "segments": 2}, {"name": "cloud", "segments": 3}]})
-    bounds = [(t.start, t.stop) for t in plan.tiers]
-    seg_s, answer_s = measure_segments(manifest)
-    speeds = [TierSpeed(t.name, segment_s=seg_s, answer_s=answer_s) for t in plan.tiers]
-    print(f"model: {m['num_exits']} exits, MACs per segment {[s['macs'] for s in m['segments']]}, "
-          f"max |ONNX-PyTorch| {m['check']['max_abs_logit_diff']:.2g}; thresholds {np.round(policy.thresholds.numpy(), 4).tolist()}; "
-          f"test accuracy {100 * (eng.prediction == data.test.y).float().mean():.2f}%; segment ms "
-          f"{[round(1e3 * t, 3) for t in seg_s]}, answer ms {1e3 * answer_s:.3f}", flush=True)
-    results = {}
+    expected_whole = list(zip(eng_whole.prediction.tolist(), eng_whole.exit.tolist()))
+    depth = (torch.bincount(eng.depth, minlength=4).float() / len(eng.depth)).tolist()
+    acc = float((eng.prediction == test_y[:n_test]).float().mean())
+    acc_whole = float((eng_whole.prediction == test_y[:n_test]).float().mean())
+    tmp = Path(tempfile.mkdtemp(prefix="eenn-serve-load-"))
+    m_ee = export(net, tmp / "early", policy=policy, validation={"depth_distribution": depth,
+                                                                 "exit_distribution": depth})
+    m_whole = export(net, tmp / "whole", policy=whole_policy)
+    manifest = load_manifest(tmp / "early")
+    seg1, answer1 = measure_segments(manifest)
+    segb, _ = measure_segments(manifest, batch=32, repeats=20)
+    print(f"model: {source}; exits after segments {[s['exit_name'] for s in m_ee['segments']]}, MACs per segment "
+          f"{[s['macs'] for s in m_ee['segments']]}; thresholds {[round(t, 4) for t in th]}; test accuracy "
+          f"{100 * acc:.2f}% early exit, {100 * acc_whole:.2f}% whole; test depth {[round(d, 3) for d in depth]}; "
+          f"segment ms at batch 1 {[round(1e3 * t, 3) for t in seg1]}, at batch 32 {[round(1e3 * t, 3) for t in segb]}",
+          flush=True)
+    speed = lambda name: TierSpeed(name, segment_s=seg1, answer_s=answer1, batch_s=segb, batch=32)
+    # one plan per deployment and request size: proposed for --plan-clients clients sending that many samples
+    plans, proposals = {}, {}
+    for per_request in (1, a.batch_samples):
+        for name, model_dir, bounds, names, dep in (
+                ("early exit", tmp / "early", bounds_ee, NAMES, depth),
+                ("early exit, one tier", tmp / "early", [(0, 4)], ["all"], depth),
+                ("whole", tmp / "whole", [(0, 4)], ["whole"], [0.0, 0.0, 0.0, 1.0])):
+            plan, props, lines = make_plan(model_dir, bounds, names, [speed(n) for n in names], dep, manifest,
+                                           cores=a.cores, clients=a.plan_clients, samples=per_request,
+                                           batch_cap=a.batch_cap, float16=a.float16 and name == "early exit")
+            plans[name, per_request], proposals[name, per_request] = plan, (props, lines)
+            print(f"plan ({name}, proposed for {a.plan_clients} clients x {per_request} sample(s) on "
+                  f"{a.cores:g} cores):", flush=True)
+            for q in props:
+                print(f"  {q.name}: " + "; ".join(q.reasons))
+            for line in lines:
+                print(f"  {line}")
+
+    probe = io.BytesIO()
+    np.save(probe, pixels[:4])
+    probe = probe.getvalue()
+    results: list[dict] = []
+    stops = (bounds_ee[0][1], bounds_ee[1][1])
+
+    def measure(mode: str, deployment: str, url: str, per_request: int) -> None:
+        exp = expected_whole if deployment == "whole" else expected
+        wait_served(url, probe)
+        run_load(url, pixels, exp, per_request=per_request, clients=8, seconds=min(2.0, a.seconds),
+                 stops=stops)  # warm-up
+        for c in (clients if per_request == 1 else batch_clients):
+            r = run_load(url, pixels, exp, per_request=per_request, clients=c, seconds=a.seconds, stops=stops)
+            r.update(mode=mode, deployment=deployment)
+            results.append(r)
+            agree = ("" if deployment == "no-op" else  # the no-op answers class 0 at exit 0: nothing to compare
+                     f", differ {r['differ']}, past device {r['past_device']:.3f}, past edge {r['past_edge']:.3f}")
+            print(f"[{mode} {deployment}] {per_request} sample(s)/request, {c} clients: {r['rps']:.1f} req/s, "
+                  f"{r['sps']:.0f} samples/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
+                  f"{r['requests']} requests, failed {r['failed']}, degraded {r['degraded']}{agree}"
+                  + (f", errors {r['errors']}" if r["errors"] else ""), flush=True)
+
+    runs = [("early exit", 1, False), ("early exit", a.batch_samples, False), ("whole", 1, False),
+            ("whole", a.batch_samples, False)]
+    if a.one_tier:  # where the gain goes: the same exits without hops between tiers
+        runs.append(("early exit, one tier", a.batch_samples, False))
     for mode in a.modes.split(","):
         if mode == "local":
             from eenn.serve import LocalServer
 
-            server = LocalServer(plan)
-            url = server.start()
-            hop = local_hop_s(manifest, plan)
-        else:
+            for name, per_request, _ in runs:
+                server = LocalServer(plans[name, per_request])
+                url = server.start()
+                try:
+                    measure("local", name, url, per_request)
+                finally:
+                    server.stop()
+        elif mode == "ray":
             from eenn.serve import ray_app
 
             t0 = time.perf_counter()
-            url = ray_app.start(plan, port=ray_app.free_port())
+            url = ray_app.start(plans["early exit", 1], port=ray_app.free_port(), num_cpus=max(1, round(a.cores)))
             print(f"ray serve up in {time.perf_counter() - t0:.1f} s", flush=True)
-            hop = ray_hop_s()
-        links = [LinkSpec(1e9, hop / 2)] * 2  # loopback: the measured round trip, half each way
-        predicted, per_depth = expected_latency(manifest, bounds, speeds, links, test_depth)
-        client_run(url, bodies[:20], expected, concurrency=1, max_requests=20, max_seconds=30)  # warm-up
-        seq = client_run(url, bodies, expected, concurrency=1, max_requests=a.sequential, max_seconds=a.seconds)
-        load = client_run(url, bodies, expected, concurrency=a.concurrency, max_requests=a.requests,
-                          max_seconds=a.seconds)
-        results[mode] = {"sequential": seq, "load": load, "predicted_ms": 1e3 * predicted, "hop_rt_ms": 1e3 * hop}
-        print(f"[{mode}] predicted chain {1e3 * predicted:.3f} ms (hop round trip {1e3 * hop:.3f} ms); "
-              f"sequential {json.dumps(seq)}\n[{mode}] load {json.dumps(load)}", flush=True)
-        if mode == "local":
-            server.stop()
+            try:
+                for i, (name, per_request, noop) in enumerate(runs + [("no-op", 1, True)]):
+                    if i:
+                        ray_app.redeploy(plans["early exit" if noop else name, per_request], noop=noop)
+                    measure("ray", name, url, per_request)
+            finally:
+                ray_app.stop()
         else:
-            ray_app.stop()
-    # the planner on a declared scenario (not measurable here)
-    scen_speeds = [TierSpeed("device", 2e7, 2e-4), TierSpeed("edge", 5e8, 1e-4), TierSpeed("cloud", 1e10, 5e-5)]
-    scen_links = [LinkSpec(2.5e5, 0.005), LinkSpec(1.25e6, 0.020)]
-    choice = plan_splits(manifest, scen_speeds, scen_links)
-    choice16 = plan_splits(manifest, scen_speeds, scen_links, float16=True)
-    report = render(a, m, rec, eng, data, (seg_s, answer_s), results, choice, choice16, scen_speeds, scen_links)
-    print(report)
+            raise SystemExit(f"unknown mode {mode!r} (local, ray)")
+
+    summary = final_line(results, a.batch_samples)
+    report = render(a, source, m_ee, th, acc, acc_whole, depth, bounds_ee, (seg1, segb), plans, results, summary,
+                    time.perf_counter() - t_start, (load_start, os.getloadavg()[0]))
     if a.doc:
-        with open(a.doc, "w") as f:
-            f.write(report)
+        Path(a.doc).write_text(report)
+        print(f"wrote {a.doc}", flush=True)
+    print(summary)
 
 
-def render(a, m, rec, eng, data, measured, results, choice, choice16, scen_speeds, scen_links) -> str:
-    seg_s, answer_s = measured
-    acc = 100 * (eng.prediction == data.test.y).float().mean()
-    fmt = lambda b: ", ".join(f"{n}: {x}-{y - 1}" if y > x else f"{n}: none" for n, (x, y) in
-                              zip(("device", "edge", "cloud"), b))
-    lines = [
-        "# Split serving on loopback",
+def _pick(results, mode, deployment, per_request, clients):
+    return next((r for r in results if (r["mode"], r["deployment"], r["per_request"], r["clients"])
+                 == (mode, deployment, per_request, clients)), None)
+
+
+def final_line(results, batch_samples: int) -> str:
+    ee = _pick(results, "ray", "early exit", 1, 32)
+    noop = _pick(results, "ray", "no-op", 1, 32)
+    bee = _pick(results, "ray", "early exit", batch_samples, 32)
+    bwh = _pick(results, "ray", "whole", batch_samples, 32)
+    f = lambda r, k: f"{r[k]:.0f}" if r else "n/a"
+    share = f"{ee['rps'] / noop['rps']:.2f}" if ee and noop else "n/a"
+    ratio = f"{bee['sps'] / bwh['sps']:.2f}" if bee and bwh else "n/a"
+    return (f"ray at 32 clients: {f(ee, 'rps')} req/s single samples, no-op ceiling {f(noop, 'rps')} req/s, "
+            f"share {share}; batches of {batch_samples}: {f(bee, 'sps')} samples/s early exit, "
+            f"{f(bwh, 'sps')} samples/s whole network, ratio {ratio}")
+
+
+def _cpu() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        return f"{info.get('Model name', '?').strip()}, {info.get('CPU(s)', '?').strip()} CPUs"
+    except Exception:  # noqa: BLE001
+        return platform.processor() or platform.machine()
+
+
+def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results, summary, elapsed, load) -> str:
+    seg1, segb = seg
+    tiers = lambda plan: "; ".join(
+        f"{t.name} (segments {t.start}-{t.stop - 1}): max_batch {t.max_batch}, batch_wait_ms {t.batch_wait_ms:g}, "
+        f"replicas {t.replicas}, num_cpus {t.ray_actor_options.get('num_cpus', 0):g}" for t in plan.tiers)
+    cmd = " ".join(["OMP_NUM_THREADS=1 python benchmarks/serve_load.py", f"--seconds {a.seconds:g}",
+                    f"--clients {a.clients}", f"--batch-clients {a.batch_clients}", f"--modes {a.modes}"]
+                   + ([f"--checkpoint {a.checkpoint}"] if a.checkpoint != "runs/engine-cmp.safetensors" else [])
+                   + ([f"--doc {a.doc}"] if a.doc else []))
+    out = [
+        "## Measured figures",
         "",
-        f"Command: `OMP_NUM_THREADS=1 python benchmarks/serve_load.py --modes {a.modes} --requests {a.requests} "
-        f"--seconds {a.seconds:g} --concurrency {a.concurrency}`  ",
-        f"Hardware: 2 CPU cores, no GPU ({platform.processor() or platform.machine()}), loopback only. "
-        f"Date: 2026-11-22. torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, "
-        f"ray {__import__('ray').__version__}.",
+        f"Command: `{cmd}` ({elapsed / 60:.1f} min).  ",
+        f"Hardware: {_cpu()}, no GPU, loopback HTTP; 1-minute load average {load[0]:.2f} at the start of the "
+        f"run, {load[1]:.2f} at its end. torch {torch.__version__}, onnxruntime "
+        f"{__import__('onnxruntime').__version__}, ray {__import__('ray').__version__}."
+        + (f" {a.note}" if a.note else ""),
         "",
-        f"Model: ResNet-20 (width 0.5) with exits after stages 1, 3, 5 and the final classifier, trained "
-        f"{a.epochs} epochs on digits (8x8 grey); max_prob calibrated on the validation split for a drop of at "
-        f"most {a.max_drop:g}; thresholds {np.round(rec['policy']['thresholds'], 4).tolist()}. Test accuracy of the "
-        f"dynamic engine {acc:.2f}%. Exported per segment (largest |ONNX - PyTorch| logit difference "
-        f"{m['check']['max_abs_logit_diff']:.2g}); segment MACs {[s['macs'] for s in m['segments']]}; measured "
-        f"segment times at batch 1 (onnxruntime + policy) {[round(1e3 * t, 3) for t in seg_s]} ms, plus "
-        f"{1e3 * answer_s:.3f} ms to answer an exiting sample.",
+        f"Model: {source}; exits after {[s['exit_name'] for s in m['segments']]}, MACs per segment "
+        f"{[s['macs'] for s in m['segments']]}. max_prob thresholds {[round(t, 4) for t in th]} set on the "
+        f"validation split; test accuracy {100 * acc:.2f}% with early exits, {100 * acc_whole:.2f}% whole. Share of "
+        f"the test samples that run to each segment {[round(d, 3) for d in depth]}: past the device tier "
+        f"{sum(depth[bounds[0][1]:]):.3f}, past the edge tier {sum(depth[bounds[1][1]:]):.3f}. Segment times (onnxruntime + policy, one "
+        f"thread) {[round(1e3 * t, 3) for t in seg1]} ms at batch 1, {[round(1e3 * t, 3) for t in segb]} ms at "
+        f"batch 32.",
         "",
-        "Plan: device = exits 0-1, edge = exit 2, cloud = exit 3 (three tiers, float32 hand-off). Every request is "
-        f"one test image as PNG ({len(data.test)} images, round robin) through `POST /predict`.",
+        f"Plans (`eenn.serve.plan.propose_serving` for {a.plan_clients} clients on {a.cores:g} cores, from the "
+        f"segment times above), for single-sample requests: early exit: {tiers(plans['early exit', 1])}; whole "
+        f"network: {tiers(plans['whole', 1])}; no-op: the early-exit plan's first tier's settings. For requests of "
+        f"{a.batch_samples} samples: early exit: {tiers(plans['early exit', a.batch_samples])}; whole network: "
+        f"{tiers(plans['whole', a.batch_samples])}; early exit as one tier (every segment in one deployment, "
+        f"no hops): {tiers(plans['early exit, one tier', a.batch_samples])}.",
         "",
-        "| mode | clients | requests | req/s | p50 ms | p99 ms | failed valid | differ from engine | exit mix (0/1/2/3) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | deployment | samples/request | clients | requests | req/s | samples/s | p50 ms | p99 ms | "
+        "failed | degraded | differ | past device | past edge |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for mode, r in results.items():
-        for kind, c in (("sequential", 1), ("load", a.concurrency)):
-            x = r[kind]
-            lines.append(f"| {mode} | {c} | {x['requests']} | {x['rps']:.1f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | "
-                         f"{x['failed']} | {x['differ']} | {' / '.join(f'{e:.2f}' for e in x['exit_mix'])} |")
-    lines += ["", "Predicted vs measured (one client, batch 1): the planner's expected latency of the tier chain "
-              "for this plan, from the measured segment times, the measured hop round trip (in-process: encoding "
-              "and decoding the hand-off; Ray: an empty call from the device replica to the edge replica) and the test split's depth "
-              "distribution, against the mean time inside the chain (tier compute + hops) the served system "
-              "reports, the server's total (with decoding the PNG) and the client's latency (with HTTP).", "",
-              "| mode | probed hop round trip ms | served hops ms (device->edge, edge->cloud) | predicted chain ms | "
-              "measured chain ms | server total ms | client ms |",
-              "|---|---|---|---|---|---|---|"]
-    for mode, r in results.items():
-        s = r["sequential"]
-        hops = ", ".join(f"{h:.3f}" for h in s["hop_ms"])
-        lines.append(f"| {mode} | {r['hop_rt_ms']:.3f} | {hops} | {r['predicted_ms']:.3f} | {s['chain_ms']:.3f} | "
-                     f"{s['server_ms']:.3f} | {s['client_ms']:.3f} |")
-    lines += ["", "The prediction is low: a served hop costs more than the probed empty round trip (it also "
-              "encodes, ships and decodes the features and returns the answers), and a segment served between "
-              "HTTP parsing and image decoding runs slower than in the timing loop (cold caches, the GIL). The "
-              "cost model ranks splits; on loopback its absolute figure is a lower bound."]
-    lines += ["", "Planning on a declared scenario (device 2e7 MAC/s + 0.2 ms per segment, edge 5e8 + 0.1 ms, "
-              "cloud 1e10 + 0.05 ms; device-edge 250 kB/s and 5 ms one way, edge-cloud 1.25 MB/s and 20 ms), "
-              "weighted by the validation depth distribution "
-              f"{[round(d, 3) for d in m['validation']['depth_distribution']]}:", "",
-              f"- float32 hand-off: {fmt(choice.bounds)}; expected {1e3 * choice.predicted_s:.2f} ms "
-              f"(by depth {[round(1e3 * t, 2) for t in choice.per_depth_s]} ms)",
-              f"- float16 hand-off: {fmt(choice16.bounds)}; expected {1e3 * choice16.predicted_s:.2f} ms",
-              "- runner-up splits: " + "; ".join(f"{fmt(b)} {1e3 * t:.2f} ms" for t, b in choice.ranking[1:3]), ""]
-    return "\n".join(lines)
+    for r in results:
+        noop = r["deployment"] == "no-op"
+        agree = "- | - | -" if noop else f"{r['differ']} | {r['past_device']:.3f} | {r['past_edge']:.3f}"
+        out.append(f"| {r['mode']} | {r['deployment']} | {r['per_request']} | {r['clients']} | {r['requests']} | "
+                   f"{r['rps']:.1f} | {r['sps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['failed']} | "
+                   f"{r['degraded']} | {agree} |")
+    out += ["", "`differ`: answers (class and exit) that are not the PyTorch engine's on the same input "
+            "(early exit: the calibrated policy; whole: every sample to the final exit). `past device` / "
+            "`past edge`: the share of answered samples whose exit is beyond the device / edge tier "
+            "(the no-op answers everything at exit 0; nothing to compare).", "", "```", summary, "```", ""]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
