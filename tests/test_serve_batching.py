@@ -374,3 +374,36 @@ def test_ray_tier_hands_a_batchs_survivors_on_as_one_message(model, monkeypatch)
                 assert r["exit"] == 1 and r["degraded"] and r["tier"] == "device"
         if any(e >= 2 for e in eng.exit[a:b].tolist()):
             assert "replica died" in reply["errors"][0]
+
+
+def test_the_noop_deployment_answers_every_sample_without_computing(model, monkeypatch):
+    """``build_app(plan, noop=True)``: the same ingress in front of a tier that computes nothing,
+    with the first tier's batching, replicas and placement (the framework's ceiling in
+    benchmarks/serve_load.py); it batches like a tier and answers each request's samples."""
+    from ray.serve import batching
+
+    from eenn.serve import ray_app
+
+    _, d, x, _ = model
+    plan = _plan(d, device={"replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "max_batch": 8,
+                            "batch_wait_ms": 20_000})
+    ingress = ray_app.build_app(plan, noop=True)._bound_deployment
+    tier = ingress.init_args[2]._bound_deployment
+    assert (tier.name, tier.num_replicas, tier.ray_actor_options) == ("tier-noop", 2, {"num_cpus": 0.5})
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    shared = ray_app.NoopTier.func_or_class._run.set_max_batch_size.__self__
+    monkeypatch.setattr(shared, "__dict__", dict(shared.__dict__))
+    m = load_manifest(d)
+    noop = ray_app.NoopTier.func_or_class(*tier.init_args)
+    sizes = [1, 2, 3, 2, 12]  # 8 samples fill a batch; the 12 run alone
+    starts = np.cumsum([0, *sizes])
+
+    async def main():
+        return await asyncio.gather(*[noop(start_message(m, x[a:b].numpy()))
+                                      for a, b in zip(starts[:-1], starts[1:])])
+
+    replies = asyncio.run(main())
+    assert [r["tiers"][0]["batch"] for r in replies] == [8, 8, 8, 8, 12]
+    for n, reply in zip(sizes, replies):
+        rows = build_response(m, reply, n, 0.0, False)["predictions"]
+        assert [(r["class"], r["exit"], r["tier"], r["degraded"]) for r in rows] == [(0, 0, "device", False)] * n
