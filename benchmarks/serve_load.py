@@ -4,13 +4,15 @@ on Ray Serve, with a do-nothing Ray Serve deployment as the framework's ceiling.
 Fashion-MNIST (the real test split). The network is the trained checkpoint ``--checkpoint``
 (default ``runs/engine-cmp.safetensors``, a ResNet-20 with three linear exits, when present) or a
 small multi-exit ResNet-20 trained here for ``--epochs`` on ``--train-samples`` training images.
-The max_prob thresholds are set on the validation split so that about ``--past`` of the samples go
-past each non-final tier (the measured shares on the test split are printed). Three tiers: device
-= segment 0, edge = segments 1-2, cloud = segment 3 (float32 hand-off). The same export with
+The max_prob thresholds are set on the validation split so that about ``--past`` of the samples
+that reach a non-final tier go past it (the measured shares on the test split are printed). Three
+tiers (``--split``): device = segments 0-1, edge = segment 2, cloud = segment 3 (float32 hand-off
+unless ``--float16``). The early-exit plan is also served as one tier (batch requests only), which
+shows what the hops between tiers cost. The same export with
 thresholds that never fire, as one tier, is the static baseline ("whole network"). Every
 deployment's batching, replicas and CPUs come from ``eenn.serve.plan.propose_serving`` for
-``--plan-clients`` clients on ``--cores`` cores, from segment times measured here; the no-op
-deployment takes the first tier's.
+``--plan-clients`` clients on ``--cores`` cores, from segment times measured here (one plan for
+single-sample requests, one for batch requests); the no-op deployment takes the first tier's.
 
 For each deployment and each number of concurrent clients (``--clients``), a closed loop (every
 client sends its next request when it has the answer; a separate process, so that the clients do
@@ -342,7 +344,7 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="eenn-serve-load-"))
     m_ee = export(net, tmp / "early", policy=policy, validation={"depth_distribution": depth,
                                                                  "exit_distribution": depth})
-    m_whole = export(net, tmp / "whole", policy=whole_policy)
+    export(net, tmp / "whole", policy=whole_policy)
     manifest = load_manifest(tmp / "early")
     seg1, answer1 = measure_segments(manifest)
     segb, _ = measure_segments(manifest, batch=32, repeats=20)

@@ -3,7 +3,6 @@ num_cpus) from the segment times: the proposal must follow the times (swap which
 the replicas swap), the load (more clients, bigger batches) and the fixed cost per run (what
 batching saves); bad settings are refused with the reason."""
 import pytest
-import torch
 import yaml
 
 from _helpers import spread_net

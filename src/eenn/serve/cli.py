@@ -45,9 +45,8 @@ EPILOG_PLAN = """examples:
   eenn plan export/ --tier device=5e7 --tier edge=1e9 --tier cloud=1e10 \\
       --link 1e6,0.010 --link 1e7,0.030 --out plan.yaml
   eenn plan export/ --tier device=measure --tier edge=measure:4 --link 1e9,0.0001
-
-  eenn plan export/ --tier device=measure --tier edge=measure --tier cloud=measure --link 1e9,0.0001 \
-      --split 0,1-2,3 --cores 2 --concurrency 32 --out plan.yaml
+  eenn plan export/ --tier device=measure --tier edge=measure --tier cloud=measure \\
+      --link 1e9,0.0001 --link 1e9,0.0001 --split 0-1,2,3 --cores 2 --concurrency 32 --out plan.yaml
 
 --tier NAME=MACS_PER_S[,OVERHEAD_S] declares a tier's speed; NAME=measure times the segments on
 this machine; NAME=measure:F assumes a tier F times faster than this machine. --link
