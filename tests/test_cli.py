@@ -27,6 +27,14 @@ def test_train_command_writes_a_run_and_resumes(tmp_path, capsys):
     with pytest.warns(UserWarning, match="changed settings.*epochs: 2 -> 3"):
         assert main(args(3)) == 0
     assert [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    # another network or objective in the same directory is refused, not resumed into a mix
+    before = (out / "metrics.jsonl").read_text()
+    other = [a if a != "width=2" else "width=1" for a in args(4)]
+    assert main(other) == 2  # a settings error, as for bad flags
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained with other settings" in err[0] and "width: 2 -> 1" in err[0], err
+    assert "another out_dir" in err[0]
+    assert (out / "metrics.jsonl").read_text() == before and eenn.load(out / "last.safetensors").num_exits == 3
 
 
 def test_bad_command_lines_give_one_clear_line(capsys):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .checkpoint import load, read_description
-from .config import ConfigError, RunConfig, config_from_dict, read_yaml, save_config
+from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, read_yaml, save_config
 from .data import load_dataset
 from .network import MultiExitNetwork, create_network
 from .objectives import create_objective
@@ -94,6 +94,8 @@ def train_run(config: RunConfig, *, argv: list[str] | None = None, report: bool 
     net = build_network(config, data.info)
     objective = create_objective(config.objective.name, **config.objective.options)
     out.mkdir(parents=True, exist_ok=True)
+    if config.train.resume:
+        _check_resumable(out, config)
     if os.environ.get("RANK", "0") == "0":
         save_config(config, out / "config.yaml")
         (out / "run.json").write_text(json.dumps(run_info(argv), indent=2))
@@ -103,6 +105,39 @@ def train_run(config: RunConfig, *, argv: list[str] | None = None, report: bool 
         best = load(out / "best.safetensors") if (out / "best.safetensors").exists() else net
         result["report"] = evaluate_run(best, data, config, out)
     return result
+
+
+def _differences(saved: Any, want: Any, where: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(want, dict):
+        out = []
+        for key in sorted(set(saved) | set(want), key=str):
+            out += _differences(saved.get(key), want.get(key), f"{where}{key}.")
+        return out
+    return [] if saved == want else [f"{where.rstrip('.')}: {saved!r} -> {want!r}"]
+
+
+def _check_resumable(out: Path, config: RunConfig) -> None:
+    """Refuse to resume ``out``'s training with other data, network or objective: the weights and
+    state in ``last.safetensors`` belong to the run its ``config.yaml`` describes, and going on
+    under another description would give a network that neither describes. (Other training
+    settings, more epochs say, may change: the trainer resumes and warns.)"""
+    last, saved_path = out / "last.safetensors", out / "config.yaml"
+    if not (last.exists() and saved_path.exists()):
+        return
+    saved, want = read_yaml(saved_path), config_to_dict(config)
+    try:  # through the config class, so that settings added since with their defaults compare equal
+        saved = config_to_dict(config_from_dict(saved))
+    except ConfigError:
+        pass
+    diff = [d for k in ("data", "model", "objective")
+            for d in _differences(saved.get(k), want.get(k), f"{k}.")]
+    if diff:
+        raise ConfigError(
+            f"{out} holds a run trained with other settings ({'; '.join(diff[:6])}"
+            f"{'; ...' if len(diff) > 6 else ''}), and resuming it would mix the two. Use the settings of "
+            f"{saved_path}, choose another out_dir, or delete {last} to start again (train.resume=false "
+            "starts again too)"
+        )
 
 
 def evaluate_run(net: MultiExitNetwork, data, config: RunConfig, out: str | Path | None) -> Report:
