@@ -42,6 +42,19 @@ def spread_net(head: str = "linear", arch: str = "resnet20", **opts) -> eenn.Mul
     return net.eval()
 
 
+def gap_thresholds(score: torch.Tensor) -> torch.Tensor:
+    """Per early exit (rows of ``score`` [E-1, N]), a threshold halfway across the widest gap
+    between neighbouring sample scores in the middle half: between a quarter and three quarters
+    of the samples leave, and no score lies near a threshold, where the last-bit differences of
+    other kernels, batch sizes, onnxruntime or another processor could flip a decision."""
+    sc = score.sort(1).values
+    n = sc.shape[1]
+    lo, hi = n // 4, 3 * n // 4
+    i = lo + (sc[:, lo + 1:hi + 1] - sc[:, lo:hi]).argmax(1)
+    rows = torch.arange(sc.shape[0])
+    return (sc[rows, i] + sc[rows, i + 1]) / 2
+
+
 class Skip2(nn.Module):
     """A residual input that lives across two cuts: cut at ``["relu", "relu_1"]`` by
     :func:`eenn.attach_exits`, the middle segment hands it on unchanged (a tuple state)."""

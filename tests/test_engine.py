@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import eenn
-from _helpers import ARCHS, spread_net as _net
+from _helpers import ARCHS, gap_thresholds, spread_net as _net
 from eenn.engine import DynamicEngine
 from eenn.outputs import CachedOutputs
 from eenn.objectives.ztw import GeometricEnsemble
@@ -151,12 +151,8 @@ def test_stream_equals_engine_per_batch(policy, head, net_opts, opts, fallback, 
     cache = CachedOutputs(out.logits, out.gates, torch.zeros(len(x), dtype=torch.long))
     if policy == "patience":
         th = torch.tensor([1.0, 1.0, 2.0])
-    else:  # halfway across the widest gap between two scores in the middle half (other batch
-        # sizes may pick other kernels, with last-bit differences): no score sits near it
-        sc = eenn.policies.policy_scores(policy, cache, **opts).score[:-1].sort(1).values
-        lo, hi = sc.shape[1] // 4, 3 * sc.shape[1] // 4
-        i = lo + (sc[:, lo + 1:hi + 1] - sc[:, lo:hi]).argmax(1, keepdim=True)
-        th = ((sc.gather(1, i) + sc.gather(1, i + 1)) / 2).squeeze(1)
+    else:
+        th = gap_thresholds(eenn.policies.policy_scores(policy, cache, **opts).score[:-1])
     eng = DynamicEngine(net, policy, th, fallback=fallback, **opts)
     expected = [eng(xb) for xb in xs]
     log = []
@@ -236,14 +232,7 @@ def _midpoints(net, x, policy, opts):
     cache = CachedOutputs(out.logits, out.gates, torch.zeros(len(x), dtype=torch.long))
     if policy == "patience":
         return torch.tensor([1.0, 1.0, 2.0])
-    # halfway across the widest gap between neighbouring scores in the middle half: other kernels
-    # (padded batches, channels-last, another processor) move scores by float rounding only
-    sc = eenn.policies.policy_scores(policy, cache, **opts).score[:-1].sort(1).values
-    n = sc.shape[1]
-    lo, hi = n // 4, 3 * n // 4
-    i = lo + (sc[:, lo + 1:hi + 1] - sc[:, lo:hi]).argmax(1)
-    rows = torch.arange(sc.shape[0])
-    return (sc[rows, i] + sc[rows, i + 1]) / 2
+    return gap_thresholds(eenn.policies.policy_scores(policy, cache, **opts).score[:-1])
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -15,7 +15,7 @@ from eenn.outputs import CachedOutputs
 from eenn.exporter import EXPORT_TOLERANCE, ExportError, StagedRunner, export, load_manifest
 from eenn.objectives.ztw import GeometricEnsemble
 from eenn.policies import policy_scores
-from _helpers import ARCHS, Skip2, spread_net
+from _helpers import ARCHS, Skip2, gap_thresholds, spread_net
 
 
 def _net(head="linear", arch="resnet20", **opts):
@@ -23,16 +23,14 @@ def _net(head="linear", arch="resnet20", **opts):
 
 
 def _midpoint_thresholds(net, x, policy, **opts):
-    """Per-exit thresholds halfway between two neighbouring sample scores near the median, so
-    that no score sits on a threshold (where a 1e-6 difference between ONNX and PyTorch could
-    legitimately flip a decision)."""
+    """Per-exit thresholds across the widest gap between neighbouring sample scores in the middle
+    half (_helpers.gap_thresholds), so that no score lies near a threshold, where a 1e-6 difference
+    between ONNX and PyTorch could legitimately flip a decision."""
     out = net(x)
     s = policy_scores(policy, CachedOutputs(out.logits, out.gates, torch.zeros(len(x), dtype=torch.long)), **opts)
     if policy == "patience":
         return torch.tensor([0.5, 0.5, 1.5])
-    srt = s.score[:-1].sort(1).values
-    mid = srt.shape[1] // 2
-    return (srt[:, mid - 1] + srt[:, mid]) / 2
+    return gap_thresholds(s.score[:-1])
 
 
 def _assert_same(res, eng):

@@ -84,6 +84,21 @@ def _together(fns, timeout=120):
     return results
 
 
+RAY_SIZES = [1, 2, 3, 2, 12]  # samples per request to a Ray tier of max_batch 8: 8 fill a batch; the 12 run alone
+
+
+def _at_once(tier, m, x, sizes):
+    """The replies of a Ray tier (called in-process) to pieces of ``x`` of ``sizes`` samples,
+    each its own request, all sent at once."""
+    starts = np.cumsum([0, *sizes])
+
+    async def main():
+        return await asyncio.gather(*[tier(start_message(m, x[a:b].numpy()))
+                                      for a, b in zip(starts[:-1], starts[1:])])
+
+    return asyncio.run(main())
+
+
 def _check_rows(rows, eng, lo):
     for j, r in enumerate(rows):
         assert (r["class"], r["exit"]) == (int(eng.prediction[lo + j]), int(eng.exit[lo + j]))
@@ -285,14 +300,9 @@ def test_ray_deployments_take_replicas_options_and_batches(model, monkeypatch):
     spec = {"name": "all", "start": 0, "stop": m["num_exits"], "max_batch": 8, "batch_wait_ms": 20_000}
     tier = ray_app.TierDeployment.func_or_class(m, spec, read_segments(m, (0, m["num_exits"])), None,
                                                 {"float16": False, "threads": 1, "timeout_s": 1.0})
-    sizes = [1, 2, 3, 2, 12]  # 8 samples fill a batch; the 12 run alone
+    sizes = RAY_SIZES
     starts = np.cumsum([0, *sizes])
-
-    async def main():
-        return await asyncio.gather(*[tier(start_message(m, x[a:b].numpy()))
-                                      for a, b in zip(starts[:-1], starts[1:])])
-
-    replies = asyncio.run(main())
+    replies = _at_once(tier, m, x, sizes)
     assert [r["tiers"][0]["batch"] for r in replies] == [8, 8, 8, 8, 12]
     for (a, b), reply in zip(zip(starts[:-1], starts[1:]), replies):
         rows = build_response(m, reply, b - a, 0.0, False)["predictions"]
@@ -347,12 +357,7 @@ def test_ray_tier_hands_a_batchs_survivors_on_as_one_message(model, monkeypatch)
         m, {"name": "device", "start": 0, "stop": 2, "max_batch": N, "batch_wait_ms": 20_000},
         read_segments(m, (0, 2)), Handle(), {**settings, "next_name": "cloud"})
     starts = np.cumsum([0, *SIZES])
-
-    async def main():
-        return await asyncio.gather(*[device(start_message(m, x[a:b].numpy()))
-                                      for a, b in zip(starts[:-1], starts[1:])])
-
-    replies = asyncio.run(main())
+    replies = _at_once(device, m, x, SIZES)
     assert len(calls) == 1  # one batch of every request, its survivors in one message
     for (a, b), reply in zip(zip(starts[:-1], starts[1:]), replies):
         rows = build_response(m, reply, b - a, 0.0, False)["predictions"]
@@ -363,7 +368,7 @@ def test_ray_tier_hands_a_batchs_survivors_on_as_one_message(model, monkeypatch)
             assert [h["from"] for h in reply["hops"]] == ["device"] and reply["hops"][0]["bytes"] > 0
     broken.append(True)
     shared._queue = None  # the queue belongs to the event loop that made it: a new one for the new loop
-    replies = asyncio.run(main())
+    replies = _at_once(device, m, x, SIZES)
     assert len(calls) == 2
     for (a, b), reply in zip(zip(starts[:-1], starts[1:]), replies):
         rows = build_response(m, reply, b - a, 0.0, False)["predictions"]
@@ -395,14 +400,8 @@ def test_the_noop_deployment_answers_every_sample_without_computing(model, monke
     monkeypatch.setattr(shared, "__dict__", dict(shared.__dict__))
     m = load_manifest(d)
     noop = ray_app.NoopTier.func_or_class(*tier.init_args)
-    sizes = [1, 2, 3, 2, 12]  # 8 samples fill a batch; the 12 run alone
-    starts = np.cumsum([0, *sizes])
-
-    async def main():
-        return await asyncio.gather(*[noop(start_message(m, x[a:b].numpy()))
-                                      for a, b in zip(starts[:-1], starts[1:])])
-
-    replies = asyncio.run(main())
+    sizes = RAY_SIZES
+    replies = _at_once(noop, m, x, sizes)
     assert [r["tiers"][0]["batch"] for r in replies] == [8, 8, 8, 8, 12]
     for n, reply in zip(sizes, replies):
         rows = build_response(m, reply, n, 0.0, False)["predictions"]

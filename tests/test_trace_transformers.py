@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import eenn
+from _helpers import gap_thresholds
 from eenn.cost import count_macs
 from eenn.engine import DynamicEngine
 from eenn.exporter import StagedRunner, export
@@ -46,13 +47,11 @@ class ViT(nn.Module):
 
 
 def _thresholds(net, x, policy="max_prob"):
-    """Per exit, halfway between the two middle scores: about half leave, no score on a threshold."""
+    """Per exit, across the widest score gap of the middle half (see _helpers.gap_thresholds)."""
     with torch.no_grad():
         out = net(x)
-    s = policy_scores(policy, CachedOutputs(out.logits, out.gates, torch.zeros(len(x), dtype=torch.long))).score[:-1]
-    srt = s.sort(1).values
-    mid = srt.shape[1] // 2
-    return (srt[:, mid - 1] + srt[:, mid]) / 2
+    return gap_thresholds(policy_scores(policy, CachedOutputs(out.logits, out.gates,
+                                                              torch.zeros(len(x), dtype=torch.long))).score[:-1])
 
 
 def _engine_equals_simulation(net, x, th):
