@@ -240,8 +240,6 @@ def test_hf_bert_with_exits_end_to_end(tmp_path):
     alone = [DynamicEngine(net, "max_prob", th)(ids[i:i + 1]) for i in range(24)]
     assert torch.equal(torch.cat([r.exit for r in alone]), sim.exit)
     assert torch.equal(torch.cat([r.prediction for r in alone]), sim.prediction)
-    # (ONNX export of torch.export graphs is not covered: the TorchScript exporter fixes their
-    # batch size in the attention mask's construction.)
     # dropout follows train()/eval() (the graph was taken in eval mode); a step reaches the exits
     net.train()
     out = net(ids[:6])
@@ -269,14 +267,75 @@ def test_hf_vit_with_exits():
     _engine_equals_simulation(net, x, _thresholds(net, x))
 
 
-def test_hf_network_export_is_refused_with_what_to_do(tmp_path):
-    from eenn.exporter import ExportError
+def _runner_answers_as_the_engine(net, out, x, th, batches):
+    """The staged runner on ``x`` cut into batches of each size answers as the engine on the same
+    batches: the graphs run at batch sizes other than those of the trace (3) and of the export's
+    check (5); batches of one go through the fused graph where the export has one."""
+    runner = StagedRunner(out)
+    for size in batches:
+        for i in range(0, len(x), size):
+            part = x[i:i + size]
+            res, eng = runner(part.numpy()), DynamicEngine(net, "max_prob", th)(part)
+            assert np.array_equal(res["exit"], eng.exit.numpy()), (size, i)
+            assert np.array_equal(res["prediction"], eng.prediction.numpy()), (size, i)
 
+
+def _padded_ids(n, length=12):
+    ids = torch.randint(1, 100, (n, length), generator=torch.Generator().manual_seed(1))
+    for i in range(n):
+        ids[i, length - i % 6:] = 0  # every sample its own amount of padding
+    return ids
+
+
+def test_hf_bert_exports_with_a_dynamic_batch(tmp_path):
+    net = eenn.attach_exits(eenn.hf.encoder(_bert(), pad_token_id=0), input_shape=(12,), input_dtype=torch.long,
+                            at=["bert.encoder.layer.0", "bert.encoder.layer.2"], head="token").eval()
+    ids = _padded_ids(24)
+    th = _thresholds(net, ids)
+    m = export(net, tmp_path, policy="max_prob", thresholds=th)
+    assert m["input_dtype"] == "int64" and m["input_shape"] == [12]
+    assert m["fused"]["file"] == "fused_batch1.onnx" and m["static"]["file"] == "static.onnx"
+    assert [s["inputs"][0]["shape"][0] for s in m["segments"]] == [None] * 3  # the batch is a dynamic dimension
+    sim = _engine_equals_simulation(net, ids, th)
+    assert len(set(sim.exit.tolist())) == 3  # samples leave at every exit
+    _runner_answers_as_the_engine(net, tmp_path, ids, th, [24, 7, 1])
+    # the static graph too, at a batch size of its own
+    import onnxruntime as ort
+    static = ort.InferenceSession(str(tmp_path / "static.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = net(ids[:9]).logits[-1].numpy()
+    assert np.allclose(static.run(None, {"input": ids[:9].numpy()})[0], want, atol=1e-5)
+    # The sequence length is the traced one (input_shape), as in PyTorch: shorter inputs are padded.
+    with pytest.raises(Exception, match="Expected: 12"):
+        StagedRunner(tmp_path)(ids[:, :8].numpy())
+
+
+def test_hf_vit_exports_with_a_dynamic_batch(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=3,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=5)
+    vit = transformers.ViTForImageClassification(cfg).eval()
+    net = eenn.attach_exits(eenn.hf.encoder(vit), at=["vit.layers.0", "vit.layers.1"], input_shape=(1, 16, 16)).eval()
+    x = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    th = _thresholds(net, x)
+    export(net, tmp_path, policy="max_prob", thresholds=th)
+    _runner_answers_as_the_engine(net, tmp_path, x, th, [16, 6, 1])
+
+
+def test_hf_export_refuses_graphs_that_keep_the_batch_size(tmp_path, monkeypatch):
+    """Without the rewrite of ATen operators that take the batch size (view, expand, ...), the
+    ONNX exporter writes the traced batch size into the graphs; the export's check at a second
+    batch size says so instead of writing graphs that answer wrongly."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("eenn.trace"), "_size_traceable", lambda g, n: None)
     net = eenn.attach_exits(eenn.hf.encoder(_bert(), pad_token_id=0), at=["bert.encoder.layer.0"],
                             input_shape=(8,), input_dtype=torch.long, head="token")
-    with pytest.raises(ExportError, match="not supported yet.*DynamicEngine.*nn.TransformerEncoder"):
-        eenn.export(net, tmp_path / "out", policy="max_prob", thresholds=0.5)
-    assert not (tmp_path / "out").exists()  # nothing half-written
+    with pytest.raises(eenn.exporter.ExportError,
+                       match=r"segment 0: the ONNX graph exported at batch 5 does not run at batch 2 .*DynamicEngine"):
+        export(net, tmp_path / "out", policy="max_prob", thresholds=0.5)
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_hf_model_traced_with_fx_says_what_to_do():

@@ -117,14 +117,9 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory")
     source = getattr(net, "source", None) or {}
-    if source.get("kind") == "traced" and source.get("tracer") == "export":
-        # Segments cut from a torch.export graph (Hugging Face models through eenn.hf.encoder)
-        # keep some sizes fixed in the ONNX graphs, so their answers at other batch sizes are wrong.
-        raise ExportError(
-            f"ONNX export of a network cut from a torch.export graph ({source.get('model_class')}, e.g. a Hugging "
-            "Face model through eenn.hf.encoder) is not supported yet: run it with eenn.DynamicEngine, or write the "
-            "encoder with torch.nn modules (nn.TransformerEncoder) and cut that, which exports"
-        )
+    # A network cut from a torch.export graph (a Hugging Face model through eenn.hf.encoder) reads
+    # its batch size in ways the exporter may not follow: its graphs are also checked at a second batch size.
+    recheck = source.get("kind") == "traced" and source.get("tracer") == "export"
     net = net.eval()
     spec = net.input_spec
     E = net.num_exits
@@ -176,6 +171,9 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
                     worst = max(worst, diff)
                 if not diff <= EXPORT_TOLERANCE * max(1.0, float(w_.double().abs().max())):  # masks: bool
                     raise ExportError(f"segment {k} output {name!r}: ONNX differs from PyTorch by {diff:.3g}")
+            if recheck:
+                _check_other_batch(sess, names_in, args, lambda *a, m=module: m(*a), names_out, check_batch,
+                                   f"segment {k}")
             tensors_in = [*state_in] + ([prev] if cascade else [])
             segments.append({
                 "index": k,
@@ -214,7 +212,7 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
         "check": {"batch": check_batch, "max_abs_logit_diff": worst, "tolerance": EXPORT_TOLERANCE},
         "segments": segments,
     }
-    manifest["static"] = _export_static(net, out, x, opset)
+    manifest["static"] = _export_static(net, out, x, opset, recheck)
     manifest["fused"] = _export_fused(manifest, seg_bytes, out, x, opset)
     tmp = out / (MANIFEST + ".tmp")
     write_json(manifest, tmp)  # strict JSON: infinite thresholds as "inf" / "-inf"
@@ -222,7 +220,35 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
     return manifest
 
 
-def _export_static(net, out: Path, x: Tensor, opset: int) -> dict[str, Any]:
+def _check_other_batch(sess, names_in: list[str], args: tuple, fn, names_out: list[str], batch: int,
+                       what: str) -> None:
+    """Run an exported graph at a batch size other than the one it was exported at (rows of
+    ``args`` repeated or dropped) and compare it with PyTorch (``fn``): a size fixed in the
+    graph fails here instead of answering wrongly later."""
+    other = 2 if batch != 2 else 3
+    rows = torch.arange(other) % batch
+    args = tuple(a.index_select(0, rows) for a in args)
+    with torch.no_grad():
+        want = fn(*args)
+    want = [want] if isinstance(want, Tensor) else list(want)
+    try:
+        got = sess.run(None, {n: a.numpy() for n, a in zip(names_in, args)})
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors have one type per provider
+        got, why = None, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    else:
+        bad = [n for n, g_, w_ in zip(names_out, got, want) if g_.shape != tuple(w_.shape) or (w_.numel() and not
+               np.max(np.abs(g_.astype(np.float64) - w_.numpy().astype(np.float64)))
+               <= EXPORT_TOLERANCE * max(1.0, float(w_.double().abs().max())))]
+        why = f"output {bad[0]!r} differs from PyTorch" if bad else None
+    if why is not None:
+        raise ExportError(
+            f"{what}: the ONNX graph exported at batch {batch} does not run at batch {other} ({why}): the model "
+            "reads a size from its input in a way the ONNX exporter keeps as a constant. Run this network with "
+            "eenn.DynamicEngine, or write that part with public torch functions (x.view(x.size(0), ...))"
+        )
+
+
+def _export_static(net, out: Path, x: Tensor, opset: int, recheck: bool = False) -> dict[str, Any]:
     """The static network as one graph (``static.onnx``): the baseline an early exit must beat,
     and what serving the network whole runs."""
     buf = io.BytesIO()
@@ -237,6 +263,10 @@ def _export_static(net, out: Path, x: Tensor, opset: int) -> dict[str, Any]:
     diff = float(np.max(np.abs(got - want.numpy())))
     if not diff <= EXPORT_TOLERANCE * max(1.0, float(want.abs().max())):
         raise ExportError(f"the static graph: ONNX differs from PyTorch by {diff:.3g}")
+    if recheck:
+        with _no_fastpath():
+            _check_other_batch(_session(data, 1), ["input"], (x,), net.backbone.eval(), ["logits"], len(x),
+                               "the static graph")
     (out / "static.onnx").write_bytes(data)
     return {"file": "static.onnx", "sha256": _digest(data), "max_abs_logit_diff": diff}
 

@@ -12,6 +12,10 @@ its state dict is the model's. Hugging Face code branches on shapes in Python, w
                             at=["bert.encoder.layer.1", "bert.encoder.layer.2"],
                             input_shape=(16,), input_dtype=torch.long)
 
+Such a network exports to staged ONNX (:func:`eenn.export`) with a dynamic batch dimension, as
+any cut network does. The sequence length (the image size) stays the one in ``input_shape``, in
+PyTorch and in ONNX alike: pad shorter token sequences with the pad id.
+
 ``transformers`` is optional (``pip install eenn[hf]``); this module does not import it.
 """
 from __future__ import annotations

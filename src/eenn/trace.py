@@ -110,8 +110,9 @@ _EXPORT_CHECKS = ("_assert", "sym_constrain_range")
 def _export(model: nn.Module, input_shape: tuple[int, ...], input_dtype: torch.dtype | None,
             ) -> tuple[fx.GraphModule, dict[str, list[fx.Node | None]]]:
     """``model`` traced with ``torch.export`` (ATen operators, a dynamic batch dimension), made
-    fit to be cut: its checks removed, symbolic sizes read with ``Tensor.size`` (so that the
-    ONNX exporter keeps them dynamic), dropout as ``nn.Dropout`` modules that follow
+    fit to be cut: its checks removed, symbolic sizes read with ``Tensor.size`` and handed to
+    public functions (``x.view``, ``x.expand``, ``torch.arange``; see :func:`_size_traceable`)
+    so that the ONNX exporter keeps the batch dimension dynamic, dropout as ``nn.Dropout`` modules that follow
     ``train()``/``eval()`` (the export is made in eval mode). The second value maps every
     module called to the node each call handed on, from the graph's ``nn_module_stack``."""
     p = next(iter(model.parameters()), None)
@@ -132,6 +133,7 @@ def _export(model: nn.Module, input_shape: tuple[int, ...], input_dtype: torch.d
     gm = ep.module()
     g = gm.graph
     drops = 0
+    sizes: set[fx.Node] = set()  # symbolic sizes (the batch size) and numbers computed from them
     for n in list(g.nodes):
         if n.op == "call_module" and str(n.target).startswith("_guards"):
             g.erase_node(n)
@@ -143,6 +145,7 @@ def _export(model: nn.Module, input_shape: tuple[int, ...], input_dtype: torch.d
             new.meta = dict(n.meta)
             n.replace_all_uses_with(new)
             g.erase_node(n)
+            sizes.add(new)
         elif n.op == "call_function" and n.target in (torch.ops.aten.arange.default, torch.ops.aten.arange.start):
             # torch.arange takes a traced size (a tensor while the ONNX exporter traces), the
             # ATen operator only a number
@@ -157,8 +160,50 @@ def _export(model: nn.Module, input_shape: tuple[int, ...], input_dtype: torch.d
             new.meta = dict(n.meta)
             n.replace_all_uses_with(new)
             g.erase_node(n)
+        elif n.op == "call_function" and not isinstance(n.target, torch._ops.OpOverload) and \
+                any(a in sizes for a in n.all_input_nodes):
+            sizes.add(n)  # arithmetic on sizes (operator.mul, ...): kept as it is, traced on a size
+        elif isinstance(n.target, torch._ops.OpOverload) and any(a in sizes for a in n.all_input_nodes):
+            _size_traceable(g, n)
     g.lint()
     return gm, _export_module_calls(g, model)
+
+
+def _slice(x: Tensor, dim: int, start: Any = None, end: Any = None, step: int = 1) -> Tensor:
+    """``aten.slice`` as indexing, which the ONNX exporter's tracer follows with a traced bound."""
+    return x[(slice(None),) * dim + (slice(start, end, step),)]
+
+
+def _size_traceable(g: fx.Graph, n: fx.Node) -> None:
+    """Rewrite ``n``, an ATen operator that takes a size read from the input (``view(x, [B, 12,
+    -1, 16])``, ``expand``, ``new_zeros``, ...), as the public ``Tensor`` method or ``torch``
+    function of that name. The result is the same; the difference is for the ONNX exporter,
+    whose tracer follows a size through the public functions but sees only a number when an
+    ATen operator is called directly, which would fix the batch size of the trace in the graph.
+    An operator without a public form is left as it is (the exporter's check at a second batch
+    size finds it)."""
+    op = n.target
+    name = op._schema.name.split("::")[-1]
+    params = op._schema.arguments
+    args, kwargs = [], dict(n.kwargs)
+    for p, v in zip(params, n.args):
+        if p.kwarg_only:
+            kwargs[p.name] = v
+        else:
+            args.append(v)
+    if name == "slice":
+        kind, target = "call_function", _slice
+    elif params and params[0].name == "self" and hasattr(Tensor, name) and not name.startswith("_"):
+        kind, target = "call_method", name
+    elif hasattr(torch, name) and not name.startswith("_"):
+        kind, target = "call_function", getattr(torch, name)
+    else:
+        return
+    with g.inserting_before(n):
+        new = g.create_node(kind, target, tuple(args), kwargs)
+    new.meta = dict(n.meta)
+    n.replace_all_uses_with(new)
+    g.erase_node(n)
 
 
 def _export_module_calls(g: fx.Graph, model: nn.Module) -> dict[str, list[fx.Node | None]]:
