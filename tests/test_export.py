@@ -220,6 +220,52 @@ def test_fused_batch1_graph_answers_as_the_engine(policy, head, tmp_path, arch):
     assert rest is None and int(a.exit[0][0]) == int(res["exit"][0])
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("policy, head", [("max_prob", "linear"), ("entropy", "linear"), ("margin", "linear"),
+                                          ("gate", "branching"), ("max_prob", "sdn")])
+def test_fused_any_batch_graph_answers_as_the_engine(policy, head, tmp_path, arch):
+    """A batch goes through one call of the any-batch fused graph, which compacts the batch
+    inside (the rows that go on are gathered, their deeper answers scattered back); its answers
+    are the engine's, sample for sample, in batch order, whatever mix of exits a batch has."""
+    net = _net(head, arch, **({"head_options": {"cascade": True}} if head == "sdn" else {}))
+    x = torch.randn(48, 1, 8, 8)
+    with torch.no_grad():
+        th = _midpoint_thresholds(net, x, policy)
+    export(net, tmp_path, policy=policy, thresholds=th)
+    runner = StagedRunner(tmp_path)
+    assert runner.fused_batched is not None
+    calls = []
+    runner._segment = lambda *a: calls.append(a)  # the segment loop must not run
+    for b in (48, 7, 2):  # a batch with every exit, odd sizes, a pair
+        res = {k: np.concatenate([runner(c.numpy())[k] for c in x.split(b)]) for k in ("prediction", "exit", "depth",
+                                                                                         "probs", "degraded")}
+        _assert_same(res, DynamicEngine(net, policy, th)(x))
+        assert np.array_equal(res["depth"], res["exit"]) and not res["degraded"].any()
+    assert not calls
+    assert len(set(res["exit"].tolist())) >= 3
+    with torch.no_grad():
+        p = F.softmax(net(x).logits, -1)[torch.as_tensor(res["exit"]), torch.arange(48)]
+    assert np.allclose(res["probs"], p.numpy(), atol=1e-5)
+    # everyone leaves at the first exit / nobody leaves early: both ends of the If chain
+    low, high = (-1.0, 10.0) if policy == "entropy" else (-1.0, 2.0)
+    assert (StagedRunner(tmp_path, thresholds=high if policy == "entropy" else low)(x.numpy())["exit"] == 0).all()
+    assert (StagedRunner(tmp_path, thresholds=low if policy == "entropy" else high)(x.numpy())["exit"] == 3).all()
+    # the tiers' path (advance) takes it too
+    a, rest = runner.advance(runner.start(x.numpy()))
+    out = a.ordered(48)
+    assert rest is None and np.array_equal(out["exit"].numpy(), res["exit"])
+
+
+def test_runner_refuses_inputs_of_another_shape(tmp_path):
+    export(_net(), tmp_path, policy="max_prob", thresholds=0.5)
+    runner = StagedRunner(tmp_path)
+    for bad in (np.zeros((2, 1, 9, 8), np.float32), np.zeros((1, 8, 8), np.float32)):
+        with pytest.raises(ExportError, match=r"inputs of shape \[batch, 1, 8, 8\], got"):
+            runner(bad)
+        with pytest.raises(ExportError, match="pad or resize"):
+            runner.start(bad)
+
+
 def test_fused_graph_only_where_it_applies(tmp_path, monkeypatch):
     net = _net()
     m = export(net, tmp_path / "ens", policy="ensemble", thresholds=0.5, policy_options={"weights": [1.0] * 4})
@@ -284,7 +330,7 @@ def test_deployments_time_every_path_and_name_the_fastest(tmp_path):
             assert np.array_equal(exits, want.exit.numpy()), p.name
             static = static[0] if isinstance(static, list) else static.numpy()
             assert np.abs(static - logits.numpy()).max() < 1e-3, p.name
-        timing = time_deployments(net, policy, x, [1, 8], samples=[6, 24], repeats=1, paths=paths)
+        timing = time_deployments(net, policy, x, [1, 8], samples=[6, 24], repeats=1, paths=paths, settle=0.0)
     for r in timing["rows"]:
         best_s = min(r["paths"], key=lambda k: r["paths"][k]["static_ms"])
         best_e = min(r["paths"], key=lambda k: r["paths"][k]["early_ms"])

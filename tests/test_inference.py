@@ -101,3 +101,39 @@ def test_cpu_allocator_tuning_is_idempotent():
     assert tune_cpu_allocator() is first
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert first is True
+
+
+def test_serial_torch_keeps_pytorch_off_its_thread_pool_on_this_thread_only():
+    """Inside the block PyTorch's CPU ops on this thread run serially (the count PyTorch's
+    parallel loops read is 1), another thread keeps the process-wide count, answers are the
+    same, and the count comes back afterwards, also after an error and when nested."""
+    import threading
+
+    from eenn.inference import _openmp, serial_torch
+
+    before = torch.get_num_threads()
+    x = torch.randn(512, 64)
+    ref = torch.softmax(x, 1)
+    seen = {}
+
+    def other():
+        seen["other"] = torch.get_num_threads()
+
+    with serial_torch():
+        inside = torch.get_num_threads()
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        torch.testing.assert_close(torch.softmax(x, 1), ref, rtol=0, atol=0)
+        with serial_torch():
+            pass
+        nested_after = torch.get_num_threads()
+    assert torch.get_num_threads() == before and seen["other"] == before
+    with pytest.raises(KeyError):
+        with serial_torch():
+            raise KeyError("boom")
+    assert torch.get_num_threads() == before
+    if _openmp() is not None:  # PyTorch on OpenMP (Linux wheels): the block takes effect
+        assert inside == 1 and nested_after == 1
+    else:  # nothing to switch: the block changes nothing
+        assert inside == before

@@ -127,11 +127,18 @@ def deployments(net: MultiExitNetwork, policy: ExitPolicy, *, device: torch.devi
 @torch.no_grad()
 def time_deployments(net: MultiExitNetwork, policy: ExitPolicy, x: Tensor, batch_sizes: Sequence[int], *,
                      samples: Sequence[int] | None = None, repeats: int = 5, paths: list[Deployment] | None = None,
-                     ) -> dict[str, Any]:
+                     settle: float = 0.1) -> dict[str, Any]:
     """Milliseconds per sample of the static and the early-exit network on every path, over the
     model inputs ``x`` cut into batches of each size (the first ``samples[i]`` of them for the
     i-th size): one untimed pass, then ``repeats`` timed passes with every path's static and
     early-exit runs interleaved (a change in machine load hits all alike); medians.
+
+    ``settle`` seconds pass between two timed runs. A runtime's worker threads keep spinning for
+    tens of milliseconds after a run (onnxruntime's pools, OpenMP's), waiting for the next one;
+    timed right after another path, a path shares the cores with those threads, which a
+    deployment running one network never does (on 2 cores, onnxruntime at 2 threads, batch 1:
+    0.27 ms per sample for the static graph timed right after the early-exit graph, 0.21 after a
+    50 ms pause; the early-exit graph 0.19 against 0.13).
 
     Per batch size: the fastest static path and the fastest early-exit path (named), the
     speed-up of the one over the other, the MAC speed-up the policy gives on these samples, and
@@ -150,6 +157,7 @@ def time_deployments(net: MultiExitNetwork, policy: ExitPolicy, x: Tensor, batch
 
         def run(fn):
             _sync(x.device)
+            time.sleep(settle)  # the previous path's spinning threads go idle (see above)
             t0 = time.perf_counter()
             for c in batches:
                 fn(c)

@@ -1,5 +1,6 @@
-"""One ONNX graph for a single sample: every segment, its exit head and the exit rule, chained
-with ONNX ``If`` nodes, so that a sample costs one onnxruntime call whatever exit it takes.
+"""One ONNX graph for the whole exit loop: every segment, its exit head and the exit rule, chained
+with ONNX ``If`` nodes, so that a sample (or a batch) costs one onnxruntime call whatever exits
+it takes.
 
 Why. At batch 1 the staged runner calls onnxruntime once per segment and decides in Python
 between the calls; for a small network that overhead is a large part of the time, and the early
@@ -8,19 +9,30 @@ exit then loses to the static network run as one graph. Here the decision is in 
     segment 0 -> logits_0 -> score_0 -> If(score_0 fires) then (answer of exit 0)
                                                        else segment 1 -> ... -> the final exit
 
+For a batch (``batched=True``) every level answers all its rows with its exit, gathers the rows
+that do not fire, runs the next level on them (inside an ``If``: only when some go on) and
+scatters their answers back over its own::
+
+    segment k (n rows) -> answers of exit k -> stay = NonZero(not fires)
+        -> If(stay not empty) then ScatterND(answers, stay, level k+1 on Gather(state, stay))
+                              else answers
+
+That is the staged runner's compaction without Python between the segments: no call per
+segment, no PyTorch code whose threads compete with onnxruntime's, one thread pool.
+
 The rule is one of the per-exit rules (``max_prob``, ``entropy``, ``margin``, ``gate``) with the
 final-exit fallback; the thresholds are an input of the graph (``thresholds [E-1]``), so one
 file serves any calibration of that rule. Other policies run through the staged runner.
 
-:func:`eenn.exporter.export` writes this graph (``fused_batch1.onnx``, portable, checked
-sample by sample against the staged runner); :class:`eenn.staged.StagedRunner` builds its own
-from the segments as onnxruntime optimises them on the machine it runs on (onnxruntime keeps its
+:func:`eenn.exporter.export` writes the batch-1 graph (``fused_batch1.onnx``, portable, checked
+sample by sample against the staged runner); :class:`eenn.staged.StagedRunner` builds both its
+own from the segments as onnxruntime optimises them on the machine it runs on (onnxruntime keeps its
 fastest convolution layout out of ``If`` branches, so the portable file runs the later segments
 about twice as slowly as they run alone).
 
-Inputs ``input [1, ...]`` and ``thresholds [E-1]``; outputs ``prediction [1]`` (int64),
-``exit [1]`` (int64) and ``probs [1, C]`` (softmax of the answering exit). The scores are
-computed by onnxruntime, so, as for the staged runner, a score within float rounding (~1e-6) of
+Inputs ``input [B, ...]`` (B = 1 unless batched) and ``thresholds [E-1]``; outputs
+``prediction [B]`` (int64), ``exit [B]`` (int64) and ``probs [B, C]`` (softmax of the answering
+exit). The scores are computed by onnxruntime, so, as for the staged runner, a score within float rounding (~1e-6) of
 its threshold may decide the other way than PyTorch does.
 """
 from __future__ import annotations
@@ -33,9 +45,10 @@ FUSED_RULES = ("max_prob", "entropy", "margin", "gate")
 
 
 def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, num_classes: int,
-                  opset: int) -> bytes:
+                  opset: int, *, batched: bool = False) -> bytes:
     """The fused graph from the segments' ONNX bytes and their manifest entries (``inputs``,
-    ``outputs``, ``num_state_outputs``, ``cascade``)."""
+    ``outputs``, ``num_state_outputs``, ``cascade``). ``batched``: the graph for any batch size,
+    with the compaction inside (see the module docstring)."""
     import onnx
     from onnx import TensorProto, compose, helper
 
@@ -123,7 +136,8 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
         return nodes, infos
 
     def from_exit(k: int) -> tuple[list, list[str]]:
-        """The nodes that run segment k onwards and the names of the answer they produce."""
+        """The nodes that run segment k onwards and the names of the answer they produce
+        (batch 1: the sample either leaves at exit k or goes on)."""
         nodes = wiring(k) + list(models[k].graph.node)
         if k == E - 1:
             a_nodes, names = answer(k, "")
@@ -139,14 +153,63 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
         node = helper.make_node("If", [fire], outs, then_branch=then_graph, else_branch=else_graph)
         return nodes + f_nodes + [node], outs
 
-    body, names = from_exit(0)
+    if batched:
+        flat = add_const("c/flat", TensorProto.INT64, [1], [-1])
+        zero_i = add_const("c/zero_i", TensorProto.INT64, [], [0])
+
+    def compacted(k: int, stay: str) -> list:
+        """Gather nodes feeding segment k's inputs with the rows ``stay`` of segment k-1's outputs."""
+        nodes = []
+        for i, spec in enumerate(s for s in specs[k]["inputs"] if s["name"] != "prev_logits"):
+            nodes.append(helper.make_node("Gather", [f"s{k - 1}/state_out_{i}", stay], [f"s{k}/{spec['name']}"], axis=0))
+        if specs[k]["cascade"]:
+            nodes.append(helper.make_node("Gather", [f"s{k - 1}/logits", stay], [f"s{k}/prev_logits"], axis=0))
+        return nodes
+
+    def level(k: int, inputs: list) -> tuple[list, list[str]]:
+        """A batch at segment k (its inputs made by ``inputs``): every sample gets exit k's
+        answer; if some do not fire, those rows go on (gathered) and their deeper answers are
+        scattered back over exit k's."""
+        nodes = inputs + list(models[k].graph.node)
+        a_nodes, names = answer(k, "")
+        p = f"b{k}/"
+        # exit k's number for every row: ArgMax's output * 0 + k
+        nodes += a_nodes[:1] + [helper.make_node("Mul", [names[0], zero_i], [p + "zeros"]),
+                                helper.make_node("Add", [p + "zeros", f"c/exit_{k}"], [p + "exit"])] + a_nodes[2:]
+        names = [names[0], p + "exit", names[2]]
+        if k == E - 1:
+            return nodes, names
+        f_nodes, fire = fires(k)
+        nodes += f_nodes + [
+            helper.make_node("Reshape", [fire, flat], [p + "fire"]),
+            helper.make_node("Not", [p + "fire"], [p + "go"]),
+            helper.make_node("NonZero", [p + "go"], [p + "nz"]),
+            helper.make_node("Reshape", [p + "nz", flat], [p + "stay"]),  # rows going on, in order
+            helper.make_node("Cast", [p + "go"], [p + "go_i"], to=TensorProto.INT64),
+            helper.make_node("ReduceMax", [p + "go_i"], [p + "any"], keepdims=0),
+            helper.make_node("Cast", [p + "any"], [p + "cond"], to=TensorProto.BOOL)]
+        deep_nodes, deep_names = level(k + 1, compacted(k + 1, p + "stay"))
+        rows = p + "rows"
+        deep_nodes.append(helper.make_node("Unsqueeze", [p + "stay", axes_last], [rows]) if opset >= 13
+                          else helper.make_node("Unsqueeze", [p + "stay"], [rows], axes=[-1]))
+        merged = []
+        for n, d, info in zip(names, deep_names, out_info):
+            merged.append(helper.make_node("ScatterND", [n, rows, d], [f"{p}deep/{info.name}"]))
+        d_ren, d_infos = branch_outputs([f"{p}deep/{info.name}" for info in out_info], f"deep{k}")
+        s_ren, s_infos = branch_outputs(names, f"here{k}")
+        deep = helper.make_graph(deep_nodes + merged + d_ren, f"after{k}", [], d_infos)
+        here = helper.make_graph(s_ren, f"exit{k}", [], s_infos)
+        outs = [f"lvl{k}/prediction", f"lvl{k}/exit", f"lvl{k}/probs"]
+        return nodes + [helper.make_node("If", [p + "cond"], outs, then_branch=deep, else_branch=here)], outs
+
+    body, names = level(0, wiring(0)) if batched else from_exit(0)
     body += [helper.make_node("Identity", [n], [info.name]) for n, info in zip(names, out_info)]
     first = onnx.load_from_string(segments[0]).graph.input[0]
     x_info = onnx.ValueInfoProto()
     x_info.CopyFrom(first)
     x_info.name = "input"
     th_info = helper.make_tensor_value_info("thresholds", TensorProto.FLOAT, [max(E - 1, 1)])
-    graph = helper.make_graph(body, "eenn_fused_batch1", [x_info, th_info], out_info, initializer=initializers + const)
+    graph = helper.make_graph(body, "eenn_fused_batched" if batched else "eenn_fused_batch1", [x_info, th_info], out_info, initializer=initializers + const)
     domains = {"": opset}
     for m in models:  # segments optimised by onnxruntime also use its own operator domains
         for o in m.opset_import:

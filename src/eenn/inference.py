@@ -1,5 +1,6 @@
 """Making the clock follow the MACs: inference-only rewrites of a trained network's segments,
-and a CPU memory setting. Both apply to the dynamic engine and to the static baseline alike.
+a CPU memory setting, and a way to keep PyTorch's thread pool out of another runtime's way. The
+first two apply to the dynamic engine and to the static baseline alike.
 
 Why. On a CPU at large batches, the high-resolution early stages cost more time than their MACs
 say: every convolution reorders its NCHW input into oneDNN's blocked layout and back, and
@@ -12,23 +13,75 @@ time for its 36% of the MACs instead of ~44% (``benchmarks/engine_speed.py`` pri
 And glibc hands large freed blocks back to the kernel (above its ``mmap``/trim thresholds), so a
 layer's multi-megabyte output is faulted in page by page at every call:
 :func:`tune_cpu_allocator` keeps such blocks in the process instead.
+
+When the network runs in another runtime (onnxruntime), the PyTorch code between its calls
+(the exit loop's scores, decisions and copies) is small, but PyTorch hands even a softmax over
+256 rows to its OpenMP threads, which then spin for milliseconds waiting for more work and take
+the cores from the runtime's next call. :func:`serial_torch` runs such code on the calling
+thread alone.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import sys
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .network import MultiExitNetwork
 
-__all__ = ["OptimizedSegments", "tune_cpu_allocator"]
+__all__ = ["OptimizedSegments", "tune_cpu_allocator", "serial_torch"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _allocator_tuned: bool | None = None
+_openmp_lib: ctypes.CDLL | bool | None = None
+
+
+def _openmp() -> ctypes.CDLL | None:
+    """The OpenMP runtime PyTorch's CPU ops run on (Linux: found among the loaded libraries),
+    or None (another parallel backend, another system)."""
+    global _openmp_lib
+    if _openmp_lib is None:
+        _openmp_lib = False
+        if sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+            with contextlib.suppress(OSError):
+                with open("/proc/self/maps") as f:
+                    paths = {line.split()[-1] for line in f if "omp" in line.rsplit("/", 1)[-1]}
+                for path in sorted(paths):
+                    name = path.rsplit("/", 1)[-1]
+                    if name.startswith(("libgomp", "libiomp", "libomp")):
+                        lib = ctypes.CDLL(path)
+                        if hasattr(lib, "omp_set_num_threads") and hasattr(lib, "omp_get_max_threads"):
+                            _openmp_lib = lib
+                            break
+    return _openmp_lib or None
+
+
+@contextlib.contextmanager
+def serial_torch() -> Iterator[None]:
+    """PyTorch's CPU ops on the calling thread run on that thread alone inside the block, not
+    in PyTorch's thread pool; other threads and the process-wide setting
+    (:func:`torch.get_num_threads` elsewhere) are untouched. For the small PyTorch code around
+    calls into another runtime: on 2 cores, one softmax over ``[256, 10]`` between two
+    2-thread onnxruntime calls of a ResNet-20 segment costs 2.6 ms, the time OpenMP's woken
+    thread spins before it sleeps (``torch.set_num_threads(1)`` would change the count for every
+    thread started later, and for oneDNN's caches). Sets this thread's OpenMP thread count (an
+    OpenMP setting kept per thread); does nothing where PyTorch does not run on OpenMP."""
+    lib = _openmp()
+    if lib is None:
+        yield
+        return
+    torch.get_num_threads()  # PyTorch sets a thread's OpenMP count on its first parallel op: do it now
+    before = lib.omp_get_max_threads()
+    lib.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        lib.omp_set_num_threads(before)
 
 
 def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:

@@ -8,6 +8,10 @@ differ from the engine's where ONNX and PyTorch logits differ (about 1e-6 in flo
 whose score lies within that distance of a threshold may exit differently. Cascading heads
 (Zero Time Waste) are supported: their segment takes the previous exit's logits as an extra
 input. The policy (with AEP weights or a ZTW ensemble as data) is stored in the manifest.
+
+A runner holding the whole model, with a rule that has a fused form (:mod:`eenn.fused`) and the
+final-exit fallback, answers a sample or a batch with one onnxruntime call of a fused graph
+that runs the same loop, compaction included, inside onnxruntime.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .inference import serial_torch
 from .io import read_json
 from .policies.loop import Answers, Running, degrade, run_exits, start
 from .policies.policy import ExitPolicy, as_policy
@@ -91,12 +96,13 @@ def _session(model: bytes, threads: int, optimized_path: str | None = None, *, s
 
 
 def _fused_session(segments: dict[int, bytes], manifest: dict[str, Any], rule: str, threads: int):
-    """The fused batch-1 graph (:mod:`eenn.fused`) built from the segments as onnxruntime
-    optimises them on this machine. onnxruntime does not apply its blocked-layout (NCHWc)
-    convolutions inside ``If`` branches, so a graph fused from the exported segments runs every
-    segment after the first about twice as slowly as the same segment alone; fused from the
-    already optimised segments it does not. Those are specific to this processor, hence built
-    here at load time, not at export."""
+    """The fused graphs (:mod:`eenn.fused`) built from the segments as onnxruntime optimises them
+    on this machine: ``(batch-1 session, any-batch session or None)``. onnxruntime does not apply
+    its blocked-layout (NCHWc) convolutions inside ``If`` branches, so a graph fused from the
+    exported segments runs every segment after the first about twice as slowly as the same
+    segment alone; fused from the already optimised segments it does not. Those are specific to
+    this processor, hence built here at load time, not at export. The any-batch graph is left
+    out (None, with a warning) where it cannot be built; the runner then loops over the segments."""
     from .fused import fuse_segments
 
     with tempfile.TemporaryDirectory(prefix="eenn-fused-") as tmp:
@@ -104,8 +110,15 @@ def _fused_session(segments: dict[int, bytes], manifest: dict[str, Any], rule: s
         for k in sorted(segments):
             _session(segments[k], threads, optimized_path=f"{tmp}/segment_{k}.onnx")
             optimised.append(Path(f"{tmp}/segment_{k}.onnx").read_bytes())
-    fused = fuse_segments(optimised, manifest["segments"], rule, int(manifest["num_classes"]), int(manifest["opset"]))
-    return _session(fused, threads)
+    args = (optimised, manifest["segments"], rule, int(manifest["num_classes"]), int(manifest["opset"]))
+    one = _session(fuse_segments(*args), threads)
+    try:
+        batched = _session(fuse_segments(*args, batched=True), threads)
+    except Exception as e:  # noqa: BLE001 - the segment loop answers batches instead
+        warnings.warn(f"no fused graph for batches ({type(e).__name__}: {e}); batches run segment by segment",
+                      RuntimeWarning, stacklevel=3)
+        batched = None
+    return one, batched
 
 
 # ------------------------------------------------------------------------------------ runner
@@ -155,14 +168,14 @@ class StagedRunner:
         self.segments = m["segments"]
         # A single sample through the whole model: one call of the fused graph (eenn.fused), when
         # the export has one for this runner's rule.
-        self.fused = None
+        self.fused = self.fused_batched = None
         fused = m.get("fused") or {}
         if (fused.get("file") and (a, b) == (0, self.num_exits) and fused.get("rule") == self.policy.name
                 and self.policy.fallback == "final"):
             # Built from the segments (also when they came in memory, on a Ray worker); the exported
             # file is the portable fallback and is checked like a segment when it is read.
             try:
-                self.fused = _fused_session(loaded, m, self.policy.name, threads)
+                self.fused, self.fused_batched = _fused_session(loaded, m, self.policy.name, threads)
             except Exception as e:  # noqa: BLE001 - the exported (portable, slower) fused graph instead
                 path = base / fused["file"]
                 if models is not None or not path.exists():
@@ -191,7 +204,7 @@ class StagedRunner:
             raise ExportError(str(e)) from None
         if self.fused is not None:
             if policy.name != self.policy.name or policy.fallback != "final":
-                self.fused = None
+                self.fused = self.fused_batched = None
             else:
                 self._fused_th = bound.thresholds.numpy() if self.num_exits > 1 else np.zeros(1, np.float32)
         self.policy, self.bound = policy, bound
@@ -202,7 +215,7 @@ class StagedRunner:
         final exit sees, to compare the early exits' answers with the final one's)."""
         if (self.first, self.stop) != (0, self.num_exits):
             raise ExportError("this runner holds only some segments; exit_outputs needs all of them")
-        state: Any = (torch.from_numpy(np.ascontiguousarray(x, dtype=self.input_dtype)),)
+        state: Any = (torch.from_numpy(self._input(x)),)
         prev, logits, gates = None, [], []
         for k in range(self.num_exits):
             state, prev, g = self._segment(k, state, prev)
@@ -215,18 +228,26 @@ class StagedRunner:
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
         if (self.first, self.stop) != (0, self.num_exits):
             raise ExportError("this runner holds only some segments; use start()/advance()")
-        if self.fused is not None and len(x) == 1:  # the latency case: one call, nothing around it
-            pred, exit_, probs = self._fused(np.ascontiguousarray(x, dtype=self.input_dtype))
+        if self.fused is not None and (len(x) == 1 or (len(x) > 1 and self.fused_batched is not None)):  # one call
+            pred, exit_, probs = self._fused(self._input(x))
             return {"prediction": pred, "exit": exit_, "depth": exit_.copy(), "probs": probs,
-                    "degraded": np.zeros(1, bool)}
+                    "degraded": np.zeros(len(x), bool)}
         answers, rest = self.advance(self.start(x))
         assert rest is None
-        return {k: v.numpy() for k, v in answers.ordered(len(x)).items()}
+        with serial_torch():
+            return {k: v.numpy() for k, v in answers.ordered(len(x)).items()}
 
     # -- one tier's share ----------------------------------------------------------------
     def start(self, x: np.ndarray) -> Running:
         """A batch of model inputs ``[B, *input_shape]`` (float32, or the export's ``input_dtype``) before segment 0."""
-        return start((torch.from_numpy(np.ascontiguousarray(x, dtype=self.input_dtype)),))
+        return start((torch.from_numpy(self._input(x)),))
+
+    def _input(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape:
+            raise ExportError(f"this model takes inputs of shape [batch, {', '.join(map(str, self.input_shape))}], "
+                              f"got {list(x.shape)}; pad or resize the inputs, or re-export for this shape")
+        return np.ascontiguousarray(x, dtype=self.input_dtype)
 
     def advance(self, running: Running, stop: int | None = None) -> tuple[Answers, Running | None]:
         """Run ``running`` through this runner's segments (up to ``stop``); return the samples
@@ -236,18 +257,24 @@ class StagedRunner:
             raise ExportError(f"this runner holds segments {self.first}..{self.stop - 1}, the features are for "
                               f"segment {running.next}")
         answers = Answers()
-        if self.fused is not None and running.next == 0 and stop == self.num_exits and len(running) == 1:
+        if (self.fused is not None and running.next == 0 and stop == self.num_exits
+                and (len(running) == 1 or (len(running) > 1 and self.fused_batched is not None))):
             x = running.state[0] if isinstance(running.state, tuple) else running.state
             pred, exit_, probs = self._fused(x.numpy())
-            k = int(exit_[0])
-            answers.add(running.index, torch.from_numpy(pred), k, k, torch.from_numpy(probs))
+            e = torch.from_numpy(exit_)
+            answers.add(running.index, torch.from_numpy(pred), e, e, torch.from_numpy(probs))
             return answers, None
-        rest = run_exits(self.bound, running, self._segment, answers, stop=stop, probs=True)
+        # The loop's PyTorch code stays on this thread: PyTorch's pool would spin between the
+        # segments' onnxruntime calls and take their cores (eenn.inference.serial_torch).
+        with serial_torch():
+            rest = run_exits(self.bound, running, self._segment, answers, stop=stop, probs=True)
         return answers, rest
 
     def _fused(self, x: np.ndarray) -> list[np.ndarray]:
-        """``[prediction [1], exit [1], probs [1, C]]`` of one sample from the fused graph."""
-        return self.fused.run(None, {"input": x, "thresholds": self._fused_th})
+        """``[prediction [B], exit [B], probs [B, C]]`` from the fused graph for one sample, or
+        for a batch from the any-batch one."""
+        sess = self.fused if len(x) == 1 else self.fused_batched
+        return sess.run(None, {"input": x, "thresholds": self._fused_th})
 
     def degrade(self, running: Running) -> Answers:
         """Answer every sample of ``running`` with the deepest exit already computed (when the

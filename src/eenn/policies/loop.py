@@ -159,14 +159,15 @@ class Answers:
     probs: list[Tensor] = field(default_factory=list)
     degraded: list[Tensor] = field(default_factory=list)
 
-    def add(self, index: Tensor, prediction: Tensor, exit_: Tensor | int, depth: int, probs: Tensor | None,
+    def add(self, index: Tensor, prediction: Tensor, exit_: Tensor | int, depth: Tensor | int, probs: Tensor | None,
             degraded: bool = False) -> None:
         n = len(index)
         self.index.append(index)
         self.prediction.append(prediction)
         self.exit.append(exit_ if isinstance(exit_, Tensor) else torch.full((n,), exit_, dtype=torch.long,
                                                                             device=index.device))
-        self.depth.append(torch.full((n,), depth, dtype=torch.long, device=index.device))
+        self.depth.append(depth if isinstance(depth, Tensor) else torch.full((n,), depth, dtype=torch.long,
+                                                                             device=index.device))
         if probs is not None:
             self.probs.append(probs)
         self.degraded.append(torch.full((n,), degraded, dtype=torch.bool, device=index.device))
