@@ -306,7 +306,7 @@ def test_hf_bert_exports_with_a_dynamic_batch(tmp_path):
         want = net(ids[:9]).logits[-1].numpy()
     assert np.allclose(static.run(None, {"input": ids[:9].numpy()})[0], want, atol=1e-5)
     # The sequence length is the traced one (input_shape), as in PyTorch: shorter inputs are padded.
-    with pytest.raises(Exception, match="Expected: 12"):
+    with pytest.raises(eenn.exporter.ExportError, match=r"inputs of shape \[batch, 12\], got \[24, 8\]; pad"):
         StagedRunner(tmp_path)(ids[:, :8].numpy())
 
 

@@ -15,7 +15,8 @@ Paths (:func:`deployments`):
   segments captured per bucket size (:mod:`eenn.graphs`);
 - ``onnxruntime, N thread(s)`` (CPU, when onnxruntime is installed), for 1 thread and for
   torch's thread count: the static network as one graph (``static.onnx``) / the staged runner
-  (one call of the fused graph at batch 1, see :mod:`eenn.fused`).
+  (one call of a fused graph per batch, the exit loop and its compaction inside; see
+  :mod:`eenn.fused`).
 """
 from __future__ import annotations
 

@@ -117,9 +117,10 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory")
     source = getattr(net, "source", None) or {}
-    # A network cut from a torch.export graph (a Hugging Face model through eenn.hf.encoder) reads
-    # its batch size in ways the exporter may not follow: its graphs are also checked at a second batch size.
-    recheck = source.get("kind") == "traced" and source.get("tracer") == "export"
+    # Every graph is also checked at a second batch size: a model that reads its batch size in a
+    # way the ONNX exporter keeps as a constant (x.view(5, ...) after a trace; a Hugging Face model
+    # before eenn.trace rewrites its ATen calls) fails here instead of answering wrongly later.
+    recheck = True
     net = net.eval()
     spec = net.input_spec
     E = net.num_exits
