@@ -287,7 +287,7 @@ def validation_costs(net, data, version="v2"):
 RUNS = {  # name: (objective options, epochs)
     "v1": (dict(version="v1", lam=0.3), 6),
     "v2": (dict(version="v2", lam=0.1), 8),
-    "v2 lam 5": (dict(version="v2", lam=5.0), 8),
+    "v2 lam 10": (dict(version="v2", lam=10.0), 8),
     "v4": (dict(version="v4", lam=0.3), 6),
     "v0 then v1": (dict(version="v1", lam=0.3, two_stage=3), 6),
 }
@@ -320,11 +320,12 @@ def test_v4_tags_follow_the_network(trained):
 
 
 def test_larger_lambda_gives_a_cheaper_network(trained):
-    # Measured (seeds 0-2): lambda 0.1 -> every sample runs the whole net (cost 1.0); lambda 5 ->
-    # every sample leaves at the first exit (cost 0.358) at ~0.9 accuracy.
-    small, large = trained["v2"][2], trained["v2 lam 5"][2]
+    # Measured (seed 0, default recipe, v2's levels averaged): lambda 0.1 -> hard cost 0.72, soft
+    # 0.65; lambda 5 -> 0.47 / 0.48; lambda 10 -> every sample leaves at the first exit (0.358) /
+    # 0.42, at 0.81 accuracy.
+    small, large = trained["v2"][2], trained["v2 lam 10"][2]
     assert large["hard"] < small["hard"] - 0.3
-    assert large["soft"] < small["soft"] - 0.3
+    assert large["soft"] < small["soft"] - 0.2
     assert large["acc"] > 0.6
 
 
@@ -355,7 +356,8 @@ def test_resumed_v4_run_continues_with_the_same_tags(digits, tmp_path):
 def test_default_recipe_keeps_every_exit_alive_and_its_confidences_save_computation(digits):
     # As for differentiable branching (test_branching): every exit well above chance and the
     # confidences, fitted on validation for a 1-point drop, save MACs on the test split
-    # (measured 1.48x at the default lambda, first exit 61%; with exit_ce=1 it was 30%).
+    # (measured 1.59x at the default lambda, exits at 87 / 98 / 99%; with twice the mean of the
+    # exits' cross-entropies instead of their sum beside v2's averaged levels, 1.48x, first exit 61%).
     exit_acc, fitted = gated_quick_check(small_net(), digits, EENets())
-    assert exit_acc.min() > 0.5, exit_acc
-    assert fitted["speedup"] > 1.2 and fitted["accuracy"] > 0.9, fitted
+    assert exit_acc.min() > 0.7, exit_acc
+    assert fitted["speedup"] > 1.4 and fitted["accuracy"] > 0.9, fitted
