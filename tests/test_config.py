@@ -52,3 +52,31 @@ def test_bad_overrides_and_missing_file(tmp_path):
         load_config(None, ["train.lrr=0.1"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_run_stored_by_an_earlier_eenn_opens_with_its_removed_settings_ignored(tmp_path):
+    """A run directory whose config.yaml names a setting this eenn no longer has (eval.optimize
+    was replaced by eval.deployments) still opens for reporting, with a warning naming the key;
+    a config a user writes is still refused on the same key."""
+    import torch
+
+    import eenn
+    from eenn.config import config_from_dict
+    from eenn.run import open_run
+
+    cfg = config_to_dict(RunConfig())
+    cfg["eval"]["optimize"] = False
+    dropped = []
+    assert config_to_dict(config_from_dict(cfg, dropped=dropped)) == config_to_dict(RunConfig())
+    assert dropped == ["eval.optimize"]
+    with pytest.raises(ConfigError, match="unknown key 'eval.optimize'"):
+        config_from_dict(cfg)
+    torch.manual_seed(0)
+    eenn.save(eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits="linear:2"),
+              tmp_path / "best.safetensors")
+    import yaml
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.warns(UserWarning, match=r"no longer has \(eval\.optimize\); they are ignored"):
+        net, config, run_dir = open_run(tmp_path)
+    assert config is not None and run_dir == tmp_path and net.num_exits == 3

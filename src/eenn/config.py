@@ -115,7 +115,7 @@ def _check(value: Any, tp, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(base)}, got {type(value).__name__} {value!r}")
 
 
-def _build(cls, values: Mapping, prefix: str):
+def _build(cls, values: Mapping, prefix: str, dropped: list | None = None):
     if not isinstance(values, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
@@ -124,20 +124,25 @@ def _build(cls, values: Mapping, prefix: str):
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in names:
+            if dropped is not None:  # a stored config from an eenn that had this setting
+                dropped.append(dotted)
+                continue
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {prefix + close[0]!r}?)" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown key {dotted!r}{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, dotted + ".")
+            kwargs[key] = _build(tp, value, dotted + ".", dropped)
         else:
             kwargs[key] = _check(value, tp, dotted)
     return cls(**kwargs)
 
 
-def config_from_dict(values: Mapping) -> RunConfig:
-    """A validated :class:`RunConfig` from nested dicts (missing keys take their defaults)."""
-    return _build(RunConfig, values, "")
+def config_from_dict(values: Mapping, *, dropped: list | None = None) -> RunConfig:
+    """A validated :class:`RunConfig` from nested dicts (missing keys take their defaults).
+    ``dropped``: for a config stored by an earlier eenn, a list that collects the keys this one
+    no longer has (skipped) instead of refusing them."""
+    return _build(RunConfig, values, "", dropped)
 
 
 def config_to_dict(config) -> dict:

@@ -14,6 +14,7 @@ import os
 import platform
 import subprocess
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -167,10 +168,14 @@ def open_run(path: str | Path) -> tuple[MultiExitNetwork, RunConfig | None, Path
         raise FileNotFoundError(f"{p} is neither a run directory nor a checkpoint file")
     config = None
     if (run_dir / "config.yaml").exists():
+        dropped: list[str] = []
         try:
-            config = config_from_dict(read_yaml(run_dir / "config.yaml"))
+            config = config_from_dict(read_yaml(run_dir / "config.yaml"), dropped=dropped)
         except ConfigError as e:
             raise ConfigError(f"{run_dir / 'config.yaml'}: {e}") from None
+        if dropped:
+            warnings.warn(f"{run_dir / 'config.yaml'} was written by an eenn with settings this one no longer has "
+                          f"({', '.join(dropped)}); they are ignored", UserWarning, stacklevel=2)
     return load(ckpt), config, run_dir
 
 
