@@ -11,7 +11,9 @@ input. The policy (with AEP weights or a ZTW ensemble as data) is stored in the 
 
 A runner holding the whole model, with a rule that has a fused form (:mod:`eenn.fused`) and the
 final-exit fallback, answers a sample or a batch with one onnxruntime call of a fused graph
-that runs the same loop, compaction included, inside onnxruntime.
+that runs the same loop, compaction included, inside onnxruntime. Such a runner holds the
+weights three times (the segments, the batch-1 graph, the any-batch graph: at batch 1 the latter
+is 10% slower than the former, hence both); a tier holding some segments holds them once.
 """
 from __future__ import annotations
 
