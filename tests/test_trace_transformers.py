@@ -329,7 +329,7 @@ def test_hf_export_refuses_graphs_that_keep_the_batch_size(tmp_path, monkeypatch
     batch size says so instead of writing graphs that answer wrongly."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("eenn.trace"), "_size_traceable", lambda g, n: None)
+    monkeypatch.setattr(importlib.import_module("eenn.trace_export"), "_size_traceable", lambda g, n: None)
     net = eenn.attach_exits(eenn.hf.encoder(_bert(), pad_token_id=0), at=["bert.encoder.layer.0"],
                             input_shape=(8,), input_dtype=torch.long, head="token")
     with pytest.raises(eenn.exporter.ExportError,
