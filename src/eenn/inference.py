@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import sys
 import warnings
 from typing import Callable, Iterator
@@ -51,7 +52,9 @@ def _openmp() -> ctypes.CDLL | None:
             with contextlib.suppress(OSError):
                 with open("/proc/self/maps") as f:
                     paths = {line.split()[-1] for line in f if "omp" in line.rsplit("/", 1)[-1]}
-                for path in sorted(paths):
+                torch_dir = os.path.dirname(torch.__file__)
+                # PyTorch's own copy first (a wheel bundles one; another library may load a second)
+                for path in sorted(paths, key=lambda q: (not q.startswith(torch_dir), q)):
                     name = path.rsplit("/", 1)[-1]
                     if name.startswith(("libgomp", "libiomp", "libomp")):
                         lib = ctypes.CDLL(path)
