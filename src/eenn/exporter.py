@@ -116,11 +116,6 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory")
-    source = getattr(net, "source", None) or {}
-    # Every graph is also checked at a second batch size: a model that reads its batch size in a
-    # way the ONNX exporter keeps as a constant (x.view(5, ...) after a trace; a Hugging Face model
-    # before eenn.trace rewrites its ATen calls) fails here instead of answering wrongly later.
-    recheck = True
     net = net.eval()
     spec = net.input_spec
     E = net.num_exits
@@ -167,14 +162,13 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
             got = sess.run(None, {n: a.numpy() for n, a in zip(names_in, args)})
             want = [*state_out, logits] + ([gate] if gate is not None and not final else [])
             for name, g_, w_ in zip(names_out, got, want):
-                diff = float(np.max(np.abs(g_.astype(np.float64) - w_.numpy().astype(np.float64)))) if w_.numel() else 0.0
+                diff, close = _gap(g_, w_)
                 if name == "logits":
                     worst = max(worst, diff)
-                if not diff <= EXPORT_TOLERANCE * max(1.0, float(w_.double().abs().max())):  # masks: bool
+                if not close:
                     raise ExportError(f"segment {k} output {name!r}: ONNX differs from PyTorch by {diff:.3g}")
-            if recheck:
-                _check_other_batch(sess, names_in, args, lambda *a, m=module: m(*a), names_out, check_batch,
-                                   f"segment {k}")
+            _check_other_batch(sess, names_in, args, lambda *a, m=module: m(*a), names_out, check_batch,
+                               f"segment {k}")
             tensors_in = [*state_in] + ([prev] if cascade else [])
             segments.append({
                 "index": k,
@@ -213,7 +207,7 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
         "check": {"batch": check_batch, "max_abs_logit_diff": worst, "tolerance": EXPORT_TOLERANCE},
         "segments": segments,
     }
-    manifest["static"] = _export_static(net, out, x, opset, recheck)
+    manifest["static"] = _export_static(net, out, x, opset)
     manifest["fused"] = _export_fused(manifest, seg_bytes, out, x, opset)
     tmp = out / (MANIFEST + ".tmp")
     write_json(manifest, tmp)  # strict JSON: infinite thresholds as "inf" / "-inf"
@@ -221,11 +215,24 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
     return manifest
 
 
+def _gap(got: np.ndarray, want: Tensor) -> tuple[float, bool]:
+    """The largest |ONNX - PyTorch| of one output, and whether it is within the export's
+    tolerance (relative to the output's scale; shapes must agree)."""
+    if got.shape != tuple(want.shape):
+        return float("inf"), False
+    if not want.numel():
+        return 0.0, True
+    diff = float(np.max(np.abs(got.astype(np.float64) - want.numpy().astype(np.float64))))
+    return diff, diff <= EXPORT_TOLERANCE * max(1.0, float(want.double().abs().max()))  # masks: bool
+
+
 def _check_other_batch(sess, names_in: list[str], args: tuple, fn, names_out: list[str], batch: int,
                        what: str) -> None:
     """Run an exported graph at a batch size other than the one it was exported at (rows of
-    ``args`` repeated or dropped) and compare it with PyTorch (``fn``): a size fixed in the
-    graph fails here instead of answering wrongly later."""
+    ``args`` repeated or dropped) and compare it with PyTorch (``fn``): a model that reads its
+    batch size in a way the ONNX exporter keeps as a constant (``x.view(5, ...)`` after a trace;
+    a Hugging Face model before :mod:`eenn.trace_export` rewrites its ATen calls) fails here
+    instead of answering wrongly later."""
     other = 2 if batch != 2 else 3
     rows = torch.arange(other) % batch
     args = tuple(a.index_select(0, rows) for a in args)
@@ -237,9 +244,7 @@ def _check_other_batch(sess, names_in: list[str], args: tuple, fn, names_out: li
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors have one type per provider
         got, why = None, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     else:
-        bad = [n for n, g_, w_ in zip(names_out, got, want) if g_.shape != tuple(w_.shape) or (w_.numel() and not
-               np.max(np.abs(g_.astype(np.float64) - w_.numpy().astype(np.float64)))
-               <= EXPORT_TOLERANCE * max(1.0, float(w_.double().abs().max())))]
+        bad = [n for n, g_, w_ in zip(names_out, got, want) if not _gap(g_, w_)[1]]
         why = f"output {bad[0]!r} differs from PyTorch" if bad else None
     if why is not None:
         raise ExportError(
@@ -249,7 +254,7 @@ def _check_other_batch(sess, names_in: list[str], args: tuple, fn, names_out: li
         )
 
 
-def _export_static(net, out: Path, x: Tensor, opset: int, recheck: bool = False) -> dict[str, Any]:
+def _export_static(net, out: Path, x: Tensor, opset: int) -> dict[str, Any]:
     """The static network as one graph (``static.onnx``): the baseline an early exit must beat,
     and what serving the network whole runs."""
     buf = io.BytesIO()
@@ -260,14 +265,12 @@ def _export_static(net, out: Path, x: Tensor, opset: int, recheck: bool = False)
                           do_constant_folding=True)
         want = net.backbone(x)
     data = buf.getvalue()
-    got = _session(data, 1).run(None, {"input": x.numpy()})[0]
-    diff = float(np.max(np.abs(got - want.numpy())))
-    if not diff <= EXPORT_TOLERANCE * max(1.0, float(want.abs().max())):
+    sess = _session(data, 1)
+    diff, close = _gap(sess.run(None, {"input": x.numpy()})[0], want)
+    if not close:
         raise ExportError(f"the static graph: ONNX differs from PyTorch by {diff:.3g}")
-    if recheck:
-        with _no_fastpath():
-            _check_other_batch(_session(data, 1), ["input"], (x,), net.backbone.eval(), ["logits"], len(x),
-                               "the static graph")
+    with _no_fastpath():
+        _check_other_batch(sess, ["input"], (x,), net.backbone.eval(), ["logits"], len(x), "the static graph")
     (out / "static.onnx").write_bytes(data)
     return {"file": "static.onnx", "sha256": _digest(data), "max_abs_logit_diff": diff}
 

@@ -26,14 +26,14 @@ file serves any calibration of that rule. Other policies run through the staged 
 
 :func:`eenn.exporter.export` writes the batch-1 graph (``fused_batch1.onnx``, portable, checked
 sample by sample against the staged runner); :class:`eenn.staged.StagedRunner` builds both its
-own from the segments as onnxruntime optimises them on the machine it runs on (onnxruntime keeps its
-fastest convolution layout out of ``If`` branches, so the portable file runs the later segments
-about twice as slowly as they run alone).
+own from the segments as onnxruntime optimises them on the machine it runs on (onnxruntime keeps
+its fastest convolution layout out of ``If`` branches, so the portable file runs the later
+segments about twice as slowly as they run alone).
 
 Inputs ``input [B, ...]`` (B = 1 unless batched) and ``thresholds [E-1]``; outputs
 ``prediction [B]`` (int64), ``exit [B]`` (int64) and ``probs [B, C]`` (softmax of the answering
-exit). The scores are computed by onnxruntime, so, as for the staged runner, a score within float rounding (~1e-6) of
-its threshold may decide the other way than PyTorch does.
+exit). The scores are computed by onnxruntime, so, as for the staged runner, a score within
+float rounding (~1e-6) of its threshold may decide the other way than PyTorch does.
 """
 from __future__ import annotations
 
@@ -66,25 +66,35 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
 
     axes_last = add_const("c/axes_last", TensorProto.INT64, [1], [-1])
     add_const("c/zero_f", TensorProto.FLOAT, [], [0.0])
+    if batched:
+        flat = add_const("c/flat", TensorProto.INT64, [1], [-1])
+        zero_i = add_const("c/zero_i", TensorProto.INT64, [], [0])
 
-    def wiring(k: int) -> list:
-        """Identity nodes feeding segment k's inputs from segment k-1's outputs."""
+    def wiring(k: int, rows: str | None = None) -> list:
+        """Nodes feeding segment k's inputs from segment k-1's outputs: all of them (Identity), or
+        only the rows ``rows`` (Gather, in the batched graph)."""
         if k == 0:
             return [helper.make_node("Identity", ["input"], ["s0/input"])]
-        nodes = []
-        for i, spec in enumerate(s for s in specs[k]["inputs"] if s["name"] != "prev_logits"):
-            nodes.append(helper.make_node("Identity", [f"s{k - 1}/state_out_{i}"], [f"s{k}/{spec['name']}"]))
+        pairs = [(f"s{k - 1}/state_out_{i}", f"s{k}/{spec['name']}")
+                 for i, spec in enumerate(s for s in specs[k]["inputs"] if s["name"] != "prev_logits")]
         if specs[k]["cascade"]:
-            nodes.append(helper.make_node("Identity", [f"s{k - 1}/logits"], [f"s{k}/prev_logits"]))
-        return nodes
+            pairs.append((f"s{k - 1}/logits", f"s{k}/prev_logits"))
+        if rows is None:
+            return [helper.make_node("Identity", [a], [b]) for a, b in pairs]
+        return [helper.make_node("Gather", [a, rows], [b], axis=0) for a, b in pairs]
 
-    def answer(k: int, tag: str) -> tuple[list, list[str]]:
-        """Nodes computing exit k's answer: (prediction, exit, probs)."""
+    def answer(k: int, tag: str, per_row: bool = False) -> tuple[list, list[str]]:
+        """Nodes computing exit k's answer: (prediction, exit, probs); ``per_row``: the exit
+        number repeated for every row (ArgMax's output * 0 + k) rather than one [1] value."""
         p = f"a{k}{tag}/"
         exit_name = add_const(f"c/exit_{k}", TensorProto.INT64, [1], [k])
-        nodes = [helper.make_node("ArgMax", [f"s{k}/logits"], [p + "prediction"], axis=-1, keepdims=0),
-                 helper.make_node("Identity", [exit_name], [p + "exit"]),
-                 helper.make_node("Softmax", [f"s{k}/logits"], [p + "probs"], axis=-1)]
+        nodes = [helper.make_node("ArgMax", [f"s{k}/logits"], [p + "prediction"], axis=-1, keepdims=0)]
+        if per_row:
+            nodes += [helper.make_node("Mul", [p + "prediction", zero_i], [p + "zeros"]),
+                      helper.make_node("Add", [p + "zeros", exit_name], [p + "exit"])]
+        else:
+            nodes.append(helper.make_node("Identity", [exit_name], [p + "exit"]))
+        nodes.append(helper.make_node("Softmax", [f"s{k}/logits"], [p + "probs"], axis=-1))
         return nodes, [p + "prediction", p + "exit", p + "probs"]
 
     def fires(k: int) -> tuple[list, str]:
@@ -153,30 +163,13 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
         node = helper.make_node("If", [fire], outs, then_branch=then_graph, else_branch=else_graph)
         return nodes + f_nodes + [node], outs
 
-    if batched:
-        flat = add_const("c/flat", TensorProto.INT64, [1], [-1])
-        zero_i = add_const("c/zero_i", TensorProto.INT64, [], [0])
-
-    def compacted(k: int, stay: str) -> list:
-        """Gather nodes feeding segment k's inputs with the rows ``stay`` of segment k-1's outputs."""
-        nodes = []
-        for i, spec in enumerate(s for s in specs[k]["inputs"] if s["name"] != "prev_logits"):
-            nodes.append(helper.make_node("Gather", [f"s{k - 1}/state_out_{i}", stay], [f"s{k}/{spec['name']}"], axis=0))
-        if specs[k]["cascade"]:
-            nodes.append(helper.make_node("Gather", [f"s{k - 1}/logits", stay], [f"s{k}/prev_logits"], axis=0))
-        return nodes
-
-    def level(k: int, inputs: list) -> tuple[list, list[str]]:
-        """A batch at segment k (its inputs made by ``inputs``): every sample gets exit k's
-        answer; if some do not fire, those rows go on (gathered) and their deeper answers are
-        scattered back over exit k's."""
-        nodes = inputs + list(models[k].graph.node)
-        a_nodes, names = answer(k, "")
+    def level(k: int, rows: str | None = None) -> tuple[list, list[str]]:
+        """A batch at segment k (the rows ``rows`` of segment k-1's outputs): every sample gets
+        exit k's answer; if some do not fire, those rows go on (gathered) and their deeper
+        answers are scattered back over exit k's."""
+        a_nodes, names = answer(k, "", per_row=True)
+        nodes = wiring(k, rows) + list(models[k].graph.node) + a_nodes
         p = f"b{k}/"
-        # exit k's number for every row: ArgMax's output * 0 + k
-        nodes += a_nodes[:1] + [helper.make_node("Mul", [names[0], zero_i], [p + "zeros"]),
-                                helper.make_node("Add", [p + "zeros", f"c/exit_{k}"], [p + "exit"])] + a_nodes[2:]
-        names = [names[0], p + "exit", names[2]]
         if k == E - 1:
             return nodes, names
         f_nodes, fire = fires(k)
@@ -188,7 +181,7 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
             helper.make_node("Cast", [p + "go"], [p + "go_i"], to=TensorProto.INT64),
             helper.make_node("ReduceMax", [p + "go_i"], [p + "any"], keepdims=0),
             helper.make_node("Cast", [p + "any"], [p + "cond"], to=TensorProto.BOOL)]
-        deep_nodes, deep_names = level(k + 1, compacted(k + 1, p + "stay"))
+        deep_nodes, deep_names = level(k + 1, p + "stay")
         rows = p + "rows"
         deep_nodes.append(helper.make_node("Unsqueeze", [p + "stay", axes_last], [rows]) if opset >= 13
                           else helper.make_node("Unsqueeze", [p + "stay"], [rows], axes=[-1]))
@@ -202,14 +195,15 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
         outs = [f"lvl{k}/prediction", f"lvl{k}/exit", f"lvl{k}/probs"]
         return nodes + [helper.make_node("If", [p + "cond"], outs, then_branch=deep, else_branch=here)], outs
 
-    body, names = level(0, wiring(0)) if batched else from_exit(0)
+    body, names = level(0) if batched else from_exit(0)
     body += [helper.make_node("Identity", [n], [info.name]) for n, info in zip(names, out_info)]
     first = onnx.load_from_string(segments[0]).graph.input[0]
     x_info = onnx.ValueInfoProto()
     x_info.CopyFrom(first)
     x_info.name = "input"
     th_info = helper.make_tensor_value_info("thresholds", TensorProto.FLOAT, [max(E - 1, 1)])
-    graph = helper.make_graph(body, "eenn_fused_batched" if batched else "eenn_fused_batch1", [x_info, th_info], out_info, initializer=initializers + const)
+    graph = helper.make_graph(body, "eenn_fused_batched" if batched else "eenn_fused_batch1", [x_info, th_info],
+                              out_info, initializer=initializers + const)
     domains = {"": opset}
     for m in models:  # segments optimised by onnxruntime also use its own operator domains
         for o in m.opset_import:

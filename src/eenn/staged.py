@@ -230,7 +230,7 @@ class StagedRunner:
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
         if (self.first, self.stop) != (0, self.num_exits):
             raise ExportError("this runner holds only some segments; use start()/advance()")
-        if self.fused is not None and (len(x) == 1 or (len(x) > 1 and self.fused_batched is not None)):  # one call
+        if self._fused_for(len(x)) is not None:  # one call, nothing around it
             pred, exit_, probs = self._fused(self._input(x))
             return {"prediction": pred, "exit": exit_, "depth": exit_.copy(), "probs": probs,
                     "degraded": np.zeros(len(x), bool)}
@@ -259,8 +259,7 @@ class StagedRunner:
             raise ExportError(f"this runner holds segments {self.first}..{self.stop - 1}, the features are for "
                               f"segment {running.next}")
         answers = Answers()
-        if (self.fused is not None and running.next == 0 and stop == self.num_exits
-                and (len(running) == 1 or (len(running) > 1 and self.fused_batched is not None))):
+        if running.next == 0 and stop == self.num_exits and self._fused_for(len(running)) is not None:
             x = running.state[0] if isinstance(running.state, tuple) else running.state
             pred, exit_, probs = self._fused(x.numpy())
             e = torch.from_numpy(exit_)
@@ -272,11 +271,16 @@ class StagedRunner:
             rest = run_exits(self.bound, running, self._segment, answers, stop=stop, probs=True)
         return answers, rest
 
+    def _fused_for(self, n: int):
+        """The fused graph that answers ``n`` samples in one call (batch 1: the batch-1 graph,
+        more: the any-batch one), or None (the segment loop answers)."""
+        if self.fused is None or n < 1:
+            return None
+        return self.fused if n == 1 else self.fused_batched
+
     def _fused(self, x: np.ndarray) -> list[np.ndarray]:
-        """``[prediction [B], exit [B], probs [B, C]]`` from the fused graph for one sample, or
-        for a batch from the any-batch one."""
-        sess = self.fused if len(x) == 1 else self.fused_batched
-        return sess.run(None, {"input": x, "thresholds": self._fused_th})
+        """``[prediction [B], exit [B], probs [B, C]]`` from the fused graph for ``len(x)``."""
+        return self._fused_for(len(x)).run(None, {"input": x, "thresholds": self._fused_th})
 
     def degrade(self, running: Running) -> Answers:
         """Answer every sample of ``running`` with the deepest exit already computed (when the
