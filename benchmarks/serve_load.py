@@ -10,7 +10,7 @@ tiers (``--split``): device = segments 0-1, edge = segment 2, cloud = segment 3 
 unless ``--float16``). The early-exit plan is also served as one tier (batch requests only), which
 shows what the hops between tiers cost. The same export with
 thresholds that never fire, as one tier, is the static baseline ("whole network"). Every
-deployment's batching, replicas and CPUs come from ``eenn.serve.plan.propose_serving`` for
+deployment's batching, replicas and CPUs come from ``eenn.serve.sizing.propose_serving`` for
 ``--plan-clients`` clients on ``--cores`` cores, from segment times measured here (one plan for
 single-sample requests, one for batch requests); the no-op deployment takes the first tier's.
 
@@ -254,7 +254,7 @@ def exit_scores(net, split) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def make_plan(model_dir, bounds, names, speeds, depth, manifest, *, cores, clients, samples=1, batch_cap=64,
               threads=1, float16=False):
     from eenn.serve import TierPlan
-    from eenn.serve.plan import propose_serving
+    from eenn.serve.sizing import propose_serving
 
     props, lines = propose_serving(manifest, bounds, speeds, depth, cores=cores, concurrency=clients,
                                    samples_per_request=samples, batch_cap=batch_cap)
@@ -487,7 +487,7 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
         f"thread) {[round(1e3 * t, 3) for t in seg1]} ms at batch 1, {[round(1e3 * t, 3) for t in segb]} ms at "
         f"batch 32.",
         "",
-        f"Plans (`eenn.serve.plan.propose_serving` for {a.plan_clients} clients on {a.cores:g} cores, from the "
+        f"Plans (`eenn.serve.sizing.propose_serving` for {a.plan_clients} clients on {a.cores:g} cores, from the "
         f"segment times above), for single-sample requests: early exit: {tiers(plans['early exit', 1])}; whole "
         f"network: {tiers(plans['whole', 1])}; no-op: the early-exit plan's first tier's settings. For requests of "
         f"{a.batch_samples} samples: early exit: {tiers(plans['early exit', a.batch_samples])}; whole network: "

@@ -57,7 +57,7 @@ With --concurrency N (closed-loop clients) or --rate R (requests/s), and --cores
 each tier's max_batch, batch_wait_ms, replicas and ray_actor_options.num_cpus from the segment
 times (measured at batch 1 and at --measure-batch for NAME=measure tiers; per run and per MAC for
 declared ones) and the share of samples that reach each tier, prints why, and writes them into the
-plan (eenn.serve.plan.propose_serving).
+plan (eenn.serve.sizing.propose_serving).
 """
 
 
@@ -236,7 +236,8 @@ def run_plan(args) -> int:
     import os
 
     from ..staged import load_manifest
-    from .plan import LinkSpec, expected_latency, plan_splits, propose_serving
+    from .plan import LinkSpec, expected_latency, plan_splits
+    from .sizing import propose_serving
 
     batching = args.concurrency is not None or args.rate is not None
     if args.concurrency is not None and args.rate is not None:
