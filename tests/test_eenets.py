@@ -323,9 +323,11 @@ def test_larger_lambda_gives_a_cheaper_network(trained):
     # Measured (seed 0, default recipe, v2's levels averaged): lambda 0.1 -> hard cost 0.72, soft
     # 0.65; lambda 5 -> 0.47 / 0.48; lambda 10 -> every sample leaves at the first exit (0.358) /
     # 0.42, at 0.81 accuracy.
+    # (margins well inside the measured gaps, 0.37 and 0.24: another processor trains a little
+    # differently)
     small, large = trained["v2"][2], trained["v2 lam 10"][2]
-    assert large["hard"] < small["hard"] - 0.3
-    assert large["soft"] < small["soft"] - 0.2
+    assert large["hard"] < small["hard"] - 0.25
+    assert large["soft"] < small["soft"] - 0.15
     assert large["acc"] > 0.6
 
 
