@@ -339,3 +339,64 @@ def test_deployments_time_every_path_and_name_the_fastest(tmp_path):
         assert r["ratio"] == pytest.approx(r["speedup"] / r["mac_speedup"]) and r["mac_speedup"] > 1
     assert format_deployments(timing)[-1] == f"worst ratio over the best static: {timing['worst_ratio']:.2f}"
     assert [p.name for p in deployments(net, policy, paths="eager")] == ["PyTorch eager"]
+
+
+def test_batch_parallel_answers_as_one_worker(tmp_path):
+    """BatchParallel cuts a batch into one contiguous part per worker, runs the parts at once and
+    joins the answers in batch order: the same answers as one runner on the whole batch, for the
+    staged runner's dict, a session's list and a plain array; short batches and errors too."""
+    from eenn.deployments import BatchParallel
+    from eenn.staged import _session
+
+    net = _net()
+    x = torch.randn(23, 1, 8, 8)
+    with torch.no_grad():
+        th = _midpoint_thresholds(net, x, "max_prob")
+    m = export(net, tmp_path, policy="max_prob", thresholds=th)
+    one = StagedRunner(tmp_path)(x.numpy())
+    par = BatchParallel([StagedRunner(tmp_path) for _ in range(3)])
+    for rows in (23, 2, 1):  # three parts; fewer rows than workers
+        got, want = par(x[:rows].numpy()), StagedRunner(tmp_path)(x[:rows].numpy())
+        assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in ("prediction", "exit", "depth"))
+        assert np.allclose(got["probs"], want["probs"], atol=1e-6)
+    assert len(set(one["exit"].tolist())) >= 2  # parts that leave at different exits
+    static = (tmp_path / m["static"]["file"]).read_bytes()
+    sessions = BatchParallel([lambda v, s=_session(static, 1): s.run(None, {"input": v}) for _ in range(2)])
+    logits = sessions(x.numpy())
+    assert isinstance(logits, list) and logits[0].shape == (23, 10)
+    assert np.allclose(logits[0], _session(static, 1).run(None, {"input": x.numpy()})[0], atol=1e-6)
+    assert np.array_equal(BatchParallel([lambda v: v * 2] * 4)(np.arange(10)), np.arange(10) * 2)
+
+    def fail(v):
+        raise ValueError("worker failed")
+
+    with pytest.raises(ValueError, match="worker failed"):
+        BatchParallel([lambda v: v, fail])(np.arange(4))
+    with pytest.raises(ValueError, match="at least one worker"):
+        BatchParallel([])
+    sessions.close()
+    par.close()
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_fused_graph_keeps_each_segments_weights_in_its_branch(tmp_path, batched):
+    """Weights held at the top would be outer-scope inputs that every If hands to its branch on
+    every call; each segment's weights sit in the (sub)graph that runs it instead."""
+    import onnx
+
+    from eenn.fused import fuse_segments
+
+    export(_net(), tmp_path, policy="max_prob", thresholds=0.5)
+    m = load_manifest(tmp_path)
+    segs = [(tmp_path / s["file"]).read_bytes() for s in m["segments"]]
+    g = onnx.load_from_string(fuse_segments(segs, m["segments"], "max_prob", 10, m["opset"], batched=batched)).graph
+    depth = 0
+    while True:
+        names = {t.name.split("/")[0] for t in g.initializer}
+        assert names <= {f"s{depth}", "c"} and f"s{depth}" in names, (depth, names)
+        deeper = [a.g for n in g.node if n.op_type == "If" for a in n.attribute if a.g.initializer]
+        if not deeper:
+            break
+        (g,) = deeper
+        depth += 1
+    assert depth == len(segs) - 1

@@ -56,7 +56,10 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
         raise ValueError(f"rule {rule!r} has no fused form; fused rules: {', '.join(FUSED_RULES)}")
     E = len(segments)
     models = [compose.add_prefix(onnx.load_from_string(b), f"s{k}/") for k, b in enumerate(segments)]
-    initializers = [t for m in models for t in m.graph.initializer]
+    # Each segment's weights live in the (sub)graph that runs it. Held at the top level, every
+    # weight of the deeper segments would be an outer-scope input of each If on the way, which
+    # onnxruntime hands to the branch on every call (a ViT: ~7 us per level at batch 1).
+    weights = [list(m.graph.initializer) for m in models]
     C = num_classes
     const = []  # constants shared by every exit (top-level initializers)
 
@@ -83,19 +86,24 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
             return [helper.make_node("Identity", [a], [b]) for a, b in pairs]
         return [helper.make_node("Gather", [a, rows], [b], axis=0) for a, b in pairs]
 
-    def answer(k: int, tag: str, per_row: bool = False) -> tuple[list, list[str]]:
+    def answer(k: int, tag: str, per_row: bool = False, probs: str | None = None) -> tuple[list, list[str]]:
         """Nodes computing exit k's answer: (prediction, exit, probs); ``per_row``: the exit
-        number repeated for every row (ArgMax's output * 0 + k) rather than one [1] value."""
+        number repeated for every row (ArgMax's output * 0 + k) rather than the [1] constant;
+        ``probs``: the exit's softmax where the rule already computed it."""
         p = f"a{k}{tag}/"
         exit_name = add_const(f"c/exit_{k}", TensorProto.INT64, [1], [k])
         nodes = [helper.make_node("ArgMax", [f"s{k}/logits"], [p + "prediction"], axis=-1, keepdims=0)]
         if per_row:
             nodes += [helper.make_node("Mul", [p + "prediction", zero_i], [p + "zeros"]),
                       helper.make_node("Add", [p + "zeros", exit_name], [p + "exit"])]
-        else:
-            nodes.append(helper.make_node("Identity", [exit_name], [p + "exit"]))
-        nodes.append(helper.make_node("Softmax", [f"s{k}/logits"], [p + "probs"], axis=-1))
-        return nodes, [p + "prediction", p + "exit", p + "probs"]
+        if probs is None:
+            probs = p + "probs"
+            nodes.append(helper.make_node("Softmax", [f"s{k}/logits"], [probs], axis=-1))
+        return nodes, [p + "prediction", p + "exit" if per_row else exit_name, probs]
+
+    def softmax_of(k: int) -> str | None:
+        """The name under which :func:`fires` leaves exit k's softmax (None: the rule has none)."""
+        return None if rule == "gate" else f"d{k}/p"
 
     def fires(k: int) -> tuple[list, str]:
         """Nodes computing whether exit k's score fires against ``thresholds[k]`` (a [1] bool)."""
@@ -153,13 +161,13 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
             a_nodes, names = answer(k, "")
             return nodes + a_nodes, names
         f_nodes, fire = fires(k)
-        then_nodes, then_names = answer(k, "t")
+        then_nodes, then_names = answer(k, "t", probs=softmax_of(k))
         t_ren, t_infos = branch_outputs(then_names, f"then{k}")
         else_nodes, else_names = from_exit(k + 1)
         e_ren, e_infos = branch_outputs(else_names, f"else{k}")
         then_graph = helper.make_graph(then_nodes + t_ren, f"exit{k}", [], t_infos)
-        else_graph = helper.make_graph(else_nodes + e_ren, f"after{k}", [], e_infos)
-        outs = [f"if{k}/prediction", f"if{k}/exit", f"if{k}/probs"]
+        else_graph = helper.make_graph(else_nodes + e_ren, f"after{k}", [], e_infos, initializer=weights[k + 1])
+        outs = [info.name for info in out_info] if k == 0 else [f"if{k}/prediction", f"if{k}/exit", f"if{k}/probs"]
         node = helper.make_node("If", [fire], outs, then_branch=then_graph, else_branch=else_graph)
         return nodes + f_nodes + [node], outs
 
@@ -167,13 +175,14 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
         """A batch at segment k (the rows ``rows`` of segment k-1's outputs): every sample gets
         exit k's answer; if some do not fire, those rows go on (gathered) and their deeper
         answers are scattered back over exit k's."""
-        a_nodes, names = answer(k, "", per_row=True)
-        nodes = wiring(k, rows) + list(models[k].graph.node) + a_nodes
-        p = f"b{k}/"
+        nodes = wiring(k, rows) + list(models[k].graph.node)
         if k == E - 1:
-            return nodes, names
+            a_nodes, names = answer(k, "", per_row=True)
+            return nodes + a_nodes, names
+        p = f"b{k}/"
         f_nodes, fire = fires(k)
-        nodes += f_nodes + [
+        a_nodes, names = answer(k, "", per_row=True, probs=softmax_of(k))
+        nodes += f_nodes + a_nodes + [
             helper.make_node("Reshape", [fire, flat], [p + "fire"]),
             helper.make_node("Not", [p + "fire"], [p + "go"]),
             helper.make_node("NonZero", [p + "go"], [p + "nz"]),
@@ -190,20 +199,21 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
             merged.append(helper.make_node("ScatterND", [n, rows, d], [f"{p}deep/{info.name}"]))
         d_ren, d_infos = branch_outputs([f"{p}deep/{info.name}" for info in out_info], f"deep{k}")
         s_ren, s_infos = branch_outputs(names, f"here{k}")
-        deep = helper.make_graph(deep_nodes + merged + d_ren, f"after{k}", [], d_infos)
+        deep = helper.make_graph(deep_nodes + merged + d_ren, f"after{k}", [], d_infos, initializer=weights[k + 1])
         here = helper.make_graph(s_ren, f"exit{k}", [], s_infos)
-        outs = [f"lvl{k}/prediction", f"lvl{k}/exit", f"lvl{k}/probs"]
+        outs = [info.name for info in out_info] if k == 0 else [f"lvl{k}/prediction", f"lvl{k}/exit", f"lvl{k}/probs"]
         return nodes + [helper.make_node("If", [p + "cond"], outs, then_branch=deep, else_branch=here)], outs
 
     body, names = level(0) if batched else from_exit(0)
-    body += [helper.make_node("Identity", [n], [info.name]) for n, info in zip(names, out_info)]
+    if E == 1:  # otherwise the top If already writes the graph's outputs
+        body += [helper.make_node("Identity", [n], [info.name]) for n, info in zip(names, out_info)]
     first = onnx.load_from_string(segments[0]).graph.input[0]
     x_info = onnx.ValueInfoProto()
     x_info.CopyFrom(first)
     x_info.name = "input"
     th_info = helper.make_tensor_value_info("thresholds", TensorProto.FLOAT, [max(E - 1, 1)])
     graph = helper.make_graph(body, "eenn_fused_batched" if batched else "eenn_fused_batch1", [x_info, th_info],
-                              out_info, initializer=initializers + const)
+                              out_info, initializer=weights[0] + const)
     domains = {"": opset}
     for m in models:  # segments optimised by onnxruntime also use its own operator domains
         for o in m.opset_import:

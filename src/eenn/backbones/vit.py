@@ -25,6 +25,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, in_channels: int, dim: int, patch: int, grid: tuple[int, int], class_token: bool) -> None:
         super().__init__()
+        self.dim, self.num_patches = dim, grid[0] * grid[1]
         self.proj = nn.Conv2d(in_channels, dim, patch, stride=patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
         self.pos = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + int(class_token), dim))
@@ -33,10 +34,17 @@ class PatchEmbed(nn.Module):
             nn.init.trunc_normal_(self.cls, std=0.02)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
-        if self.cls is not None:
-            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
-        return x + self.pos
+        x = self.proj(x)
+        # In ONNX a reshape to constant sizes is one node; flatten(2) computes its shape from the
+        # input's at run time (five nodes, a sizeable share of a small ViT's time at batch 1).
+        x = x.reshape(-1, self.dim, self.num_patches) if torch.onnx.is_in_onnx_export() else x.flatten(2)
+        x = x.transpose(1, 2)  # [B, N, D]
+        if self.cls is None:
+            return x + self.pos
+        # cat([class token, x]) + pos, written as a zero row in front plus (pos with the class
+        # token added to its first row): the same sums, and in ONNX a Pad instead of the
+        # Shape/Expand/Concat chain that expanding the class token to the batch takes.
+        return F.pad(x, (0, 0, 1, 0)) + (self.pos + F.pad(self.cls, (0, 0, 0, self.num_patches)))
 
 
 class EncoderBlock(nn.Module):
@@ -48,6 +56,7 @@ class EncoderBlock(nn.Module):
         if dim % heads:
             raise ValueError(f"vit: the width {dim} must be a multiple of the head count {heads}")
         self.heads = heads
+        self.scale = (dim // heads) ** -0.5  # a constant: otherwise ONNX computes it from shapes per call
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -57,8 +66,10 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
+        if torch.onnx.is_in_onnx_export():  # constant sizes: a Reshape each, not a shape computation per call
+            b, n, d = -1, int(n), int(d)
         q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, D/H]
+        a = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [B, H, N, D/H]
         x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
         return x + self.mlp(self.norm2(x))
 
