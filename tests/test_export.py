@@ -330,7 +330,7 @@ def test_deployments_time_every_path_and_name_the_fastest(tmp_path):
             assert np.array_equal(exits, want.exit.numpy()), p.name
             static = static[0] if isinstance(static, list) else static.numpy()
             assert np.abs(static - logits.numpy()).max() < 1e-3, p.name
-        timing = time_deployments(net, policy, x, [1, 8], samples=[6, 24], repeats=1, paths=paths, settle=0.0)
+        timing = time_deployments(net, policy, x, [1, 8], samples=[6, 24], repeats=1, paths=paths, settle=0.0, warm=0.0)
     for r in timing["rows"]:
         best_s = min(r["paths"], key=lambda k: r["paths"][k]["static_ms"])
         best_e = min(r["paths"], key=lambda k: r["paths"][k]["early_ms"])

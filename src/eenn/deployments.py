@@ -180,7 +180,7 @@ def deployments(net: MultiExitNetwork, policy: ExitPolicy, *, device: torch.devi
 @torch.no_grad()
 def time_deployments(net: MultiExitNetwork, policy: ExitPolicy, x: Tensor, batch_sizes: Sequence[int], *,
                      samples: Sequence[int] | None = None, repeats: int = 5, paths: list[Deployment] | None = None,
-                     settle: float = 0.1) -> dict[str, Any]:
+                     settle: float = 0.1, warm: float = 0.05) -> dict[str, Any]:
     """Milliseconds per sample of the static and the early-exit network on every path, over the
     model inputs ``x`` cut into batches of each size (the first ``samples[i]`` of them for the
     i-th size): one untimed pass, then ``repeats`` timed passes with every path's static and
@@ -191,7 +191,11 @@ def time_deployments(net: MultiExitNetwork, policy: ExitPolicy, x: Tensor, batch
     timed right after another path, a path shares the cores with those threads, which a
     deployment running one network never does (on 2 cores, onnxruntime at 2 threads, batch 1:
     0.27 ms per sample for the static graph timed right after the early-exit graph, 0.21 after a
-    50 ms pause; the early-exit graph 0.19 against 0.13).
+    50 ms pause; the early-exit graph 0.19 against 0.13). After the pause the path runs untimed
+    for ``warm`` seconds: cores left idle for 0.1 s (here, a virtual machine's) take tens of
+    milliseconds to come back to speed, which a short timed run then pays in full (a width-64
+    ViT at batch 256 as 2 x 1 thread: 0.017 ms per sample timed straight after the pause,
+    0.009 after 50 ms of warm-up or without the pause), and a deployment serving steadily never does.
 
     Per batch size: the fastest static path and the fastest early-exit path (named), the
     speed-up of the one over the other, the MAC speed-up the policy gives on these samples, and
@@ -211,6 +215,11 @@ def time_deployments(net: MultiExitNetwork, policy: ExitPolicy, x: Tensor, batch
         def run(fn):
             _sync(x.device)
             time.sleep(settle)  # the previous path's spinning threads go idle (see above)
+            t0, i = time.perf_counter(), 0
+            while time.perf_counter() - t0 < warm:  # then the cores come back to speed (see above)
+                fn(batches[i % len(batches)])
+                i += 1
+            _sync(x.device)
             t0 = time.perf_counter()
             for c in batches:
                 fn(c)

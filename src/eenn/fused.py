@@ -187,19 +187,20 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
             helper.make_node("Not", [p + "fire"], [p + "go"]),
             helper.make_node("NonZero", [p + "go"], [p + "nz"]),
             helper.make_node("Reshape", [p + "nz", flat], [p + "stay"]),  # rows going on, in order
-            helper.make_node("Cast", [p + "go"], [p + "go_i"], to=TensorProto.INT64),
-            helper.make_node("ReduceMax", [p + "go_i"], [p + "any"], keepdims=0),
-            helper.make_node("Cast", [p + "any"], [p + "cond"], to=TensorProto.BOOL)]
+            helper.make_node("Size", [p + "stay"], [p + "count"]),
+            helper.make_node("Greater", [p + "count", zero_i], [p + "cond"])]
         deep_nodes, deep_names = level(k + 1, p + "stay")
         rows = p + "rows"
         deep_nodes.append(helper.make_node("Unsqueeze", [p + "stay", axes_last], [rows]) if opset >= 13
                           else helper.make_node("Unsqueeze", [p + "stay"], [rows], axes=[-1]))
-        merged = []
-        for n, d, info in zip(names, deep_names, out_info):
-            merged.append(helper.make_node("ScatterND", [n, rows, d], [f"{p}deep/{info.name}"]))
-        d_ren, d_infos = branch_outputs([f"{p}deep/{info.name}" for info in out_info], f"deep{k}")
+        merged, d_infos = [], []
+        for n, d, info in zip(names, deep_names, out_info):  # the branch's outputs, unique names
+            merged.append(helper.make_node("ScatterND", [n, rows, d], [f"deep{k}/{info.name}"]))
+            d_infos.append(onnx.ValueInfoProto())
+            d_infos[-1].CopyFrom(info)
+            d_infos[-1].name = f"deep{k}/{info.name}"
         s_ren, s_infos = branch_outputs(names, f"here{k}")
-        deep = helper.make_graph(deep_nodes + merged + d_ren, f"after{k}", [], d_infos, initializer=weights[k + 1])
+        deep = helper.make_graph(deep_nodes + merged, f"after{k}", [], d_infos, initializer=weights[k + 1])
         here = helper.make_graph(s_ren, f"exit{k}", [], s_infos)
         outs = [info.name for info in out_info] if k == 0 else [f"lvl{k}/prediction", f"lvl{k}/exit", f"lvl{k}/probs"]
         return nodes + [helper.make_node("If", [p + "cond"], outs, then_branch=deep, else_branch=here)], outs

@@ -77,12 +77,16 @@ def read_segments(manifest: dict[str, Any], segments: tuple[int, int]) -> dict[i
     return {s["index"]: (base / s["file"]).read_bytes() for s in manifest["segments"][segments[0]:segments[1]]}
 
 
-def _session(model: bytes, threads: int, optimized_path: str | None = None, *, spin: bool = True):
+def _session(model: bytes, threads: int, optimized_path: str | None = None, *, spin: bool = True,
+             mem_pattern: bool = True):
     """An onnxruntime CPU session. ``spin=False``: its worker threads sleep as soon as a run ends
     instead of spinning for the next one. Between the staged runner's segment calls the exit loop
     runs PyTorch code, which spinning threads starve (on 2 cores, batch 256 through 2-thread
     segment sessions took 0.52 ms per sample spinning, 0.16 not); a graph called back to back
-    (the static network, the fused batch-1 graph) gains from spinning."""
+    (the static network, the fused batch-1 graph) gains from spinning. ``mem_pattern=False``
+    for a graph whose inner shapes change from call to call (the any-batch fused graph's
+    compacted levels): onnxruntime's memory planning then gains nothing, and two such sessions
+    run at once on two threads slowed each other by 30% with it, not at all without."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -92,6 +96,7 @@ def _session(model: bytes, threads: int, optimized_path: str | None = None, *, s
     opts.log_severity_level = 3
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.enable_mem_pattern = mem_pattern
     if optimized_path is not None:  # also write the graph as onnxruntime optimised it for this machine
         opts.optimized_model_filepath = optimized_path
     return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
@@ -115,7 +120,7 @@ def _fused_session(segments: dict[int, bytes], manifest: dict[str, Any], rule: s
     args = (optimised, manifest["segments"], rule, int(manifest["num_classes"]), int(manifest["opset"]))
     one = _session(fuse_segments(*args), threads)
     try:
-        batched = _session(fuse_segments(*args, batched=True), threads)
+        batched = _session(fuse_segments(*args, batched=True), threads, mem_pattern=False)
     except Exception as e:  # noqa: BLE001 - the segment loop answers batches instead
         warnings.warn(f"no fused graph for batches ({type(e).__name__}: {e}); batches run segment by segment",
                       RuntimeWarning, stacklevel=3)
