@@ -155,6 +155,35 @@ def test_a_tier_runs_at_most_max_batch_samples(model):
         pipe.close()
 
 
+@pytest.mark.parametrize("max_batch", [2, 1])
+def test_in_process_replicas_run_batches_at_once(model, monkeypatch, max_batch):
+    """In-process, a tier's ``replicas`` are worker threads (callers, without batching) that run
+    batches at the same time, as Ray runs replicas: each of two batches waits inside the tier
+    for the other to be running too, which one worker alone would never let happen."""
+    _, d, x, eng = model
+    wait = {"max_batch": max_batch, "batch_wait_ms": 20_000} if max_batch > 1 else {}
+    pipe = LocalPipeline(_plan(d, device={**wait, "replicas": 2}))
+    try:
+        m, tier = pipe.manifest, pipe.tiers[0]
+        both_in = threading.Barrier(2, timeout=60)
+        runs, real = [], tier.run_many
+
+        def meeting(runnings, waits=None):
+            if len(runs) < 2:
+                runs.append(len(runnings))
+                both_in.wait()  # BrokenBarrierError after 60 s if the other batch cannot start
+            return real(runnings, waits)
+
+        monkeypatch.setattr(tier, "run_many", meeting)
+        n = 2 * max_batch
+        replies = _together([lambda i=i: pipe(start_message(m, x[i:i + 1].numpy())) for i in range(n)])
+        assert runs == [max_batch, max_batch]
+        for i, reply in enumerate(replies):
+            _check_rows([build_response(m, reply, 1, 0.0, True)], eng, i)
+    finally:
+        pipe.close()
+
+
 def test_a_batched_tier_degrades_each_request_when_the_next_fails(model, monkeypatch):
     net, d, x, eng = model
     n_edge = int((eng.exit >= 2).sum())

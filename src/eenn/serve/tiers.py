@@ -184,25 +184,30 @@ class Tier:
 
 class _Batcher:
     """One tier's queue in the in-process mode. ``submit`` blocks until the tier has run the
-    request's samples. With ``max_batch`` 1 the caller runs them itself (one call at a time on
-    the tier); otherwise a worker thread takes the requests in arrival order, up to ``max_batch``
-    samples (a larger request alone), waiting at most ``wait_s`` after the first for others, and
-    runs them together (:meth:`Tier.run_many`). ``sizes`` records the samples of every run."""
+    request's samples. With ``max_batch`` 1 the callers run them themselves, ``workers`` at a
+    time; otherwise ``workers`` threads (the plan's ``replicas``: on Ray, each a process) take
+    the requests in arrival order, up to ``max_batch`` samples (a larger request alone), waiting
+    at most ``wait_s`` after the first for others, and run them together (:meth:`Tier.run_many`;
+    onnxruntime runs concurrent calls, on the calling threads). ``sizes`` records the samples of
+    every run."""
 
-    def __init__(self, tier: Tier, max_batch: int, wait_s: float) -> None:
+    def __init__(self, tier: Tier, max_batch: int, wait_s: float, workers: int = 1) -> None:
         self.tier, self.max_batch, self.wait_s = tier, int(max_batch), float(wait_s)
         self.sizes: deque[int] = deque(maxlen=4096)  # samples per run, the latest last
         self._cv = threading.Condition()
         self._queue: deque[tuple[Running, Future, float]] = deque()
         self._closed = False
-        self._thread = None
+        self._slots = threading.Semaphore(max(1, int(workers)))
+        self._threads = []
         if self.max_batch > 1:
-            self._thread = threading.Thread(target=self._work, daemon=True, name=f"eenn-tier-{tier.name}")
-            self._thread.start()
+            self._threads = [threading.Thread(target=self._work, daemon=True, name=f"eenn-tier-{tier.name}-{i}")
+                             for i in range(max(1, int(workers)))]
+            for t in self._threads:
+                t.start()
 
     def submit(self, message: bytes) -> tuple[dict[str, Any], Running | None]:
-        if self._thread is None:
-            with self._cv:
+        if not self._threads:
+            with self._slots:
                 reply, carry = self.tier.begin(message)
                 self.sizes.append(reply["tiers"][0].get("batch", 0))
                 return reply, carry
@@ -217,15 +222,18 @@ class _Batcher:
 
     def _take(self) -> list[tuple[Running, Future, float]] | None:
         """The next batch (None once closed and empty): called holding the lock."""
-        self._cv.wait_for(lambda: self._queue or self._closed)
-        if not self._queue:
-            return None
-        deadline = self._queue[0][2] + self.wait_s
-        while not self._closed and sum(len(q[0]) for q in self._queue) < self.max_batch:
-            left = deadline - time.perf_counter()
-            if left <= 0:
+        while True:
+            self._cv.wait_for(lambda: self._queue or self._closed)
+            if not self._queue:
+                return None
+            deadline = self._queue[0][2] + self.wait_s
+            while not self._closed and sum(len(q[0]) for q in self._queue) < self.max_batch:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cv.wait(left)  # a new arrival or the end of the batching window
+            if self._queue:  # else another worker took them while this one waited
                 break
-            self._cv.wait(left)  # a new arrival or the end of the batching window
         batch = [self._queue.popleft()]
         n = len(batch[0][0])
         while self._queue and n + len(self._queue[0][0]) <= self.max_batch:
@@ -255,8 +263,8 @@ class _Batcher:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        for t in self._threads:
+            t.join(timeout=10)
 
 
 class LocalPipeline:
@@ -272,7 +280,8 @@ class LocalPipeline:
         self.manifest = manifest or load_manifest(plan.model)
         self.tiers = [Tier(self.manifest, s, float16=plan.float16, threads=plan.threads,
                            models=read_segments(self.manifest, (s.start, s.stop))) for s in plan.tiers]
-        self.batchers = [_Batcher(t, s.max_batch, s.batch_wait_ms / 1000.0) for t, s in zip(self.tiers, plan.tiers)]
+        self.batchers = [_Batcher(t, s.max_batch, s.batch_wait_ms / 1000.0, workers=s.replicas)
+                         for t, s in zip(self.tiers, plan.tiers)]
         self._cv = threading.Condition()
         self._in_flight, self._held = 0, False
 
