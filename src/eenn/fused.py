@@ -141,17 +141,21 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
                 helper.make_tensor_value_info("exit", TensorProto.INT64, [None]),
                 helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, C])]
 
+    def renamed(info, name: str):
+        """A copy of the value info ``info`` under ``name``."""
+        vi = onnx.ValueInfoProto()
+        vi.CopyFrom(info)
+        vi.name = name
+        return vi
+
     def branch_outputs(names: list[str], tag: str) -> tuple[list, list]:
         """Identity nodes renaming a branch's answer to unique names, and their value infos."""
-        nodes, infos = [], []
-        for n, info in zip(names, out_info):
-            new = f"{tag}/{info.name}"
-            nodes.append(helper.make_node("Identity", [n], [new]))
-            vi = onnx.ValueInfoProto()
-            vi.CopyFrom(info)
-            vi.name = new
-            infos.append(vi)
-        return nodes, infos
+        nodes = [helper.make_node("Identity", [n], [f"{tag}/{info.name}"]) for n, info in zip(names, out_info)]
+        return nodes, [renamed(info, f"{tag}/{info.name}") for info in out_info]
+
+    def if_outputs(k: int, tag: str) -> list[str]:
+        """The outputs of level k's If: the graph's own at the top, else unique names."""
+        return [info.name if k == 0 else f"{tag}{k}/{info.name}" for info in out_info]
 
     def from_exit(k: int) -> tuple[list, list[str]]:
         """The nodes that run segment k onwards and the names of the answer they produce
@@ -167,7 +171,7 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
         e_ren, e_infos = branch_outputs(else_names, f"else{k}")
         then_graph = helper.make_graph(then_nodes + t_ren, f"exit{k}", [], t_infos)
         else_graph = helper.make_graph(else_nodes + e_ren, f"after{k}", [], e_infos, initializer=weights[k + 1])
-        outs = [info.name for info in out_info] if k == 0 else [f"if{k}/prediction", f"if{k}/exit", f"if{k}/probs"]
+        outs = if_outputs(k, "if")
         node = helper.make_node("If", [fire], outs, then_branch=then_graph, else_branch=else_graph)
         return nodes + f_nodes + [node], outs
 
@@ -193,25 +197,20 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
         rows = p + "rows"
         deep_nodes.append(helper.make_node("Unsqueeze", [p + "stay", axes_last], [rows]) if opset >= 13
                           else helper.make_node("Unsqueeze", [p + "stay"], [rows], axes=[-1]))
-        merged, d_infos = [], []
-        for n, d, info in zip(names, deep_names, out_info):  # the branch's outputs, unique names
-            merged.append(helper.make_node("ScatterND", [n, rows, d], [f"deep{k}/{info.name}"]))
-            d_infos.append(onnx.ValueInfoProto())
-            d_infos[-1].CopyFrom(info)
-            d_infos[-1].name = f"deep{k}/{info.name}"
+        # the branch's outputs, under unique names
+        merged = [helper.make_node("ScatterND", [n, rows, d], [f"deep{k}/{info.name}"])
+                  for n, d, info in zip(names, deep_names, out_info)]
+        d_infos = [renamed(info, f"deep{k}/{info.name}") for info in out_info]
         s_ren, s_infos = branch_outputs(names, f"here{k}")
         deep = helper.make_graph(deep_nodes + merged, f"after{k}", [], d_infos, initializer=weights[k + 1])
         here = helper.make_graph(s_ren, f"exit{k}", [], s_infos)
-        outs = [info.name for info in out_info] if k == 0 else [f"lvl{k}/prediction", f"lvl{k}/exit", f"lvl{k}/probs"]
+        outs = if_outputs(k, "lvl")
         return nodes + [helper.make_node("If", [p + "cond"], outs, then_branch=deep, else_branch=here)], outs
 
     body, names = level(0) if batched else from_exit(0)
     if E == 1:  # otherwise the top If already writes the graph's outputs
         body += [helper.make_node("Identity", [n], [info.name]) for n, info in zip(names, out_info)]
-    first = onnx.load_from_string(segments[0]).graph.input[0]
-    x_info = onnx.ValueInfoProto()
-    x_info.CopyFrom(first)
-    x_info.name = "input"
+    x_info = renamed(onnx.load_from_string(segments[0]).graph.input[0], "input")
     th_info = helper.make_tensor_value_info("thresholds", TensorProto.FLOAT, [max(E - 1, 1)])
     graph = helper.make_graph(body, "eenn_fused_batched" if batched else "eenn_fused_batch1", [x_info, th_info],
                               out_info, initializer=weights[0] + const)

@@ -236,9 +236,8 @@ class StagedRunner:
         if (self.first, self.stop) != (0, self.num_exits):
             raise ExportError("this runner holds only some segments; use start()/advance()")
         x = self._input(x)
-        fused = self._fused_for(len(x))
-        if fused is not None:  # one call, nothing around it
-            pred, exit_, probs = fused.run(None, {"input": x, "thresholds": self._fused_th})
+        if self._fused_for(len(x)) is not None:  # one call, nothing around it
+            pred, exit_, probs = self._fused(x)
             return {"prediction": pred, "exit": exit_, "depth": exit_.copy(), "probs": probs,
                     "degraded": np.zeros(len(x), bool)}
         answers, rest = self.advance(self.start(x))

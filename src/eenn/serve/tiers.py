@@ -197,11 +197,12 @@ class _Batcher:
         self._cv = threading.Condition()
         self._queue: deque[tuple[Running, Future, float]] = deque()
         self._closed = False
-        self._slots = threading.Semaphore(max(1, int(workers)))
+        workers = max(1, int(workers))
+        self._slots = threading.Semaphore(workers)
         self._threads = []
         if self.max_batch > 1:
             self._threads = [threading.Thread(target=self._work, daemon=True, name=f"eenn-tier-{tier.name}-{i}")
-                             for i in range(max(1, int(workers)))]
+                             for i in range(workers)]
             for t in self._threads:
                 t.start()
 
