@@ -169,6 +169,29 @@ def test_stream_equals_engine_per_batch(policy, head, net_opts, opts, fallback, 
     _assert_full_batches(log, 32, net.num_exits)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("policy, head, net_opts, opts", CASES, ids=lambda c: str(c)[:20])
+def test_stream_with_the_decision_in_the_graphs_equals_engine_per_batch(policy, head, net_opts, opts, arch):
+    """Re-batching on the graphed exit loop (buckets; the GPU's path, run eagerly here): the
+    per-batch answers of the general engine, and segments run at the stream's batch size."""
+    net = _net(head, arch, **net_opts)
+    torch.manual_seed(1)
+    xs = [torch.randn(n, 1, 8, 8) for n in STREAM_SIZES]
+    with torch.no_grad():
+        th = _midpoints(net, torch.cat(xs), policy, opts)
+    ref = DynamicEngine(net, policy, th, **opts)
+    eng = DynamicEngine(net, policy, th, buckets=(8, 32), **opts)
+    got = list(eng.stream(iter(xs), batch_size=32))
+    assert len(got) == len(xs)
+    for b, (g, xb) in enumerate(zip(got, xs)):
+        e = ref(xb)
+        for field in ("prediction", "exit", "depth", "macs"):
+            assert torch.equal(getattr(g, field), getattr(e, field)), (b, field)
+    assert set(eng.graphed.calls) <= {(k, b) for k in range(4) for b in (8, 32)}
+    assert any(k == 3 for k, _ in eng.graphed.calls)  # survivors reached the last segment
+    assert any(eng.graphed.calls[(k, 32)] for k in (1, 2, 3))  # pooled into a full batch past the first exit
+
+
 def test_stream_yields_each_batch_as_soon_as_it_is_answered():
     net = _net()
     torch.manual_seed(1)
@@ -278,6 +301,9 @@ def test_cuda_graphs_give_the_eager_answers(policy, head, net_opts, opts, arch):
         a, b = ref(xb), eng(xb)
         assert torch.equal(a.exit, b.exit) and torch.equal(a.prediction, b.prediction)
     assert eng.graphed._graphs  # captured, not run eagerly
+    pieces = x.split(40)  # re-batched on the GPU: survivors of successive batches pooled, graphs replayed
+    for a, b in zip((ref(p) for p in pieces), eng.stream(pieces, batch_size=64), strict=True):
+        assert torch.equal(a.exit, b.exit) and torch.equal(a.prediction, b.prediction)
     with torch.no_grad():
         assert torch.allclose(eng.static(x[:64]), net.backbone(x[:64]), atol=1e-4)
 

@@ -313,7 +313,7 @@ def test_static_graph_is_the_backbone(tmp_path):
 def test_deployments_time_every_path_and_name_the_fastest(tmp_path):
     """eenn.deployments: the static and the early-exit network on every path (each path's two
     runs give the network's own answers), the best of each named, the ratio to the MAC saving."""
-    from eenn.deployments import deployments, format_deployments, time_deployments
+    from eenn.deployments import Deployment, deployments, format_deployments, time_deployments
 
     net = _net()
     x = torch.randn(24, 1, 8, 8)
@@ -330,7 +330,11 @@ def test_deployments_time_every_path_and_name_the_fastest(tmp_path):
             assert np.array_equal(exits, want.exit.numpy()), p.name
             static = static[0] if isinstance(static, list) else static.numpy()
             assert np.abs(static - logits.numpy()).max() < 1e-3, p.name
+        eng, streamed = DynamicEngine(net, policy), []  # a re-batching path gets the whole list of batches
+        paths.append(Deployment("re-batched", eng.static, lambda bs: streamed.append(len(bs)) or list(eng.stream(bs)), True))
+        names.append("re-batched")
         timing = time_deployments(net, policy, x, [1, 8], samples=[6, 24], repeats=1, paths=paths, settle=0.0, warm=0.0)
+    assert streamed == [6, 6, 3, 3]  # per batch size: the untimed pass and one repeat, each on the whole stream
     for r in timing["rows"]:
         best_s = min(r["paths"], key=lambda k: r["paths"][k]["static_ms"])
         best_e = min(r["paths"], key=lambda k: r["paths"][k]["early_ms"])

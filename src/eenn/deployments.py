@@ -13,6 +13,12 @@ Paths (:func:`deployments`):
   (:class:`~eenn.inference.OptimizedSegments`; batch 1 stays eager there);
 - ``PyTorch + CUDA graphs`` (CUDA): the backbone captured per batch size / the engine with its
   segments captured per bucket size (:mod:`eenn.graphs`);
+- ``PyTorch + CUDA graphs, bf16, channels-last`` (CUDA, where :func:`check_precision` finds
+  the answers hold on the validation split): the same in reduced precision;
+- ``..., re-batched`` (CUDA, for each of the two): the early exit run over the whole stream of
+  batches with the survivors of successive batches pooled into full batches at every exit
+  (:meth:`~eenn.engine.DynamicEngine.stream`, E3/DREX; batches of the input's size, at most the
+  largest bucket); the answers per batch are the engine's;
 - ``onnxruntime, N thread(s)`` (CPU, when onnxruntime is installed), for 1 thread and for
   torch's thread count: the static network as one graph (``static.onnx``) / the staged runner
   (one call of a fused graph per batch, the exit loop and its compaction inside; see
@@ -50,6 +56,9 @@ class Deployment(NamedTuple):
     name: str
     static: Callable[[Tensor], Any]  # the static network on a batch of model inputs
     early: Callable[[Tensor], Any]  # the early-exit network on the same batch
+    # True: ``early`` takes the whole list of batches at once (a re-batching stream,
+    # :meth:`~eenn.engine.DynamicEngine.stream`); ``static`` still takes one batch
+    stream: bool = False
 
 
 class BatchParallel:
@@ -140,11 +149,16 @@ def deployments(net: MultiExitNetwork, policy: ExitPolicy, *, device: torch.devi
         return out
     if device.type == "cuda":  # launches and host syncs dominate a GPU: segments and backbone as CUDA graphs
         graphed = DynamicEngine(net, policy, buckets=DEFAULT_BUCKETS)
-        out.append(Deployment("PyTorch + CUDA graphs", graphed.static, graphed))
+        engines = [("PyTorch + CUDA graphs", graphed)]
         if val is not None and check_precision(net, policy, val, channels_last=True)["held"]:
-            low = DynamicEngine(copy.deepcopy(net), policy, buckets=DEFAULT_BUCKETS, autocast=torch.bfloat16,
-                                channels_last=True)
-            out.append(Deployment("PyTorch + CUDA graphs, bf16, channels-last", low.static, low))
+            engines.append(("PyTorch + CUDA graphs, bf16, channels-last",
+                            DynamicEngine(copy.deepcopy(net), policy, buckets=DEFAULT_BUCKETS, autocast=torch.bfloat16,
+                                          channels_last=True)))
+        for name, eng in engines:
+            out.append(Deployment(name, eng.static, eng))
+            # survivors pooled into batches of the input's size, at most the largest bucket
+            out.append(Deployment(f"{name}, re-batched", eng.static, lambda batches, e=eng: list(
+                e.stream(batches, batch_size=min(len(batches[0]), DEFAULT_BUCKETS[-1]))), stream=True))
     opt = DynamicEngine(net, policy, optimize=True)
     out.append(Deployment("PyTorch optimised", opt.static, opt))
     if device.type != "cpu":
@@ -212,24 +226,27 @@ def time_deployments(net: MultiExitNetwork, policy: ExitPolicy, x: Tensor, batch
         batches = list(x[:n].split(b))
         spent = torch.cat([engine(c).macs for c in batches]).double().mean().item()
 
-        def run(fn):
+        def run(fn, whole=False):
+            if not whole:
+                def fn(bs, one=fn):
+                    for c in bs:
+                        one(c)
             _sync(x.device)
             time.sleep(settle)  # the previous path's spinning threads go idle (see above)
             t0, i = time.perf_counter(), 0
             while time.perf_counter() - t0 < warm:  # then the cores come back to speed (see above)
-                fn(batches[i % len(batches)])
+                fn(batches if whole else batches[i % len(batches):][:1])
                 i += 1
             _sync(x.device)
             t0 = time.perf_counter()
-            for c in batches:
-                fn(c)
+            fn(batches)
             _sync(x.device)
             return time.perf_counter() - t0
 
         times: dict[str, tuple[list[float], list[float]]] = {p.name: ([], []) for p in paths}
         for rep in range(repeats + 1):
             for p in paths:
-                s, e = run(p.static), run(p.early)
+                s, e = run(p.static), run(p.early, p.stream)
                 if rep:  # the first pass warms up (traces, allocations, caches)
                     times[p.name][0].append(s)
                     times[p.name][1].append(e)

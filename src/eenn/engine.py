@@ -13,6 +13,7 @@ import numbers
 from collections import deque
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -95,19 +96,22 @@ class DynamicEngine:
         self.channels_last = channels_last
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
+        # The eager segment (what the graphed exit loop captures) and the fast path's
+        self._eager_segment = self.net.forward_segment
         if autocast is not None:
             device_type = next(self.net.parameters()).device.type
-            seg, bb = self.forward_segment, self._backbone
 
-            def seg_autocast(k, state, prev):
-                with torch.autocast(device_type, dtype=autocast, cache_enabled=False):
-                    return seg(k, state, prev)
+            def under_autocast(fn):
+                def run(*args):
+                    with torch.autocast(device_type, dtype=autocast, cache_enabled=False):
+                        return fn(*args)
+                return run
 
-            def bb_autocast(x):
-                with torch.autocast(device_type, dtype=autocast, cache_enabled=False):
-                    return bb(x)
-
-            self.forward_segment, self._backbone = seg_autocast, bb_autocast
+            self.forward_segment, self._backbone, self._eager_segment = (
+                under_autocast(f) for f in (self.forward_segment, self._backbone, self._eager_segment))
+        # With buckets, the ``final`` fallback runs the exit loop with the decision in the graphs
+        # (BucketedSegments.exits); micro-batches and SDN's fallback run the general loop.
+        self._graphed_loop = (self.graphed is not None and self.bound.fallback == "final" and micro_batch is None)
 
     def _segment(self, k: int, state, prev: Tensor | None):
         """Segment ``k`` on the samples still running, in pieces of at most ``micro_batch``
@@ -142,6 +146,8 @@ class DynamicEngine:
         if self.net.training:
             raise RuntimeError("put the network in eval mode: training-mode BatchNorm mixes samples")
         x = self._input(x)
+        if self._graphed_loop and x.shape[0]:
+            return self._graphed(x)
         answers = Answers()
         run_exits(self.bound, start(x), self._segment, answers)
         if len(answers.index) == 1:  # everyone left at one exit (always so at batch 1): no reordering
@@ -150,6 +156,17 @@ class DynamicEngine:
             out = answers.ordered(x.shape[0])
             pred, exit_, depth = out["prediction"], out["exit"], out["depth"]
         return EngineResult(pred, exit_, depth, self._macs_on(x.device)[depth])
+
+    def _graphed(self, x: Tensor) -> EngineResult:
+        """The exit loop with the decision in the graphs: answers kept on the host, sent to the
+        device in one copy at the end."""
+        n = x.shape[0]
+        _, answered = self.graphed.exits(self.bound, self._eager_segment, Running(0, torch.arange(n), x, n))
+        out = np.empty((2, n), dtype=np.int64)
+        for pos, pred, k in answered:
+            out[0, pos], out[1, pos] = pred, k
+        both = torch.from_numpy(out).to(x.device)
+        return EngineResult(both[0], both[1], both[1], self._macs_on(x.device)[both[1]])
 
     def _macs_on(self, device: torch.device) -> Tensor:
         macs = self._macs.get(device)
@@ -192,8 +209,12 @@ class DynamicEngine:
         sizes: deque[int] = deque()  # input batches not yet yielded, in input order
         base = 0  # sample id of the first sample of sizes[0]
         read = 0  # samples read so far: the id of the next one
-        buf: dict[str, Tensor] = {}  # answers of samples base .. read-1 ("done": answered yet)
-        macs = None
+        # answers of samples base .. read-1, on the host ("done": answered yet); the graphed loop
+        # keeps the running samples' ids on the host too
+        buf = {f: np.zeros(0, dtype=np.int64) for f in ("prediction", "exit", "depth")}
+        buf["done"] = np.zeros(0, dtype=bool)
+        graphed = self._graphed_loop
+        device = None
 
         def run(k: int, n: int) -> None:
             pieces, got = [], 0
@@ -205,44 +226,49 @@ class DynamicEngine:
                 pieces.append(piece)
                 got += len(piece)
             waiting[k] -= got
-            answers = Answers()
-            left = run_exits(self.bound, Running.cat(pieces), self._segment, answers, stop=k + 1)
+            if graphed:
+                left, answered = self.graphed.exits(self.bound, self._eager_segment, Running.cat(pieces), stop=k + 1)
+                answered = [(pos, pred, e, e) for pos, pred, e in answered]
+            else:
+                answers = Answers()
+                left = run_exits(self.bound, Running.cat(pieces), self._segment, answers, stop=k + 1)
+                answered = [tuple(t.cpu().numpy() for t in chunk)
+                            for chunk in zip(answers.index, answers.prediction, answers.exit, answers.depth)]
             if left is not None:
                 queues[k + 1].append(left)
                 waiting[k + 1] += len(left)
-            for i, idx in enumerate(answers.index):
+            for idx, pred, exit_, depth in answered:
                 pos = idx - base
-                buf["prediction"][pos] = answers.prediction[i]
-                buf["exit"][pos] = answers.exit[i]
-                buf["depth"][pos] = answers.depth[i]
+                buf["prediction"][pos], buf["exit"][pos], buf["depth"][pos] = pred, exit_, depth
                 buf["done"][pos] = True
 
         def ready() -> Iterator[EngineResult]:
             nonlocal base
             while sizes and bool(buf["done"][:sizes[0]].all()):
                 b = sizes.popleft()
-                pred, exit_, depth = (buf[f][:b].clone() for f in ("prediction", "exit", "depth"))
+                out = torch.from_numpy(np.stack([buf[f][:b] for f in ("prediction", "exit", "depth")])).to(device)
                 for f in buf:
                     buf[f] = buf[f][b:]
                 base += b
-                yield EngineResult(pred, exit_, depth, macs[depth])
+                yield EngineResult(out[0], out[1], out[2], self._macs_on(device)[out[2]])
 
         for x in batches:
             if isinstance(x, (tuple, list)):
                 x = x[0]
             x = self._input(x)
             b = x.shape[0]
-            if macs is None:
-                macs = self._macs_on(x.device)
-                buf.update({f: torch.zeros(0, dtype=torch.long, device=x.device) for f in ("prediction", "exit", "depth")})
-                buf["done"] = torch.zeros(0, dtype=torch.bool, device=x.device)
+            device = x.device if device is None else device
             if size is None and b:
                 size = b
             if b:
                 for f, t in buf.items():
-                    buf[f] = torch.cat([t, torch.zeros(b, dtype=t.dtype, device=t.device)])
+                    buf[f] = np.concatenate([t, np.zeros(b, dtype=t.dtype)])
                 for a, piece in zip(range(0, b, size), x.split(size)):  # views: no copy, none to re-split
-                    queues[0].append(start(piece, offset=read + a))
+                    if graphed:  # sample ids on the host
+                        m = piece.shape[0]
+                        queues[0].append(Running(0, torch.arange(read + a, read + a + m), piece, read + a + m))
+                    else:
+                        queues[0].append(start(piece, offset=read + a))
                 waiting[0] += b
             sizes.append(b)
             read += b

@@ -9,18 +9,31 @@ cannot change a real sample's output) and, on CUDA, segment ``k`` at bucket ``b`
 a CUDA graph on first use and replayed afterwards, one launch for the whole segment. More
 samples than the largest bucket are cut into pieces of that size.
 
-The exit decision stays in the exit loop (:mod:`eenn.policies.loop`): one small device-to-host
-copy per exit (how many samples fire) is all it waits for. On a CPU the same padding runs
-eagerly (no graphs), which is how the tests check that the answers do not change.
+:meth:`BucketedSegments.exits` is the exit loop itself on this footing (what the engine runs for
+the ``final`` fallback): the rule's step and the exit decision are captured in the same graph as
+the segment, which hands back one small tensor per exit, ``prediction * 2 + fires``; that
+device-to-host copy is the one wait per exit. The bookkeeping (who left, who goes on) is done
+on the host in NumPy, the survivors are gathered into the next segment's graph inputs, and the
+answers go back to the device once, at the end. On a GPU the eager loop's ~20 small kernels and
+host syncs per exit (softmax, compare, count, two ``nonzero``, index selects, answer records)
+cost more than a small network's segments themselves.
+
+On a CPU the same padding and the same host loop run eagerly (no graphs), which is how the
+tests check that the answers do not change.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from collections import Counter
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .network import MultiExitNetwork
+from .policies.loop import Running
+from .policies.policy import BoundPolicy
 
 __all__ = ["BucketedSegments", "DEFAULT_BUCKETS"]
 
@@ -31,10 +44,25 @@ def _rows(state) -> int:
     return (state[0] if isinstance(state, tuple) else state).shape[0]
 
 
-def _map(fn, state):
-    if state is None:
+def _map(fn, v):
+    """``fn`` on a tensor, or on each tensor of (nested) tuples; None stays None."""
+    if v is None:
         return None
-    return tuple(fn(t) for t in state) if isinstance(state, tuple) else fn(state)
+    return tuple(_map(fn, t) for t in v) if isinstance(v, tuple) else fn(v)
+
+
+def _leaves(v) -> tuple:
+    """The tensors of (nested) tuples, in order; None left out."""
+    if v is None:
+        return ()
+    return tuple(t for x in v for t in _leaves(x)) if isinstance(v, tuple) else (v,)
+
+
+def _fill(static, values, n: int) -> None:
+    """Rows ``:n`` of the static graph inputs from ``values`` (same structure); rows past ``n``
+    keep whatever they held (padding: eval-mode rows are independent)."""
+    for dst, src in zip(_leaves(static), _leaves(values)):
+        dst[:n].copy_(src)
 
 
 def _pad(t: Tensor, b: int) -> Tensor:
@@ -57,7 +85,8 @@ class BucketedSegments:
         self.net, self.buckets, self.capture = net, b, capture
         self._graphs: dict[tuple, tuple] = {}  # (k, bucket, dtype, device) -> (graph, inputs, outputs)
         self._pool = None
-        self.calls: list[tuple[int, int]] = []  # (segment, bucket) of every run, for inspection
+        self.calls: Counter[tuple[int, int]] = Counter()  # runs per (segment, bucket), for inspection
+        self.step_in_graph = True  # False once a rule's step could not be captured (then it runs eagerly)
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -73,7 +102,7 @@ class BucketedSegments:
             g = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
             return st, torch.cat([p[1] for p in parts]), g
         b = self.bucket(n)
-        self.calls.append((k, b))
+        self.calls[(k, b)] += 1
         state_b, prev_b = _map(lambda t: _pad(t, b), state), None if prev is None else _pad(prev, b)
         first = state_b[0] if isinstance(state_b, tuple) else state_b
         graphed = first.is_cuda and self.capture is not False
@@ -103,28 +132,152 @@ class BucketedSegments:
         if entry is None:
             entry = self._graphs[key] = self._record(lambda s, p: self.net.forward_segment(k, s, p), state, prev)
         graph, static_state, static_prev, outputs = entry
-        for dst, src in zip(static_state if isinstance(static_state, tuple) else (static_state,),
-                            state if isinstance(state, tuple) else (state,)):
-            dst.copy_(src)
-        if static_prev is not None:
-            static_prev.copy_(prev)
+        _fill((static_state, static_prev), (state, prev), b)
         graph.replay()
         return outputs
 
-    def _record(self, fn, state, prev):
-        """Capture ``fn(state, prev)`` on static copies of its inputs: warm up on a side stream,
-        then record into a memory pool shared by all the graphs."""
-        static_state = _map(lambda t: t.clone(), state)
-        static_prev = None if prev is None else prev.clone()
+    def _record(self, fn, *inputs):
+        """Capture ``fn(*inputs)`` on static copies of its inputs (each a tensor, a tuple of
+        tensors or None): warm up on a side stream, then record into a memory pool shared by all
+        the graphs. Returns ``(graph, *static inputs, outputs)``."""
+        static = [_map(lambda t: t.clone(), i) for i in inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                fn(static_state, static_prev)
+                fn(*static)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            outputs = fn(static_state, static_prev)
-        return graph, static_state, static_prev, outputs
+            outputs = fn(*static)
+        return graph, *static, outputs
+
+    # -- the exit loop with the decision in the graph -----------------------------------
+    def exits(self, bound: BoundPolicy, segment: Callable, run: Running, stop: int | None = None):
+        """The exit loop (:func:`eenn.policies.loop.run_exits`) for the ``final`` fallback, from
+        ``run`` (whose ``index`` is a CPU tensor) through segments ``run.next .. stop-1``:
+        ``(rest, answered)`` with ``rest`` the samples still running (a :class:`Running`, index on
+        the CPU; None when nobody is left) and ``answered`` a list of ``(positions, predictions,
+        exit)`` NumPy chunks. ``segment(k, state, prev)`` is the network's own (eager) segment
+        function; ``prev`` is handed on only to networks whose heads cascade.
+
+        Per exit: the graph's replay (its inputs gathered straight into its static buffers), one
+        device-to-host copy of ``prediction * 2 + fires``, and, when some samples go on, one
+        host-to-device copy of their rows: a handful of calls, since on a GPU every call of the
+        framework costs about as much as a small segment's kernels."""
+        if bound.fallback != "final":
+            raise ValueError("the graphed exit loop answers with the final exit; use run_exits for other fallbacks")
+        stop = bound.num_exits if stop is None else min(stop, bound.num_exits)
+        index = run.index.numpy()
+        inputs = (run.state, run.prev if self.net.cascades else None, run.carry)
+        rows = None  # rows of ``inputs`` to run (device tensor; None: the first len(index) rows)
+        answered: list[tuple[np.ndarray, np.ndarray, int]] = []
+        for k in range(run.next, stop):
+            outputs, packed = self._decide(k, bound, segment, inputs, rows, len(index))
+            fire, pred = (packed & 1).astype(bool), packed >> 1
+            if fire.all():
+                answered.append((index, pred, k))
+                return None, answered
+            rows = None
+            if fire.any():
+                answered.append((index[fire], pred[fire], k))
+                stay = np.flatnonzero(~fire)
+                index = index[stay]
+                rows = torch.as_tensor(stay, device=_device(outputs[0]))
+            state, lg, carry = outputs
+            inputs = (state, lg if self.net.cascades else None, carry)
+        # The caller keeps what is left past the next replay: copies of the rows still running.
+        n = len(index)
+        take = (lambda t: t[:n].clone()) if rows is None else (lambda t: t.index_select(0, rows))
+        state, prev, carry = (_map(take, v) for v in inputs)
+        return Running(stop, torch.from_numpy(index), state, run.batch, prev, carry), answered
+
+    def _decide(self, k: int, bound: BoundPolicy, segment: Callable, inputs: tuple, rows: Tensor | None, n: int):
+        """Segment ``k`` with the rule's step and decision on ``n`` rows of ``inputs`` (``(state,
+        prev, carry)``; the rows ``rows``, or the first ``n``): ``((state, logits, carry),
+        packed)``, the outputs with (at least) ``n`` rows, the real ones first, and ``packed =
+        prediction * 2 + fires`` of the ``n`` rows as a NumPy array."""
+        top = self.buckets[-1]
+        if n > top:  # pieces of the largest bucket (each copied out before the next replays)
+            real = _map(lambda t: t[:n] if rows is None else t.index_select(0, rows), inputs)
+            parts = [self._decide(k, bound, segment, _map(lambda t: t[a:a + top], real), None, min(top, n - a))
+                     for a in range(0, n, top)]
+            outs = [_map(lambda t, m=m: t[:m].clone(), o) for (o, _), m in zip(parts, (min(top, n - a) for a in range(0, n, top)))]
+            return tuple(_cat([o[i] for o in outs]) for i in range(3)), np.concatenate([p for _, p in parts])
+        b = self.bucket(n)
+        self.calls[(k, b)] += 1
+        E = bound.num_exits
+
+        def body(state, prev, carry):
+            st, lg, g = segment(k, state, prev)
+            s, carry = bound.step(carry, lg, g, k)
+            fire = bound.fires(s.score, k, s.rule) if k < E - 1 else torch.ones_like(s.prediction, dtype=torch.bool)
+            return (st, lg, carry), s.prediction.long() * 2 + fire.long()
+
+        first = _leaves(inputs[0])[0]
+        if not first.is_cuda or self.capture is False:  # eager, padded as a graph would be
+            real = _map(lambda t: t[:n] if rows is None else t.index_select(0, rows), inputs)
+            outputs, packed = body(*(_map(lambda t: _pad(t, b), v) for v in real))
+            return outputs, packed.cpu().numpy()[:n]
+        key = ("step", k, b, first.dtype, first.device)
+        entry = self._graphs.get(key) if self.step_in_graph else None
+        if entry is None and self.step_in_graph:
+            real = _map(lambda t: t[:n] if rows is None else t.index_select(0, rows), inputs)
+            try:
+                entry = self._graphs[key] = self._record(body, *(_map(lambda t: _pad(t, b), v) for v in real))
+            except Exception as e:  # noqa: BLE001 - a step that syncs or copies from the host: keep it out of the graph
+                torch.cuda.synchronize()
+                self.step_in_graph = False
+                warnings.warn(f"the rule's step could not be captured in a CUDA graph ({type(e).__name__}: {e}); "
+                              "it runs eagerly after each segment's graph", RuntimeWarning, stacklevel=2)
+        if entry is None:
+            return self._decide_graph_free_step(k, b, n, bound, segment, inputs, rows)
+        graph, *static, (outputs, packed) = entry
+        _gather(static, inputs, rows, n)
+        graph.replay()
+        return outputs, packed.cpu().numpy()[:n]
+
+    def _decide_graph_free_step(self, k, b, n, bound, segment, inputs, rows):
+        """The segment replayed from its graph, the rule's step run eagerly on the real rows."""
+        state, prev, carry = inputs
+        first = _leaves(state)[0]
+        key = ("segment", k, b, first.dtype, first.device)
+        entry = self._graphs.get(key)
+        if entry is None:
+            real = _map(lambda t: t[:n] if rows is None else t.index_select(0, rows), (state, prev))
+            entry = self._graphs[key] = self._record(lambda s, p: segment(k, s, p), *(_map(lambda t: _pad(t, b), v) for v in real))
+        graph, s_state, s_prev, outputs = entry
+        _gather((s_state, s_prev), (state, prev), rows, n)
+        graph.replay()
+        st, lg, g = outputs
+        carry = _map(lambda t: t[:n] if rows is None else t.index_select(0, rows), carry)
+        s, carry = bound.step(carry, lg[:n], None if g is None else g[:n], k)
+        fire = bound.fires(s.score, k, s.rule) if k < bound.num_exits - 1 else torch.ones_like(s.prediction, dtype=torch.bool)
+        return (st, lg, carry), (s.prediction.long() * 2 + fire.long()).cpu().numpy()
+
+
+def _gather(static, values, rows: Tensor | None, n: int) -> None:
+    """Rows ``:n`` of the static graph inputs from ``values`` (same structure): its first ``n``
+    rows, or the rows ``rows``, gathered straight into the buffer where its layout allows.
+    Rows past ``n`` keep whatever they held (padding: eval-mode rows are independent)."""
+    for dst, src in zip(_leaves(static), _leaves(values)):
+        if rows is None:
+            dst[:n].copy_(src[:n])
+        elif dst.is_contiguous():
+            torch.index_select(src, 0, rows, out=dst[:n])
+        else:
+            dst[:n].copy_(src.index_select(0, rows))
+
+
+def _device(v) -> torch.device:
+    return _leaves(v)[0].device
+
+
+def _cat(parts: list):
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], tuple):
+        return tuple(None if ts[0] is None else torch.cat(ts) for ts in zip(*parts))
+    return torch.cat(parts)

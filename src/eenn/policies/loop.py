@@ -43,6 +43,15 @@ def _take(x, idx: Tensor):
     return x.index_select(0, idx)
 
 
+def _slice(x, a: int, b: int):
+    """Rows ``a:b`` of a tensor or a tuple of tensors (None stays None)."""
+    if x is None:
+        return None
+    if isinstance(x, tuple):
+        return tuple(None if t is None else t[a:b] for t in x)
+    return x[a:b]
+
+
 def _cat(parts: list):
     """A tensor or a tuple of tensors (None stays None) joined along the samples."""
     first = parts[0]
@@ -76,11 +85,14 @@ class Running:
                        _take(self.prev, idx), _take(self.carry, idx), _take(self.seen, idx), _take(self.last, idx))
 
     def split(self, n: int) -> "tuple[Running, Running | None]":
-        """The first ``n`` samples and the rest (None when nobody is left)."""
+        """The first ``n`` samples and the rest (None when nobody is left): views, no copies."""
         if n >= len(self):
             return self, None
-        dev = self.index.device
-        return self.take(torch.arange(n, device=dev)), self.take(torch.arange(n, len(self), device=dev))
+        return self._rows(0, n), self._rows(n, len(self))
+
+    def _rows(self, a: int, b: int) -> "Running":
+        return Running(self.next, self.index[a:b], _slice(self.state, a, b), self.batch,
+                       *(_slice(getattr(self, f), a, b) for f in ("prev", "carry", "seen", "last")))
 
     @classmethod
     def cat(cls, pieces: "list[Running]") -> "Running":

@@ -217,15 +217,16 @@ def _ensemble_step(num_exits: int, *, probs=None, weights=None, ensemble=None) -
     w = torch.as_tensor(weights, dtype=torch.float32)
     ensemble_so_far(torch.zeros(num_exits, 1, 1), w)  # the weights' checks, once, not at every step
     tiny = torch.finfo(torch.float32).tiny
+    wf = [float(v) for v in w]  # Python floats: no host-to-device copy per step (a CUDA graph can hold the step)
 
     def step(carry, logits, gates, k):
         # ensemble_so_far's cumsums accumulate in float64 on the CPU: so do these running sums.
-        wk = w[k].to(logits.device)
+        wk = wf[k]
         num = wk * F.softmax(logits.float(), dim=-1)
         if carry is not None:
             num, den = carry[0] + num, carry[1] + wk
         else:
-            num, den = num.double(), wk.double().expand(logits.shape[0])
+            num, den = num.double(), torch.full((logits.shape[0],), wk, dtype=torch.float64, device=logits.device)
         p = num.float() / den.float().clamp_min(tiny)[:, None]
         conf, pred = p.max(-1)
         return Scores(conf, pred, ">=", p), (num, den)
