@@ -189,6 +189,12 @@ def test_stream_with_the_decision_in_the_graphs_equals_engine_per_batch(policy, 
             assert torch.equal(getattr(g, field), getattr(e, field)), (b, field)
     assert set(eng.graphed.calls) <= {(k, b) for k in range(4) for b in (8, 32)}
     assert any(k == 3 for k, _ in eng.graphed.calls)  # survivors reached the last segment
+    # two streams interleaved and the engine called in between (each stream its own graph copies)
+    one, two = eng.stream(iter(xs), batch_size=32), eng.stream(iter(xs[::-1]), batch_size=8)
+    for xb, yb, a, b in zip(xs, xs[::-1], one, two, strict=True):
+        assert torch.equal(a.exit, ref(xb).exit) and torch.equal(b.prediction, ref(yb).prediction)
+        assert torch.equal(eng(xb).exit, a.exit)
+    assert not eng.graphed._pairs
     assert any(eng.graphed.calls[(k, 32)] for k in (1, 2, 3))  # pooled into a full batch past the first exit
 
 
@@ -304,6 +310,12 @@ def test_cuda_graphs_give_the_eager_answers(policy, head, net_opts, opts, arch):
     pieces = x.split(40)  # re-batched on the GPU: survivors of successive batches pooled, graphs replayed
     for a, b in zip((ref(p) for p in pieces), eng.stream(pieces, batch_size=64), strict=True):
         assert torch.equal(a.exit, b.exit) and torch.equal(a.prediction, b.prediction)
+    # Pipelined streams interleaved, and the engine called in between: each replays its own graphs
+    for a, b, c in zip((ref(p) for p in pieces), eng.stream(pieces, batch_size=64), eng.stream(pieces[::-1], batch_size=16)):
+        d = eng(x[:50])
+        assert torch.equal(a.exit, b.exit) and torch.equal(a.prediction, b.prediction)
+        assert torch.equal(d.exit, ref(x[:50]).exit)
+    assert not eng.graphed._pairs  # both streams gave their graph copies back
     with torch.no_grad():
         assert torch.allclose(eng.static(x[:64]), net.backbone(x[:64]), atol=1e-4)
 

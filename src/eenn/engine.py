@@ -192,7 +192,13 @@ class DynamicEngine:
         deepest first answers the oldest samples first and keeps fewer than ``batch_size``
         samples waiting before each segment (plus the batch being read). When the input is
         exhausted the queues are flushed from the shallowest to the deepest, in full batches
-        while they last: only then does a segment run on fewer samples."""
+        while they last: only then does a segment run on fewer samples.
+
+        With ``buckets`` (CUDA graphs) the runs are pipelined: a segment run is launched, and the
+        previous one's decision read (and its survivors queued) only after that, so the GPU works
+        on the one while the host does the other's bookkeeping; the run chosen next does not
+        count the survivors still in flight. Streams may be interleaved on one engine, and the
+        engine called in between: each stream replays its own copies of the graphs."""
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive number of samples or None, got {batch_size!r}")
@@ -201,8 +207,16 @@ class DynamicEngine:
             raise RuntimeError("put the network in eval mode: training-mode BatchNorm mixes samples")
         return self._stream(iter(batches), batch_size)
 
-    @torch.no_grad()
     def _stream(self, batches: Iterator, size: int | None) -> Iterator[EngineResult]:
+        pair = self.graphed.open_pipeline() if self._graphed_loop else None
+        try:
+            yield from self._pooled(batches, size, pair)
+        finally:  # also when the consumer stops early: the pair of graph copies is free again
+            if pair is not None:
+                self.graphed.close_pipeline(pair)
+
+    @torch.no_grad()
+    def _pooled(self, batches: Iterator, size: int | None, pair: int | None) -> Iterator[EngineResult]:
         num = self.net.num_exits
         queues = [deque() for _ in range(num)]  # Running pieces before segment k, oldest first
         waiting = [0] * num  # samples in each queue
@@ -216,6 +230,8 @@ class DynamicEngine:
         graphed = self._graphed_loop
         device = None
 
+        inflight: deque = deque()  # graphed runs launched and not yet read (at most two)
+
         def run(k: int, n: int) -> None:
             pieces, got = [], 0
             while got < n:
@@ -226,14 +242,21 @@ class DynamicEngine:
                 pieces.append(piece)
                 got += len(piece)
             waiting[k] -= got
-            if graphed:
-                left, answered = self.graphed.exits(self.bound, self._eager_segment, Running.cat(pieces), stop=k + 1)
-                answered = [(pos, pred, e, e) for pos, pred, e in answered]
-            else:
-                answers = Answers()
-                left = run_exits(self.bound, Running.cat(pieces), self._segment, answers, stop=k + 1)
-                answered = [tuple(t.cpu().numpy() for t in chunk)
-                            for chunk in zip(answers.index, answers.prediction, answers.exit, answers.depth)]
+            if graphed:  # launched now, read once the next run is launched: the GPU never waits for the host
+                inflight.append(self.graphed.launch(self.bound, self._eager_segment, Running.cat(pieces), pair))
+                if len(inflight) > 1:
+                    settle(inflight.popleft())
+                return
+            answers = Answers()
+            left = run_exits(self.bound, Running.cat(pieces), self._segment, answers, stop=k + 1)
+            record(k, left, [tuple(t.cpu().numpy() for t in chunk)
+                             for chunk in zip(answers.index, answers.prediction, answers.exit, answers.depth)])
+
+        def settle(h) -> None:
+            left, answered = self.graphed.finish(h)
+            record(h.k, left, [(pos, pred, e, e) for pos, pred, e in answered])
+
+        def record(k: int, left: Running | None, answered: list) -> None:
             if left is not None:
                 queues[k + 1].append(left)
                 waiting[k + 1] += len(left)
@@ -246,7 +269,9 @@ class DynamicEngine:
             nonlocal base
             while sizes and bool(buf["done"][:sizes[0]].all()):
                 b = sizes.popleft()
-                out = torch.from_numpy(np.stack([buf[f][:b] for f in ("prediction", "exit", "depth")])).to(device)
+                out = torch.from_numpy(np.stack([buf[f][:b] for f in ("prediction", "exit", "depth")]))
+                # pinned and asynchronous: a plain copy to the GPU would wait for the runs in flight
+                out = out.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else out.to(device)
                 for f in buf:
                     buf[f] = buf[f][b:]
                 base += b
@@ -281,9 +306,13 @@ class DynamicEngine:
                 yield from ready()
             yield from ready()
         for k in range(num):  # flush, shallowest first: deeper queues collect the survivors
+            while inflight:
+                settle(inflight.popleft())
             while waiting[k]:
                 run(k, min(size, waiting[k]))
                 yield from ready()
+        while inflight:
+            settle(inflight.popleft())
         yield from ready()
         if sizes:
             raise RuntimeError(f"{len(sizes)} batches have unanswered samples")  # cannot happen

@@ -87,6 +87,10 @@ class BucketedSegments:
         self._pool = None
         self.calls: Counter[tuple[int, int]] = Counter()  # runs per (segment, bucket), for inspection
         self.step_in_graph = True  # False once a rule's step could not be captured (then it runs eagerly)
+        # Graph copies: 0 for the engine's own calls (exits), 1 + 2 * pair + turn for pipelined streams
+        self._turns: dict[tuple[int, int, int], int] = {}  # (pair, segment, bucket) -> the turn launched last
+        self._pairs: set[int] = set()  # pairs of copies held by open pipelines
+        self._host: dict[int, Tensor] = {}  # pinned host buffers for the launched decisions
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -208,36 +212,119 @@ class BucketedSegments:
             return tuple(_cat([o[i] for o in outs]) for i in range(3)), np.concatenate([p for _, p in parts])
         b = self.bucket(n)
         self.calls[(k, b)] += 1
-        E = bound.num_exits
-
-        def body(state, prev, carry):
-            st, lg, g = segment(k, state, prev)
-            s, carry = bound.step(carry, lg, g, k)
-            fire = bound.fires(s.score, k, s.rule) if k < E - 1 else torch.ones_like(s.prediction, dtype=torch.bool)
-            return (st, lg, carry), s.prediction.long() * 2 + fire.long()
-
         first = _leaves(inputs[0])[0]
         if not first.is_cuda or self.capture is False:  # eager, padded as a graph would be
             real = _map(lambda t: t[:n] if rows is None else t.index_select(0, rows), inputs)
-            outputs, packed = body(*(_map(lambda t: _pad(t, b), v) for v in real))
+            outputs, packed = self._body(k, bound, segment)(*(_map(lambda t: _pad(t, b), v) for v in real))
             return outputs, packed.cpu().numpy()[:n]
-        key = ("step", k, b, first.dtype, first.device)
-        entry = self._graphs.get(key) if self.step_in_graph else None
-        if entry is None and self.step_in_graph:
-            real = _map(lambda t: t[:n] if rows is None else t.index_select(0, rows), inputs)
-            try:
-                entry = self._graphs[key] = self._record(body, *(_map(lambda t: _pad(t, b), v) for v in real))
-            except Exception as e:  # noqa: BLE001 - a step that syncs or copies from the host: keep it out of the graph
-                torch.cuda.synchronize()
-                self.step_in_graph = False
-                warnings.warn(f"the rule's step could not be captured in a CUDA graph ({type(e).__name__}: {e}); "
-                              "it runs eagerly after each segment's graph", RuntimeWarning, stacklevel=2)
+        entry = self._entry(k, b, bound, segment, inputs, rows, n)
         if entry is None:
             return self._decide_graph_free_step(k, b, n, bound, segment, inputs, rows)
         graph, *static, (outputs, packed) = entry
         _gather(static, inputs, rows, n)
         graph.replay()
         return outputs, packed.cpu().numpy()[:n]
+
+    @staticmethod
+    def _body(k: int, bound: BoundPolicy, segment: Callable) -> Callable:
+        """Segment ``k``, the rule's step and the decision: ``(state, prev, carry) -> ((state,
+        logits, carry), prediction * 2 + fires)``."""
+        last = k == bound.num_exits - 1
+
+        def body(state, prev, carry):
+            st, lg, g = segment(k, state, prev)
+            s, carry = bound.step(carry, lg, g, k)
+            fire = torch.ones_like(s.prediction, dtype=torch.bool) if last else bound.fires(s.score, k, s.rule)
+            return (st, lg, carry), s.prediction.long() * 2 + fire.long()
+        return body
+
+    def _entry(self, k, b, bound, segment, inputs, rows, n, slot: int = 0):
+        """The captured graph of segment ``k`` with its step at bucket ``b`` (``slot``: which copy;
+        see :meth:`launch`); None when
+        the rule's step cannot be captured (then only the segment is)."""
+        if not self.step_in_graph:
+            return None
+        first = _leaves(inputs[0])[0]
+        key = ("step", k, b, first.dtype, first.device, slot)
+        entry = self._graphs.get(key)
+        if entry is None:
+            real = _map(lambda t: t[:n] if rows is None else t.index_select(0, rows), inputs)
+            try:
+                entry = self._graphs[key] = self._record(self._body(k, bound, segment),
+                                                         *(_map(lambda t: _pad(t, b), v) for v in real))
+            except Exception as e:  # noqa: BLE001 - a step that syncs or copies from the host: keep it out of the graph
+                torch.cuda.synchronize()
+                self.step_in_graph = False
+                warnings.warn(f"the rule's step could not be captured in a CUDA graph ({type(e).__name__}: {e}); "
+                              "it runs eagerly after each segment's graph", RuntimeWarning, stacklevel=3)
+                return None
+        return entry
+
+    # -- one segment launched now, its decision read later (a pipelined stream) ----------
+    def open_pipeline(self) -> int:
+        """A pair of graph copies for one pipelined stream (:meth:`launch`): streams interleaved
+        on one engine, and the engine's own calls in between, never replay a graph whose
+        outputs another still has to read. Give it back with :meth:`close_pipeline`."""
+        pair = min(set(range(len(self._pairs) + 1)) - self._pairs)
+        self._pairs.add(pair)
+        return pair
+
+    def close_pipeline(self, pair: int) -> None:
+        self._pairs.discard(pair)
+
+    def launch(self, bound: BoundPolicy, segment: Callable, run: Running, pair: int = 0) -> "_Launched":
+        """Segment ``run.next`` with its step and decision for the samples of ``run`` (index on
+        the CPU), started without waiting for it: :meth:`finish` gives what :meth:`exits` with
+        ``stop=run.next + 1`` gives. On CUDA the graph is replayed from one of two copies and
+        its decision copied to pinned host memory behind an event, so that the host can start
+        the next segment run (the other copy) before reading this one: the GPU is kept busy while
+        the host does the bookkeeping. At most two launched runs may be unfinished at a time.
+        Elsewhere (a CPU, more samples than the largest bucket, a step that cannot be captured)
+        the run completes here."""
+        k, n = run.next, len(run)
+        inputs = (run.state, run.prev if self.net.cascades else None, run.carry)
+        first = _leaves(inputs[0])[0]
+        entry = None
+        if first.is_cuda and self.capture is not False and n <= self.buckets[-1] and bound.fallback == "final":
+            b = self.bucket(n)
+            turn = self._turns[(pair, k, b)] = 1 - self._turns.get((pair, k, b), 1)
+            entry = self._entry(k, b, bound, segment, inputs, None, n, 1 + 2 * pair + turn)
+        if entry is None:
+            return _Launched(k, n, run, done=self.exits(bound, segment, run, stop=k + 1))
+        self.calls[(k, b)] += 1
+        graph, *static, (outputs, packed) = entry
+        _gather(static, inputs, None, n)
+        graph.replay()
+        host = self._host.get(id(packed))
+        if host is None:
+            host = self._host[id(packed)] = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _Launched(k, n, run, outputs=outputs, host=host, event=event)
+
+    def finish(self, h: "_Launched"):
+        """``(rest, answered)`` of a launched run (see :meth:`launch` and :meth:`exits`)."""
+        if h.done is not None:
+            return h.done
+        h.event.synchronize()
+        packed = h.host.numpy()[:h.n]
+        fire, pred = (packed & 1).astype(bool), packed >> 1
+        index = h.run.index.numpy()
+        if fire.all():
+            return None, [(index, pred, h.k)]
+        answered = []
+        if fire.any():
+            answered.append((index[fire], pred[fire], h.k))
+            stay = np.flatnonzero(~fire)
+            index = index[stay]
+            rows = torch.from_numpy(stay).pin_memory().to(_device(h.outputs[0]), non_blocking=True)
+            take = lambda t: t.index_select(0, rows)  # noqa: E731
+        else:
+            take = lambda t: t[:h.n].clone()  # noqa: E731
+        state, lg, carry = (_map(take, v) for v in h.outputs)
+        return Running(h.k + 1, torch.from_numpy(index), state, h.run.batch,
+                       lg if self.net.cascades else None, carry), answered
 
     def _decide_graph_free_step(self, k, b, n, bound, segment, inputs, rows):
         """The segment replayed from its graph, the rule's step run eagerly on the real rows."""
@@ -258,13 +345,21 @@ class BucketedSegments:
         return (st, lg, carry), (s.prediction.long() * 2 + fire.long()).cpu().numpy()
 
 
+class _Launched:
+    """A segment run started by :meth:`BucketedSegments.launch`."""
+
+    def __init__(self, k: int, n: int, run: Running, *, done=None, outputs=None, host=None, event=None) -> None:
+        self.k, self.n, self.run, self.done = k, n, run, done
+        self.outputs, self.host, self.event = outputs, host, event
+
+
 def _gather(static, values, rows: Tensor | None, n: int) -> None:
     """Rows ``:n`` of the static graph inputs from ``values`` (same structure): its first ``n``
     rows, or the rows ``rows``, gathered straight into the buffer where its layout allows.
     Rows past ``n`` keep whatever they held (padding: eval-mode rows are independent)."""
     for dst, src in zip(_leaves(static), _leaves(values)):
         if rows is None:
-            dst[:n].copy_(src[:n])
+            (dst if len(dst) == n else dst[:n]).copy_(src if len(src) == n else src[:n])
         elif dst.is_contiguous():
             torch.index_select(src, 0, rows, out=dst[:n])
         else:
