@@ -149,13 +149,19 @@ class BucketedSegments:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                fn(*static)
+                warm = fn(*static)
         torch.cuda.current_stream().wait_stream(side)
+        # The outputs live outside the shared pool, copied there at the end of the graph: in the
+        # pool they could sit in memory that a graph captured earlier uses for its intermediates,
+        # and replaying that graph before reading them (a pipelined stream does) would overwrite them.
+        outputs = _map(torch.empty_like, warm)
+        del warm
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            outputs = fn(*static)
+            for dst, src in zip(_leaves(outputs), _leaves(fn(*static)), strict=True):
+                dst.copy_(src)
         return graph, *static, outputs
 
     # -- the exit loop with the decision in the graph -----------------------------------
@@ -221,7 +227,7 @@ class BucketedSegments:
         if entry is None:
             return self._decide_graph_free_step(k, b, n, bound, segment, inputs, rows)
         graph, *static, (outputs, packed) = entry
-        _gather(static, inputs, rows, n)
+        _gather(tuple(static), inputs, rows, n)
         graph.replay()
         return outputs, packed.cpu().numpy()[:n]
 
@@ -293,7 +299,7 @@ class BucketedSegments:
             return _Launched(k, n, run, done=self.exits(bound, segment, run, stop=k + 1))
         self.calls[(k, b)] += 1
         graph, *static, (outputs, packed) = entry
-        _gather(static, inputs, None, n)
+        _gather(tuple(static), inputs, None, n)
         graph.replay()
         host = self._host.get(id(packed))
         if host is None:
