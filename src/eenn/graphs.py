@@ -58,13 +58,6 @@ def _leaves(v) -> tuple:
     return tuple(t for x in v for t in _leaves(x)) if isinstance(v, tuple) else (v,)
 
 
-def _fill(static, values, n: int) -> None:
-    """Rows ``:n`` of the static graph inputs from ``values`` (same structure); rows past ``n``
-    keep whatever they held (padding: eval-mode rows are independent)."""
-    for dst, src in zip(_leaves(static), _leaves(values)):
-        dst[:n].copy_(src)
-
-
 def _pad(t: Tensor, b: int) -> Tensor:
     n = t.shape[0]
     return t if n == b else torch.cat([t, t.new_zeros((b - n, *t.shape[1:]))])
@@ -83,7 +76,8 @@ class BucketedSegments:
         if not b or b[0] < 1:
             raise ValueError(f"buckets must be positive batch sizes, got {list(buckets)}")
         self.net, self.buckets, self.capture = net, b, capture
-        self._graphs: dict[tuple, tuple] = {}  # (k, bucket, dtype, device) -> (graph, inputs, outputs)
+        # (what, k, bucket, dtype, device[, copy]) -> (graph, *static inputs, outputs)
+        self._graphs: dict[tuple, tuple] = {}
         self._pool = None
         self.calls: Counter[tuple[int, int]] = Counter()  # runs per (segment, bucket), for inspection
         self.step_in_graph = True  # False once a rule's step could not be captured (then it runs eagerly)
@@ -99,12 +93,8 @@ class BucketedSegments:
         n = _rows(state)
         top = self.buckets[-1]
         if n > top:  # pieces of the largest bucket, merged again
-            parts = [self.forward_segment(k, _map(lambda t: t[a:a + top], state),
-                                          None if prev is None else prev[a:a + top]) for a in range(0, n, top)]
-            st = [p[0] for p in parts]
-            st = tuple(torch.cat(x) for x in zip(*st)) if isinstance(st[0], tuple) else torch.cat(st)
-            g = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
-            return st, torch.cat([p[1] for p in parts]), g
+            parts = [self.forward_segment(k, *_map(lambda t: t[a:a + top], (state, prev))) for a in range(0, n, top)]
+            return tuple(_cat([p[i] for p in parts]) for i in range(3))
         b = self.bucket(n)
         self.calls[(k, b)] += 1
         state_b, prev_b = _map(lambda t: _pad(t, b), state), None if prev is None else _pad(prev, b)
@@ -131,12 +121,12 @@ class BucketedSegments:
 
     def _replay(self, k: int, b: int, state, prev):
         first = state[0] if isinstance(state, tuple) else state
-        key = (k, b, first.dtype, first.device)
+        key = ("forward", k, b, first.dtype, first.device)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._graphs[key] = self._record(lambda s, p: self.net.forward_segment(k, s, p), state, prev)
         graph, static_state, static_prev, outputs = entry
-        _fill((static_state, static_prev), (state, prev), b)
+        _gather((static_state, static_prev), (state, prev), None, b)
         graph.replay()
         return outputs
 
