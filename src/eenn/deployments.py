@@ -9,7 +9,7 @@ MAC speed-up the policy promises on the same samples (1.0: every MAC saved shows
 Paths (:func:`deployments`):
 
 - ``PyTorch eager``: the backbone / :class:`~eenn.engine.DynamicEngine`;
-- ``PyTorch optimised``: both traced, frozen and optimised for inference
+- ``PyTorch optimised`` (CPU): both traced, frozen and optimised for inference
   (:class:`~eenn.inference.OptimizedSegments`; batch 1 stays eager there);
 - ``PyTorch + CUDA graphs`` (CUDA): the backbone captured per batch size / the engine with its
   segments captured per bucket size (:mod:`eenn.graphs`);
@@ -159,10 +159,10 @@ def deployments(net: MultiExitNetwork, policy: ExitPolicy, *, device: torch.devi
             # survivors pooled into batches of the input's size, at most the largest bucket
             out.append(Deployment(f"{name}, re-batched", eng.static, lambda batches, e=eng: list(
                 e.stream(batches, batch_size=min(len(batches[0]), DEFAULT_BUCKETS[-1]))), stream=True))
+    if device.type != "cpu":  # tracing and freezing is for CPUs (on an H200 its outputs drifted and it stayed eager)
+        return out
     opt = DynamicEngine(net, policy, optimize=True)
     out.append(Deployment("PyTorch optimised", opt.static, opt))
-    if device.type != "cpu":
-        return out
     if importlib.util.find_spec("onnxruntime") is None:  # the serve extra is not installed
         return out
     from .exporter import export
