@@ -254,6 +254,12 @@ def test_stream_edge_cases():
     micro = list(DynamicEngine(net, "max_prob", [0.3, 0.5, 0.7], micro_batch=7).stream(xs, batch_size=16))
     for m, g in zip(micro, got, strict=True):
         assert torch.equal(m.prediction, g.prediction) and torch.equal(m.exit, g.exit)
+    # the graphed loop (buckets): the same, empty batches and an empty stream included
+    graphed = DynamicEngine(net, "max_prob", [0.3, 0.5, 0.7], buckets=(4, 16))
+    assert list(graphed.stream([])) == [] and not graphed.graphed._pairs
+    for m, g in zip(graphed.stream(xs, batch_size=16), got, strict=True):
+        assert torch.equal(m.prediction, g.prediction) and torch.equal(m.exit, g.exit)
+    assert len(graphed(xs[1]).exit) == 0
 
 
 def _midpoints(net, x, policy, opts):
