@@ -287,6 +287,10 @@ def test_bucketed_segments_give_the_engines_answers(policy, head, net_opts, opts
         for field in ("prediction", "exit", "depth", "macs"):
             assert torch.equal(getattr(a, field), getattr(b, field)), field
     assert {b for _, b in eng.graphed.calls} <= {1, 4, 16} and (0, 16) in eng.graphed.calls
+    for i in range(12):  # single samples: the whole loop as one chain of levels (conditional nodes on a GPU)
+        a, b = ref(x[i:i + 1]), eng(x[i:i + 1])
+        assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("prediction", "exit", "depth", "macs")), i
+    assert eng.graphed.chains == (13 if fallback == "final" else 0)
     with torch.no_grad():
         assert torch.allclose(eng.static(x[:5]), net.backbone(x[:5]), atol=1e-5)
 
@@ -313,6 +317,10 @@ def test_cuda_graphs_give_the_eager_answers(policy, head, net_opts, opts, arch):
         a, b = ref(xb), eng(xb)
         assert torch.equal(a.exit, b.exit) and torch.equal(a.prediction, b.prediction)
     assert eng.graphed._graphs  # captured, not run eagerly
+    for i in range(20):  # single samples: one graph, deeper segments behind conditional nodes
+        a, b = ref(x[i:i + 1]), eng(x[i:i + 1])
+        assert torch.equal(a.exit, b.exit) and torch.equal(a.prediction, b.prediction), i
+    assert eng.graphed.chains >= 20 or not eng.graphed.step_in_graph  # the chain ran (a rule whose step is not captured: per exit)
     pieces = x.split(40)  # re-batched on the GPU: survivors of successive batches pooled, graphs replayed
     for a, b in zip((ref(p) for p in pieces), eng.stream(pieces, batch_size=64), strict=True):
         assert torch.equal(a.exit, b.exit) and torch.equal(a.prediction, b.prediction)

@@ -159,8 +159,12 @@ class DynamicEngine:
 
     def _graphed(self, x: Tensor) -> EngineResult:
         """The exit loop with the decision in the graphs: answers kept on the host, sent to the
-        device in one copy at the end."""
+        device in one copy at the end; a single sample in one graph (BucketedSegments.chain)."""
         n = x.shape[0]
+        one = self.graphed.chain(self.bound, self._eager_segment, x) if n == 1 else None
+        if one is not None:  # batch 1 in one replay: nothing waited for
+            one = one.clone()
+            return EngineResult(one[:1], one[1:], one[1:], self._macs_on(x.device)[one[1:]])
         _, answered = self.graphed.exits(self.bound, self._eager_segment, Running(0, torch.arange(n), x, n))
         out = np.empty((2, n), dtype=np.int64)
         for pos, pred, k in answered:

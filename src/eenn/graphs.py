@@ -85,6 +85,8 @@ class BucketedSegments:
         self._turns: dict[tuple[int, int, int], int] = {}  # (pair, segment, bucket) -> the turn launched last
         self._pairs: set[int] = set()  # pairs of copies held by open pipelines
         self._host: dict[int, Tensor] = {}  # pinned host buffers for the launched decisions
+        self.chained: bool | None = None  # batch 1 as one graph with conditional nodes: False once that failed
+        self.chains = 0  # samples run through chain(), for inspection
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -255,6 +257,78 @@ class BucketedSegments:
                               "it runs eagerly after each segment's graph", RuntimeWarning, stacklevel=3)
                 return None
         return entry
+
+    # -- batch 1: the whole exit loop in one graph, deeper segments behind conditional nodes --
+    def chain(self, bound: BoundPolicy, segment: Callable, x: Tensor) -> Tensor | None:
+        """One sample (``x`` of batch 1) through the exit loop for the ``final`` fallback with no
+        return to the host: ``[prediction, exit]`` (a long tensor on ``x``'s device), or None
+        where this cannot run (then use :meth:`exits`). On CUDA every segment, its step and
+        decision are captured in one graph, each deeper segment inside a conditional node that
+        runs only if the sample did not leave (CUDA >= 12.4; a capture that fails warns once
+        and turns this off); one replay per sample, nothing for the host to wait for. Elsewhere
+        the same levels run eagerly, each condition read on the host."""
+        if x.shape[0] != 1 or self.buckets[0] != 1 or bound.fallback != "final" or self.chained is False:
+            return None
+        if not x.is_cuda or self.capture is False:
+            result = x.new_zeros(2, dtype=torch.long)
+            self._levels(bound, segment, (x, None, None), result, lambda go, fn: fn() if bool(go) else None)
+            self.chains += 1
+            return result
+        if not (self.step_in_graph and hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")):
+            return None
+        key = ("chain", tuple(x.shape), x.dtype, x.device)
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._graphs[key] = self._record_chain(bound, segment, x)
+            except Exception as e:  # noqa: BLE001 - no conditional nodes here, or an op they cannot hold
+                torch.cuda.synchronize()
+                self.chained = False
+                warnings.warn(f"batch 1 stays on the per-exit graphs: the exit loop could not be captured with "
+                              f"conditional nodes ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=3)
+                return None
+        graph, static_x, result = entry
+        static_x.copy_(x)
+        graph.replay()
+        self.chains += 1
+        return result
+
+    def _levels(self, bound: BoundPolicy, segment: Callable, inputs: tuple, result: Tensor, when: Callable) -> None:
+        """Segment 0's level on ``inputs``, each level writing ``[prediction, exit]`` into
+        ``result`` and handing on to the next through ``when(go_on, next_level)``."""
+        last = bound.num_exits - 1
+
+        def level(k: int, inputs: tuple) -> None:
+            (st, lg, carry), packed = self._body(k, bound, segment)(*inputs)
+            result.copy_(torch.cat([packed >> 1, torch.full_like(packed, k)]))
+            if k < last:
+                nxt = (st, lg if self.net.cascades else None, carry)
+                when((packed & 1).eq(0).reshape(()), lambda: level(k + 1, nxt))
+
+        level(0, inputs)
+
+    def _record_chain(self, bound: BoundPolicy, segment: Callable, x: Tensor):
+        static_x, result = x.clone(), x.new_zeros(2, dtype=torch.long)  # outside the pool, as graph outputs
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # every level once, unconditionally: lazy set-ups happen outside the capture
+            for _ in range(2):
+                self._levels(bound, segment, (static_x, None, None), result, lambda go, fn: fn())
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+
+        def inside(go: Tensor, fn: Callable) -> None:
+            graph.begin_capture_to_if_node(go)
+            try:
+                fn()
+            finally:
+                graph.end_capture_to_conditional_node()
+
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._levels(bound, segment, (static_x, None, None), result, inside)
+        return graph, static_x, result
 
     # -- one segment launched now, its decision read later (a pipelined stream) ----------
     def open_pipeline(self) -> int:
