@@ -115,8 +115,7 @@ def _normalise(px: np.ndarray, manifest: dict) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _factors(mean: tuple, std: tuple, channels: int):
-    """:func:`eenn.data.spec.normalization_factors`, made once per model rather than per request
-    (they were a sixth of a tier's CPU time under single-sample load)."""
+    """:func:`eenn.data.spec.normalization_factors`, made once per model rather than per request."""
     from ..data.spec import normalization_factors
 
     return normalization_factors(mean, std, channels)
