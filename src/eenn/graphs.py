@@ -203,16 +203,16 @@ class BucketedSegments:
         prediction * 2 + fires`` of the ``n`` rows as a NumPy array."""
         top = self.buckets[-1]
         if n > top:  # pieces of the largest bucket (each copied out before the next replays)
-            real = _map(lambda t: t[:n] if rows is None else t.index_select(0, rows), inputs)
-            parts = [self._decide(k, bound, segment, _map(lambda t: t[a:a + top], real), None, min(top, n - a))
-                     for a in range(0, n, top)]
-            outs = [_map(lambda t, m=m: t[:m].clone(), o) for (o, _), m in zip(parts, (min(top, n - a) for a in range(0, n, top)))]
+            real, starts = _real(rows, n, inputs), range(0, n, top)
+            sizes = [min(top, n - a) for a in starts]
+            parts = [self._decide(k, bound, segment, _map(lambda t: t[a:a + m], real), None, m) for a, m in zip(starts, sizes)]
+            outs = [_map(lambda t, m=m: t[:m].clone(), o) for (o, _), m in zip(parts, sizes)]
             return tuple(_cat([o[i] for o in outs]) for i in range(3)), np.concatenate([p for _, p in parts])
         b = self.bucket(n)
         self.calls[(k, b)] += 1
         first = _leaves(inputs[0])[0]
         if not first.is_cuda or self.capture is False:  # eager, padded as a graph would be
-            real = _map(lambda t: t[:n] if rows is None else t.index_select(0, rows), inputs)
+            real = _real(rows, n, inputs)
             outputs, packed = self._body(k, bound, segment)(*(_map(lambda t: _pad(t, b), v) for v in real))
             return outputs, packed.cpu().numpy()[:n]
         entry = self._entry(k, b, bound, segment, inputs, rows, n)
@@ -238,15 +238,14 @@ class BucketedSegments:
 
     def _entry(self, k, b, bound, segment, inputs, rows, n, slot: int = 0):
         """The captured graph of segment ``k`` with its step at bucket ``b`` (``slot``: which copy;
-        see :meth:`launch`); None when
-        the rule's step cannot be captured (then only the segment is)."""
+        see :meth:`launch`); None when the rule's step cannot be captured (then only the segment is)."""
         if not self.step_in_graph:
             return None
         first = _leaves(inputs[0])[0]
         key = ("step", k, b, first.dtype, first.device, slot)
         entry = self._graphs.get(key)
         if entry is None:
-            real = _map(lambda t: t[:n] if rows is None else t.index_select(0, rows), inputs)
+            real = _real(rows, n, inputs)
             try:
                 entry = self._graphs[key] = self._record(self._body(k, bound, segment),
                                                          *(_map(lambda t: _pad(t, b), v) for v in real))
@@ -403,13 +402,13 @@ class BucketedSegments:
         key = ("segment", k, b, first.dtype, first.device)
         entry = self._graphs.get(key)
         if entry is None:
-            real = _map(lambda t: t[:n] if rows is None else t.index_select(0, rows), (state, prev))
+            real = _real(rows, n, (state, prev))
             entry = self._graphs[key] = self._record(lambda s, p: segment(k, s, p), *(_map(lambda t: _pad(t, b), v) for v in real))
         graph, s_state, s_prev, outputs = entry
         _gather((s_state, s_prev), (state, prev), rows, n)
         graph.replay()
         st, lg, g = outputs
-        carry = _map(lambda t: t[:n] if rows is None else t.index_select(0, rows), carry)
+        carry = _real(rows, n, carry)
         s, carry = bound.step(carry, lg[:n], None if g is None else g[:n], k)
         fire = bound.fires(s.score, k, s.rule) if k < bound.num_exits - 1 else torch.ones_like(s.prediction, dtype=torch.bool)
         return (st, lg, carry), (s.prediction.long() * 2 + fire.long()).cpu().numpy()
@@ -421,6 +420,11 @@ class _Launched:
     def __init__(self, k: int, n: int, run: Running, *, done=None, outputs=None, host=None, event=None) -> None:
         self.k, self.n, self.run, self.done = k, n, run, done
         self.outputs, self.host, self.event = outputs, host, event
+
+
+def _real(rows: Tensor | None, n: int, v):
+    """The rows ``rows`` of ``v`` (a tensor or nested tuples of them), or its first ``n``."""
+    return _map(lambda t: t[:n] if rows is None else t.index_select(0, rows), v)
 
 
 def _gather(static, values, rows: Tensor | None, n: int) -> None:
