@@ -74,17 +74,27 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
         zero_i = add_const("c/zero_i", TensorProto.INT64, [], [0])
 
     def wiring(k: int, rows: str | None = None) -> list:
-        """Nodes feeding segment k's inputs from segment k-1's outputs: all of them (Identity), or
-        only the rows ``rows`` (Gather, in the batched graph)."""
+        """Segment k fed from segment k-1's outputs (from the graph's input for k = 0): all of
+        them, by reading them under their own names (segment k's nodes renamed; an Identity per
+        input where a node holds a subgraph), or only the rows ``rows`` (Gather, in the batched
+        graph)."""
         if k == 0:
-            return [helper.make_node("Identity", ["input"], ["s0/input"])]
-        pairs = [(f"s{k - 1}/state_out_{i}", f"s{k}/{spec['name']}")
-                 for i, spec in enumerate(s for s in specs[k]["inputs"] if s["name"] != "prev_logits")]
-        if specs[k]["cascade"]:
-            pairs.append((f"s{k - 1}/logits", f"s{k}/prev_logits"))
-        if rows is None:
+            pairs = [("input", "s0/input")]
+        else:
+            pairs = [(f"s{k - 1}/state_out_{i}", f"s{k}/{spec['name']}")
+                     for i, spec in enumerate(s for s in specs[k]["inputs"] if s["name"] != "prev_logits")]
+            if specs[k]["cascade"]:
+                pairs.append((f"s{k - 1}/logits", f"s{k}/prev_logits"))
+        if rows is not None:
+            return [helper.make_node("Gather", [a, rows], [b], axis=0) for a, b in pairs]
+        nodes = models[k].graph.node
+        if (any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute)
+                or {o.name for o in models[k].graph.output} & {b for _, b in pairs}):  # an input passed straight out
             return [helper.make_node("Identity", [a], [b]) for a, b in pairs]
-        return [helper.make_node("Gather", [a, rows], [b], axis=0) for a, b in pairs]
+        to = {b: a for a, b in pairs}
+        for n in nodes:  # one operator less per input at every level a sample passes
+            n.input[:] = [to.get(i, i) for i in n.input]
+        return []
 
     def answer(k: int, tag: str, per_row: bool = False, probs: str | None = None) -> tuple[list, list[str]]:
         """Nodes computing exit k's answer: (prediction, exit, probs); ``per_row``: the exit
@@ -148,10 +158,20 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
         vi.name = name
         return vi
 
-    def branch_outputs(names: list[str], tag: str) -> tuple[list, list]:
-        """Identity nodes renaming a branch's answer to unique names, and their value infos."""
-        nodes = [helper.make_node("Identity", [n], [f"{tag}/{info.name}"]) for n, info in zip(names, out_info)]
-        return nodes, [renamed(info, f"{tag}/{info.name}") for info in out_info]
+    def branch_outputs(names: list[str], tag: str, inner: set[str] = frozenset()) -> tuple[list, list]:
+        """A branch's answer as its outputs: the values computed inside it (``inner``, already
+        uniquely named) as they are, the others (outer-scope values, which onnxruntime does not
+        let a branch return) through an Identity under a unique name; and their value infos."""
+        nodes, outs = [], []
+        for n, info in zip(names, out_info):
+            if n not in inner:
+                nodes.append(helper.make_node("Identity", [n], [f"{tag}/{info.name}"]))
+                n = f"{tag}/{info.name}"
+            outs.append(renamed(info, n))
+        return nodes, outs
+
+    def made_by(nodes: list) -> set[str]:
+        return {o for n in nodes for o in n.output}
 
     def if_outputs(k: int, tag: str) -> list[str]:
         """The outputs of level k's If: the graph's own at the top, else unique names."""
@@ -166,9 +186,9 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
             return nodes + a_nodes, names
         f_nodes, fire = fires(k)
         then_nodes, then_names = answer(k, "t", probs=softmax_of(k))
-        t_ren, t_infos = branch_outputs(then_names, f"then{k}")
+        t_ren, t_infos = branch_outputs(then_names, f"then{k}", made_by(then_nodes))
         else_nodes, else_names = from_exit(k + 1)
-        e_ren, e_infos = branch_outputs(else_names, f"else{k}")
+        e_ren, e_infos = branch_outputs(else_names, f"else{k}", made_by(else_nodes))
         then_graph = helper.make_graph(then_nodes + t_ren, f"exit{k}", [], t_infos)
         else_graph = helper.make_graph(else_nodes + e_ren, f"after{k}", [], e_infos, initializer=weights[k + 1])
         outs = if_outputs(k, "if")
