@@ -3,14 +3,16 @@
 Trains (or reuses, --checkpoint: any saved network, e.g. a ViT from configs/fmnist_vit.yaml) a
 ResNet-20 with exits on Fashion-MNIST, calibrates max_prob on
 the validation split for a 1-point drop, then times the static network and the early-exit network
-on every path eenn offers here (PyTorch eager, PyTorch optimised, onnxruntime at 1 thread and at
-torch's thread count; eenn.deployments), on test samples at each batch size. Prints one table per
+on every path eenn offers here (eenn.deployments; on a CPU: PyTorch eager, PyTorch optimised,
+onnxruntime at 1 thread, at torch's thread count and as N x 1 thread; on CUDA: PyTorch eager and
+CUDA graphs in float32 and bf16, each also re-batched), on test samples at each batch size. Prints one table per
 batch size, the speed-up of the fastest early-exit path over the fastest static path (both named)
 against the MAC speed-up, and ends with the line
 
     worst ratio over the best static: X.XX
 
-Target (issue 16): >= 0.85 at batch 1 and 256 on 2 CPU threads.
+Targets (issue 16): >= 0.85 at batch 1 and 256 on 2 CPU threads; on a GPU, over the network under
+CUDA graphs, >= 2.0x at batch 1, 1.6x at 256, 1.5x at 4096 (benchmarks/gpu_checks.sh runs it there).
 
     .venv/bin/python benchmarks/deploy_speed.py --checkpoint runs/deploy-speed.safetensors
     python benchmarks/deploy_speed.py --device cuda --batches 1,256,4096 --samples 512,8192,16384
