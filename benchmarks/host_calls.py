@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _helpers import spread_net  # noqa: E402
 
 from eenn.engine import DynamicEngine  # noqa: E402
-from eenn.graphs import BucketedSegments  # noqa: E402
 
 
 class Calls(TorchDispatchMode):
