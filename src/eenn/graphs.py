@@ -178,16 +178,11 @@ class BucketedSegments:
         answered: list[tuple[np.ndarray, np.ndarray, int]] = []
         for k in range(run.next, stop):
             outputs, packed = self._decide(k, bound, segment, inputs, rows, len(index))
-            fire, pred = (packed & 1).astype(bool), packed >> 1
-            if fire.all():
-                answered.append((index, pred, k))
+            stay = _leave(packed, index, k, answered)
+            if stay is None:
                 return None, answered
-            rows = None
-            if fire.any():
-                answered.append((index[fire], pred[fire], k))
-                stay = np.flatnonzero(~fire)
-                index = index[stay]
-                rows = torch.as_tensor(stay, device=_device(outputs[0]))
+            rows = None if len(stay) == len(index) else torch.as_tensor(stay, device=_device(outputs[0]))
+            index = index[stay]
             state, lg, carry = outputs
             inputs = (state, lg if self.net.cascades else None, carry)
         # The caller keeps what is left past the next replay: copies of the rows still running.
@@ -227,13 +222,10 @@ class BucketedSegments:
     def _body(k: int, bound: BoundPolicy, segment: Callable) -> Callable:
         """Segment ``k``, the rule's step and the decision: ``(state, prev, carry) -> ((state,
         logits, carry), prediction * 2 + fires)``."""
-        last = k == bound.num_exits - 1
-
         def body(state, prev, carry):
             st, lg, g = segment(k, state, prev)
             s, carry = bound.step(carry, lg, g, k)
-            fire = torch.ones_like(s.prediction, dtype=torch.bool) if last else bound.fires(s.score, k, s.rule)
-            return (st, lg, carry), s.prediction.long() * 2 + fire.long()
+            return (st, lg, carry), _packed(bound, k, s)
         return body
 
     def _entry(self, k, b, bound, segment, inputs, rows, n, slot: int = 0):
@@ -377,22 +369,17 @@ class BucketedSegments:
         if h.done is not None:
             return h.done
         h.event.synchronize()
-        packed = h.host.numpy()[:h.n]
-        fire, pred = (packed & 1).astype(bool), packed >> 1
-        index = h.run.index.numpy()
-        if fire.all():
-            return None, [(index, pred, h.k)]
-        answered = []
-        if fire.any():
-            answered.append((index[fire], pred[fire], h.k))
-            stay = np.flatnonzero(~fire)
-            index = index[stay]
+        index, answered = h.run.index.numpy(), []
+        stay = _leave(h.host.numpy()[:h.n], index, h.k, answered)
+        if stay is None:
+            return None, answered
+        if len(stay) == h.n:
+            take = lambda t: t[:h.n].clone()  # noqa: E731
+        else:  # pinned and asynchronous: a plain copy would wait for the run launched after this one
             rows = torch.from_numpy(stay).pin_memory().to(_device(h.outputs[0]), non_blocking=True)
             take = lambda t: t.index_select(0, rows)  # noqa: E731
-        else:
-            take = lambda t: t[:h.n].clone()  # noqa: E731
         state, lg, carry = (_map(take, v) for v in h.outputs)
-        return Running(h.k + 1, torch.from_numpy(index), state, h.run.batch,
+        return Running(h.k + 1, torch.from_numpy(index[stay]), state, h.run.batch,
                        lg if self.net.cascades else None, carry), answered
 
     def _decide_graph_free_step(self, k, b, n, bound, segment, inputs, rows):
@@ -410,8 +397,7 @@ class BucketedSegments:
         st, lg, g = outputs
         carry = _real(rows, n, carry)
         s, carry = bound.step(carry, lg[:n], None if g is None else g[:n], k)
-        fire = bound.fires(s.score, k, s.rule) if k < bound.num_exits - 1 else torch.ones_like(s.prediction, dtype=torch.bool)
-        return (st, lg, carry), (s.prediction.long() * 2 + fire.long()).cpu().numpy()
+        return (st, lg, carry), _packed(bound, k, s).cpu().numpy()
 
 
 class _Launched:
@@ -420,6 +406,22 @@ class _Launched:
     def __init__(self, k: int, n: int, run: Running, *, done=None, outputs=None, host=None, event=None) -> None:
         self.k, self.n, self.run, self.done = k, n, run, done
         self.outputs, self.host, self.event = outputs, host, event
+
+
+def _packed(bound: BoundPolicy, k: int, s) -> Tensor:
+    """Exit ``k``'s decision as one tensor: ``prediction * 2 + fires`` (the final exit: all fire)."""
+    last = k == bound.num_exits - 1
+    fire = torch.ones_like(s.prediction, dtype=torch.bool) if last else bound.fires(s.score, k, s.rule)
+    return s.prediction.long() * 2 + fire.long()
+
+
+def _leave(packed: np.ndarray, index: np.ndarray, k: int, answered: list) -> np.ndarray | None:
+    """The samples ``index`` that fire at exit ``k`` (``packed``: prediction * 2 + fires) go into
+    ``answered``; the rows of those that go on (None: nobody does)."""
+    fire, pred = (packed & 1).astype(bool), packed >> 1
+    if fire.any():
+        answered.append((index[fire], pred[fire], k))
+    return None if fire.all() else np.flatnonzero(~fire)
 
 
 def _real(rows: Tensor | None, n: int, v):
