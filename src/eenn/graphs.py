@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .network import MultiExitNetwork
-from .policies.loop import Running
+from .policies.loop import Running, _cat
 from .policies.policy import BoundPolicy
 
 __all__ = ["BucketedSegments", "DEFAULT_BUCKETS"]
@@ -444,11 +444,3 @@ def _gather(static, values, rows: Tensor | None, n: int) -> None:
 
 def _device(v) -> torch.device:
     return _leaves(v)[0].device
-
-
-def _cat(parts: list):
-    if parts[0] is None:
-        return None
-    if isinstance(parts[0], tuple):
-        return tuple(None if ts[0] is None else torch.cat(ts) for ts in zip(*parts))
-    return torch.cat(parts)
