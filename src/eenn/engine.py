@@ -96,7 +96,7 @@ class DynamicEngine:
         self.channels_last = channels_last
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
-        # The eager segment (what the graphed exit loop captures) and the fast path's
+        # The network's own segment function: what the graphed exit loop captures with each decision
         self._eager_segment = self.net.forward_segment
         if autocast is not None:
             device_type = next(self.net.parameters()).device.type

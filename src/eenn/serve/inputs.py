@@ -98,27 +98,25 @@ def _image_shape(manifest: dict) -> tuple[int, int, int]:
 
 def _normalise(px: np.ndarray, manifest: dict) -> np.ndarray:
     """uint8 pixels [B, C, H, W] -> float32 ``(x/255 - mean)/std`` with the exported statistics,
-    by :func:`eenn.data.spec.normalize` itself (the arithmetic of :class:`eenn.TensorLoader` and
+    by :meth:`eenn.InputSpec.normalize` itself (the arithmetic of :class:`eenn.TensorLoader` and
     ``net.preprocess``), so that a served image gets bit for bit the input the evaluation gave it."""
     import torch
-
-    from ..data.spec import apply_normalization
 
     pre = manifest.get("preprocess")
     if not pre:
         raise InputError(422, "this model was exported without an input description (its manifest has no "
                               "\"preprocess\" mean/std), so pixels cannot be turned into its inputs: send float "
                               "model inputs, or export a network whose input_spec is set")
-    scale, shift = _factors(tuple(np.ravel(pre["mean"]).tolist()), tuple(np.ravel(pre["std"]).tolist()), px.shape[1])
-    return apply_normalization(torch.from_numpy(np.require(px, requirements=["C", "W"])), scale, shift).numpy()
+    spec = _spec(tuple(px.shape[1:]), tuple(np.ravel(pre["mean"]).tolist()), tuple(np.ravel(pre["std"]).tolist()))
+    return spec.normalize(torch.from_numpy(np.require(px, requirements=["C", "W"]))).numpy()
 
 
 @functools.lru_cache(maxsize=16)
-def _factors(mean: tuple, std: tuple, channels: int):
-    """:func:`eenn.data.spec.normalization_factors`, made once per model rather than per request."""
-    from ..data.spec import normalization_factors
+def _spec(shape: tuple, mean: tuple, std: tuple):
+    """The model's input description, made once per model: it keeps its normalisation factors."""
+    from ..data.spec import InputSpec
 
-    return normalization_factors(mean, std, channels)
+    return InputSpec(shape, mean, std)
 
 
 def _npy(body: bytes) -> np.ndarray:
