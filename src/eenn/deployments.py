@@ -235,7 +235,7 @@ def time_deployments(net: MultiExitNetwork, policy: ExitPolicy, x: Tensor, batch
             time.sleep(settle)  # the previous path's spinning threads go idle (see above)
             t0, i = time.perf_counter(), 0
             while time.perf_counter() - t0 < warm:  # then the cores come back to speed (see above)
-                fn(batches if whole else batches[i % len(batches):][:1])
+                fn(batches if whole else [batches[i % len(batches)]])
                 i += 1
             _sync(x.device)
             t0 = time.perf_counter()

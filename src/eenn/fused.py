@@ -158,10 +158,11 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
         vi.name = name
         return vi
 
-    def branch_outputs(names: list[str], tag: str, inner: set[str] = frozenset()) -> tuple[list, list]:
-        """A branch's answer as its outputs: the values computed inside it (``inner``, already
-        uniquely named) as they are, the others (outer-scope values, which onnxruntime does not
-        let a branch return) through an Identity under a unique name; and their value infos."""
+    def branch_outputs(names: list[str], tag: str, body: Sequence = ()) -> tuple[list, list]:
+        """A branch's answer as its outputs: the values its ``body`` nodes compute (already uniquely
+        named) as they are, the others (outer-scope values, which onnxruntime does not let a branch
+        return) through an Identity under a unique name; and their value infos."""
+        inner = {o for n in body for o in n.output}
         nodes, outs = [], []
         for n, info in zip(names, out_info):
             if n not in inner:
@@ -169,9 +170,6 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
                 n = f"{tag}/{info.name}"
             outs.append(renamed(info, n))
         return nodes, outs
-
-    def made_by(nodes: list) -> set[str]:
-        return {o for n in nodes for o in n.output}
 
     def if_outputs(k: int, tag: str) -> list[str]:
         """The outputs of level k's If: the graph's own at the top, else unique names."""
@@ -186,9 +184,9 @@ def fuse_segments(segments: Sequence[bytes], specs: Sequence[dict], rule: str, n
             return nodes + a_nodes, names
         f_nodes, fire = fires(k)
         then_nodes, then_names = answer(k, "t", probs=softmax_of(k))
-        t_ren, t_infos = branch_outputs(then_names, f"then{k}", made_by(then_nodes))
+        t_ren, t_infos = branch_outputs(then_names, f"then{k}", then_nodes)
         else_nodes, else_names = from_exit(k + 1)
-        e_ren, e_infos = branch_outputs(else_names, f"else{k}", made_by(else_nodes))
+        e_ren, e_infos = branch_outputs(else_names, f"else{k}", else_nodes)
         then_graph = helper.make_graph(then_nodes + t_ren, f"exit{k}", [], t_infos)
         else_graph = helper.make_graph(else_nodes + e_ren, f"after{k}", [], e_infos, initializer=weights[k + 1])
         outs = if_outputs(k, "if")
