@@ -150,10 +150,10 @@ def test_a_failing_tier_degrades_to_the_deepest_exit(model, server, monkeypatch)
     srv, url = server
     cloud = srv.front.pipeline.tiers[2]
 
-    def broken(message):
+    def broken(runnings, waits=None):
         raise ConnectionError("cloud is down")
 
-    monkeypatch.setattr(cloud, "begin", broken)
+    monkeypatch.setattr(cloud, "run_many", broken)
     x = torch.randn(40, 1, 8, 8)
     eng = DynamicEngine(net, "max_prob", TH)(x)
     status, out = post(url, _npy(x.numpy()), "application/x-npy")

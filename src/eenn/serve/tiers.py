@@ -12,10 +12,11 @@ deepest exit already computed and flagged ``degraded``; the reason goes into ``e
 
 Batching: a tier may run the samples of several concurrent requests at once
 (:meth:`Tier.run_many`, through :func:`advance_many`, the one implementation of "merge the
-requests, advance, split the answers and the survivors back"), then hands each request's
-survivors on by themselves; the next tier batches again whatever arrives there. In-process a
-:class:`_Batcher` per tier gathers the requests (at most the tier's ``max_batch`` samples, waiting
-at most ``batch_wait_ms`` after the first); on Ray Serve, ``serve.batch`` does (:mod:`.ray_app`).
+requests, advance, split the answers and the survivors back"), then hands the survivors of the
+whole run on as one message and splits the next tier's reply back per request; the next tier
+batches again whatever arrives there. In-process a :class:`_Batcher` per tier gathers the
+requests (at most the tier's ``max_batch`` samples, waiting at most ``batch_wait_ms`` after the
+first); on Ray Serve, ``serve.batch`` does (:mod:`.ray_app`).
 """
 from __future__ import annotations
 
@@ -183,43 +184,39 @@ class Tier:
 
 
 class _Batcher:
-    """One tier's queue in the in-process mode. ``submit`` blocks until the tier has run the
-    request's samples. With ``max_batch`` 1 the callers run them themselves, ``workers`` at a
-    time; otherwise ``workers`` threads (the plan's ``replicas``: on Ray, each a process) take
-    the requests in arrival order, up to ``max_batch`` samples (a larger request alone), waiting
-    at most ``wait_s`` after the first for others, and run them together (:meth:`Tier.run_many`;
-    onnxruntime runs concurrent calls, on the calling threads). ``sizes`` records the samples of
-    every run."""
+    """One tier's queue in the in-process mode, as a Ray tier's ``serve.batch`` is on Ray:
+    ``workers`` threads (the plan's ``replicas``: on Ray, each a process) take the requests in
+    arrival order, up to ``max_batch`` samples (a larger request alone; ``max_batch`` 1: one
+    request a run), waiting at most ``wait_s`` after the first for others, and run them together
+    (:meth:`Tier.run_many`; onnxruntime runs concurrent calls, on the calling threads). Then the
+    survivors of the whole run go on to the next tier as one message, and the next tier's reply
+    is split back per request (:meth:`_onward`), without the worker waiting for it.
+    :meth:`submit` returns a future of the request's complete reply. ``sizes`` records the
+    samples of every run."""
 
     def __init__(self, tier: Tier, max_batch: int, wait_s: float, workers: int = 1) -> None:
         self.tier, self.max_batch, self.wait_s = tier, int(max_batch), float(wait_s)
+        self.next: _Batcher | None = None  # the next tier's queue (set by LocalPipeline)
         self.sizes: deque[int] = deque(maxlen=4096)  # samples per run, the latest last
         self._cv = threading.Condition()
         self._queue: deque[tuple[Running, Future, float]] = deque()
         self._closed = False
-        workers = max(1, int(workers))
-        self._slots = threading.Semaphore(workers)
-        self._threads = []
-        if self.max_batch > 1:
-            self._threads = [threading.Thread(target=self._work, daemon=True, name=f"eenn-tier-{tier.name}-{i}")
-                             for i in range(workers)]
-            for t in self._threads:
-                t.start()
+        self._threads = [threading.Thread(target=self._work, daemon=True, name=f"eenn-tier-{tier.name}-{i}")
+                         for i in range(max(1, int(workers)))]
+        for t in self._threads:
+            t.start()
 
-    def submit(self, message: bytes) -> tuple[dict[str, Any], Running | None]:
-        if not self._threads:
-            with self._slots:
-                reply, carry = self.tier.begin(message)
-                self.sizes.append(reply["tiers"][0].get("batch", 0))
-                return reply, carry
-        running = self.tier.read(message)  # decoded in the caller's thread
+    def submit(self, message: bytes) -> Future:
+        """Queue a hand-off message (decoded in the caller's thread): a future of the reply of
+        this tier and every tier after it."""
+        running = self.tier.read(message)
         fut: Future = Future()
         with self._cv:
             if self._closed:
                 raise RuntimeError(f"tier {self.tier.name!r} is closed")
             self._queue.append((running, fut, time.perf_counter()))
             self._cv.notify_all()
-        return fut.result()
+        return fut
 
     def _take(self) -> list[tuple[Running, Future, float]] | None:
         """The next batch (None once closed and empty): called holding the lock."""
@@ -257,8 +254,49 @@ class _Batcher:
                     b[1].set_exception(e)
                 continue
             self.sizes.append(sum(len(b[0]) for b in batch))
-            for b, r in zip(batch, results):
-                b[1].set_result(r)
+            try:
+                self._onward([(reply, carry, b[1]) for b, (reply, carry) in zip(batch, results)])
+            except BaseException as e:  # noqa: BLE001 - no request may be left waiting
+                for b in batch:
+                    if not b[1].done():
+                        b[1].set_exception(e)
+
+    def _onward(self, items: list[tuple[dict[str, Any], Running | None, Future]]) -> None:
+        """Answer the requests whose samples all exited here; hand the survivors of the others on
+        as one message and, when the next tier's reply comes, fold each request's part of it in
+        (or, if the next tier failed, answer them with this tier's deepest exit, flagged)."""
+        carried = [(reply, carry, fut) for reply, carry, fut in items if carry is not None]
+        for reply, carry, fut in items:
+            if carry is None:
+                fut.set_result(reply)
+        if not carried:
+            return
+        tier, nxt = self.tier, self.next
+        merged, offsets = merge_runnings([c for _, c, _ in carried])
+        out, enc = tier.handoff(merged)
+        t0 = time.perf_counter()
+
+        def joined(down: Future) -> None:
+            rt, total = time.perf_counter() - t0, len(merged)
+            error = down.exception()
+            for (reply, carry, fut), off in zip(carried, offsets):
+                try:
+                    if error is not None:  # a failing tier (tests inject one) degrades, as on Ray
+                        tier.fail(reply, carry, nxt.tier.name, error)
+                    else:
+                        share = len(carry) / total
+                        tier.join(reply, split_reply(down.result(), off, carry.batch, share), rt, enc * share,
+                                  len(out) * share)
+                    fut.set_result(reply)
+                except BaseException as e:  # noqa: BLE001
+                    fut.set_exception(e)
+
+        try:
+            down = nxt.submit(out)
+        except Exception as e:  # noqa: BLE001 - the next tier refused the message (closed, unreadable)
+            down = Future()
+            down.set_exception(e)
+        down.add_done_callback(joined)
 
     def close(self) -> None:
         with self._cv:
@@ -269,12 +307,12 @@ class _Batcher:
 
 
 class LocalPipeline:
-    """Every tier of a plan in this process, chained by plain calls (the default for tests and
-    small use): ``LocalPipeline(plan)(message) -> reply`` as the Ray chain answers. Calls may
-    come from many threads at once: each tier batches them as its ``max_batch`` and
-    ``batch_wait_ms`` say (:class:`_Batcher`), and a request's survivors queue at the next tier.
-    :meth:`quiesced` holds new requests back and waits for those in flight (to change the
-    policy of every tier between requests)."""
+    """Every tier of a plan in this process, chained by queues (the default for tests and small
+    use): ``LocalPipeline(plan)(message) -> reply`` as the Ray chain answers. Calls may come from
+    many threads at once: each tier batches them as its ``max_batch`` and ``batch_wait_ms`` say
+    (:class:`_Batcher`) and hands a run's survivors on as one message, which the next tier
+    batches again with whatever else arrives there. :meth:`quiesced` holds new requests back and
+    waits for those in flight (to change the policy of every tier between requests)."""
 
     def __init__(self, plan: TierPlan, manifest: dict[str, Any] | None = None) -> None:
         self.plan = plan
@@ -283,6 +321,8 @@ class LocalPipeline:
                            models=read_segments(self.manifest, (s.start, s.stop))) for s in plan.tiers]
         self.batchers = [_Batcher(t, s.max_batch, s.batch_wait_ms / 1000.0, workers=s.replicas)
                          for t, s in zip(self.tiers, plan.tiers)]
+        for a, b in zip(self.batchers, self.batchers[1:]):
+            a.next = b
         self._cv = threading.Condition()
         self._in_flight, self._held = 0, False
 
@@ -291,7 +331,7 @@ class LocalPipeline:
             self._cv.wait_for(lambda: not self._held)
             self._in_flight += 1
         try:
-            return self._from(0, message)
+            return self.batchers[0].submit(message).result()
         finally:
             with self._cv:
                 self._in_flight -= 1
@@ -320,21 +360,6 @@ class LocalPipeline:
     def close(self) -> None:
         for b in self.batchers:
             b.close()
-
-    def _from(self, i: int, message: bytes) -> dict[str, Any]:
-        tier = self.tiers[i]
-        reply, carry = self.batchers[i].submit(message)
-        if carry is None:
-            return reply
-        out, enc = tier.handoff(carry)
-        t0 = time.perf_counter()
-        try:
-            down = self._from(i + 1, out)
-        except Exception as e:  # a failing tier (tests inject one) degrades, as in the Ray chain
-            tier.fail(reply, carry, self.tiers[i + 1].name, e)
-            return reply
-        tier.join(reply, down, time.perf_counter() - t0, enc, len(out))
-        return reply
 
 
 def build_response(manifest: dict[str, Any], reply: dict[str, Any], batch: int, total_s: float,
