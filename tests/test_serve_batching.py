@@ -184,6 +184,25 @@ def test_in_process_replicas_run_batches_at_once(model, monkeypatch, max_batch):
         pipe.close()
 
 
+def test_a_replica_computes_on_the_cpus_it_reserves(model):
+    """A tier planned as one replica with 1.6 CPUs runs onnxruntime on 2 threads (one thread
+    would leave the reserved second core idle), in-process as on Ray; a tier with less than a
+    core keeps the plan's ``threads``; answers do not change."""
+    _, d, x, eng = model
+    plan = _plan(d, device={"ray_actor_options": {"num_cpus": 1.6}}, edge={"ray_actor_options": {"num_cpus": 0.25}})
+    assert [t.threads(plan.threads) for t in plan.tiers] == [2, 1, 1]
+    assert plan.tiers[0].threads(3) == 3  # the plan's own threads when they are more
+    pipe = LocalPipeline(plan)
+    try:
+        threads = [[s.get_session_options().intra_op_num_threads for s in t.runner.sessions.values()]
+                   for t in pipe.tiers]
+        assert threads == [[2, 2], [1], [1]]
+        reply = pipe(start_message(pipe.manifest, x[:N].numpy()))
+        _check_rows(build_response(pipe.manifest, reply, N, 0.0, False)["predictions"], eng, 0)
+    finally:
+        pipe.close()
+
+
 def test_a_batched_tier_degrades_each_request_when_the_next_fails(model, monkeypatch):
     net, d, x, eng = model
     n_edge = int((eng.exit >= 2).sum())

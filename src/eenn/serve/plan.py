@@ -54,6 +54,14 @@ class TierSpec:
     max_batch: int = 1  # samples gathered from concurrent requests into one run (1: no batching)
     batch_wait_ms: float = 0.0  # the longest a first arrival waits for others to join its batch
 
+    def threads(self, default: int = 1) -> int:
+        """The onnxruntime threads each replica of this tier runs with: the plan's ``threads``, or
+        the CPUs a replica reserves (``ray_actor_options.num_cpus``, rounded) when that is more. A
+        replica runs one batch at a time, and one thread cannot use more than one core: a tier
+        given 1.6 cores as one replica would otherwise use one."""
+        cpus = self.ray_actor_options.get("num_cpus") or 0
+        return max(int(default), int(float(cpus) + 0.5))
+
     def __post_init__(self) -> None:
         _check_tier_options(self.name, {"replicas": self.replicas, "max_batch": self.max_batch,
                                         "batch_wait_ms": self.batch_wait_ms,

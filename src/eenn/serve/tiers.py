@@ -317,7 +317,7 @@ class LocalPipeline:
     def __init__(self, plan: TierPlan, manifest: dict[str, Any] | None = None) -> None:
         self.plan = plan
         self.manifest = manifest or load_manifest(plan.model)
-        self.tiers = [Tier(self.manifest, s, float16=plan.float16, threads=plan.threads,
+        self.tiers = [Tier(self.manifest, s, float16=plan.float16, threads=s.threads(plan.threads),
                            models=read_segments(self.manifest, (s.start, s.stop))) for s in plan.tiers]
         self.batchers = [_Batcher(t, s.max_batch, s.batch_wait_ms / 1000.0, workers=s.replicas)
                          for t, s in zip(self.tiers, plan.tiers)]
