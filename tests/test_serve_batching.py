@@ -185,9 +185,9 @@ def test_in_process_replicas_run_batches_at_once(model, monkeypatch, max_batch):
 
 
 def test_a_replica_computes_on_the_cpus_it_reserves(model):
-    """A tier planned as one replica with 1.6 CPUs runs onnxruntime on 2 threads (one thread
-    would leave the reserved second core idle), in-process as on Ray; a tier with less than a
-    core keeps the plan's ``threads``; answers do not change."""
+    """In-process, a tier planned as one replica with 1.6 CPUs runs onnxruntime on 2 threads
+    (one thread would leave the reserved second core idle); a tier with less than a core keeps
+    the plan's ``threads``; answers do not change."""
     _, d, x, eng = model
     plan = _plan(d, device={"ray_actor_options": {"num_cpus": 1.6}}, edge={"ray_actor_options": {"num_cpus": 0.25}})
     assert [t.threads(plan.threads) for t in plan.tiers] == [2, 1, 1]

@@ -83,7 +83,7 @@ class TierDeployment:
 
         torch.set_num_threads(1)
         self.spec = TierSpec(**spec)
-        self.tier = Tier(manifest, self.spec, float16=settings["float16"], threads=self.spec.threads(settings["threads"]),
+        self.tier = Tier(manifest, self.spec, float16=settings["float16"], threads=settings["threads"],
                          models=models)
         self.next, self.next_name, self.timeout = _direct(next_tier), settings.get("next_name"), settings["timeout_s"]
         self._run.set_max_batch_size(self.spec.max_batch)  # samples (see _samples)

@@ -67,8 +67,8 @@ def propose_serving(manifest: dict[str, Any], bounds: Sequence[tuple[int, int]],
       the cores are shared in proportion. ``replicas``: one per whole core of work (at least 1; a
       replica runs one batch at a time, and each further replica is another process competing for
       the cores, worth it only with a core's work for it), ``num_cpus`` per replica = its cores /
-      replicas (rounded down to 0.05, so that the reservations fit on the machine); a replica
-      computes on as many onnxruntime threads as it reserves CPUs, rounded
+      replicas (rounded down to 0.05, so that the reservations fit on the machine); in-process a
+      replica computes on as many onnxruntime threads as it reserves CPUs, rounded
       (:meth:`~eenn.serve.plan.TierSpec.threads`), so that 1.6 cores of work are not done on one.
     """
     import math
