@@ -227,19 +227,22 @@ def time_deployments(net: MultiExitNetwork, policy: ExitPolicy, x: Tensor, batch
         spent = torch.cat([engine(c).macs for c in batches]).double().mean().item()
 
         def run(fn, whole=False):
-            if not whole:
-                def fn(bs, one=fn):
+            def over(bs):  # ``fn`` once on the list of batches (a stream), or once per batch
+                if whole:
+                    fn(bs)
+                else:
                     for c in bs:
-                        one(c)
+                        fn(c)
+
             _sync(x.device)
             time.sleep(settle)  # the previous path's spinning threads go idle (see above)
             t0, i = time.perf_counter(), 0
             while time.perf_counter() - t0 < warm:  # then the cores come back to speed (see above)
-                fn(batches if whole else [batches[i % len(batches)]])
+                over(batches if whole else [batches[i % len(batches)]])
                 i += 1
             _sync(x.device)
             t0 = time.perf_counter()
-            fn(batches)
+            over(batches)
             _sync(x.device)
             return time.perf_counter() - t0
 
