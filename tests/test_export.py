@@ -310,6 +310,23 @@ def test_static_graph_is_the_backbone(tmp_path):
     assert np.abs(sess.run(None, {"input": x.numpy()})[0] - want).max() <= EXPORT_TOLERANCE
 
 
+def test_lean_call_answers_as_the_public_run(tmp_path):
+    """The runner calls its graphs without onnxruntime's Python wrapper (eenn.staged._caller):
+    the same outputs, in the same order, as ``InferenceSession.run``; a session object without
+    the binding (another onnxruntime) goes through the public ``run``."""
+    import onnxruntime as ort
+    from eenn.staged import _caller
+
+    net = _net()
+    m = export(net, tmp_path, policy="max_prob", thresholds=0.5)
+    sess = ort.InferenceSession(str(tmp_path / m["segments"][0]["file"]), providers=["CPUExecutionProvider"])
+    feeds = {"input": torch.randn(3, 1, 8, 8).numpy()}
+    want = sess.run(None, feeds)
+    assert len(want) == 2
+    for got in (_caller(sess)(feeds), _caller(type("Wrapped", (), {"get_outputs": sess.get_outputs, "run": sess.run})())(feeds)):
+        assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
 def test_deployments_time_every_path_and_name_the_fastest(tmp_path):
     """eenn.deployments: the static and the early-exit network on every path (each path's two
     runs give the network's own answers), the best of each named, the ratio to the MAC saving."""
