@@ -207,8 +207,9 @@ def build_app(plan: TierPlan, *, noop: bool = False):
         settings = {"float16": plan.float16, "threads": plan.threads, "timeout_s": plan.timeout_s * (n - 1 - i),
                     "next_name": plan.tiers[i + 1].name if i + 1 < n else None}
         options = {"num_cpus": 0, **spec.ray_actor_options}
+        # room for every batch the replica may hold at once (Ray Serve warns at start otherwise)
         nxt = TierDeployment.options(name=f"tier-{spec.name}", ray_actor_options=options, num_replicas=spec.replicas,
-                                     max_ongoing_requests=max(64, spec.max_batch)).bind(
+                                     max_ongoing_requests=max(64, spec.max_batch * CONCURRENT_BATCHES)).bind(
             clean, asdict(spec), read_segments(manifest, (spec.start, spec.stop)), nxt, settings)
     return Ingress.options(name="ingress", ray_actor_options={"num_cpus": 0}).bind(clean, plan, nxt)
 
