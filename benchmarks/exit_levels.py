@@ -26,7 +26,7 @@ import torch
 import eenn
 from eenn.exporter import export
 from eenn.inference import tune_cpu_allocator
-from eenn.staged import StagedRunner, _session
+from eenn.staged import StagedRunner, _caller, _session
 
 
 def per_sample_us(fn, x, batch, warm=0.05, repeats=5):
@@ -60,7 +60,8 @@ def mix_thresholds(net, data, mix):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a saved network (max_prob calibrated on validation for --max-drop)")
-    p.add_argument("--vit-dim", type=int, help="instead: a ViT of this width (6 blocks, 4 heads, 7x7 patches), random weights")
+    p.add_argument("--vit-dim", type=int, help="instead: a ViT of this width (6 blocks, 4 heads), random weights")
+    p.add_argument("--vit-patch", type=int, default=7, help="its patch size (7: 16 patch tokens, 4: 49)")
     p.add_argument("--mix", default="0.818,0.131,0.034,0.016,0,0.001", help="exit shares for --vit-dim")
     p.add_argument("--max-drop", type=float, default=0.01)
     p.add_argument("--batch", type=int, default=1)
@@ -78,28 +79,28 @@ def main():
         policy = eenn.calibrate("max_prob", eenn.collect_outputs(net, data.val), net.cost(), {"max_drop": a.max_drop})
     else:
         net = eenn.create_network("vit", in_channels=1, num_classes=10, input_size=28, exits="all", head="linear",
-                                  dim=a.vit_dim, depth=6, heads=4, patch_size=7).eval()
+                                  dim=a.vit_dim, depth=6, heads=4, patch_size=a.vit_patch).eval()
         net.input_spec = eenn.InputSpec.from_info(data.info)
         policy = mix_thresholds(net, data, [float(v) for v in a.mix.split(",")])
     E = net.num_exits
     with tempfile.TemporaryDirectory() as d:
         export(net, d, policy=policy)
-        static = _session(Path(d, "static.onnx").read_bytes(), a.threads)
+        static = _caller(_session(Path(d, "static.onnx").read_bytes(), a.threads))  # called as the runner calls
         runner = StagedRunner(d, threads=a.threads)
         fused = runner._fused_for(a.batch)
         x = net.preprocess(data.test.x[: a.samples]).numpy()
-        s = per_sample_us(lambda v: static.run(None, {"input": v}), x, a.batch)
+        s = per_sample_us(lambda v: static({"input": v}), x, a.batch)
         level = []
         for k in range(E):
             th = np.full(max(E - 1, 1), 2.0, np.float32)
             th[k:] = -1.0
-            level.append(per_sample_us(lambda v, th=th: fused.run(None, {"input": v, "thresholds": th}), x, a.batch))
+            level.append(per_sample_us(lambda v, th=th: fused({"input": v, "thresholds": th}), x, a.batch))
         e = per_sample_us(runner, x, a.batch)
         exits = runner(x)["exit"]
     mix = np.bincount(exits, minlength=E) / len(exits)
     cost = net.cost()
     mac_speedup = cost.macs[-1] / cost.expected_macs(mix.tolist())
-    print(f"{'ViT width ' + str(a.vit_dim) + ', random weights' if a.vit_dim else a.checkpoint}: {cost.macs[-1] / 1e6:.2f}M MACs; "
+    print(f"{f'ViT width {a.vit_dim}, patches {a.vit_patch}, random weights' if a.vit_dim else a.checkpoint}: {cost.macs[-1] / 1e6:.2f}M MACs; "
           f"batch {a.batch}, onnxruntime {a.threads} thread(s), {a.samples} test images; exit mix {np.round(mix, 3).tolist()}")
     print("| leaves at | us per sample | of the static network's time | of its MACs |\n|---|---|---|---|")
     for k, t in enumerate(level):
