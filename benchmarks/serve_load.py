@@ -5,7 +5,9 @@ Fashion-MNIST (the real test split). The network is the trained checkpoint ``--c
 (default ``runs/engine-cmp.safetensors``, a ResNet-20 with three linear exits, when present) or a
 small multi-exit ResNet-20 trained here for ``--epochs`` on ``--train-samples`` training images.
 The max_prob thresholds are set on the validation split so that about ``--past`` of the samples
-that reach a non-final tier go past it (the measured shares on the test split are printed). Three
+that reach a non-final tier go past it, or (``--max-drop D``) by ``eenn.calibrate`` for at most a
+D drop in accuracy against the final exit, the goal the serving monitor holds (the measured shares
+on the test split are printed either way). Three
 tiers (``--split``): device = segments 0-1, edge = segment 2, cloud = segment 3 (float32 hand-off
 unless ``--float16``). The early-exit plan is also served as one tier (batch requests only), which
 shows what the hops between tiers cost. The same export with
@@ -173,6 +175,8 @@ def main():
     p.add_argument("--split", default="0-1,2,3", help="segments of the device, edge and cloud tiers")
     p.add_argument("--past", type=float, default=0.45,
                    help="share of the samples reaching a non-final tier that go past it (set on validation)")
+    p.add_argument("--max-drop", type=float, default=None,
+                   help="instead of --past: thresholds calibrated on validation for at most this accuracy drop (0.01)")
     p.add_argument("--front", type=float, default=0.75,
                    help="share of a tier's answers that its first exit gives (the rest: its later exits)")
     p.add_argument("--float16", action="store_true", help="features cross tiers as float16")
@@ -204,7 +208,11 @@ def main():
     data, net, source = build_model(a)
     val_logits, _, _ = exit_scores(net, data.val)
     bounds_ee = parse_split(a.split, net.num_exits)
-    th = thresholds_for(val_logits[:-1].softmax(-1).max(-1).values.numpy(), bounds_ee, a.past, a.front)
+    if a.max_drop is None:
+        th = thresholds_for(val_logits[:-1].softmax(-1).max(-1).values.numpy(), bounds_ee, a.past, a.front)
+    else:
+        th = eenn.calibrate("max_prob", eenn.collect_outputs(net, data.val), net.cost(),
+                            {"max_drop": a.max_drop}).thresholds.tolist()
     test_logits, test_y, _ = exit_scores(net, data.test)
     n_test = min(a.test_samples, len(data.test))
     pixels = data.test.x[:n_test].numpy()  # uint8 [N, 1, 28, 28]: sent as is, normalised by the server
@@ -348,6 +356,7 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
     cmd = " ".join(["OMP_NUM_THREADS=1 python benchmarks/serve_load.py", f"--seconds {a.seconds:g}",
                     f"--clients {a.clients}", f"--batch-clients {a.batch_clients}", f"--modes {a.modes}"]
                    + ([f"--checkpoint {a.checkpoint}"] if a.checkpoint != "runs/engine-cmp.safetensors" else [])
+                   + ([f"--max-drop {a.max_drop:g}"] if a.max_drop is not None else [])
                    + ([f"--doc {a.doc}"] if a.doc else []))
     out = [
         "## Measured figures",
@@ -360,7 +369,7 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
         "",
         f"Model: {source}; exits after {[s['exit_name'] for s in m['segments']]}, MACs per segment "
         f"{[s['macs'] for s in m['segments']]}. max_prob thresholds {[round(t, 4) for t in th]} set on the "
-        f"validation split; test accuracy {100 * acc:.2f}% with early exits, {100 * acc_whole:.2f}% whole. Share of "
+        f"validation split ({f'calibrated for at most a {100 * a.max_drop:g}-point drop' if a.max_drop is not None else f'about {a.past:g} of the samples reaching a non-final tier go past it'}); test accuracy {100 * acc:.2f}% with early exits, {100 * acc_whole:.2f}% whole. Share of "
         f"the test samples that run to each segment {[round(d, 3) for d in depth]}: past the device tier "
         f"{sum(depth[bounds[0][1]:]):.3f}, past the edge tier {sum(depth[bounds[1][1]:]):.3f}. Segment times (onnxruntime + policy, one "
         f"thread) {[round(1e3 * t, 3) for t in seg1]} ms at batch 1, {[round(1e3 * t, 3) for t in segb]} ms at "
