@@ -22,7 +22,11 @@ not share the server's interpreter) for ``--seconds``: requests/s, samples/s, p5
 failed valid requests, answers that differ from the PyTorch engine's (class and exit), degraded
 answers and the share of samples past each tier. Single-sample requests and requests carrying
 ``--batch-samples`` samples (both as ``.npy`` uint8 pixel bodies, normalised by the server).
-The run ends with one line::
+On Ray, ``--rounds`` rounds then measure the two comparisons of the final line again at 32
+clients, each pair back to back (early exit and no-op with single samples, early exit and whole
+network with batches), the order alternating, and the final line gives the medians: the machine's
+speed drifts from minute to minute, and the table's runs are minutes apart. The run ends with one
+line::
 
     ray at 32 clients: N req/s single samples, no-op ceiling C req/s, share S; batches of 32: X
     samples/s early exit, Y samples/s whole network, ratio R
@@ -190,6 +194,9 @@ def main():
     p.add_argument("--batch-cap", type=int, default=128, help="the largest max_batch the plans may propose")
     p.add_argument("--no-one-tier", dest="one_tier", action="store_false",
                    help="skip the early-exit plan as one tier (batch requests only)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="Ray: rounds of back-to-back pairs (early exit / no-op, single samples; early exit / whole, "
+                        "batches) at 32 clients behind the final line (0: the table's runs)")
     p.add_argument("--test-samples", type=int, default=4096, help="test images sent (round robin)")
     p.add_argument("--doc", default=None, help="write the figures as Markdown here")
     p.add_argument("--note", default="", help="a line for the document (e.g. other load on the machine)")
@@ -265,15 +272,17 @@ def main():
     results: list[dict] = []
     stops = (bounds_ee[0][1], bounds_ee[1][1])
 
-    def measure(mode: str, deployment: str, url: str, per_request: int) -> None:
+    paired: list[dict] = []  # the Ray rounds behind the final line (--rounds)
+
+    def measure(mode: str, deployment: str, url: str, per_request: int, counts=None, round_=None) -> None:
         exp = expected_whole if deployment == "whole" else expected
         wait_served(url, probe)
         run_load(url, pixels, exp, per_request=per_request, clients=8, seconds=min(2.0, a.seconds),
                  stops=stops)  # warm-up
-        for c in (clients if per_request == 1 else batch_clients):
+        for c in counts or (clients if per_request == 1 else batch_clients):
             r = run_load(url, pixels, exp, per_request=per_request, clients=c, seconds=a.seconds, stops=stops)
-            r.update(mode=mode, deployment=deployment)
-            results.append(r)
+            r.update(mode=mode, deployment=deployment, round=round_)
+            (results if round_ is None else paired).append(r)
             agree = ("" if deployment == "no-op" else  # the no-op answers class 0 at exit 0: nothing to compare
                      f", differ {r['differ']}, past device {r['past_device']:.3f}, past edge {r['past_edge']:.3f}")
             print(f"[{mode} {deployment}] {per_request} sample(s)/request, {c} clients: {r['rps']:.1f} req/s, "
@@ -307,14 +316,27 @@ def main():
                     if i:
                         ray_app.redeploy(plans["early exit" if noop else name, per_request], noop=noop)
                     measure("ray", name, url, per_request)
+                # The final line's comparisons, each pair measured back to back and the order
+                # alternating from round to round: this machine's speed drifts from minute to minute
+                # (Ray's figures by 20-40% between runs), which the table's runs, minutes apart, take in full.
+                pairs = [(("early exit", 1, False), ("no-op", 1, True)),
+                         (("early exit", a.batch_samples, False), ("whole", a.batch_samples, False))]
+                for rnd in range(1, a.rounds + 1):
+                    for pair in pairs:
+                        for name, per_request, noop in (pair if rnd % 2 else pair[::-1]):
+                            ray_app.redeploy(plans["early exit" if noop else name, per_request], noop=noop)
+                            measure("ray", name, url, per_request, counts=[32], round_=rnd)
             finally:
                 ray_app.stop()
         else:
             raise SystemExit(f"unknown mode {mode!r} (local, ray)")
 
-    summary = final_line(results, a.batch_samples)
+    rounds = paired_rounds(paired, a.batch_samples)
+    for line in rounds:
+        print(line)
+    summary = final_line(results, a.batch_samples, paired)
     report = render(a, source, m_ee, th, acc, acc_whole, depth, bounds_ee, (seg1, segb), plans, results, summary,
-                    time.perf_counter() - t_start, (load_start, os.getloadavg()[0]))
+                    time.perf_counter() - t_start, (load_start, os.getloadavg()[0]), rounds)
     if a.doc:
         Path(a.doc).write_text(report)
         print(f"wrote {a.doc}", flush=True)
@@ -326,14 +348,43 @@ def _pick(results, mode, deployment, per_request, clients):
                  == (mode, deployment, per_request, clients)), None)
 
 
-def final_line(results, batch_samples: int) -> str:
-    ee = _pick(results, "ray", "early exit", 1, 32)
-    noop = _pick(results, "ray", "no-op", 1, 32)
-    bee = _pick(results, "ray", "early exit", batch_samples, 32)
-    bwh = _pick(results, "ray", "whole", batch_samples, 32)
+def _round_pairs(paired, batch_samples: int) -> list[tuple[int, dict, dict, dict, dict]]:
+    """Per complete round: (round, early exit 1 sample, no-op, early exit batch, whole batch)."""
+    out = []
+    for rnd in sorted({r["round"] for r in paired}):
+        rows = [r for r in paired if r["round"] == rnd]
+        four = [_pick(rows, "ray", d, n, 32) for d, n in (("early exit", 1), ("no-op", 1), ("early exit", batch_samples),
+                                                          ("whole", batch_samples))]
+        if all(four):
+            out.append((rnd, *four))
+    return out
+
+
+def paired_rounds(paired, batch_samples: int) -> list[str]:
+    """One line per round: the single-sample share and the batch ratio, each pair back to back."""
+    return [f"round {rnd}: single samples {ee['rps']:.0f} / no-op {noop['rps']:.0f} req/s = {ee['rps'] / noop['rps']:.2f}; "
+            f"batches of {batch_samples} {bee['sps']:.0f} / whole {bwh['sps']:.0f} samples/s = {bee['sps'] / bwh['sps']:.2f}"
+            for rnd, ee, noop, bee, bwh in _round_pairs(paired, batch_samples)]
+
+
+def final_line(results, batch_samples: int, paired=()) -> str:
+    """The one line the run ends with: from the paired rounds when there are any (medians; the share
+    and the ratio are the medians of the rounds' own), else from the table's runs."""
+    rounds = _round_pairs(paired, batch_samples)
     f = lambda r, k: f"{r[k]:.0f}" if r else "n/a"
-    share = f"{ee['rps'] / noop['rps']:.2f}" if ee and noop else "n/a"
-    ratio = f"{bee['sps'] / bwh['sps']:.2f}" if bee and bwh else "n/a"
+    if rounds:
+        med = lambda v: float(np.median(v))
+        ee, noop, bee, bwh = ({"rps": med([r[i]["rps"] for r in rounds]), "sps": med([r[i]["sps"] for r in rounds])}
+                              for i in (1, 2, 3, 4))
+        share = f"{med([r[1]['rps'] / r[2]['rps'] for r in rounds]):.2f}"
+        ratio = f"{med([r[3]['sps'] / r[4]['sps'] for r in rounds]):.2f}"
+    else:
+        ee = _pick(results, "ray", "early exit", 1, 32)
+        noop = _pick(results, "ray", "no-op", 1, 32)
+        bee = _pick(results, "ray", "early exit", batch_samples, 32)
+        bwh = _pick(results, "ray", "whole", batch_samples, 32)
+        share = f"{ee['rps'] / noop['rps']:.2f}" if ee and noop else "n/a"
+        ratio = f"{bee['sps'] / bwh['sps']:.2f}" if bee and bwh else "n/a"
     return (f"ray at 32 clients: {f(ee, 'rps')} req/s single samples, no-op ceiling {f(noop, 'rps')} req/s, "
             f"share {share}; batches of {batch_samples}: {f(bee, 'sps')} samples/s early exit, "
             f"{f(bwh, 'sps')} samples/s whole network, ratio {ratio}")
@@ -348,7 +399,8 @@ def _cpu() -> str:
         return platform.processor() or platform.machine()
 
 
-def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results, summary, elapsed, load) -> str:
+def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results, summary, elapsed, load,
+           rounds=()) -> str:
     seg1, segb = seg
     tiers = lambda plan: "; ".join(
         f"{t.name} (segments {t.start}-{t.stop - 1}): max_batch {t.max_batch}, batch_wait_ms {t.batch_wait_ms:g}, "
@@ -357,6 +409,7 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
                     f"--clients {a.clients}", f"--batch-clients {a.batch_clients}", f"--modes {a.modes}"]
                    + ([f"--checkpoint {a.checkpoint}"] if a.checkpoint != "runs/engine-cmp.safetensors" else [])
                    + ([f"--max-drop {a.max_drop:g}"] if a.max_drop is not None else [])
+                   + ([f"--rounds {a.rounds}"] if a.rounds != 3 else [])
                    + ([f"--doc {a.doc}"] if a.doc else []))
     out = [
         "## Measured figures",
@@ -395,7 +448,12 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
     out += ["", "`differ`: answers (class and exit) that are not the PyTorch engine's on the same input "
             "(early exit: the calibrated policy; whole: every sample to the final exit). `past device` / "
             "`past edge`: the share of answered samples whose exit is beyond the device / edge tier "
-            "(the no-op answers everything at exit 0; nothing to compare).", "", "```", summary, "```", ""]
+            "(the no-op answers everything at exit 0; nothing to compare).", ""]
+    if rounds:
+        out += [f"The final line's comparisons on Ray at 32 clients, each pair measured back to back ({a.seconds:g} s each, "
+                "the order alternating from round to round), the medians of the rounds:", ""]
+        out += [f"- {line}" for line in rounds] + [""]
+    out += ["```", summary, "```", ""]
     return "\n".join(out)
 
 
