@@ -26,7 +26,7 @@ from starlette.requests import Request
 from ..staged import load_manifest, read_segments
 from .app import Front
 from .plan import TierPlan, TierSpec
-from .tiers import Tier, merge_runnings, split_reply
+from .tiers import Tier, merge_runnings
 
 __all__ = ["TierDeployment", "NoopTier", "Ingress", "build_app", "start", "serve_plan", "free_port", "APP_NAME"]
 
@@ -114,11 +114,8 @@ class TierDeployment:
             for j, c in carried:
                 self.tier.fail(replies[j], c, self.next_name, e)
             return replies
-        rt = time.perf_counter() - t0
-        total = len(merged)
-        for (j, c), off in zip(carried, offsets):
-            share = len(c) / total
-            self.tier.join(replies[j], split_reply(down, off, c.batch, share), rt, enc * share, len(out) * share)
+        self.tier.join_merged([(replies[j], c) for j, c in carried], offsets, down, time.perf_counter() - t0, enc,
+                              len(out))
         return replies
 
     def ping(self) -> str:

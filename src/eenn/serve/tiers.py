@@ -175,6 +175,16 @@ class Tier:
         reply["hops"] = [*reply["hops"], hop, *down["hops"]]
         reply["errors"] += down.get("errors", [])
 
+    def join_merged(self, parts: list[tuple[dict[str, Any], Running]], offsets: list[int], down: dict[str, Any],
+                    round_trip_s: float, encode_s: float, nbytes: int) -> None:
+        """Fold the next tier's reply to one message of several requests' survivors
+        (:func:`merge_runnings` of ``parts``' carries, at ``offsets``) back into each request's
+        reply; the hop's encoding time and bytes are shared by samples."""
+        total = sum(len(c) for _, c in parts)
+        for (reply, carry), off in zip(parts, offsets):
+            share = len(carry) / total
+            self.join(reply, split_reply(down, off, carry.batch, share), round_trip_s, encode_s * share, nbytes * share)
+
     def fail(self, reply: dict[str, Any], carry: Running, next_name: str, error: BaseException | str) -> None:
         """The next tier failed: answer the carried samples with this tier's deepest exit."""
         _merge(reply["answers"], _answers_json(self.runner.degrade(carry), self.name))
@@ -277,19 +287,20 @@ class _Batcher:
         t0 = time.perf_counter()
 
         def joined(down: Future) -> None:
-            rt, total = time.perf_counter() - t0, len(merged)
-            error = down.exception()
-            for (reply, carry, fut), off in zip(carried, offsets):
-                try:
-                    if error is not None:  # a failing tier (tests inject one) degrades, as on Ray
+            rt, error = time.perf_counter() - t0, down.exception()
+            try:
+                if error is not None:  # a failing tier (tests inject one) degrades, as on Ray
+                    for reply, carry, _ in carried:
                         tier.fail(reply, carry, nxt.tier.name, error)
-                    else:
-                        share = len(carry) / total
-                        tier.join(reply, split_reply(down.result(), off, carry.batch, share), rt, enc * share,
-                                  len(out) * share)
-                    fut.set_result(reply)
-                except BaseException as e:  # noqa: BLE001
+                else:
+                    tier.join_merged([(reply, carry) for reply, carry, _ in carried], offsets, down.result(), rt, enc,
+                                     len(out))
+            except BaseException as e:  # noqa: BLE001 - no request may be left waiting
+                for _, _, fut in carried:
                     fut.set_exception(e)
+                return
+            for reply, _, fut in carried:
+                fut.set_result(reply)
 
         try:
             down = nxt.submit(out)
