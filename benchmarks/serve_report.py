@@ -1,0 +1,123 @@
+"""The figures of ``benchmarks/serve_load.py`` as text: the final line, the paired rounds behind it
+and the Markdown section for docs/serving.md (a sibling module of that script)."""
+from __future__ import annotations
+
+import platform
+import subprocess
+
+import numpy as np
+import torch
+
+
+def _pick(results, mode, deployment, per_request, clients):
+    return next((r for r in results if (r["mode"], r["deployment"], r["per_request"], r["clients"])
+                 == (mode, deployment, per_request, clients)), None)
+
+
+def _round_pairs(paired, batch_samples: int) -> list[tuple[int, dict, dict, dict, dict]]:
+    """Per complete round: (round, early exit 1 sample, no-op, early exit batch, whole batch)."""
+    out = []
+    for rnd in sorted({r["round"] for r in paired}):
+        rows = [r for r in paired if r["round"] == rnd]
+        four = [_pick(rows, "ray", d, n, 32) for d, n in (("early exit", 1), ("no-op", 1), ("early exit", batch_samples),
+                                                          ("whole", batch_samples))]
+        if all(four):
+            out.append((rnd, *four))
+    return out
+
+
+def paired_rounds(paired, batch_samples: int) -> list[str]:
+    """One line per round: the single-sample share and the batch ratio, each pair back to back."""
+    return [f"round {rnd}: single samples {ee['rps']:.0f} / no-op {noop['rps']:.0f} req/s = {ee['rps'] / noop['rps']:.2f}; "
+            f"batches of {batch_samples} {bee['sps']:.0f} / whole {bwh['sps']:.0f} samples/s = {bee['sps'] / bwh['sps']:.2f}"
+            for rnd, ee, noop, bee, bwh in _round_pairs(paired, batch_samples)]
+
+
+def final_line(results, batch_samples: int, paired=()) -> str:
+    """The one line the run ends with: from the paired rounds when there are any (medians; the share
+    and the ratio are the medians of the rounds' own), else from the table's runs."""
+    rounds = _round_pairs(paired, batch_samples)
+    f = lambda r, k: f"{r[k]:.0f}" if r else "n/a"
+    if rounds:
+        med = lambda v: float(np.median(v))
+        ee, noop, bee, bwh = ({"rps": med([r[i]["rps"] for r in rounds]), "sps": med([r[i]["sps"] for r in rounds])}
+                              for i in (1, 2, 3, 4))
+        share = f"{med([r[1]['rps'] / r[2]['rps'] for r in rounds]):.2f}"
+        ratio = f"{med([r[3]['sps'] / r[4]['sps'] for r in rounds]):.2f}"
+    else:
+        ee = _pick(results, "ray", "early exit", 1, 32)
+        noop = _pick(results, "ray", "no-op", 1, 32)
+        bee = _pick(results, "ray", "early exit", batch_samples, 32)
+        bwh = _pick(results, "ray", "whole", batch_samples, 32)
+        share = f"{ee['rps'] / noop['rps']:.2f}" if ee and noop else "n/a"
+        ratio = f"{bee['sps'] / bwh['sps']:.2f}" if bee and bwh else "n/a"
+    return (f"ray at 32 clients: {f(ee, 'rps')} req/s single samples, no-op ceiling {f(noop, 'rps')} req/s, "
+            f"share {share}; batches of {batch_samples}: {f(bee, 'sps')} samples/s early exit, "
+            f"{f(bwh, 'sps')} samples/s whole network, ratio {ratio}")
+
+
+def _cpu() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        return f"{info.get('Model name', '?').strip()}, {info.get('CPU(s)', '?').strip()} CPUs"
+    except Exception:  # noqa: BLE001
+        return platform.processor() or platform.machine()
+
+
+def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results, summary, elapsed, load,
+           rounds=()) -> str:
+    seg1, segb = seg
+    tiers = lambda plan: "; ".join(
+        f"{t.name} (segments {t.start}-{t.stop - 1}): max_batch {t.max_batch}, batch_wait_ms {t.batch_wait_ms:g}, "
+        f"replicas {t.replicas}, num_cpus {t.ray_actor_options.get('num_cpus', 0):g}" for t in plan.tiers)
+    cmd = " ".join(["OMP_NUM_THREADS=1 python benchmarks/serve_load.py", f"--seconds {a.seconds:g}",
+                    f"--clients {a.clients}", f"--batch-clients {a.batch_clients}", f"--modes {a.modes}"]
+                   + ([f"--checkpoint {a.checkpoint}"] if a.checkpoint != "runs/engine-cmp.safetensors" else [])
+                   + ([f"--max-drop {a.max_drop:g}"] if a.max_drop is not None else [])
+                   + ([f"--rounds {a.rounds}"] if a.rounds != 3 else [])
+                   + ([f"--doc {a.doc}"] if a.doc else []))
+    out = [
+        "## Measured figures",
+        "",
+        f"Command: `{cmd}` ({elapsed / 60:.1f} min).  ",
+        f"Hardware: {_cpu()}, no GPU, loopback HTTP; 1-minute load average {load[0]:.2f} at the start of the "
+        f"run, {load[1]:.2f} at its end. torch {torch.__version__}, onnxruntime "
+        f"{__import__('onnxruntime').__version__}, ray {__import__('ray').__version__}."
+        + (f" {a.note}" if a.note else ""),
+        "",
+        f"Model: {source}; exits after {[s['exit_name'] for s in m['segments']]}, MACs per segment "
+        f"{[s['macs'] for s in m['segments']]}. max_prob thresholds {[round(t, 4) for t in th]} set on the "
+        f"validation split ({f'calibrated for at most a {100 * a.max_drop:g}-point drop' if a.max_drop is not None else f'about {a.past:g} of the samples reaching a non-final tier go past it'}); test accuracy {100 * acc:.2f}% with early exits, {100 * acc_whole:.2f}% whole. Share of "
+        f"the test samples that run to each segment {[round(d, 3) for d in depth]}: past the device tier "
+        f"{sum(depth[bounds[0][1]:]):.3f}, past the edge tier {sum(depth[bounds[1][1]:]):.3f}. Segment times (onnxruntime + policy, one "
+        f"thread) {[round(1e3 * t, 3) for t in seg1]} ms at batch 1, {[round(1e3 * t, 3) for t in segb]} ms at "
+        f"batch 32.",
+        "",
+        f"Plans (`eenn.serve.sizing.propose_serving` for {a.plan_clients} clients on {a.cores:g} cores, from the "
+        f"segment times above), for single-sample requests: early exit: {tiers(plans['early exit', 1])}; whole "
+        f"network: {tiers(plans['whole', 1])}; no-op: the early-exit plan's first tier's settings. For requests of "
+        f"{a.batch_samples} samples: early exit: {tiers(plans['early exit', a.batch_samples])}; whole network: "
+        f"{tiers(plans['whole', a.batch_samples])}; early exit as one tier (every segment in one deployment, "
+        f"no hops): {tiers(plans['early exit, one tier', a.batch_samples])}.",
+        "",
+        "| mode | deployment | samples/request | clients | requests | req/s | samples/s | p50 ms | p99 ms | "
+        "failed | degraded | differ | past device | past edge |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        noop = r["deployment"] == "no-op"
+        agree = "- | - | -" if noop else f"{r['differ']} | {r['past_device']:.3f} | {r['past_edge']:.3f}"
+        out.append(f"| {r['mode']} | {r['deployment']} | {r['per_request']} | {r['clients']} | {r['requests']} | "
+                   f"{r['rps']:.1f} | {r['sps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['failed']} | "
+                   f"{r['degraded']} | {agree} |")
+    out += ["", "`differ`: answers (class and exit) that are not the PyTorch engine's on the same input "
+            "(early exit: the calibrated policy; whole: every sample to the final exit). `past device` / "
+            "`past edge`: the share of answered samples whose exit is beyond the device / edge tier "
+            "(the no-op answers everything at exit 0; nothing to compare).", ""]
+    if rounds:
+        out += [f"The final line's comparisons on Ray at 32 clients, each pair measured back to back ({a.seconds:g} s each, "
+                "the order alternating from round to round), the medians of the rounds:", ""]
+        out += [f"- {line}" for line in rounds] + [""]
+    out += ["```", summary, "```", ""]
+    return "\n".join(out)
