@@ -2,12 +2,16 @@
 on Ray Serve, with a do-nothing Ray Serve deployment as the framework's ceiling.
 
 Fashion-MNIST (the real test split). The network is the trained checkpoint ``--checkpoint``
-(default ``runs/engine-cmp.safetensors``, a ResNet-20 with three linear exits, when present) or a
-small multi-exit ResNet-20 trained here for ``--epochs`` on ``--train-samples`` training images.
-The max_prob thresholds are set on the validation split so that about ``--past`` of the samples
-that reach a non-final tier go past it, or (``--max-drop D``) by ``eenn.calibrate`` for at most a
-D drop in accuracy against the final exit, the goal the serving monitor holds (the measured shares
-on the test split are printed either way). Three
+(default ``runs/resnet20-peer.safetensors``, a ResNet-20 with three linear exits trained on the
+full training split for 3 epochs, 91% on the test split: the network of docs/RESULTS.md's ResNet
+lines, made by ``benchmarks/deploy_speed.py --checkpoint runs/resnet20-peer.safetensors --limit 0
+--epochs 3``), or one trained here with the same recipe when the file is absent. The max_prob
+thresholds are calibrated on the validation split by ``eenn.calibrate`` for at most a
+``--max-drop`` drop in accuracy against the final exit (0.005: the goal the serving monitor holds;
+then about a fifth of the samples go past the device tier and a fifth of those past the edge), or
+(``--past P``) set so that a share P of the samples that reach a non-final tier go past it, to
+load the later tiers and the hops between them (the measured shares on the test split are printed
+either way). Three
 tiers (``--split``): device = segments 0-1, edge = segment 2, cloud = segment 3 (float32 hand-off
 unless ``--float16``). The early-exit plan is also served as one tier (batch requests only), which
 shows what the hops between tiers cost. The same export with
@@ -47,7 +51,7 @@ import numpy as np
 import torch
 
 from loadgen import run_load  # sibling scripts (benchmarks/loadgen.py, benchmarks/serve_report.py)
-from serve_report import final_line, paired_rounds, render
+from serve_report import DEFAULT_CHECKPOINT, DEFAULT_MAX_DROP, final_line, paired_rounds, render
 
 NAMES = ["device", "edge", "cloud"]
 
@@ -108,16 +112,20 @@ def build_model(a):
         net = eenn.load(ckpt)
         source = f"the checkpoint {ckpt}"
     else:
+        # the recipe of benchmarks/deploy_speed.py, which writes the same default checkpoint
         torch.manual_seed(0)
         net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=data.info.input_size,
-                                  exits="linear:3", width=0.5)
+                                  exits="linear:3")
         from dataclasses import replace
 
         sub = data
         if a.train_samples and a.train_samples < len(data.train):
             sub = replace(data, train=data.train.subset(range(a.train_samples)))
-        eenn.fit(net, sub, "joint", epochs=a.epochs, lr=0.1, progress=False)
-        source = f"a ResNet-20 (width 0.5) trained here for {a.epochs} epoch(s)"
+        eenn.fit(net, sub, "joint", epochs=a.epochs, lr=0.05, progress=False)
+        if ckpt:
+            eenn.save(net, ckpt)
+        source = (f"a ResNet-20 trained here for {a.epochs} epoch(s) on {len(sub.train)} images"
+                  + (f" (saved to {ckpt})" if ckpt else ""))
     net.eval()
     if net.input_spec is None:
         net.input_spec = InputSpec.from_info(data.info)
@@ -169,16 +177,18 @@ def wait_served(url: str, body: bytes, timeout: float = 300.0) -> None:
 # --------------------------------------------------------------------------------------- the run
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="runs/engine-cmp.safetensors",
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="a multi-exit ResNet-20 (3 exits + final) trained on Fashion-MNIST; trains one if absent")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--epochs", type=int, default=2, help="training epochs when there is no checkpoint")
-    p.add_argument("--train-samples", type=int, default=20000, help="training images when there is no checkpoint")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs when there is no checkpoint")
+    p.add_argument("--train-samples", type=int, default=0,
+                   help="training images when there is no checkpoint (0: the whole training split)")
     p.add_argument("--split", default="0-1,2,3", help="segments of the device, edge and cloud tiers")
-    p.add_argument("--past", type=float, default=0.45,
-                   help="share of the samples reaching a non-final tier that go past it (set on validation)")
-    p.add_argument("--max-drop", type=float, default=None,
-                   help="instead of --past: thresholds calibrated on validation for at most this accuracy drop (0.01)")
+    p.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP,
+                   help="thresholds calibrated on validation for at most this accuracy drop against the final exit")
+    p.add_argument("--past", type=float, default=None,
+                   help="instead of --max-drop: the share of the samples reaching a non-final tier that go past it "
+                        "(set on validation; e.g. 0.45 to load the later tiers)")
     p.add_argument("--front", type=float, default=0.75,
                    help="share of a tier's answers that its first exit gives (the rest: its later exits)")
     p.add_argument("--float16", action="store_true", help="features cross tiers as float16")
@@ -213,7 +223,7 @@ def main():
     data, net, source = build_model(a)
     val_logits, _, _ = exit_scores(net, data.val)
     bounds_ee = parse_split(a.split, net.num_exits)
-    if a.max_drop is None:
+    if a.past is not None:
         th = thresholds_for(val_logits[:-1].softmax(-1).max(-1).values.numpy(), bounds_ee, a.past, a.front)
     else:
         th = eenn.calibrate("max_prob", eenn.collect_outputs(net, data.val), net.cost(),

@@ -8,6 +8,10 @@ import subprocess
 import numpy as np
 import torch
 
+# serve_load.py's defaults, which the command written into the document leaves out
+DEFAULT_CHECKPOINT = "runs/resnet20-peer.safetensors"
+DEFAULT_MAX_DROP = 0.005
+
 
 def _pick(results, mode, deployment, per_request, clients):
     return next((r for r in results if (r["mode"], r["deployment"], r["per_request"], r["clients"])
@@ -72,9 +76,11 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
         f"{t.name} (segments {t.start}-{t.stop - 1}): max_batch {t.max_batch}, batch_wait_ms {t.batch_wait_ms:g}, "
         f"replicas {t.replicas}, num_cpus {t.ray_actor_options.get('num_cpus', 0):g}" for t in plan.tiers)
     cmd = " ".join(["OMP_NUM_THREADS=1 python benchmarks/serve_load.py", f"--seconds {a.seconds:g}",
-                    f"--clients {a.clients}", f"--batch-clients {a.batch_clients}", f"--modes {a.modes}"]
-                   + ([f"--checkpoint {a.checkpoint}"] if a.checkpoint != "runs/engine-cmp.safetensors" else [])
-                   + ([f"--max-drop {a.max_drop:g}"] if a.max_drop is not None else [])
+                    "--clients " + (a.clients or '""'), "--batch-clients " + (a.batch_clients or '""'),
+                    f"--modes {a.modes}"]
+                   + ([f"--checkpoint {a.checkpoint}"] if a.checkpoint != DEFAULT_CHECKPOINT else [])
+                   + ([f"--past {a.past:g}"] if a.past is not None else
+                      [f"--max-drop {a.max_drop:g}"] if a.max_drop != DEFAULT_MAX_DROP else [])
                    + ([f"--rounds {a.rounds}"] if a.rounds != 3 else [])
                    + ([f"--doc {a.doc}"] if a.doc else []))
     out = [
@@ -88,7 +94,7 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
         "",
         f"Model: {source}; exits after {[s['exit_name'] for s in m['segments']]}, MACs per segment "
         f"{[s['macs'] for s in m['segments']]}. max_prob thresholds {[round(t, 4) for t in th]} set on the "
-        f"validation split ({f'calibrated for at most a {100 * a.max_drop:g}-point drop' if a.max_drop is not None else f'about {a.past:g} of the samples reaching a non-final tier go past it'}); test accuracy {100 * acc:.2f}% with early exits, {100 * acc_whole:.2f}% whole. Share of "
+        f"validation split ({f'about {a.past:g} of the samples reaching a non-final tier go past it' if a.past is not None else f'calibrated for at most a {100 * a.max_drop:g}-point drop'}); test accuracy {100 * acc:.2f}% with early exits, {100 * acc_whole:.2f}% whole. Share of "
         f"the test samples that run to each segment {[round(d, 3) for d in depth]}: past the device tier "
         f"{sum(depth[bounds[0][1]:]):.3f}, past the edge tier {sum(depth[bounds[1][1]:]):.3f}. Segment times (onnxruntime + policy, one "
         f"thread) {[round(1e3 * t, 3) for t in seg1]} ms at batch 1, {[round(1e3 * t, 3) for t in segb]} ms at "
