@@ -243,6 +243,11 @@ def main():
     depth = (torch.bincount(eng.depth, minlength=4).float() / len(eng.depth)).tolist()
     acc = float((eng.prediction == test_y[:n_test]).float().mean())
     acc_whole = float((eng_whole.prediction == test_y[:n_test]).float().mean())
+    for name, (_, stop) in zip(NAMES, bounds_ee[:-1]):
+        if sum(depth[stop:]) < 0.01:  # e.g. a network trained too briefly: every sample leaves early
+            print(f"warning: under these thresholds {100 * sum(depth[stop:]):.1f}% of the test samples go past the "
+                  f"{name} tier, so the tiers after it are not measured; train the network longer or set --past",
+                  flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="eenn-serve-load-"))
     m_ee = export(net, tmp / "early", policy=policy, validation={"depth_distribution": depth,
                                                                  "exit_distribution": depth})
