@@ -429,6 +429,75 @@ def test_ray_tier_hands_a_batchs_survivors_on_as_one_message(model, monkeypatch)
             assert "replica died" in reply["errors"][0]
 
 
+def test_ray_tier_answers_early_exits_without_waiting_for_the_next_tier(model, monkeypatch):
+    """A Ray tier replica answers the requests whose samples all exited there as soon as its batch
+    is done, as the in-process queue does; those with survivors wait for the next tier. Here the
+    next tier holds its reply until the test opens a gate: the early requests must be answered
+    while it is closed, the others only after."""
+    from ray.serve import batching
+
+    from eenn.serve import ray_app
+    from eenn.staged import read_segments
+
+    _, d, x, eng = model
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    shared = ray_app.TierDeployment.func_or_class._run.set_max_batch_size.__self__
+    monkeypatch.setattr(shared, "__dict__", dict(shared.__dict__))
+    m = load_manifest(d)
+    E = m["num_exits"]
+    cloud = Tier(m, TierSpec("cloud", 2, E), models=read_segments(m, (2, E)))
+    calls = []
+
+    class Response:  # awaitable and cancellable, as a deployment handle's .remote() result
+        def __init__(self, coro):
+            self.coro = coro
+
+        def __await__(self):
+            return self.coro.__await__()
+
+        def cancel(self):
+            self.coro.close()
+
+    starts = np.cumsum([0, *SIZES])
+    spans = list(zip(starts[:-1], starts[1:]))
+    early = [i for i, (a, b) in enumerate(spans) if all(e < 2 for e in eng.exit[a:b].tolist())]
+    late = [i for i in range(len(spans)) if i not in early]
+    assert early and late  # the thresholds send some requests on and answer others at the device
+
+    async def main():
+        gate = asyncio.Event()
+
+        class Handle:
+            def remote(self, message):
+                calls.append(message)
+
+                async def answer():
+                    await gate.wait()
+                    reply, carry = cloud.begin(message)
+                    assert carry is None
+                    return reply
+
+                return Response(answer())
+
+        device = ray_app.TierDeployment.func_or_class(
+            m, {"name": "device", "start": 0, "stop": 2, "max_batch": N, "batch_wait_ms": 20_000},
+            read_segments(m, (0, 2)), Handle(), {"float16": False, "threads": 1, "timeout_s": 60.0,
+                                                 "next_name": "cloud"})
+        tasks = [asyncio.ensure_future(device(start_message(m, x[a:b].numpy()))) for a, b in spans]
+        # the guard only turns a regression (early requests held by the hop) into a failure, not a hang
+        done, _ = await asyncio.wait([tasks[i] for i in early], timeout=60)
+        assert len(done) == len(early), "requests answered at the device waited for the next tier"
+        assert not any(tasks[i].done() for i in late) and len(calls) == 1  # the survivors: one message, held
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    replies = asyncio.run(main())
+    for (a, b), reply in zip(spans, replies):
+        rows = build_response(m, reply, b - a, 0.0, False)["predictions"]
+        assert [(r["class"], r["exit"], r["degraded"]) for r in rows] == [
+            (c, e, False) for c, e in zip(eng.prediction[a:b].tolist(), eng.exit[a:b].tolist())]
+
+
 def test_the_noop_deployment_answers_every_sample_without_computing(model, monkeypatch):
     """``build_app(plan, noop=True)``: the same ingress in front of a tier that computes nothing,
     with the first tier's batching, replicas and placement (the framework's ceiling in

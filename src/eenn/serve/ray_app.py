@@ -88,35 +88,64 @@ class TierDeployment:
         self.next, self.next_name, self.timeout = _direct(next_tier), settings.get("next_name"), settings["timeout_s"]
         self._run.set_max_batch_size(self.spec.max_batch)  # samples (see _samples)
         self._run.set_batch_wait_timeout_s(self.spec.batch_wait_ms / 1000.0)
+        self._hops: set = set()  # hand-offs to the next tier under way
 
     async def __call__(self, message: bytes) -> dict:
         running = self.tier.read(message)
-        return await self._run(_Item(running, min(len(running), self.spec.max_batch), time.perf_counter()))
+        reply = await self._run(_Item(running, min(len(running), self.spec.max_batch), time.perf_counter()))
+        if isinstance(reply, asyncio.Future):  # some samples went on: the reply comes with the next tier's
+            reply = await reply
+        return reply
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, batch_size_fn=_samples,
                  max_concurrent_batches=CONCURRENT_BATCHES)
     async def _run(self, items: list) -> list:
-        """The requests gathered by ``serve.batch`` through this tier's segments at once; then the
-        survivors of all of them go on to the next tier as one message (one call, not one per
-        request), and the next tier's reply is split back per request."""
+        """The requests gathered by ``serve.batch`` through this tier's segments at once. A
+        request whose samples all exited here gets its reply now; the survivors of all the others
+        go on to the next tier as one message (one call, not one per request), and those requests
+        get a future of their reply, which :meth:`_onward` completes when the next tier's reply
+        comes (split back per request). The batch ends without waiting for the next tier, as the
+        in-process queue's does: its early answers do not wait on the hop, nor its slot in
+        ``serve.batch`` (``max_concurrent_batches``)."""
         now = time.perf_counter()
         results = self.tier.run_many([i.running for i in items], [now - i.t0 for i in items])
-        replies = [r for r, _ in results]
+        replies: list = [r for r, _ in results]
         carried = [(j, c) for j, (_, c) in enumerate(results) if c is not None]
         if not carried:
             return replies
-        merged, offsets = merge_runnings([c for _, c in carried])
-        out, enc = self.tier.handoff(merged)
-        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        waiting = {j: loop.create_future() for j, _ in carried}
+        task = loop.create_task(self._onward(replies, carried, waiting))
+        self._hops.add(task)  # held until done (the loop keeps only a weak reference)
+        task.add_done_callback(self._hops.discard)
+        return [waiting.get(j, r) for j, r in enumerate(replies)]
+
+    async def _onward(self, replies: list, carried: list, waiting: dict) -> None:
+        """Hand the batch's survivors on as one message and fold the next tier's reply into each
+        carried request's reply (a dead replica, a timeout or an error downstream: each is answered
+        with this tier's deepest exit, flagged); then complete their futures."""
         try:
-            down = await _within(self.next.remote(out), self.timeout)
-        except Exception as e:  # dead replica, timeout, error downstream: answer with what we have
-            for j, c in carried:
-                self.tier.fail(replies[j], c, self.next_name, e)
-            return replies
-        self.tier.join_merged([(replies[j], c) for j, c in carried], offsets, down, time.perf_counter() - t0, enc,
-                              len(out))
-        return replies
+            merged, offsets = merge_runnings([c for _, c in carried])
+            out, enc = self.tier.handoff(merged)
+            t0 = time.perf_counter()
+            try:
+                down = await _within(self.next.remote(out), self.timeout)
+            except Exception as e:  # noqa: BLE001 - answer with what we have
+                for j, c in carried:
+                    self.tier.fail(replies[j], c, self.next_name, e)
+            else:
+                self.tier.join_merged([(replies[j], c) for j, c in carried], offsets, down, time.perf_counter() - t0,
+                                      enc, len(out))
+        except BaseException as e:  # noqa: BLE001 - no request may be left waiting
+            for fut in waiting.values():
+                if not fut.done():
+                    fut.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for j, _ in carried:
+            if not waiting[j].done():  # (a request cancelled meanwhile has no one to answer)
+                waiting[j].set_result(replies[j])
 
     def ping(self) -> str:
         return self.tier.name
