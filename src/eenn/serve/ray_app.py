@@ -31,8 +31,8 @@ from .tiers import Tier, merge_runnings
 __all__ = ["TierDeployment", "NoopTier", "Ingress", "build_app", "start", "serve_plan", "free_port", "APP_NAME"]
 
 APP_NAME = "eenn"
-# batches a tier replica may have in flight at once: one computes (the event loop's thread) while
-# the others wait for the next tier's answer
+# batches' worth of requests a tier replica may hold at once: one batch computes (on the event
+# loop's thread) while the requests of earlier ones wait for the next tier's answer to their survivors
 CONCURRENT_BATCHES = 8
 
 
