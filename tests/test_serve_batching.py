@@ -319,12 +319,37 @@ def test_plan_tier_options_are_checked(model, options, message):
 
 
 # ------------------------------------------------------------------------------------ Ray Serve
+def _batch_in_test_loop(monkeypatch, deployment):
+    """Let ``deployment``'s ``serve.batch`` method run in a plain event loop, no cluster: its
+    warning that max_batch_size exceeds max_ongoing_requests (raised through the replica
+    context, absent here) is silenced, and the object the class's batch queue (bound to one
+    event loop) and limits live in is restored afterwards, or the class could no longer be
+    pickled for a real deployment later. Returns that object."""
+    from ray.serve import batching
+
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    shared = deployment.func_or_class._run.set_max_batch_size.__self__
+    monkeypatch.setattr(shared, "__dict__", dict(shared.__dict__))
+    return shared
+
+
+class _Response:
+    """What a deployment handle's ``.remote()`` gives: awaitable and cancellable."""
+
+    def __init__(self, coro):
+        self.coro = coro
+
+    def __await__(self):
+        return self.coro.__await__()
+
+    def cancel(self):
+        self.coro.close()
+
+
 def test_ray_deployments_take_replicas_options_and_batches(model, monkeypatch):
     """The deployments ``build_app`` makes carry the plan's replicas and actor options; a tier
     replica's ``serve.batch`` (run here in a plain event loop, no cluster) gathers concurrent
     requests' samples up to ``max_batch``, a larger request alone, and answers each its own."""
-    from ray.serve import batching
-
     from eenn.serve import ray_app
     from eenn.staged import read_segments
 
@@ -337,13 +362,7 @@ def test_ray_deployments_take_replicas_options_and_batches(model, monkeypatch):
     assert (device.name, device.num_replicas, device.ray_actor_options) == ("tier-device", 1, {"num_cpus": 0})
     assert (edge.name, edge.num_replicas, edge.ray_actor_options) == ("tier-edge", 2, {"num_cpus": 0.5})
 
-    # serve.batch warns (through the replica context, absent here) when max_batch_size exceeds
-    # max_ongoing_requests; nothing else needs a running Serve
-    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
-    # serve.batch keeps its queue (bound to this event loop) and limits in one object shared by the
-    # class; put it back as it was, or the class can no longer be pickled for a real deployment later
-    shared = ray_app.TierDeployment.func_or_class._run.set_max_batch_size.__self__
-    monkeypatch.setattr(shared, "__dict__", dict(shared.__dict__))
+    _batch_in_test_loop(monkeypatch, ray_app.TierDeployment)
     m = load_manifest(d)
     spec = {"name": "all", "start": 0, "stop": m["num_exits"], "max_batch": 8, "batch_wait_ms": 20_000}
     tier = ray_app.TierDeployment.func_or_class(m, spec, read_segments(m, (0, m["num_exits"])), None,
@@ -362,31 +381,17 @@ def test_ray_tier_hands_a_batchs_survivors_on_as_one_message(model, monkeypatch)
     """A Ray tier replica runs the requests ``serve.batch`` gathered, then sends the survivors of
     all of them to the next tier in one call (not one per request) and splits the reply back: each
     request still gets exactly its own answers, and a failing next tier degrades each of them."""
-    from ray.serve import batching
-
     from eenn.serve import ray_app
     from eenn.staged import read_segments
 
     _, d, x, eng = model
-    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
-    shared = ray_app.TierDeployment.func_or_class._run.set_max_batch_size.__self__
-    monkeypatch.setattr(shared, "__dict__", dict(shared.__dict__))
+    shared = _batch_in_test_loop(monkeypatch, ray_app.TierDeployment)
     m = load_manifest(d)
     E = m["num_exits"]
     settings = {"float16": False, "threads": 1, "timeout_s": 5.0}
     # the next tier: a plain Tier (the serve.batch queue is the class's: one tier class per process)
     cloud = Tier(m, TierSpec("cloud", 2, E), models=read_segments(m, (2, E)))
     calls, broken = [], []
-
-    class Response:  # what a deployment handle's .remote() gives: awaitable, cancellable
-        def __init__(self, coro):
-            self.coro = coro
-
-        def __await__(self):
-            return self.coro.__await__()
-
-        def cancel(self):
-            self.coro.close()
 
     class Handle:
         def remote(self, message):
@@ -399,7 +404,7 @@ def test_ray_tier_hands_a_batchs_survivors_on_as_one_message(model, monkeypatch)
                 assert carry is None
                 return reply
 
-            return Response(answer())
+            return _Response(answer())
 
     device = ray_app.TierDeployment.func_or_class(
         m, {"name": "device", "start": 0, "stop": 2, "max_batch": N, "batch_wait_ms": 20_000},
@@ -434,29 +439,15 @@ def test_ray_tier_answers_early_exits_without_waiting_for_the_next_tier(model, m
     is done, as the in-process queue does; those with survivors wait for the next tier. Here the
     next tier holds its reply until the test opens a gate: the early requests must be answered
     while it is closed, the others only after."""
-    from ray.serve import batching
-
     from eenn.serve import ray_app
     from eenn.staged import read_segments
 
     _, d, x, eng = model
-    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
-    shared = ray_app.TierDeployment.func_or_class._run.set_max_batch_size.__self__
-    monkeypatch.setattr(shared, "__dict__", dict(shared.__dict__))
+    _batch_in_test_loop(monkeypatch, ray_app.TierDeployment)
     m = load_manifest(d)
     E = m["num_exits"]
     cloud = Tier(m, TierSpec("cloud", 2, E), models=read_segments(m, (2, E)))
     calls = []
-
-    class Response:  # awaitable and cancellable, as a deployment handle's .remote() result
-        def __init__(self, coro):
-            self.coro = coro
-
-        def __await__(self):
-            return self.coro.__await__()
-
-        def cancel(self):
-            self.coro.close()
 
     starts = np.cumsum([0, *SIZES])
     spans = list(zip(starts[:-1], starts[1:]))
@@ -477,7 +468,7 @@ def test_ray_tier_answers_early_exits_without_waiting_for_the_next_tier(model, m
                     assert carry is None
                     return reply
 
-                return Response(answer())
+                return _Response(answer())
 
         device = ray_app.TierDeployment.func_or_class(
             m, {"name": "device", "start": 0, "stop": 2, "max_batch": N, "batch_wait_ms": 20_000},
@@ -502,8 +493,6 @@ def test_the_noop_deployment_answers_every_sample_without_computing(model, monke
     """``build_app(plan, noop=True)``: the same ingress in front of a tier that computes nothing,
     with the first tier's batching, replicas and placement (the framework's ceiling in
     benchmarks/serve_load.py); it batches like a tier and answers each request's samples."""
-    from ray.serve import batching
-
     from eenn.serve import ray_app
 
     _, d, x, _ = model
@@ -512,9 +501,7 @@ def test_the_noop_deployment_answers_every_sample_without_computing(model, monke
     ingress = ray_app.build_app(plan, noop=True)._bound_deployment
     tier = ingress.init_args[2]._bound_deployment
     assert (tier.name, tier.num_replicas, tier.ray_actor_options) == ("tier-noop", 2, {"num_cpus": 0.5})
-    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
-    shared = ray_app.NoopTier.func_or_class._run.set_max_batch_size.__self__
-    monkeypatch.setattr(shared, "__dict__", dict(shared.__dict__))
+    _batch_in_test_loop(monkeypatch, ray_app.NoopTier)
     m = load_manifest(d)
     noop = ray_app.NoopTier.func_or_class(*tier.init_args)
     sizes = RAY_SIZES
