@@ -346,6 +346,38 @@ class _Response:
         self.coro.close()
 
 
+def _device_before_cloud(m, before, timeout_s: float):
+    """A device tier replica (segments 0-1, the Ray deployment's class called in-process) whose
+    next tier is a plain cloud :class:`Tier` behind a stand-in handle: every call to it is recorded
+    in ``calls`` and awaits ``before()`` (which raises, as a dead replica, or waits, as a slow one)
+    before the cloud answers. Returns ``(device, calls)``. (The serve.batch queue is the class's:
+    one tier class per process, so the next tier is not another deployment instance.)"""
+    from eenn.serve import ray_app
+    from eenn.staged import read_segments
+
+    E = m["num_exits"]
+    cloud = Tier(m, TierSpec("cloud", 2, E), models=read_segments(m, (2, E)))
+    calls = []
+
+    class Handle:
+        def remote(self, message):
+            calls.append(message)
+
+            async def answer():
+                await before()
+                reply, carry = cloud.begin(message)
+                assert carry is None
+                return reply
+
+            return _Response(answer())
+
+    device = ray_app.TierDeployment.func_or_class(
+        m, {"name": "device", "start": 0, "stop": 2, "max_batch": N, "batch_wait_ms": 20_000},
+        read_segments(m, (0, 2)), Handle(), {"float16": False, "threads": 1, "timeout_s": timeout_s,
+                                             "next_name": "cloud"})
+    return device, calls
+
+
 def test_ray_deployments_take_replicas_options_and_batches(model, monkeypatch):
     """The deployments ``build_app`` makes carry the plan's replicas and actor options; a tier
     replica's ``serve.batch`` (run here in a plain event loop, no cluster) gathers concurrent
@@ -382,33 +414,17 @@ def test_ray_tier_hands_a_batchs_survivors_on_as_one_message(model, monkeypatch)
     all of them to the next tier in one call (not one per request) and splits the reply back: each
     request still gets exactly its own answers, and a failing next tier degrades each of them."""
     from eenn.serve import ray_app
-    from eenn.staged import read_segments
 
     _, d, x, eng = model
     shared = _batch_in_test_loop(monkeypatch, ray_app.TierDeployment)
     m = load_manifest(d)
-    E = m["num_exits"]
-    settings = {"float16": False, "threads": 1, "timeout_s": 5.0}
-    # the next tier: a plain Tier (the serve.batch queue is the class's: one tier class per process)
-    cloud = Tier(m, TierSpec("cloud", 2, E), models=read_segments(m, (2, E)))
-    calls, broken = [], []
+    broken = []
 
-    class Handle:
-        def remote(self, message):
-            calls.append(message)
+    async def before():
+        if broken:
+            raise RuntimeError("replica died")
 
-            async def answer():
-                if broken:
-                    raise RuntimeError("replica died")
-                reply, carry = cloud.begin(message)
-                assert carry is None
-                return reply
-
-            return _Response(answer())
-
-    device = ray_app.TierDeployment.func_or_class(
-        m, {"name": "device", "start": 0, "stop": 2, "max_batch": N, "batch_wait_ms": 20_000},
-        read_segments(m, (0, 2)), Handle(), {**settings, "next_name": "cloud"})
+    device, calls = _device_before_cloud(m, before, timeout_s=5.0)
     starts = np.cumsum([0, *SIZES])
     replies = _at_once(device, m, x, SIZES)
     assert len(calls) == 1  # one batch of every request, its survivors in one message
@@ -440,40 +456,19 @@ def test_ray_tier_answers_early_exits_without_waiting_for_the_next_tier(model, m
     next tier holds its reply until the test opens a gate: the early requests must be answered
     while it is closed, the others only after."""
     from eenn.serve import ray_app
-    from eenn.staged import read_segments
 
     _, d, x, eng = model
     _batch_in_test_loop(monkeypatch, ray_app.TierDeployment)
     m = load_manifest(d)
-    E = m["num_exits"]
-    cloud = Tier(m, TierSpec("cloud", 2, E), models=read_segments(m, (2, E)))
-    calls = []
-
     starts = np.cumsum([0, *SIZES])
     spans = list(zip(starts[:-1], starts[1:]))
     early = [i for i, (a, b) in enumerate(spans) if all(e < 2 for e in eng.exit[a:b].tolist())]
     late = [i for i in range(len(spans)) if i not in early]
     assert early and late  # the thresholds send some requests on and answer others at the device
+    gate = asyncio.Event()
+    device, calls = _device_before_cloud(m, gate.wait, timeout_s=60.0)
 
     async def main():
-        gate = asyncio.Event()
-
-        class Handle:
-            def remote(self, message):
-                calls.append(message)
-
-                async def answer():
-                    await gate.wait()
-                    reply, carry = cloud.begin(message)
-                    assert carry is None
-                    return reply
-
-                return _Response(answer())
-
-        device = ray_app.TierDeployment.func_or_class(
-            m, {"name": "device", "start": 0, "stop": 2, "max_batch": N, "batch_wait_ms": 20_000},
-            read_segments(m, (0, 2)), Handle(), {"float16": False, "threads": 1, "timeout_s": 60.0,
-                                                 "next_name": "cloud"})
         tasks = [asyncio.ensure_future(device(start_message(m, x[a:b].numpy()))) for a, b in spans]
         # the guard only turns a regression (early requests held by the hop) into a failure, not a hang
         done, _ = await asyncio.wait([tasks[i] for i in early], timeout=60)
