@@ -221,14 +221,14 @@ def main():
     clients = [int(c) for c in a.clients.split(",") if c]
     batch_clients = [int(c) for c in a.batch_clients.split(",") if c]
     data, net, source = build_model(a)
-    val_logits, _, _ = exit_scores(net, data.val)
     bounds_ee = parse_split(a.split, net.num_exits)
     if a.past is not None:
+        val_logits, _, _ = exit_scores(net, data.val)
         th = thresholds_for(val_logits[:-1].softmax(-1).max(-1).values.numpy(), bounds_ee, a.past, a.front)
     else:
         th = eenn.calibrate("max_prob", eenn.collect_outputs(net, data.val), net.cost(),
                             {"max_drop": a.max_drop}).thresholds.tolist()
-    test_logits, test_y, _ = exit_scores(net, data.test)
+    _, test_y, _ = exit_scores(net, data.test)
     n_test = min(a.test_samples, len(data.test))
     pixels = data.test.x[:n_test].numpy()  # uint8 [N, 1, 28, 28]: sent as is, normalised by the server
     assert pixels.dtype == np.uint8, pixels.dtype

@@ -83,6 +83,8 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
                       [f"--max-drop {a.max_drop:g}"] if a.max_drop != DEFAULT_MAX_DROP else [])
                    + ([f"--rounds {a.rounds}"] if a.rounds != 3 else [])
                    + ([f"--doc {a.doc}"] if a.doc else []))
+    how = (f"about {a.past:g} of the samples reaching a non-final tier go past it" if a.past is not None
+           else f"calibrated for at most a {100 * a.max_drop:g}-point drop")
     out = [
         "## Measured figures",
         "",
@@ -94,7 +96,7 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
         "",
         f"Model: {source}; exits after {[s['exit_name'] for s in m['segments']]}, MACs per segment "
         f"{[s['macs'] for s in m['segments']]}. max_prob thresholds {[round(t, 4) for t in th]} set on the "
-        f"validation split ({f'about {a.past:g} of the samples reaching a non-final tier go past it' if a.past is not None else f'calibrated for at most a {100 * a.max_drop:g}-point drop'}); test accuracy {100 * acc:.2f}% with early exits, {100 * acc_whole:.2f}% whole. Share of "
+        f"validation split ({how}); test accuracy {100 * acc:.2f}% with early exits, {100 * acc_whole:.2f}% whole. Share of "
         f"the test samples that run to each segment {[round(d, 3) for d in depth]}: past the device tier "
         f"{sum(depth[bounds[0][1]:]):.3f}, past the edge tier {sum(depth[bounds[1][1]:]):.3f}. Segment times (onnxruntime + policy, one "
         f"thread) {[round(1e3 * t, 3) for t in seg1]} ms at batch 1, {[round(1e3 * t, 3) for t in segb]} ms at "
