@@ -346,11 +346,12 @@ class _Response:
         self.coro.close()
 
 
-def _device_before_cloud(m, before, timeout_s: float):
+def _device_before_cloud(m, before, timeout_s: float, **settings):
     """A device tier replica (segments 0-1, the Ray deployment's class called in-process) whose
     next tier is a plain cloud :class:`Tier` behind a stand-in handle: every call to it is recorded
     in ``calls`` and awaits ``before()`` (which raises, as a dead replica, or waits, as a slow one)
-    before the cloud answers. Returns ``(device, calls)``. (The serve.batch queue is the class's:
+    before the cloud answers. ``settings``: more of the deployment's settings (``batch_wait_ms``
+    and ``max_batch`` go to its spec). Returns ``(device, calls)``. (The serve.batch queue is the class's:
     one tier class per process, so the next tier is not another deployment instance.)"""
     from eenn.serve import ray_app
     from eenn.staged import read_segments
@@ -371,10 +372,12 @@ def _device_before_cloud(m, before, timeout_s: float):
 
             return _Response(answer())
 
+    spec = {"name": "device", "start": 0, "stop": 2, "max_batch": settings.pop("max_batch", N),
+            "batch_wait_ms": settings.pop("batch_wait_ms", 20_000)}
     device = ray_app.TierDeployment.func_or_class(
-        m, {"name": "device", "start": 0, "stop": 2, "max_batch": N, "batch_wait_ms": 20_000},
+        m, spec,
         read_segments(m, (0, 2)), Handle(), {"float16": False, "threads": 1, "timeout_s": timeout_s,
-                                             "next_name": "cloud"})
+                                             "next_name": "cloud", **settings})
     return device, calls
 
 
@@ -482,6 +485,91 @@ def test_ray_tier_answers_early_exits_without_waiting_for_the_next_tier(model, m
         rows = build_response(m, reply, b - a, 0.0, False)["predictions"]
         assert [(r["class"], r["exit"], r["degraded"]) for r in rows] == [
             (c, e, False) for c, e in zip(eng.prediction[a:b].tolist(), eng.exit[a:b].tolist())]
+
+
+@pytest.mark.parametrize("cap", [None, 4])
+def test_ray_tier_sends_survivors_gathered_during_a_hop_together(model, monkeypatch, cap):
+    """A Ray Serve call costs the cores the same whatever it carries, so a tier has at most one
+    hop per replica of the next tier under way: the survivors of batches that end meanwhile wait
+    and go together in the next call (at most the next tier's ``max_batch`` samples a call, whole
+    requests), and each request still gets exactly its own answers."""
+    from eenn.serve import ray_app
+    from eenn.policies.loop import Running
+    from eenn.serve.codec import decode
+
+    _, d, x, eng = model
+    _batch_in_test_loop(monkeypatch, ray_app.TierDeployment)
+    m = load_manifest(d)
+    starts = np.cumsum([0, *SIZES])
+    spans = list(zip(starts[:-1], starts[1:]))
+    late = [i for i, (a, b) in enumerate(spans) if any(e >= 2 for e in eng.exit[a:b].tolist())]
+    first, rest = late[0], [i for i in range(len(spans)) if i != late[0]]
+    gate = asyncio.Event()
+    # batches of at most 4 samples: the requests sent after the first run in several batches
+    device, calls = _device_before_cloud(m, gate.wait, timeout_s=60.0, max_batch=4, batch_wait_ms=0,
+                                         next_replicas=1, next_max_batch=cap or N)
+    survivors = lambda i: sum(e >= 2 for e in eng.exit[spans[i][0]:spans[i][1]].tolist())
+    carried = lambda: (sum(len(c) for _, c, _, _ in device._outbox)
+                       + sum(len(Running.from_arrays(*decode(c))) for c in calls[1:]))
+
+    async def main():
+        send = lambda i: asyncio.ensure_future(device(start_message(m, x[spans[i][0]:spans[i][1]].numpy())))
+        tasks = {first: send(first)}
+        while not calls:  # the first request's survivors are on their way (and held)
+            await asyncio.sleep(0)
+        tasks.update({i: send(i) for i in rest})
+        while carried() < sum(survivors(i) for i in late[1:]):  # until every batch has run
+            await asyncio.sleep(0)
+        assert len(calls) == 1 and len(device._outbox) == len(late) - 1  # they wait for the first hop
+        gate.set()
+        return await asyncio.gather(*[tasks[i] for i in range(len(spans))])
+
+    replies = asyncio.run(asyncio.wait_for(main(), 60))
+    sent = [len(Running.from_arrays(*decode(c))) for c in calls]
+    assert sent[0] == survivors(first) and sum(sent) == sum(survivors(i) for i in late)
+    if cap is None:
+        assert len(calls) == 2  # everything gathered during the first hop went in one call
+    else:
+        assert len(calls) > 2 and all(n <= max(cap, max(survivors(i) for i in late)) for n in sent[1:])
+    for (a, b), reply in zip(spans, replies):
+        rows = build_response(m, reply, b - a, 0.0, False)["predictions"]
+        assert [(r["class"], r["exit"], r["degraded"]) for r in rows] == [
+            (c, e, False) for c, e in zip(eng.prediction[a:b].tolist(), eng.exit[a:b].tolist())]
+
+
+def test_ray_tier_counts_the_wait_for_a_hop_against_the_timeout(model, monkeypatch):
+    """Survivors that wait in the outbox behind a hop to a hung tier do not get a whole timeout of
+    their own after it: the time waited counts, so every request is answered (degraded, flagged)
+    within about one timeout, before the tiers upstream give up on it."""
+    from eenn.serve import ray_app
+
+    _, d, x, eng = model
+    _batch_in_test_loop(monkeypatch, ray_app.TierDeployment)
+    waits, within = [], ray_app._within
+    monkeypatch.setattr(ray_app, "_within", lambda response, timeout: waits.append(timeout) or within(response, timeout))
+    m = load_manifest(d)
+    starts = np.cumsum([0, *SIZES])
+    spans = list(zip(starts[:-1], starts[1:]))
+    late = [i for i, (a, b) in enumerate(spans) if any(e >= 2 for e in eng.exit[a:b].tolist())]
+    T = 1.0
+    device, calls = _device_before_cloud(m, asyncio.Event().wait, timeout_s=T, max_batch=4, batch_wait_ms=0,
+                                         next_replicas=1)  # the next tier never answers
+
+    async def main():
+        send = lambda i: asyncio.ensure_future(device(start_message(m, x[spans[i][0]:spans[i][1]].numpy())))
+        tasks = {late[0]: send(late[0])}
+        while not calls:
+            await asyncio.sleep(0)
+        tasks.update({i: send(i) for i in range(len(spans)) if i != late[0]})
+        return await asyncio.gather(*[tasks[i] for i in range(len(spans))])
+
+    replies = asyncio.run(asyncio.wait_for(main(), 60))
+    assert waits[0] <= T and sum(waits) < 2 * T  # (each hop waiting a whole timeout: 2 T or more)
+    for i, ((a, b), reply) in enumerate(zip(spans, replies)):
+        rows = build_response(m, reply, b - a, 0.0, False)["predictions"]
+        for r, e, c in zip(rows, eng.exit[a:b].tolist(), eng.prediction[a:b].tolist()):
+            assert (r["class"], r["exit"], r["degraded"]) == ((c, e, False) if e < 2 else (r["class"], 1, True))
+        assert (i in late) == bool(reply["errors"]) and all("unavailable" in err for err in reply["errors"])
 
 
 def test_the_noop_deployment_answers_every_sample_without_computing(model, monkeypatch):

@@ -2,7 +2,9 @@
 
 Each tier is a deployment holding its segments' ONNX graphs (shipped in memory, so tiers on other
 machines need no shared disk) and a handle to the next tier, which it calls only for the samples
-that no exit of its own took, with their features as one binary message. A tier waits for the
+that no exit of its own took, with their features as one binary message: one call per batch, and
+while as many calls are under way as the next tier has replicas, the survivors of the batches that
+end meanwhile wait and go together in the next call (fewer, fuller calls under load). A tier waits for the
 next at most ``timeout_s`` per tier still ahead, then answers the carried samples itself with its
 deepest exit (``degraded``); Ray Serve restarts a dead replica on its own, and answers are whole
 again once it is back. Per tier, the plan's ``replicas`` and ``ray_actor_options`` (which can pin
@@ -88,7 +90,12 @@ class TierDeployment:
         self.next, self.next_name, self.timeout = _direct(next_tier), settings.get("next_name"), settings["timeout_s"]
         self._run.set_max_batch_size(self.spec.max_batch)  # samples (see _samples)
         self._run.set_batch_wait_timeout_s(self.spec.batch_wait_ms / 1000.0)
-        self._hops: set = set()  # hand-offs to the next tier under way
+        # survivors waiting for a hand-off to the next tier, as (reply so far, carry, future of the reply,
+        # deadline of the next tier's answer); at most ``in_flight`` hand-off tasks (``_senders``) empty it
+        self._outbox: list = []
+        self._senders, self._hops = 0, set()  # hand-off tasks running, and the tasks themselves
+        self.in_flight = max(1, int(settings.get("next_replicas", 1)))
+        self.next_max_batch = int(settings.get("next_max_batch") or self.spec.max_batch)
 
     async def __call__(self, message: bytes) -> dict:
         running = self.tier.read(message)
@@ -101,51 +108,83 @@ class TierDeployment:
                  max_concurrent_batches=CONCURRENT_BATCHES)
     async def _run(self, items: list) -> list:
         """The requests gathered by ``serve.batch`` through this tier's segments at once. A
-        request whose samples all exited here gets its reply now; the survivors of all the others
-        go on to the next tier as one message (one call, not one per request), and those requests
-        get a future of their reply, which :meth:`_onward` completes when the next tier's reply
-        comes (split back per request). The batch ends without waiting for the next tier, as the
-        in-process queue's does: its early answers do not wait on the hop, nor its slot in
-        ``serve.batch`` (``max_concurrent_batches``)."""
+        request whose samples all exited here gets its reply now; the others get a future of their
+        reply, and their survivors join the outbox, which :meth:`_send` empties to the next tier
+        (:meth:`_hop`). The batch ends without waiting for the next tier, as the in-process
+        queue's does: its early answers do not wait on the hop, nor its slot in ``serve.batch``
+        (``max_concurrent_batches``)."""
         now = time.perf_counter()
         results = self.tier.run_many([i.running for i in items], [now - i.t0 for i in items])
         replies: list = [r for r, _ in results]
-        carried = [(j, c) for j, (_, c) in enumerate(results) if c is not None]
-        if not carried:
+        if all(c is None for _, c in results):
             return replies
-        loop = asyncio.get_running_loop()
-        waiting = {j: loop.create_future() for j, _ in carried}
-        task = loop.create_task(self._onward(replies, carried, waiting))
-        self._hops.add(task)  # held until done (the loop keeps only a weak reference)
-        task.add_done_callback(self._hops.discard)
-        return [waiting.get(j, r) for j, r in enumerate(replies)]
+        loop, due = asyncio.get_running_loop(), time.perf_counter() + self.timeout
+        for j, (reply, carry) in enumerate(results):
+            if carry is not None:
+                replies[j] = loop.create_future()
+                self._outbox.append((reply, carry, replies[j], due))
+        if self._senders < self.in_flight:
+            self._senders += 1  # counted now: another batch may end before the task starts
+            task = loop.create_task(self._send())
+            self._hops.add(task)  # held until done (the loop keeps only a weak reference)
+            task.add_done_callback(self._hops.discard)
+        return replies
 
-    async def _onward(self, replies: list, carried: list, waiting: dict) -> None:
-        """Hand the batch's survivors on as one message and fold the next tier's reply into each
-        carried request's reply (a dead replica, a timeout or an error downstream: each is answered
-        with this tier's deepest exit, flagged); then complete their futures."""
+    async def _send(self) -> None:
+        """Hand the outbox's survivors to the next tier, at most ``next_max_batch`` samples a call,
+        until it is empty. At most ``in_flight`` of these run at once (the next tier's replica
+        count): survivors of the batches that end while the hops are under way wait and go
+        together in the next call. A Ray Serve call costs a few milliseconds of the cores in
+        the caller and the callee whatever it carries, so under load this makes fewer, fuller
+        calls; at light load the outbox holds one batch's survivors and they go at once."""
         try:
-            merged, offsets = merge_runnings([c for _, c in carried])
+            while self._outbox:
+                n, k = 0, 0
+                while k < len(self._outbox) and (k == 0 or n + len(self._outbox[k][1]) <= self.next_max_batch):
+                    n += len(self._outbox[k][1])
+                    k += 1
+                group, self._outbox = self._outbox[:k], self._outbox[k:]
+                await self._hop(group)
+        except BaseException as e:  # cancelled (the replica stops): no request may be left waiting
+            for _, _, fut, _ in self._outbox:
+                if not fut.done():
+                    fut.set_exception(e)
+            self._outbox = []
+            raise
+        finally:
+            self._senders -= 1
+
+    async def _hop(self, group: list) -> None:
+        """Send ``group``'s survivors (``(reply, carry, future, deadline)`` of several requests)
+        on as one message and fold the next tier's reply into each request's reply (a dead
+        replica, an error downstream or no answer by the earliest deadline, the time in the outbox
+        included: each is answered with this tier's deepest exit, flagged); then complete their
+        futures."""
+        try:
+            merged, offsets = merge_runnings([c for _, c, _, _ in group])
             out, enc = self.tier.handoff(merged)
             t0 = time.perf_counter()
             try:
-                down = await _within(self.next.remote(out), self.timeout)
+                left = min(d for *_, d in group) - t0
+                if left <= 0:
+                    raise TimeoutError(f"no answer within {self.timeout:g} s (waited for earlier hand-offs)")
+                down = await _within(self.next.remote(out), left)
             except Exception as e:  # noqa: BLE001 - answer with what we have
-                for j, c in carried:
-                    self.tier.fail(replies[j], c, self.next_name, e)
+                for reply, carry, _, _ in group:
+                    self.tier.fail(reply, carry, self.next_name, e)
             else:
-                self.tier.join_merged([(replies[j], c) for j, c in carried], offsets, down, time.perf_counter() - t0,
-                                      enc, len(out))
+                self.tier.join_merged([(reply, carry) for reply, carry, _, _ in group], offsets, down,
+                                      time.perf_counter() - t0, enc, len(out))
         except BaseException as e:  # noqa: BLE001 - no request may be left waiting
-            for fut in waiting.values():
+            for _, _, fut, _ in group:
                 if not fut.done():
                     fut.set_exception(e)
             if not isinstance(e, Exception):
                 raise
             return
-        for j, _ in carried:
-            if not waiting[j].done():  # (a request cancelled meanwhile has no one to answer)
-                waiting[j].set_result(replies[j])
+        for reply, _, fut, _ in group:
+            if not fut.done():  # (a request cancelled meanwhile has no one to answer)
+                fut.set_result(reply)
 
     def ping(self) -> str:
         return self.tier.name
@@ -231,7 +270,9 @@ def build_app(plan: TierPlan, *, noop: bool = False):
     for i in range(n - 1, -1, -1):
         spec = plan.tiers[i]
         settings = {"float16": plan.float16, "threads": plan.threads, "timeout_s": plan.timeout_s * (n - 1 - i),
-                    "next_name": plan.tiers[i + 1].name if i + 1 < n else None}
+                    "next_name": plan.tiers[i + 1].name if i + 1 < n else None,
+                    "next_replicas": plan.tiers[i + 1].replicas if i + 1 < n else 1,
+                    "next_max_batch": plan.tiers[i + 1].max_batch if i + 1 < n else None}
         options = {"num_cpus": 0, **spec.ray_actor_options}
         # room for every batch the replica may hold at once (Ray Serve warns at start otherwise)
         nxt = TierDeployment.options(name=f"tier-{spec.name}", ray_actor_options=options, num_replicas=spec.replicas,
