@@ -381,6 +381,32 @@ def _device_before_cloud(m, before, timeout_s: float, **settings):
     return device, calls
 
 
+def _spans_and_late(eng):
+    """The sample ranges of the requests of ``SIZES``, and the requests with samples that the
+    engine takes past the device tier (segments 0-1)."""
+    starts = np.cumsum([0, *SIZES])
+    spans = list(zip(starts[:-1], starts[1:]))
+    return spans, [i for i, (a, b) in enumerate(spans) if any(e >= 2 for e in eng.exit[a:b].tolist())]
+
+
+def _first_then_rest(device, m, x, spans, late, calls, between=None):
+    """Send the first request of ``late`` to ``device`` and, once its hand-off is under way
+    (``calls`` has it), every other request of ``spans``; then await ``between()``, if given, and
+    every reply. Returns the replies in request order."""
+
+    async def main():
+        send = lambda i: asyncio.ensure_future(device(start_message(m, x[spans[i][0]:spans[i][1]].numpy())))
+        tasks = {late[0]: send(late[0])}
+        while not calls:  # the first request's survivors are on their way
+            await asyncio.sleep(0)
+        tasks.update({i: send(i) for i in range(len(spans)) if i != late[0]})
+        if between is not None:
+            await between()
+        return await asyncio.gather(*[tasks[i] for i in range(len(spans))])
+
+    return asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_ray_deployments_take_replicas_options_and_batches(model, monkeypatch):
     """The deployments ``build_app`` makes carry the plan's replicas and actor options; a tier
     replica's ``serve.batch`` (run here in a plain event loop, no cluster) gathers concurrent
@@ -463,10 +489,8 @@ def test_ray_tier_answers_early_exits_without_waiting_for_the_next_tier(model, m
     _, d, x, eng = model
     _batch_in_test_loop(monkeypatch, ray_app.TierDeployment)
     m = load_manifest(d)
-    starts = np.cumsum([0, *SIZES])
-    spans = list(zip(starts[:-1], starts[1:]))
-    early = [i for i, (a, b) in enumerate(spans) if all(e < 2 for e in eng.exit[a:b].tolist())]
-    late = [i for i in range(len(spans)) if i not in early]
+    spans, late = _spans_and_late(eng)
+    early = [i for i in range(len(spans)) if i not in late]
     assert early and late  # the thresholds send some requests on and answer others at the device
     gate = asyncio.Event()
     device, calls = _device_before_cloud(m, gate.wait, timeout_s=60.0)
@@ -500,10 +524,7 @@ def test_ray_tier_sends_survivors_gathered_during_a_hop_together(model, monkeypa
     _, d, x, eng = model
     _batch_in_test_loop(monkeypatch, ray_app.TierDeployment)
     m = load_manifest(d)
-    starts = np.cumsum([0, *SIZES])
-    spans = list(zip(starts[:-1], starts[1:]))
-    late = [i for i, (a, b) in enumerate(spans) if any(e >= 2 for e in eng.exit[a:b].tolist())]
-    first, rest = late[0], [i for i in range(len(spans)) if i != late[0]]
+    spans, late = _spans_and_late(eng)
     gate = asyncio.Event()
     # batches of at most 4 samples: the requests sent after the first run in several batches
     device, calls = _device_before_cloud(m, gate.wait, timeout_s=60.0, max_batch=4, batch_wait_ms=0,
@@ -512,21 +533,15 @@ def test_ray_tier_sends_survivors_gathered_during_a_hop_together(model, monkeypa
     carried = lambda: (sum(len(c) for _, c, _, _ in device._outbox)
                        + sum(len(Running.from_arrays(*decode(c))) for c in calls[1:]))
 
-    async def main():
-        send = lambda i: asyncio.ensure_future(device(start_message(m, x[spans[i][0]:spans[i][1]].numpy())))
-        tasks = {first: send(first)}
-        while not calls:  # the first request's survivors are on their way (and held)
+    async def held():  # the first hop held: every other batch runs, and its survivors wait
+        while carried() < sum(survivors(i) for i in late[1:]):
             await asyncio.sleep(0)
-        tasks.update({i: send(i) for i in rest})
-        while carried() < sum(survivors(i) for i in late[1:]):  # until every batch has run
-            await asyncio.sleep(0)
-        assert len(calls) == 1 and len(device._outbox) == len(late) - 1  # they wait for the first hop
+        assert len(calls) == 1 and len(device._outbox) == len(late) - 1
         gate.set()
-        return await asyncio.gather(*[tasks[i] for i in range(len(spans))])
 
-    replies = asyncio.run(asyncio.wait_for(main(), 60))
+    replies = _first_then_rest(device, m, x, spans, late, calls, held)
     sent = [len(Running.from_arrays(*decode(c))) for c in calls]
-    assert sent[0] == survivors(first) and sum(sent) == sum(survivors(i) for i in late)
+    assert sent[0] == survivors(late[0]) and sum(sent) == sum(survivors(i) for i in late)
     if cap is None:
         assert len(calls) == 2  # everything gathered during the first hop went in one call
     else:
@@ -548,22 +563,11 @@ def test_ray_tier_counts_the_wait_for_a_hop_against_the_timeout(model, monkeypat
     waits, within = [], ray_app._within
     monkeypatch.setattr(ray_app, "_within", lambda response, timeout: waits.append(timeout) or within(response, timeout))
     m = load_manifest(d)
-    starts = np.cumsum([0, *SIZES])
-    spans = list(zip(starts[:-1], starts[1:]))
-    late = [i for i, (a, b) in enumerate(spans) if any(e >= 2 for e in eng.exit[a:b].tolist())]
+    spans, late = _spans_and_late(eng)
     T = 1.0
     device, calls = _device_before_cloud(m, asyncio.Event().wait, timeout_s=T, max_batch=4, batch_wait_ms=0,
                                          next_replicas=1)  # the next tier never answers
-
-    async def main():
-        send = lambda i: asyncio.ensure_future(device(start_message(m, x[spans[i][0]:spans[i][1]].numpy())))
-        tasks = {late[0]: send(late[0])}
-        while not calls:
-            await asyncio.sleep(0)
-        tasks.update({i: send(i) for i in range(len(spans)) if i != late[0]})
-        return await asyncio.gather(*[tasks[i] for i in range(len(spans))])
-
-    replies = asyncio.run(asyncio.wait_for(main(), 60))
+    replies = _first_then_rest(device, m, x, spans, late, calls)
     assert waits[0] <= T and sum(waits) < 2 * T  # (each hop waiting a whole timeout: 2 T or more)
     for i, ((a, b), reply) in enumerate(zip(spans, replies)):
         rows = build_response(m, reply, b - a, 0.0, False)["predictions"]

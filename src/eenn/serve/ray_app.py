@@ -18,6 +18,7 @@ import asyncio
 import os
 import socket
 import time
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from starlette.requests import Request
 from ..staged import load_manifest, read_segments
 from .app import Front
 from .plan import TierPlan, TierSpec
-from .tiers import Tier, merge_runnings
+from .tiers import Tier, merge_runnings, take_upto
 
 __all__ = ["TierDeployment", "NoopTier", "Ingress", "build_app", "start", "serve_plan", "free_port", "APP_NAME"]
 
@@ -92,7 +93,7 @@ class TierDeployment:
         self._run.set_batch_wait_timeout_s(self.spec.batch_wait_ms / 1000.0)
         # survivors waiting for a hand-off to the next tier, as (reply so far, carry, future of the reply,
         # deadline of the next tier's answer); at most ``in_flight`` hand-off tasks (``_senders``) empty it
-        self._outbox: list = []
+        self._outbox: deque = deque()
         self._senders, self._hops = 0, set()  # hand-off tasks running, and the tasks themselves
         self.in_flight = max(1, int(settings.get("next_replicas", 1)))
         self.next_max_batch = int(settings.get("next_max_batch") or self.spec.max_batch)
@@ -139,17 +140,12 @@ class TierDeployment:
         calls; at light load the outbox holds one batch's survivors and they go at once."""
         try:
             while self._outbox:
-                n, k = 0, 0
-                while k < len(self._outbox) and (k == 0 or n + len(self._outbox[k][1]) <= self.next_max_batch):
-                    n += len(self._outbox[k][1])
-                    k += 1
-                group, self._outbox = self._outbox[:k], self._outbox[k:]
-                await self._hop(group)
+                await self._hop(take_upto(self._outbox, self.next_max_batch, lambda item: len(item[1])))
         except BaseException as e:  # cancelled (the replica stops): no request may be left waiting
             for _, _, fut, _ in self._outbox:
                 if not fut.done():
                     fut.set_exception(e)
-            self._outbox = []
+            self._outbox.clear()
             raise
         finally:
             self._senders -= 1

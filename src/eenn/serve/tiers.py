@@ -25,7 +25,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -84,6 +84,18 @@ def merge_runnings(runnings: list[Running]) -> tuple[Running, list[int]]:
     if len(runnings) == 1:
         return runnings[0], offsets
     return Running.cat([replace(r, index=r.index + off, batch=off + r.batch) for r, off in zip(runnings, offsets)]), offsets
+
+
+def take_upto(queue: deque, cap: int, size: Callable[[Any], int]) -> list:
+    """Whole items from the left of ``queue`` while their ``size`` adds up to at most ``cap``, and
+    at least one (an item larger than ``cap`` goes alone): how a tier's queue takes a batch and a
+    Ray tier's outbox a hand-off."""
+    out = [queue.popleft()]
+    n = size(out[0])
+    while queue and n + size(queue[0]) <= cap:
+        out.append(queue.popleft())
+        n += size(out[-1])
+    return out
 
 
 def split_reply(reply: dict[str, Any], offset: int, n: int, share: float = 1.0) -> dict[str, Any]:
@@ -242,13 +254,7 @@ class _Batcher:
                 self._cv.wait(left)  # a new arrival or the end of the batching window
             if self._queue:  # else another worker took them while this one waited
                 break
-        batch = [self._queue.popleft()]
-        n = len(batch[0][0])
-        while self._queue and n + len(self._queue[0][0]) <= self.max_batch:
-            item = self._queue.popleft()
-            batch.append(item)
-            n += len(item[0])
-        return batch
+        return take_upto(self._queue, self.max_batch, lambda item: len(item[0]))
 
     def _work(self) -> None:
         while True:
