@@ -205,6 +205,9 @@ def main():
     p.add_argument("--rounds", type=int, default=3,
                    help="Ray: rounds of back-to-back pairs (early exit / no-op, single samples; early exit / whole, "
                         "batches) at 32 clients behind the final line (0: the table's runs)")
+    p.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
+                   help="Ray: HAProxy in front of the ingress replica (Ray Serve's high-throughput mode) or Ray "
+                        "Serve's Python proxy; the no-op deployment is served the same way")
     p.add_argument("--test-samples", type=int, default=4096, help="test images sent (round robin)")
     p.add_argument("--doc", default=None, help="write the figures as Markdown here")
     p.add_argument("--note", default="", help="a line for the document (e.g. other load on the machine)")
@@ -306,7 +309,7 @@ def main():
     runs = [("early exit", 1, False), ("early exit", a.batch_samples, False), ("whole", 1, False),
             ("whole", a.batch_samples, False)]
     if a.one_tier:  # where the gain goes: the same exits without hops between tiers
-        runs.append(("early exit, one tier", a.batch_samples, False))
+        runs += [("early exit, one tier", 1, False), ("early exit, one tier", a.batch_samples, False)]
     for mode in a.modes.split(","):
         if mode == "local":
             from eenn.serve import LocalServer
@@ -322,8 +325,14 @@ def main():
             from eenn.serve import ray_app
 
             t0 = time.perf_counter()
-            url = ray_app.start(plans["early exit", 1], port=ray_app.free_port(), num_cpus=max(1, round(a.cores)))
-            print(f"ray serve up in {time.perf_counter() - t0:.1f} s", flush=True)
+            if a.ingress == "haproxy" and not ray_app.haproxy_available():
+                raise SystemExit("this Ray Serve has no HAProxy ingress (Ray >= 2.55, ray[serve] on Linux); "
+                                 "run with --ingress proxy")
+            url = ray_app.start(plans["early exit", 1], port=ray_app.free_port(), num_cpus=max(1, round(a.cores)),
+                                ingress=a.ingress)
+            a.ingress_used = ("HAProxy in front of the ingress replica (RAY_SERVE_ENABLE_HA_PROXY=1, "
+                              "RAY_SERVE_THROUGHPUT_OPTIMIZED=1)" if a.ingress == "haproxy" else "its Python proxy actor")
+            print(f"ray serve up in {time.perf_counter() - t0:.1f} s ({a.ingress_used})", flush=True)
             try:
                 for i, (name, per_request, noop) in enumerate(runs + [("no-op", 1, True)]):
                     if i:

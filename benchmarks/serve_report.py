@@ -82,6 +82,7 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
                    + ([f"--past {a.past:g}"] if a.past is not None else
                       [f"--max-drop {a.max_drop:g}"] if a.max_drop != DEFAULT_MAX_DROP else [])
                    + ([f"--rounds {a.rounds}"] if a.rounds != 3 else [])
+                   + ([f"--ingress {a.ingress}"] if a.ingress != "haproxy" else [])
                    + ([f"--doc {a.doc}"] if a.doc else []))
     how = (f"about {a.past:g} of the samples reaching a non-final tier go past it" if a.past is not None
            else f"calibrated for at most a {100 * a.max_drop:g}-point drop")
@@ -91,7 +92,8 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
         f"Command: `{cmd}` ({elapsed / 60:.1f} min).  ",
         f"Hardware: {_cpu()}, no GPU, loopback HTTP; 1-minute load average {load[0]:.2f} at the start of the "
         f"run, {load[1]:.2f} at its end. torch {torch.__version__}, onnxruntime "
-        f"{__import__('onnxruntime').__version__}, ray {__import__('ray').__version__}."
+        f"{__import__('onnxruntime').__version__}, ray {__import__('ray').__version__}"
+        + (f"; Ray Serve's HTTP ingress: {a.ingress_used}." if "ray" in a.modes else ".")
         + (f" {a.note}" if a.note else ""),
         "",
         f"Model: {source}; exits after {[s['exit_name'] for s in m['segments']]}, MACs per segment "

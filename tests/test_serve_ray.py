@@ -27,8 +27,28 @@ TH = [0.35, 0.45, 0.55]
 
 
 
-@pytest.fixture(scope="module")
-def ray_server(tmp_path_factory):
+def _ingresses():
+    try:
+        from eenn.serve import ray_app
+    except ImportError:  # no Ray: the module's tests skip
+        return ["proxy"]
+    return ["haproxy", "proxy"] if ray_app.haproxy_available() else ["proxy"]
+
+
+def test_unknown_ingress_is_refused_before_ray_starts():
+    import ray
+
+    from eenn.serve import ray_app
+
+    with pytest.raises(ValueError, match="ingress must be one of haproxy, proxy, got 'nginx'"):
+        ray_app.start(None, ingress="nginx")  # refused before the plan is read
+    assert not ray.is_initialized()
+
+
+# Each ingress in its own embedded Ray: HAProxy in front of the ingress replica (Ray Serve's
+# high-throughput mode, the default) and Ray Serve's Python proxy; the same tests on both.
+@pytest.fixture(scope="module", params=_ingresses())
+def ray_server(tmp_path_factory, request):
     from eenn.serve import TierPlan
     from eenn.serve import ray_app
 
@@ -37,7 +57,7 @@ def ray_server(tmp_path_factory):
     export(net, d, policy="max_prob", thresholds=TH)
     plan = TierPlan.from_dict({"model": str(d), "timeout_s": 1.0, "max_body_bytes": 100_000,
                                "tiers": [{"name": "device", "segments": "0-1"}, {"name": "cloud", "segments": "rest"}]})
-    url = ray_app.start(plan, port=ray_app.free_port())
+    url = ray_app.start(plan, port=ray_app.free_port(), ingress=request.param)
     # Ready means every replica answers: on a loaded machine a replica's first call (its imports,
     # the onnxruntime session's first run) can outlast the tier timeout just after start-up.
     # Wait for one whole answer through both tiers, bounded, before the tests look at answers.
@@ -48,14 +68,14 @@ def ray_server(tmp_path_factory):
         if status == 200 and not any(r.get("degraded") for r in out["predictions"]):
             break
         assert time.monotonic() < deadline, f"the Ray deployment never answered whole: {status} {out}"
-    yield net, url
+    yield net, url, request.param
     ray_app.stop()
 
 
 
 
 def test_ray_answers_equal_engine_and_bad_input_is_refused(ray_server):
-    net, url = ray_server
+    net, url, ingress = ray_server
     x = torch.randn(32, 1, 8, 8)
     eng = DynamicEngine(net, "max_prob", TH)(x)
     status, out = post(url, _npy(x.numpy()))
@@ -74,13 +94,14 @@ def test_ray_answers_equal_engine_and_bad_input_is_refused(ray_server):
         got, err = post(url, body, ct)
         assert got == code and err["error"], err
     with urllib.request.urlopen(url + "/health", timeout=10) as r:
-        assert json.loads(r.read())["mode"] == "ray"
+        health = json.loads(r.read())
+    assert health["mode"] == "ray" and health["ingress"] == ingress, health
 
 
 def test_killed_tier_replica_degrades_then_recovers(ray_server):
     import ray
 
-    net, url = ray_server
+    net, url, _ = ray_server
     x = torch.randn(8, 1, 8, 8)
     eng = DynamicEngine(net, "max_prob", TH)(x)
     bodies = [_npy(x[i].numpy()) for i in range(8)]

@@ -40,9 +40,10 @@ def as_plan(plan: TierPlan | dict | str | Path) -> TierPlan:
 
 
 def serve(plan: TierPlan | dict | str | Path, address: str | None = None, *, local: bool = False,
-          host: str = "127.0.0.1", port: int = 8000) -> None:
+          host: str = "127.0.0.1", port: int = 8000, ingress: str = "haproxy") -> None:
     """Serve ``plan`` until interrupted: on Ray Serve (an embedded Ray when ``address`` is None,
-    the cluster at ``address`` otherwise), or in this process with ``local=True``."""
+    the cluster at ``address`` otherwise), or in this process with ``local=True``. ``ingress``:
+    what takes the HTTP requests on an embedded Ray (:func:`eenn.serve.ray_app.start`)."""
     plan = as_plan(plan)
     if local:
         import uvicorn
@@ -56,4 +57,4 @@ def serve(plan: TierPlan | dict | str | Path, address: str | None = None, *, loc
         return
     from .ray_app import serve_plan
 
-    serve_plan(plan, address, host=host, port=port)
+    serve_plan(plan, address, host=host, port=port, ingress=ingress)

@@ -29,8 +29,10 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text
 class Front:
     """Validates a request, sends it into the first tier through ``call`` and shapes the answer."""
 
-    def __init__(self, manifest: dict[str, Any], plan: TierPlan, call: Call, *, mode: str, monitor=None) -> None:
+    def __init__(self, manifest: dict[str, Any], plan: TierPlan, call: Call, *, mode: str, monitor=None,
+                 ingress: str | None = None) -> None:
         self.manifest, self.plan, self.call, self.mode = manifest, plan, call, mode
+        self.ingress = ingress  # on Ray: what takes the HTTP requests ("haproxy" or "proxy"), reported on /health
         self.monitor = monitor  # an AgreementMonitor (fed every served batch) or None
         self.served = 0  # requests answered
         self.samples = 0
@@ -105,7 +107,8 @@ class Front:
 
     def health(self) -> dict[str, Any]:
         m = self.manifest
-        return {"status": "ok", "mode": self.mode, "served": self.served,
+        return {"status": "ok", "mode": self.mode, **({"ingress": self.ingress} if self.ingress else {}),
+                "served": self.served,
                 "model": {"num_exits": m["num_exits"], "num_classes": m["num_classes"],
                           "input_shape": m["input_shape"], "policy": m["policy"].get("rule") or m["policy"].get("name")},
                 "tiers": [{"name": t.name, "segments": [t.start, t.stop - 1]} for t in self.plan.tiers],

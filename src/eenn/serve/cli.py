@@ -98,6 +98,9 @@ def add_parsers(subparsers) -> None:
     s.add_argument("--local", action="store_true", help="run every tier in this process, without Ray")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
+                   help="on an embedded Ray: HAProxy in front of the ingress replica (Ray Serve's high-throughput "
+                        "mode; the default where this Ray has it) or Ray Serve's Python proxy")
     s.set_defaults(run=run_serve)
 
     p = subparsers.add_parser("plan", help="choose split points that minimise the expected latency",
@@ -182,7 +185,8 @@ def run_export(args) -> int:
 def run_serve(args) -> int:
     from . import as_plan, serve
 
-    serve(as_plan(args.plan), args.address, local=args.local, host=args.host, port=args.port)
+    serve(as_plan(args.plan), args.address, local=args.local, host=args.host, port=args.port,
+          ingress=args.ingress)
     return 0
 
 

