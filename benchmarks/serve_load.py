@@ -13,8 +13,8 @@ then about a fifth of the samples go past the device tier and a fifth of those p
 load the later tiers and the hops between them (the measured shares on the test split are printed
 either way). Three
 tiers (``--split``): device = segments 0-1, edge = segment 2, cloud = segment 3 (float32 hand-off
-unless ``--float16``). The early-exit plan is also served as one tier (batch requests only), which
-shows what the hops between tiers cost. The same export with
+unless ``--float16``). The early-exit plan is also served as one tier (every segment in one
+deployment), which shows what the hops between tiers cost. The same export with
 thresholds that never fire, as one tier, is the static baseline ("whole network"). Every
 deployment's batching, replicas and CPUs come from ``eenn.serve.sizing.propose_serving`` for
 ``--plan-clients`` clients on ``--cores`` cores, from segment times measured here (one plan for
@@ -26,12 +26,15 @@ not share the server's interpreter) for ``--seconds``: requests/s, samples/s, p5
 failed valid requests, answers that differ from the PyTorch engine's (class and exit), degraded
 answers and the share of samples past each tier. Single-sample requests and requests carrying
 ``--batch-samples`` samples (both as ``.npy`` uint8 pixel bodies, normalised by the server).
-On Ray, ``--rounds`` rounds then measure the two comparisons of the final line again at 32
-clients, each pair back to back (early exit and no-op with single samples, early exit and whole
-network with batches), the order alternating, and the final line gives the medians: the machine's
-speed drifts from minute to minute, and the table's runs are minutes apart. The run ends with one
-line::
+On Ray (``--ingress``: HAProxy in front of the ingress replica, Ray Serve's high-throughput mode,
+or its Python proxy; the no-op deployment is served the same way), ``--rounds`` rounds then measure
+the comparisons of the final lines again at 32 clients: each round the no-op, the early exit and
+the one tier with single samples, then the whole network, the early exit and the one tier with
+batches, the order reversing from round to round, and the final lines give the medians of the
+rounds: the machine's speed drifts from minute to minute, and the table's runs are minutes apart.
+The run ends with the one tier's line and then the plan's::
 
+    ray at 32 clients, early exit, one tier: N req/s single samples, no-op ceiling C req/s, ...
     ray at 32 clients: N req/s single samples, no-op ceiling C req/s, share S; batches of 32: X
     samples/s early exit, Y samples/s whole network, ratio R
 
@@ -201,10 +204,9 @@ def main():
     p.add_argument("--plan-clients", type=int, default=32, help="the load the plans are proposed for")
     p.add_argument("--batch-cap", type=int, default=128, help="the largest max_batch the plans may propose")
     p.add_argument("--no-one-tier", dest="one_tier", action="store_false",
-                   help="skip the early-exit plan as one tier (batch requests only)")
+                   help="skip the early-exit plan served as one tier")
     p.add_argument("--rounds", type=int, default=3,
-                   help="Ray: rounds of back-to-back pairs (early exit / no-op, single samples; early exit / whole, "
-                        "batches) at 32 clients behind the final line (0: the table's runs)")
+                   help="Ray: rounds of the final lines' comparisons at 32 clients (0: from the table's runs)")
     p.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
                    help="Ray: HAProxy in front of the ingress replica (Ray Serve's high-throughput mode) or Ray "
                         "Serve's Python proxy; the no-op deployment is served the same way")
@@ -338,16 +340,18 @@ def main():
                     if i:
                         ray_app.redeploy(plans["early exit" if noop else name, per_request], noop=noop)
                     measure("ray", name, url, per_request)
-                # The final line's comparisons, each pair measured back to back and the order
-                # alternating from round to round: this machine's speed drifts from minute to minute
-                # (Ray's figures by 20-40% between runs), which the table's runs, minutes apart, take in full.
-                pairs = [(("early exit", 1, False), ("no-op", 1, True)),
-                         (("early exit", a.batch_samples, False), ("whole", a.batch_samples, False))]
+                # The final lines' comparisons: this machine's speed drifts from minute to minute (Ray's
+                # figures by 20-40% between runs), which the table's runs, minutes apart, take in full. Each
+                # round measures every point once, in an order that reverses from round to round.
+                seq = [("no-op", 1, True), ("early exit", 1, False), ("whole", a.batch_samples, False),
+                       ("early exit", a.batch_samples, False)]
+                if a.one_tier:
+                    seq[2:2] = [("early exit, one tier", 1, False)]
+                    seq.append(("early exit, one tier", a.batch_samples, False))
                 for rnd in range(1, a.rounds + 1):
-                    for pair in pairs:
-                        for name, per_request, noop in (pair if rnd % 2 else pair[::-1]):
-                            ray_app.redeploy(plans["early exit" if noop else name, per_request], noop=noop)
-                            measure("ray", name, url, per_request, counts=[32], round_=rnd)
+                    for name, per_request, noop in (seq if rnd % 2 else seq[::-1]):
+                        ray_app.redeploy(plans["early exit" if noop else name, per_request], noop=noop)
+                        measure("ray", name, url, per_request, counts=[32], round_=rnd)
             finally:
                 ray_app.stop()
         else:
@@ -357,6 +361,8 @@ def main():
     for line in rounds:
         print(line)
     summary = final_line(results, a.batch_samples, paired)
+    if a.one_tier and "ray" in a.modes:  # the same exits without hops, before the plan's line
+        summary = final_line(results, a.batch_samples, paired, "early exit, one tier") + "\n" + summary
     report = render(a, source, m_ee, th, acc, acc_whole, depth, bounds_ee, (seg1, segb), plans, results, summary,
                     time.perf_counter() - t_start, (load_start, os.getloadavg()[0]), rounds)
     if a.doc:

@@ -18,12 +18,12 @@ def _pick(results, mode, deployment, per_request, clients):
                  == (mode, deployment, per_request, clients)), None)
 
 
-def _round_pairs(paired, batch_samples: int) -> list[tuple[int, dict, dict, dict, dict]]:
-    """Per complete round: (round, early exit 1 sample, no-op, early exit batch, whole batch)."""
+def _round_pairs(paired, batch_samples: int, deployment: str = "early exit") -> list[tuple[int, dict, dict, dict, dict]]:
+    """Per complete round: (round, ``deployment`` at 1 sample, no-op, ``deployment`` at a batch, whole at a batch)."""
     out = []
     for rnd in sorted({r["round"] for r in paired}):
         rows = [r for r in paired if r["round"] == rnd]
-        four = [_pick(rows, "ray", d, n, 32) for d, n in (("early exit", 1), ("no-op", 1), ("early exit", batch_samples),
+        four = [_pick(rows, "ray", d, n, 32) for d, n in ((deployment, 1), ("no-op", 1), (deployment, batch_samples),
                                                           ("whole", batch_samples))]
         if all(four):
             out.append((rnd, *four))
@@ -31,16 +31,21 @@ def _round_pairs(paired, batch_samples: int) -> list[tuple[int, dict, dict, dict
 
 
 def paired_rounds(paired, batch_samples: int) -> list[str]:
-    """One line per round: the single-sample share and the batch ratio, each pair back to back."""
-    return [f"round {rnd}: single samples {ee['rps']:.0f} / no-op {noop['rps']:.0f} req/s = {ee['rps'] / noop['rps']:.2f}; "
-            f"batches of {batch_samples} {bee['sps']:.0f} / whole {bwh['sps']:.0f} samples/s = {bee['sps'] / bwh['sps']:.2f}"
-            for rnd, ee, noop, bee, bwh in _round_pairs(paired, batch_samples)]
+    """One line per round: the single-sample share and the batch ratio of the early-exit plan (and
+    of the same exits as one tier, where the round measured it), measured in the same round."""
+    one = {r[0]: r for r in _round_pairs(paired, batch_samples, "early exit, one tier")}
+    part = lambda ee, noop, bee, bwh: (f"single samples {ee['rps']:.0f} / no-op {noop['rps']:.0f} req/s = "
+                                       f"{ee['rps'] / noop['rps']:.2f}; batches of {batch_samples} {bee['sps']:.0f} / "
+                                       f"whole {bwh['sps']:.0f} samples/s = {bee['sps'] / bwh['sps']:.2f}")
+    return [f"round {rnd}: " + part(*r) + ("; as one tier: " + part(*one[rnd][1:]) if rnd in one else "")
+            for rnd, *r in _round_pairs(paired, batch_samples)]
 
 
-def final_line(results, batch_samples: int, paired=()) -> str:
+def final_line(results, batch_samples: int, paired=(), deployment: str = "early exit") -> str:
     """The one line the run ends with: from the paired rounds when there are any (medians; the share
-    and the ratio are the medians of the rounds' own), else from the table's runs."""
-    rounds = _round_pairs(paired, batch_samples)
+    and the ratio are the medians of the rounds' own), else from the table's runs. ``deployment``:
+    the early-exit plan (the line the benchmark ends with), or the same exits as one tier."""
+    rounds = _round_pairs(paired, batch_samples, deployment)
     f = lambda r, k: f"{r[k]:.0f}" if r else "n/a"
     if rounds:
         med = lambda v: float(np.median(v))
@@ -49,13 +54,14 @@ def final_line(results, batch_samples: int, paired=()) -> str:
         share = f"{med([r[1]['rps'] / r[2]['rps'] for r in rounds]):.2f}"
         ratio = f"{med([r[3]['sps'] / r[4]['sps'] for r in rounds]):.2f}"
     else:
-        ee = _pick(results, "ray", "early exit", 1, 32)
+        ee = _pick(results, "ray", deployment, 1, 32)
         noop = _pick(results, "ray", "no-op", 1, 32)
-        bee = _pick(results, "ray", "early exit", batch_samples, 32)
+        bee = _pick(results, "ray", deployment, batch_samples, 32)
         bwh = _pick(results, "ray", "whole", batch_samples, 32)
         share = f"{ee['rps'] / noop['rps']:.2f}" if ee and noop else "n/a"
         ratio = f"{bee['sps'] / bwh['sps']:.2f}" if bee and bwh else "n/a"
-    return (f"ray at 32 clients: {f(ee, 'rps')} req/s single samples, no-op ceiling {f(noop, 'rps')} req/s, "
+    what = "" if deployment == "early exit" else f", {deployment}"
+    return (f"ray at 32 clients{what}: {f(ee, 'rps')} req/s single samples, no-op ceiling {f(noop, 'rps')} req/s, "
             f"share {share}; batches of {batch_samples}: {f(bee, 'sps')} samples/s early exit, "
             f"{f(bwh, 'sps')} samples/s whole network, ratio {ratio}")
 
@@ -126,8 +132,11 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
             "`past edge`: the share of answered samples whose exit is beyond the device / edge tier "
             "(the no-op answers everything at exit 0; nothing to compare).", ""]
     if rounds:
-        out += [f"The final line's comparisons on Ray at 32 clients, each pair measured back to back ({a.seconds:g} s each, "
-                "the order alternating from round to round), the medians of the rounds:", ""]
+        out += [f"The final lines' comparisons on Ray at 32 clients ({a.seconds:g} s each): each round measures the "
+                "no-op, the early exit and the early exit as one tier at single samples, then the whole network, "
+                "the early exit and the one tier at batches, in that order or its reverse (alternating from round "
+                "to round), so that the runs compared are close in time; the final lines give the medians of the "
+                "rounds:", ""]
         out += [f"- {line}" for line in rounds] + [""]
-    out += ["```", summary, "```", ""]
+    out += ["```", *summary.splitlines(), "```", ""]
     return "\n".join(out)
