@@ -8,6 +8,7 @@ EENN_SKIP_RAY=1 to skip, only where Ray cannot start at all.
 """
 import json
 import os
+import socket
 import threading
 import time
 import urllib.request
@@ -27,12 +28,40 @@ TH = [0.35, 0.45, 0.55]
 
 
 
+def _hold_ports(ports):
+    """Sockets listening on ``ports`` on every interface (those already taken are held by someone else)."""
+    held = []
+    for port in ports:
+        sock = socket.socket()
+        try:
+            sock.bind(("0.0.0.0", port))
+            sock.listen()
+            held.append(sock)
+        except OSError:
+            sock.close()
+    return held
+
+
 def _ingresses():
     try:
         from eenn.serve import ray_app
     except ImportError:  # no Ray: the module's tests skip
         return ["proxy"]
     return ["haproxy", "proxy"] if ray_app.haproxy_available() else ["proxy"]
+
+
+def test_a_port_in_use_is_refused_before_ray_starts():
+    import ray
+
+    from eenn.serve import ray_app
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot serve on 127.0.0.1:{port}: .*pick another"):
+            ray_app.start(None, port=port)
+    assert not ray.is_initialized()
 
 
 def test_unknown_ingress_is_refused_before_ray_starts():
@@ -57,6 +86,9 @@ def ray_server(tmp_path_factory, request):
     export(net, d, policy="max_prob", thresholds=TH)
     plan = TierPlan.from_dict({"model": str(d), "timeout_s": 1.0, "max_body_bytes": 100_000,
                                "tiers": [{"name": "device", "segments": "0-1"}, {"name": "cloud", "segments": "rest"}]})
+    # Behind HAProxy, another program holds HAProxy's default metrics and stats ports (as a second
+    # server on the machine would): eenn gives its HAProxy free ones, so it still starts.
+    held = _hold_ports([9101, 8404]) if request.param == "haproxy" else []
     url = ray_app.start(plan, port=ray_app.free_port(), ingress=request.param)
     # Ready means every replica answers: on a loaded machine a replica's first call (its imports,
     # the onnxruntime session's first run) can outlast the tier timeout just after start-up.
@@ -70,6 +102,8 @@ def ray_server(tmp_path_factory, request):
         assert time.monotonic() < deadline, f"the Ray deployment never answered whole: {status} {out}"
     yield net, url, request.param
     ray_app.stop()
+    for sock in held:
+        sock.close()
 
 
 

@@ -281,6 +281,18 @@ def build_app(plan: TierPlan, *, noop: bool = False):
     return Ingress.options(name="ingress", ray_actor_options={"num_cpus": 0}).bind(clean, plan, nxt)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse, before Ray starts, a port that something else listens on (else the HTTP ingress
+    fails deep inside Ray Serve's start-up)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot serve on {host}:{port}: {e.strerror or e}; stop what uses that port or "
+                          "pick another (--port)") from None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -296,6 +308,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 INGRESSES = ("haproxy", "proxy")
+HAPROXY_SETTABLE = ("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                    "RAY_SERVE_HAPROXY_STATS_PORT")
 
 
 def haproxy_available() -> bool:
@@ -329,6 +343,7 @@ def start(plan: TierPlan, address: str | None = None, *, host: str = "127.0.0.1"
     pkg = Path(__file__).resolve().parents[1]  # .../eenn
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if address is None and not ray.is_initialized():
+        _check_port_free(host, port)
         if ingress == "haproxy" and not haproxy_available():
             import warnings
 
@@ -338,9 +353,12 @@ def start(plan: TierPlan, address: str | None = None, *, host: str = "127.0.0.1"
         # Ray's processes read these when they start (they inherit this process's environment)
         mode = dict(HAPROXY_ENV) if ingress == "haproxy" else {"RAY_SERVE_ENABLE_HA_PROXY": "0",
                                                                  "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
-        drain = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
-        if drain in mode:
-            mode[drain] = os.environ.get(drain, mode[drain])  # a value set by the user stays
+        if ingress == "haproxy":
+            # values set by the user stay; HAProxy's metrics and stats listeners get free ports
+            # (their defaults, 9101 and 8404 on every interface, would collide with a second
+            # server on this machine, whose HAProxy then fails to start)
+            for k in HAPROXY_SETTABLE:
+                mode[k] = os.environ.get(k) or mode.get(k) or str(free_port("0.0.0.0"))
         os.environ.update(mode)
         env.update(mode)
     # Ray Serve gives a new HTTP proxy 5 s to answer its readiness check before it kills and
