@@ -50,30 +50,6 @@ def _ingresses():
     return ["haproxy", "proxy"] if ray_app.haproxy_available() else ["proxy"]
 
 
-def test_a_port_in_use_is_refused_before_ray_starts():
-    import ray
-
-    from eenn.serve import ray_app
-
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        with pytest.raises(OSError, match=f"cannot serve on 127.0.0.1:{port}: .*pick another"):
-            ray_app.start(None, port=port)
-    assert not ray.is_initialized()
-
-
-def test_unknown_ingress_is_refused_before_ray_starts():
-    import ray
-
-    from eenn.serve import ray_app
-
-    with pytest.raises(ValueError, match="ingress must be one of haproxy, proxy, got 'nginx'"):
-        ray_app.start(None, ingress="nginx")  # refused before the plan is read
-    assert not ray.is_initialized()
-
-
 # Each ingress in its own embedded Ray: HAProxy in front of the ingress replica (Ray Serve's
 # high-throughput mode, the default) and Ray Serve's Python proxy; the same tests on both.
 @pytest.fixture(scope="module", params=_ingresses())
