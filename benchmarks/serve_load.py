@@ -18,7 +18,8 @@ deployment), which shows what the hops between tiers cost. The same export with
 thresholds that never fire, as one tier, is the static baseline ("whole network"). Every
 deployment's batching, replicas and CPUs come from ``eenn.serve.sizing.propose_serving`` for
 ``--plan-clients`` clients on ``--cores`` cores, from segment times measured here (one plan for
-single-sample requests, one for batch requests); the no-op deployment takes the first tier's.
+single-sample requests, one for batch requests), leaving ``--front-ms`` per request to the HTTP
+front; the no-op deployment takes the first tier's.
 
 For each deployment and each number of concurrent clients (``--clients``), a closed loop (every
 client sends its next request when it has the answer; a separate process, so that the clients do
@@ -146,12 +147,12 @@ def exit_scores(net, split) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def make_plan(model_dir, bounds, names, speeds, depth, manifest, *, cores, clients, samples=1, batch_cap=64,
-              threads=1, float16=False):
+              threads=1, float16=False, front_s=0.0):
     from eenn.serve import TierPlan
     from eenn.serve.sizing import propose_serving
 
     props, lines = propose_serving(manifest, bounds, speeds, depth, cores=cores, concurrency=clients,
-                                   samples_per_request=samples, batch_cap=batch_cap)
+                                   samples_per_request=samples, batch_cap=batch_cap, front_s=front_s)
     tiers = [{"name": n, "segments": f"{lo}-{hi - 1}", **p.options()} for n, (lo, hi), p in zip(names, bounds, props)]
     return TierPlan.from_dict({"model": str(model_dir), "timeout_s": 10, "threads": threads, "float16": float16,
                                "tiers": tiers}), props, lines
@@ -203,6 +204,10 @@ def main():
     p.add_argument("--cores", type=float, default=float(os.cpu_count() or 1), help="cores the plans share")
     p.add_argument("--plan-clients", type=int, default=32, help="the load the plans are proposed for")
     p.add_argument("--batch-cap", type=int, default=128, help="the largest max_batch the plans may propose")
+    p.add_argument("--front-ms", type=float, default=0.9,
+                   help="the HTTP front's CPU per request the plans leave to it (default 0.9: on the 2-core EPYC, "
+                        "Ray Serve's ingress replica 0.67-0.91 ms and HAProxy 0.07-0.11 ms per single-sample request "
+                        "at 32 clients, benchmarks/proc_cpu.py beside this benchmark)")
     p.add_argument("--no-one-tier", dest="one_tier", action="store_false",
                    help="skip the early-exit plan served as one tier")
     p.add_argument("--rounds", type=int, default=3,
@@ -275,7 +280,8 @@ def main():
                 ("whole", tmp / "whole", [(0, 4)], ["whole"], [0.0, 0.0, 0.0, 1.0])):
             plan, props, lines = make_plan(model_dir, bounds, names, [speed(n) for n in names], dep, manifest,
                                            cores=a.cores, clients=a.plan_clients, samples=per_request,
-                                           batch_cap=a.batch_cap, float16=a.float16 and name == "early exit")
+                                           batch_cap=a.batch_cap, float16=a.float16 and name == "early exit",
+                                           front_s=a.front_ms / 1000.0)
             plans[name, per_request], proposals[name, per_request] = plan, (props, lines)
             print(f"plan ({name}, proposed for {a.plan_clients} clients x {per_request} sample(s) on "
                   f"{a.cores:g} cores):", flush=True)

@@ -111,7 +111,7 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
         f"batch 32.",
         "",
         f"Plans (`eenn.serve.sizing.propose_serving` for {a.plan_clients} clients on {a.cores:g} cores, from the "
-        f"segment times above), for single-sample requests: early exit: {tiers(plans['early exit', 1])}; whole "
+        f"segment times above, leaving {a.front_ms:g} ms of a core per request to the HTTP front), for single-sample requests: early exit: {tiers(plans['early exit', 1])}; whole "
         f"network: {tiers(plans['whole', 1])}; early exit as one tier: {tiers(plans['early exit, one tier', 1])}; "
         f"no-op: the early-exit plan's first tier's settings. For requests of "
         f"{a.batch_samples} samples: early exit: {tiers(plans['early exit', a.batch_samples])}; whole network: "

@@ -68,10 +68,29 @@ def test_at_a_rate_the_tier_with_the_larger_fixed_cost_batches_more():
     assert _by_name(over)["a"].max_batch == 64 and any("overloaded" in line for line in lines)
 
 
+def test_the_front_takes_its_share_and_a_tier_gets_a_replica_per_core_begun():
+    # one tier holding both segments: 1.5 ms of work per sample (half the samples run segment 1)
+    one = [TierSpeed("all", segment_s=[1e-3, 1e-3], batch_s=[32e-3, 32e-3], batch=32)]
+    alone, _ = propose_serving(MANIFEST, [(0, 2)], one, DEPTH, cores=2, concurrency=32)
+    assert (alone[0].cores, alone[0].replicas, alone[0].num_cpus) == (pytest.approx(2.0), 2, 1.0)
+    # the front costs as much per request as the tier: it keeps half the cores, the tier one replica
+    single, lines = propose_serving(MANIFEST, [(0, 2)], one, DEPTH, cores=2, concurrency=32, front_s=1.5e-3)
+    assert (single[0].cores, single[0].replicas, single[0].num_cpus) == (pytest.approx(1.0), 1, 1.0)
+    assert any(line.startswith("the front: 1.5 ms per request = 50% of the work") for line in lines)
+    # with 32 samples a request the front's share is small again: two replicas
+    batch, _ = propose_serving(MANIFEST, [(0, 2)], one, DEPTH, cores=2, concurrency=32, samples_per_request=32,
+                               front_s=1.5e-3)
+    assert batch[0].replicas == 2 and batch[0].cores == pytest.approx(2 * 1.5 / (1.5 + 1.5 / 32))
+    # 1.4 cores of work: one replica would compute on one core; two replicas of 0.7
+    part, _ = propose_serving(MANIFEST, [(0, 2)], one, DEPTH, cores=2, concurrency=32, front_s=1.5e-3 * 0.6 / 1.4)
+    assert (part[0].cores, part[0].replicas, part[0].num_cpus) == (pytest.approx(1.4), 2, 0.7)
+
+
 @pytest.mark.parametrize("kw, message", [
     ({}, "concurrency"), ({"concurrency": 4, "rate": 10}, "one of them"), ({"concurrency": 0}, "concurrency"),
     ({"rate": -1}, "rate"), ({"concurrency": 4, "cores": 0}, "cores"),
     ({"concurrency": 4, "batch_cap": 0}, "batch_cap"), ({"concurrency": 4, "request_overhead_s": -1}, "overhead"),
+    ({"concurrency": 4, "front_s": -1}, "front"),
 ])
 def test_bad_load_settings_are_refused(kw, message):
     kw = {"cores": 2, **kw}
@@ -94,12 +113,22 @@ def test_eenn_plan_writes_the_proposal_into_the_plan(tmp_path, capsys):
     assert (dev.max_batch, cloud.max_batch) == (20, 8)  # 20 clients; 40% of the samples reach the cloud
     assert dev.batch_wait_ms > 0 and cloud.batch_wait_ms > 0
     assert dev.replicas * dev.ray_actor_options["num_cpus"] + cloud.replicas * cloud.ray_actor_options["num_cpus"] <= 3
+    # the HTTP front's share of the cores (--front-ms) is left to it: the tiers reserve less
+    assert _main(["plan", str(d), "--tier", "device=measure", "--tier", "cloud=measure", "--link", "1e9,0.0001",
+                  "--split", "0-1,rest", "--cores", "3", "--concurrency", "20", "--front-ms", "50",
+                  "--out", str(tmp_path / "front.yaml")]) == 0
+    assert "the front: 50 ms per request" in capsys.readouterr().out
+    fronted = TierPlan.load(tmp_path / "front.yaml").tiers
+    assert (sum(t.replicas * t.ray_actor_options["num_cpus"] for t in fronted)
+            < sum(t.replicas * t.ray_actor_options["num_cpus"] for t in plan.tiers))
     raw = yaml.safe_load(out.read_text())
     assert set(raw["tiers"][0]) == {"name", "segments", "max_batch", "batch_wait_ms", "replicas", "ray_actor_options"}
     # bad usage: a clear error, exit status 1
     for argv, message in [(["--split", "0-1", "--concurrency", "4"], "--split gives 1"),
                           (["--split", "0-1,rest", "--concurrency", "4", "--rate", "3"], "not both"),
-                          (["--split", "0-1,rest", "--cores", "2"], "--concurrency or --rate")]:
+                          (["--split", "0-1,rest", "--cores", "2"], "--concurrency or --rate"),
+                          (["--split", "0-1,rest", "--front-ms", "1"], "--concurrency or --rate"),
+                          (["--split", "0-1,rest", "--concurrency", "4", "--front-ms", "-1"], "front")]:
         assert _main(["plan", str(d), "--tier", "device=measure", "--tier", "cloud=measure", "--link", "1e9,0.0001",
                       *argv]) == 1
         assert message in capsys.readouterr().err

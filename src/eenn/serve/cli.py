@@ -121,6 +121,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--batch-cap", type=int, default=64, help="the largest max_batch proposed (default 64)")
     p.add_argument("--request-overhead-ms", type=float, default=0.0,
                    help="what each request costs a tier besides compute (decoding, the call); default 0")
+    p.add_argument("--front-ms", type=float, default=0.0,
+                   help="what the HTTP front costs per request on the same cores (on Ray: the ingress and HAProxy; "
+                        "about 0.9 ms on a 2-core EPYC, docs/serving.md), so the tiers share what is left; default 0")
     p.add_argument("--measure-batch", type=int, default=32,
                    help="the batch at which NAME=measure tiers are also timed (default 32)")
     p.set_defaults(run=run_plan)
@@ -283,7 +286,8 @@ def run_plan(args) -> int:
         props, lines = propose_serving(m, bounds, speeds, depth, cores=cores, concurrency=args.concurrency,
                                        rate=args.rate, samples_per_request=args.samples_per_request,
                                        batch_cap=args.batch_cap,
-                                       request_overhead_s=args.request_overhead_ms / 1000.0)
+                                       request_overhead_s=args.request_overhead_ms / 1000.0,
+                                       front_s=args.front_ms / 1000.0)
         load = (f"{args.concurrency} concurrent clients" if args.concurrency is not None
                 else f"{args.rate:g} requests/s")
         print(f"batching and replicas for {load} of {args.samples_per_request} sample(s) on {cores:g} cores:")
@@ -297,9 +301,9 @@ def run_plan(args) -> int:
                 print(f"    - {why}")
         for line in lines:
             print(f"  {line}")
-    elif args.cores is not None or args.samples_per_request != 1:
-        raise ValueError("--cores and --samples-per-request describe the load for batching: give --concurrency "
-                         "or --rate too")
+    elif args.cores is not None or args.samples_per_request != 1 or args.front_ms:
+        raise ValueError("--cores, --samples-per-request and --front-ms describe the load for batching: give "
+                         "--concurrency or --rate too")
     if args.out:
         import yaml
 
