@@ -5,7 +5,9 @@ logged and given to the live tiers; /metrics speaks the Prometheus text format; 
 change; a bad `monitor:` section is refused with the reason."""
 import json
 import math
+import os
 import re
+import time
 import urllib.request
 
 import numpy as np
@@ -352,10 +354,95 @@ def test_monitor_settings_from_a_plan_file(digits_model, tmp_path):
         TierPlan.load(f)
 
 
-def test_the_ray_path_refuses_a_monitor(digits_model):
-    pytest.importorskip("ray")
-    from eenn.serve.ray_app import build_app
+def test_tiers_adopt_the_thresholds_a_message_carries(digits_model):
+    """How refits reach tiers in other processes (Ray): the front sends its current thresholds
+    with each request; a tier serves with them from then on and hands them on to the next."""
+    from eenn.serve.tiers import Tier, start_message
+    from eenn.staged import read_segments
 
-    d, _, _ = digits_model
-    with pytest.raises(ValueError, match="in-process mode only"):
-        build_app(TierPlan.from_dict({"model": str(d), "tiers": TIERS, "monitor": {}}))
+    d, _, pool = digits_model
+    m = load_manifest(d)
+    plan = TierPlan.from_dict({"model": str(d), "tiers": TIERS})
+    device, cloud = (Tier(m, spec, models=read_segments(m, (spec.start, spec.stop))) for spec in plan.tiers)
+    original = device.runner.thresholds.clone()
+    x = noisy(pool, 64, seed=7)
+    new = [0.3, 0.5, 0.7]
+    reply, carry = device.begin(start_message(m, x, new))
+    assert device.runner.thresholds.tolist() == pytest.approx(new)
+    down, _ = cloud.begin(device.handoff(carry)[0])  # the hand-off carries them on
+    assert cloud.runner.thresholds.tolist() == pytest.approx(new)
+    Tier.join(device, reply, down, 0.0, 0.0, 0)
+    got = sorted(zip(reply["answers"]["index"], reply["answers"]["prediction"], reply["answers"]["exit"]))
+    ref = StagedRunner(d, thresholds=new)(x)
+    assert [(p, e) for _, p, e in got] == list(zip(ref["prediction"].tolist(), ref["exit"].tolist()))
+    assert not np.array_equal(ref["exit"], StagedRunner(d)(x)["exit"])  # the thresholds matter here
+    device.begin(start_message(m, x))  # a message without thresholds changes nothing
+    assert device.runner.thresholds.tolist() == pytest.approx(new) and not torch.equal(original, device.runner.thresholds)
+
+
+def _ray_monitor(url, timeout=180):
+    """The monitor's stats on ``/health`` once its queued shadow samples are all processed (and
+    any refit they caused applied), bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        mon = json.loads(get(url, "/health")[1])["monitor"]
+        if mon["pending"] == 0:
+            return mon
+        assert time.monotonic() < deadline, f"the monitor did not catch up: {mon['pending']} samples pending"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic notices
+def test_on_ray_a_traffic_shift_is_refitted_and_every_replica_serves_the_new_thresholds(digits_model, capsys):
+    """The drift test of the in-process mode on Ray Serve: the monitor runs in the ingress replica,
+    its refits travel with the requests to the two device replicas and the cloud tier, and fresh
+    noisy traffic is answered exactly as the refitted thresholds answer it, within the goal."""
+    if os.environ.get("EENN_SKIP_RAY") == "1":
+        pytest.skip("EENN_SKIP_RAY=1")
+    pytest.importorskip("ray")
+    from eenn.serve import ray_app
+
+    d, clean, pool = digits_model
+    tiers = [{**TIERS[0], "replicas": 2}, TIERS[1]]
+    plan = TierPlan.from_dict({"model": str(d), "tiers": tiers, "monitor": {
+        "shadow_fraction": 0.5, "window": WINDOW, "max_drop": MAX_DROP, "check_every": 64, "min_interval_s": 0}})
+    url = ray_app.start(plan, port=ray_app.free_port())
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # every replica up: an answer through both tiers, none degraded
+            status, out = post(url, npy_bytes(clean[:4]))
+            if status == 200 and not any(r["degraded"] for r in out["predictions"]):
+                break
+            assert time.monotonic() < deadline, f"the Ray deployment never answered whole: {status} {out}"
+        serve_all(url, clean)
+        st = _ray_monitor(url)
+        assert st["window_fill"] == WINDOW and st["changes_total"] == 0 and st["errors"] == []
+        serve_all(url, noisy(pool, 4096, seed=1))
+        st = _ray_monitor(url)
+        changes = st["changes"]
+        assert st["changes_total"] >= 1 and "below the goal" in changes[0]["reason"] and st["errors"] == []
+        # fresh noisy traffic, a request at a time with the monitor caught up before each: every
+        # answer (class and exit) is what the thresholds in force give, on whichever replica
+        fresh = noisy(pool, 2000, seed=2)
+        final = StagedRunner(d).exit_outputs(fresh)[0][-1].argmax(-1).numpy()
+        served = []
+        for i in range(0, len(fresh), 250):
+            th = _ray_monitor(url)["thresholds"]
+            status, out = post(url, npy_bytes(fresh[i:i + 250]))
+            assert status == 200, out
+            ref = StagedRunner(d, thresholds=th)(fresh[i:i + 250])
+            rows = out["predictions"]
+            assert [(r["class"], r["exit"]) for r in rows] == list(zip(ref["prediction"].tolist(), ref["exit"].tolist()))
+            assert {r["tier"] for r in rows} == {"device", "cloud"} and not any(r["degraded"] for r in rows)
+            served += [r["class"] for r in rows]
+        st = _ray_monitor(url)
+        health = json.loads(get(url, "/health")[1])
+        assert health["thresholds"] == pytest.approx(st["thresholds"]) and health["mode"] == "ray"
+        fams = parse_metrics(get(url, "/metrics")[1])
+        assert fams["eenn_threshold_changes_total"]["samples"][()] == st["changes_total"]
+    finally:
+        ray_app.stop()
+    after = (np.array(served) == final).mean()
+    with capsys.disabled():
+        print(f"\n[monitor drift, Ray] {st['changes_total']} change(s); agreement on fresh noisy samples "
+              f"{after:.4f} served")
+    assert after >= GOAL - 0.015  # as in the in-process test

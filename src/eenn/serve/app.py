@@ -41,6 +41,9 @@ class Front:
         self.rejected: dict[int, int] = {}  # status -> requests refused or failed
         self._policy = ExitPolicy.from_dict(manifest["policy"])
         self.closers: list[Callable[[], Any]] = []  # called by close()
+        # the thresholds travel with each request (the tiers adopt them): where the tiers are
+        # other processes that the monitor's refits cannot reach otherwise (Ray)
+        self.ship_thresholds = False
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.plan.max_body_bytes
@@ -82,7 +85,8 @@ class Front:
             return _error(e.status, e.message)
         single = x.shape[0] == 1
         try:
-            reply = await self.call(start_message(self.manifest, x))
+            th = thresholds_of(self.policy, int(self.manifest["num_exits"])) if self.ship_thresholds else None
+            reply = await self.call(start_message(self.manifest, x, th))
         except Exception as e:  # the first tier failed: no exit computed, no answer to give
             first = self.plan.tiers[0].name
             self._reject(503)

@@ -38,7 +38,7 @@ plan.yaml:
     - {name: cloud, segments: rest}
   # per tier, optionally: max_batch: 32, batch_wait_ms: 2 (batch concurrent requests);
   #   on Ray also replicas: 2, ray_actor_options: {num_cpus: 1}
-  # with --local, optionally: monitor: {shadow_fraction: 0.1, window: 512, max_drop: 0.01}
+  # optionally: monitor: {shadow_fraction: 0.1, window: 512, max_drop: 0.01} (on Ray in the ingress)
 """
 
 EPILOG_PLAN = """examples:

@@ -62,7 +62,8 @@ class AgreementMonitor:
 
     def __init__(self, model: str | Path | Mapping[str, Any], *, config: MonitorConfig | Mapping | None = None,
                  apply: Callable[[ExitPolicy], None] | None = None, policy: ExitPolicy | None = None,
-                 threads: int = 1, start: bool = True, **settings: Any) -> None:
+                 threads: int = 1, start: bool = True, models: Mapping[int, bytes] | None = None,
+                 **settings: Any) -> None:
         from ..staged import StagedRunner, load_manifest
 
         base = config.to_dict() if isinstance(config, MonitorConfig) else dict(config or {})
@@ -82,7 +83,8 @@ class AgreementMonitor:
         self._policy = policy if policy is not None else ExitPolicy.from_dict(m["policy"])
         self._policy.bind(self.num_exits, has_gates=bool(m["has_gates"]))  # a clear error now, not in the thread
         # its own runner over every segment (no fused graph: it runs segment by segment to the end)
-        self.runner = StagedRunner({**m, "fused": None}, threads=threads, policy=self._policy)
+        # (``models``: the segments' ONNX bytes by index, where the export directory is not at hand)
+        self.runner = StagedRunner({**m, "fused": None}, threads=threads, policy=self._policy, models=models)
         self.apply = apply
         self._rng = np.random.default_rng(cfg.seed)
         E, W, C = self.num_exits, self.window, self.num_classes
@@ -369,7 +371,8 @@ class AgreementMonitor:
                    "window": self.window, "window_fill": self._fill, "min_samples": self.min_samples,
                    "check_every": self.check_every, "min_interval_s": c.min_interval_s, "refit": c.refit,
                    **self._stats, "requests": self.requests, "observed": self.observed, "shadowed": self.shadowed,
-                   "processed": self.processed, "dropped": self.dropped, "checks": self.checks,
+                   "processed": self.processed, "dropped": self.dropped, "pending": self._pending,
+                   "checks": self.checks,
                    "calibrations": self.calibrations,
                    "changes_total": self.changes_total, "changes": list(self._log)[-last:] if last else [],
                    "errors": list(self.errors)[-3:]}

@@ -10,7 +10,9 @@ deepest exit (``degraded``); Ray Serve restarts a dead replica on its own, and a
 again once it is back. Per tier, the plan's ``replicas`` and ``ray_actor_options`` (which can pin
 tiers to machines with custom resources) configure the deployment, and ``max_batch`` /
 ``batch_wait_ms`` its ``serve.batch``: concurrent requests' samples run through the tier's
-segments together (:meth:`eenn.serve.tiers.Tier.run_many`, as in the in-process mode).
+segments together (:meth:`eenn.serve.tiers.Tier.run_many`, as in the in-process mode). A plan's
+``monitor:`` runs in the ingress replica, whose requests carry the thresholds it serves to every
+tier (:class:`Ingress`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import asyncio
 import os
 import time
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import ray
@@ -233,7 +235,14 @@ class NoopTier:
 
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)
 class Ingress:
-    def __init__(self, manifest: dict, plan: TierPlan, first_tier) -> None:
+    """The HTTP front (:class:`~eenn.serve.app.Front`) in front of the first tier. With the plan's
+    ``monitor:`` section it also holds the :class:`~eenn.serve.monitor.AgreementMonitor` (its
+    shadow runs use ``models``, every segment's ONNX bytes) and sends the monitor's current
+    thresholds with every request: each tier replica adopts them from the messages it receives
+    (:meth:`eenn.serve.tiers.Tier.read`), so a refit reaches every replica with the next
+    requests, without a call to each."""
+
+    def __init__(self, manifest: dict, plan: TierPlan, first_tier, models: dict[int, bytes] | None = None) -> None:
         timeout = plan.timeout_s * len(plan.tiers) + 1.0  # the tiers' own timeouts fire first
         first_tier = _direct(first_tier)
 
@@ -243,16 +252,27 @@ class Ingress:
         from ray.serve._private import constants  # this replica's own settings (see ray_env.HAPROXY_ENV)
 
         ingress = "haproxy" if getattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", False) else "proxy"
-        self.front = Front(manifest, plan, call, mode="ray", ingress=ingress)
+        monitor = None
+        if plan.monitor is not None:
+            from .monitor import AgreementMonitor
+
+            monitor = AgreementMonitor(manifest, config=plan.monitor, threads=plan.threads, models=models)
+        self.front = Front(manifest, plan, call, mode="ray", ingress=ingress, monitor=monitor)
+        self.front.ship_thresholds = monitor is not None
 
     async def __call__(self, request: Request):
         return await self.front.handle(request)
+
+    def __del__(self) -> None:
+        if getattr(self, "front", None) is not None and self.front.monitor is not None:
+            self.front.monitor.close(timeout=1.0)
 
 
 def build_app(plan: TierPlan, *, noop: bool = False):
     """The Ray Serve application of ``plan`` (not yet running). ``noop``: the same ingress in front
     of a :class:`NoopTier` with the first tier's batching, replicas and placement instead of the
-    tiers (the framework's own ceiling, for benchmarks)."""
+    tiers (the framework's own ceiling, for benchmarks). A plan's ``monitor:`` runs in the ingress
+    replica (:class:`Ingress`)."""
     if noop:
         manifest = load_manifest(plan.model)
         clean = {k: v for k, v in manifest.items() if k != "_dir"}
@@ -260,10 +280,8 @@ def build_app(plan: TierPlan, *, noop: bool = False):
         tier = NoopTier.options(name="tier-noop", ray_actor_options={"num_cpus": 0, **spec.ray_actor_options},
                                 num_replicas=spec.replicas, max_ongoing_requests=max(64, spec.max_batch)).bind(
             asdict(spec), int(manifest["num_classes"]))
-        return Ingress.options(name="ingress", ray_actor_options={"num_cpus": 0}).bind(clean, plan, tier)
-    if plan.monitor is not None:
-        raise ValueError("the agreement monitor (plan `monitor:`) runs in the in-process mode only (eenn serve "
-                         "--local); remove `monitor:` to serve on Ray")
+        return Ingress.options(name="ingress", ray_actor_options={"num_cpus": 0}).bind(clean, replace(plan, monitor=None),
+                                                                                 tier)
     manifest = load_manifest(plan.model)
     clean = {k: v for k, v in manifest.items() if k != "_dir"}
     nxt, n = None, len(plan.tiers)
@@ -278,7 +296,8 @@ def build_app(plan: TierPlan, *, noop: bool = False):
         nxt = TierDeployment.options(name=f"tier-{spec.name}", ray_actor_options=options, num_replicas=spec.replicas,
                                      max_ongoing_requests=max(64, spec.max_batch * CONCURRENT_BATCHES)).bind(
             clean, asdict(spec), read_segments(manifest, (spec.start, spec.stop)), nxt, settings)
-    return Ingress.options(name="ingress", ray_actor_options={"num_cpus": 0}).bind(clean, plan, nxt)
+    models = read_segments(manifest, (0, int(manifest["num_exits"]))) if plan.monitor is not None else None
+    return Ingress.options(name="ingress", ray_actor_options={"num_cpus": 0}).bind(clean, plan, nxt, models)
 
 
 def start(plan: TierPlan, address: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,

@@ -38,9 +38,14 @@ from .plan import TierPlan, TierSpec
 __all__ = ["Tier", "LocalPipeline", "advance_many", "merge_runnings", "split_reply", "start_message",
            "build_response"]
 
-def start_message(manifest: dict[str, Any], x: np.ndarray) -> bytes:
-    """The message the first tier receives: the model inputs, before segment 0."""
+def start_message(manifest: dict[str, Any], x: np.ndarray, thresholds: list[float] | None = None) -> bytes:
+    """The message the first tier receives: the model inputs, before segment 0. ``thresholds``
+    (one per non-final exit): the policy's thresholds to serve this request with, which every tier
+    adopts from the message (and hands on), so that thresholds refitted at the front reach every
+    replica of every tier with the traffic (the agreement monitor on Ray)."""
     arrays, meta = start((torch.from_numpy(np.ascontiguousarray(x, np.float32)),)).to_arrays()
+    if thresholds is not None:
+        meta["thresholds"] = [float(t) for t in thresholds]
     return encode(arrays, meta)
 
 
@@ -145,14 +150,20 @@ class Tier:
         self.manifest, self.spec, self.name, self.float16 = manifest, spec, spec.name, float16
         self.runner = StagedRunner(manifest, segments=(spec.start, spec.stop), threads=threads, models=models)
         self.last = spec.stop == manifest["num_exits"]
+        self._carried: list[float] | None = None  # the thresholds messages last carried (start_message)
 
     def begin(self, message: bytes) -> tuple[dict[str, Any], Running | None]:
         """Run this tier's segments on a message: the reply so far and the samples to hand on."""
         return self.run_many([self.read(message)])[0]
 
     def read(self, message: bytes) -> Running:
-        """The samples a hand-off message carries."""
+        """The samples a hand-off message carries. Thresholds in the message (:func:`start_message`)
+        become this tier's from its next run on, and its hand-offs carry them on."""
         arrays, meta = decode(message)
+        carried = meta.get("thresholds")
+        if carried is not None and carried != self._carried:
+            self.runner.set_policy(self.runner.policy, carried)
+            self._carried = carried
         return Running.from_arrays(arrays, meta)
 
     def run_many(self, runnings: list[Running], waits: list[float] | None = None
@@ -175,6 +186,8 @@ class Tier:
         """The message for the next tier and the seconds it took to encode."""
         t0 = time.perf_counter()
         arrays, meta = carry.to_arrays()
+        if self._carried is not None:
+            meta["thresholds"] = self._carried
         msg = encode(arrays, meta, float16=self.float16, half=[k for k in arrays if k.startswith("state_")])
         return msg, time.perf_counter() - t0
 
