@@ -8,6 +8,7 @@ import math
 import os
 import re
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -83,6 +84,26 @@ def serve_all(url, x, batch=64, monitor=None):
 def get(url, path):
     with urllib.request.urlopen(url + path, timeout=30) as r:
         return r.headers.get("Content-Type"), r.read().decode()
+
+
+def _post(url, path):
+    req = urllib.request.Request(url + path, data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _caught_up(url, timeout=180):
+    """The monitor's stats on ``/health`` once its queued shadow samples are all processed (and
+    any refit they caused applied), bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        mon = json.loads(get(url, "/health")[1])["monitor"]
+        if mon["pending"] == 0:
+            return mon
+        assert time.monotonic() < deadline, f"the monitor did not catch up: {mon['pending']} samples pending"
 
 
 # --------------------------------------------------------------------------- the traffic shift
@@ -278,6 +299,30 @@ def test_revert_restores_the_previous_thresholds(digits_model):
         assert live(x[i:i + 1])["exit"].tolist() == fresh(x[i:i + 1])["exit"].tolist()
 
 
+def test_revert_over_http(digits_model):
+    """``POST /monitor/revert`` undoes the monitor's last change on a running server: the live
+    tiers answer with the thresholds before it; with nothing to revert, 409; without a monitor, 404."""
+    d, _, pool = digits_model
+    original = ExitPolicy.from_dict(load_manifest(d)["policy"]).thresholds.tolist()
+    plan = TierPlan.from_dict({"model": str(d), "tiers": TIERS, "monitor": {
+        "shadow_fraction": 1.0, "window": 128, "check_every": 128, "min_interval_s": 3600}})
+    with LocalServer(plan) as url, LocalServer(TierPlan.from_dict({"model": str(d), "tiers": TIERS})) as plain:
+        serve_all(url, noisy(pool, 256, seed=3), batch=128)
+        mon = _caught_up(url)
+        assert mon["changes_total"] == 1 and mon["thresholds"] != pytest.approx(original)
+        status, entry = _post(url, "/monitor/revert")
+        assert status == 200 and entry["kind"] == "revert" and entry["new_thresholds"] == pytest.approx(original)
+        assert json.loads(get(url, "/health")[1])["thresholds"] == pytest.approx(original)
+        x = noisy(pool, 64, seed=8)
+        classes, exits = serve_all(url, x)
+        ref = StagedRunner(d)(x)  # the exported thresholds again, on every tier
+        assert exits.tolist() == ref["exit"].tolist() and classes.tolist() == ref["prediction"].tolist()
+        status, out = _post(url, "/monitor/revert")
+        assert status == 409 and "no threshold change to revert" in out["error"]
+        status, out = _post(plain, "/monitor/revert")
+        assert status == 404 and "no agreement monitor" in out["error"]
+
+
 def test_set_policy_keeps_the_fused_graph_for_the_same_rule_and_drops_it_for_another(digits_model):
     d, _, pool = digits_model
     x = noisy(pool, 48, seed=5)
@@ -380,17 +425,6 @@ def test_tiers_adopt_the_thresholds_a_message_carries(digits_model):
     assert device.runner.thresholds.tolist() == pytest.approx(new) and not torch.equal(original, device.runner.thresholds)
 
 
-def _ray_monitor(url, timeout=180):
-    """The monitor's stats on ``/health`` once its queued shadow samples are all processed (and
-    any refit they caused applied), bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        mon = json.loads(get(url, "/health")[1])["monitor"]
-        if mon["pending"] == 0:
-            return mon
-        assert time.monotonic() < deadline, f"the monitor did not catch up: {mon['pending']} samples pending"
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic notices
 def test_on_ray_a_traffic_shift_is_refitted_and_every_replica_serves_the_new_thresholds(digits_model, capsys):
     """The drift test of the in-process mode on Ray Serve: the monitor runs in the ingress replica,
@@ -414,10 +448,10 @@ def test_on_ray_a_traffic_shift_is_refitted_and_every_replica_serves_the_new_thr
                 break
             assert time.monotonic() < deadline, f"the Ray deployment never answered whole: {status} {out}"
         serve_all(url, clean)
-        st = _ray_monitor(url)
+        st = _caught_up(url)
         assert st["window_fill"] == WINDOW and st["changes_total"] == 0 and st["errors"] == []
         serve_all(url, noisy(pool, 4096, seed=1))
-        st = _ray_monitor(url)
+        st = _caught_up(url)
         changes = st["changes"]
         assert st["changes_total"] >= 1 and "below the goal" in changes[0]["reason"] and st["errors"] == []
         # fresh noisy traffic, a request at a time with the monitor caught up before each: every
@@ -426,7 +460,7 @@ def test_on_ray_a_traffic_shift_is_refitted_and_every_replica_serves_the_new_thr
         final = StagedRunner(d).exit_outputs(fresh)[0][-1].argmax(-1).numpy()
         served = []
         for i in range(0, len(fresh), 250):
-            th = _ray_monitor(url)["thresholds"]
+            th = _caught_up(url)["thresholds"]
             status, out = post(url, npy_bytes(fresh[i:i + 250]))
             assert status == 200, out
             ref = StagedRunner(d, thresholds=th)(fresh[i:i + 250])
@@ -434,11 +468,18 @@ def test_on_ray_a_traffic_shift_is_refitted_and_every_replica_serves_the_new_thr
             assert [(r["class"], r["exit"]) for r in rows] == list(zip(ref["prediction"].tolist(), ref["exit"].tolist()))
             assert {r["tier"] for r in rows} == {"device", "cloud"} and not any(r["degraded"] for r in rows)
             served += [r["class"] for r in rows]
-        st = _ray_monitor(url)
+        st = _caught_up(url)
         health = json.loads(get(url, "/health")[1])
         assert health["thresholds"] == pytest.approx(st["thresholds"]) and health["mode"] == "ray"
         fams = parse_metrics(get(url, "/metrics")[1])
         assert fams["eenn_threshold_changes_total"]["samples"][()] == st["changes_total"]
+        # reversible over HTTP: the thresholds before the last change, on every replica
+        status, entry = _post(url, "/monitor/revert")
+        assert status == 200 and entry["new_thresholds"] == pytest.approx(st["changes"][-1]["old_thresholds"])
+        status, out = post(url, npy_bytes(fresh[:250]))
+        ref = StagedRunner(d, thresholds=entry["new_thresholds"])(fresh[:250])
+        assert [(r["class"], r["exit"]) for r in out["predictions"]] == list(zip(ref["prediction"].tolist(),
+                                                                                ref["exit"].tolist()))
     finally:
         ray_app.stop()
     after = (np.array(served) == final).mean()

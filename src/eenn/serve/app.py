@@ -72,7 +72,23 @@ class Front:
             if method != "POST":
                 return _error(405, "use POST /predict with an image, a .npy array or a JSON array as the body")
             return await self.predict(request)
-        return _error(404, f"no route {path}; the routes are POST /predict, GET /health and GET /metrics")
+        if path == "/monitor/revert":
+            if method != "POST":
+                return _error(405, "use POST /monitor/revert")
+            return await self.revert()
+        return _error(404, f"no route {path}; the routes are POST /predict, GET /health, GET /metrics and "
+                           "POST /monitor/revert")
+
+    async def revert(self) -> JSONResponse:
+        """``POST /monitor/revert``: serve the thresholds before the monitor's last change again
+        (:meth:`~eenn.serve.monitor.AgreementMonitor.revert`); the answer is the logged change."""
+        if self.monitor is None:
+            return _error(404, "this server has no agreement monitor: add a monitor: section to the plan")
+        try:
+            entry = await asyncio.get_running_loop().run_in_executor(None, self.monitor.revert)
+        except ValueError as e:  # nothing to revert
+            return _error(409, str(e))
+        return JSONResponse(encode_inf(entry))
 
     async def predict(self, request: Request) -> JSONResponse:
         t0 = time.perf_counter()
@@ -183,7 +199,8 @@ def create_app(front: Front):
 
     routes = [Route("/predict", endpoint, methods=["GET", "POST", "PUT"]),
               Route("/health", endpoint, methods=["GET", "POST"]),
-              Route("/metrics", endpoint, methods=["GET", "POST"])]
+              Route("/metrics", endpoint, methods=["GET", "POST"]),
+              Route("/monitor/revert", endpoint, methods=["GET", "POST"])]
     app = Starlette(routes=routes)
     app.state.front = front
     return app
