@@ -19,7 +19,8 @@ from eenn.outputs import CachedOutputs
 from eenn.policies import policy_scores
 from eenn.serve import LocalServer, TierPlan
 from eenn.serve.plan import TierSpec
-from eenn.serve.tiers import LocalPipeline, Tier, build_response, start_message
+from eenn.serve.local import LocalPipeline
+from eenn.serve.tiers import Tier, build_response, start_message
 
 SIZES = [1, 2, 3, 1, 2, 1, 3, 1, 1, 2, 1, 3, 1, 1, 2, 3]  # samples per request: 28 in all
 N = sum(SIZES)

@@ -19,7 +19,7 @@ __all__ = ["AgreementMonitor", "Front", "InputError", "LinkSpec", "LocalPipeline
            "expected_latency", "local_front", "measure_segments", "plan_splits", "serve"]
 
 _LAZY = {"Front": "app", "LocalServer": "app", "create_app": "app", "local_front": "app", "InputError": "inputs",
-         "decode_body": "inputs", "LocalPipeline": "tiers", "Tier": "tiers", "AgreementMonitor": "monitor",
+         "decode_body": "inputs", "LocalPipeline": "local", "Tier": "tiers", "AgreementMonitor": "monitor",
          "MonitorConfig": "monitor"}
 
 

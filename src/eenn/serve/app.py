@@ -18,7 +18,8 @@ from .inputs import InputError, decode_body
 from .monitor_config import thresholds_of
 from .prometheus import prometheus_text
 from .plan import TierPlan
-from .tiers import LocalPipeline, build_response, start_message
+from .local import LocalPipeline
+from .tiers import build_response, start_message
 
 __all__ = ["Front", "create_app", "LocalServer", "local_front", "METRICS_TYPE"]
 
