@@ -206,8 +206,8 @@ def main():
     p.add_argument("--batch-cap", type=int, default=128, help="the largest max_batch the plans may propose")
     p.add_argument("--front-ms", type=float, default=0.9,
                    help="the HTTP front's CPU per request the plans leave to it (default 0.9: on the 2-core EPYC, "
-                        "Ray Serve's ingress replica 0.67-0.91 ms and HAProxy 0.07-0.11 ms per single-sample request "
-                        "at 32 clients, benchmarks/proc_cpu.py beside this benchmark)")
+                        "Ray Serve's ingress replica 0.54-0.73 ms and HAProxy 0.06-0.09 ms per single-sample request "
+                        "at 32 clients, benchmarks/serve_cpu.py)")
     p.add_argument("--no-one-tier", dest="one_tier", action="store_false",
                    help="skip the early-exit plan served as one tier")
     p.add_argument("--rounds", type=int, default=3,

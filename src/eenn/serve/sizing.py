@@ -70,8 +70,9 @@ def propose_serving(manifest: dict[str, Any], bounds: Sequence[tuple[int, int]],
       the cores are shared in proportion. ``replicas``: as many as the tier has cores of work,
       rounded up (at least 1): a Ray replica computes one batch at a time on one thread, so a tier
       with 1.4 cores of work on one replica leaves its requests queueing while 0.4 of a core it was
-      given stays idle (three tiers on 2 cores, 32-sample requests: the device tier with 1.4 cores
-      of work served 4374 and 4481 samples/s as one replica, 5114 and 5184 as two; a tier with
+      given stays idle (three tiers on 2 cores, 32-sample requests: the device tier with 1.5 cores
+      of work served 4803-4891 samples/s as one replica, 5451-5763 as two, benchmarks/serve_cpu.py;
+      a tier with
       less than a core of work keeps one replica, as a second would only add a process competing
       for the cores); ``num_cpus`` per replica = its cores / replicas (rounded down to 0.05, so
       that the reservations fit on the machine); in-process a
