@@ -14,8 +14,9 @@ import os
 import time
 
 
-def cpu_times() -> dict[int, tuple[str, int]]:
-    """``{pid: (name, user + system clock ticks)}`` for every process readable now."""
+def cpu_times(cmdline: bool = False) -> dict[int, tuple[str, int]]:
+    """``{pid: (name, user + system clock ticks)}`` for every process readable now; with
+    ``cmdline`` the name is the command line (Ray's replicas name their deployment there)."""
     out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -23,9 +24,13 @@ def cpu_times() -> dict[int, tuple[str, int]]:
         try:
             with open(f"/proc/{entry}/stat") as f:
                 stat = f.read()
+            cmd = ""
+            if cmdline:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:  # gone since the listing, or not ours to read
             continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        name = cmd or stat[stat.index("(") + 1:stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on
         out[int(entry)] = (name, int(fields[11]) + int(fields[12]))  # utime, stime
     return out

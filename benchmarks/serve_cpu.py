@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from loadgen import run_load  # sibling scripts
+from proc_cpu import cpu_times
 from serve_report import DEFAULT_CHECKPOINT, DEFAULT_MAX_DROP
 
 NAMES = ["device", "edge", "cloud"]
@@ -46,20 +47,8 @@ GROUPS = ("tier-device", "tier-edge", "tier-cloud", "tier-noop", "tier-all", "ti
 
 def process_cpu() -> dict[int, tuple[str, float]]:
     """``{pid: (command line, CPU seconds)}`` of every readable process."""
-    hz, out = os.sysconf("SC_CLK_TCK"), {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[int(entry)] = (cmd or stat[stat.index("(") + 1:stat.rindex(")")], (int(fields[11]) + int(fields[12])) / hz)
-    return out
+    hz = os.sysconf("SC_CLK_TCK")
+    return {pid: (cmd, ticks / hz) for pid, (cmd, ticks) in cpu_times(cmdline=True).items()}
 
 
 def group_of(cmd: str) -> str:
