@@ -31,7 +31,7 @@ class Front:
     """Validates a request, sends it into the first tier through ``call`` and shapes the answer."""
 
     def __init__(self, manifest: dict[str, Any], plan: TierPlan, call: Call, *, mode: str, monitor=None,
-                 ingress: str | None = None) -> None:
+                 ingress: str | None = None, ship_thresholds: bool = False) -> None:
         self.manifest, self.plan, self.call, self.mode = manifest, plan, call, mode
         self.ingress = ingress  # on Ray: what takes the HTTP requests ("haproxy" or "proxy"), reported on /health
         self.monitor = monitor  # an AgreementMonitor (fed every served batch) or None
@@ -44,7 +44,7 @@ class Front:
         self.closers: list[Callable[[], Any]] = []  # called by close()
         # the thresholds travel with each request (the tiers adopt them): where the tiers are
         # other processes that the monitor's refits cannot reach otherwise (Ray)
-        self.ship_thresholds = False
+        self.ship_thresholds = ship_thresholds
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.plan.max_body_bytes

@@ -257,8 +257,8 @@ class Ingress:
             from .monitor import AgreementMonitor
 
             monitor = AgreementMonitor(manifest, config=plan.monitor, threads=plan.threads, models=models)
-        self.front = Front(manifest, plan, call, mode="ray", ingress=ingress, monitor=monitor)
-        self.front.ship_thresholds = monitor is not None
+        self.front = Front(manifest, plan, call, mode="ray", ingress=ingress, monitor=monitor,
+                           ship_thresholds=monitor is not None)
 
     async def __call__(self, request: Request):
         return await self.front.handle(request)

@@ -72,11 +72,10 @@ def propose_serving(manifest: dict[str, Any], bounds: Sequence[tuple[int, int]],
       with 1.4 cores of work on one replica leaves its requests queueing while 0.4 of a core it was
       given stays idle (three tiers on 2 cores, 32-sample requests: the device tier with 1.5 cores
       of work served 4803-4891 samples/s as one replica, 5451-5763 as two, benchmarks/serve_cpu.py;
-      a tier with
-      less than a core of work keeps one replica, as a second would only add a process competing
-      for the cores); ``num_cpus`` per replica = its cores / replicas (rounded down to 0.05, so
-      that the reservations fit on the machine); in-process a
-      replica computes on as many onnxruntime threads as it reserves CPUs, rounded
+      a tier with less than a core of work keeps one replica, as a second would only add a process
+      competing for the cores); ``num_cpus`` per replica = its cores / replicas (rounded down to
+      0.05, so that the reservations fit on the machine); in-process a replica computes on as many
+      onnxruntime threads as it reserves CPUs, rounded
       (:meth:`~eenn.serve.plan.TierSpec.threads`), so that 1.6 cores of work are not done on one.
     """
     import math

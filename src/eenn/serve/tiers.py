@@ -49,12 +49,23 @@ def start_message(manifest: dict[str, Any], x: np.ndarray, thresholds: list[floa
 _FIELDS = ("index", "prediction", "exit", "depth", "probs", "degraded")
 
 
-def _answers_json(a: Answers, tier: str) -> dict[str, list]:
-    """The answers as the lists of a reply: per sample its id, class, exit, depth, probabilities,
-    ``degraded`` flag and the tier that answered."""
-    out = {name: torch.cat(getattr(a, name)).tolist() if a.index else [] for name in _FIELDS}
-    out["tier"] = [tier] * len(out["index"])
-    return out
+def _answer_lists(a: Answers) -> dict[str, list]:
+    """The answers as the lists of a reply: per sample its id, class, exit, depth, probabilities
+    and ``degraded`` flag (:func:`_with_tier` adds the tier that answered)."""
+    return {name: torch.cat(getattr(a, name)).tolist() if a.index else [] for name in _FIELDS}
+
+
+def _with_tier(lists: dict[str, list], tier: str) -> dict[str, list]:
+    return {**lists, "tier": [tier] * len(lists["index"])}
+
+
+def _by_request(ids: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Sample ids of a merged run grouped by the request they belong to (requests start at
+    ``starts``): ``(owner, order, cut)``, each id's request, the positions in request order, and
+    request ``r``'s share of them, ``order[cut[r]:cut[r + 1]]``."""
+    owner = np.searchsorted(starts, ids, side="right") - 1
+    order = np.argsort(owner, kind="stable")
+    return owner, order, np.searchsorted(owner[order], np.arange(len(starts) + 1)).tolist()
 
 
 def _merge(into: dict[str, list], other: dict[str, list]) -> None:
@@ -105,7 +116,7 @@ def advance_many(runner: StagedRunner, runnings: list[Running]) -> list[tuple[di
     same segment) through ``runner`` at once: one :meth:`~eenn.staged.StagedRunner.advance` of
     their concatenation, its sample ids made unique by offsetting each request's by the sizes of
     the requests before it; then every request gets its own answers (as lists, see
-    :func:`_answers_json`, without ``tier``) and its own survivors back, numbered as it sent them
+    :func:`_answer_lists`) and its own survivors back, numbered as it sent them
     (None when none of its samples is left). The split is done once for the whole run (one sort
     of the answers and of the survivors by request), not request by request: a run of 16
     single-sample requests would otherwise pay some 15 small tensor operations per request."""
@@ -113,15 +124,13 @@ def advance_many(runner: StagedRunner, runnings: list[Running]) -> list[tuple[di
     answers, carry = runner.advance(merged)
     n = len(runnings)
     if n == 1:
-        return [({k: torch.cat(getattr(answers, k)).tolist() if answers.index else [] for k in _FIELDS}, carry)]
+        return [(_answer_lists(answers), carry)]
     starts = np.asarray(offsets, np.int64)
     out: list[dict[str, list]] = [{k: [] for k in _FIELDS} for _ in range(n)]
     if answers.index:
         cols = {k: torch.cat(getattr(answers, k)).numpy() for k in _FIELDS}
-        owner = np.searchsorted(starts, cols["index"], side="right") - 1  # the request of each answer
-        order = np.argsort(owner, kind="stable")
+        owner, order, cut = _by_request(cols["index"], starts)
         cols["index"] = cols["index"] - starts[owner]  # numbered from 0 again, per request
-        cut = np.searchsorted(owner[order], np.arange(n + 1)).tolist()
         for k, v in cols.items():
             lst = v[order].tolist()
             for r in range(n):
@@ -129,9 +138,7 @@ def advance_many(runner: StagedRunner, runnings: list[Running]) -> list[tuple[di
                     out[r][k] = lst[cut[r]:cut[r + 1]]
     rests: list[Running | None] = [None] * n
     if carry is not None:
-        owner = np.searchsorted(starts, carry.index.numpy(), side="right") - 1
-        order = np.argsort(owner, kind="stable")
-        cut = np.searchsorted(owner[order], np.arange(n + 1)).tolist()
+        _, order, cut = _by_request(carry.index.numpy(), starts)
         for r, run in enumerate(runnings):
             if cut[r] < cut[r + 1]:
                 mine = carry.take(torch.from_numpy(order[cut[r]:cut[r + 1]]))
@@ -174,7 +181,7 @@ class Tier:
         compute = time.perf_counter() - t0
         total = sum(len(r) for r in runnings)
         waits = waits or [0.0] * len(runnings)
-        return [({"answers": {**answers, "tier": [self.name] * len(answers["index"])},
+        return [({"answers": _with_tier(answers, self.name),
                   "tiers": [{"name": self.name, "s": compute, "samples": len(r), "batch": total, "wait_s": w}],
                   "hops": [], "errors": []}, carry)
                 for r, w, (answers, carry) in zip(runnings, waits, results)]
@@ -213,7 +220,7 @@ class Tier:
 
     def fail(self, reply: dict[str, Any], carry: Running, next_name: str, error: BaseException | str) -> None:
         """The next tier failed: answer the carried samples with this tier's deepest exit."""
-        _merge(reply["answers"], _answers_json(self.runner.degrade(carry), self.name))
+        _merge(reply["answers"], _with_tier(_answer_lists(self.runner.degrade(carry)), self.name))
         why = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         reply["errors"].append(f"tier {next_name!r} unavailable ({why}); answered by exit "
                                f"{carry.next - 1} on tier {self.name!r}")
