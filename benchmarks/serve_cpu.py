@@ -40,7 +40,6 @@ from loadgen import run_load  # sibling scripts
 from proc_cpu import cpu_times
 from serve_report import DEFAULT_CHECKPOINT, DEFAULT_MAX_DROP
 
-NAMES = ["device", "edge", "cloud"]
 GROUPS = ("tier-device", "tier-edge", "tier-cloud", "tier-noop", "tier-all", "tier-whole", "ingress", "haproxy",
           "HAProxyManager", "ServeController", "raylet", "gcs_server")
 
@@ -93,47 +92,18 @@ def with_overrides(plan, over):
 
 
 def build(a):
-    """The network, thresholds, exports and plans of serve_load.py, for ``a.samples`` a request."""
+    """serve_load.py's network, thresholds and exports (its ``prepare``), and its plans for
+    ``--samples`` samples a request under this script's names: ``{three, one, whole, noop}``, the
+    test pixels sent, the engine's answers (early exit, whole), the manifest and the normalised
+    test inputs."""
     import serve_load as sl
 
-    import eenn
-    from eenn.engine import DynamicEngine
-    from eenn.exporter import export, load_manifest
-    from eenn.policies import ExitPolicy
-    from eenn.serve.plan import TierSpeed, measure_segments
-
-    a.train_samples, a.epochs = 0, 3
-    data, net, source = sl.build_model(a)
-    th = eenn.calibrate("max_prob", eenn.collect_outputs(net, data.val), net.cost(),
-                        {"max_drop": a.max_drop}).thresholds.tolist()
-    policy, whole = ExitPolicy("max_prob", th), ExitPolicy("max_prob", [float("inf")] * 3)
-    n = min(4096, len(data.test))
-    pixels = data.test.x[:n].numpy()
-    x = next(iter(eenn.TensorLoader(data.test, n, input_spec=net.input_spec)))[0]
-    with torch.no_grad():
-        eng, eng_whole = DynamicEngine(net, policy)(x), DynamicEngine(net, whole)(x)
-    expected = {"early": list(zip(eng.prediction.tolist(), eng.exit.tolist())),
-                "whole": list(zip(eng_whole.prediction.tolist(), eng_whole.exit.tolist()))}
-    depth = (torch.bincount(eng.depth, minlength=4).float() / len(eng.depth)).tolist()
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix="eenn-serve-cpu-"))
-    export(net, tmp / "early", policy=policy)
-    export(net, tmp / "whole", policy=whole)
-    m = load_manifest(tmp / "early")
-    seg1, ans1 = measure_segments(m)
-    segb, _ = measure_segments(m, batch=32, repeats=20)
-    speed = lambda name: TierSpeed(name, segment_s=seg1, answer_s=ans1, batch_s=segb, batch=32)  # noqa: E731
-    kw = dict(cores=a.cores, clients=a.plan_clients, samples=a.samples, batch_cap=a.batch_cap, front_s=a.front_ms / 1e3)
-    plans = {"three": sl.make_plan(tmp / "early", [(0, 2), (2, 3), (3, 4)], NAMES, [speed(s) for s in NAMES], depth, m,
-                                   **kw)[0],
-             "one": sl.make_plan(tmp / "early", [(0, 4)], ["all"], [speed("all")], depth, m, **kw)[0],
-             "whole": sl.make_plan(tmp / "whole", [(0, 4)], ["whole"], [speed("whole")], [0.0, 0.0, 0.0, 1.0], m,
-                                   **kw)[0]}
+    a.train_samples, a.epochs, a.past, a.test_samples, a.float16 = 0, 3, None, 4096, False
+    prep = sl.prepare(a, (a.samples,))
+    plans = {name: prep.plans[key, a.samples]
+             for name, key in (("three", "early exit"), ("one", "early exit, one tier"), ("whole", "whole"))}
     plans["noop"] = plans["three"]
-    print(f"model: {source}; thresholds {[round(t, 4) for t in th]}; test depth {[round(d, 3) for d in depth]}",
-          flush=True)
-    return plans, pixels, expected, m, x.numpy()
+    return plans, prep.pixels, {"early": prep.expected, "whole": prep.expected_whole}, prep.manifest, prep.x_test
 
 
 def measure_runs(a) -> None:
@@ -243,8 +213,8 @@ def measure_calls(a) -> None:
         for wait_ms in (0.0, 2.8, 10.0):
             cloud = TierDeployment.options(name="tier-cloud", ray_actor_options={"num_cpus": 0},
                                            max_ongoing_requests=512).bind(
-                clean, {**asdict(spec), "max_batch": 64, "batch_wait_ms": wait_ms}, read_segments(m, (spec.start, spec.stop)), None,
-                settings)
+                clean, {**asdict(spec), "max_batch": 64, "batch_wait_ms": wait_ms},
+                read_segments(m, (spec.start, spec.stop)), None, settings)
             h = serve.run(Caller.options(name="caller", ray_actor_options={"num_cpus": 0}).bind(cloud),
                           name="calls", route_prefix=None)
             h.run.remote(messages, 50, 1).result()
@@ -262,6 +232,7 @@ def main():
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP)
+    p.add_argument("--split", default="0-1,2,3", help="segments of the device, edge and cloud tiers")
     p.add_argument("--runs", default="noop,one,three,whole")
     p.add_argument("--samples", type=int, default=1, help="samples a request")
     p.add_argument("--clients", type=int, default=32)

@@ -50,6 +50,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -178,6 +179,81 @@ def wait_served(url: str, body: bytes, timeout: float = 300.0) -> None:
         time.sleep(0.5)
 
 
+def prepare(a, sizes):
+    """What the deployments are built from (this benchmark's and benchmarks/serve_cpu.py's): the
+    network and its thresholds (``--max-drop`` or ``--past``), the engine's answers on the test
+    images sent, the two exports (early exit, whole network), the segment times, and one plan per
+    deployment and request size in ``sizes``, proposed for ``--plan-clients`` clients."""
+    import eenn
+    from eenn.engine import DynamicEngine
+    from eenn.exporter import export, load_manifest
+    from eenn.policies import ExitPolicy
+    from eenn.serve.plan import TierSpeed, measure_segments
+
+    data, net, source = build_model(a)
+    bounds_ee = parse_split(a.split, net.num_exits)
+    if a.past is not None:
+        val_logits, _, _ = exit_scores(net, data.val)
+        th = thresholds_for(val_logits[:-1].softmax(-1).max(-1).values.numpy(), bounds_ee, a.past, a.front)
+    else:
+        th = eenn.calibrate("max_prob", eenn.collect_outputs(net, data.val), net.cost(),
+                            {"max_drop": a.max_drop}).thresholds.tolist()
+    _, test_y, _ = exit_scores(net, data.test)
+    n_test = min(a.test_samples, len(data.test))
+    pixels = data.test.x[:n_test].numpy()  # uint8 [N, 1, 28, 28]: sent as is, normalised by the server
+    assert pixels.dtype == np.uint8, pixels.dtype
+    x_test = next(iter(eenn.TensorLoader(data.test, len(data.test), input_spec=net.input_spec)))[0][:n_test]
+    policy = ExitPolicy("max_prob", th)
+    whole_policy = ExitPolicy("max_prob", [float("inf")] * 3)
+    with torch.no_grad():
+        eng = DynamicEngine(net, policy)(x_test)
+        eng_whole = DynamicEngine(net, whole_policy)(x_test)
+    expected = list(zip(eng.prediction.tolist(), eng.exit.tolist()))
+    expected_whole = list(zip(eng_whole.prediction.tolist(), eng_whole.exit.tolist()))
+    depth = (torch.bincount(eng.depth, minlength=4).float() / len(eng.depth)).tolist()
+    acc = float((eng.prediction == test_y[:n_test]).float().mean())
+    acc_whole = float((eng_whole.prediction == test_y[:n_test]).float().mean())
+    for name, (_, stop) in zip(NAMES, bounds_ee[:-1]):
+        if sum(depth[stop:]) < 0.01:  # e.g. a network trained too briefly: every sample leaves early
+            print(f"warning: under these thresholds {100 * sum(depth[stop:]):.1f}% of the test samples go past the "
+                  f"{name} tier, so the tiers after it are not measured; train the network longer or set --past",
+                  flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="eenn-serve-load-"))
+    m_ee = export(net, tmp / "early", policy=policy, validation={"depth_distribution": depth,
+                                                                 "exit_distribution": depth})
+    export(net, tmp / "whole", policy=whole_policy)
+    manifest = load_manifest(tmp / "early")
+    seg1, answer1 = measure_segments(manifest)
+    segb, _ = measure_segments(manifest, batch=32, repeats=20)
+    print(f"model: {source}; exits after segments {[s['exit_name'] for s in m_ee['segments']]}, MACs per segment "
+          f"{[s['macs'] for s in m_ee['segments']]}; thresholds {[round(t, 4) for t in th]}; test accuracy "
+          f"{100 * acc:.2f}% early exit, {100 * acc_whole:.2f}% whole; test depth {[round(d, 3) for d in depth]}; "
+          f"segment ms at batch 1 {[round(1e3 * t, 3) for t in seg1]}, at batch 32 {[round(1e3 * t, 3) for t in segb]}",
+          flush=True)
+    speed = lambda name: TierSpeed(name, segment_s=seg1, answer_s=answer1, batch_s=segb, batch=32)
+    # one plan per deployment and request size: proposed for --plan-clients clients sending that many samples
+    plans = {}
+    for per_request in sizes:
+        for name, model_dir, bounds, names, dep in (
+                ("early exit", tmp / "early", bounds_ee, NAMES, depth),
+                ("early exit, one tier", tmp / "early", [(0, 4)], ["all"], depth),
+                ("whole", tmp / "whole", [(0, 4)], ["whole"], [0.0, 0.0, 0.0, 1.0])):
+            plan, props, lines = make_plan(model_dir, bounds, names, [speed(n) for n in names], dep, manifest,
+                                           cores=a.cores, clients=a.plan_clients, samples=per_request,
+                                           batch_cap=a.batch_cap, float16=a.float16 and name == "early exit",
+                                           front_s=a.front_ms / 1000.0)
+            plans[name, per_request] = plan
+            print(f"plan ({name}, proposed for {a.plan_clients} clients x {per_request} sample(s) on "
+                  f"{a.cores:g} cores):", flush=True)
+            for q in props:
+                print(f"  {q.name}: " + "; ".join(q.reasons))
+            for line in lines:
+                print(f"  {line}")
+    return SimpleNamespace(source=source, th=th, bounds_ee=bounds_ee, pixels=pixels, expected=expected,
+                           expected_whole=expected_whole, depth=depth, acc=acc, acc_whole=acc_whole, m_ee=m_ee,
+                           manifest=manifest, seg1=seg1, segb=segb, plans=plans, x_test=x_test.numpy())
+
+
 # --------------------------------------------------------------------------------------- the run
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,74 +297,12 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(1)
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
-
-    import eenn
-    from eenn.engine import DynamicEngine
-    from eenn.exporter import export, load_manifest
-    from eenn.policies import ExitPolicy
-    from eenn.serve.plan import TierSpeed, measure_segments
-
     clients = [int(c) for c in a.clients.split(",") if c]
     batch_clients = [int(c) for c in a.batch_clients.split(",") if c]
-    data, net, source = build_model(a)
-    bounds_ee = parse_split(a.split, net.num_exits)
-    if a.past is not None:
-        val_logits, _, _ = exit_scores(net, data.val)
-        th = thresholds_for(val_logits[:-1].softmax(-1).max(-1).values.numpy(), bounds_ee, a.past, a.front)
-    else:
-        th = eenn.calibrate("max_prob", eenn.collect_outputs(net, data.val), net.cost(),
-                            {"max_drop": a.max_drop}).thresholds.tolist()
-    _, test_y, _ = exit_scores(net, data.test)
-    n_test = min(a.test_samples, len(data.test))
-    pixels = data.test.x[:n_test].numpy()  # uint8 [N, 1, 28, 28]: sent as is, normalised by the server
-    assert pixels.dtype == np.uint8, pixels.dtype
-    x_test = next(iter(eenn.TensorLoader(data.test, len(data.test), input_spec=net.input_spec)))[0][:n_test]
-    policy = ExitPolicy("max_prob", th)
-    whole_policy = ExitPolicy("max_prob", [float("inf")] * 3)
-    with torch.no_grad():
-        eng = DynamicEngine(net, policy)(x_test)
-        eng_whole = DynamicEngine(net, whole_policy)(x_test)
-    expected = list(zip(eng.prediction.tolist(), eng.exit.tolist()))
-    expected_whole = list(zip(eng_whole.prediction.tolist(), eng_whole.exit.tolist()))
-    depth = (torch.bincount(eng.depth, minlength=4).float() / len(eng.depth)).tolist()
-    acc = float((eng.prediction == test_y[:n_test]).float().mean())
-    acc_whole = float((eng_whole.prediction == test_y[:n_test]).float().mean())
-    for name, (_, stop) in zip(NAMES, bounds_ee[:-1]):
-        if sum(depth[stop:]) < 0.01:  # e.g. a network trained too briefly: every sample leaves early
-            print(f"warning: under these thresholds {100 * sum(depth[stop:]):.1f}% of the test samples go past the "
-                  f"{name} tier, so the tiers after it are not measured; train the network longer or set --past",
-                  flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="eenn-serve-load-"))
-    m_ee = export(net, tmp / "early", policy=policy, validation={"depth_distribution": depth,
-                                                                 "exit_distribution": depth})
-    export(net, tmp / "whole", policy=whole_policy)
-    manifest = load_manifest(tmp / "early")
-    seg1, answer1 = measure_segments(manifest)
-    segb, _ = measure_segments(manifest, batch=32, repeats=20)
-    print(f"model: {source}; exits after segments {[s['exit_name'] for s in m_ee['segments']]}, MACs per segment "
-          f"{[s['macs'] for s in m_ee['segments']]}; thresholds {[round(t, 4) for t in th]}; test accuracy "
-          f"{100 * acc:.2f}% early exit, {100 * acc_whole:.2f}% whole; test depth {[round(d, 3) for d in depth]}; "
-          f"segment ms at batch 1 {[round(1e3 * t, 3) for t in seg1]}, at batch 32 {[round(1e3 * t, 3) for t in segb]}",
-          flush=True)
-    speed = lambda name: TierSpeed(name, segment_s=seg1, answer_s=answer1, batch_s=segb, batch=32)
-    # one plan per deployment and request size: proposed for --plan-clients clients sending that many samples
-    plans, proposals = {}, {}
-    for per_request in (1, a.batch_samples):
-        for name, model_dir, bounds, names, dep in (
-                ("early exit", tmp / "early", bounds_ee, NAMES, depth),
-                ("early exit, one tier", tmp / "early", [(0, 4)], ["all"], depth),
-                ("whole", tmp / "whole", [(0, 4)], ["whole"], [0.0, 0.0, 0.0, 1.0])):
-            plan, props, lines = make_plan(model_dir, bounds, names, [speed(n) for n in names], dep, manifest,
-                                           cores=a.cores, clients=a.plan_clients, samples=per_request,
-                                           batch_cap=a.batch_cap, float16=a.float16 and name == "early exit",
-                                           front_s=a.front_ms / 1000.0)
-            plans[name, per_request], proposals[name, per_request] = plan, (props, lines)
-            print(f"plan ({name}, proposed for {a.plan_clients} clients x {per_request} sample(s) on "
-                  f"{a.cores:g} cores):", flush=True)
-            for q in props:
-                print(f"  {q.name}: " + "; ".join(q.reasons))
-            for line in lines:
-                print(f"  {line}")
+    prep = prepare(a, (1, a.batch_samples))
+    source, th, bounds_ee, pixels, expected, expected_whole = (prep.source, prep.th, prep.bounds_ee, prep.pixels,
+                                                               prep.expected, prep.expected_whole)
+    depth, acc, acc_whole, m_ee, plans = prep.depth, prep.acc, prep.acc_whole, prep.m_ee, prep.plans
 
     probe = io.BytesIO()
     np.save(probe, pixels[:4])
@@ -369,7 +383,8 @@ def main():
     summary = final_line(results, a.batch_samples, paired)
     if a.one_tier and "ray" in a.modes:  # the same exits without hops, before the plan's line
         summary = final_line(results, a.batch_samples, paired, "early exit, one tier") + "\n" + summary
-    report = render(a, source, m_ee, th, acc, acc_whole, depth, bounds_ee, (seg1, segb), plans, results, summary,
+    report = render(a, source, m_ee, th, acc, acc_whole, depth, bounds_ee, (prep.seg1, prep.segb), plans, results,
+                    summary,
                     time.perf_counter() - t_start, (load_start, os.getloadavg()[0]), rounds)
     if a.doc:
         Path(a.doc).write_text(report)
