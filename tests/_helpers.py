@@ -1,6 +1,7 @@
 """Small networks and request helpers shared by several test files."""
 import io
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -81,6 +82,18 @@ def post(url: str, body: bytes, content_type: str = "application/x-npy", path: s
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def wait_whole(url: str, body: bytes, timeout: float = 180.0) -> None:
+    """Until a deployment answers ``body`` (a multi-sample ``.npy``) whole, no answer degraded:
+    every replica of every tier is up (on a loaded machine a replica's first call, its imports and
+    the onnxruntime session's first run, can outlast the tier timeout just after start-up); bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, out = post(url, body)
+        if status == 200 and not any(r.get("degraded") for r in out["predictions"]):
+            return
+        assert time.monotonic() < deadline, f"the deployment never answered whole: {status} {out}"
 
 
 def npy_bytes(a) -> bytes:

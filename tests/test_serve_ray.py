@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import npy_bytes as _npy, post, spread_net as _net
+from _helpers import npy_bytes as _npy, post, spread_net as _net, wait_whole
 from eenn.engine import DynamicEngine
 from eenn.exporter import export
 
@@ -69,13 +69,7 @@ def ray_server(tmp_path_factory, request):
     # Ready means every replica answers: on a loaded machine a replica's first call (its imports,
     # the onnxruntime session's first run) can outlast the tier timeout just after start-up.
     # Wait for one whole answer through both tiers, bounded, before the tests look at answers.
-    probe = _npy(np.zeros((4, 1, 8, 8), np.float32))
-    deadline = time.monotonic() + 180
-    while True:
-        status, out = post(url, probe)
-        if status == 200 and not any(r.get("degraded") for r in out["predictions"]):
-            break
-        assert time.monotonic() < deadline, f"the Ray deployment never answered whole: {status} {out}"
+    wait_whole(url, _npy(np.zeros((4, 1, 8, 8), np.float32)))
     yield net, url, request.param
     ray_app.stop()
     for sock in held:
