@@ -4,10 +4,10 @@ Serve call between two replicas costs.
 
 Deployments (``--runs``, in that order, repeated ``--rounds`` times with the order reversed every
 other round): ``noop`` (the do-nothing tier behind the same ingress, with the early-exit plan's
-first tier's settings), ``three`` (the early exit in three tiers), ``one`` (the early exit as one
-tier), ``whole`` (the static network as one tier). A suffix overrides a tier's replicas and CPUs:
-``three[device=2x0.9]`` runs the device tier as two replicas of 0.9 CPUs, ``one[all=1x1.8]`` the one
-tier as one replica. For each run, a closed loop of ``--clients`` clients sending requests of
+first tier's settings), ``three`` (the early exit in three tiers), ``one`` (the early-exit plan:
+one tier, ``device``, holding every segment), ``whole`` (the static network as one tier). A suffix
+overrides a tier's replicas and CPUs: ``three[device=2x0.9]`` runs the device tier as two replicas
+of 0.9 CPUs, ``one[device=1x1.8]`` the one tier as one replica. For each run, a closed loop of ``--clients`` clients sending requests of
 ``--samples`` samples for ``--seconds``, and the CPU time of every process in that window (from
 ``/proc``, user + system) divided by the requests answered, grouped by deployment (the ingress
 replica, each tier's replicas, HAProxy, Ray's own processes)::
@@ -99,10 +99,11 @@ def build(a):
     import serve_load as sl
 
     a.train_samples, a.epochs, a.past, a.test_samples, a.float16 = 0, 3, None, 4096, False
+    a.link, a.split_served = (1e9, 0.00035), True  # serve_load's defaults: the planned split and the forced one
     prep = sl.prepare(a, (a.samples,))
     plans = {name: prep.plans[key, a.samples]
-             for name, key in (("three", "early exit"), ("one", "early exit, one tier"), ("whole", "whole"))}
-    plans["noop"] = plans["three"]
+             for name, key in (("three", "early exit, three tiers"), ("one", "early exit"), ("whole", "whole"))}
+    plans["noop"] = plans["one"]
     return plans, prep.pixels, {"early": prep.expected, "whole": prep.expected_whole}, prep.manifest, prep.x_test
 
 

@@ -11,15 +11,20 @@ thresholds are calibrated on the validation split by ``eenn.calibrate`` for at m
 then about a fifth of the samples go past the device tier and a fifth of those past the edge), or
 (``--past P``) set so that a share P of the samples that reach a non-final tier go past it, to
 load the later tiers and the hops between them (the measured shares on the test split are printed
-either way). Three
-tiers (``--split``): device = segments 0-1, edge = segment 2, cloud = segment 3 (float32 hand-off
-unless ``--float16``). The early-exit plan is also served as one tier (every segment in one
-deployment), which shows what the hops between tiers cost. The same export with
-thresholds that never fire, as one tier, is the static baseline ("whole network"). Every
-deployment's batching, replicas and CPUs come from ``eenn.serve.sizing.propose_serving`` for
-``--plan-clients`` clients on ``--cores`` cores, from segment times measured here (one plan for
-single-sample requests, one for batch requests), leaving ``--front-ms`` per request to the HTTP
-front; the no-op deployment takes the first tier's.
+either way). The early-exit plan is the one ``eenn plan`` would give for this machine:
+``eenn.serve.plan.plan_splits`` chooses the split of the segments over a device, an edge and a
+cloud tier that all run at this machine's measured segment times, joined by ``--link`` (a Ray call
+between two replicas on one machine); tiers left empty are dropped. On one machine a split only
+adds hops, so it proposes one tier holding every segment. The same exits forced into three tiers
+(``--split``: device = segments 0-1, edge = segment 2, cloud = segment 3; float32 hand-off unless
+``--float16``) are served too, beside it, to show what the hops between tiers cost where the
+tiers share the cores (``--no-split`` skips them; ``--split`` also names the tiers whose shares
+are counted, and the ones ``--past`` loads). The same export with thresholds that never
+fire, as one tier, is the static baseline ("whole network"). Every deployment's batching,
+replicas and CPUs come from ``eenn.serve.sizing.propose_serving`` for ``--plan-clients`` clients
+on ``--cores`` cores, from segment times measured here (one plan for single-sample requests, one
+for batch requests), leaving ``--front-ms`` per request to the HTTP front; the no-op deployment
+takes the early-exit plan's first tier's.
 
 For each deployment and each number of concurrent clients (``--clients``), a closed loop (every
 client sends its next request when it has the answer; a separate process, so that the clients do
@@ -30,12 +35,12 @@ answers and the share of samples past each tier. Single-sample requests and requ
 On Ray (``--ingress``: HAProxy in front of the ingress replica, Ray Serve's high-throughput mode,
 or its Python proxy; the no-op deployment is served the same way), ``--rounds`` rounds then measure
 the comparisons of the final lines again at 32 clients: each round the no-op, the early exit and
-the one tier with single samples, then the whole network, the early exit and the one tier with
-batches, the order reversing from round to round, and the final lines give the medians of the
-rounds: the machine's speed drifts from minute to minute, and the table's runs are minutes apart.
-The run ends with the one tier's line and then the plan's::
+the three tiers with single samples, then the whole network, the early exit and the three tiers
+with batches, the order reversing from round to round, and the final lines give the medians of
+the rounds: the machine's speed drifts from minute to minute, and the table's runs are minutes
+apart. The run ends with the three tiers' line and then the plan's::
 
-    ray at 32 clients, early exit, one tier: N req/s single samples, no-op ceiling C req/s, ...
+    ray at 32 clients, three tiers: N req/s single samples, no-op ceiling C req/s, ...
     ray at 32 clients: N req/s single samples, no-op ceiling C req/s, share S; batches of 32: X
     samples/s early exit, Y samples/s whole network, ratio R
 
@@ -188,7 +193,7 @@ def prepare(a, sizes):
     from eenn.engine import DynamicEngine
     from eenn.exporter import export, load_manifest
     from eenn.policies import ExitPolicy
-    from eenn.serve.plan import TierSpeed, measure_segments
+    from eenn.serve.plan import LinkSpec, TierSpeed, measure_segments, plan_splits
 
     data, net, source = build_model(a)
     bounds_ee = parse_split(a.split, net.num_exits)
@@ -231,16 +236,28 @@ def prepare(a, sizes):
           f"segment ms at batch 1 {[round(1e3 * t, 3) for t in seg1]}, at batch 32 {[round(1e3 * t, 3) for t in segb]}",
           flush=True)
     speed = lambda name: TierSpeed(name, segment_s=seg1, answer_s=answer1, batch_s=segb, batch=32)
+    # the early-exit plan: the split eenn plan chooses for three tiers that are all this machine
+    chosen = plan_splits(manifest, [speed(n) for n in NAMES], [LinkSpec(*a.link)] * (len(NAMES) - 1), depth)
+    planned = [(n, b) for n, b in zip(NAMES, chosen.bounds) if b[1] > b[0]]
+    print(f"split chosen by eenn.serve.plan.plan_splits for {len(NAMES)} tiers at this machine's speed joined by "
+          f"{a.link[0]:g} B/s, {1e3 * a.link[1]:g} ms links: "
+          + ", ".join(f"{n}: segments {lo}-{hi - 1}" for n, (lo, hi) in planned)
+          + f" (expected {1e3 * chosen.predicted_s:.3f} ms a sample)", flush=True)
+    deployments = [("early exit", [b for _, b in planned], [n for n, _ in planned], depth),
+                   ("whole", [(0, 4)], ["whole"], [0.0, 0.0, 0.0, 1.0])]
+    if a.split_served:
+        if bounds_ee == [b for _, b in planned]:
+            print("the forced split is the chosen one: served once", flush=True)
+        else:
+            deployments.append(("early exit, three tiers", bounds_ee, NAMES, depth))
     # one plan per deployment and request size: proposed for --plan-clients clients sending that many samples
     plans = {}
     for per_request in sizes:
-        for name, model_dir, bounds, names, dep in (
-                ("early exit", tmp / "early", bounds_ee, NAMES, depth),
-                ("early exit, one tier", tmp / "early", [(0, 4)], ["all"], depth),
-                ("whole", tmp / "whole", [(0, 4)], ["whole"], [0.0, 0.0, 0.0, 1.0])):
+        for name, bounds, names, dep in deployments:
+            model_dir = tmp / ("whole" if name == "whole" else "early")
             plan, props, lines = make_plan(model_dir, bounds, names, [speed(n) for n in names], dep, manifest,
                                            cores=a.cores, clients=a.plan_clients, samples=per_request,
-                                           batch_cap=a.batch_cap, float16=a.float16 and name == "early exit",
+                                           batch_cap=a.batch_cap, float16=a.float16 and len(bounds) > 1,
                                            front_s=a.front_ms / 1000.0)
             plans[name, per_request] = plan
             print(f"plan ({name}, proposed for {a.plan_clients} clients x {per_request} sample(s) on "
@@ -251,7 +268,7 @@ def prepare(a, sizes):
                 print(f"  {line}")
     return SimpleNamespace(source=source, th=th, bounds_ee=bounds_ee, pixels=pixels, expected=expected,
                            expected_whole=expected_whole, depth=depth, acc=acc, acc_whole=acc_whole, m_ee=m_ee,
-                           manifest=manifest, seg1=seg1, segb=segb, plans=plans, x_test=x_test.numpy())
+                           manifest=manifest, seg1=seg1, segb=segb, plans=plans, chosen=chosen, x_test=x_test.numpy())
 
 
 # --------------------------------------------------------------------------------------- the run
@@ -284,8 +301,13 @@ def main():
                    help="the HTTP front's CPU per request the plans leave to it (default 0.9: on the 2-core EPYC, "
                         "Ray Serve's ingress replica 0.54-0.73 ms and HAProxy 0.06-0.09 ms per single-sample request "
                         "at 32 clients, benchmarks/serve_cpu.py)")
-    p.add_argument("--no-one-tier", dest="one_tier", action="store_false",
-                   help="skip the early-exit plan served as one tier")
+    p.add_argument("--link", type=lambda t: tuple(float(v) for v in t.split(",")), default=(1e9, 0.00035),
+                   metavar="BYTES_PER_S,LATENCY_S",
+                   help="the link between tiers on this machine that the planned split assumes (default 1e9,0.00035: "
+                        "a Ray Serve call between two replicas on the 2-core EPYC costs 0.35 ms of a core on each "
+                        "side, benchmarks/serve_cpu.py --calls)")
+    p.add_argument("--no-split", dest="split_served", action="store_false",
+                   help="skip the early exit forced into the three tiers of --split")
     p.add_argument("--rounds", type=int, default=3,
                    help="Ray: rounds of the final lines' comparisons at 32 clients (0: from the table's runs)")
     p.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
@@ -328,10 +350,8 @@ def main():
                   f"{r['requests']} requests, failed {r['failed']}, degraded {r['degraded']}{agree}"
                   + (f", errors {r['errors']}" if r["errors"] else ""), flush=True)
 
-    runs = [("early exit", 1, False), ("early exit", a.batch_samples, False), ("whole", 1, False),
-            ("whole", a.batch_samples, False)]
-    if a.one_tier:  # where the gain goes: the same exits without hops between tiers
-        runs += [("early exit, one tier", 1, False), ("early exit, one tier", a.batch_samples, False)]
+    runs = [(name, n, False) for name in ("early exit", "whole", "early exit, three tiers")
+            for n in (1, a.batch_samples) if (name, n) in plans]
     for mode in a.modes.split(","):
         if mode == "local":
             from eenn.serve import LocalServer
@@ -363,11 +383,10 @@ def main():
                 # The final lines' comparisons: this machine's speed drifts from minute to minute (Ray's
                 # figures by 20-40% between runs), which the table's runs, minutes apart, take in full. Each
                 # round measures every point once, in an order that reverses from round to round.
-                seq = [("no-op", 1, True), ("early exit", 1, False), ("whole", a.batch_samples, False),
-                       ("early exit", a.batch_samples, False)]
-                if a.one_tier:
-                    seq[2:2] = [("early exit, one tier", 1, False)]
-                    seq.append(("early exit, one tier", a.batch_samples, False))
+                seq = [("no-op", 1, True), ("early exit", 1, False), ("early exit, three tiers", 1, False),
+                       ("whole", a.batch_samples, False), ("early exit", a.batch_samples, False),
+                       ("early exit, three tiers", a.batch_samples, False)]
+                seq = [r for r in seq if r[2] or (r[0], r[1]) in plans]
                 for rnd in range(1, a.rounds + 1):
                     for name, per_request, noop in (seq if rnd % 2 else seq[::-1]):
                         ray_app.redeploy(plans["early exit" if noop else name, per_request], noop=noop)
@@ -381,11 +400,11 @@ def main():
     for line in rounds:
         print(line)
     summary = final_line(results, a.batch_samples, paired)
-    if a.one_tier and "ray" in a.modes:  # the same exits without hops, before the plan's line
-        summary = final_line(results, a.batch_samples, paired, "early exit, one tier") + "\n" + summary
+    if ("early exit, three tiers", 1) in plans and "ray" in a.modes:  # what the hops cost, before the plan's line
+        summary = final_line(results, a.batch_samples, paired, "early exit, three tiers") + "\n" + summary
     report = render(a, source, m_ee, th, acc, acc_whole, depth, bounds_ee, (prep.seg1, prep.segb), plans, results,
                     summary,
-                    time.perf_counter() - t_start, (load_start, os.getloadavg()[0]), rounds)
+                    time.perf_counter() - t_start, (load_start, os.getloadavg()[0]), rounds, prep.chosen)
     if a.doc:
         Path(a.doc).write_text(report)
         print(f"wrote {a.doc}", flush=True)

@@ -32,19 +32,19 @@ def _round_pairs(paired, batch_samples: int, deployment: str = "early exit") -> 
 
 def paired_rounds(paired, batch_samples: int) -> list[str]:
     """One line per round: the single-sample share and the batch ratio of the early-exit plan (and
-    of the same exits as one tier, where the round measured it), measured in the same round."""
-    one = {r[0]: r for r in _round_pairs(paired, batch_samples, "early exit, one tier")}
+    of the same exits in three tiers, where the round measured them), measured in the same round."""
+    three = {r[0]: r for r in _round_pairs(paired, batch_samples, "early exit, three tiers")}
     part = lambda ee, noop, bee, bwh: (f"single samples {ee['rps']:.0f} / no-op {noop['rps']:.0f} req/s = "
                                        f"{ee['rps'] / noop['rps']:.2f}; batches of {batch_samples} {bee['sps']:.0f} / "
                                        f"whole {bwh['sps']:.0f} samples/s = {bee['sps'] / bwh['sps']:.2f}")
-    return [f"round {rnd}: " + part(*r) + ("; as one tier: " + part(*one[rnd][1:]) if rnd in one else "")
+    return [f"round {rnd}: " + part(*r) + ("; three tiers: " + part(*three[rnd][1:]) if rnd in three else "")
             for rnd, *r in _round_pairs(paired, batch_samples)]
 
 
 def final_line(results, batch_samples: int, paired=(), deployment: str = "early exit") -> str:
     """The one line the run ends with: from the paired rounds when there are any (medians; the share
     and the ratio are the medians of the rounds' own), else from the table's runs. ``deployment``:
-    the early-exit plan (the line the benchmark ends with), or the same exits as one tier."""
+    the early-exit plan (the line the benchmark ends with), or the same exits in three tiers."""
     rounds = _round_pairs(paired, batch_samples, deployment)
     f = lambda r, k: f"{r[k]:.0f}" if r else "n/a"
     if rounds:
@@ -60,7 +60,7 @@ def final_line(results, batch_samples: int, paired=(), deployment: str = "early 
         bwh = _pick(results, "ray", "whole", batch_samples, 32)
         share = f"{ee['rps'] / noop['rps']:.2f}" if ee and noop else "n/a"
         ratio = f"{bee['sps'] / bwh['sps']:.2f}" if bee and bwh else "n/a"
-    what = "" if deployment == "early exit" else f", {deployment}"
+    what = "" if deployment == "early exit" else f", {deployment.removeprefix('early exit, ')}"
     return (f"ray at 32 clients{what}: {f(ee, 'rps')} req/s single samples, no-op ceiling {f(noop, 'rps')} req/s, "
             f"share {share}; batches of {batch_samples}: {f(bee, 'sps')} samples/s early exit, "
             f"{f(bwh, 'sps')} samples/s whole network, ratio {ratio}")
@@ -76,7 +76,7 @@ def _cpu() -> str:
 
 
 def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results, summary, elapsed, load,
-           rounds=()) -> str:
+           rounds=(), chosen=None) -> str:
     seg1, segb = seg
     tiers = lambda plan: "; ".join(
         f"{t.name} (segments {t.start}-{t.stop - 1}): max_batch {t.max_batch}, batch_wait_ms {t.batch_wait_ms:g}, "
@@ -110,13 +110,20 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
         f"thread) {[round(1e3 * t, 3) for t in seg1]} ms at batch 1, {[round(1e3 * t, 3) for t in segb]} ms at "
         f"batch 32.",
         "",
+        f"The early-exit plan's split: `eenn.serve.plan.plan_splits` for a device, an edge and a cloud tier at this "
+        f"machine's segment times joined by {a.link[0]:g} B/s, {1e3 * a.link[1]:g} ms links (`--link`) chose "
+        + (", ".join(f"{t.name}: segments {t.start}-{t.stop - 1}" for t in plans['early exit', 1].tiers)
+           + (f" ({1e3 * chosen.predicted_s:.3f} ms a sample expected)" if chosen is not None else ""))
+        + ("; the three tiers of `--split` are served beside it" if ("early exit, three tiers", 1) in plans else "")
+        + ".",
+        "",
         f"Plans (`eenn.serve.sizing.propose_serving` for {a.plan_clients} clients on {a.cores:g} cores, from the "
-        f"segment times above, leaving {a.front_ms:g} ms of a core per request to the HTTP front), for single-sample requests: early exit: {tiers(plans['early exit', 1])}; whole "
-        f"network: {tiers(plans['whole', 1])}; early exit as one tier: {tiers(plans['early exit, one tier', 1])}; "
-        f"no-op: the early-exit plan's first tier's settings. For requests of "
-        f"{a.batch_samples} samples: early exit: {tiers(plans['early exit', a.batch_samples])}; whole network: "
-        f"{tiers(plans['whole', a.batch_samples])}; early exit as one tier (every segment in one deployment, "
-        f"no hops): {tiers(plans['early exit, one tier', a.batch_samples])}.",
+        f"segment times above, leaving {a.front_ms:g} ms of a core per request to the HTTP front; the no-op takes the "
+        f"early-exit plan's first tier's settings):",
+        "",
+        *[f"- {name}, {n} sample(s) a request: {tiers(plans[name, n])}"
+          for name in ("early exit", "early exit, three tiers", "whole") for n in (1, a.batch_samples)
+          if (name, n) in plans],
         "",
         "| mode | deployment | samples/request | clients | requests | req/s | samples/s | p50 ms | p99 ms | "
         "failed | degraded | differ | past device | past edge |",
@@ -134,8 +141,8 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
             "(the no-op answers everything at exit 0; nothing to compare).", ""]
     if rounds:
         out += [f"The final lines' comparisons on Ray at 32 clients ({a.seconds:g} s each): each round measures the "
-                "no-op, the early exit and the early exit as one tier at single samples, then the whole network, "
-                "the early exit and the one tier at batches, in that order or its reverse (alternating from round "
+                "no-op, the early exit and the three tiers at single samples, then the whole network, "
+                "the early exit and the three tiers at batches, in that order or its reverse (alternating from round "
                 "to round), so that the runs compared are close in time; the final lines give the medians of the "
                 "rounds:", ""]
         out += [f"- {line}" for line in rounds] + [""]

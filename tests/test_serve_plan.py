@@ -132,3 +132,24 @@ def test_eenn_plan_writes_the_proposal_into_the_plan(tmp_path, capsys):
         assert _main(["plan", str(d), "--tier", "device=measure", "--tier", "cloud=measure", "--link", "1e9,0.0001",
                       *argv]) == 1
         assert message in capsys.readouterr().err
+
+
+def test_tiers_on_one_machine_become_one_tier_and_a_far_faster_one_over_a_free_link_takes_all(tmp_path, capsys):
+    """Without --split, eenn plan chooses the split: tiers that are all this machine compute at the
+    same speed, so a hop between them only adds its link and every segment goes to the first tier
+    (the others are left out of the plan); a cloud far faster over a nearly free link takes them all."""
+    d = tmp_path / "export"
+    export(spread_net(), d, policy="max_prob", thresholds=[0.5, 0.5, 0.5],
+           validation={"depth_distribution": [0.4, 0.2, 0.2, 0.2], "exit_distribution": [0.4, 0.2, 0.2, 0.2]})
+    same = tmp_path / "same.yaml"
+    assert _main(["plan", str(d), "--tier", "device=measure", "--tier", "edge=measure", "--tier", "cloud=measure",
+                  "--link", "1e9,0.00035", "--link", "1e9,0.00035", "--concurrency", "8", "--out", str(same)]) == 0
+    assert "edge: -, cloud: -" in capsys.readouterr().out
+    (only,) = TierPlan.load(same).tiers
+    assert (only.name, only.start, only.stop) == ("device", 0, 4)
+    faster = tmp_path / "faster.yaml"
+    assert _main(["plan", str(d), "--tier", "device=measure", "--tier", "cloud=measure:1000",
+                  "--link", "1e12,1e-7", "--out", str(faster)]) == 0
+    assert "device: -, cloud: 0-3" in capsys.readouterr().out
+    (cloud,) = TierPlan.load(faster).tiers
+    assert (cloud.name, cloud.start, cloud.stop) == ("cloud", 0, 4)
