@@ -4,7 +4,7 @@ Linux only. Beside a serving benchmark it shows where a request's CPU goes (Ray 
 the ingress, each tier's replica, the load generator)::
 
     python benchmarks/proc_cpu.py --seconds 170 &
-    OMP_NUM_THREADS=1 python benchmarks/serve_load.py --modes ray --clients "" --batch-clients 32 --no-one-tier --seconds 16 --rounds 0
+    OMP_NUM_THREADS=1 python benchmarks/serve_load.py --modes ray --clients "" --batch-clients 32 --no-split --seconds 16 --rounds 0
 
 Each line: the time, the cores used in all, then ``name[pid] cores`` for the ``--top`` busiest.
 Divide a process's cores by the requests/s of the same interval for its CPU time per request.
