@@ -281,6 +281,10 @@ def run_plan(args) -> int:
         for t, other in r.ranking[1:]:
             print(f"  next best {1e3 * t:.3f} ms: " + ", ".join(f"[{a},{b})" for a, b in other))
     tiers = [{"name": n, "segments": f"{a}-{b - 1}"} for n, (a, b) in zip(names, bounds) if b > a]
+    empty = [n for n, (a, b) in zip(names, bounds) if b <= a]
+    if empty:
+        print(f"left out of the plan (no segments): {', '.join(empty)} (tiers of the same speed, as on one machine, "
+              "never gain from a split: a hop only adds its link)")
     if batching:
         cores = args.cores if args.cores is not None else float(os.cpu_count() or 1)
         props, lines = propose_serving(m, bounds, speeds, depth, cores=cores, concurrency=args.concurrency,
