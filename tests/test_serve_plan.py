@@ -24,6 +24,14 @@ def _speeds(t0, t1, *, fixed=(0.0, 0.0), batch=32):
             TierSpeed("b", segment_s=[t0, t1], batch_s=tb, batch=batch)]
 
 
+def _export(tmp_path):
+    """A four-segment export whose validation record sends 40% of the samples out at exit 0."""
+    d = tmp_path / "export"
+    export(spread_net(), d, policy="max_prob", thresholds=[0.5, 0.5, 0.5],
+           validation={"depth_distribution": [0.4, 0.2, 0.2, 0.2], "exit_distribution": [0.4, 0.2, 0.2, 0.2]})
+    return d
+
+
 def _by_name(props):
     return {p.name: p for p in props}
 
@@ -99,9 +107,7 @@ def test_bad_load_settings_are_refused(kw, message):
 
 
 def test_eenn_plan_writes_the_proposal_into_the_plan(tmp_path, capsys):
-    d = tmp_path / "export"
-    export(spread_net(), d, policy="max_prob", thresholds=[0.5, 0.5, 0.5],
-           validation={"depth_distribution": [0.4, 0.2, 0.2, 0.2], "exit_distribution": [0.4, 0.2, 0.2, 0.2]})
+    d = _export(tmp_path)
     out = tmp_path / "plan.yaml"
     assert _main(["plan", str(d), "--tier", "device=measure", "--tier", "cloud=measure", "--link", "1e9,0.0001",
                   "--split", "0-1,rest", "--cores", "3", "--concurrency", "20", "--out", str(out)]) == 0
@@ -138,9 +144,7 @@ def test_tiers_on_one_machine_become_one_tier_and_a_far_faster_one_over_a_free_l
     """Without --split, eenn plan chooses the split: tiers that are all this machine compute at the
     same speed, so a hop between them only adds its link and every segment goes to the first tier
     (the others are left out of the plan); a cloud far faster over a nearly free link takes them all."""
-    d = tmp_path / "export"
-    export(spread_net(), d, policy="max_prob", thresholds=[0.5, 0.5, 0.5],
-           validation={"depth_distribution": [0.4, 0.2, 0.2, 0.2], "exit_distribution": [0.4, 0.2, 0.2, 0.2]})
+    d = _export(tmp_path)
     same = tmp_path / "same.yaml"
     assert _main(["plan", str(d), "--tier", "device=measure", "--tier", "edge=measure", "--tier", "cloud=measure",
                   "--link", "1e9,0.00035", "--link", "1e9,0.00035", "--concurrency", "8", "--out", str(same)]) == 0
