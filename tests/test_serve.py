@@ -182,6 +182,29 @@ def test_float16_handoff_halves_the_feature_bytes(model):
     assert np.abs(back["state_0"] - a["state_0"]).max() < 1e-2 and np.array_equal(back["index"], a["index"])
 
 
+def test_a_malformed_handoff_is_refused_with_the_reason():
+    """A hand-off message that is not what encode makes (foreign, truncated, or whose header lies
+    about an array) raises CodecError saying what is wrong, never a NumPy error from deep inside."""
+    from eenn.serve.codec import CodecError
+
+    good = encode({"state_0": np.zeros((2, 3), np.float32)}, {"k": 1})
+    n = int.from_bytes(good[4:8], "little")
+    header = json.loads(good[8:8 + n])
+
+    def with_header(**array):
+        h = json.dumps({"meta": header["meta"], "arrays": [{**header["arrays"][0], **array}]}).encode()
+        return good[:4] + len(h).to_bytes(4, "little") + h + good[8 + n:]
+
+    for message, reason in [(b"XXXX" + good[4:], "bad magic"), (good[:-4], "truncated"),
+                            (good + b"\0", "trailing bytes"), (with_header(shape=[2, -3]), "negative dimension"),
+                            (with_header(shape="2x3"), "malformed shape"), (with_header(shape=[2, None]), "malformed shape"),
+                            (with_header(wire="object"), "unsupported dtype"), (with_header(shape=[4, 3]), "truncated")]:
+        with pytest.raises(CodecError, match=reason):
+            decode(message)
+    arrays, meta = decode(good)
+    assert meta == {"k": 1} and arrays["state_0"].shape == (2, 3)
+
+
 def test_plan_parsing_errors(model):
     _, d = model
     with pytest.raises(ValueError, match="consecutive"):

@@ -9,6 +9,7 @@ widened again on arrival; everything else travels exactly.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any, Iterable
 
@@ -18,6 +19,8 @@ __all__ = ["CodecError", "encode", "decode"]
 
 MAGIC = b"EEN1"
 _ALLOWED = {"float16", "float32", "float64", "int64", "int32", "uint8", "bool"}
+# the little-endian wire dtype of each allowed name, made once (not per array of every message)
+_WIRE = {name: np.dtype(name).newbyteorder("<") for name in _ALLOWED}
 
 
 class CodecError(ValueError):
@@ -36,7 +39,7 @@ def encode(arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None, *,
         if dtype not in _ALLOWED:
             raise CodecError(f"array {name!r} has dtype {dtype}, which the hand-off does not carry")
         wire = "float16" if float16 and dtype == "float32" and (half is None or name in half) else dtype
-        data = np.ascontiguousarray(a, dtype=np.dtype(wire).newbyteorder("<"))
+        data = np.ascontiguousarray(a, dtype=_WIRE[wire])
         specs.append({"name": name, "dtype": dtype, "wire": wire, "shape": list(a.shape)})
         blobs.append(data.tobytes())
     header = json.dumps({"meta": meta or {}, "arrays": specs}, separators=(",", ":")).encode()
@@ -60,9 +63,14 @@ def decode(message: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     for s in specs:
         if s.get("wire") not in _ALLOWED or s.get("dtype") not in _ALLOWED:
             raise CodecError(f"hand-off array {s.get('name')!r}: unsupported dtype")
-        wire = np.dtype(s["wire"]).newbyteorder("<")
-        shape = tuple(int(d) for d in s["shape"])
-        size = int(np.prod(shape, dtype=np.int64)) * wire.itemsize
+        wire = _WIRE[s["wire"]]
+        try:
+            shape = tuple(int(d) for d in s["shape"])
+        except (TypeError, ValueError):
+            raise CodecError(f"hand-off array {s.get('name')!r}: malformed shape {s.get('shape')!r}") from None
+        if any(d < 0 for d in shape):
+            raise CodecError(f"hand-off array {s.get('name')!r}: negative dimension in shape {shape}")
+        size = math.prod(shape) * wire.itemsize
         if pos + size > len(view):
             raise CodecError(f"truncated hand-off message (array {s['name']!r})")
         a = np.frombuffer(view[pos:pos + size], dtype=wire).reshape(shape)
