@@ -129,6 +129,9 @@ def test_bad_arrays_and_limits(server):
         (_npy(np.zeros((1, 8, 8), np.complex64)), 422, "dtype complex64"),
         (_npy(np.array([{"a": 1}], dtype=object)), 422, "unpickling"),
         (b"\x93NUMPY garbage", 400, ".npy"),
+        (_npy(np.zeros((1, 8, 8), np.float32))[:-4], 400, "the body carries 252"),  # truncated
+        (_npy(np.zeros((1, 8, 8), np.float32)) + b"\0", 400, "the body carries 257"),  # trailing bytes
+        (_npy(np.zeros((1, 8, 8), np.float32)).replace(b"'<f4'", b"'<zz'"), 400, ".npy"),  # no such dtype
         (_npy(np.zeros((1000, 1, 8, 8), np.float32)), 413, "larger than the limit"),  # 256 KB > 200 KB
     ]
     for body, status, message in cases:
@@ -143,6 +146,19 @@ def test_bad_arrays_and_limits(server):
         h = json.loads(r.read())
     assert h["status"] == "ok" and [t["name"] for t in h["tiers"]] == ["device", "edge", "cloud"]
     assert post(url, _npy(np.zeros((1, 8, 8), np.float32)), "application/x-npy")[0] == 200
+
+
+def test_npy_bodies_in_any_layout_read_as_their_values(server):
+    """A .npy body is read from its own header (cached per distinct header): big-endian, Fortran
+    order, float64 and a second request with the same header all give the answers of the same
+    values sent as plain little-endian C-order float32."""
+    _, url = server
+    x = np.random.default_rng(3).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    _, want = post(url, _npy(x), "application/x-npy")
+    for a in (x.astype(">f4"), np.asfortranarray(x), x.astype(np.float64), x):
+        status, out = post(url, _npy(a), "application/x-npy")
+        assert status == 200 and [(p["class"], p["exit"]) for p in out["predictions"]] == [
+            (p["class"], p["exit"]) for p in want["predictions"]]
 
 
 def test_a_failing_tier_degrades_to_the_deepest_exit(model, server, monkeypatch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -119,7 +120,53 @@ def _spec(shape: tuple, mean: tuple, std: tuple):
     return InputSpec(shape, mean, std)
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def _npy(body: bytes) -> np.ndarray:
+    """A ``.npy`` body as an array (a read-only view of the body). Its header is read by NumPy's
+    own parser, once per distinct header: requests of one shape repeat it, and parsing it is most
+    of what ``np.load`` costs a small body (about 30 us). Arrays that need unpickling are refused."""
+    view = memoryview(body)
+    start = None
+    if bytes(view[:6]) == _NPY_MAGIC and len(view) >= 10:
+        major = view[6]
+        width = {1: 2, 2: 4}.get(major)  # (3.0, a UTF-8 header, is left to np.load)
+        if width is not None and len(view) >= 8 + width:
+            start = 8 + width + int.from_bytes(view[8:8 + width], "little")
+    if start is None or start > len(view):
+        return _npy_load(body)  # not a header we read ourselves: np.load says what is wrong
+    try:
+        shape, fortran, dtype = _npy_header(bytes(view[:start]))
+    except Exception as e:  # noqa: BLE001 - whatever NumPy's parser refuses: the client's error
+        raise InputError(400, f"cannot read the .npy body: {e}") from None
+    if dtype.hasobject:
+        raise InputError(422, "the .npy array cannot be read without unpickling (it holds Python objects); "
+                              "send a numeric array")
+    size = math.prod(shape) * dtype.itemsize
+    if len(view) - start != size:
+        raise InputError(400, f"cannot read the .npy body: its header announces {size} bytes of {dtype} "
+                              f"{shape} data, the body carries {len(view) - start}")
+    try:
+        return np.frombuffer(view, dtype=dtype, count=math.prod(shape), offset=start).reshape(
+            shape, order="F" if fortran else "C")
+    except ValueError as e:  # e.g. a dtype of no size
+        raise InputError(400, f"cannot read the .npy body: {e}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of a ``.npy`` header (magic and version included)."""
+    fp = io.BytesIO(head)
+    version = np.lib.format.read_magic(fp)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]} (1.0 and 2.0 are read)")
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(fp)
+    return tuple(int(d) for d in shape), bool(fortran), dtype
+
+
+def _npy_load(body: bytes) -> np.ndarray:
     try:
         return np.load(io.BytesIO(body), allow_pickle=False)
     except ValueError as e:
