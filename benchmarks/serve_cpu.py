@@ -39,6 +39,7 @@ import torch
 from loadgen import run_load  # sibling scripts
 from proc_cpu import cpu_times
 from serve_report import DEFAULT_CHECKPOINT, DEFAULT_MAX_DROP
+from serve_setup import DEFAULT_LINK, THREE, prepare, wait_served
 
 GROUPS = ("tier-device", "tier-edge", "tier-cloud", "tier-noop", "tier-all", "tier-whole", "ingress", "haproxy",
           "HAProxyManager", "ServeController", "raylet", "gcs_server")
@@ -92,24 +93,20 @@ def with_overrides(plan, over):
 
 
 def build(a):
-    """serve_load.py's network, thresholds and exports (its ``prepare``), and its plans for
+    """serve_load.py's network, thresholds and exports (``serve_setup.prepare``), and its plans for
     ``--samples`` samples a request under this script's names: ``{three, one, whole, noop}``, the
     test pixels sent, the engine's answers (early exit, whole), the manifest and the normalised
     test inputs."""
-    import serve_load as sl
-
     a.train_samples, a.epochs, a.past, a.test_samples, a.float16 = 0, 3, None, 4096, False
-    a.link, a.split_served = (1e9, 0.00035), True  # serve_load's defaults: the planned split and the forced one
-    prep = sl.prepare(a, (a.samples,))
-    plans = {name: prep.plans[key, a.samples]
-             for name, key in (("three", "early exit, three tiers"), ("one", "early exit"), ("whole", "whole"))}
+    a.link, a.split_served = DEFAULT_LINK, True  # serve_load's defaults: the planned split and the forced one
+    prep = prepare(a, (a.samples,))
+    plans = {name: prep.plans[key, a.samples] for name, key in (("three", THREE), ("one", "early exit"), ("whole", "whole"))}
     plans["noop"] = plans["one"]
     return plans, prep.pixels, {"early": prep.expected, "whole": prep.expected_whole}, prep.manifest, prep.x_test
 
 
 def measure_runs(a) -> None:
     from eenn.serve import ray_app
-    import serve_load as sl
 
     plans, pixels, expected, _, _ = build(a)
     runs = [parse_run(r) for r in re.split(r",(?![^\[]*\])", a.runs) if r.strip()]
@@ -121,7 +118,7 @@ def measure_runs(a) -> None:
             for name, over in (runs if rnd % 2 == 0 else runs[::-1]):
                 plan = with_overrides(plans[name], over)
                 ray_app.redeploy(plan, noop=name == "noop")
-                sl.wait_served(url, probe.getvalue())
+                wait_served(url, probe.getvalue())
                 exp = expected["whole" if name == "whole" else "early"]
                 run_load(url, pixels, exp, per_request=a.samples, clients=8, seconds=2.0, stops=(2, 3))  # warm-up
                 before, t0 = process_cpu(), time.perf_counter()

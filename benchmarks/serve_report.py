@@ -8,6 +8,8 @@ import subprocess
 import numpy as np
 import torch
 
+from serve_setup import THREE  # a sibling module
+
 # serve_load.py's defaults, which the command written into the document leaves out
 DEFAULT_CHECKPOINT = "runs/resnet20-peer.safetensors"
 DEFAULT_MAX_DROP = 0.005
@@ -33,7 +35,7 @@ def _round_pairs(paired, batch_samples: int, deployment: str = "early exit") -> 
 def paired_rounds(paired, batch_samples: int) -> list[str]:
     """One line per round: the single-sample share and the batch ratio of the early-exit plan (and
     of the same exits in three tiers, where the round measured them), measured in the same round."""
-    three = {r[0]: r for r in _round_pairs(paired, batch_samples, "early exit, three tiers")}
+    three = {r[0]: r for r in _round_pairs(paired, batch_samples, THREE)}
     part = lambda ee, noop, bee, bwh: (f"single samples {ee['rps']:.0f} / no-op {noop['rps']:.0f} req/s = "
                                        f"{ee['rps'] / noop['rps']:.2f}; batches of {batch_samples} {bee['sps']:.0f} / "
                                        f"whole {bwh['sps']:.0f} samples/s = {bee['sps'] / bwh['sps']:.2f}")
@@ -75,9 +77,10 @@ def _cpu() -> str:
         return platform.processor() or platform.machine()
 
 
-def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results, summary, elapsed, load,
-           rounds=(), chosen=None) -> str:
-    seg1, segb = seg
+def render(a, prep, results, summary, elapsed, load, rounds=()) -> str:
+    """docs/serving.md's "Measured figures": ``prep`` is what serve_setup.prepare built."""
+    source, m, th, acc, acc_whole = prep.source, prep.m_ee, prep.th, prep.acc, prep.acc_whole
+    depth, bounds, seg1, segb, plans, chosen = prep.depth, prep.bounds_ee, prep.seg1, prep.segb, prep.plans, prep.chosen
     tiers = lambda plan: "; ".join(
         f"{t.name} (segments {t.start}-{t.stop - 1}): max_batch {t.max_batch}, batch_wait_ms {t.batch_wait_ms:g}, "
         f"replicas {t.replicas}, num_cpus {t.ray_actor_options.get('num_cpus', 0):g}" for t in plan.tiers)
@@ -113,8 +116,8 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
         f"The early-exit plan's split: `eenn.serve.plan.plan_splits` for a device, an edge and a cloud tier at this "
         f"machine's segment times joined by {a.link[0]:g} B/s, {1e3 * a.link[1]:g} ms links (`--link`) chose "
         + (", ".join(f"{t.name}: segments {t.start}-{t.stop - 1}" for t in plans['early exit', 1].tiers)
-           + (f" ({1e3 * chosen.predicted_s:.3f} ms a sample expected)" if chosen is not None else ""))
-        + ("; the three tiers of `--split` are served beside it" if ("early exit, three tiers", 1) in plans else "")
+           + f" ({1e3 * chosen.predicted_s:.3f} ms a sample expected)")
+        + ("; the three tiers of `--split` are served beside it" if (THREE, 1) in plans else "")
         + ".",
         "",
         f"Plans (`eenn.serve.sizing.propose_serving` for {a.plan_clients} clients on {a.cores:g} cores, from the "
@@ -122,7 +125,7 @@ def render(a, source, m, th, acc, acc_whole, depth, bounds, seg, plans, results,
         f"early-exit plan's first tier's settings):",
         "",
         *[f"- {name}, {n} sample(s) a request: {tiers(plans[name, n])}"
-          for name in ("early exit", "early exit, three tiers", "whole") for n in (1, a.batch_samples)
+          for name in ("early exit", THREE, "whole") for n in (1, a.batch_samples)
           if (name, n) in plans],
         "",
         "| mode | deployment | samples/request | clients | requests | req/s | samples/s | p50 ms | p99 ms | "
