@@ -143,13 +143,12 @@ def _npy(body: bytes) -> np.ndarray:
     if dtype.hasobject:
         raise InputError(422, "the .npy array cannot be read without unpickling (it holds Python objects); "
                               "send a numeric array")
-    size = math.prod(shape) * dtype.itemsize
-    if len(view) - start != size:
-        raise InputError(400, f"cannot read the .npy body: its header announces {size} bytes of {dtype} "
-                              f"{shape} data, the body carries {len(view) - start}")
+    count = math.prod(shape)
+    if len(view) - start != count * dtype.itemsize:
+        raise InputError(400, f"cannot read the .npy body: its header announces {count * dtype.itemsize} bytes of "
+                              f"{dtype} {shape} data, the body carries {len(view) - start}")
     try:
-        return np.frombuffer(view, dtype=dtype, count=math.prod(shape), offset=start).reshape(
-            shape, order="F" if fortran else "C")
+        return np.frombuffer(view, dtype=dtype, count=count, offset=start).reshape(shape, order="F" if fortran else "C")
     except ValueError as e:  # e.g. a dtype of no size
         raise InputError(400, f"cannot read the .npy body: {e}") from None
 
