@@ -6,6 +6,7 @@ read and reach the Ray deployments.
 The requests are released together by a barrier; a tier's batching window is long (seconds) where
 the test needs a batch to fill, which it does as soon as every expected sample has arrived."""
 import asyncio
+from dataclasses import replace
 import threading
 
 import numpy as np
@@ -308,6 +309,7 @@ BAD_TIERS = [
     ({"ray_actor_options": {"cpus": 1}}, "unknown ray_actor_options cpus"),
     ({"ray_actor_options": {"num_gpus": -1}}, "`num_gpus` must be a number >= 0"),
     ({"ray_actor_options": {"resources": {"edge": "x"}}}, "`resources` must map resource names"),
+    ({"with_front": True}, "only the first tier can run `with_front`"),
 ]
 
 
@@ -575,6 +577,48 @@ def test_ray_tier_counts_the_wait_for_a_hop_against_the_timeout(model, monkeypat
         for r, e, c in zip(rows, eng.exit[a:b].tolist(), eng.prediction[a:b].tolist()):
             assert (r["class"], r["exit"], r["degraded"]) == ((c, e, False) if e < 2 else (r["class"], 1, True))
         assert (i in late) == bool(reply["errors"]) and all("unavailable" in err for err in reply["errors"])
+
+
+def test_a_first_tier_with_the_front_runs_in_the_ingress_replicas(model, monkeypatch):
+    """``with_front: true`` on the first tier: ``build_app`` makes no deployment of it; the ingress
+    takes its replicas and actor options and builds the tier in its own process, in front of the
+    next tier's deployment; that local tier batches and answers as a tier deployment does. The
+    no-op of such a plan computes nothing inside the ingress. Only the first tier may say so, and
+    only true or false."""
+    from eenn.serve import ray_app
+
+    _, d, x, eng = model
+    plan = _plan(d, device={"with_front": True, "replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "max_batch": 8,
+                            "batch_wait_ms": 20_000})
+    assert plan.to_dict()["tiers"][0]["with_front"] is True and TierPlan.from_dict(plan.to_dict()).tiers == plan.tiers
+    ingress = ray_app.build_app(plan)._bound_deployment
+    assert (ingress.name, ingress.num_replicas, ingress.ray_actor_options) == ("ingress", 2, {"num_cpus": 0.5})
+    edge = ingress.init_args[2]._bound_deployment  # the ingress calls the edge tier itself
+    assert edge.name == "tier-edge" and edge.init_args[3]._bound_deployment.name == "tier-cloud"
+    kind, (spec, models, settings) = ingress.init_args[4]
+    assert (kind, spec["name"], sorted(models), settings["next_name"]) == ("tier", "device", [0, 1], "edge")
+
+    _batch_in_test_loop(monkeypatch, ray_app.TierDeployment)
+    m = load_manifest(d)
+    one = _plan(d)  # every segment in the ingress (no next tier) to compare whole answers with the engine
+    whole = replace(one, tiers=[TierSpec("all", 0, m["num_exits"], max_batch=8, batch_wait_ms=20_000, with_front=True)])
+    args = ray_app.build_app(whole)._bound_deployment.init_args
+    front = ray_app.Ingress.func_or_class(*args)
+    assert front.front.plan.tiers[0].with_front and front.local.next is None
+    replies = _at_once(front.local, m, x, RAY_SIZES)
+    assert [r["tiers"][0]["batch"] for r in replies] == [8, 8, 8, 8, 12]
+    starts = np.cumsum([0, *RAY_SIZES])
+    for (a, b), reply in zip(zip(starts[:-1], starts[1:]), replies):
+        rows = build_response(m, reply, b - a, 0.0, False)["predictions"]
+        assert [(r["class"], r["exit"]) for r in rows] == list(zip(eng.prediction[a:b].tolist(),
+                                                                   eng.exit[a:b].tolist()))
+
+    noop = ray_app.build_app(plan, noop=True)._bound_deployment
+    assert (noop.num_replicas, noop.init_args[2], noop.init_args[4][0]) == (2, None, "noop")
+    with pytest.raises(ValueError, match="`with_front` must be true or false"):
+        _plan(d, device={"with_front": "yes"})
+    with pytest.raises(ValueError, match="only the first tier"):
+        ray_app.build_app(replace(plan, tiers=[plan.tiers[0], replace(plan.tiers[1], with_front=True), plan.tiers[2]]))
 
 
 def test_the_noop_deployment_answers_every_sample_without_computing(model, monkeypatch):

@@ -92,6 +92,18 @@ def test_the_front_takes_its_share_and_a_tier_gets_a_replica_per_core_begun():
     # 1.4 cores of work: one replica would compute on one core; two replicas of 0.7
     part, _ = propose_serving(MANIFEST, [(0, 2)], one, DEPTH, cores=2, concurrency=32, front_s=1.5e-3 * 0.6 / 1.4)
     assert (part[0].cores, part[0].replicas, part[0].num_cpus) == (pytest.approx(1.4), 2, 0.7)
+    # the tier runs in the front's replicas (with_front): they are sized for both, the whole machine
+    inside, lines = propose_serving(MANIFEST, [(0, 2)], one, DEPTH, cores=2, concurrency=32, front_s=1.5e-3,
+                                    with_front=True)
+    assert (inside[0].cores, inside[0].replicas, inside[0].num_cpus) == (pytest.approx(2.0), 2, 1.0)
+    assert inside[0].options()["with_front"] is True and "with_front" not in single[0].options()
+    assert any("in the replicas of all" in line for line in lines)
+    # of two tiers only the first runs with the front; the second keeps its own share
+    two, _ = propose_serving(MANIFEST, BOUNDS, _speeds(1e-3, 1e-3), DEPTH, cores=3, concurrency=32, front_s=1.5e-3,
+                             with_front=True)
+    apart, _ = propose_serving(MANIFEST, BOUNDS, _speeds(1e-3, 1e-3), DEPTH, cores=3, concurrency=32, front_s=1.5e-3)
+    assert [p.with_front for p in two] == [True, False]
+    assert two[0].cores == pytest.approx(apart[0].cores + 3 * 1.5 / 3.0) and two[1].cores == pytest.approx(apart[1].cores)
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -129,6 +141,15 @@ def test_eenn_plan_writes_the_proposal_into_the_plan(tmp_path, capsys):
             < sum(t.replicas * t.ray_actor_options["num_cpus"] for t in plan.tiers))
     raw = yaml.safe_load(out.read_text())
     assert set(raw["tiers"][0]) == {"name", "segments", "max_batch", "batch_wait_ms", "replicas", "ray_actor_options"}
+    # --with-front: the first tier runs in the front's replicas, which are sized for both
+    assert _main(["plan", str(d), "--tier", "device=measure", "--tier", "cloud=measure", "--link", "1e9,0.0001",
+                  "--split", "0-1,rest", "--cores", "3", "--concurrency", "20", "--front-ms", "50", "--with-front",
+                  "--out", str(tmp_path / "with.yaml")]) == 0
+    assert "with the front" in capsys.readouterr().out
+    dev_w, cloud_w = TierPlan.load(tmp_path / "with.yaml").tiers
+    assert dev_w.with_front and not cloud_w.with_front
+    assert (dev_w.replicas * dev_w.ray_actor_options["num_cpus"]
+            > fronted[0].replicas * fronted[0].ray_actor_options["num_cpus"])
     # bad usage: a clear error, exit status 1
     for argv, message in [(["--split", "0-1", "--concurrency", "4"], "--split gives 1"),
                           (["--split", "0-1,rest", "--concurrency", "4", "--rate", "3"], "not both"),

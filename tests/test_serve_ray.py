@@ -42,35 +42,43 @@ def _hold_ports(ports):
     return held
 
 
-def _ingresses():
+def _setups():
+    """(ingress, whether the device tier runs with the front): behind HAProxy the device tier runs
+    in the ingress replica, behind the proxy as a deployment of its own; without HAProxy both
+    layouts behind the proxy."""
     try:
         from eenn.serve import ray_app
     except ImportError:  # no Ray: the module's tests skip
-        return ["proxy"]
-    return ["haproxy", "proxy"] if ray_app.haproxy_available() else ["proxy"]
+        return [("proxy", False)]
+    if ray_app.haproxy_available():
+        return [("haproxy", True), ("proxy", False)]
+    return [("proxy", False), ("proxy", True)]
 
 
-# Each ingress in its own embedded Ray: HAProxy in front of the ingress replica (Ray Serve's
-# high-throughput mode, the default) and Ray Serve's Python proxy; the same tests on both.
-@pytest.fixture(scope="module", params=_ingresses())
+# Each setup in its own embedded Ray: HAProxy in front of the ingress replica (Ray Serve's
+# high-throughput mode, the default) and Ray Serve's Python proxy; the first tier in the ingress
+# replica (`with_front`) and as a deployment; the same tests on each.
+@pytest.fixture(scope="module", params=_setups(), ids=lambda s: f"{s[0]}-{'with-front' if s[1] else 'apart'}")
 def ray_server(tmp_path_factory, request):
     from eenn.serve import TierPlan
     from eenn.serve import ray_app
 
+    ingress, with_front = request.param
     net = _net()
     d = tmp_path_factory.mktemp("export")
     export(net, d, policy="max_prob", thresholds=TH)
     plan = TierPlan.from_dict({"model": str(d), "timeout_s": 1.0, "max_body_bytes": 100_000,
-                               "tiers": [{"name": "device", "segments": "0-1"}, {"name": "cloud", "segments": "rest"}]})
+                               "tiers": [{"name": "device", "segments": "0-1", "with_front": with_front},
+                                         {"name": "cloud", "segments": "rest"}]})
     # Behind HAProxy, another program holds HAProxy's default metrics and stats ports (as a second
     # server on the machine would): eenn gives its HAProxy free ones, so it still starts.
-    held = _hold_ports([9101, 8404]) if request.param == "haproxy" else []
-    url = ray_app.start(plan, port=ray_app.free_port(), ingress=request.param)
+    held = _hold_ports([9101, 8404]) if ingress == "haproxy" else []
+    url = ray_app.start(plan, port=ray_app.free_port(), ingress=ingress)
     # Ready means every replica answers: on a loaded machine a replica's first call (its imports,
     # the onnxruntime session's first run) can outlast the tier timeout just after start-up.
     # Wait for one whole answer through both tiers, bounded, before the tests look at answers.
     wait_whole(url, _npy(np.zeros((4, 1, 8, 8), np.float32)))
-    yield net, url, request.param
+    yield net, url, ingress, with_front
     ray_app.stop()
     for sock in held:
         sock.close()
@@ -79,7 +87,9 @@ def ray_server(tmp_path_factory, request):
 
 
 def test_ray_answers_equal_engine_and_bad_input_is_refused(ray_server):
-    net, url, ingress = ray_server
+    import ray
+
+    net, url, ingress, with_front = ray_server
     x = torch.randn(32, 1, 8, 8)
     eng = DynamicEngine(net, "max_prob", TH)(x)
     status, out = post(url, _npy(x.numpy()))
@@ -100,12 +110,16 @@ def test_ray_answers_equal_engine_and_bad_input_is_refused(ray_server):
     with urllib.request.urlopen(url + "/health", timeout=10) as r:
         health = json.loads(r.read())
     assert health["mode"] == "ray" and health["ingress"] == ingress, health
+    assert [t.get("with_front", False) for t in health["tiers"]] == [with_front, False], health
+    deployments = {a["name"].split("#")[1] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith("SERVE_REPLICA::")}
+    assert deployments == ({"ingress", "tier-cloud"} if with_front else {"ingress", "tier-device", "tier-cloud"})
 
 
 def test_killed_tier_replica_degrades_then_recovers(ray_server):
     import ray
 
-    net, url, _ = ray_server
+    net, url, _, _ = ray_server
     x = torch.randn(8, 1, 8, 8)
     eng = DynamicEngine(net, "max_prob", TH)(x)
     bodies = [_npy(x[i].numpy()) for i in range(8)]

@@ -132,7 +132,9 @@ class Front:
                 "served": self.served,
                 "model": {"num_exits": m["num_exits"], "num_classes": m["num_classes"],
                           "input_shape": m["input_shape"], "policy": m["policy"].get("rule") or m["policy"].get("name")},
-                "tiers": [{"name": t.name, "segments": [t.start, t.stop - 1]} for t in self.plan.tiers],
+                "tiers": [{"name": t.name, "segments": [t.start, t.stop - 1],
+                           **({"with_front": True} if t.with_front and self.mode == "ray" else {})}
+                          for t in self.plan.tiers],
                 "thresholds": encode_inf(thresholds_of(self.policy, int(m["num_exits"]))),
                 "monitor": self.monitor.stats() if self.monitor is not None else None}
 

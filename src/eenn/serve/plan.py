@@ -6,7 +6,7 @@ A plan file (YAML or JSON; segment indices are exit indices, 0-based)::
     float16: false            # features cross tiers as float16 (halves the bytes)
     timeout_s: 5              # per tier: how long a tier waits for the next one
     tiers:
-      - {name: device, segments: "0-1"}
+      - {name: device, segments: "0-1", with_front: true}
       - {name: edge,   segments: "2", max_batch: 32, batch_wait_ms: 2}
       - {name: cloud,  segments: rest, replicas: 2, ray_actor_options: {num_cpus: 1}}
     links:                    # optional, for planning: one per pair of neighbouring tiers
@@ -29,7 +29,10 @@ Per tier, optionally: ``max_batch`` (1) samples that the tier gathers from concu
 into one run of its segments, waiting at most ``batch_wait_ms`` (0) after the first arrives (a
 request larger than ``max_batch`` runs alone; 1: no batching, no wait); on Ray Serve also
 ``replicas`` (1) and ``ray_actor_options`` (e.g. ``{num_cpus: 1, num_gpus: 0, resources: {edge:
-0.01}}``). The plan-wide ``max_batch`` (256) is another thing: the most samples one request may carry.
+0.01}}``), and for the first tier ``with_front`` (false): run it inside the HTTP front's replicas
+(Ray Serve's ingress deployment, which then takes this tier's ``replicas`` and
+``ray_actor_options``) instead of as a deployment of its own that the front calls; in-process
+serving has no such call and ignores it. The plan-wide ``max_batch`` (256) is another thing: the most samples one request may carry.
 :func:`eenn.serve.sizing.propose_serving` proposes those per-tier values from measured times.
 """
 from __future__ import annotations
@@ -53,6 +56,7 @@ class TierSpec:
     replicas: int = 1  # Ray Serve replicas of this tier
     max_batch: int = 1  # samples gathered from concurrent requests into one run (1: no batching)
     batch_wait_ms: float = 0.0  # the longest a first arrival waits for others to join its batch
+    with_front: bool = False  # on Ray: run in the HTTP front's (the ingress's) replicas; the first tier only
 
     def threads(self, default: int = 1) -> int:
         """The onnxruntime threads each in-process replica of this tier runs with: the plan's
@@ -69,6 +73,8 @@ class TierSpec:
         _check_tier_options(self.name, {"replicas": self.replicas, "max_batch": self.max_batch,
                                         "batch_wait_ms": self.batch_wait_ms,
                                         "ray_actor_options": self.ray_actor_options})
+        if not isinstance(self.with_front, bool):
+            raise ValueError(f"tier {self.name!r}: `with_front` must be true or false, got {self.with_front!r}")
 
 
 @dataclass
@@ -120,7 +126,10 @@ class TierPlan:
             if unknown:
                 raise ValueError(f"tier {t['name']!r}: unknown keys {', '.join(sorted(map(str, unknown)))} (a tier "
                                  f"takes {', '.join(sorted(TIER_KEYS))})")
-            options = {k: t[k] for k in ("replicas", "max_batch", "batch_wait_ms") if k in t}
+            options = {k: t[k] for k in ("replicas", "max_batch", "batch_wait_ms", "with_front") if k in t}
+            if options.get("with_front") and tiers:
+                raise ValueError(f"tier {t['name']!r}: only the first tier can run `with_front` (in the HTTP front's "
+                                 "replicas); the others are deployments of their own")
             actor = t.get("ray_actor_options") or {}
             tiers.append(TierSpec(str(t["name"]), a, b, dict(actor) if isinstance(actor, dict) else actor, **options))
             at = b
@@ -162,8 +171,8 @@ class TierPlan:
         return d
 
 
-TIER_KEYS = {"name", "segments", "replicas", "ray_actor_options", "max_batch", "batch_wait_ms"}
-_TIER_DEFAULTS = {"replicas": 1, "max_batch": 1, "batch_wait_ms": 0.0, "ray_actor_options": {}}
+TIER_KEYS = {"name", "segments", "replicas", "ray_actor_options", "max_batch", "batch_wait_ms", "with_front"}
+_TIER_DEFAULTS = {"replicas": 1, "max_batch": 1, "batch_wait_ms": 0.0, "ray_actor_options": {}, "with_front": False}
 # what Ray Serve takes in a deployment's ray_actor_options
 _ACTOR_KEYS = {"num_cpus", "num_gpus", "memory", "object_store_memory", "resources", "accelerator_type", "runtime_env"}
 

@@ -81,9 +81,11 @@ def _samples(items: list) -> int:
     return sum(i.size for i in items)
 
 
-@serve.deployment(max_ongoing_requests=64, health_check_period_s=2, health_check_timeout_s=10,
-                  graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)
-class TierDeployment:
+class TierReplica:
+    """One replica of a tier: its segments behind ``serve.batch``, answering what exits here and
+    handing the rest on to ``next_tier``. The body of :data:`TierDeployment`; the ingress holds one
+    itself for a first tier that runs ``with_front``."""
+
     def __init__(self, manifest: dict, spec: dict, models: dict[int, bytes], next_tier, settings: dict) -> None:
         import torch
 
@@ -202,12 +204,16 @@ class TierDeployment:
         return times[len(times) // 2]
 
 
-@serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)
-class NoopTier:
+TierDeployment = serve.deployment(max_ongoing_requests=64, health_check_period_s=2, health_check_timeout_s=10,
+                                  graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)(TierReplica)
+
+
+class NoopReplica:
     """A tier that computes nothing: it reads the message, waits in the same ``serve.batch`` as a
     tier would (the first tier's ``max_batch`` and ``batch_wait_ms``) and answers every sample
-    with class 0 at exit 0. Behind the same ingress, it measures what the framework itself costs
-    (HTTP, input decoding, the Ray call, batching, the JSON answer): the ceiling a served model
+    with class 0 at exit 0. Behind the same ingress (or inside it, where the plan's first tier
+    runs ``with_front``), it measures what the framework itself costs (HTTP, input decoding, the
+    Ray call to the tier when there is one, batching, the JSON answer): the ceiling a served model
     can approach (``build_app(plan, noop=True)``)."""
 
     def __init__(self, spec: dict, num_classes: int) -> None:
@@ -233,6 +239,10 @@ class NoopTier:
                             "wait_s": now - i.t0}], "hops": [], "errors": []} for i in items]
 
 
+NoopTier = serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=2,
+                            graceful_shutdown_wait_loop_s=0.5)(NoopReplica)
+
+
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)
 class Ingress:
     """The HTTP front (:class:`~eenn.serve.app.Front`) in front of the first tier. With the plan's
@@ -240,14 +250,28 @@ class Ingress:
     shadow runs use ``models``, every segment's ONNX bytes) and sends the monitor's current
     thresholds with every request: each tier replica adopts them from the messages it receives
     (:meth:`eenn.serve.tiers.Tier.read`), so a refit reaches every replica with the next
-    requests, without a call to each."""
+    requests, without a call to each.
 
-    def __init__(self, manifest: dict, plan: TierPlan, first_tier, models: dict[int, bytes] | None = None) -> None:
+    ``local``: where the plan's first tier runs ``with_front``, what this replica builds of it
+    itself, ``("tier", (spec, segments' ONNX bytes, settings))`` (a :class:`TierReplica` whose next
+    tier is ``first_tier``, the handle of the plan's second tier or None) or ``("noop", (spec,
+    num_classes))``: requests then reach the first tier's ``serve.batch`` in this process, without a
+    Ray call (on 2 cores, single samples at 32 clients: the one-tier early exit served 1.5-1.7x the
+    requests it served as a deployment of its own, docs/serving.md)."""
+
+    def __init__(self, manifest: dict, plan: TierPlan, first_tier, models: dict[int, bytes] | None = None,
+                 local: tuple | None = None) -> None:
         timeout = plan.timeout_s * len(plan.tiers) + 1.0  # the tiers' own timeouts fire first
-        first_tier = _direct(first_tier)
+        if local is not None:
+            kind, args = local
+            self.local = (NoopReplica(*args) if kind == "noop"
+                          else TierReplica(manifest, args[0], args[1], first_tier, args[2]))
+            call = self.local.__call__  # its hand-offs, if any, time out on their own
+        else:
+            self.local, first_tier = None, _direct(first_tier)
 
-        async def call(message: bytes) -> dict:
-            return await _within(first_tier.remote(message), timeout)
+            async def call(message: bytes) -> dict:
+                return await _within(first_tier.remote(message), timeout)
 
         from ray.serve._private import constants  # this replica's own settings (see ray_env.HAPROXY_ENV)
 
@@ -268,36 +292,50 @@ class Ingress:
             self.front.monitor.close(timeout=1.0)
 
 
+def _tier_settings(plan: TierPlan, i: int) -> dict:
+    n = len(plan.tiers)
+    nxt = plan.tiers[i + 1] if i + 1 < n else None
+    return {"float16": plan.float16, "threads": plan.threads, "timeout_s": plan.timeout_s * (n - 1 - i),
+            "next_name": nxt.name if nxt else None, "next_replicas": nxt.replicas if nxt else 1,
+            "next_max_batch": nxt.max_batch if nxt else None}
+
+
 def build_app(plan: TierPlan, *, noop: bool = False):
-    """The Ray Serve application of ``plan`` (not yet running). ``noop``: the same ingress in front
-    of a :class:`NoopTier` with the first tier's batching, replicas and placement instead of the
-    tiers (the framework's own ceiling, for benchmarks). A plan's ``monitor:`` runs in the ingress
-    replica (:class:`Ingress`)."""
-    if noop:
-        manifest = load_manifest(plan.model)
-        clean = {k: v for k, v in manifest.items() if k != "_dir"}
-        spec = plan.tiers[0]
-        tier = NoopTier.options(name="tier-noop", ray_actor_options={"num_cpus": 0, **spec.ray_actor_options},
-                                num_replicas=spec.replicas, max_ongoing_requests=max(64, spec.max_batch)).bind(
-            asdict(spec), int(manifest["num_classes"]))
-        return Ingress.options(name="ingress", ray_actor_options={"num_cpus": 0}).bind(clean, replace(plan, monitor=None),
-                                                                                 tier)
+    """The Ray Serve application of ``plan`` (not yet running): an :class:`Ingress` deployment and a
+    :data:`TierDeployment` per tier, except a first tier that runs ``with_front``, which the
+    ingress replicas hold themselves (the ingress then takes that tier's replicas and actor
+    options). ``noop``: the same ingress in front of (or holding) a :class:`NoopReplica` with the
+    first tier's batching, replicas and placement instead of the tiers (the framework's own
+    ceiling, for benchmarks). A plan's ``monitor:`` runs in the ingress replica (:class:`Ingress`)."""
     manifest = load_manifest(plan.model)
     clean = {k: v for k, v in manifest.items() if k != "_dir"}
+    first = plan.tiers[0]
+    if any(t.with_front for t in plan.tiers[1:]):
+        raise ValueError("only the first tier can run `with_front` (in the HTTP front's replicas)")
+    inline = first.with_front
+    front = {"name": "ingress", "ray_actor_options": {"num_cpus": 0}}
+    if inline:  # the ingress is the first tier's replicas
+        front = {**front, "num_replicas": first.replicas, "ray_actor_options": {"num_cpus": 0, **first.ray_actor_options}}
+    if noop:
+        args = (asdict(first), int(manifest["num_classes"]))
+        quiet = replace(plan, monitor=None)
+        if inline:
+            return Ingress.options(**front).bind(clean, quiet, None, None, ("noop", args))
+        tier = NoopTier.options(name="tier-noop", ray_actor_options={"num_cpus": 0, **first.ray_actor_options},
+                                num_replicas=first.replicas, max_ongoing_requests=max(64, first.max_batch)).bind(*args)
+        return Ingress.options(**front).bind(clean, quiet, tier)
     nxt, n = None, len(plan.tiers)
-    for i in range(n - 1, -1, -1):
+    for i in range(n - 1, 0 if inline else -1, -1):  # the last tier first: each binds the next
         spec = plan.tiers[i]
-        settings = {"float16": plan.float16, "threads": plan.threads, "timeout_s": plan.timeout_s * (n - 1 - i),
-                    "next_name": plan.tiers[i + 1].name if i + 1 < n else None,
-                    "next_replicas": plan.tiers[i + 1].replicas if i + 1 < n else 1,
-                    "next_max_batch": plan.tiers[i + 1].max_batch if i + 1 < n else None}
         options = {"num_cpus": 0, **spec.ray_actor_options}
         # room for every batch the replica may hold at once (Ray Serve warns at start otherwise)
         nxt = TierDeployment.options(name=f"tier-{spec.name}", ray_actor_options=options, num_replicas=spec.replicas,
                                      max_ongoing_requests=max(64, spec.max_batch * CONCURRENT_BATCHES)).bind(
-            clean, asdict(spec), read_segments(manifest, (spec.start, spec.stop)), nxt, settings)
+            clean, asdict(spec), read_segments(manifest, (spec.start, spec.stop)), nxt, _tier_settings(plan, i))
     models = read_segments(manifest, (0, int(manifest["num_exits"]))) if plan.monitor is not None else None
-    return Ingress.options(name="ingress", ray_actor_options={"num_cpus": 0}).bind(clean, plan, nxt, models)
+    local = (("tier", (asdict(first), read_segments(manifest, (first.start, first.stop)), _tier_settings(plan, 0)))
+             if inline else None)
+    return Ingress.options(**front).bind(clean, plan, nxt, models, local)
 
 
 def start(plan: TierPlan, address: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,

@@ -27,6 +27,7 @@ class TierProposal:
     per_sample_s: float  # seconds per sample arriving at the tier
     cores: float  # cores' worth of work the tier gets (replicas * num_cpus, before rounding)
     reasons: list[str] = field(default_factory=list)
+    with_front: bool = False  # the first tier runs in the HTTP front's replicas (its work counted in ``cores``)
 
     def run_s(self, b: int | None = None) -> float:
         """Seconds one run of ``b`` (default ``max_batch``) arriving samples takes."""
@@ -35,13 +36,14 @@ class TierProposal:
     def options(self) -> dict[str, Any]:
         """The plan keys of this tier (:class:`TierSpec`'s)."""
         return {"max_batch": self.max_batch, "batch_wait_ms": self.batch_wait_ms, "replicas": self.replicas,
-                "ray_actor_options": {"num_cpus": self.num_cpus}}
+                "ray_actor_options": {"num_cpus": self.num_cpus}, **({"with_front": True} if self.with_front else {})}
 
 
 def propose_serving(manifest: dict[str, Any], bounds: Sequence[tuple[int, int]], speeds: Sequence[TierSpeed],
                     depth: Sequence[float], *, cores: float, concurrency: int | None = None,
                     rate: float | None = None, samples_per_request: int = 1, batch_cap: int = 64,
-                    request_overhead_s: float = 0.0, front_s: float = 0.0) -> tuple[list[TierProposal], list[str]]:
+                    request_overhead_s: float = 0.0, front_s: float = 0.0,
+                    with_front: bool = False) -> tuple[list[TierProposal], list[str]]:
     """Per tier ``max_batch``, ``batch_wait_ms``, ``replicas`` and ``ray_actor_options.num_cpus``
     for a load declared as ``concurrency`` closed-loop clients or an arrival ``rate`` (requests/s)
     of ``samples_per_request`` samples each, on ``cores`` cores; plus the lines of reasoning.
@@ -64,7 +66,9 @@ def propose_serving(manifest: dict[str, Any], bounds: Sequence[tuple[int, int]],
       ``reach_t``).
     - ``front_s``: what the HTTP front costs per request (receiving and decoding it, the call into
       the first tier, the JSON answer; on Ray the ingress replica and HAProxy), on the same cores:
-      it takes its share of them before the tiers do.
+      it takes its share of them before the tiers do. ``with_front``: the first tier runs in the
+      front's replicas (``with_front: true`` in the plan), so their replicas and CPUs are sized
+      for the front's work and the tier's together.
     - cores: tier ``t`` does ``reach_t * (F_t / b_t + V_t + h / s)`` core-seconds of work per sample
       served (``h`` the request overhead, ``s`` samples per request), the front ``front_s / s``;
       the cores are shared in proportion. ``replicas``: as many as the tier has cores of work,
@@ -150,10 +154,16 @@ def propose_serving(manifest: dict[str, Any], bounds: Sequence[tuple[int, int]],
     per_sample = sum(work) + front
     if sum(work) <= 0:
         raise ValueError("the measured or declared tier times are all zero: nothing to share the cores by")
+    if props and with_front:
+        props[0].with_front = True
     if front > 0:
         lines.append(f"the front: {1e3 * front_s:g} ms per request = {100 * front / per_sample:.0f}% of the work "
-                     f"({cores * front / per_sample:.2f} of {cores:g} cores), left to it")
-    for p, w in zip(props, work):
+                     f"({cores * front / per_sample:.2f} of {cores:g} cores), "
+                     + (f"in the replicas of {props[0].name}, which run with it" if with_front else "left to it"))
+    for i, (p, w) in enumerate(zip(props, work)):
+        if i == 0 and with_front:
+            w += front
+            p.reasons.append("runs in the front's replicas: sized for the front's work and its own")
         p.cores = cores * w / per_sample
         p.replicas = max(1, math.ceil(p.cores - 0.05))  # (a 1.03-core tier keeps one replica)
         p.num_cpus = max(math.floor(p.cores / p.replicas * 20) / 20, 0.05)
