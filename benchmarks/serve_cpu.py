@@ -5,14 +5,17 @@ Serve call between two replicas costs.
 Deployments (``--runs``, in that order, repeated ``--rounds`` times with the order reversed every
 other round): ``noop`` (the do-nothing tier behind the same ingress, with the early-exit plan's
 first tier's settings), ``three`` (the early exit in three tiers), ``one`` (the early-exit plan:
-one tier, ``device``, holding every segment), ``whole`` (the static network as one tier). A suffix
-overrides a tier's replicas and CPUs: ``three[device=2x0.9]`` runs the device tier as two replicas
+one tier, ``device``, holding every segment), ``whole`` (the static network as one tier), each with
+its first tier in the ingress replicas as ``eenn plan --with-front`` proposes it, or, with
+``-apart`` (``one-apart``, ``noop-apart``, ...), as a deployment of its own sized as ``eenn plan``
+proposes it without. A suffix overrides a tier's replicas and CPUs: ``three[device=2x0.9]`` runs the device tier as two replicas
 of 0.9 CPUs, ``one[device=1x1.8]`` the one tier as one replica. For each run, a closed loop of ``--clients`` clients sending requests of
 ``--samples`` samples for ``--seconds``, and the CPU time of every process in that window (from
 ``/proc``, user + system) divided by the requests answered, grouped by deployment (the ingress
 replica, each tier's replicas, HAProxy, Ray's own processes)::
 
     OMP_NUM_THREADS=1 python benchmarks/serve_cpu.py --samples 1 --runs noop,one,three,whole
+    OMP_NUM_THREADS=1 python benchmarks/serve_cpu.py --samples 1 --runs noop,one,noop-apart,one-apart
     OMP_NUM_THREADS=1 python benchmarks/serve_cpu.py --samples 32 --runs "three,three[device=1x1.8]"
 
 ``--calls``: instead, the CPU per call of one replica calling another (a bare deployment that
@@ -69,9 +72,10 @@ def cpu_between(before, after) -> dict[str, float]:
 
 def parse_run(text: str) -> tuple[str, dict[str, tuple[int, float]]]:
     """``three[device=2x0.9,edge=1x0.1]`` -> ``("three", {"device": (2, 0.9), "edge": (1, 0.1)})``."""
-    m = re.fullmatch(r"(noop|three|one|whole)(?:\[(.*)\])?", text.strip())
+    m = re.fullmatch(r"((?:noop|three|one|whole)(?:-apart)?)(?:\[(.*)\])?", text.strip())
     if not m:
-        raise SystemExit(f"--runs: {text!r} is not noop, three, one or whole, optionally with [tier=RxC,...]")
+        raise SystemExit(f"--runs: {text!r} is not noop, three, one or whole (or one of them with -apart), "
+                         "optionally with [tier=RxC,...]")
     over = {}
     for part in filter(None, (m.group(2) or "").split(",")):
         tier, _, rc = part.partition("=")
@@ -92,15 +96,20 @@ def with_overrides(plan, over):
                                 if t.name in over else t for t in plan.tiers])
 
 
-def build(a):
+def build(a, apart_too: bool = False):
     """serve_load.py's network, thresholds and exports (``serve_setup.prepare``), and its plans for
-    ``--samples`` samples a request under this script's names: ``{three, one, whole, noop}``, the
-    test pixels sent, the engine's answers (early exit, whole), the manifest and the normalised
-    test inputs."""
+    ``--samples`` samples a request under this script's names: ``{three, one, whole, noop}`` (and
+    with ``apart_too`` the same with ``-apart``), the test pixels sent, the engine's answers (early
+    exit, whole), the manifest and the normalised test inputs."""
     a.train_samples, a.epochs, a.past, a.test_samples, a.float16 = 0, 3, None, 4096, False
     a.link, a.split_served = DEFAULT_LINK, True  # serve_load's defaults: the planned split and the forced one
+    a.apart, a.both = False, apart_too
     prep = prepare(a, (a.samples,))
-    plans = {name: prep.plans[key, a.samples] for name, key in (("three", THREE), ("one", "early exit"), ("whole", "whole"))}
+    names = (("three", THREE), ("one", "early exit"), ("whole", "whole"))
+    plans = {name: prep.plans[key, a.samples] for name, key in names}
+    if apart_too:
+        plans.update({f"{name}-apart": prep.plans[key, a.samples, "apart"] for name, key in names})
+        plans["noop-apart"] = plans["one-apart"]
     plans["noop"] = plans["one"]
     return plans, prep.pixels, {"early": prep.expected, "whole": prep.expected_whole}, prep.manifest, prep.x_test
 
@@ -108,8 +117,8 @@ def build(a):
 def measure_runs(a) -> None:
     from eenn.serve import ray_app
 
-    plans, pixels, expected, _, _ = build(a)
     runs = [parse_run(r) for r in re.split(r",(?![^\[]*\])", a.runs) if r.strip()]
+    plans, pixels, expected, _, _ = build(a, apart_too=any(name.endswith("-apart") for name, _ in runs))
     probe = io.BytesIO()
     np.save(probe, pixels[:4])
     url = ray_app.start(plans["three"], port=ray_app.free_port(), num_cpus=max(1, round(a.cores)), ingress=a.ingress)
@@ -117,9 +126,9 @@ def measure_runs(a) -> None:
         for rnd in range(a.rounds):
             for name, over in (runs if rnd % 2 == 0 else runs[::-1]):
                 plan = with_overrides(plans[name], over)
-                ray_app.redeploy(plan, noop=name == "noop")
+                ray_app.redeploy(plan, noop=name.startswith("noop"))
                 wait_served(url, probe.getvalue())
-                exp = expected["whole" if name == "whole" else "early"]
+                exp = expected["whole" if name.startswith("whole") else "early"]
                 run_load(url, pixels, exp, per_request=a.samples, clients=8, seconds=2.0, stops=(2, 3))  # warm-up
                 before, t0 = process_cpu(), time.perf_counter()
                 r = run_load(url, pixels, exp, per_request=a.samples, clients=a.clients, seconds=a.seconds,
@@ -132,7 +141,7 @@ def measure_runs(a) -> None:
                                   if v / wall > 0.005)
                 print(f"round {rnd + 1} {label} ({tiers}): {r['rps']:.0f} req/s, {r['sps']:.0f} samples/s, p99 "
                       f"{r['p99_ms']:.1f} ms, failed {r['failed']}"
-                      + ("" if name == "noop" else f", differ {r['differ']}")
+                      + ("" if name.startswith("noop") else f", differ {r['differ']}")
                       + f" | {sum(used.values()) / wall:.2f} cores (the load generator's not counted), "
                         f"{1e3 * sum(used.values()) / n:.3f} ms per request: {parts}", flush=True)
     finally:

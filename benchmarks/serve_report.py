@@ -83,7 +83,8 @@ def render(a, prep, results, summary, elapsed, load, rounds=()) -> str:
     depth, bounds, seg1, segb, plans, chosen = prep.depth, prep.bounds_ee, prep.seg1, prep.segb, prep.plans, prep.chosen
     tiers = lambda plan: "; ".join(
         f"{t.name} (segments {t.start}-{t.stop - 1}): max_batch {t.max_batch}, batch_wait_ms {t.batch_wait_ms:g}, "
-        f"replicas {t.replicas}, num_cpus {t.ray_actor_options.get('num_cpus', 0):g}" for t in plan.tiers)
+        f"replicas {t.replicas}, num_cpus {t.ray_actor_options.get('num_cpus', 0):g}"
+        + (" (in the ingress replicas)" if t.with_front else "") for t in plan.tiers)
     cmd = " ".join(["OMP_NUM_THREADS=1 python benchmarks/serve_load.py", f"--seconds {a.seconds:g}",
                     "--clients " + (a.clients or '""'), "--batch-clients " + (a.batch_clients or '""'),
                     f"--modes {a.modes}"]
@@ -121,8 +122,10 @@ def render(a, prep, results, summary, elapsed, load, rounds=()) -> str:
         + ".",
         "",
         f"Plans (`eenn.serve.sizing.propose_serving` for {a.plan_clients} clients on {a.cores:g} cores, from the "
-        f"segment times above, leaving {a.front_ms:g} ms of a core per request to the HTTP front; the no-op takes the "
-        f"early-exit plan's first tier's settings):",
+        f"segment times above, counting {a.front_ms:g} ms of a core per request for the HTTP front, "
+        + ("which each first tier leaves to the ingress (`--apart`)" if a.apart else
+           "which each first tier runs with, in the ingress replicas (`eenn plan --with-front`)")
+        + "; the no-op takes the early-exit plan's first tier's settings and layout):",
         "",
         *[f"- {name}, {n} sample(s) a request: {tiers(plans[name, n])}"
           for name in ("early exit", THREE, "whole") for n in (1, a.batch_samples)

@@ -107,12 +107,13 @@ def exit_scores(net, split) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def make_plan(model_dir, bounds, names, speeds, depth, manifest, *, cores, clients, samples=1, batch_cap=64,
-              threads=1, float16=False, front_s=0.0):
+              threads=1, float16=False, front_s=0.0, with_front=True):
     from eenn.serve import TierPlan
     from eenn.serve.sizing import propose_serving
 
     props, lines = propose_serving(manifest, bounds, speeds, depth, cores=cores, concurrency=clients,
-                                   samples_per_request=samples, batch_cap=batch_cap, front_s=front_s)
+                                   samples_per_request=samples, batch_cap=batch_cap, front_s=front_s,
+                                   with_front=with_front)
     tiers = [{"name": n, "segments": f"{lo}-{hi - 1}", **p.options()} for n, (lo, hi), p in zip(names, bounds, props)]
     return TierPlan.from_dict({"model": str(model_dir), "timeout_s": 10, "threads": threads, "float16": float16,
                                "tiers": tiers}), props, lines
@@ -206,21 +207,25 @@ def prepare(a, sizes):
         else:
             deployments.append((THREE, bounds_ee, NAMES, depth))
     # one plan per deployment and request size: proposed for --plan-clients clients sending that many samples
+    # (a.apart: the first tier as a deployment of its own instead of in the ingress replicas; a.both:
+    # the other layout too, under (name, samples, "apart") or (name, samples, "with front"))
     plans = {}
     for per_request in sizes:
         for name, bounds, names, dep in deployments:
             model_dir = tmp / ("whole" if name == "whole" else "early")
-            plan, props, lines = make_plan(model_dir, bounds, names, [speed(n) for n in names], dep, manifest,
-                                           cores=a.cores, clients=a.plan_clients, samples=per_request,
-                                           batch_cap=a.batch_cap, float16=a.float16 and len(bounds) > 1,
-                                           front_s=a.front_ms / 1000.0)
-            plans[name, per_request] = plan
-            print(f"plan ({name}, proposed for {a.plan_clients} clients x {per_request} sample(s) on "
-                  f"{a.cores:g} cores):", flush=True)
-            for q in props:
-                print(f"  {q.name}: " + "; ".join(q.reasons))
-            for line in lines:
-                print(f"  {line}")
+            for with_front in ([not a.apart, a.apart] if getattr(a, "both", False) else [not a.apart]):
+                plan, props, lines = make_plan(model_dir, bounds, names, [speed(n) for n in names], dep, manifest,
+                                               cores=a.cores, clients=a.plan_clients, samples=per_request,
+                                               batch_cap=a.batch_cap, float16=a.float16 and len(bounds) > 1,
+                                               front_s=a.front_ms / 1000.0, with_front=with_front)
+                layout = "with front" if with_front else "apart"
+                plans[(name, per_request) if with_front != a.apart else (name, per_request, layout)] = plan
+                print(f"plan ({name}, {layout}, proposed for {a.plan_clients} clients x {per_request} sample(s) on "
+                      f"{a.cores:g} cores):", flush=True)
+                for q in props:
+                    print(f"  {q.name}: " + "; ".join(q.reasons))
+                for line in lines:
+                    print(f"  {line}")
     return SimpleNamespace(source=source, th=th, bounds_ee=bounds_ee, pixels=pixels, expected=expected,
                            expected_whole=expected_whole, depth=depth, acc=acc, acc_whole=acc_whole, m_ee=m_ee,
                            manifest=manifest, seg1=seg1, segb=segb, plans=plans, chosen=chosen, x_test=x_test.numpy())
