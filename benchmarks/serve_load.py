@@ -23,8 +23,10 @@ are counted, and the ones ``--past`` loads). The same export with thresholds tha
 fire, as one tier, is the static baseline ("whole network"). Every deployment's batching,
 replicas and CPUs come from ``eenn.serve.sizing.propose_serving`` for ``--plan-clients`` clients
 on ``--cores`` cores, from segment times measured here (one plan for single-sample requests, one
-for batch requests), leaving ``--front-ms`` per request to the HTTP front; the no-op deployment
-takes the early-exit plan's first tier's.
+for batch requests), counting ``--front-ms`` per request for the HTTP front; as ``eenn plan
+--with-front`` proposes, each deployment's first tier runs in the ingress replicas, which are
+sized for both (``--apart``: as a deployment of its own, the front's share left to the ingress);
+the no-op deployment takes the early-exit plan's first tier's settings and layout.
 
 For each deployment and each number of concurrent clients (``--clients``), a closed loop (every
 client sends its next request when it has the answer; a separate process, so that the clients do
@@ -100,6 +102,9 @@ def main():
                         "side, benchmarks/serve_cpu.py --calls)")
     p.add_argument("--no-split", dest="split_served", action="store_false",
                    help="skip the early exit forced into the three tiers of --split")
+    p.add_argument("--apart", action="store_true",
+                   help="Ray: every deployment's first tier (and the no-op) as a deployment of its own that the "
+                        "ingress calls, as eenn plan proposes without --with-front (default: in the ingress replicas)")
     p.add_argument("--rounds", type=int, default=3,
                    help="Ray: rounds of the final lines' comparisons at 32 clients (0: from the table's runs)")
     p.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
