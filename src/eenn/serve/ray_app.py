@@ -187,22 +187,6 @@ class TierReplica:
             if not fut.done():  # (a request cancelled meanwhile has no one to answer)
                 fut.set_result(reply)
 
-    def ping(self) -> str:
-        return self.tier.name
-
-    async def probe(self, n: int = 50) -> float | None:
-        """Median round trip (seconds) of an empty call from this tier to the next: the
-        measured loopback link cost that planning can use. None for the last tier."""
-        if self.next is None:
-            return None
-        times = []
-        for _ in range(n + 5):
-            t0 = time.perf_counter()
-            await self.next.ping.remote()
-            times.append(time.perf_counter() - t0)
-        times = sorted(times[5:])
-        return times[len(times) // 2]
-
 
 TierDeployment = serve.deployment(max_ongoing_requests=64, health_check_period_s=2, health_check_timeout_s=10,
                                   graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)(TierReplica)
