@@ -26,7 +26,8 @@ on ``--cores`` cores, from segment times measured here (one plan for single-samp
 for batch requests), counting ``--front-ms`` per request for the HTTP front; as ``eenn plan
 --with-front`` proposes, each deployment's first tier runs in the ingress replicas, which are
 sized for both (``--apart``: as a deployment of its own, the front's share left to the ingress);
-the no-op deployment takes the early-exit plan's first tier's settings and layout.
+in-process, which has no such call, the plans are sized as without ``--with-front``; the no-op
+deployment takes the early-exit plan's first tier's settings and layout.
 
 For each deployment and each number of concurrent clients (``--clients``), a closed loop (every
 client sends its next request when it has the answer; a separate process, so that the clients do
@@ -118,6 +119,7 @@ def main():
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
     clients = [int(c) for c in a.clients.split(",") if c]
     batch_clients = [int(c) for c in a.batch_clients.split(",") if c]
+    a.both = not a.apart  # in-process there is no call to the first tier to save: plans sized without the front
     prep = prepare(a, (1, a.batch_samples))
     pixels, plans = prep.pixels, prep.plans
 
@@ -152,7 +154,7 @@ def main():
             from eenn.serve import LocalServer
 
             for name, per_request, _ in runs:
-                server = LocalServer(plans[name, per_request])
+                server = LocalServer(plans.get((name, per_request, "apart"), plans[name, per_request]))
                 url = server.start()
                 try:
                     measure("local", name, url, per_request)

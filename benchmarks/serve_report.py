@@ -128,6 +128,7 @@ def render(a, prep, results, summary, elapsed, load, rounds=()) -> str:
         + "; the no-op takes the early-exit plan's first tier's settings and layout):",
         "",
         *[f"- {name}, {n} sample(s) a request: {tiers(plans[name, n])}"
+          + (f"; in-process: {tiers(plans[name, n, 'apart'])}" if (name, n, "apart") in plans else "")
           for name in ("early exit", THREE, "whole") for n in (1, a.batch_samples)
           if (name, n) in plans],
         "",
