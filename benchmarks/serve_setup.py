@@ -213,13 +213,14 @@ def prepare(a, sizes):
     for per_request in sizes:
         for name, bounds, names, dep in deployments:
             model_dir = tmp / ("whole" if name == "whole" else "early")
-            for with_front in ([not a.apart, a.apart] if getattr(a, "both", False) else [not a.apart]):
+            layouts = [not a.apart, a.apart] if getattr(a, "both", False) else [not a.apart]
+            for j, with_front in enumerate(layouts):
                 plan, props, lines = make_plan(model_dir, bounds, names, [speed(n) for n in names], dep, manifest,
                                                cores=a.cores, clients=a.plan_clients, samples=per_request,
                                                batch_cap=a.batch_cap, float16=a.float16 and len(bounds) > 1,
                                                front_s=a.front_ms / 1000.0, with_front=with_front)
                 layout = "with front" if with_front else "apart"
-                plans[(name, per_request) if with_front != a.apart else (name, per_request, layout)] = plan
+                plans[(name, per_request) if j == 0 else (name, per_request, layout)] = plan  # the default first
                 print(f"plan ({name}, {layout}, proposed for {a.plan_clients} clients x {per_request} sample(s) on "
                       f"{a.cores:g} cores):", flush=True)
                 for q in props:

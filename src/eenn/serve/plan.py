@@ -95,6 +95,12 @@ class TierPlan:
     threads: int = 1  # onnxruntime threads per tier
     monitor: Any = None  # a eenn.serve.monitor.MonitorConfig, or None: no agreement monitor
 
+    def __post_init__(self) -> None:
+        for t in self.tiers[1:]:
+            if t.with_front:
+                raise ValueError(f"tier {t.name!r}: only the first tier can run `with_front` (in the HTTP front's "
+                                 "replicas); the others are deployments of their own")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, base_dir: str | Path | None = None,
                   num_exits: int | None = None) -> "TierPlan":
@@ -127,9 +133,6 @@ class TierPlan:
                 raise ValueError(f"tier {t['name']!r}: unknown keys {', '.join(sorted(map(str, unknown)))} (a tier "
                                  f"takes {', '.join(sorted(TIER_KEYS))})")
             options = {k: t[k] for k in ("replicas", "max_batch", "batch_wait_ms", "with_front") if k in t}
-            if options.get("with_front") and tiers:
-                raise ValueError(f"tier {t['name']!r}: only the first tier can run `with_front` (in the HTTP front's "
-                                 "replicas); the others are deployments of their own")
             actor = t.get("ray_actor_options") or {}
             tiers.append(TierSpec(str(t["name"]), a, b, dict(actor) if isinstance(actor, dict) else actor, **options))
             at = b

@@ -294,8 +294,6 @@ def build_app(plan: TierPlan, *, noop: bool = False):
     manifest = load_manifest(plan.model)
     clean = {k: v for k, v in manifest.items() if k != "_dir"}
     first = plan.tiers[0]
-    if any(t.with_front for t in plan.tiers[1:]):
-        raise ValueError("only the first tier can run `with_front` (in the HTTP front's replicas)")
     inline = first.with_front
     front = {"name": "ingress", "ray_actor_options": {"num_cpus": 0}}
     if inline:  # the ingress is the first tier's replicas

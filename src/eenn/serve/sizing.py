@@ -160,8 +160,8 @@ def propose_serving(manifest: dict[str, Any], bounds: Sequence[tuple[int, int]],
         lines.append(f"the front: {1e3 * front_s:g} ms per request = {100 * front / per_sample:.0f}% of the work "
                      f"({cores * front / per_sample:.2f} of {cores:g} cores), "
                      + (f"in the replicas of {props[0].name}, which run with it" if with_front else "left to it"))
-    for i, (p, w) in enumerate(zip(props, work)):
-        if i == 0 and with_front:
+    for p, w in zip(props, work):
+        if p.with_front:  # (the first tier's)
             w += front
             p.reasons.append("runs in the front's replicas: sized for the front's work and its own")
         p.cores = cores * w / per_sample
