@@ -106,6 +106,9 @@ def main():
     p.add_argument("--apart", action="store_true",
                    help="Ray: every deployment's first tier (and the no-op) as a deployment of its own that the "
                         "ingress calls, as eenn plan proposes without --with-front (default: in the ingress replicas)")
+    p.add_argument("--fixed-wait", action="store_true",
+                   help="every tier waits out its batching window whatever arrives (adaptive_wait: false; default: "
+                        "the window closes while requests come one at a time)")
     p.add_argument("--rounds", type=int, default=3,
                    help="Ray: rounds of the final lines' comparisons at 32 clients (0: from the table's runs)")
     p.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],

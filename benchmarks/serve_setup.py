@@ -107,14 +107,15 @@ def exit_scores(net, split) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def make_plan(model_dir, bounds, names, speeds, depth, manifest, *, cores, clients, samples=1, batch_cap=64,
-              threads=1, float16=False, front_s=0.0, with_front=True):
+              threads=1, float16=False, front_s=0.0, with_front=True, adaptive_wait=True):
     from eenn.serve import TierPlan
     from eenn.serve.sizing import propose_serving
 
     props, lines = propose_serving(manifest, bounds, speeds, depth, cores=cores, concurrency=clients,
                                    samples_per_request=samples, batch_cap=batch_cap, front_s=front_s,
                                    with_front=with_front)
-    tiers = [{"name": n, "segments": f"{lo}-{hi - 1}", **p.options()} for n, (lo, hi), p in zip(names, bounds, props)]
+    tiers = [{"name": n, "segments": f"{lo}-{hi - 1}", **p.options(), **({} if adaptive_wait else {"adaptive_wait": False})}
+             for n, (lo, hi), p in zip(names, bounds, props)]
     return TierPlan.from_dict({"model": str(model_dir), "timeout_s": 10, "threads": threads, "float16": float16,
                                "tiers": tiers}), props, lines
 
@@ -218,7 +219,8 @@ def prepare(a, sizes):
                 plan, props, lines = make_plan(model_dir, bounds, names, [speed(n) for n in names], dep, manifest,
                                                cores=a.cores, clients=a.plan_clients, samples=per_request,
                                                batch_cap=a.batch_cap, float16=a.float16 and len(bounds) > 1,
-                                               front_s=a.front_ms / 1000.0, with_front=with_front)
+                                               front_s=a.front_ms / 1000.0, with_front=with_front,
+                                               adaptive_wait=not getattr(a, "fixed_wait", False))
                 layout = "with front" if with_front else "apart"
                 plans[(name, per_request) if j == 0 else (name, per_request, layout)] = plan  # the default first
                 print(f"plan ({name}, {layout}, proposed for {a.plan_clients} clients x {per_request} sample(s) on "

@@ -21,7 +21,7 @@ from eenn.policies import policy_scores
 from eenn.serve import LocalServer, TierPlan
 from eenn.serve.plan import TierSpec
 from eenn.serve.local import LocalPipeline
-from eenn.serve.tiers import Tier, build_response, start_message
+from eenn.serve.tiers import BatchWindow, Tier, build_response, start_message
 
 SIZES = [1, 2, 3, 1, 2, 1, 3, 1, 1, 2, 1, 3, 1, 1, 2, 3]  # samples per request: 28 in all
 N = sum(SIZES)
@@ -274,6 +274,79 @@ def test_quiesced_waits_for_requests_in_flight(model, monkeypatch):
     pipe.close()
 
 
+def test_a_batch_window_follows_the_arrivals():
+    w = BatchWindow(0.01, max_batch=8)
+    # lone requests: the window halves, then closes under a tenth of the plan's
+    assert [(w.observe([5.0], 1), w.wait_s) for _ in range(4)] == [(True, 0.005), (True, 0.0025), (True, 0.00125),
+                                                                   (True, 0.0)]
+    assert not w.observe([5.0], 1) and w.wait_s == 0.0
+    # two queued while a batch ran, 1 ms apart: open again, twice that; arrivals late in it: it doubles
+    assert w.observe([5.0, 5.001], 2) and w.wait_s == pytest.approx(0.002)
+    assert w.observe([5.0, 5.0015], 2) and w.wait_s == pytest.approx(0.004)
+    assert w.observe([5.0, 5.003], 2) and w.wait_s == pytest.approx(0.008)
+    assert w.observe([5.0, 5.0079], 2) and w.wait_s == 0.01  # up to the plan's, no more
+    assert not w.observe([5.0, 5.0099], 2) and w.wait_s == 0.01
+    # every arrival within 0.3 ms of the first: halves, but stays twice that span
+    assert [(w.observe([5.0, 5.0002, 5.0003], 3), round(w.wait_s, 6)) for _ in range(4)] == [
+        (True, 0.005), (True, 0.0025), (True, 0.00125), (True, 0.0006)]
+    assert not w.observe([5.0] * 8, 8) and w.wait_s == pytest.approx(0.0006)  # a full batch: no change
+    fixed = BatchWindow(0.01, max_batch=8, adaptive=False)
+    assert not any(fixed.observe([5.0], 1) for _ in range(10)) and fixed.wait_s == 0.01
+    none = BatchWindow(0.0, max_batch=8)
+    assert not any(none.observe([5.0, 5.001], 2) for _ in range(3)) and none.wait_s == 0.0
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_one_client_stops_waiting_out_the_batching_window(model, monkeypatch, adaptive):
+    """A window sized for many clients only delays one client that waits for each answer: in-process,
+    each lone request halves it (with ``adaptive_wait: false`` every one waits it out) until it
+    closes and the next ones run at once. Requests that queue while a batch runs open it again,
+    and every answer stays the engine's."""
+    _, d, x, eng = model
+    wait_s = 0.2
+    pipe = LocalPipeline(_plan(d, device={"max_batch": 8, "batch_wait_ms": wait_s * 1000, "adaptive_wait": adaptive}))
+    batcher = pipe.batchers[0]
+    try:
+        msg = lambda i: start_message(pipe.manifest, x[i:i + 1].numpy())
+        replies = [pipe(msg(i)) for i in range(5)]
+        waits = [r["tiers"][0]["wait_s"] for r in replies]
+        for i, r in enumerate(replies):
+            _check_rows(build_response(pipe.manifest, r, 1, 0.0, False)["predictions"], eng, i)
+        if not adaptive:
+            assert all(w >= wait_s for w in waits) and batcher.window.wait_s == wait_s, waits
+            return
+        # the windows were 200, 100, 50 and 25 ms, then none
+        assert all(w >= wait_s / 2 ** k for k, w in enumerate(waits[:4])) and waits[4] < wait_s / 8, waits
+        assert batcher.window.wait_s == 0.0
+
+        # two requests queue while a third runs: they run together, and the window opens again
+        entered, release = threading.Event(), threading.Event()
+        run_many = pipe.tiers[0].run_many
+
+        def held(runnings, waits=None):
+            entered.set()
+            assert release.wait(60)
+            return run_many(runnings, waits)
+
+        monkeypatch.setattr(pipe.tiers[0], "run_many", held)
+        out = {}
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, pipe(msg(i)))) for i in (5, 6, 7)]
+        threads[0].start()
+        assert entered.wait(60)
+        for t in threads[1:]:
+            t.start()
+        with batcher._cv:
+            assert batcher._cv.wait_for(lambda: len(batcher._queue) == 2, 60)
+        release.set()
+        for t in threads:
+            t.join(60)
+        assert [out[i]["tiers"][0]["batch"] for i in (5, 6, 7)] == [1, 2, 2] and batcher.window.wait_s > 0
+        for i in (5, 6, 7):
+            _check_rows(build_response(pipe.manifest, out[i], 1, 0.0, False)["predictions"], eng, i)
+    finally:
+        pipe.close()
+
+
 # ------------------------------------------------------------------------------------ the plan
 def test_plan_tier_options_parse_and_round_trip(model, tmp_path):
     _, d, _, _ = model
@@ -281,16 +354,18 @@ def test_plan_tier_options_parse_and_round_trip(model, tmp_path):
     assert [(t.replicas, t.max_batch, t.batch_wait_ms, t.ray_actor_options) for t in p.tiers] == [(1, 1, 0.0, {})] * 3
     f = tmp_path / "plan.yaml"
     f.write_text(f"model: {d}\ntiers:\n"
-                 "  - {name: device, segments: '0-1', max_batch: 16, batch_wait_ms: 2.5}\n"
+                 "  - {name: device, segments: '0-1', max_batch: 16, batch_wait_ms: 2.5, adaptive_wait: false}\n"
                  "  - {name: edge, segments: 2, replicas: 3, ray_actor_options: {num_cpus: 1, num_gpus: 0,"
                  " resources: {edge: 0.01}}}\n"
                  "  - {name: cloud, segments: rest}\n")
     p = TierPlan.load(f)
     dev, edge, cloud = p.tiers
-    assert (dev.max_batch, dev.batch_wait_ms, dev.replicas) == (16, 2.5, 1)
+    assert (dev.max_batch, dev.batch_wait_ms, dev.replicas, dev.adaptive_wait) == (16, 2.5, 1, False)
+    assert edge.adaptive_wait and cloud.adaptive_wait  # the default
     assert edge.replicas == 3 and edge.ray_actor_options == {"num_cpus": 1, "num_gpus": 0, "resources": {"edge": 0.01}}
     d2 = p.to_dict()
-    assert d2["tiers"][0] == {"name": "device", "segments": "0-1", "max_batch": 16, "batch_wait_ms": 2.5}
+    assert d2["tiers"][0] == {"name": "device", "segments": "0-1", "max_batch": 16, "batch_wait_ms": 2.5,
+                              "adaptive_wait": False}
     assert d2["tiers"][2] == {"name": "cloud", "segments": "3-3"}
     back = TierPlan.from_dict(d2)
     assert back.tiers == p.tiers
@@ -310,6 +385,7 @@ BAD_TIERS = [
     ({"ray_actor_options": {"num_gpus": -1}}, "`num_gpus` must be a number >= 0"),
     ({"ray_actor_options": {"resources": {"edge": "x"}}}, "`resources` must map resource names"),
     ({"with_front": True}, "only the first tier can run `with_front`"),
+    ({"adaptive_wait": "no"}, "`adaptive_wait` must be true or false, got 'no'"),
 ]
 
 
@@ -642,3 +718,40 @@ def test_the_noop_deployment_answers_every_sample_without_computing(model, monke
     for n, reply in zip(sizes, replies):
         rows = build_response(m, reply, n, 0.0, False)["predictions"]
         assert [(r["class"], r["exit"], r["tier"], r["degraded"]) for r in rows] == [(0, 0, "device", False)] * n
+
+
+@pytest.mark.parametrize("kind", ["tier", "noop"])
+def test_a_ray_replica_closes_its_window_for_one_client_and_reopens_it_under_load(model, monkeypatch, kind):
+    """On Ray a tier replica (and the no-op, which batches as a tier does) sets its ``serve.batch``
+    window as the in-process queue does: halved by each lone request until it closes, open again
+    when requests queue together."""
+    from eenn.serve import ray_app
+    from eenn.staged import read_segments
+
+    _, d, x, eng = model
+    cls = ray_app.TierDeployment if kind == "tier" else ray_app.NoopTier
+    queue = _batch_in_test_loop(monkeypatch, cls)  # holds the window serve.batch uses
+    m = load_manifest(d)
+    E = m["num_exits"]
+    spec = {"name": "all", "start": 0, "stop": E, "max_batch": 8, "batch_wait_ms": 100}
+    if kind == "tier":
+        replica = cls.func_or_class(m, spec, read_segments(m, (0, E)), None,
+                                    {"float16": False, "threads": 1, "timeout_s": 1.0})
+    else:
+        replica = cls.func_or_class(spec, m["num_classes"])
+    msg = lambda i: start_message(m, x[i:i + 1].numpy())
+
+    async def main():
+        alone = [await replica(msg(i)) for i in range(5)]
+        closed = queue.get_batch_wait_timeout_s()
+        together = await asyncio.gather(*[replica(msg(i)) for i in range(5, 8)])
+        return alone, closed, together
+
+    alone, closed, together = asyncio.run(asyncio.wait_for(main(), 60))
+    waits = [r["tiers"][0]["wait_s"] for r in alone]  # windows of 100, 50, 25 and 12.5 ms, then none
+    assert all(w >= 0.099 / 2 ** k for k, w in enumerate(waits[:4])) and waits[4] < 0.0125, waits
+    assert closed == 0.0 and [r["tiers"][0]["batch"] for r in together] == [3, 3, 3]
+    assert queue.get_batch_wait_timeout_s() > 0
+    if kind == "tier":
+        rows = [build_response(m, r, 1, 0.0, True) for r in [*alone, *together]]
+        assert [(r["class"], r["exit"]) for r in rows] == list(zip(eng.prediction[:8].tolist(), eng.exit[:8].tolist()))

@@ -36,7 +36,8 @@ plan.yaml:
     - {name: device, segments: "0-1"}
     - {name: edge, segments: "2"}
     - {name: cloud, segments: rest}
-  # per tier, optionally: max_batch: 32, batch_wait_ms: 2 (batch concurrent requests);
+  # per tier, optionally: max_batch: 32, batch_wait_ms: 2 (batch concurrent requests; the window
+  #   shortens while requests stop joining it, adaptive_wait: false keeps it fixed);
   #   on Ray also replicas: 2, ray_actor_options: {num_cpus: 1}; and on the first tier
   #   with_front: true (it runs inside the HTTP ingress replicas: one Ray call less per request)
   # optionally: monitor: {shadow_fraction: 0.1, window: 512, max_drop: 0.01} (on Ray in the ingress)

@@ -12,7 +12,7 @@ from typing import Any
 from ..policies.loop import Running
 from ..staged import load_manifest, read_segments
 from .plan import TierPlan
-from .tiers import Tier, merge_runnings, take_upto
+from .tiers import BatchWindow, Tier, merge_runnings, take_upto
 
 __all__ = ["LocalPipeline"]
 
@@ -21,15 +21,18 @@ class _Batcher:
     """One tier's queue in the in-process mode, as a Ray tier's ``serve.batch`` is on Ray:
     ``workers`` threads (the plan's ``replicas``: on Ray, each a process) take the requests in
     arrival order, up to ``max_batch`` samples (a larger request alone; ``max_batch`` 1: one
-    request a run), waiting at most ``wait_s`` after the first for others, and run them together
+    request a run), waiting at most ``wait_s`` after the first for others (a window that follows
+    how the requests arrive, unless ``adaptive`` is false: :class:`BatchWindow`), and run them
+    together
     (:meth:`Tier.run_many`; onnxruntime runs concurrent calls, on the calling threads). Then the
     survivors of the whole run go on to the next tier as one message, and the next tier's reply
     is split back per request (:meth:`_onward`), without the worker waiting for it.
     :meth:`submit` returns a future of the request's complete reply. ``sizes`` records the
     samples of every run."""
 
-    def __init__(self, tier: Tier, max_batch: int, wait_s: float, workers: int = 1) -> None:
-        self.tier, self.max_batch, self.wait_s = tier, int(max_batch), float(wait_s)
+    def __init__(self, tier: Tier, max_batch: int, wait_s: float, workers: int = 1, adaptive: bool = True) -> None:
+        self.tier, self.max_batch = tier, int(max_batch)
+        self.window = BatchWindow(wait_s, self.max_batch, adaptive)
         self.next: _Batcher | None = None  # the next tier's queue (set by LocalPipeline)
         self.sizes: deque[int] = deque(maxlen=4096)  # samples per run, the latest last
         self._cv = threading.Condition()
@@ -58,7 +61,7 @@ class _Batcher:
             self._cv.wait_for(lambda: self._queue or self._closed)
             if not self._queue:
                 return None
-            deadline = self._queue[0][2] + self.wait_s
+            deadline = self._queue[0][2] + self.window.wait_s
             while not self._closed and sum(len(q[0]) for q in self._queue) < self.max_batch:
                 left = deadline - time.perf_counter()
                 if left <= 0:
@@ -66,7 +69,9 @@ class _Batcher:
                 self._cv.wait(left)  # a new arrival or the end of the batching window
             if self._queue:  # else another worker took them while this one waited
                 break
-        return take_upto(self._queue, self.max_batch, lambda item: len(item[0]))
+        batch = take_upto(self._queue, self.max_batch, lambda item: len(item[0]))
+        self.window.observe([b[2] for b in batch], sum(len(b[0]) for b in batch))
+        return batch
 
     def _work(self) -> None:
         while True:
@@ -148,7 +153,7 @@ class LocalPipeline:
         self.manifest = manifest or load_manifest(plan.model)
         self.tiers = [Tier(self.manifest, s, float16=plan.float16, threads=s.threads(plan.threads),
                            models=read_segments(self.manifest, (s.start, s.stop))) for s in plan.tiers]
-        self.batchers = [_Batcher(t, s.max_batch, s.batch_wait_ms / 1000.0, workers=s.replicas)
+        self.batchers = [_Batcher(t, s.max_batch, s.batch_wait_ms / 1000.0, workers=s.replicas, adaptive=s.adaptive_wait)
                          for t, s in zip(self.tiers, plan.tiers)]
         for a, b in zip(self.batchers, self.batchers[1:]):
             a.next = b

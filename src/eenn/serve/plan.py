@@ -27,7 +27,10 @@ the hand-off bytes over the bandwidth.
 
 Per tier, optionally: ``max_batch`` (1) samples that the tier gathers from concurrent requests
 into one run of its segments, waiting at most ``batch_wait_ms`` (0) after the first arrives (a
-request larger than ``max_batch`` runs alone; 1: no batching, no wait); on Ray Serve also
+request larger than ``max_batch`` runs alone; 1: no batching, no wait), a window that
+shortens to about as long as requests keep joining it, and closes while they come one at a
+time (``adaptive_wait``, true; false: every batch waits ``batch_wait_ms`` unless it fills:
+:class:`eenn.serve.tiers.BatchWindow`); on Ray Serve also
 ``replicas`` (1) and ``ray_actor_options`` (e.g. ``{num_cpus: 1, num_gpus: 0, resources: {edge:
 0.01}}``), and for the first tier ``with_front`` (false): run it inside the HTTP front's replicas
 (Ray Serve's ingress deployment, which then takes this tier's ``replicas`` and
@@ -57,6 +60,7 @@ class TierSpec:
     max_batch: int = 1  # samples gathered from concurrent requests into one run (1: no batching)
     batch_wait_ms: float = 0.0  # the longest a first arrival waits for others to join its batch
     with_front: bool = False  # on Ray: run in the HTTP front's (the ingress's) replicas; the first tier only
+    adaptive_wait: bool = True  # the window follows the arrivals, up to batch_wait_ms (tiers.BatchWindow)
 
     def threads(self, default: int = 1) -> int:
         """The onnxruntime threads each in-process replica of this tier runs with: the plan's
@@ -73,8 +77,9 @@ class TierSpec:
         _check_tier_options(self.name, {"replicas": self.replicas, "max_batch": self.max_batch,
                                         "batch_wait_ms": self.batch_wait_ms,
                                         "ray_actor_options": self.ray_actor_options})
-        if not isinstance(self.with_front, bool):
-            raise ValueError(f"tier {self.name!r}: `with_front` must be true or false, got {self.with_front!r}")
+        for key in ("with_front", "adaptive_wait"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"tier {self.name!r}: `{key}` must be true or false, got {getattr(self, key)!r}")
 
 
 @dataclass
@@ -132,7 +137,7 @@ class TierPlan:
             if unknown:
                 raise ValueError(f"tier {t['name']!r}: unknown keys {', '.join(sorted(map(str, unknown)))} (a tier "
                                  f"takes {', '.join(sorted(TIER_KEYS))})")
-            options = {k: t[k] for k in ("replicas", "max_batch", "batch_wait_ms", "with_front") if k in t}
+            options = {k: t[k] for k in ("replicas", "max_batch", "batch_wait_ms", "with_front", "adaptive_wait") if k in t}
             actor = t.get("ray_actor_options") or {}
             tiers.append(TierSpec(str(t["name"]), a, b, dict(actor) if isinstance(actor, dict) else actor, **options))
             at = b
@@ -174,8 +179,10 @@ class TierPlan:
         return d
 
 
-TIER_KEYS = {"name", "segments", "replicas", "ray_actor_options", "max_batch", "batch_wait_ms", "with_front"}
-_TIER_DEFAULTS = {"replicas": 1, "max_batch": 1, "batch_wait_ms": 0.0, "ray_actor_options": {}, "with_front": False}
+TIER_KEYS = {"name", "segments", "replicas", "ray_actor_options", "max_batch", "batch_wait_ms", "with_front",
+             "adaptive_wait"}
+_TIER_DEFAULTS = {"replicas": 1, "max_batch": 1, "batch_wait_ms": 0.0, "ray_actor_options": {}, "with_front": False,
+                  "adaptive_wait": True}
 # what Ray Serve takes in a deployment's ray_actor_options
 _ACTOR_KEYS = {"num_cpus", "num_gpus", "memory", "object_store_memory", "resources", "accelerator_type", "runtime_env"}
 

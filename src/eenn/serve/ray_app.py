@@ -31,7 +31,7 @@ from ..staged import load_manifest, read_segments
 from .app import Front
 from .plan import TierPlan, TierSpec
 from .ray_env import INGRESSES, check_port_free, free_port, haproxy_available, ingress_env
-from .tiers import Tier, merge_runnings, take_upto
+from .tiers import BatchWindow, Tier, merge_runnings, take_upto
 
 __all__ = ["TierDeployment", "NoopTier", "Ingress", "build_app", "start", "serve_plan", "free_port", "APP_NAME",
            "haproxy_available"]
@@ -96,6 +96,7 @@ class TierReplica:
         self.next, self.next_name, self.timeout = _direct(next_tier), settings.get("next_name"), settings["timeout_s"]
         self._run.set_max_batch_size(self.spec.max_batch)  # samples (see _samples)
         self._run.set_batch_wait_timeout_s(self.spec.batch_wait_ms / 1000.0)
+        self.window = BatchWindow(self.spec.batch_wait_ms / 1000.0, self.spec.max_batch, self.spec.adaptive_wait)
         # survivors waiting for a hand-off to the next tier, as (reply so far, carry, future of the reply,
         # deadline of the next tier's answer); at most ``in_flight`` hand-off tasks (``_senders``) empty it
         self._outbox: deque = deque()
@@ -119,6 +120,8 @@ class TierReplica:
         (:meth:`_hop`). The batch ends without waiting for the next tier, as the in-process
         queue's does: its early answers do not wait on the hop, nor its slot in ``serve.batch``
         (``max_concurrent_batches``)."""
+        if self.window.observe([i.t0 for i in items], _samples(items)):
+            self._run.set_batch_wait_timeout_s(self.window.wait_s)
         now = time.perf_counter()
         results = self.tier.run_many([i.running for i in items], [now - i.t0 for i in items])
         replies: list = [r for r, _ in results]
@@ -205,6 +208,7 @@ class NoopReplica:
         self.probs = [1.0 / num_classes] * num_classes
         self._run.set_max_batch_size(self.spec.max_batch)
         self._run.set_batch_wait_timeout_s(self.spec.batch_wait_ms / 1000.0)
+        self.window = BatchWindow(self.spec.batch_wait_ms / 1000.0, self.spec.max_batch, self.spec.adaptive_wait)
 
     async def __call__(self, message: bytes) -> dict:
         from .codec import decode
@@ -215,6 +219,8 @@ class NoopReplica:
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, batch_size_fn=_samples)
     async def _run(self, items: list) -> list:
+        if self.window.observe([i.t0 for i in items], _samples(items)):
+            self._run.set_batch_wait_timeout_s(self.window.wait_s)
         now, total = time.perf_counter(), sum(i.running for i in items)
         return [{"answers": {"index": list(range(i.running)), "prediction": [0] * i.running, "exit": [0] * i.running,
                              "depth": [0] * i.running, "probs": [self.probs] * i.running,

@@ -16,7 +16,8 @@ requests, advance, split the answers and the survivors back"), then hands the su
 whole run on as one message and splits the next tier's reply back per request; the next tier
 batches again whatever arrives there. In-process a queue per tier (:mod:`.local`) gathers the
 requests (at most the tier's ``max_batch`` samples, waiting at most ``batch_wait_ms`` after the
-first); on Ray Serve, ``serve.batch`` does (:mod:`.ray_app`).
+first); on Ray Serve, ``serve.batch`` does (:mod:`.ray_app`). Both keep the window open only
+while it gathers something (:class:`BatchWindow`).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from ..staged import StagedRunner
 from .codec import decode, encode
 from .plan import TierSpec
 
-__all__ = ["Tier", "advance_many", "merge_runnings", "split_reply", "start_message", "build_response"]
+__all__ = ["Tier", "BatchWindow", "advance_many", "merge_runnings", "split_reply", "start_message", "build_response"]
 
 def start_message(manifest: dict[str, Any], x: np.ndarray, thresholds: list[float] | None = None) -> bytes:
     """The message the first tier receives: the model inputs, before segment 0. ``thresholds``
@@ -84,6 +85,44 @@ def merge_runnings(runnings: list[Running]) -> tuple[Running, list[int]]:
     if len(runnings) == 1:
         return runnings[0], offsets
     return Running.cat([replace(r, index=r.index + off, batch=off + r.batch) for r, off in zip(runnings, offsets)]), offsets
+
+
+class BatchWindow:
+    """How long a tier's batch stays open for more requests after its first one: at most the
+    plan's ``batch_wait_ms``, and with ``adaptive`` (the plan's ``adaptive_wait``, on by default)
+    about as long as requests keep joining.
+
+    A window exists to gather concurrent requests into one run; the part of it after the last
+    arrival only delays the batch. So after each batch that did not fill ``max_batch`` (a full
+    batch says nothing about the window), the window follows when its requests arrived: if the
+    last came in the window's second half, arrivals were still coming and the window doubles (up
+    to the plan's); otherwise it halves, but not below twice the span from the first arrival to
+    the last, and closes (0: a batch runs as soon as it has a request, with whatever queued
+    meanwhile) once it falls under a tenth of the plan's with nothing to hold it open. One client
+    waiting for each answer then stops paying a window sized for many (after four batches); a
+    few clients whose requests come within a millisecond of each other get a window of a few
+    milliseconds; under load batches fill as the plan sized them. Requests that queued while an
+    earlier batch ran open a closed window again, to twice the time they took to arrive.
+    :meth:`observe` is called with every batch as it is taken; :attr:`wait_s` is the window for
+    the next (docs/serving.md, "Batching windows that follow the arrivals")."""
+
+    def __init__(self, wait_s: float, max_batch: int, adaptive: bool = True) -> None:
+        self.full, self.max_batch, self.adaptive = float(wait_s), int(max_batch), bool(adaptive)
+        self.wait_s = self.full
+
+    def observe(self, arrivals: list[float], samples: int) -> bool:
+        """Adapt to a batch just taken: its requests' arrival times (seconds, any clock) and its
+        samples. True when that changed :attr:`wait_s`."""
+        if not self.adaptive or self.full <= 0 or samples >= self.max_batch or not arrivals:
+            return False
+        before, w = self.wait_s, self.wait_s
+        span = max(arrivals) - min(arrivals)
+        if span >= w / 2:  # still arriving late in the window (or a closed window's queue): longer
+            w = min(self.full, 2 * max(w, span))
+        else:  # its second half gathered nothing: shorter, but long enough for what did arrive
+            w = max(2 * span, w / 2 if w / 2 >= self.full / 10 else 0.0)
+        self.wait_s = w
+        return w != before
 
 
 def take_upto(queue: deque, cap: int, size: Callable[[Any], int]) -> list:
@@ -244,6 +283,7 @@ def build_response(manifest: dict[str, Any], reply: dict[str, Any], batch: int, 
             row["label"] = classes[c]
         rows.append(row)
     timing = {"time_s": {t["name"]: t["s"] for t in reply["tiers"]},
+              "wait_s": {t["name"]: t.get("wait_s", 0.0) for t in reply["tiers"]},
               "batch_samples": {t["name"]: t.get("batch", t.get("samples")) for t in reply["tiers"]},
               "hops": reply["hops"], "total_s": total_s, "errors": reply.get("errors", [])}
     if single:
