@@ -23,8 +23,7 @@ class _Batcher:
     arrival order, up to ``max_batch`` samples (a larger request alone; ``max_batch`` 1: one
     request a run), waiting at most ``wait_s`` after the first for others (a window that follows
     how the requests arrive, unless ``adaptive`` is false: :class:`BatchWindow`), and run them
-    together
-    (:meth:`Tier.run_many`; onnxruntime runs concurrent calls, on the calling threads). Then the
+    together (:meth:`Tier.run_many`; onnxruntime runs concurrent calls, on the calling threads). Then the
     survivors of the whole run go on to the next tier as one message, and the next tier's reply
     is split back per request (:meth:`_onward`), without the worker waiting for it.
     :meth:`submit` returns a future of the request's complete reply. ``sizes`` records the
