@@ -235,6 +235,13 @@ def test_metrics_are_prometheus_text_and_the_counts_add_up(digits_model):
     assert per_exit == np.bincount(exits, minlength=4).tolist() and sum(per_exit) == 71
     assert value("eenn_rejected_total", status="422") == 1 and value("eenn_degraded_total") == 0
     assert [value("eenn_threshold", exit=str(k)) for k in range(3)] == pytest.approx(th)
+    # per tier: every request starts at the first (no batching here: each ran alone, its own samples),
+    # later tiers see the requests with survivors, and the waits are counted
+    tiers = [t["name"] for t in TIERS]
+    reached = [value("eenn_tier_requests_total", tier=t) for t in tiers]
+    assert reached[0] == 3 and reached == sorted(reached, reverse=True) and reached[-1] >= 1
+    assert value("eenn_tier_batch_samples_total", tier=tiers[0]) == 71
+    assert all(value("eenn_tier_batch_wait_seconds_total", tier=t) >= 0 for t in tiers)
     # every sample shadowed (fraction 1), the window holds the last 64
     assert value("eenn_shadow_samples_total") == 71 and value("eenn_shadow_dropped_total") == 0
     assert value("eenn_window_samples") == 64

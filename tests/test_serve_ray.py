@@ -8,6 +8,7 @@ EENN_SKIP_RAY=1 to skip, only where Ray cannot start at all.
 """
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -111,6 +112,12 @@ def test_ray_answers_equal_engine_and_bad_input_is_refused(ray_server):
         health = json.loads(r.read())
     assert health["mode"] == "ray" and health["ingress"] == ingress, health
     assert [t.get("with_front", False) for t in health["tiers"]] == [with_front, False], health
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:  # the ingress counts each tier's part
+        text = r.read().decode()
+    per_tier = {(name, t): float(v) for name, t, v in
+                re.findall(r'^(eenn_tier_\w+_total)\{tier="(\w+)"\} (\S+)$', text, re.M)}
+    assert per_tier[("eenn_tier_requests_total", "device")] >= per_tier[("eenn_tier_requests_total", "cloud")] >= 1
+    assert per_tier[("eenn_tier_batch_samples_total", "device")] >= 32, text
     deployments = {a["name"].split("#")[1] for a in ray.util.list_named_actors(all_namespaces=True)
                    if a["name"].startswith("SERVE_REPLICA::")}
     assert deployments == ({"ingress", "tier-cloud"} if with_front else {"ingress", "tier-device", "tier-cloud"})

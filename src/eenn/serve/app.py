@@ -40,6 +40,8 @@ class Front:
         self.exit_answers = [0] * int(manifest["num_exits"])
         self.degraded = 0
         self.rejected: dict[int, int] = {}  # status -> requests refused or failed
+        # per tier: [requests that ran there, seconds they waited for their batch, samples of those batches]
+        self.tier_counts: dict[str, list] = {t.name: [0, 0.0, 0] for t in plan.tiers}
         self._policy = ExitPolicy.from_dict(manifest["policy"])
         self.closers: list[Callable[[], Any]] = []  # called by close()
         # the thresholds travel with each request (the tiers adopt them): where the tiers are
@@ -114,6 +116,11 @@ class Front:
         for e in reply["answers"]["exit"]:
             self.exit_answers[int(e)] += 1
         self.degraded += sum(bool(d) for d in reply["answers"]["degraded"])
+        for t in reply["tiers"]:
+            c = self.tier_counts.setdefault(t["name"], [0, 0.0, 0])
+            c[0] += 1
+            c[1] += t.get("wait_s", 0.0)
+            c[2] += t.get("batch", t["samples"])
         if self.monitor is not None:
             self.monitor.observe(x)  # queues the shadow share; never blocks
         return JSONResponse(out)
@@ -154,6 +161,14 @@ class Front:
              [({"status": str(k)}, v) for k, v in sorted(self.rejected.items())]),
             ("eenn_threshold", "gauge", "The exit threshold served now, per non-final exit.",
              [({"exit": str(k)}, v) for k, v in enumerate(th)]),
+            ("eenn_tier_requests_total", "counter", "Answered requests that ran some of their samples at each tier.",
+             [({"tier": n}, c[0]) for n, c in self.tier_counts.items()]),
+            ("eenn_tier_batch_wait_seconds_total", "counter", "Seconds those requests waited at each tier for their "
+             "batch to run (the batching window, or the run before).", [({"tier": n}, c[1]) for n, c in
+                                                                         self.tier_counts.items()]),
+            ("eenn_tier_batch_samples_total", "counter", "Samples of the batches those requests ran in at each tier, "
+             "once per request (over eenn_tier_requests_total: the mean batch a request ran in).",
+             [({"tier": n}, c[2]) for n, c in self.tier_counts.items()]),
         ]
         mon = self.monitor
         if mon is not None:
