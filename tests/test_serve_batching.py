@@ -241,18 +241,26 @@ def test_local_server_batches_concurrent_http_requests(model):
         assert out["batch_samples"]["device"] == n  # all eight ran through the device together
 
 
-def test_quiesced_waits_for_requests_in_flight(model, monkeypatch):
-    _, d, x, _ = model
-    pipe = LocalPipeline(_plan(d))
-    entered, release, done = threading.Event(), threading.Event(), threading.Event()
+def _hold_first_tier(monkeypatch, pipe):
+    """Make the first tier's runs wait, once started, until the test lets them: returns the
+    events ``entered`` (a run has started) and ``release`` (set by the test)."""
+    entered, release = threading.Event(), threading.Event()
     run_many = pipe.tiers[0].run_many
 
-    def slow(runnings, waits=None):
+    def held(runnings, waits=None):
         entered.set()
         assert release.wait(60)
         return run_many(runnings, waits)
 
-    monkeypatch.setattr(pipe.tiers[0], "run_many", slow)
+    monkeypatch.setattr(pipe.tiers[0], "run_many", held)
+    return entered, release
+
+
+def test_quiesced_waits_for_requests_in_flight(model, monkeypatch):
+    _, d, x, _ = model
+    pipe = LocalPipeline(_plan(d))
+    entered, release = _hold_first_tier(monkeypatch, pipe)
+    done = threading.Event()
     msg = start_message(pipe.manifest, x[:2].numpy())
     th = threading.Thread(target=pipe, args=(msg,))
     th.start()
@@ -320,15 +328,7 @@ def test_one_client_stops_waiting_out_the_batching_window(model, monkeypatch, ad
         assert batcher.window.wait_s == 0.0
 
         # two requests queue while a third runs: they run together, and the window opens again
-        entered, release = threading.Event(), threading.Event()
-        run_many = pipe.tiers[0].run_many
-
-        def held(runnings, waits=None):
-            entered.set()
-            assert release.wait(60)
-            return run_many(runnings, waits)
-
-        monkeypatch.setattr(pipe.tiers[0], "run_many", held)
+        entered, release = _hold_first_tier(monkeypatch, pipe)
         out = {}
         threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, pipe(msg(i)))) for i in (5, 6, 7)]
         threads[0].start()
