@@ -12,7 +12,7 @@ then about a fifth of the samples go past the device tier and a fifth of those p
 (``--past P``) set so that a share P of the samples that reach a non-final tier go past it, to
 load the later tiers and the hops between them (the measured shares on the test split are printed
 either way). The early-exit plan is the one ``eenn plan`` would give for this machine:
-``eenn.serve.plan.plan_splits`` chooses the split of the segments over a device, an edge and a
+``eenn.serve.splits.plan_splits`` chooses the split of the segments over a device, an edge and a
 cloud tier that all run at this machine's measured segment times, joined by ``--link`` (a Ray call
 between two replicas on one machine); tiers left empty are dropped. On one machine a split only
 adds hops, so it proposes one tier holding every segment. The same exits forced into three tiers

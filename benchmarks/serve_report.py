@@ -114,7 +114,7 @@ def render(a, prep, results, summary, elapsed, load, rounds=()) -> str:
         f"thread) {[round(1e3 * t, 3) for t in seg1]} ms at batch 1, {[round(1e3 * t, 3) for t in segb]} ms at "
         f"batch 32.",
         "",
-        f"The early-exit plan's split: `eenn.serve.plan.plan_splits` for a device, an edge and a cloud tier at this "
+        f"The early-exit plan's split: `eenn.serve.splits.plan_splits` for a device, an edge and a cloud tier at this "
         f"machine's segment times joined by {a.link[0]:g} B/s, {1e3 * a.link[1]:g} ms links (`--link`) chose "
         + (", ".join(f"{t.name}: segments {t.start}-{t.stop - 1}" for t in plans['early exit', 1].tiers)
            + f" ({1e3 * chosen.predicted_s:.3f} ms a sample expected)")

@@ -149,7 +149,8 @@ def prepare(a, sizes):
     from eenn.engine import DynamicEngine
     from eenn.exporter import export, load_manifest
     from eenn.policies import ExitPolicy
-    from eenn.serve.plan import LinkSpec, TierSpeed, measure_segments, plan_splits
+    from eenn.serve.plan import LinkSpec
+    from eenn.serve.splits import TierSpeed, measure_segments, plan_splits
 
     data, net, source = build_model(a)
     bounds_ee = parse_split(a.split, net.num_exits)
@@ -195,7 +196,7 @@ def prepare(a, sizes):
     # the early-exit plan: the split eenn plan chooses for three tiers that are all this machine
     chosen = plan_splits(manifest, [speed(n) for n in NAMES], [LinkSpec(*a.link)] * (len(NAMES) - 1), depth)
     planned = [(n, b) for n, b in zip(NAMES, chosen.bounds) if b[1] > b[0]]
-    print(f"split chosen by eenn.serve.plan.plan_splits for {len(NAMES)} tiers at this machine's speed joined by "
+    print(f"split chosen by eenn.serve.splits.plan_splits for {len(NAMES)} tiers at this machine's speed joined by "
           f"{a.link[0]:g} B/s, {1e3 * a.link[1]:g} ms links: "
           + ", ".join(f"{n}: segments {lo}-{hi - 1}" for n, (lo, hi) in planned)
           + f" (expected {1e3 * chosen.predicted_s:.3f} ms a sample)", flush=True)

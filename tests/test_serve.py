@@ -186,7 +186,7 @@ def test_a_failing_tier_degrades_to_the_deepest_exit(model, server, monkeypatch)
 
 
 def test_float16_handoff_halves_the_feature_bytes(model):
-    from eenn.serve.plan import handoff_bytes
+    from eenn.serve.splits import handoff_bytes
 
     m = load_manifest(model[1])
     full, half = handoff_bytes(m, 1), handoff_bytes(m, 1, float16=True)

@@ -9,7 +9,7 @@ from _helpers import spread_net
 from eenn.exporter import export
 from eenn.serve import TierPlan
 from eenn.serve.cli import _main
-from eenn.serve.plan import TierSpeed
+from eenn.serve.splits import TierSpeed
 from eenn.serve.sizing import propose_serving
 
 MANIFEST = {"num_exits": 2, "segments": [{"macs": 1000}, {"macs": 1000}]}

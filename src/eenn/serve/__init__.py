@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .codec import decode, encode
-from .plan import LinkSpec, PlanResult, TierPlan, TierSpeed, expected_latency, measure_segments, plan_splits
+from .plan import LinkSpec, TierPlan
+from .splits import PlanResult, TierSpeed, expected_latency, measure_segments, plan_splits
 
 __all__ = ["AgreementMonitor", "Front", "InputError", "LinkSpec", "LocalPipeline", "LocalServer", "MonitorConfig",
            "PlanResult", "Tier", "TierPlan", "TierSpeed", "as_plan", "create_app", "decode", "decode_body", "encode",

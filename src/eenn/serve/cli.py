@@ -199,7 +199,7 @@ def run_serve(args) -> int:
 
 
 def _speeds(specs: list[str], manifest: dict, batch: int = 1):
-    from .plan import TierSpeed, measure_segments
+    from .splits import TierSpeed, measure_segments
 
     speeds, measured, batched = [], None, None
     for spec in specs:
@@ -248,8 +248,9 @@ def run_plan(args) -> int:
     import os
 
     from ..staged import load_manifest
-    from .plan import LinkSpec, expected_latency, plan_splits
+    from .plan import LinkSpec
     from .sizing import propose_serving
+    from .splits import expected_latency, plan_splits
 
     batching = args.concurrency is not None or args.rate is not None
     if args.concurrency is not None and args.rate is not None:

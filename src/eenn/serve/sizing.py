@@ -1,6 +1,6 @@
 """Sizing a tier plan for a load: per tier ``max_batch``, ``batch_wait_ms``, ``replicas`` and
 ``ray_actor_options.num_cpus``, proposed from the tiers' measured (or declared) times
-(:class:`~eenn.serve.plan.TierSpeed`) and the share of samples that reach each tier; what
+(:class:`~eenn.serve.splits.TierSpeed`) and the share of samples that reach each tier; what
 ``eenn plan`` prints and writes into the plan (docs/serving.md, "Sizing").
 """
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .plan import TierSpeed, _number
+from .plan import _number
+from .splits import TierSpeed
 
 __all__ = ["TierProposal", "propose_serving"]
 
