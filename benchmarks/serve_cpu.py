@@ -153,7 +153,7 @@ def measure_calls(a) -> None:
     import ray
     from ray import serve
 
-    from eenn.serve.ray_app import TierDeployment, _direct
+    from eenn.serve.ray_tiers import TierDeployment, _direct
     from eenn.serve.ray_env import ingress_env
     from eenn.serve.tiers import Tier, start_message
     from eenn.staged import read_segments

@@ -635,12 +635,12 @@ def test_ray_tier_counts_the_wait_for_a_hop_against_the_timeout(model, monkeypat
     """Survivors that wait in the outbox behind a hop to a hung tier do not get a whole timeout of
     their own after it: the time waited counts, so every request is answered (degraded, flagged)
     within about one timeout, before the tiers upstream give up on it."""
-    from eenn.serve import ray_app
+    from eenn.serve import ray_app, ray_tiers
 
     _, d, x, eng = model
     _batch_in_test_loop(monkeypatch, ray_app.TierDeployment)
-    waits, within = [], ray_app._within
-    monkeypatch.setattr(ray_app, "_within", lambda response, timeout: waits.append(timeout) or within(response, timeout))
+    waits, within = [], ray_tiers._within
+    monkeypatch.setattr(ray_tiers, "_within", lambda response, timeout: waits.append(timeout) or within(response, timeout))
     m = load_manifest(d)
     spans, late = _spans_and_late(eng)
     T = 1.0

@@ -16,7 +16,7 @@ requests, advance, split the answers and the survivors back"), then hands the su
 whole run on as one message and splits the next tier's reply back per request; the next tier
 batches again whatever arrives there. In-process a queue per tier (:mod:`.local`) gathers the
 requests (at most the tier's ``max_batch`` samples, waiting at most ``batch_wait_ms`` after the
-first); on Ray Serve, ``serve.batch`` does (:mod:`.ray_app`). Both keep the window open only
+first); on Ray Serve, ``serve.batch`` does (:mod:`.ray_tiers`). Both keep the window open only
 while it gathers something (:class:`BatchWindow`).
 """
 from __future__ import annotations
