@@ -6,9 +6,9 @@ Deployments (``--runs``, in that order, repeated ``--rounds`` times with the ord
 other round): ``noop`` (the do-nothing tier behind the same ingress, with the early-exit plan's
 first tier's settings), ``three`` (the early exit in three tiers), ``one`` (the early-exit plan:
 one tier, ``device``, holding every segment), ``whole`` (the static network as one tier), each with
-its first tier in the ingress replicas as ``eenn plan --with-front`` proposes it, or, with
-``-apart`` (``one-apart``, ``noop-apart``, ...), as a deployment of its own sized as ``eenn plan``
-proposes it without. A suffix overrides a tier's replicas and CPUs: ``three[device=2x0.9]`` runs the device tier as two replicas
+its first tier in the ingress replicas as ``eenn plan`` proposes it, or, with
+``-apart`` (``one-apart``, ``noop-apart``, ...), as a deployment of its own sized as ``eenn plan
+--no-with-front`` proposes it. A suffix overrides a tier's replicas and CPUs: ``three[device=2x0.9]`` runs the device tier as two replicas
 of 0.9 CPUs, ``one[device=1x1.8]`` the one tier as one replica. For each run, a closed loop of ``--clients`` clients sending requests of
 ``--samples`` samples for ``--seconds``, and the CPU time of every process in that window (from
 ``/proc``, user + system) divided by the requests answered, grouped by deployment (the ingress

@@ -23,10 +23,10 @@ are counted, and the ones ``--past`` loads). The same export with thresholds tha
 fire, as one tier, is the static baseline ("whole network"). Every deployment's batching,
 replicas and CPUs come from ``eenn.serve.sizing.propose_serving`` for ``--plan-clients`` clients
 on ``--cores`` cores, from segment times measured here (one plan for single-sample requests, one
-for batch requests), counting ``--front-ms`` per request for the HTTP front; as ``eenn plan
---with-front`` proposes, each deployment's first tier runs in the ingress replicas, which are
+for batch requests), counting ``--front-ms`` per request for the HTTP front; as ``eenn plan``
+proposes by default, each deployment's first tier runs in the ingress replicas, which are
 sized for both (``--apart``: as a deployment of its own, the front's share left to the ingress);
-in-process, which has no such call, the plans are sized as without ``--with-front``; the no-op
+in-process, which has no such call, the plans are sized as with ``--no-with-front``; the no-op
 deployment takes the early-exit plan's first tier's settings and layout.
 
 For each deployment and each number of concurrent clients (``--clients``), a closed loop (every
@@ -105,7 +105,7 @@ def main():
                    help="skip the early exit forced into the three tiers of --split")
     p.add_argument("--apart", action="store_true",
                    help="Ray: every deployment's first tier (and the no-op) as a deployment of its own that the "
-                        "ingress calls, as eenn plan proposes without --with-front (default: in the ingress replicas)")
+                        "ingress calls, as eenn plan --no-with-front proposes (default: in the ingress replicas)")
     p.add_argument("--fixed-wait", action="store_true",
                    help="every tier waits out its batching window whatever arrives (adaptive_wait: false; default: "
                         "the window closes while requests come one at a time)")

@@ -124,7 +124,7 @@ def render(a, prep, results, summary, elapsed, load, rounds=()) -> str:
         f"Plans (`eenn.serve.sizing.propose_serving` for {a.plan_clients} clients on {a.cores:g} cores, from the "
         f"segment times above, counting {a.front_ms:g} ms of a core per request for the HTTP front, "
         + ("which each first tier leaves to the ingress (`--apart`)" if a.apart else
-           "which each first tier runs with, in the ingress replicas (`eenn plan --with-front`)")
+           "which each first tier runs with, in the ingress replicas (`eenn plan`'s default layout)")
         + "; the no-op takes the early-exit plan's first tier's settings and layout):",
         "",
         *[f"- {name}, {n} sample(s) a request: {tiers(plans[name, n])}"

@@ -33,5 +33,7 @@ def test_export_then_plan(tmp_path, capsys):
     assert "expected latency" in printed and "exported 4 segments" in printed
     plan = TierPlan.load(out)
     assert plan.tiers[0].start == 0 and plan.tiers[-1].stop == 4
+    # the first tier runs in the HTTP front's replicas unless told otherwise (--no-with-front)
+    assert [t.with_front for t in plan.tiers] == [True] + [False] * (len(plan.tiers) - 1)
     assert _main(["export", str(ckpt), "--out", str(tmp_path / "d")]) == 1  # no thresholds: a clear error
     assert "no thresholds" in capsys.readouterr().err

@@ -122,7 +122,7 @@ def test_eenn_plan_writes_the_proposal_into_the_plan(tmp_path, capsys):
     d = _export(tmp_path)
     out = tmp_path / "plan.yaml"
     assert _main(["plan", str(d), "--tier", "device=measure", "--tier", "cloud=measure", "--link", "1e9,0.0001",
-                  "--split", "0-1,rest", "--cores", "3", "--concurrency", "20", "--out", str(out)]) == 0
+                  "--split", "0-1,rest", "--cores", "3", "--concurrency", "20", "--no-with-front", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "max_batch 20" in printed and "8.0 samples can wait" in printed and "capacity" in printed
     plan = TierPlan.load(out)
@@ -133,7 +133,7 @@ def test_eenn_plan_writes_the_proposal_into_the_plan(tmp_path, capsys):
     assert dev.replicas * dev.ray_actor_options["num_cpus"] + cloud.replicas * cloud.ray_actor_options["num_cpus"] <= 3
     # the HTTP front's share of the cores (--front-ms) is left to it: the tiers reserve less
     assert _main(["plan", str(d), "--tier", "device=measure", "--tier", "cloud=measure", "--link", "1e9,0.0001",
-                  "--split", "0-1,rest", "--cores", "3", "--concurrency", "20", "--front-ms", "50",
+                  "--split", "0-1,rest", "--cores", "3", "--concurrency", "20", "--front-ms", "50", "--no-with-front",
                   "--out", str(tmp_path / "front.yaml")]) == 0
     assert "the front: 50 ms per request" in capsys.readouterr().out
     fronted = TierPlan.load(tmp_path / "front.yaml").tiers
@@ -141,9 +141,9 @@ def test_eenn_plan_writes_the_proposal_into_the_plan(tmp_path, capsys):
             < sum(t.replicas * t.ray_actor_options["num_cpus"] for t in plan.tiers))
     raw = yaml.safe_load(out.read_text())
     assert set(raw["tiers"][0]) == {"name", "segments", "max_batch", "batch_wait_ms", "replicas", "ray_actor_options"}
-    # --with-front: the first tier runs in the front's replicas, which are sized for both
+    # by default (--with-front) the first tier runs in the front's replicas, which are sized for both
     assert _main(["plan", str(d), "--tier", "device=measure", "--tier", "cloud=measure", "--link", "1e9,0.0001",
-                  "--split", "0-1,rest", "--cores", "3", "--concurrency", "20", "--front-ms", "50", "--with-front",
+                  "--split", "0-1,rest", "--cores", "3", "--concurrency", "20", "--front-ms", "50",
                   "--out", str(tmp_path / "with.yaml")]) == 0
     assert "with the front" in capsys.readouterr().out
     dev_w, cloud_w = TierPlan.load(tmp_path / "with.yaml").tiers

@@ -59,7 +59,8 @@ With --concurrency N (closed-loop clients) or --rate R (requests/s), and --cores
 each tier's max_batch, batch_wait_ms, replicas and ray_actor_options.num_cpus from the segment
 times (measured at batch 1 and at --measure-batch for NAME=measure tiers; per run and per MAC for
 declared ones) and the share of samples that reach each tier, prints why, and writes them into the
-plan (eenn.serve.sizing.propose_serving).
+plan (eenn.serve.sizing.propose_serving). The first tier runs inside the HTTP front's replicas on
+Ray (with_front: true, sized for the front's work and its own) unless --no-with-front.
 """
 
 
@@ -126,9 +127,11 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--front-ms", type=float, default=0.0,
                    help="what the HTTP front costs per request on the same cores (on Ray: the ingress and HAProxy; "
                         "about 0.9 ms on a 2-core EPYC, docs/serving.md), so the tiers share what is left; default 0")
-    p.add_argument("--with-front", action="store_true",
-                   help="run the first tier inside the HTTP front's replicas on Ray (no Ray call between them; "
-                        "1.5-1.7x the single-sample requests/s on a 2-core EPYC, docs/serving.md)")
+    p.add_argument("--with-front", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the first tier inside the HTTP front's replicas on Ray (the default: no Ray call "
+                        "between them, 1.5-1.6x the single-sample requests/s on a 2-core EPYC, docs/serving.md); "
+                        "--no-with-front keeps it a deployment of its own, e.g. to pin it to a GPU or a custom "
+                        "resource without taking the HTTP front there")
     p.add_argument("--measure-batch", type=int, default=32,
                    help="the batch at which NAME=measure tiers are also timed (default 32)")
     p.set_defaults(run=run_plan)
