@@ -96,6 +96,18 @@ def test_images_are_normalised_as_the_evaluation_loader_does(model, server):
     jpg = io.BytesIO()
     Image.fromarray(np.repeat(np.repeat(px, 4, 0), 4, 1)).convert("RGB").save(jpg, format="JPEG")
     assert post(url, jpg.getvalue(), "image/jpeg")[0] == 200
+    # the pixels as JSON integers (img.tolist()) are pixels too, with or without the channel axis;
+    # and one-channel arrays may leave that axis out, one sample or a batch
+    for body, ct in [(json.dumps(px.tolist()).encode(), "application/json"),
+                     (json.dumps({"inputs": px[None].tolist()}).encode(), "application/json"),
+                     (_npy(px), "application/x-npy"), (_npy(x[0, 0].numpy()), "application/x-npy")]:
+        status, out = post(url, body, ct)
+        assert status == 200 and out["class"] == eng.prediction[0] and out["exit"] == eng.exit[0], (ct, out)
+    status, out = post(url, _npy(np.repeat(px[None], 3, 0)), "application/x-npy")
+    assert status == 200 and [p["class"] for p in out["predictions"]] == [int(eng.prediction[0])] * 3
+    # written as floats, the same numbers are model inputs, as before
+    assert np.array_equal(decode_body(json.dumps(x[0].tolist()).encode(), "application/json",
+                                      load_manifest(model[1])), x.numpy())
 
 
 BAD = [
@@ -105,6 +117,7 @@ BAD = [
     (json.dumps([[1.0, 2.0]]).encode(), "application/json", 422, "wrong shape"),
     (json.dumps([["a"] * 8] * 8).encode(), "application/json", 422, "numbers only"),
     (json.dumps({"x": 1}).encode(), "application/json", 422, '"inputs"'),
+    (json.dumps([[300] * 8] * 8).encode(), "application/json", 422, "read as pixels 0-255"),
     (b"hello", "text/plain", 415, "unsupported content type"),
 ]
 
@@ -125,7 +138,8 @@ def test_bad_arrays_and_limits(server):
         (_npy(np.full((1, 8, 8), np.inf)), 422, "non-finite"),
         (_npy(np.full((1, 8, 8), 1e300)), 422, "non-finite"),  # beyond float32
         (_npy(np.zeros((1, 8, 8), np.int64)), 422, "dtype int64"),
-        (_npy(np.zeros((3, 8, 8), np.float32)), 422, "wrong shape"),
+        (_npy(np.zeros((3, 8, 7), np.float32)), 422, "wrong shape"),
+        (_npy(np.zeros((2, 3, 8, 8), np.float32)), 422, "or without the channel axis (8, 8)"),
         (_npy(np.zeros((1, 8, 8), np.complex64)), 422, "dtype complex64"),
         (_npy(np.array([{"a": 1}], dtype=object)), 422, "unpickling"),
         (b"\x93NUMPY garbage", 400, ".npy"),

@@ -130,6 +130,21 @@ def test_step_schedule_and_sgd_lr(digits):
     assert [h["lr"] for h in hist] == pytest.approx([0.05, 0.025, 0.0125])
 
 
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_resuming_with_more_epochs_follows_the_longer_schedule(digits, tmp_path, schedule):
+    """Re-running a finished run with more epochs goes on under the schedule of the new length, from
+    where the epochs done put it: as a run started with that length would have (a one-cycle
+    schedule saved for fewer batches used to raise at its end; a cosine one to climb back up)."""
+    kw = dict(lr=0.05, batch_size=64, schedule=schedule, out_dir=tmp_path / "run", progress=False)
+    eenn.fit(small_net(), digits, "joint", epochs=1, **kw)
+    with pytest.warns(UserWarning, match="epochs: 1 -> 3.*schedule is rebuilt for the new epochs"):
+        resumed = eenn.fit(small_net(), digits, "joint", epochs=3, **kw)
+    fresh = eenn.fit(small_net(), digits, "joint", epochs=3, **{**kw, "out_dir": None})
+    assert [h["epoch"] for h in resumed] == [2, 3]
+    assert [h["lr"] for h in resumed] == pytest.approx([h["lr"] for h in fresh[1:]])
+    assert resumed[-1]["lr"] < 1e-3  # annealed to the end of the longer schedule, not back up
+
+
 def test_resume_after_kill_is_exact(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert _run([str(SCRIPT), str(full), "--epochs", "3"]).returncode == 0

@@ -3,6 +3,7 @@ learning-rate schedule. The loop that uses them is :mod:`eenn.trainer`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,13 @@ class TrainConfig:
     monitor: str = "val_acc_final"  # or "val_acc_mean", "val_loss"
     progress: bool = True
     dist_timeout: float = D.DEFAULT_TIMEOUT  # seconds a rank waits on the others under torchrun before it stops
+
+    def __post_init__(self) -> None:
+        # a Path or a torch.device as given: kept as text, as a config file and the saved state hold them
+        if isinstance(self.out_dir, os.PathLike):
+            self.out_dir = os.fspath(self.out_dir)
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:

@@ -69,6 +69,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# settings that shape the learning-rate curve: a resume that changes one rebuilds the schedule
+_SCHEDULE_KEYS = ("epochs", "schedule", "lr", "step_epochs", "gamma", "batch_size")
+
+
 class Trainer:
     """``Trainer(config, callbacks).fit(net, data, objective)`` (the order of :func:`fit`).
 
@@ -134,16 +138,41 @@ class Trainer:
                   "dist_timeout"}
         changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in asdict(self.config).items()
                    if k not in ignore and k in saved and saved[k] != v]
-        if changed:
-            warnings.warn(f"resuming {path} with changed settings ({'; '.join(changed)}); the optimiser and "
-                          "learning-rate schedule continue as they were saved", stacklevel=3)
+        done = int(state["epoch"])
+        reshaped = [k for k in _SCHEDULE_KEYS if k in saved and saved[k] != getattr(self.config, k)]
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if reshaped:
+            lr = self._schedule_from(done)
+            how = (f"the learning-rate schedule is rebuilt for the new {', '.join(reshaped)} and goes on from where "
+                   f"{done} epoch(s) put it (lr {lr:.3g})")
+        else:
+            self.scheduler.load_state_dict(state["scheduler"])
+            how = "the learning-rate schedule goes on as it was saved"
+        if changed:
+            warnings.warn(f"resuming {path} with changed settings ({'; '.join(changed)}); the optimiser's state is "
+                          f"kept and {how}", stacklevel=3)
         for cb in self.callbacks:
             cb.load_state_dict(state["callbacks"].get(type(cb).__name__))
         self._restore_rng(state, path)
-        return int(state["epoch"])
+        return done
+
+    def _schedule_from(self, epochs_done: int) -> float:
+        """The schedule of the current settings, where it is after ``epochs_done`` epochs (a resumed
+        run whose epochs, learning rate or schedule changed: the saved schedule's state describes
+        another curve; a one-cycle schedule saved for fewer epochs cannot even step past its end).
+        Returns the learning rate the next batch gets."""
+        steps = epochs_done * len(self.train_loader)
+        for group in self.optimizer.param_groups:  # the saved groups hold the old curve's values
+            group["lr"] = self.config.lr
+            for k in ("initial_lr", "max_lr", "min_lr"):
+                group.pop(k, None)
+        self.scheduler = build_scheduler(self.config, self.optimizer, len(self.train_loader))
+        with warnings.catch_warnings():  # stepped without optimiser steps, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(min(steps, self.config.epochs * len(self.train_loader))):
+                self.scheduler.step()
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def _restore_rng(self, state: dict[str, Any], path: Path) -> None:
         """Each rank takes back its own RNG state. A checkpoint written by a different number of

@@ -8,9 +8,13 @@ Accepted bodies (the content type decides; without one the first bytes do):
 - a NumPy ``.npy`` array (``application/x-npy`` or ``application/octet-stream``; never unpickled):
   float arrays are model inputs (already normalised), uint8 arrays are raw pixels and are
   normalised as images are (pixels are refused, 422, when the export has no ``preprocess``);
-- JSON (``application/json``): a nested list of numbers, or ``{"inputs": [...]}``; model inputs.
+- JSON (``application/json``): a nested list of numbers, or ``{"inputs": [...]}``: model inputs
+  when any number has a decimal point or an exponent (``0.5``, ``1.0``, ``1e-3``); when every number
+  is an integer and the export describes its images (``preprocess``), pixels 0-255 as a uint8
+  array is (``img.tolist()`` of an image), refused (422) outside that range.
 
-An array is one sample ``input_shape`` or a batch ``[B, *input_shape]`` with ``1 <= B <= max_batch``.
+An array is one sample ``input_shape`` or a batch ``[B, *input_shape]`` with ``1 <= B <= max_batch``;
+for one-channel images the channel axis may be left out (``[H, W]`` or ``[B, H, W]``).
 """
 from __future__ import annotations
 
@@ -176,7 +180,7 @@ def _npy_load(body: bytes) -> np.ndarray:
         raise InputError(400, f"cannot read the .npy body: {type(e).__name__}: {e}") from None
 
 
-def _json(body: bytes) -> np.ndarray:
+def _json(body: bytes, manifest: dict) -> np.ndarray:
     try:
         value: Any = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -192,6 +196,12 @@ def _json(body: bytes) -> np.ndarray:
     if a.dtype.kind not in "iuf":
         raise InputError(422, f"the JSON array must hold numbers only, got {a.dtype.kind!r} values "
                               "(strings, booleans, nulls or nested objects)")
+    if a.dtype.kind in "iu" and manifest.get("preprocess"):  # integers for an image model: pixels
+        if a.size and (a.min() < 0 or a.max() > 255):
+            raise InputError(422, f"integer JSON values are read as pixels 0-255 for this image model, got values "
+                                  f"from {a.min()} to {a.max()}: send pixels 0-255, or normalised model inputs "
+                                  "written as floats (0.5, 1.0)")
+        return a.astype(np.uint8)
     return a.astype(np.float64)
 
 
@@ -211,7 +221,7 @@ def decode_body(body: bytes, content_type: str, manifest: dict, *, max_bytes: in
             raise InputError(400, "nested multipart bodies are not accepted")
     if kind == "image":
         return _image(body, manifest)
-    a = _npy(body) if kind == "npy" else _json(body)
+    a = _npy(body) if kind == "npy" else _json(body, manifest)
     if a.dtype == np.uint8:
         pixels = True
     elif a.dtype.kind == "f":
@@ -220,11 +230,15 @@ def decode_body(body: bytes, content_type: str, manifest: dict, *, max_bytes: in
         raise InputError(422, f"arrays of dtype {a.dtype} are not accepted: send float model inputs "
                               "(float16/32/64, normalised) or uint8 pixels")
     shape = tuple(manifest["input_shape"])
-    if a.shape == shape:
-        a = a[None]
+    grey = len(shape) == 3 and shape[0] == 1  # one-channel images may come without their channel axis
+    if a.shape == shape or (grey and a.shape == shape[1:]):
+        a = a.reshape(1, *shape)
+    elif grey and a.ndim == 3 and a.shape[1:] == shape[1:]:
+        a = a[:, None]
     if a.shape[1:] != shape or not 1 <= a.shape[0]:
         raise InputError(422, f"wrong shape {tuple(a.shape)}: expected one sample {shape} or a batch "
-                              f"(B, {', '.join(map(str, shape))})")
+                              f"(B, {', '.join(map(str, shape))})"
+                         + (f", or without the channel axis {shape[1:]} or (B, {shape[1]}, {shape[2]})" if grey else ""))
     if a.shape[0] > max_batch:
         raise InputError(413, f"batch of {a.shape[0]} samples is larger than the limit of {max_batch}")
     if pixels:
