@@ -236,7 +236,15 @@ def test_search_order(tmp_path, monkeypatch):
     write_idx_set(tmp_path / "xdg-cache" / "eenn" / "datasets" / "mnist", n_train=30)
     monkeypatch.setenv(sources.ENV_VAR, str(tmp_path / "env"))
     assert len(load_splits("mnist", tmp_path / "explicit").train) == 10
+    (tmp_path / "nothing-here").mkdir()
     assert len(load_splits("mnist", tmp_path / "nothing-here").train) == 20  # falls through to the env var
+    # a data_dir that is not there is a mistake (a typo), not a reason to read the files from elsewhere
+    with pytest.raises(DatasetNotFoundError, match="data_dir .*not-a-folder' is not a folder"):
+        load_splits("mnist", tmp_path / "not-a-folder")
+    # an environment variable that points nowhere is said so, and the search goes on
+    monkeypatch.setenv(sources.ENV_VAR, str(tmp_path / "gone"))
+    with pytest.warns(UserWarning, match="EENN_DATA_DIR=.*gone' is not a folder"):
+        assert len(load_splits("mnist", tmp_path / "explicit").train) == 10
     monkeypatch.delenv(sources.ENV_VAR)
     assert len(load_splits("mnist", None).train) == 30
     if not Path("/usr/share/datasets/mnist").exists():

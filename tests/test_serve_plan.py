@@ -176,6 +176,15 @@ def test_tiers_on_one_machine_become_one_tier_and_a_far_faster_one_over_a_free_l
     faster = tmp_path / "faster.yaml"
     assert _main(["plan", str(d), "--tier", "device=measure", "--tier", "cloud=measure:1000",
                   "--link", "1e12,1e-7", "--out", str(faster)]) == 0
-    assert "device: -, cloud: 0-3" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "device: -, cloud: 0-3" in printed and "least expected latency gives them no segments" in printed
+    assert "same speed" not in printed
+    # an export without a validation record cannot be planned: said so, with the ways to make one
+    bare = tmp_path / "bare"
+    export(spread_net(), bare, policy="max_prob", thresholds=[0.5, 0.5, 0.5])
+    assert _main(["plan", str(bare), "--tier", "device=measure", "--tier", "cloud=measure:1000",
+                  "--link", "1e12,1e-7"]) == 1
+    err = capsys.readouterr().err
+    assert "no validation exit distribution" in err and "--dataset" in err and "calibration_record" in err
     (cloud,) = TierPlan.load(faster).tiers
     assert (cloud.name, cloud.start, cloud.stop) == ("cloud", 0, 4)

@@ -7,6 +7,8 @@ then carves the validation split out of train, applies ``limit`` and computes me
 from __future__ import annotations
 
 import os
+import warnings
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -14,7 +16,9 @@ import numpy as np
 from ..registry import Registry, check_options
 from .core import DataSplits, DatasetInfo, TensorDataset, cap, channel_stats, complement, split_off, stratified_pick
 from .formats import concat_batches, read_cifar_files, read_cifar_tar, read_idx_pair, read_svhn_mat
-from .sources import Found, Layout, Remote, Source, download as download_source, locate, not_found_error
+from .errors import DatasetNotFoundError
+from .sources import (ENV_VAR, Found, Layout, Remote, Source, download as download_source, locate,
+                      not_found_error)
 
 
 class TrainTest(NamedTuple):
@@ -64,6 +68,16 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, val_fr
 # ------------------------------------------------------------------------------------------ helpers
 
 def _find(source: Source, data_dir: str | os.PathLike | None, download: bool) -> Found:
+    # a folder named explicitly that is not there is a mistake, not a reason to take the files from
+    # somewhere else; an environment variable that points nowhere is said so once per load
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise DatasetNotFoundError(
+            f"data set {source.name!r}: data_dir {os.fspath(data_dir)!r} is not a folder. Give the folder that holds "
+            f"the files (or a subfolder {source.name!r} of it), or leave data_dir (CLI: --data-dir) out to search "
+            f"${ENV_VAR}, the user cache and the system folders")
+    env = os.environ.get(ENV_VAR)
+    if env and not Path(env).expanduser().is_dir():
+        warnings.warn(f"${ENV_VAR}={env!r} is not a folder: looking for {source.name!r} elsewhere", stacklevel=5)
     found = locate(source, data_dir)
     if found is None and download:
         download_source(source)

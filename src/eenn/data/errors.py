@@ -6,13 +6,6 @@ from __future__ import annotations
 class DatasetNotFoundError(FileNotFoundError):
     """The data set's files are in none of the searched places (or a download failed)."""
 
-    @property
-    def summary(self) -> str:
-        """One line for a shell: what is missing and how to get it (the full message also lists
-        every file and place looked at)."""
-        lines = [ln.strip() for ln in str(self.args[0] if self.args else "").splitlines() if ln.strip()]
-        return lines[0] if len(lines) < 2 else f"{lines[0]} {lines[-1]}"
-
 
 class DatasetCorruptError(ValueError):
     """A data file exists but cannot be read: truncated, wrong format, inconsistent, or unsafe."""

@@ -2,7 +2,8 @@
 
 ``locate`` searches, in this order, and takes the first place that holds a complete set of files:
 
-1. the explicit ``data_dir`` (the files directly in it, or in a subfolder named after the data set),
+1. the explicit ``data_dir`` (the files directly in it, or in a subfolder named after the data set;
+   the loaders refuse a ``data_dir`` that is not a folder rather than search on without it),
 2. ``$EENN_DATA_DIR`` (same rule),
 3. the user cache ``${XDG_CACHE_HOME:-~/.cache}/eenn/datasets/<name>``,
 4. well-known system folders (e.g. ``/usr/share/datasets/fashion-mnist`` from the Debian package).

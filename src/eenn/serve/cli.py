@@ -271,11 +271,13 @@ def run_plan(args) -> int:
         links.append(LinkSpec(bw, lat))
     names = [s.name for s in speeds]
     depth = (m.get("validation") or {}).get("depth_distribution")
+    if depth is None:
+        raise ValueError(f"{args.export_dir} has no validation exit distribution, which planning needs: export "
+                         "with `eenn export CKPT --dataset NAME` (or --calibration FILE), or in Python give eenn.export "
+                         "validation=eenn.exporter.calibration_record(net, data.val, policy, goal)['validation']")
     if args.split is not None:
         if len(links) != len(speeds) - 1:
             raise ValueError(f"{len(speeds)} tiers need {len(speeds) - 1} links, got {len(links)}")
-        if depth is None:
-            raise ValueError("no depth distribution: export with --calibration or --dataset (a validation record)")
         bounds = _split(args.split, names, int(m["num_exits"]))
         predicted, per_depth = expected_latency(m, bounds, speeds, links, depth, float16=args.float16)
         print(f"expected latency {1e3 * predicted:.3f} ms with the given split "
@@ -292,8 +294,11 @@ def run_plan(args) -> int:
     tiers = [{"name": n, "segments": f"{a}-{b - 1}"} for n, (a, b) in zip(names, bounds) if b > a]
     empty = [n for n, (a, b) in zip(names, bounds) if b <= a]
     if empty:
-        print(f"left out of the plan (no segments): {', '.join(empty)} (tiers of the same speed, as on one machine, "
-              "never gain from a split: a hop only adds its link)")
+        same = len({(s.macs_per_s, s.overhead_s, tuple(s.segment_s or ())) for s in speeds}) == 1
+        why = ("tiers of the same speed, as on one machine, never gain from a split: a hop only adds its link"
+               if same else "the split of least expected latency gives them no segments: what they would save "
+               "costs more in links")
+        print(f"left out of the plan (no segments): {', '.join(empty)} ({why})")
     if batching:
         cores = args.cores if args.cores is not None else float(os.cpu_count() or 1)
         props, lines = propose_serving(m, bounds, speeds, depth, cores=cores, concurrency=args.concurrency,

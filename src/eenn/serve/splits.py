@@ -125,7 +125,8 @@ def plan_splits(manifest: dict[str, Any], speeds: Sequence[TierSpeed], links: Se
         val = manifest.get("validation") or {}
         depth = val.get("depth_distribution")
         if depth is None:
-            raise ValueError("no depth distribution: export with --calibration (a validation record) or pass depth=")
+            raise ValueError("no depth distribution: the export has no validation record (eenn export --dataset or "
+                             "--calibration; eenn.export(..., validation=...)), so pass depth=")
     if len(depth) != E:
         raise ValueError(f"depth distribution has {len(depth)} entries for {E} segments")
     sizes = [handoff_bytes(manifest, b, float16=float16) for b in range(E)]
