@@ -54,6 +54,9 @@ def test_sdn_mixed_pooling_is_a_learnable_mix():
 def test_head_registry_errors():
     with pytest.raises(KeyError, match="unknown exit head 'lineer'.*did you mean 'linear'"):
         eenn.create_head("lineer", (4,), 2)
+    # the closest names first, the longest shared beginning ahead: a typo of resnet20 is not sent to resnet32
+    with pytest.raises(KeyError, match="unknown backbone 'resnet21'.*did you mean 'resnet20' or 'resnet32'"):
+        eenn.create_network("resnet21", in_channels=1, num_classes=10, input_size=8)
     with pytest.raises(ValueError, match="does not accept option.*'depth'.*it accepts"):
         eenn.create_head("linear", (4,), 2, depth=3)
     with pytest.raises(ValueError, match="already registered"):

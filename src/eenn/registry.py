@@ -4,6 +4,7 @@ error so that two plugins can never silently shadow each other."""
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T", bound=Callable)
@@ -32,8 +33,10 @@ class Registry(Generic[T]):
 
     def unknown_message(self, name: object) -> str:
         msg = f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}"
-        close = difflib.get_close_matches(str(name), self.names(), n=1)
-        return msg + (f" (did you mean {close[0]!r}?)" if close else "")
+        text = str(name)
+        close = difflib.get_close_matches(text, self.names(), n=3)
+        close.sort(key=lambda c: -len(os.path.commonprefix([c, text])))  # resnet21: resnet20 before resnet32
+        return msg + (f" (did you mean {' or '.join(map(repr, close[:2]))}?)" if close else "")
 
     def names(self) -> list[str]:
         return sorted(self._items)
