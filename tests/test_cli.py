@@ -37,6 +37,16 @@ def test_train_command_writes_a_run_and_resumes(tmp_path, capsys):
     assert (out / "metrics.jsonl").read_text() == before and eenn.load(out / "last.safetensors").num_exits == 3
 
 
+def test_exits_flag_takes_what_the_python_api_takes():
+    from eenn.cli import _exits
+
+    assert _exits("1,3") == [1, 3] and _exits("linear:3") == "linear:3" and _exits("none") == "none"
+    names = _exits("block2.0, block3.0")
+    assert names == ["block2.0", "block3.0"]
+    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=names)
+    assert net.exit_names == ["exit0@block2.0", "exit1@block3.0", "final"]
+
+
 def test_bad_command_lines_give_one_clear_line(capsys):
     assert main(["train", "--objective", "nope", "--epochs", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,5 +1,6 @@
 """YAML run configs: validated into the dataclasses, bad keys and types named, overrides applied."""
 import pytest
+import yaml
 
 from eenn.config import ConfigError, RunConfig, apply_overrides, config_to_dict, load_config, save_config
 
@@ -80,3 +81,14 @@ def test_a_run_stored_by_an_earlier_eenn_opens_with_its_removed_settings_ignored
     with pytest.warns(UserWarning, match=r"no longer has \(eval\.optimize\); they are ignored"):
         net, config, run_dir = open_run(tmp_path)
     assert config is not None and run_dir == tmp_path and net.num_exits == 3
+
+
+def test_written_yaml_spells_shared_values_out():
+    """A list two keys share is written out at both (no ``&id001`` / ``*id001`` for a person to
+    decode), and reads back equal."""
+    from eenn.config import _loader, dump_yaml
+
+    shared = [16, 32]
+    text = dump_yaml({"a": {"widths": shared}, "b": {"widths": shared}, "z": 1})
+    assert "&" not in text and "*" not in text and text.index("a:") < text.index("z:")
+    assert yaml.load(text, Loader=_loader()) == {"a": {"widths": [16, 32]}, "b": {"widths": [16, 32]}, "z": 1}

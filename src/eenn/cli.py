@@ -25,8 +25,11 @@ def _value(text: str):
 
 
 def _exits(text: str):
-    parts = text.split(",")
-    return [int(s) for s in parts] if all(s.strip().lstrip("-").isdigit() for s in parts) else text
+    """``all``, ``none`` and ``<distribution>:<n>`` as they are; otherwise a comma-separated list of
+    stages, each an index or a stage name (``1,3`` or ``block2.0,block3.0``), as the Python API takes."""
+    if text.strip() in ("all", "none") or ":" in text:
+        return text.strip()
+    return [int(s) if s.lstrip("-").isdigit() else s for s in (t.strip() for t in text.split(",")) if s]
 
 
 def _add_train_config(p: argparse.ArgumentParser) -> None:
@@ -113,7 +116,7 @@ def _add_run_flags(p: argparse.ArgumentParser, *, model: bool = True, train: boo
         g.add_argument("-B", "--backbone-option", dest="model.backbone_options", action="append", type=_kv("-B"),
                        metavar="KEY=VALUE", default=S, help="e.g. width=0.5")
         g.add_argument("--exits", dest="model.exits", type=_exits, default=S,
-                       help="'all', 'none', stage indices '1,3', or a distribution 'linear:3'")
+                       help="'all', 'none', stages by index or name ('1,3', 'block2.0,block3.0'), or a distribution 'linear:3'")
         g.add_argument("--head", dest="model.head", default=S)
         g.add_argument("-H", "--head-option", dest="model.head_options", action="append", type=_kv("-H"),
                        metavar="KEY=VALUE", default=S, help="e.g. width=64")
@@ -174,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
         "with the oracle; the report and plots go to --out.",
         epilog="example: eenn demo --backbone resnet20 --epochs 30", formatter_class=raw)
     d.add_argument("--backbone", default="resnet20", help="registered backbone (default: resnet20)")
-    d.add_argument("--exits", default="all", help="'all', 'none', stage indices '1,3', or a distribution 'fine:2'")
+    d.add_argument("--exits", default="all", help="'all', 'none', stages by index or name ('1,3', 'block2.0'), or a distribution 'fine:2'")
     d.add_argument("--epochs", type=int, default=30)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")

@@ -166,6 +166,19 @@ def _yaml():
     return yaml
 
 
+def dump_yaml(data: Any) -> str:
+    """``data`` as block YAML in its own key order, every value written out where it appears: no
+    ``&id001`` anchors and ``*id001`` aliases for a list that two keys share (a file a person reads
+    and edits)."""
+    yaml = _yaml()
+
+    class _Plain(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return yaml.dump(data, Dumper=_Plain, sort_keys=False)
+
+
 def _loader():
     """A safe YAML loader that also reads ``1e6`` and ``2.5e-3`` as floats (YAML 1.1, and so
     plain PyYAML, wants ``1.0e+6``)."""
@@ -252,5 +265,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def save_config(config: RunConfig, path: str | Path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(_yaml().safe_dump(config_to_dict(config), sort_keys=False))
+    p.write_text(dump_yaml(config_to_dict(config)))
     return p

@@ -192,7 +192,7 @@ def plot_trials(path: str | Path, records: list[dict], front: list[dict], config
 def write_report(out: str | Path, study, config: SearchConfig, records: list[dict], front: list[dict], message: str,
                  *, study_name: str = "", storage: str = "") -> dict[str, str]:
     """Write ``pareto.md``, ``pareto.json``, ``pareto.png`` and ``designs/trial_<n>.yaml``."""
-    import yaml
+    from ..config import dump_yaml
 
     out = Path(out)
     (out / "designs").mkdir(parents=True, exist_ok=True)
@@ -204,7 +204,7 @@ def write_report(out: str | Path, study, config: SearchConfig, records: list[dic
         header = (f"# eenn design search: study {study_name!r}, trial {r['number']}: validation accuracy "
                   f"{100 * r['val_accuracy']:.2f}% at {r['val_macs']:,.0f} expected MACs (proxy training).\n"
                   "# An eenn run config: retrain it with `eenn train --config THIS_FILE --out runs/NAME`.\n")
-        p.write_text(header + yaml.safe_dump(body, sort_keys=False))
+        p.write_text(header + dump_yaml(body))
         designs[r["number"]] = str(p)
     fl, ce = config.accuracy_floor, config.macs_ceiling
     md = [f"# Design search: {study_name}", "",

@@ -325,11 +325,11 @@ def run_plan(args) -> int:
     if args.with_front and tiers:
         tiers[0]["with_front"] = True
     if args.out:
-        import yaml
+        from ..config import dump_yaml
 
         plan = {"model": str(args.export_dir), "tiers": tiers, "float16": args.float16}
         with open(args.out, "w") as f:
-            yaml.safe_dump(plan, f, sort_keys=False)
+            f.write(dump_yaml(plan))
         print(f"wrote {args.out}")
     return 0
 
