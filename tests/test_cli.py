@@ -54,8 +54,6 @@ def test_bad_command_lines_give_one_clear_line(capsys):
     assert main(["train", "-O", "weights"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "KEY=VALUE" in err[0]
-    assert main(["train", "--optimizer", "adam"]) == 1
-    assert "unknown optimizer" in capsys.readouterr().err
 
 
 def test_list_and_module_entry_point():
@@ -153,6 +151,19 @@ def test_evaluate_calibrate_predict(run_dir, tmp_path, capsys):
     assert len(err) == 1 and "bad.npy" in err[0]
 
 
+def test_a_refused_resume_writes_nothing(run_dir, tmp_path, capsys):
+    """Checkpoints without their config.yaml, resumed as another network: refused when the weights
+    do not fit, and the folder keeps what it held (no config.yaml or run.json of the refused run)."""
+    import shutil
+
+    d = tmp_path / "bare"
+    d.mkdir()
+    shutil.copy(run_dir / "last.safetensors", d / "last.safetensors")
+    assert main(["train", "--dataset", "digits", "--backbone", "mlp", "--epochs", "1", "--out", str(d),
+                 "--no-progress", "--no-report"]) == 1
+    assert sorted(p.name for p in d.iterdir()) == ["last.safetensors"], capsys.readouterr().err
+
+
 def test_compare_two_methods(tmp_path, capsys):
     cfg = tmp_path / "cmp.yaml"
     cfg.write_text("data: {name: digits}\nmodel: {backbone: lenet5, exits: [1, 2], backbone_options: {width: 2}}\n"
@@ -186,7 +197,13 @@ def test_compare_two_methods(tmp_path, capsys):
     (["train", "--set", "train.epoch=3"], 2, "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
     (["train", "--set", "train.epochs=many"], 2, "train.epochs: expected int"),
     (["evaluate", "/nonexistent/run"], 1, "neither a run directory nor a checkpoint"),
-    (["train", "--dataset", "cifar10", "--epochs", "1"], 1, "cifar10"),
+    (["train", "--dataset", "cifar10", "--epochs", "1"], 1, "files not found. Looked for one of these sets of files:"),
+    (["train", "--dataset", "cifar10", "--epochs", "1"], 1, "in these places, in order: 1. data_dir (not given)"),
+    (["train", "--data-dir", "no-such-dir", "--epochs", "1"], 1, "data_dir 'no-such-dir' is not a folder"),
+    (["train", "--optimizer", "adam"], 2, "train: unknown optimizer 'adam'"),
+    (["train", "--val-fraction", "0"], 2, "data.val_fraction: 0 must lie in (0, 1)"),
+    (["calibrate", "run", "--out", "run/best.safetensors"], 1, "is a checkpoint (safetensors): writing a calibration"),
+    (["predict", "run", "x.npy", "--calibration", "typo.json"], 1, "--calibration typo.json: no such file"),
     (["compare", "--config", "/nonexistent.yaml"], 2, "not found"),
     (["predict"], 2, "the following arguments are required"),
 ])

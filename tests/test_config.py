@@ -46,6 +46,31 @@ def test_bad_configs_name_the_key(tmp_path, text, message):
     assert message in str(e.value) and str(tmp_path) in str(e.value)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("data: {val_fraction: 0}", "data.val_fraction: 0 must lie in (0, 1)"),
+    ("eval: {goal: {maxdrop: 0.01}}", "eval.goal {'maxdrop': 0.01}"),
+    ("eval: {policy: ensemble}", "eval.policy 'ensemble' needs eval.policy_options.weights"),
+    ("eval: {policy: max_prob, policy_options: {bogus: 1}}", "does not accept option(s) 'bogus'"),
+    ("eval: {policy: nope}", "eval.policy 'nope'"),
+    ("eval: {batch_sizes: [1], timing_samples: [256, 2048]}", "eval.timing_samples [256, 2048]: give one count"),
+    ("eval: {batch_sizes: [0, 4]}", "eval.batch_sizes: expected a list of whole numbers >= 1"),
+    ("train: {grad_clip: -1}", "train: grad_clip must be > 0"),
+    ("train: {early_stopping: 0}", "train: early_stopping must be >= 1"),
+    ("train: {gamma: -1}", "train: gamma must be > 0"),
+    ("train: {seed: -1}", "train: seed must be >= 0"),
+    ("train: {lr: .nan}", "train: lr must be > 0, got nan"),
+    ("train: {device: gpu}", "train: device 'gpu' is not a device"),
+    ("objective: {name: heads_only}", "give the trained network's weights (objective.options.checkpoint"),
+])
+def test_values_a_run_cannot_use_are_refused_before_it_starts(tmp_path, text, message):
+    """Settings of the right type that would fail a run (often only after training, at the
+    report) or train it wrongly (a negative clip norm reverses the gradient) are refused when the
+    config is read, naming the key."""
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, text))
+    assert message in str(e.value), str(e.value)
+
+
 def test_bad_overrides_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         apply_overrides({}, ["train.epochs"])

@@ -241,10 +241,6 @@ def test_search_order(tmp_path, monkeypatch):
     # a data_dir that is not there is a mistake (a typo), not a reason to read the files from elsewhere
     with pytest.raises(DatasetNotFoundError, match="data_dir .*not-a-folder' is not a folder"):
         load_splits("mnist", tmp_path / "not-a-folder")
-    # an environment variable that points nowhere is said so, and the search goes on
-    monkeypatch.setenv(sources.ENV_VAR, str(tmp_path / "gone"))
-    with pytest.warns(UserWarning, match="EENN_DATA_DIR=.*gone' is not a folder"):
-        assert len(load_splits("mnist", tmp_path / "explicit").train) == 10
     monkeypatch.delenv(sources.ENV_VAR)
     assert len(load_splits("mnist", None).train) == 30
     if not Path("/usr/share/datasets/mnist").exists():

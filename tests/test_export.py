@@ -137,6 +137,10 @@ def test_ensemble_weights_and_geometric_ensemble_are_exported(tmp_path):
         export(net, tmp_path / "none", policy="ensemble", policy_options={"ensemble": ens})
     with pytest.raises(ExportError, match="gated"):
         export(net, tmp_path / "gate", policy="gate")
+    for opset in (3, 11, 99, "17"):  # said before any file is written, not after pages of TorchScript IR
+        with pytest.raises(ExportError, match=f"opset {opset!r}: the exported graphs need ONNX opset 13"):
+            export(net, tmp_path / "opset", policy="max_prob", thresholds=0.9, opset=opset)
+    assert not (tmp_path / "opset").exists()
 
 
 def test_traced_model_hands_on_tuples(tmp_path):

@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eenn: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else getattr(e, "summary", e)
         print(f"eenn: error: {msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -28,7 +28,7 @@ def _flag_values(args) -> dict:
 
 
 def _config(args, base: dict | None = None):
-    from .config import apply_overrides, config_from_dict, merge, read_yaml
+    from .config import apply_overrides, check_config, config_from_dict, merge, read_yaml
 
     values = dict(base or {})
     if args.config:
@@ -39,8 +39,10 @@ def _config(args, base: dict | None = None):
     values = merge(values, flags)
     if "goal" in flags.get("eval", {}):  # a goal given on the command line replaces the config's
         values["eval"]["goal"] = flags["eval"]["goal"]
+    if "batch_sizes" in flags.get("eval", {}) and "timing_samples" not in flags["eval"]:
+        values["eval"]["timing_samples"] = None  # sized for the sizes given, not the config's others
     values = apply_overrides(values, args.overrides)
-    return config_from_dict(values)
+    return check_config(config_from_dict(values))
 
 
 def _train(args) -> None:
@@ -96,10 +98,12 @@ def _evaluate(args) -> None:
 def _calibrate(args) -> None:
     from .outputs import collect_outputs
     from .exporter import calibration_record
-    from .io import write_json
+    from .io import writable_text_file, write_json
     from .policies import ExitPolicy, report_goal
     from .run import build_data
 
+    if args.out:
+        writable_text_file(args.out, "a calibration")
     net, cfg, run_dir = _opened(args)
     data = build_data(cfg)
     e = cfg.eval
@@ -129,6 +133,9 @@ def _predict(args) -> int:
     from .run import open_run
     from .serve.inputs import InputError, decode_body
 
+    if args.calibration and not os.path.isfile(args.calibration):
+        raise FileNotFoundError(f"--calibration {args.calibration}: no such file (write one with `eenn calibrate "
+                                f"{args.run}`)")
     net, config, run_dir = open_run(args.run)
     # the policy: --calibration, the run's calibration.json, one saved in the checkpoint, the report's
     candidates = [args.calibration] if args.calibration else [

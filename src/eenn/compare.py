@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import (ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, merge, read_yaml,
+from .config import (ConfigError, RunConfig, apply_overrides, check_config, config_from_dict, config_to_dict, merge, read_yaml,
                      save_config)
 from .io import write_json
 from .policies import ExitPolicy
@@ -60,7 +60,7 @@ def load_compare(path: str | Path, overrides: list[str] | None = None,
         if not isinstance(extras["prune"], bool):
             raise ConfigError(f"{path}: methods.{label}.prune: expected true or false, got {extras['prune']!r}")
         try:
-            cfg = config_from_dict(merge(base_values, spec))
+            cfg = check_config(config_from_dict(merge(base_values, spec)))
         except ConfigError as e:
             raise ConfigError(f"{path}: methods.{label}: {e}") from None
         out[str(label)] = (cfg, extras)

@@ -27,7 +27,8 @@ from typing import Any, Mapping
 from .trainer import TrainConfig
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "ObjectiveConfig", "EvalConfig", "RunConfig",
-           "load_config", "save_config", "config_from_dict", "config_to_dict", "apply_overrides", "merge"]
+           "load_config", "save_config", "check_config", "config_from_dict", "config_to_dict", "apply_overrides",
+           "merge"]
 
 
 class ConfigError(ValueError):
@@ -65,7 +66,7 @@ class EvalConfig:
     fallback: str = "final"  # or "most_confident" (SDN)
     split: str = "test"
     batch_sizes: list = field(default_factory=lambda: [1, 256])
-    timing_samples: list = field(default_factory=lambda: [256, 2048])
+    timing_samples: list | None = None  # per batch size (or one for all); None: max(256, 8 x the batch size)
     repeats: int = 5
     curve_points: int = 12
     policy_options: dict = field(default_factory=dict)
@@ -143,6 +144,56 @@ def config_from_dict(values: Mapping, *, dropped: list | None = None) -> RunConf
     ``dropped``: for a config stored by an earlier eenn, a list that collects the keys this one
     no longer has (skipped) instead of refusing them."""
     return _build(RunConfig, values, "", dropped)
+
+
+def check_config(config: RunConfig) -> RunConfig:
+    """Refuse what the types let through but a run cannot use, before anything is trained or
+    written: values out of range, an evaluation that would fail after training (the goal, the
+    policy's options, the timing sizes, a validation split to calibrate on). Returns ``config``."""
+    d, e = config.data, config.eval
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: {d.val_fraction:g} must lie in (0, 1): the exits are calibrated on "
+                          "the validation split (eval.goal); e.g. 0.1")
+    if d.limit is not None and d.limit < 1:
+        raise ConfigError(f"data.limit: expected a number of samples >= 1 (or null for all), got {d.limit}")
+    try:
+        config.train.validate()
+    except ValueError as err:
+        raise ConfigError(f"train: {err}") from None
+    opts = config.objective.options
+    if config.objective.name in ("heads_only", "ztw_heads") and not opts.get("checkpoint"):
+        raise ConfigError(f"objective {config.objective.name!r} trains the exits on a frozen backbone: give the "
+                          "trained network's weights (objective.options.checkpoint, CLI: -O checkpoint=FILE), or "
+                          "the backbone stays at its random start")
+    from .policies import ExitPolicy
+    from .policies.calibrate import _as_goal
+
+    try:
+        _as_goal(e.goal)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"eval.goal {e.goal!r}: {err}") from None
+    try:
+        policy = ExitPolicy(e.policy, fallback=e.fallback, **e.policy_options)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ConfigError(f"eval.policy {e.policy!r} with options {e.policy_options!r}: "
+                          f"{err.args[0] if err.args else err}") from None
+    if policy.name == "ensemble" and sum(k in e.policy_options for k in ("weights", "ensemble")) != 1:
+        raise ConfigError("eval.policy 'ensemble' needs eval.policy_options.weights: a scheme (uniform, linear, "
+                          "hybrid, ...) or one weight per exit, e.g. --set 'eval.policy_options={weights: hybrid}'")
+    if e.split not in ("train", "val", "test"):
+        raise ConfigError(f"eval.split: expected train, val or test, got {e.split!r}")
+    if e.deployments not in ("all", "eager"):
+        raise ConfigError(f"eval.deployments: expected all or eager, got {e.deployments!r}")
+    for key, values in (("batch_sizes", e.batch_sizes), ("timing_samples", e.timing_samples or [1])):
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise ConfigError(f"eval.{key}: expected a list of whole numbers >= 1, got {values!r}")
+    if e.timing_samples is not None and len(e.timing_samples) not in (1, len(e.batch_sizes)):
+        raise ConfigError(f"eval.timing_samples {e.timing_samples}: give one count, or one per batch size "
+                          f"({len(e.batch_sizes)} for {e.batch_sizes}), or leave it out (null: at least 256 samples "
+                          "and 8 batches per size)")
+    if e.repeats < 1 or e.curve_points < 2:
+        raise ConfigError(f"eval.repeats must be >= 1 and eval.curve_points >= 2, got {e.repeats} and {e.curve_points}")
+    return config
 
 
 def config_to_dict(config) -> dict:
@@ -257,7 +308,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         values = merge(values, file_values)
     values = apply_overrides(values, overrides)
     try:
-        return config_from_dict(values)
+        return check_config(config_from_dict(values))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 

@@ -89,6 +89,19 @@ def _example_input(net, batch: int, gen: torch.Generator) -> Tensor:
     return torch.randint(0, high, (batch, *net.input_shape), generator=gen, dtype=dtype)
 
 
+MIN_OPSET = 13
+
+
+def _max_opset() -> int:
+    """The newest opset this PyTorch's exporter writes (23 where it does not say)."""
+    try:
+        from torch.onnx import _constants
+
+        return int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return 23
+
+
 def _policy_record(net, policy: ExitPolicy) -> dict[str, Any]:
     try:
         bound = policy.bind(net.num_exits, has_gates=net.has_gates)
@@ -116,6 +129,10 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory")
+    top = _max_opset()
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise ExportError(f"opset {opset!r}: the exported graphs need ONNX opset {MIN_OPSET} or later (the exit "
+                          f"rule's comparisons), and this PyTorch writes up to {top}; the default is 17")
     net = net.eval()
     spec = net.input_spec
     E = net.num_exits

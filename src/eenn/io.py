@@ -7,7 +7,25 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["decode_inf", "encode_inf", "read_json", "write_json"]
+__all__ = ["decode_inf", "encode_inf", "read_json", "write_json", "writable_text_file"]
+
+
+def writable_text_file(path: str | Path, what: str) -> Path:
+    """``path`` for a text file of ``what`` (a calibration, a plan), refused when it names a
+    checkpoint (by its suffix or its bytes): an ``--out`` mistyped onto ``best.safetensors`` must
+    not replace the weights."""
+    p = Path(path)
+    checkpoint = p.suffix == ".safetensors"
+    if not checkpoint and p.is_file():
+        with open(p, "rb") as f:
+            head = f.read(9)
+        checkpoint = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 32
+    if checkpoint:
+        raise ValueError(f"{p} is a checkpoint (safetensors): writing {what} there would replace it; give another "
+                         "path (e.g. a .json or .yaml file)")
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder: give a file path for {what}")
+    return p
 
 
 def read_json(path: str | Path) -> Any:

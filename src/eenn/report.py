@@ -254,14 +254,14 @@ def _model_name(net: MultiExitNetwork) -> str:
 
 def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_prob", goal: Mapping | None = None,
              split: str = "test", fallback: str = "final", batch_sizes: Sequence[int] = (1, 256),
-             timing_samples: Sequence[int] | int = (256, 2048), repeats: int = 5, curve_points: int = 12,
+             timing_samples: Sequence[int] | int | None = None, repeats: int = 5, curve_points: int = 12,
              device: str | torch.device | None = None, val: CachedOutputs | None = None,
              policy_options: Mapping | None = None, deployments: str = "all") -> Report:
     """The full report for ``net`` on ``data`` (a split bundle from :func:`eenn.load_dataset`).
 
     ``goal`` is a calibration goal (default ``{"max_drop": 0.01}``); ``batch_sizes`` the batch
     sizes timed, with ``timing_samples`` samples each (one number for all, or one per batch
-    size; ``batch_sizes=()`` skips timing); ``curve_points`` budgets for the accuracy-MACs curve
+    size; None: at least 256 samples and 8 batches of each size; ``batch_sizes=()`` skips timing); ``curve_points`` budgets for the accuracy-MACs curve
     (0 skips it). ``policy``: a rule name (with ``fallback`` and ``policy_options``, e.g.
     ``weights=`` for ``ensemble``) or an :class:`~eenn.policies.ExitPolicy`; its thresholds are
     fitted to ``goal`` on the validation split.
@@ -300,9 +300,16 @@ def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_pro
 
     timing, deploy = [], None
     if batch_sizes:
-        counts = [timing_samples] * len(batch_sizes) if isinstance(timing_samples, int) else list(timing_samples)
+        if timing_samples is None:
+            counts = [max(256, 8 * b) for b in batch_sizes]
+        elif isinstance(timing_samples, int):
+            counts = [timing_samples] * len(batch_sizes)
+        else:
+            counts = list(timing_samples)
+            counts = counts * len(batch_sizes) if len(counts) == 1 else counts
         if len(counts) != len(batch_sizes):
-            raise ValueError(f"timing_samples: give one count, or one per batch size ({len(batch_sizes)})")
+            raise ValueError(f"timing_samples {list(counts)}: give one count, or one per batch size "
+                             f"({len(batch_sizes)} for {list(batch_sizes)})")
         x_all = next(iter(TensorLoader(split_set, max(counts), input_spec=net.input_spec, device=dev)))[0]
         paths = make_deployments(net, fitted, device=dev, paths=deployments, val=data.val)
         deploy = time_deployments(net, fitted, x_all, batch_sizes, samples=counts, repeats=repeats, paths=paths)

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
+from .callbacks import Callback
 from .checkpoint import load, read_description
-from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, read_yaml, save_config
+from .config import ConfigError, RunConfig, check_config, config_from_dict, config_to_dict, read_yaml, save_config
 from .data import load_dataset
 from .network import MultiExitNetwork, create_network
 from .objectives import create_objective
@@ -88,6 +89,7 @@ def train_run(config: RunConfig, *, argv: list[str] | None = None, report: bool 
     "report"}``."""
     from .trainer import Trainer
 
+    check_config(config)
     if config.train.out_dir is None:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=default_run_dir(config)))
     out = Path(config.train.out_dir)
@@ -97,15 +99,27 @@ def train_run(config: RunConfig, *, argv: list[str] | None = None, report: bool 
     out.mkdir(parents=True, exist_ok=True)
     if config.train.resume:
         _check_resumable(out, config)
-    if os.environ.get("RANK", "0") == "0":
-        save_config(config, out / "config.yaml")
-        (out / "run.json").write_text(json.dumps(run_info(argv), indent=2))
-    history = Trainer(config.train, callbacks=callbacks).fit(net, data, objective)
+    files = _RunFiles(config, out, argv)
+    history = Trainer(config.train, callbacks=[*callbacks, files]).fit(net, data, objective)
     result = {"dir": str(out), "history": history, "report": None}
     if report and os.environ.get("RANK", "0") == "0":
         best = load(out / "best.safetensors") if (out / "best.safetensors").exists() else net
         result["report"] = evaluate_run(best, data, config, out)
     return result
+
+
+class _RunFiles(Callback):
+    """Writes the run's ``config.yaml`` and ``run.json`` once training starts (its weights built or
+    resumed), on rank 0: a run refused before that (a checkpoint that does not fit, say) leaves the
+    directory's files as they were."""
+
+    def __init__(self, config: RunConfig, out: Path, argv: list[str] | None) -> None:
+        self.config, self.out, self.argv = config, out, argv
+
+    def on_fit_start(self, trainer) -> None:
+        if os.environ.get("RANK", "0") == "0":
+            save_config(self.config, self.out / "config.yaml")
+            (self.out / "run.json").write_text(json.dumps(run_info(self.argv), indent=2))
 
 
 def _differences(saved: Any, want: Any, where: str = "") -> list[str]:
@@ -144,7 +158,7 @@ def _check_resumable(out: Path, config: RunConfig) -> None:
 def evaluate_run(net: MultiExitNetwork, data, config: RunConfig, out: str | Path | None) -> Report:
     e = config.eval
     report = evaluate(net, data, policy=e.policy, goal=e.goal, split=e.split, fallback=e.fallback,
-                      batch_sizes=tuple(e.batch_sizes), timing_samples=tuple(e.timing_samples), repeats=e.repeats,
+                      batch_sizes=tuple(e.batch_sizes), timing_samples=None if e.timing_samples is None else tuple(e.timing_samples), repeats=e.repeats,
                       curve_points=e.curve_points, device=config.train.device, policy_options=e.policy_options,
                       deployments=e.deployments)
     report.data["run"] = {"objective": config.objective.name, "objective_options": config.objective.options}

@@ -65,10 +65,26 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.dist_timeout <= 0:
-            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        for name in ("step_epochs", "early_stopping"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1 epoch{' (or None: off)' if name == 'early_stopping' else ''}, "
+                                 f"got {v}")
+        # not NaN either: each test reads "within range", which NaN never is
+        for name, ok, rule in (("lr", self.lr > 0, "> 0"), ("dist_timeout", self.dist_timeout > 0, "> 0 seconds"),
+                               ("gamma", self.gamma > 0, "> 0"), ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+                               ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                               ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+                               ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0 (or None: off)"),
+                               ("seed", self.seed >= 0, ">= 0"), ("crop_padding", self.crop_padding >= 0, ">= 0")):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"device {self.device!r} is not a device: use cpu, cuda or cuda:N (None: cuda when "
+                                 "present)") from None
 
 
 def build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:

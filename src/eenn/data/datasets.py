@@ -7,7 +7,6 @@ then carves the validation split out of train, applies ``limit`` and computes me
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -54,6 +53,12 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, val_fr
     key = name.strip().lower().replace("-", "_")
     key = key if key in DATASETS else name
     builder = DATASETS.get(key)
+    # a folder named explicitly that is not there is a mistake, not a reason to take the files from somewhere else
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise DatasetNotFoundError(
+            f"data set {key!r}: data_dir {os.fspath(data_dir)!r} is not a folder. Give the folder that holds the files "
+            f"(or a subfolder {key!r} of it), or leave data_dir (CLI: --data-dir) out to search ${ENV_VAR}, the user "
+            "cache and the system folders")
     check_options(f"data set {key!r}", builder, options, skip=("data_dir", "download", "seed"))
     raw = builder(data_dir=data_dir, download=download, seed=seed, **options)
     train, val = split_off(raw.train, val_fraction, (seed, _VAL_STREAM))
@@ -68,16 +73,6 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, val_fr
 # ------------------------------------------------------------------------------------------ helpers
 
 def _find(source: Source, data_dir: str | os.PathLike | None, download: bool) -> Found:
-    # a folder named explicitly that is not there is a mistake, not a reason to take the files from
-    # somewhere else; an environment variable that points nowhere is said so once per load
-    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
-        raise DatasetNotFoundError(
-            f"data set {source.name!r}: data_dir {os.fspath(data_dir)!r} is not a folder. Give the folder that holds "
-            f"the files (or a subfolder {source.name!r} of it), or leave data_dir (CLI: --data-dir) out to search "
-            f"${ENV_VAR}, the user cache and the system folders")
-    env = os.environ.get(ENV_VAR)
-    if env and not Path(env).expanduser().is_dir():
-        warnings.warn(f"${ENV_VAR}={env!r} is not a folder: looking for {source.name!r} elsewhere", stacklevel=5)
     found = locate(source, data_dir)
     if found is None and download:
         download_source(source)

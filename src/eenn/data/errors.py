@@ -6,6 +6,12 @@ from __future__ import annotations
 class DatasetNotFoundError(FileNotFoundError):
     """The data set's files are in none of the searched places (or a download failed)."""
 
+    @property
+    def summary(self) -> str:
+        """The message on one line, for a shell: what is missing, the files and places looked at,
+        and how to get them."""
+        return " ".join(ln.strip() for ln in str(self.args[0] if self.args else "").splitlines() if ln.strip())
+
 
 class DatasetCorruptError(ValueError):
     """A data file exists but cannot be read: truncated, wrong format, inconsistent, or unsafe."""
