@@ -237,7 +237,8 @@ def test_search_order(tmp_path, monkeypatch):
     monkeypatch.setenv(sources.ENV_VAR, str(tmp_path / "env"))
     assert len(load_splits("mnist", tmp_path / "explicit").train) == 10
     (tmp_path / "nothing-here").mkdir()
-    assert len(load_splits("mnist", tmp_path / "nothing-here").train) == 20  # falls through to the env var
+    with pytest.warns(UserWarning, match="no complete set of its files in data_dir .*nothing-here'; read from"):
+        assert len(load_splits("mnist", tmp_path / "nothing-here").train) == 20  # falls through to the env var
     # a data_dir that is not there is a mistake (a typo), not a reason to read the files from elsewhere
     with pytest.raises(DatasetNotFoundError, match="data_dir .*not-a-folder' is not a folder"):
         load_splits("mnist", tmp_path / "not-a-folder")

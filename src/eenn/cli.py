@@ -143,7 +143,7 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fallback", dest="eval.fallback", choices=("final", "most_confident"), default=S)
     g.add_argument("--split", dest="eval.split", choices=("val", "test", "train"), default=S)
     g.add_argument("--batch-sizes", dest="eval.batch_sizes", type=_ints, default=S, help="timed batch sizes, e.g. 1,256 ('' skips timing)")
-    g.add_argument("--timing-samples", dest="eval.timing_samples", type=_ints, default=S, help="samples timed per batch size, e.g. 256,2048")
+    g.add_argument("--timing-samples", dest="eval.timing_samples", type=_ints, default=S, help="samples timed per batch size, e.g. 256,2048 (default: at least 256 and 8 batches of each size)")
     g.add_argument("--repeats", dest="eval.repeats", type=int, default=S)
     g.add_argument("--curve-points", dest="eval.curve_points", type=int, default=S)
     g.add_argument("--deployments", dest="eval.deployments", choices=("all", "eager"), default=S,
