@@ -18,6 +18,9 @@ from .trainer import evaluate_exits, fit
 def run_demo(*, backbone: str = "resnet20", exits="all", epochs: int = 30, seed: int = 0,
              device: str | None = None, out: str | Path | None = "runs/demo", max_drop: float = 0.01,
              repeats: int = 5) -> dict:
+    if out is not None and (Path(out) / "config.yaml").is_file():
+        raise ValueError(f"{out} is a run directory (it holds config.yaml): the demo's report would replace that "
+                         "run's report.md, report.json and plots; give another --out")
     torch.manual_seed(seed)
     data = load_dataset("digits", seed=seed)
     info = data.info
