@@ -119,6 +119,8 @@ BAD = [
     (json.dumps({"x": 1}).encode(), "application/json", 422, '"inputs"'),
     (json.dumps([[300] * 8] * 8).encode(), "application/json", 422, "read as pixels 0-255"),
     (b"hello", "text/plain", 415, "unsupported content type"),
+    (b"[" * 100000 + b"]" * 100000, "application/json", 400, "nested too deeply"),  # beyond the JSON reader
+    (b"[" * 200 + b"]" * 200, "application/json", 422, "nested more than 4 levels"),  # beyond NumPy's 64 axes
 ]
 
 
@@ -127,6 +129,18 @@ def test_bad_input_gets_a_clear_4xx(server, body, ct, status, message):
     _, url = server
     got, out = post(url, body, ct)
     assert got == status and message in out["error"], out
+
+
+def test_a_body_no_reader_foresaw_is_a_400(model, monkeypatch):
+    from eenn.serve import inputs
+
+    def unforeseen(body, manifest):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(inputs, "_json", unforeseen)
+    with pytest.raises(inputs.InputError) as e:
+        decode_body(b"[1.0]", "application/json", load_manifest(model[1]))
+    assert e.value.status == 400 and "cannot read the body (KeyError: 'oops')" in e.value.message
 
 
 def test_bad_arrays_and_limits(server):
@@ -233,6 +247,74 @@ def test_a_malformed_handoff_is_refused_with_the_reason():
             decode(message)
     arrays, meta = decode(good)
     assert meta == {"k": 1} and arrays["state_0"].shape == (2, 3)
+
+
+MANIFEST_EDITS = [
+    (lambda m: m.update(class_names=["a", "b"]), "`class_names` must list 10 names (num_classes) or be null, got 2"),
+    (lambda m: m["preprocess"].update(mean="x"),
+     "`preprocess.mean` must be 1 number (per channel of input_shape [1, 8, 8]), got 'x'"),
+    (lambda m: m["preprocess"].update(std=[0.2, 0.2]), "`preprocess.std` must be 1 number"),
+    (lambda m: m["segments"].pop(), "`segments` must list one entry per exit (4, num_exits), got 3 entries"),
+    (lambda m: m.pop("segments"), "`segments` must list one entry per exit (4, num_exits), got none"),
+    (lambda m: m.update(input_shape=[1, 8, -8]), "`input_shape` must be a list of positive integers"),
+    (lambda m: m.update(input_shape=[1, 9, 8]), "`input_shape` [1, 9, 8] does not match segment 0's input [1, 8, 8]"),
+    (lambda m: m["exit_names"].pop(), "`exit_names` must list 4 names"),
+    (lambda m: m["validation"].update(depth_distribution=[0.5, 0.5]), "`validation.depth_distribution` must be 4"),
+]
+
+
+@pytest.mark.parametrize("edit, message", MANIFEST_EDITS, ids=[m[1][:40] for m in MANIFEST_EDITS])
+def test_an_inconsistent_manifest_is_refused_when_read(model, tmp_path, edit, message):
+    """A hand-edited manifest whose parts disagree is refused once, when read, saying what is
+    wrong, instead of a 500 on every request or an IndexError when planning."""
+    from eenn.staged import ExportError
+
+    m = json.loads((model[1] / "manifest.json").read_text())
+    edit(m)
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ExportError) as e:
+        load_manifest(tmp_path)
+    assert str(e.value).startswith(f"manifest.json of {tmp_path}: ") and message in str(e.value)
+    assert str(e.value).endswith("; re-export the model")
+
+
+def test_an_input_shape_the_graphs_do_not_take_is_refused_at_load(model, tmp_path):
+    import shutil
+
+    from eenn.staged import ExportError, StagedRunner
+
+    d = shutil.copytree(model[1], tmp_path / "export")
+    m = json.loads((d / "manifest.json").read_text())
+    m["input_shape"] = m["segments"][0]["inputs"][0]["shape"][1:] = [1, 9, 8]
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ExportError, match=r"`input_shape` \[1, 9, 8\] does not match the ONNX graph of segment 0, "
+                                          r"which takes \[batch, 1, 8, 8\]; re-export the model"):
+        StagedRunner(d, segments=(0, 1))
+    with pytest.raises(ExportError, match="no exported model at /nonexistent "):
+        load_manifest("/nonexistent")
+
+
+def test_serve_refuses_a_bad_or_busy_port(model, tmp_path, capsys):
+    import socket
+
+    from eenn.serve import serve
+    from eenn.serve.cli import _main
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"model": str(model[1]), "tiers": [{"name": "all", "segments": "rest"}]}))
+    with pytest.raises(SystemExit) as e:
+        _main(["serve", "--plan", str(plan), "--local", "--port", "99999"])
+    assert e.value.code == 2 and "argument --port: a port is a number 0-65535" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="port must be a number 0-65535"):
+        serve(str(plan), local=True, port=70000)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert _main(["serve", "--plan", str(plan), "--local", "--port", str(port)]) == 1
+    out, err = capsys.readouterr()
+    assert err == f"eenn: error: cannot listen on 127.0.0.1:{port}: the port is in use (another server listens on " \
+                  "it): stop that one or choose another --port\n" and "serving" not in out
 
 
 def test_plan_parsing_errors(model):

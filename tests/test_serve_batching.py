@@ -397,6 +397,49 @@ def test_plan_tier_options_are_checked(model, options, message):
     assert message in str(e.value)
 
 
+BAD_PLANS = [
+    ({"max_batch": 0}, "plan `max_batch` must be an integer >= 1 (the most samples one request may carry), got 0"),
+    ({"max_body_bytes": -1}, "plan `max_body_bytes` must be an integer >= 1"),
+    ({"timeout_s": "abc"}, "plan `timeout_s` must be a number of seconds > 0 (how long a tier waits for the next "
+                           "one), got 'abc'"),
+    ({"threads": 0}, "plan `threads` must be an integer >= 1 (onnxruntime threads per tier), got 0"),
+    ({"float16": "no"}, "plan `float16` must be true or false, got 'no'"),
+    ({"links": [{"bw": 1}]}, "plan `links` entry 0 must be {bandwidth: BYTES_PER_S, latency_s: SECONDS}, got {'bw': 1}"),
+    ({"links": [{"bandwidth": 1e6, "latency_s": 0}, {"bandwidth": 0, "latency_s": 0}]},
+     "plan `links` entry 1: link `bandwidth` must be a number of bytes per second > 0, got 0"),
+    ({"links": [{"bandwidth": 1e6, "latency_s": 0}]}, "plan `links`: 3 tiers need 2 links"),
+    ({"tiers": []}, "plan `tiers` must list at least one tier"),
+    ({"model": None}, "plan `model` must be the export directory (a path), got None"),
+    ({"replicas": 2}, "unknown plan keys: replicas (a plan takes float16, links, "),
+]
+
+
+@pytest.mark.parametrize("keys, message", BAD_PLANS, ids=[b[1][:40] for b in BAD_PLANS])
+def test_plan_wide_keys_are_checked(model, keys, message):
+    _, d, _, _ = model
+    with pytest.raises(ValueError) as e:
+        TierPlan.from_dict({**_plan(d).to_dict(), **keys})
+    assert message in str(e.value)
+
+
+def test_plan_files_that_cannot_be_read_say_where(tmp_path):
+    for name, text, message in [
+            ("empty.yaml", "", "empty.yaml is empty: a plan needs `model` (an export directory) and `tiers`"),
+            ("broken.yaml", "model: export\ntiers: [{name: a, segments: rest}\n",
+             "broken.yaml: not valid YAML at line 3, column 1: expected ',' or ']', but got '<stream end>' (while "
+             "parsing a flow sequence that begins at line 2, column 8)"),
+            ("broken.json", '{"model": "export",\n', "broken.json: not valid JSON at line 2, column 1: Expecting"),
+            ("list.yaml", "- a\n", "list.yaml: a plan is a mapping with `model` (an export directory) and `tiers`, got list")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError) as e:
+            TierPlan.load(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path}/{name}") and message in str(e.value) and "\n" not in str(e.value)
+    # 1e6 reads as a number, as in YAML 1.2 (YAML 1.1 wants 1.0e+6)
+    (tmp_path / "links.yaml").write_text(f"model: {tmp_path}\ntiers: []\nlinks: [{{bandwidth: 1e6, latency_s: 1e-3}}]\n")
+    with pytest.raises(ValueError, match="`tiers` must list at least one tier"):
+        TierPlan.load(tmp_path / "links.yaml")
+
+
 # ------------------------------------------------------------------------------------ Ray Serve
 def _batch_in_test_loop(monkeypatch, deployment):
     """Let ``deployment``'s ``serve.batch`` method run in a plain event loop, no cluster: its

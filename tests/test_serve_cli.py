@@ -37,3 +37,14 @@ def test_export_then_plan(tmp_path, capsys):
     assert [t.with_front for t in plan.tiers] == [True] + [False] * (len(plan.tiers) - 1)
     assert _main(["export", str(ckpt), "--out", str(tmp_path / "d")]) == 1  # no thresholds: a clear error
     assert "no thresholds" in capsys.readouterr().err
+
+
+def test_serve_reports_an_unreadable_plan_in_one_line(tmp_path, capsys):
+    for text, message in [("", "is empty"), ("tiers: [{name: a\n", "not valid YAML at line 2, column 1"),
+                          ("model: export\ntiers: [{name: a, segments: rest}]\n",
+                           f"no exported model at {tmp_path / 'export'} (missing manifest.json)")]:
+        plan = tmp_path / "plan.yaml"
+        plan.write_text(text)
+        assert _main(["serve", "--plan", str(plan), "--local"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("eenn: error: ") and message in err and err.count("\n") == 1, err

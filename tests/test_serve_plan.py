@@ -2,6 +2,8 @@
 num_cpus) from the segment times: the proposal must follow the times (swap which tier is slow and
 the replicas swap), the load (more clients, bigger batches) and the fixed cost per run (what
 batching saves); bad settings are refused with the reason."""
+import json
+
 import pytest
 import yaml
 
@@ -188,3 +190,40 @@ def test_tiers_on_one_machine_become_one_tier_and_a_far_faster_one_over_a_free_l
     assert "no validation exit distribution" in err and "--dataset" in err and "calibration_record" in err
     (cloud,) = TierPlan.load(faster).tiers
     assert (cloud.name, cloud.start, cloud.stop) == ("cloud", 0, 4)
+
+
+def test_eenn_plan_names_the_argument_that_is_wrong(tmp_path, capsys):
+    """Bad --tier, --link, --split or export values: exit status 1, one line naming the flag or
+    the path and what is allowed, and no plan written."""
+    d = _export(tmp_path)
+    out = tmp_path / "plan.yaml"
+    ok = ["--tier", "device=1e8", "--tier", "cloud=1e10", "--link", "1e9,0.001"]
+    for argv, message in [
+            (["--tier", "device=-1", "--tier", "cloud=1e10", "--link", "1e9,0.001"],
+             "--tier 'device=-1': MACS_PER_S must be a number > 0, got -1"),
+            (["--tier", "device=1e8,-1", "--tier", "cloud=1e10", "--link", "1e9,0.001"],
+             "--tier 'device=1e8,-1': OVERHEAD_S must be a number of seconds >= 0"),
+            (["--tier", "device=fast", "--tier", "cloud=1e10", "--link", "1e9,0.001"],
+             "--tier 'device=fast': SPEED is MACS_PER_S[,OVERHEAD_S] in numbers"),
+            (["--tier", "device=measurex", "--tier", "cloud=1e10", "--link", "1e9,0.001"], "--tier 'device=measurex'"),
+            (["--tier", "a=1e8", "--tier", "a=1e9", "--link", "1e9,0.001"], "--tier names must be distinct"),
+            ([*ok[:4], "--link=-1,0.01"], "--link '-1,0.01': link `bandwidth` must be a number of bytes per second > 0"),
+            ([*ok[:4], "--link=1e6,-5"], "--link '1e6,-5': link `latency_s` must be a number of seconds >= 0"),
+            ([*ok, "--split", "2-1,rest"], "--split '2-1,rest': tier 'device': segments 2-1 are reversed: write the "
+                                          "first one first (1-2)"),
+            ([*ok, "--split", "0-1-2,rest"], "--split '0-1-2,rest': tier 'device': cannot read segments '0-1-2'")]:
+        assert _main(["plan", str(d), *argv, "--out", str(out)]) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("eenn: error: ") and message in err and err.count("\n") == 1, (argv, err)
+        assert not out.exists()
+    assert _main(["plan", str(tmp_path / "nonexistent"), *ok]) == 1
+    assert f"no exported model at {tmp_path / 'nonexistent'} (missing manifest.json)" in capsys.readouterr().err
+    # a hand-edited manifest: said so, not an IndexError or a bare KeyError
+    m = json.loads((d / "manifest.json").read_text())
+    for edit, message in [(lambda m: m["segments"].pop(), "got 3 entries"), (lambda m: m.pop("segments"), "got none")]:
+        broken = dict(m, segments=list(m["segments"]))
+        edit(broken)
+        (d / "manifest.json").write_text(json.dumps(broken))
+        assert _main(["plan", str(d), *ok]) == 1
+        assert f"manifest.json of {d}: `segments` must list one entry per exit (4, num_exits), {message}; re-export " \
+               "the model" in capsys.readouterr().err

@@ -46,16 +46,49 @@ def serve(plan: TierPlan | dict | str | Path, address: str | None = None, *, loc
     the cluster at ``address`` otherwise), or in this process with ``local=True``. ``ingress``:
     what takes the HTTP requests on an embedded Ray (:func:`eenn.serve.ray_app.start`)."""
     plan = as_plan(plan)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be a number 0-65535 (0: any free one), got {port!r}")
     if local:
         import uvicorn
 
         from .app import create_app, local_front
 
-        front = local_front(plan)
-        print(f"eenn: serving {len(plan.tiers)} tiers in-process at http://{host}:{port} "
-              "(POST /predict, GET /health, GET /metrics); Ctrl-C stops", flush=True)
-        uvicorn.run(create_app(front), host=host, port=port, log_level="warning", lifespan="off")
+        sock = _listen(host, port)
+        try:
+            front = local_front(plan)
+            try:
+                server = uvicorn.Server(uvicorn.Config(create_app(front), log_level="warning", lifespan="off"))
+                print(f"eenn: serving {len(plan.tiers)} tiers in-process at http://{host}:{sock.getsockname()[1]} "
+                      "(POST /predict, GET /health, GET /metrics); Ctrl-C stops", flush=True)
+                server.run(sockets=[sock])
+            finally:
+                front.close()
+        finally:
+            sock.close()
         return
     from .ray_app import serve_plan
 
     serve_plan(plan, address, host=host, port=port, ingress=ingress)
+
+
+def _listen(host: str, port: int):
+    """A TCP socket bound to ``host:port``, or an error that says why not in one line."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise OSError(f"cannot listen on {host}:{port}: unknown host ({e.strerror}); give --host an address of "
+                      "this machine (127.0.0.1, 0.0.0.0)") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        why = ("the port is in use (another server listens on it): stop that one or choose another --port"
+               if e.errno == errno.EADDRINUSE else e.strerror or str(e))
+        raise OSError(f"cannot listen on {host}:{port}: {why}") from None
+    return sock

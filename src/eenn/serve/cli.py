@@ -74,6 +74,16 @@ def _floats(text: str) -> list[float] | float:
     return float(v)
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number 0-65535 (0: any free one), got {text!r}")
+    return port
+
+
 def add_parsers(subparsers) -> None:
     """Register ``export``, ``serve`` and ``plan`` on the main parser's subparsers."""
     raw = argparse.RawDescriptionHelpFormatter
@@ -100,7 +110,7 @@ def add_parsers(subparsers) -> None:
     s.add_argument("--address", default=None, help="an existing Ray cluster (ray://host:10001 or auto)")
     s.add_argument("--local", action="store_true", help="run every tier in this process, without Ray")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_port, default=8000)
     s.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
                    help="on an embedded Ray: HAProxy in front of the ingress replica (Ray Serve's high-throughput "
                         "mode; the default where this Ray has it) or Ray Serve's Python proxy")
@@ -207,9 +217,9 @@ def _speeds(specs: list[str], manifest: dict, batch: int = 1):
     speeds, measured, batched = [], None, None
     for spec in specs:
         name, sep, value = spec.partition("=")
-        if not sep:
+        if not sep or not name.strip():
             raise ValueError(f"--tier takes NAME=SPEED, got {spec!r}")
-        if value.startswith("measure"):
+        if value == "measure" or value.startswith("measure:"):
             if measured is None:
                 measured = measure_segments(manifest)
                 if batch > 1:
@@ -218,14 +228,33 @@ def _speeds(specs: list[str], manifest: dict, batch: int = 1):
                 factor = float(value.partition(":")[2] or 1.0)
             except ValueError:
                 raise ValueError(f"--tier {spec!r}: measure:F takes a number F (how many times faster)") from None
-            if not factor > 0:
-                raise ValueError(f"--tier {spec!r}: the speed factor must be > 0")
+            if not 0 < factor < float("inf"):
+                raise ValueError(f"--tier {spec!r}: the speed factor must be a number > 0")
             speeds.append(TierSpeed(name, segment_s=[t / factor for t in measured[0]], answer_s=measured[1] / factor,
                                     batch_s=None if batched is None else [t / factor for t in batched], batch=batch))
         else:
-            parts = [float(v) for v in value.split(",")]
-            speeds.append(TierSpeed(name, parts[0], parts[1] if len(parts) > 1 else 0.0))
+            speeds.append(TierSpeed(name, *_declared(spec, value)))
+    names = [s.name for s in speeds]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--tier names must be distinct, got {', '.join(names)}")
     return speeds
+
+
+def _declared(spec: str, value: str) -> tuple[float, float]:
+    """``(MACs/s, overhead s)`` of ``--tier NAME=MACS_PER_S[,OVERHEAD_S]``."""
+    parts = value.split(",")
+    try:
+        nums = [float(v) for v in parts]
+    except ValueError:
+        nums = []
+    if len(nums) not in (1, 2) or len(nums) != len(parts):
+        raise ValueError(f"--tier {spec!r}: SPEED is MACS_PER_S[,OVERHEAD_S] in numbers (e.g. device=5e7 or "
+                         "device=5e7,0.0002), measure, or measure:F")
+    if not 0 < nums[0] < float("inf"):
+        raise ValueError(f"--tier {spec!r}: MACS_PER_S must be a number > 0, got {parts[0]}")
+    if len(nums) > 1 and not 0 <= nums[1] < float("inf"):
+        raise ValueError(f"--tier {spec!r}: OVERHEAD_S must be a number of seconds >= 0, got {parts[1]}")
+    return nums[0], nums[1] if len(nums) > 1 else 0.0
 
 
 def _split(text: str, names: list[str], num_exits: int) -> list[tuple[int, int]]:
@@ -236,7 +265,10 @@ def _split(text: str, names: list[str], num_exits: int) -> list[tuple[int, int]]
         raise ValueError(f"--split gives {len(specs)} tiers' segments for {len(names)} tiers ({text!r})")
     bounds, at = [], 0
     for spec, name in zip(specs, names):
-        a, b = _segments(int(spec) if spec.isdigit() else spec, at, num_exits, name)
+        try:
+            a, b = _segments(spec, at, num_exits, name)
+        except ValueError as e:
+            raise ValueError(f"--split {text!r}: {e}") from None
         if a != at:
             raise ValueError(f"--split: tier {name!r} starts at segment {a}, not {at}: tiers take consecutive "
                              "segments in order")
@@ -268,7 +300,10 @@ def run_plan(args) -> int:
             bw, lat = (float(v) for v in text.split(","))
         except ValueError:
             raise ValueError(f"--link takes BYTES_PER_S,LATENCY_S, got {text!r}") from None
-        links.append(LinkSpec(bw, lat))
+        try:
+            links.append(LinkSpec(bw, lat))
+        except ValueError as e:
+            raise ValueError(f"--link {text!r}: {e}") from None
     names = [s.name for s in speeds]
     depth = (m.get("validation") or {}).get("depth_distribution")
     if depth is None:
@@ -341,8 +376,9 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"eenn: error: {e}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:  # as the main command (eenn.cli)
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"eenn: error: {msg}", file=sys.stderr)
         return 1
 
 

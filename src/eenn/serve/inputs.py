@@ -185,10 +185,19 @@ def _json(body: bytes, manifest: dict) -> np.ndarray:
         value: Any = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(400, f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InputError(400, "the JSON body is nested too deeply to read: send an array of at most "
+                              f"{1 + len(manifest['input_shape'])} levels (a batch of samples)") from None
     if isinstance(value, dict):
         if "inputs" not in value:
             raise InputError(422, 'a JSON object body needs an "inputs" field holding the array')
         value = value["inputs"]
+    shape, depth, v = tuple(manifest["input_shape"]), 0, value
+    while isinstance(v, list) and depth <= len(shape) + 1:  # no need to go deeper than a batch
+        depth, v = depth + 1, (v[0] if v else None)
+    if depth > len(shape) + 1:
+        raise InputError(422, f"the JSON array is nested more than {len(shape) + 1} levels deep: expected one sample "
+                              f"{shape} or a batch (B, {', '.join(map(str, shape))})")
     try:
         a = np.asarray(value)
     except ValueError as e:  # ragged nesting
@@ -208,7 +217,17 @@ def _json(body: bytes, manifest: dict) -> np.ndarray:
 def decode_body(body: bytes, content_type: str, manifest: dict, *, max_bytes: int = MAX_BODY_BYTES,
                 max_batch: int = MAX_BATCH) -> np.ndarray:
     """The float32 model inputs ``[B, *input_shape]`` carried by a request body; raises
-    :class:`InputError` with a 4xx status and the reason otherwise."""
+    :class:`InputError` with a 4xx status and the reason otherwise (400 for a body that none of
+    the readers foresaw: the manifest is checked when it is read, so the body is what failed)."""
+    try:
+        return _decode(body, content_type, manifest, max_bytes, max_batch)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a body no check foresaw is still the client's, not a 500
+        raise InputError(400, f"cannot read the body ({type(e).__name__}: {e})") from None
+
+
+def _decode(body: bytes, content_type: str, manifest: dict, max_bytes: int, max_batch: int) -> np.ndarray:
     if len(body) > max_bytes:
         raise InputError(413, f"body of {len(body)} bytes is larger than the limit of {max_bytes} bytes")
     if not body:

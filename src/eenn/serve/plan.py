@@ -35,6 +35,7 @@ serving has no such call and ignores it. The plan-wide ``max_batch`` (256) is an
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,12 @@ class LinkSpec:
     bandwidth: float  # bytes per second
     latency_s: float  # one way
 
+    def __post_init__(self) -> None:
+        if not _number(self.bandwidth) or not self.bandwidth > 0:
+            raise ValueError(f"link `bandwidth` must be a number of bytes per second > 0, got {self.bandwidth!r}")
+        if not _number(self.latency_s) or not 0 <= self.latency_s < float("inf"):
+            raise ValueError(f"link `latency_s` must be a number of seconds >= 0, got {self.latency_s!r}")
+
 
 @dataclass
 class TierPlan:
@@ -93,6 +100,25 @@ class TierPlan:
     monitor: Any = None  # a eenn.serve.monitor.MonitorConfig, or None: no agreement monitor
 
     def __post_init__(self) -> None:
+        if not isinstance(self.model, (str, Path)) or not str(self.model):
+            raise ValueError(f"plan `model` must be the export directory (a path), got {self.model!r}")
+        if not isinstance(self.tiers, (list, tuple)) or not self.tiers:
+            raise ValueError(f"plan `tiers` must list at least one tier, got {self.tiers!r}")
+        if not isinstance(self.float16, bool):
+            raise ValueError(f"plan `float16` must be true or false, got {self.float16!r}")
+        t = self.timeout_s
+        if not _number(t) or not 0 < t < float("inf"):
+            raise ValueError(f"plan `timeout_s` must be a number of seconds > 0 (how long a tier waits for the next "
+                             f"one), got {t!r}")
+        for key, what in (("max_body_bytes", "the largest request body in bytes"),
+                          ("max_batch", "the most samples one request may carry"),
+                          ("threads", "onnxruntime threads per tier")):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"plan `{key}` must be an integer >= 1 ({what}), got {v!r}")
+        if self.links and len(self.links) != len(self.tiers) - 1:
+            raise ValueError(f"plan `links`: {len(self.tiers)} tiers need {len(self.tiers) - 1} links (one per pair of "
+                             f"neighbouring tiers), got {len(self.links)}")
         for t in self.tiers[1:]:
             if t.with_front:
                 raise ValueError(f"tier {t.name!r}: only the first tier can run `with_front` (in the HTTP front's "
@@ -105,14 +131,22 @@ class TierPlan:
         (inclusive), ``[a, b, ...]`` (consecutive) or ``"rest"``."""
         from ..staged import load_manifest
 
+        if not isinstance(data, dict):
+            raise ValueError(f"a plan is a mapping with `model` (an export directory) and `tiers`, got "
+                             f"{type(data).__name__} {data!r:.80}")
         data = dict(data)
-        unknown = set(data) - {"model", "tiers", "links", "float16", "timeout_s", "max_body_bytes", "max_batch",
-                               "threads", "monitor"}
+        unknown = set(data) - PLAN_KEYS
         if unknown:
-            raise ValueError(f"unknown plan keys: {', '.join(sorted(unknown))}")
+            raise ValueError(f"unknown plan keys: {', '.join(sorted(map(str, unknown)))} (a plan takes "
+                             f"{', '.join(sorted(PLAN_KEYS))})")
         if "model" not in data or "tiers" not in data:
             raise ValueError("a plan needs `model` (an export directory) and `tiers`")
-        model = Path(str(data["model"]))
+        if not isinstance(data["model"], (str, Path)) or not str(data["model"]):
+            raise ValueError(f"plan `model` must be the export directory (a path), got {data['model']!r}")
+        if not isinstance(data["tiers"], list) or not data["tiers"]:
+            raise ValueError(f"plan `tiers` must list at least one tier ({{name: ..., segments: ...}}), "
+                             f"got {data['tiers']!r}")
+        model = Path(data["model"])
         if base_dir is not None and not model.is_absolute():
             model = Path(base_dir) / model
         if num_exits is None:
@@ -138,9 +172,11 @@ class TierPlan:
                              "can say `segments: rest`")
         if len({t.name for t in tiers}) != len(tiers):
             raise ValueError("tier names must be distinct")
-        links = [LinkSpec(float(l["bandwidth"]), float(l["latency_s"])) for l in data.get("links") or []]
-        if links and len(links) != len(tiers) - 1:
-            raise ValueError(f"{len(tiers)} tiers need {len(tiers) - 1} links, got {len(links)}")
+        links = data.get("links") or []
+        if not isinstance(links, list):
+            raise ValueError(f"plan `links` must list one {{bandwidth: BYTES_PER_S, latency_s: SECONDS}} per pair of "
+                             f"neighbouring tiers, got {links!r}")
+        links = [_link(i, l) for i, l in enumerate(links)]
         rest = {k: data[k] for k in ("float16", "timeout_s", "max_body_bytes", "max_batch", "threads") if k in data}
         monitor = None
         if "monitor" in data and data["monitor"] is not None:
@@ -152,13 +188,24 @@ class TierPlan:
     @classmethod
     def load(cls, path: str | Path) -> "TierPlan":
         p = Path(path)
-        text = p.read_text()
+        if not p.is_file():
+            raise FileNotFoundError(f"no plan file {p}" + (" (a folder)" if p.is_dir() else ""))
+        try:
+            text = p.read_text()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not a text file ({e})") from None
         if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _read_yaml(text, p)
         else:
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if data is None:
+            raise ValueError(f"{p} is empty: a plan needs `model` (an export directory) and `tiers`")
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: a plan is a mapping with `model` (an export directory) and `tiers`, got "
+                             f"{type(data).__name__} {data!r:.80}")
         return cls.from_dict(data, base_dir=p.parent)
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,12 +218,47 @@ class TierPlan:
         return d
 
 
+PLAN_KEYS = {"model", "tiers", "links", "float16", "timeout_s", "max_body_bytes", "max_batch", "threads", "monitor"}
 TIER_KEYS = {"name", "segments", "replicas", "ray_actor_options", "max_batch", "batch_wait_ms", "with_front",
              "adaptive_wait"}
 _TIER_DEFAULTS = {"replicas": 1, "max_batch": 1, "batch_wait_ms": 0.0, "ray_actor_options": {}, "with_front": False,
                   "adaptive_wait": True}
 # what Ray Serve takes in a deployment's ray_actor_options
 _ACTOR_KEYS = {"num_cpus", "num_gpus", "memory", "object_store_memory", "resources", "accelerator_type", "runtime_env"}
+
+
+def _link(i: int, entry: Any) -> LinkSpec:
+    """Entry ``i`` of a plan's ``links``."""
+    if not isinstance(entry, dict) or set(entry) != {"bandwidth", "latency_s"}:
+        raise ValueError(f"plan `links` entry {i} must be {{bandwidth: BYTES_PER_S, latency_s: SECONDS}}, "
+                         f"got {entry!r}")
+    try:
+        return LinkSpec(entry["bandwidth"], entry["latency_s"])
+    except ValueError as e:
+        raise ValueError(f"plan `links` entry {i}: {e}") from None
+
+
+def _read_yaml(text: str, path: Path) -> Any:
+    """A YAML plan; ``1e6`` and ``2.5e-3`` read as numbers (plain YAML 1.1 wants ``1.0e+6``); a
+    syntax error as one line: the file, where, and what."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    try:
+        return yaml.load(text, Loader=Loader)
+    except yaml.MarkedYAMLError as e:
+        mark, ctx = e.problem_mark or e.context_mark, e.context_mark
+        what = e.problem or e.context or "cannot read it"
+        if e.problem and e.context:
+            what += f" ({e.context}" + (f" that begins at line {ctx.line + 1}, column {ctx.column + 1}" if ctx else "") + ")"
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}: not valid YAML{where}: {what}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def _number(v: Any) -> bool:
@@ -213,17 +295,19 @@ def _check_tier_options(name: str, o: dict[str, Any]) -> None:
 def _segments(spec: Any, at: int, num_exits: int, name: str) -> tuple[int, int]:
     if spec == "rest":
         return at, num_exits
-    if isinstance(spec, int):
+    pair = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", spec) if isinstance(spec, str) else None
+    if isinstance(spec, int) and not isinstance(spec, bool):
         a = b = spec
-    elif isinstance(spec, str) and spec.replace("-", "").strip().isdigit():
-        parts = [int(p) for p in spec.split("-")]
-        a, b = parts[0], parts[-1]
+    elif pair:
+        a, b = int(pair[1]), int(pair[2] or pair[1])
     elif isinstance(spec, (list, tuple)) and spec and all(isinstance(s, int) for s in spec):
         if list(spec) != list(range(spec[0], spec[0] + len(spec))):
             raise ValueError(f"tier {name!r}: segments {list(spec)} are not consecutive")
         a, b = spec[0], spec[-1]
     else:
         raise ValueError(f"tier {name!r}: cannot read segments {spec!r} (use k, 'a-b', [a, b, ...] or 'rest')")
+    if a > b:
+        raise ValueError(f"tier {name!r}: segments {a}-{b} are reversed: write the first one first ({b}-{a})")
     if not 0 <= a <= b < num_exits:
         raise ValueError(f"tier {name!r}: segments {a}-{b} outside 0-{num_exits - 1}")
     return a, b + 1
