@@ -220,7 +220,7 @@ def test_metrics_are_prometheus_text_and_the_counts_add_up(digits_model):
         _, exits_a = serve_all(url, clean[:40], batch=40)
         _, exits_b = serve_all(url, clean[40:41])  # one sample (the answer is not a list)
         _, exits_c = serve_all(url, clean[41:71], batch=30)
-        assert post(url, npy_bytes(np.zeros((3, 8, 8), np.float32)))[0] == 422  # refused: counted apart
+        assert post(url, npy_bytes(np.zeros((3, 8, 7), np.float32)))[0] == 422  # refused: counted apart
         assert srv.front.monitor.drain(timeout=60)
         ctype, text = get(url, "/metrics")
         health = json.loads(get(url, "/health")[1])
