@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 
 import pytest
 import torch
@@ -225,3 +226,25 @@ def test_vit_blocks_are_stages_of_token_states_and_attention_is_counted():
         create_backbone("vit", in_channels=1, num_classes=K, input_size=28, patch_size=5)
     with pytest.raises(ValueError, match="multiple of the head count"):
         create_backbone("vit", in_channels=1, num_classes=K, input_size=28, dim=30, heads=4, width=1.0)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("mlp", {"width": "abc"}, "backbone 'mlp': option 'width' must be a number, got 'abc'"),
+    ("mlp", {"hidden": [32, "x"]}, "option 'hidden' must be a list of ints"),
+    ("mlp", {"hidden": [32, -3]}, "option 'hidden' must be >= 1"),
+    ("vit", {"class_token": "no"}, "option 'class_token' must be true or false"),
+    ("vgg11", {"hidden": 1.5}, "option 'hidden' must be an int or None"),
+    ("alexnet", {"dropout": 1.5}, "option 'dropout' must lie in"),
+])
+def test_option_types_and_sizes_are_named(name, options, message):
+    # a wrong type is a TypeError that is also a ValueError (what the CLI reports as a bad option)
+    with pytest.raises((TypeError, ValueError), match=message):
+        create_backbone(name, in_channels=1, num_classes=K, input_size=8, **options)
+
+
+@pytest.mark.parametrize("arg, value", [("in_channels", "1"), ("num_classes", "10"), ("num_classes", 1),
+                                        ("input_size", "28"), ("input_size", (8, 0)), ("input_size", True)])
+def test_common_arguments_are_checked(arg, value):
+    kw = {"in_channels": 1, "num_classes": K, "input_size": 8, arg: value}
+    with pytest.raises(ValueError, match=f"{arg} must be .*got {re.escape(repr(value))}"):
+        create_backbone("mlp", **kw)

@@ -155,3 +155,27 @@ def test_training_state_round_trip(tmp_path):
     np.random.set_state(back["numpy_rng"])
     # the network itself still loads alone, ignoring the training state
     eenn.load(path)
+
+
+def _edited(tmp_path, edit):
+    """A checkpoint whose stored description ``edit(desc)`` changed, as a hand edit would."""
+    from safetensors.torch import save_file
+
+    net = eenn.create_network("mlp", in_channels=1, num_classes=10, input_size=8)
+    path = eenn.save(net, tmp_path / "m.safetensors")
+    desc, tensors = eenn.checkpoint.read_checkpoint(path)
+    edit(desc)
+    save_file(tensors, tmp_path / "edited.safetensors", metadata={"eenn": json.dumps(desc)})
+    return tmp_path / "edited.safetensors"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["network"].update(num_classes="ten"), r"network\.num_classes must be an int >= 2, got 'ten'"),
+    (lambda d: d["network"]["source"].update(num_classes="ten"), r"network\.source\.num_classes must be an int >= 2"),
+    (lambda d: d.pop("network"), r"the description has no 'network' mapping"),
+    (lambda d: d["network"].pop("exits"), r"the network description lacks the field 'exits'"),
+    (lambda d: d["network"]["source"]["options"].update(width="abc"), r"option 'width' must be a number, got 'abc'"),
+])
+def test_hand_edited_description_names_file_and_field(tmp_path, edit, message):
+    with pytest.raises(eenn.CheckpointError, match=r"edited\.safetensors: .*" + message):
+        eenn.load(_edited(tmp_path, edit))

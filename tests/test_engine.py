@@ -353,3 +353,37 @@ def test_reduced_precision_and_channels_last_are_checked_on_validation():
     r = check_precision(net, policy, (x, y), autocast=torch.bfloat16, max_drop=-1.0)  # an impossible goal
     assert not r["held"] and 0.5 < r["agreement"] <= 1.0 and r["autocast"] == "bfloat16"
     assert next(net.parameters()).is_contiguous()  # the check works on a copy: the network is as it was
+
+
+def test_inputs_are_checked_up_front():
+    from torch import nn
+
+    net = _net()  # 1x8x8, no input_spec: the backbone's shape is known
+    eng = DynamicEngine(net, "max_prob", [0.3, 0.5, 0.7])
+    want = r"DynamicEngine: expected inputs \[B, 1, 8, 8\] \(float model inputs, or uint8 pixels"
+    for bad, got in [(torch.randn(4, 3, 8, 8), r"float32 \[4, 3, 8, 8\]"),
+                     (torch.randn(4, 1, 28, 28), r"float32 \[4, 1, 28, 28\]"),
+                     (torch.zeros(4, 1, 8, 8, dtype=torch.long), r"int64 \[4, 1, 8, 8\]")]:
+        with pytest.raises(ValueError, match=want + ".*got " + got):
+            eng(bad)
+    with pytest.raises(ValueError, match=r"net\(x\): expected inputs \[B, 1, 8, 8\].*preprocess\(x\) first.*got uint8"):
+        net(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(eng(x.double().numpy()).exit, eng(x).exit)  # numpy: converted, float64 to the model's float32
+    net.input_spec = eenn.InputSpec((1, 8, 8), (0.5,), (0.25,))
+    px = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    assert torch.equal(eng(px.numpy()).exit, eng(px).exit)  # raw pixels, also as a numpy array
+
+    class Tokens(nn.Module):  # token ids: any length; floats refused
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc, self.out = nn.Embedding(50, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.out(torch.relu(self.fc(self.emb(ids).mean(1))))
+
+    text = eenn.attach_exits(Tokens(), at="fc", input_shape=(6,), input_dtype=torch.long).eval()
+    eng = DynamicEngine(text, "max_prob", 0.5)
+    assert len(eng(torch.randint(0, 50, (4, 6))).exit) == 4 and len(eng(torch.randint(0, 50, (2, 9))).exit) == 2
+    with pytest.raises(ValueError, match=r"expected inputs \[B, \.\.\.\] \(token ids \(torch.int64\)\), got float32"):
+        eng(torch.randn(2, 6))

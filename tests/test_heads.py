@@ -149,3 +149,15 @@ def test_attention_is_counted_on_every_path():
         == 10 * 4 * 16 * 16 + attention
     q = torch.randn(1, 2, 10, 8)
     assert count_macs(lambda a: torch.nn.functional.scaled_dot_product_attention(a, a, a), q) == 2 * 2 * 10 * 10 * 8
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("linear", {"width": -3}, "exit head 'linear': option 'width' must be >= 1 .or 0/None: no hidden layer., got -3"),
+    ("linear", {"width": "wide"}, "option 'width' must be an int or None, got 'wide'"),
+    ("conv", {"layers": 1.5}, "option 'layers' must be an int, got 1.5"),
+    ("nachos", {"pool": 0}, "option 'pool' must be >= 1"),
+])
+def test_head_option_types_and_sizes_are_named(name, options, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        eenn.create_head(name, (16, 8, 8), 5, **options)
+    assert eenn.create_head("linear", (16,), 5, width=0).feature_dim == 16  # 0: no hidden layer

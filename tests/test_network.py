@@ -275,3 +275,24 @@ def test_fit_sets_the_input_spec_and_refuses_other_statistics():
     with pytest.raises(ValueError, match="input description.*set net.input_spec = None"):
         eenn.fit(net, other, "joint", epochs=1, batch_size=32, progress=False)
     assert net.input_spec == eenn.InputSpec.from_info(data.info)
+
+
+def test_create_network_names_bad_arguments_and_options():
+    kw = dict(in_channels=1, num_classes=10, input_size=8)
+    with pytest.raises(TypeError, match="backbone 'mlp': option 'width' must be a number, got 'abc' .str."):
+        eenn.create_network("mlp", **kw, width="abc")
+    with pytest.raises(ValueError, match="num_classes must be an int >= 2, got '10'"):
+        eenn.create_network("mlp", **{**kw, "num_classes": "10"})
+    with pytest.raises(ValueError, match="exit head 'linear': option 'width' must be >= 1"):
+        eenn.create_network("mlp", **kw, head_options={"width": -3})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"num_classes": -1}, "num_classes must be an int >= 2, got -1"),
+    ({"input_size": (8, 0)}, r"input_size must be a positive int or \(height, width\), got \(8, 0\)"),
+    ({"noise": float("nan")}, "noise must be a finite number >= 0"),
+])
+def test_synthetic_data_set_checks_its_arguments(options, message):
+    # (here rather than in test_data.py, which this change was not to touch)
+    with pytest.raises(ValueError, match="data set 'synthetic': " + message):
+        eenn.load_dataset("synthetic", **options)

@@ -270,6 +270,26 @@ def test_goal_validation():
         Goal(max_drop=0.1, budget=3)
     with pytest.raises(ValueError, match="exactly one"):
         Goal()
+    with pytest.raises(ValueError, match=r"unknown goal key 'maxdrop' \(did you mean 'max_drop'\?\); goal keys: max_drop"):
+        calibrate("max_prob", *_tiny_val(), {"maxdrop": 0.01})
+    for bad in ("max_drop=0.01", 0.01):
+        with pytest.raises(TypeError, match="a goal is a Goal or a mapping such as"):
+            calibrate("max_prob", *_tiny_val(), bad)
+    with pytest.raises(TypeError, match=r"goal 'max_drop' must be a number in \[0, 1\].*got '1%'"):
+        Goal(max_drop="1%")
+    for goal, key in [({"max_drop": 1.5}, "max_drop"), ({"max_drop": -0.1}, "max_drop"), ({"budget": math.nan}, "budget"),
+                      ({"budget": 0}, "budget"), ({"msdnet_q": 0}, "msdnet_q"), ({"msdnet_q": math.inf}, "msdnet_q"),
+                      ({"max_drop": 0.1, "alpha": 1}, "alpha"), ({"msdnet_q": 2, "tolerance": -1}, "tolerance")]:
+        with pytest.raises(ValueError, match=f"goal '{key}' must be a finite number"):
+            Goal(**goal)
+    assert msdnet_distribution(1e200, 3).tolist() == [0.0, 1e-200, 1.0]  # no overflow to nan
+    with pytest.raises(TypeError, match=r"cost table, a CostTable \(net.cost\(\)\).*got a list"):
+        calibrate("max_prob", _tiny_val()[0], [10, 20, 100], {"max_drop": 0.01})
+
+
+def _tiny_val():
+    return CachedOutputs(logits_from([[0.9, 0.6], [0.9, 0.9], [0.9, 0.9]], [[0, 1], [0, 1], [0, 1]]), None,
+                         torch.tensor([0, 1])), COST3
 
 
 # --- oracle -----------------------------------------------------------------------------------

@@ -57,6 +57,10 @@ def test_residual_and_concat_model_gets_exits():
 def test_module_qualified_names_work_as_cut_points():
     net = eenn.attach_exits(ResCat(), at=["stem.2", "mix"], input_shape=(3, 8, 8))
     assert [s.name for s in net.backbone.stage_info][:2] == ["stem_2", "mix"]
+    one = eenn.attach_exits(ResCat(), at="stem", input_shape=(3, 8, 8))  # one name: one cut
+    assert one.num_exits == 2 and one.backbone.stage_info[0].name == "stem_2"
+    with pytest.raises(TypeError, match="at must be a node or module name or a list of them, got 3"):
+        eenn.attach_exits(ResCat(), at=3, input_shape=(3, 8, 8))
 
 
 def test_wrong_node_name_lists_valid_ones():

@@ -253,11 +253,64 @@ def load(
 
     path = Path(path)
     desc, tensors = read_checkpoint(path)
-    net = MultiExitNetwork.from_config(desc["network"], model=model, leaf_modules=leaf_modules)
+    _check_network(desc.get("network"), path)
+    try:
+        net = MultiExitNetwork.from_config(desc["network"], model=model, leaf_modules=leaf_modules)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: the network description lacks the field {e.args[0]!r}; the file was edited "
+                              "or damaged: re-save the network with eenn.save") from None
+    except TypeError as e:  # a wrong type _check_network does not look at (a backbone option, say)
+        raise CheckpointError(f"{path}: the network description does not rebuild: {e}") from None
     _load_into(net, desc, tensors, path)
     if net.input_spec is None:
         net.input_spec = _legacy_input_spec(desc)
     return net.to(map_location)
+
+
+def _is_int(v: Any, least: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+# Fields of a network description (MultiExitNetwork.config) that a hand edit may break: what each
+# must be, as a test and in words. Fields absent here, or absent from the file, are not checked.
+_FIELDS: dict[str, tuple] = {
+    "num_classes": (lambda v: _is_int(v, 2), "an int >= 2"),
+    "input_shape": (lambda v: isinstance(v, list) and bool(v) and all(_is_int(s, 1) for s in v), "a list of ints >= 1"),
+    "exits": (lambda v: isinstance(v, list) and all(_is_int(s, 0) for s in v), "a list of stage indices"),
+    "head": (lambda v: isinstance(v, list) and all(isinstance(h, str) for h in v), "a list of head names"),
+    "head_options": (lambda v: isinstance(v, list) and all(isinstance(o, dict) for o in v), "a list of mappings"),
+    "truncated_at": (lambda v: v is None or _is_int(v, 0), "an exit index"),
+    "source": (lambda v: isinstance(v, dict), "a mapping"),
+    "input_spec": (lambda v: v is None or isinstance(v, dict), "a mapping"),
+    "source.name": (lambda v: isinstance(v, str), "a backbone name"),
+    "source.in_channels": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "source.num_classes": (lambda v: _is_int(v, 2), "an int >= 2"),
+    "source.input_size": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(s, 1) for s in v),
+                          "[height, width], ints >= 1"),
+    "source.options": (lambda v: isinstance(v, dict), "a mapping of backbone options"),
+}
+
+
+def _check_network(network: Any, path: Path) -> None:
+    """Refuse a network description that a hand edit broke, naming the field."""
+    if not isinstance(network, dict):
+        raise CheckpointError(f"{path}: the description has no 'network' mapping (the network's design), got "
+                              f"{type(network).__name__}; the file was edited or damaged: re-save the network "
+                              "with eenn.save")
+    for key, (ok, allowed) in _FIELDS.items():
+        where, _, name = key.rpartition(".")
+        parent = network.get(where) if where else network
+        if isinstance(parent, dict) and name in parent and not ok(parent[name]):
+            raise CheckpointError(f"{path}: network.{key} must be {allowed}, got {parent[name]!r}; the file was "
+                                  "edited or damaged: fix the field or re-save the network with eenn.save")
+    if network.get("input_spec") is not None:
+        from .data.spec import InputSpec
+
+        try:
+            InputSpec.from_dict(network["input_spec"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: network.input_spec is not an input description "
+                                  f"({type(e).__name__}: {e})") from None
 
 
 def _legacy_input_spec(desc: dict[str, Any]):

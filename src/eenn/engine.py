@@ -44,7 +44,8 @@ class DynamicEngine:
     ``DynamicEngine(net, "max_prob", thresholds, fallback=..., **rule_options)``.
 
     ``x``: model inputs (float), or raw uint8 pixels, which the network's input description
-    normalises (:meth:`~eenn.MultiExitNetwork.preprocess`).
+    normalises (:meth:`~eenn.MultiExitNetwork.preprocess`); a tensor or a numpy array. A shape
+    or dtype the network does not take is refused up front, saying what it takes.
 
     ``micro_batch``: run each segment on at most this many samples at a time (the survivors of
     all pieces are merged before the next segment). On CPUs, large batches of high-resolution
@@ -130,6 +131,10 @@ class DynamicEngine:
         return st, lg, g
 
     def _input(self, x: Tensor) -> Tensor:
+        if isinstance(x, np.ndarray):  # floats in the parameters' type (numpy's default is float64)
+            p = next(self.net.parameters(), torch.zeros(()))
+            x = torch.as_tensor(x, device=p.device, dtype=p.dtype if np.issubdtype(x.dtype, np.floating) else None)
+        self.net._check_input(x, "DynamicEngine", pixels=True)
         x = self.net.preprocess(x) if x.dtype == torch.uint8 else x
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 

@@ -158,8 +158,18 @@ def _pool_flatten(in_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), in_shape[0]
 
 
-def _hidden(body: nn.Module, dim: int, width: int | None) -> tuple[nn.Module, int]:
+def _at_least(head: str, option: str, value: int | None, zero: str = "") -> None:
+    """Refuse a size option below 1 (None passes); ``zero``: what 0 means, where it may be given."""
+    if value is not None and value < 1 and not (zero and value == 0):
+        raise ValueError(f"exit head {head!r}: option {option!r} must be >= 1{zero}, got {value}")
+
+
+_NO_HIDDEN = " (or 0/None: no hidden layer)"
+
+
+def _hidden(head: str, body: nn.Module, dim: int, width: int | None) -> tuple[nn.Module, int]:
     """Optionally add one hidden fully connected layer (the head ``width``)."""
+    _at_least(head, "width", width, _NO_HIDDEN)
     if not width:
         return body, dim
     return nn.Sequential(body, nn.Linear(dim, width), nn.ReLU(inplace=True)), width
@@ -179,7 +189,7 @@ def _need_spatial(name: str, in_shape: tuple[int, ...]) -> None:
 def linear(in_shape, num_classes, *, width: int | None = None, gate: bool = False) -> ExitHead:
     """Global average pool + fully connected (``width`` adds a hidden layer). On token states
     (N, D): LayerNorm, the mean over tokens, fully connected."""
-    body, dim = _hidden(*_pool_flatten(in_shape), width)
+    body, dim = _hidden("linear", *_pool_flatten(in_shape), width)
     return ExitHead(body, dim, num_classes, gate=gate)
 
 
@@ -188,8 +198,8 @@ def conv(in_shape, num_classes, *, width: int | None = None, layers: int = 1, ga
     """BranchyNet-style branch: ``layers`` x (conv3x3 + BN + ReLU) with ``width`` channels
     (default: the stage's channels), global average pool, fully connected."""
     _need_spatial("conv", in_shape)
-    if layers < 1:
-        raise ValueError(f"exit head 'conv' needs layers >= 1, got {layers}")
+    _at_least("conv", "layers", layers)
+    _at_least("conv", "width", width, " (or 0/None: the stage's channels)")
     c = in_shape[0]
     w = int(width or c)
     mods: list[nn.Module] = []
@@ -215,7 +225,7 @@ def sdn(in_shape, num_classes, *, width: int | None = None, gate: bool = False) 
             dim = c * (h // k) * (w // k)
         else:
             body, dim = nn.Flatten(), c * h * w
-    body, dim = _hidden(body, dim, width)
+    body, dim = _hidden("sdn", body, dim, width)
     return ExitHead(body, dim, num_classes, gate=gate)
 
 
@@ -242,7 +252,7 @@ def branching(in_shape, num_classes, *, width: int | None = None, gate_probs: bo
     gate unit through a sigmoid; with ``gate_probs`` (default) the gate also reads the exit's
     sorted class probabilities [ours] (``gate_probs=False``: the paper's gate, on the features)."""
     body, dim = _pool_flatten(in_shape)
-    body, dim = _hidden(body, dim, width)
+    body, dim = _hidden("branching", body, dim, width)
     return ExitHead(body, dim, num_classes, gate=True, gate_probs=gate_probs)
 
 
@@ -273,6 +283,8 @@ def nachos(in_shape, num_classes, *, width: int = 32, pool: int | None = None) -
     brings the map to at most 4 px), three ReLU + conv3x3 layers of ``width``, 2x``width``,
     4x``width`` channels, flatten, and a linear layer to K logits plus a confidence unit."""
     _need_spatial("nachos", in_shape)
+    _at_least("nachos", "width", width)
+    _at_least("nachos", "pool", pool)
     c, h, w = in_shape
     k = pool if pool is not None else max(1, -(-min(h, w) // 4))
     mods: list[nn.Module] = [nn.MaxPool2d(k, ceil_mode=True)] if k > 1 else []
@@ -290,6 +302,7 @@ def token(in_shape, num_classes, *, index: int = 0, width: int | None = None, ga
     (the class token, 0 by default), fully connected. ``width`` adds DeeBERT's pooler, one
     hidden layer with tanh."""
     _need_tokens("token", in_shape)
+    _at_least("token", "width", width, _NO_HIDDEN)
     n, d = in_shape
     if not -n <= index < n:
         raise ValueError(f"exit head 'token': index {index} is outside the {n} tokens of this stage")
@@ -314,7 +327,9 @@ def lgvit_local(in_shape, num_classes, *, grid: Sequence[int] | None = None, cla
             raise ValueError(f"exit head 'lgvit_local': {n} tokens are not a square patch grid (with or without "
                              "a class token); pass grid=(height, width) and class_token=True/False")
         grid, class_token = found[:2], found[2] if class_token is None else class_token
-    h, w = (int(g) for g in grid)
+    h, w = (int(g) for g in grid) if len(grid) == 2 else (0, 0)
+    if min(h, w) < 1:
+        raise ValueError(f"exit head 'lgvit_local': grid must be (height, width) >= 1, got {list(grid)}")
     skip = n - h * w
     if skip not in (0, 1) or (class_token is not None and skip != int(class_token)):
         raise ValueError(f"exit head 'lgvit_local': grid {h}x{w} does not fit {n} tokens "

@@ -90,6 +90,9 @@ class MultiExitNetwork(nn.Module):
         if source is None and backbone.spec is not None:
             source = {"kind": "backbone", **backbone.spec}
         self.source = source
+        # What _check_input knows without an input_spec: token ids, or a built-in backbone's shape.
+        self._token_ids = backbone.input_dtype is not None and not backbone.input_dtype.is_floating_point
+        self._known_shape = backbone.input_shape if (source or {}).get("kind") == "backbone" else None
         self.truncated_at: int | None = None  # set by truncate(): the exit that became final
         self._parent_config: dict[str, Any] | None = None
         # What the network takes as input (an eenn.InputSpec: shape, normalisation, class names);
@@ -131,6 +134,32 @@ class MultiExitNetwork(nn.Module):
                 "or train the network with eenn.fit, which sets it")
         return self.input_spec
 
+    def _check_input(self, x: Tensor, where: str, pixels: bool) -> None:
+        """Refuse an input the network cannot take, saying what it takes: token ids for a model
+        of integer inputs; else floats (or, with ``pixels``, uint8 pixels) of the known per-sample
+        shape (``input_spec``'s, or a built-in backbone's), or any shape when neither is known."""
+        ids, spec = self._token_ids, self.input_spec
+        shape = spec.shape if spec is not None else self._known_shape
+        if isinstance(x, Tensor):  # the fast path: a dtype test and a tuple comparison
+            if ids:
+                if not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+                    return
+            elif (x.is_floating_point() or (pixels and x.dtype == torch.uint8)) and (
+                    shape is None or x.shape[1:] == shape):
+                return
+        dims = f"[B, {', '.join(map(str, shape))}]" if shape is not None and not ids else "[B, ...]"
+        if ids:
+            kind = f"token ids ({self.backbone.input_dtype})"
+        elif pixels:
+            kind = "float model inputs, or uint8 pixels for net.input_spec to normalise"
+        else:
+            kind = "float model inputs; uint8 pixels go through net.preprocess(x) first"
+        if not isinstance(x, Tensor):
+            hint = "; torch.as_tensor(x) makes it one" if hasattr(x, "__array__") else ""
+            raise TypeError(f"{where}: expected a tensor {dims} ({kind}), got a {type(x).__name__}{hint}")
+        got = f"{str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
+        raise ValueError(f"{where}: expected inputs {dims} ({kind}), got {got}")
+
     def preprocess(self, x: Tensor) -> Tensor:
         """uint8 pixels ``[..., C, H, W]`` -> the float32 model input (``input_spec.normalize``);
         a floating-point ``x`` is taken to be a model input already and is returned unchanged."""
@@ -171,6 +200,7 @@ class MultiExitNetwork(nn.Module):
     def forward(self, x: Tensor, exits: Sequence[int] | None = None) -> ExitOutputs:
         """Every exit's output; with ``exits`` (indices, negative allowed) only those exits'
         heads run (and those a cascading head needs), and stages only as deep as the deepest."""
+        self._check_input(x, "net(x)", pixels=False)
         wanted = range(self.num_exits) if exits is None else sorted({int(e) % self.num_exits for e in exits})
         if not len(wanted):
             raise ValueError("forward(exits=...) needs at least one exit")

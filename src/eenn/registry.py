@@ -4,8 +4,11 @@ error so that two plugins can never silently shadow each other."""
 from __future__ import annotations
 
 import difflib
+import inspect
+import numbers
 import os
-from typing import Callable, Generic, Iterator, TypeVar
+import re
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T", bound=Callable)
 
@@ -48,22 +51,80 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
+class OptionTypeError(TypeError, ValueError):
+    """An option of the wrong type: a TypeError, and a ValueError for callers that report bad
+    options as such (the CLI)."""
+
+
 def check_options(what: str, fn: Callable, options: dict, skip: tuple[str, ...] = ()) -> None:
     """Refuse keyword options that ``fn`` does not take, naming them and listing the valid ones
     (instead of a bare ``TypeError`` from deep inside a builder)."""
-    import inspect
-
     params = inspect.signature(fn).parameters
     missing = [n for n, p in params.items() if n not in skip and p.default is p.empty
                and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in options]
     if missing:
         raise ValueError(f"{what} needs option(s) {', '.join(map(repr, missing))}")
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
     accepted = [p for p in params if p not in skip]
     unknown = sorted(set(options) - set(accepted))
-    if unknown:
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         raise ValueError(
             f"{what} does not accept option(s) {', '.join(map(repr, unknown))}; "
             f"it accepts: {', '.join(accepted) or 'none'}"
         )
+    for key, value in options.items():
+        if key in accepted:
+            _check_type(what, key, params[key], value)
+
+
+# The option types checked: a parameter annotated with these (``int | None``, ``Sequence[int]``,
+# ...), or unannotated with a default of one of them. Other annotations are the builder's business.
+_SCALARS: dict[str, Callable[[Any], bool]] = {
+    "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "None": lambda v: v is None,
+}
+_NOUN = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string", "None": "None"}
+_PLURAL = {"int": "ints", "float": "numbers", "bool": "booleans", "str": "strings", "None": "Nones"}
+_SEQ = re.compile(r"^(?:typing\.)?(?:Sequence|list|tuple)\[(\w+)(?:, \.\.\.)?\]$")
+
+
+def _annotation_kinds(param: inspect.Parameter) -> list[str] | None:
+    """``["int", "None"]``, ``["seq:int"]``, ...; None when the annotation is not one checked here."""
+    ann = param.annotation
+    if ann is param.empty:
+        d = param.default
+        return [type(d).__name__] if type(d) in (int, float, bool, str) else None
+    if isinstance(ann, type):
+        ann = "None" if ann is type(None) else ann.__name__
+    elif not isinstance(ann, str):  # a typing object (no ``from __future__ import annotations``)
+        ann = str(ann).replace("typing.", "").replace("NoneType", "None")
+    kinds = []
+    for part in (p.strip() for p in re.split(r"\|(?![^\[]*\])", ann)):
+        if part.startswith("Optional[") and part.endswith("]"):
+            part, kinds = part[9:-1], kinds + ["None"]
+        seq = _SEQ.match(part)
+        if part in _SCALARS:
+            kinds.append(part)
+        elif seq and seq.group(1) in _SCALARS:
+            kinds.append("seq:" + seq.group(1))
+        else:
+            return None
+    return kinds
+
+
+def _check_type(what: str, key: str, param: inspect.Parameter, value: Any) -> None:
+    kinds = _annotation_kinds(param)
+    if kinds is None or not isinstance(value, (numbers.Number, str, list, tuple, dict, type(None))):
+        return  # other objects (tensors, arrays) are the builder's to judge
+    for k in kinds:
+        if k.startswith("seq:"):
+            if isinstance(value, (list, tuple)) and all(_SCALARS[k[4:]](v) for v in value):
+                return
+        elif _SCALARS[k](value):
+            return
+    allowed = " or ".join(f"a list of {_PLURAL[k[4:]]}" if k.startswith("seq:") else _NOUN[k] for k in kinds)
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    raise OptionTypeError(f"{what}: option {key!r} must be {allowed}, got {text} ({type(value).__name__})")

@@ -190,7 +190,7 @@ def _prefixes(name: str) -> list[str]:
 
 def attach_exits(
     model: nn.Module,
-    at: Sequence[str],
+    at: str | Sequence[str],
     *,
     input_shape: Sequence[int],
     num_classes: int | None = None,
@@ -205,9 +205,9 @@ def attach_exits(
     ``at`` takes fx node names (``layer1_0_relu``, ``cat``, ``add_1``) or the qualified name of
     any submodule called once, a container fx inlines included (``stem``, ``layer1.0``,
     ``blocks.layers.1`` in an ``nn.TransformerEncoder``): the cut is then at that module's
-    output, the value its call returns (element 0 when it returns a tuple). A wrong name lists
-    the valid ones. ``input_shape`` is one sample's shape, e.g. ``(3, 32, 32)``, or ``(L,)`` for
-    token ids with ``input_dtype=torch.long``. ``tracer`` is ``"fx"`` (``torch.fx``'s symbolic
+    output, the value its call returns (element 0 when it returns a tuple). One name alone is
+    one cut. A wrong name lists the valid ones. ``input_shape`` is one sample's shape, e.g.
+    ``(3, 32, 32)``, or ``(L,)`` for token ids with ``input_dtype=torch.long``. ``tracer`` is ``"fx"`` (``torch.fx``'s symbolic
     tracing, the default) or ``"export"`` (``torch.export``, for models whose Python code
     branches on shapes, e.g. Hugging Face models; node names are then those of ATen operators);
     a model may name its own with an ``eenn_tracer`` attribute. The returned network shares its
@@ -215,6 +215,9 @@ def attach_exits(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach_exits needs an nn.Module, got {type(model).__name__}")
+    at = [at] if isinstance(at, str) else at
+    if not isinstance(at, (list, tuple)) or not all(isinstance(a, str) for a in at):
+        raise TypeError(f"attach_exits: at must be a node or module name or a list of them, got {at!r}")
     if not at:
         raise TraceError("attach_exits needs at least one cut point in `at`")
     if input_dtype is not None and not isinstance(input_dtype, torch.dtype):

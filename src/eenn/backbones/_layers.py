@@ -13,6 +13,17 @@ def check_width(width: float) -> None:
         raise ValueError(f"width must be positive, got {width!r}")
 
 
+def check_size(family: str, option: str, value: int | Sequence[int] | None) -> None:
+    """Refuse a layer size (or a list of them) below 1; None (the default) passes."""
+    if value is not None and min(value if isinstance(value, (list, tuple)) else [value], default=1) < 1:
+        raise ValueError(f"{family}: option {option!r} must be >= 1, got {value!r}")
+
+
+def check_dropout(family: str, dropout: float) -> None:
+    if not 0 <= dropout < 1:
+        raise ValueError(f"{family}: option 'dropout' must lie in [0, 1), got {dropout!r}")
+
+
 def scaled(size: int, width: float, minimum: int = 8) -> int:
     """``size * width`` rounded, but never below ``minimum`` so thin variants stay usable."""
     return max(minimum, int(round(size * width)))

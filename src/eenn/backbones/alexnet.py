@@ -5,7 +5,7 @@ from math import prod
 
 from torch import nn
 
-from ._layers import check_width, conv_out, init_weights, max_pool2, scaled
+from ._layers import check_dropout, check_size, check_width, conv_out, init_weights, max_pool2, scaled
 from .base import Backbone, register_backbone
 
 __all__ = ["alexnet"]
@@ -28,6 +28,8 @@ def alexnet(
     """Five conv stages (conv + [BN] + ReLU [+ max pool]); the classifier is the two-layer MLP
     head with dropout (``hidden`` defaults to 512 * width)."""
     check_width(width)
+    check_size("alexnet", "hidden", hidden)
+    check_dropout("alexnet", dropout)
     stages: list[nn.Module] = []
     in_ch, size = in_channels, tuple(input_size)
     for out_ch, kernel, pool in _CONVS:

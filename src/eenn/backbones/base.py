@@ -8,6 +8,7 @@ needs, such as the input of a residual add that spans the cut).
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -154,14 +155,15 @@ def list_backbones() -> list[str]:
     return _BACKBONES.names()
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _size2(input_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(input_size, int):
-        size = (input_size, input_size)
-    else:
-        size = tuple(int(s) for s in input_size)
-    if len(size) != 2 or min(size) < 1:
+    size = [input_size] * 2 if _is_int(input_size) else input_size
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(s) and s >= 1 for s in size)):
         raise ValueError(f"input_size must be a positive int or (height, width), got {input_size!r}")
-    return size  # type: ignore[return-value]
+    return int(size[0]), int(size[1])
 
 
 def create_backbone(
@@ -174,15 +176,16 @@ def create_backbone(
 ) -> Backbone:
     """Build a registered backbone. ``options`` are the family's own (``width``, ...)."""
     builder = _BACKBONES.get(name)
-    if in_channels < 1 or num_classes < 2:
-        raise ValueError(f"need in_channels >= 1 and num_classes >= 2, got {in_channels} and {num_classes}")
+    for arg, value, least in (("in_channels", in_channels, 1), ("num_classes", num_classes, 2)):
+        if not (_is_int(value) and value >= least):
+            raise ValueError(f"{arg} must be an int >= {least}, got {value!r}")
     size = _size2(input_size)
     check_options(f"backbone {name!r}", builder, options, skip=("in_channels", "num_classes", "input_size"))
     net = builder(in_channels=in_channels, num_classes=num_classes, input_size=size, **options)
     net.spec = {
         "name": name,
-        "in_channels": in_channels,
-        "num_classes": num_classes,
+        "in_channels": int(in_channels),
+        "num_classes": int(num_classes),
         "input_size": list(size),
         "options": dict(options),
     }

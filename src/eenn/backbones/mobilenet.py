@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from ._layers import avgpool_linear, check_width, conv_bn_act, init_weights, make_divisible
+from ._layers import avgpool_linear, check_dropout, check_size, check_width, conv_bn_act, init_weights, make_divisible
 from .base import Backbone, register_backbone
 
 __all__ = ["mobilenetv2"]
@@ -69,12 +69,13 @@ def mobilenetv2(
     omitted); ``stem_channels`` and ``last_channels`` (default 1280, or wider with ``width``)
     set the stem and the final 1x1 conv. The design search varies these per group."""
     check_width(width)
+    check_size("mobilenetv2", "stem_channels", stem_channels)
+    check_size("mobilenetv2", "last_channels", last_channels)
+    check_dropout("mobilenetv2", dropout)
     rows = _check_settings(_SETTINGS if settings is None else settings)
     in_ch = make_divisible(stem_channels * width)
     # thinner nets keep the wide last layer
     last_ch = make_divisible(1280 * max(1.0, width)) if last_channels is None else int(last_channels)
-    if last_ch < 1:
-        raise ValueError(f"last_channels must be >= 1, got {last_channels}")
     stem = conv_bn_act(in_channels, in_ch, 3, act=nn.ReLU6)
     stages: list[nn.Module] = []
     for t, c, n, s, k in rows:

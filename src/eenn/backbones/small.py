@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import nn
 
-from ._layers import check_width, conv_out, init_weights, max_pool2, scaled
+from ._layers import check_size, check_width, conv_out, init_weights, max_pool2, scaled
 from .base import Backbone, register_backbone
 
 __all__ = ["mlp", "lenet5"]
@@ -24,6 +24,7 @@ def mlp(
     """Fully connected net on the flattened input; every hidden layer (Linear + BN + ReLU) is a
     stage, so exits see 1-D features."""
     check_width(width)
+    check_size("mlp", "hidden", list(hidden))
     sizes = [scaled(h, width, minimum=min(8, h)) for h in hidden]
     if not sizes:
         raise ValueError("mlp needs at least one hidden layer")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._layers import check_width, conv_bn_act, init_weights, max_pool2, scaled
+from ._layers import check_dropout, check_size, check_width, conv_bn_act, init_weights, max_pool2, scaled
 from .base import Backbone, register_backbone
 
 __all__ = ["vgg11", "vgg13", "vgg16"]
@@ -27,6 +27,8 @@ def _vgg(
     dropout: float,
 ) -> Backbone:
     check_width(width)
+    check_size("vgg", "hidden", hidden)
+    check_dropout("vgg", dropout)
     stages: list[nn.Module] = []
     names: list[str] = []
     in_ch, size = in_channels, tuple(input_size)

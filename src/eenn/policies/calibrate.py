@@ -45,8 +45,10 @@ thousand validation samples make a drop of a few percent certifiable.
 """
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import asdict, dataclass
+import numbers
+from dataclasses import asdict, dataclass, fields
 from typing import Mapping
 
 import torch
@@ -55,11 +57,21 @@ from torch import Tensor
 from ..cost import CostTable
 from ..outputs import CachedOutputs
 from .loop import decide
-from .oracle import captured_share, oracle
+from .oracle import captured_share, check_cost_table, oracle
 from .policy import ExitPolicy, as_policy
 from .rules import canonical, route
 
 __all__ = ["Goal", "calibrate", "evaluate_policy", "report_goal", "msdnet_distribution"]
+
+# Each goal field's valid values: (test, the range in words).
+_GOAL_RANGES = {
+    "max_drop": (lambda v: 0 <= v <= 1, "in [0, 1], a fraction of accuracy (0.01 for 1%)"),
+    "budget": (lambda v: v > 0, "> 0, expected MACs per sample"),
+    "msdnet_q": (lambda v: v > 0, "> 0, the ratio q of p_k ∝ q^k"),
+    "tolerance": (lambda v: 0 <= v <= 1, "in [0, 1], a total-variation distance"),
+    "alpha": (lambda v: 0 < v < 1, "in (0, 1), the guard's error level"),
+}
+
 
 @dataclass(frozen=True)
 class Goal:
@@ -70,11 +82,19 @@ class Goal:
     alpha: float | None = None  # (a) only: guard the drop with confidence 1 - alpha (learn-then-test)
 
     def __post_init__(self) -> None:
+        for key, (ok, allowed) in _GOAL_RANGES.items():
+            v = getattr(self, key)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"goal {key!r} must be a number {allowed}; got {v!r} ({type(v).__name__})")
+            if not (math.isfinite(v) and ok(v)):
+                raise ValueError(f"goal {key!r} must be a finite number {allowed}; got {v!r}")
         set_ = [k for k in ("max_drop", "budget", "msdnet_q") if getattr(self, k) is not None]
         if len(set_) != 1:
             raise ValueError(f"a goal needs exactly one of max_drop, budget, msdnet_q; got {set_ or 'none'}")
-        if self.alpha is not None and (self.max_drop is None or not 0 < self.alpha < 1):
-            raise ValueError("alpha guards a max_drop goal and must lie in (0, 1)")
+        if self.alpha is not None and self.max_drop is None:
+            raise ValueError(f"goal 'alpha' guards a max_drop goal; got it with {set_[0]!r}")
 
     @property
     def kind(self) -> str:
@@ -82,12 +102,24 @@ class Goal:
 
 
 def _as_goal(goal: Goal | Mapping) -> Goal:
-    return goal if isinstance(goal, Goal) else Goal(**goal)
+    if isinstance(goal, Goal):
+        return goal
+    if not isinstance(goal, Mapping):
+        raise TypeError(f"a goal is a Goal or a mapping such as {{'max_drop': 0.01}} or {{'budget': 2e6}}; "
+                        f"got {goal!r} ({type(goal).__name__})")
+    keys = [f.name for f in fields(Goal)]
+    for k in goal:
+        if k not in keys:
+            close = difflib.get_close_matches(str(k), keys, n=1)
+            raise ValueError(f"unknown goal key {k!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; goal keys: {', '.join(keys)}")
+    return Goal(**goal)
 
 
 def msdnet_distribution(q: float, num_exits: int) -> Tensor:
     """``p_k ∝ q^k`` for ``k = 1..E``, normalised (float64)."""
-    p = torch.tensor(float(q), dtype=torch.float64) ** torch.arange(1, num_exits + 1, dtype=torch.float64)
+    k = torch.arange(1, num_exits + 1, dtype=torch.float64)
+    p = torch.tensor(float(q), dtype=torch.float64) ** (k - (num_exits if q > 1 else 1))  # largest 1: no overflow
     return p / p.sum()
 
 
@@ -191,6 +223,7 @@ def calibrate(policy: ExitPolicy | str, val_cache: CachedOutputs, cost_table: Co
     such as ``weights=``) with per-exit thresholds fitted on ``val_cache`` to ``goal`` (see the
     module docstring for the search): the policy to give the engine, the export, the server."""
     goal = _as_goal(goal)
+    check_cost_table(cost_table, "calibrate")
     pol = as_policy(policy, fallback=fallback, **options)
     fallback = pol.fallback
     e = val_cache.logits.shape[0]
@@ -252,7 +285,8 @@ def _guarded(sc: Tensor, strict: bool, correct: Tensor, cost: CostTable, goal: G
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     fit, hold = perm[: n // 2], perm[n // 2:]
     learn = _Search(sc[:, fit], strict, correct[:, fit], cost, fallback)
-    path = [_search(learn, Goal(max_drop=goal.max_drop * k / steps), **search_args) for k in range(2 * steps + 1)]
+    path = [_search(learn, Goal(max_drop=min(1.0, goal.max_drop * k / steps)), **search_args)
+            for k in range(2 * steps + 1)]
     path = torch.stack(path)
     macs = learn.totals(path)[1]
     path = path[torch.sort(-macs, stable=True).indices]  # most costly (most careful) first
@@ -292,6 +326,7 @@ def evaluate_policy(policy: ExitPolicy, cache: CachedOutputs, cost_table: CostTa
     distribution (by the exit that answers) and ``final_accuracy``, on ``cache``. The final
     accuracy is that of the policy's own answer at the final exit (for ``ensemble``, the full
     ensemble's), the reference of the ``max_drop`` goal."""
+    check_cost_table(cost_table, "evaluate_policy")
     return _evaluate(as_policy(policy), cache, cost_table)[0]
 
 
@@ -318,6 +353,7 @@ def report_goal(policy: ExitPolicy, test_cache: CachedOutputs, cost_table: CostT
     (``goal_held``), the oracle's point (on the policy's own per-exit predictions) and the share
     of the oracle's saving captured."""
     goal = _as_goal(goal)
+    check_cost_table(cost_table, "report_goal")
     r, predictions = _evaluate(as_policy(policy), test_cache, cost_table)
     if goal.kind == "max_drop":
         r["accuracy_drop"] = r["final_accuracy"] - r["accuracy"]

@@ -14,6 +14,12 @@ from ..outputs import CachedOutputs
 __all__ = ["oracle_exit", "oracle", "captured_share"]
 
 
+def check_cost_table(cost_table: CostTable, where: str) -> None:
+    if not isinstance(cost_table, CostTable):
+        raise TypeError(f"{where} takes the network's cost table, a CostTable (net.cost()), as cost_table; "
+                        f"got a {type(cost_table).__name__}")
+
+
 def oracle_exit(predictions: Tensor, targets: Tensor) -> Tensor:
     """``[N]`` index of the first exit whose prediction (``[E, N]``) is right; ``E-1`` if none."""
     correct = predictions == targets[None]
@@ -25,6 +31,7 @@ def oracle(cached: CachedOutputs, cost_table: CostTable, *, predictions: Tensor 
     """Accuracy, expected dynamic MACs (heads on the way included), speed-up over the static
     network (``macs[-1]``) and exit distribution of the oracle. ``predictions [E, N]`` replaces
     the exits' argmax (e.g. an ensemble's predictions)."""
+    check_cost_table(cost_table, "oracle")
     pred = cached.logits.argmax(-1) if predictions is None else predictions
     e, n = pred.shape
     exit_ = oracle_exit(pred, cached.targets)
