@@ -17,6 +17,15 @@ def test_export_then_plan(tmp_path, capsys):
     ckpt = eenn.save(net, tmp_path / "m.safetensors")
     assert _main(["export", str(ckpt), "--out", str(tmp_path / "a"), "--thresholds", "0.9,0.8,0.7"]) == 0
     assert load_manifest(tmp_path / "a")["policy"]["thresholds"] == pytest.approx([0.9, 0.8, 0.7])
+    # one value for every exit, as the help says, in any spelling a number has
+    for text, want in ((".9", 0.9), ("inf", float("inf")), ("[0.5]", None)):
+        assert _main(["export", str(ckpt), "--out", str(tmp_path / "one"), "--thresholds", text]) == (0 if want else 1)
+        if want:
+            assert load_manifest(tmp_path / "one")["policy"]["thresholds"] == pytest.approx([want] * 3)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # NaN would never let an exit fire: refused as a usage error
+        _main(["export", str(ckpt), "--out", str(tmp_path / "nan"), "--thresholds", "nan,nan,nan"])
+    assert "a NaN threshold never lets an exit fire" in capsys.readouterr().err
     # calibrated on the digits validation split: normalisation and exit distribution recorded
     assert _main(["export", str(ckpt), "--out", str(tmp_path / "b"), "--dataset", "digits", "--max-drop", "0.05",
                   "--policy", "entropy"]) == 0

@@ -216,6 +216,11 @@ def test_eenn_plan_names_the_argument_that_is_wrong(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("eenn: error: ") and message in err and err.count("\n") == 1, (argv, err)
         assert not out.exists()
+    ckpt = tmp_path / "best.safetensors"  # an --out mistyped onto a checkpoint does not replace it
+    ckpt.write_bytes(b"weights")
+    assert _main(["plan", str(d), *ok, "--out", str(ckpt)]) == 1
+    assert "is a checkpoint (safetensors): writing a plan there" in capsys.readouterr().err
+    assert ckpt.read_bytes() == b"weights"
     assert _main(["plan", str(tmp_path / "nonexistent"), *ok]) == 1
     assert f"no exported model at {tmp_path / 'nonexistent'} (missing manifest.json)" in capsys.readouterr().err
     # a hand-edited manifest: said so, not an IndexError or a bare KeyError

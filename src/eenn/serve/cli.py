@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 __all__ = ["add_parsers", "run_export", "run_serve", "run_plan"]
@@ -65,13 +66,21 @@ Ray (with_front: true, sized for the front's work and its own) unless --no-with-
 
 
 def _floats(text: str) -> list[float] | float:
+    """``--thresholds``: one number (``.9``, ``inf``) or several (``0.9,0.8`` or ``[0.9, 0.8]``); not NaN."""
     try:
         v = json.loads(text)
     except json.JSONDecodeError:
-        v = [float(t) for t in text.split(",")]
-    if isinstance(v, list):
-        return [float(t) for t in v]
-    return float(v)
+        parts = text.split(",")
+        try:
+            v = [float(t) for t in parts] if len(parts) > 1 else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+    values = v if isinstance(v, list) else [v]
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in values):
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}")
+    if any(math.isnan(t) for t in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: a NaN threshold never lets an exit fire; use inf for that")
+    return [float(t) for t in values] if isinstance(v, list) else float(v)
 
 
 def _port(text: str) -> int:
@@ -282,10 +291,14 @@ def _split(text: str, names: list[str], num_exits: int) -> list[tuple[int, int]]
 def run_plan(args) -> int:
     import os
 
+    from ..io import writable_text_file
     from ..staged import load_manifest
     from .plan import LinkSpec
     from .sizing import propose_serving
     from .splits import expected_latency, plan_splits
+
+    if args.out:  # before the segments are timed: a path that would replace a checkpoint is refused
+        writable_text_file(args.out, "a plan")
 
     batching = args.concurrency is not None or args.rate is not None
     if args.concurrency is not None and args.rate is not None:
@@ -363,7 +376,7 @@ def run_plan(args) -> int:
         from ..config import dump_yaml
 
         plan = {"model": str(args.export_dir), "tiers": tiers, "float16": args.float16}
-        with open(args.out, "w") as f:
+        with open(writable_text_file(args.out, "a plan"), "w") as f:
             f.write(dump_yaml(plan))
         print(f"wrote {args.out}")
     return 0

@@ -243,13 +243,10 @@ def _read_yaml(text: str, path: Path) -> Any:
     syntax error as one line: the file, where, and what."""
     import yaml
 
-    class Loader(yaml.SafeLoader):
-        pass
+    from ..config import yaml_load
 
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                 re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
     try:
-        return yaml.load(text, Loader=Loader)
+        return yaml_load(text)
     except yaml.MarkedYAMLError as e:
         mark, ctx = e.problem_mark or e.context_mark, e.context_mark
         what = e.problem or e.context or "cannot read it"
