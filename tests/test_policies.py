@@ -472,3 +472,6 @@ def test_policy_is_kept_with_the_weights_and_read_from_any_eenn_file(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a JSON file"):
         ExitPolicy.load(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[0.9, 0.8]")  # thresholds alone: say what the file should hold
+    with pytest.raises(ValueError, match="expected a JSON object with 'rule' and 'thresholds'.*got list"):
+        ExitPolicy.load(tmp_path / "list.json")

@@ -291,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eenn: error: {msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("eenn: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        resumable = args.command in ("train", "compare", "search")
+        print("eenn: interrupted" + ("; re-run the same command to resume from the last checkpoint" if resumable
+                                      else ""), file=sys.stderr)
         return 130
     return 0
 

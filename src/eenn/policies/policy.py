@@ -113,6 +113,9 @@ class ExitPolicy:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ExitPolicy":
         """Rebuild from :meth:`to_dict` (also reads the older ``{"name"|"policy", ...}`` records)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"not an exit policy record: expected a JSON object with 'rule' and 'thresholds' (as eenn "
+                             f"calibrate writes), got {type(d).__name__}")
         if isinstance(d.get("policy"), Mapping):  # a calibration record or a report: the policy inside
             return cls.from_dict(d["policy"])
         rule = d.get("rule") or d.get("name") or d.get("policy")
