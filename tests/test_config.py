@@ -111,7 +111,7 @@ def test_a_run_stored_by_an_earlier_eenn_opens_with_its_removed_settings_ignored
 def test_written_yaml_spells_shared_values_out():
     """A list two keys share is written out at both (no ``&id001`` / ``*id001`` for a person to
     decode), and reads back equal."""
-    from eenn.config import _loader, dump_yaml
+    from eenn.io import _loader, dump_yaml
 
     shared = [16, 32]
     text = dump_yaml({"a": {"widths": shared}, "b": {"widths": shared}, "z": 1})

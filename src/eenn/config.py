@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .io import dump_yaml, yaml_error, yaml_load
 from .trainer import TrainConfig
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "ObjectiveConfig", "EvalConfig", "RunConfig",
@@ -208,56 +209,10 @@ def merge(base: Mapping, override: Mapping) -> dict:
     return out
 
 
-_LOADER = None
-
-
-def _yaml():
-    import yaml
-
-    return yaml
-
-
-def dump_yaml(data: Any) -> str:
-    """``data`` as block YAML in its own key order, every value written out where it appears: no
-    ``&id001`` anchors and ``*id001`` aliases for a list that two keys share (a file a person reads
-    and edits)."""
-    yaml = _yaml()
-
-    class _Plain(yaml.SafeDumper):
-        def ignore_aliases(self, data: Any) -> bool:
-            return True
-
-    return yaml.dump(data, Dumper=_Plain, sort_keys=False)
-
-
-def _loader():
-    """A safe YAML loader that also reads ``1e6`` and ``2.5e-3`` as floats (YAML 1.1, and so
-    plain PyYAML, wants ``1.0e+6``)."""
-    global _LOADER
-    if _LOADER is None:
-        import re
-
-        yaml = _yaml()
-
-        class Loader(yaml.SafeLoader):
-            pass
-
-        Loader.add_implicit_resolver(
-            "tag:yaml.org,2002:float",
-            re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-            list("-+0123456789"))
-        _LOADER = Loader
-    return _LOADER
-
-
-def yaml_load(text: str):
-    return _yaml().load(text, Loader=_loader())
-
-
 def _parse_value(text: str) -> Any:
     try:
         return yaml_load(text) if text.strip() else ""
-    except _yaml().YAMLError:
+    except yaml_error():
         return text
 
 
@@ -289,7 +244,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {str(p)!r} not found")
     try:
         values = yaml_load(p.read_text()) or {}
-    except _yaml().YAMLError as e:
+    except yaml_error() as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
         raise ConfigError(f"{p}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None

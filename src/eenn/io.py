@@ -7,7 +7,56 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["decode_inf", "encode_inf", "read_json", "write_json", "writable_text_file"]
+__all__ = ["decode_inf", "encode_inf", "read_json", "write_json", "writable_text_file", "yaml_load", "dump_yaml"]
+
+_LOADER = None
+
+
+def _loader():
+    """A safe YAML loader that also reads ``1e6`` and ``2.5e-3`` as floats (YAML 1.1, and so
+    plain PyYAML, wants ``1.0e+6``)."""
+    global _LOADER
+    if _LOADER is None:
+        import re
+
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_implicit_resolver(
+            "tag:yaml.org,2002:float",
+            re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+            list("-+0123456789"))
+        _LOADER = Loader
+    return _LOADER
+
+
+def yaml_load(text: str) -> Any:
+    """YAML text (safe: plain data only), numbers like ``1e6`` included."""
+    import yaml
+
+    return yaml.load(text, Loader=_loader())
+
+
+def yaml_error() -> type:
+    """The error :func:`yaml_load` raises on text that is not YAML."""
+    import yaml
+
+    return yaml.YAMLError
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` as block YAML in its own key order, every value written out where it appears: no
+    ``&id001`` anchors and ``*id001`` aliases for a list that two keys share (a file a person reads
+    and edits)."""
+    import yaml
+
+    class _Plain(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return yaml.dump(data, Dumper=_Plain, sort_keys=False)
 
 
 def writable_text_file(path: str | Path, what: str) -> Path:

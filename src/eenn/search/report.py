@@ -192,7 +192,7 @@ def plot_trials(path: str | Path, records: list[dict], front: list[dict], config
 def write_report(out: str | Path, study, config: SearchConfig, records: list[dict], front: list[dict], message: str,
                  *, study_name: str = "", storage: str = "") -> dict[str, str]:
     """Write ``pareto.md``, ``pareto.json``, ``pareto.png`` and ``designs/trial_<n>.yaml``."""
-    from ..config import dump_yaml
+    from ..io import dump_yaml
 
     out = Path(out)
     (out / "designs").mkdir(parents=True, exist_ok=True)

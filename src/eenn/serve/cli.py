@@ -373,7 +373,7 @@ def run_plan(args) -> int:
     if args.with_front and tiers:
         tiers[0]["with_front"] = True
     if args.out:
-        from ..config import dump_yaml
+        from ..io import dump_yaml
 
         plan = {"model": str(args.export_dir), "tiers": tiers, "float16": args.float16}
         with open(writable_text_file(args.out, "a plan"), "w") as f:

@@ -243,7 +243,7 @@ def _read_yaml(text: str, path: Path) -> Any:
     syntax error as one line: the file, where, and what."""
     import yaml
 
-    from ..config import yaml_load
+    from ..io import yaml_load
 
     try:
         return yaml_load(text)
