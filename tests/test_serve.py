@@ -350,3 +350,88 @@ def test_planner_minimises_expected_latency(model):
     assert abs(r.predicted_s - sum(p * t for p, t in zip(depth, r.per_depth_s))) < 1e-12
     plan = TierPlan.from_dict(r.to_plan(str(model[1]), ["device", "edge", "cloud"]))
     assert plan.tiers[0].start == 0 and plan.tiers[-1].stop == E
+
+
+def _raw(url: str, request: bytes, *, close_after_send: bool = False, timeout: float = 20.0) -> bytes:
+    """What the server answers a raw HTTP request (read until it closes the connection or the
+    answer's body is complete); with ``close_after_send``, nothing: the client hangs up at once."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=timeout) as s:
+        s.sendall(request)
+        if close_after_send:
+            return b""
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            length = [int(v) for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n")[1:])
+                      if k.strip().lower() == b"content-length"]
+            if sep and length and len(body) >= length[0]:
+                return data
+
+
+def test_every_path_and_method_gets_a_json_answer(server):
+    """Unknown paths 404 and wrong methods 405 in JSON, the 405 with the methods a route takes;
+    HEAD where GET is served; /predict/ served as /predict (no redirect built from the Host header)."""
+    _, url = server
+    for method, path, status, allow in [("GET", "/nope", 404, None), ("GET", "/", 404, None),
+                                        ("DELETE", "/predict", 405, "POST"), ("GET", "/predict", 405, "POST"),
+                                        ("POST", "/health", 405, "GET, HEAD"), ("GET", "/monitor/revert", 405, "POST")]:
+        answer = _raw(url, f"{method} {path} HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n".encode())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status}".encode()), (method, path, head)
+        assert json.loads(body)["status"] == status
+        if allow:
+            assert f"allow: {allow}".lower().encode() in head.lower(), head
+    head = _raw(url, b"HEAD /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    x = np.zeros((1, 8, 8), np.float32)
+    assert post(url + "/predict", _npy(x), path="/")[0] == 200  # /predict/
+
+
+def test_bodies_that_are_not_what_they_say_are_refused(server):
+    _, url = server
+    assert post(url, b"garbage")[1]["error"].startswith("the body is not a .npy array")
+    assert post(url, b"garbage", "application/octet-stream")[0] == 400
+    req = urllib.request.Request(url + "/predict", data=b"\x1f\x8b\x08\x00", method="POST",
+                                 headers={"Content-Type": "application/x-npy", "Content-Encoding": "gzip"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 415 and "send the body uncompressed" in json.loads(e.value.read())["error"]
+    status, out = post(url, b"\x89PNG\r\n\x1a\nnot really", "image/png")
+    assert status == 400 and "BytesIO" not in out["error"]
+
+
+def test_a_stalled_or_abandoned_upload_is_answered_and_counted(server, monkeypatch):
+    """A body shorter than its Content-Length: 408 once no part of it comes for BODY_STALL_S (the
+    connection is not held forever); a client that hangs up mid-body is counted (499), one log
+    line, no traceback; the server goes on answering."""
+    import time
+
+    from eenn.serve import app
+
+    srv, url = server
+    monkeypatch.setattr(app, "BODY_STALL_S", 0.5)
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\nContent-Length: 1000\r\n\r\n"
+    answer = _raw(url, head + b"\x93NUMPY")
+    assert answer.startswith(b"HTTP/1.1 408") and b"no part of the body came for 0.5 s (6 bytes read of 1000)" in answer
+    before = srv.front.rejected.get(499, 0)
+    _raw(url, head + b"\x93NUMPY", close_after_send=True)
+    deadline = time.monotonic() + 20
+    while srv.front.rejected.get(499, 0) == before:  # the server notices the hang-up on its own time
+        assert time.monotonic() < deadline, "the hang-up was never counted"
+        time.sleep(0.01)
+    assert post(url, _npy(np.zeros((1, 8, 8), np.float32)))[0] == 200
+
+
+def test_server_settings_bound_connections_and_shutdown():
+    from eenn.serve.app import uvicorn_config
+
+    c = uvicorn_config(lambda *a: None)
+    assert c.limit_concurrency >= 64 and c.timeout_graceful_shutdown == 5 and c.timeout_keep_alive == 30

@@ -51,13 +51,13 @@ def serve(plan: TierPlan | dict | str | Path, address: str | None = None, *, loc
     if local:
         import uvicorn
 
-        from .app import create_app, local_front
+        from .app import create_app, local_front, uvicorn_config
 
         sock = _listen(host, port)
         try:
             front = local_front(plan)
             try:
-                server = uvicorn.Server(uvicorn.Config(create_app(front), log_level="warning", lifespan="off"))
+                server = uvicorn.Server(uvicorn_config(create_app(front)))
                 print(f"eenn: serving {len(plan.tiers)} tiers in-process at http://{host}:{sock.getsockname()[1]} "
                       "(POST /predict, GET /health, GET /metrics); Ctrl-C stops", flush=True)
                 server.run(sockets=[sock])

@@ -5,6 +5,7 @@ differs (``call``). In the in-process mode a plan's ``monitor:`` section adds an
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from typing import Any, Awaitable, Callable
@@ -21,10 +22,14 @@ from .plan import TierPlan
 from .local import LocalPipeline
 from .tiers import build_response, start_message
 
-__all__ = ["Front", "create_app", "LocalServer", "local_front", "METRICS_TYPE"]
+__all__ = ["Front", "create_app", "LocalServer", "local_front", "uvicorn_config", "METRICS_TYPE"]
 
 Call = Callable[[bytes], Awaitable[dict]]
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text exposition format
+ROUTES = {"/predict": ("POST",), "/health": ("GET",), "/metrics": ("GET",), "/monitor/revert": ("POST",)}
+BODY_STALL_S = 30.0  # the longest wait for the next part of a request body (then 408)
+DECODE_INLINE_BYTES = 64 * 1024  # larger bodies are decoded in a worker thread
+_log = logging.getLogger("eenn.serve")
 
 
 class Front:
@@ -49,38 +54,55 @@ class Front:
         self.ship_thresholds = ship_thresholds
 
     async def read_body(self, request: Request) -> bytes:
+        """The request body, refused as soon as it passes the plan's ``max_body_bytes`` (413),
+        when a part of it takes longer than :data:`BODY_STALL_S` to come (408: a client that
+        announced more than it sends holds a connection otherwise), when it comes compressed
+        (415), or when the client hangs up before the end (:class:`_Gone`)."""
+        from starlette.requests import ClientDisconnect
+
         limit = self.plan.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise InputError(413, f"body of {declared} bytes is larger than the limit of {limit} bytes")
+        coding = request.headers.get("content-encoding", "identity").strip().lower()
+        if coding not in ("", "identity"):
+            raise InputError(415, f"Content-Encoding {coding!r} is not supported: send the body uncompressed")
         chunks, size = [], 0
-        async for chunk in request.stream():  # stop reading as soon as the limit is passed
-            size += len(chunk)
-            if size > limit:
-                raise InputError(413, f"body larger than the limit of {limit} bytes")
-            chunks.append(chunk)
+        stream = request.stream().__aiter__()
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(stream.__anext__(), BODY_STALL_S)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise InputError(408, f"no part of the body came for {BODY_STALL_S:g} s ({size} bytes read"
+                                          + (f" of {declared}" if declared else "") + ")") from None
+                size += len(chunk)
+                if size > limit:  # stop reading as soon as the limit is passed
+                    raise InputError(413, f"body larger than the limit of {limit} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise _Gone() from None
         return b"".join(chunks)
 
-    async def handle(self, request: Request) -> JSONResponse:
+    async def handle(self, request: Request) -> Response:
         path, method = request.url.path.rstrip("/") or "/", request.method
+        allowed = ROUTES.get(path)
+        if allowed is None:
+            return _error(404, f"no route {path}; the routes are POST /predict, GET /health, GET /metrics and "
+                               "POST /monitor/revert")
+        if method not in allowed and not (method == "HEAD" and "GET" in allowed):
+            use = {"/predict": "use POST /predict with an image, a .npy array or a JSON array as the body"}.get(
+                path, f"use {allowed[0]} {path}")
+            return _error(405, use, headers={"Allow": ", ".join([*allowed, *(["HEAD"] if "GET" in allowed else [])])})
         if path == "/health":
-            if method != "GET":
-                return _error(405, "use GET /health")
             return JSONResponse(self.health())
         if path == "/metrics":
-            if method != "GET":
-                return _error(405, "use GET /metrics")
             return Response(self.metrics(), media_type=METRICS_TYPE)
         if path == "/predict":
-            if method != "POST":
-                return _error(405, "use POST /predict with an image, a .npy array or a JSON array as the body")
             return await self.predict(request)
-        if path == "/monitor/revert":
-            if method != "POST":
-                return _error(405, "use POST /monitor/revert")
-            return await self.revert()
-        return _error(404, f"no route {path}; the routes are POST /predict, GET /health, GET /metrics and "
-                           "POST /monitor/revert")
+        return await self.revert()
 
     async def revert(self) -> JSONResponse:
         """``POST /monitor/revert``: serve the thresholds before the monitor's last change again
@@ -93,15 +115,23 @@ class Front:
             return _error(409, str(e))
         return JSONResponse(encode_inf(entry))
 
-    async def predict(self, request: Request) -> JSONResponse:
+    async def predict(self, request: Request) -> Response:
         t0 = time.perf_counter()
         try:
             body = await self.read_body(request)
-            x = decode_body(body, request.headers.get("content-type", ""), self.manifest,
-                            max_bytes=self.plan.max_body_bytes, max_batch=self.plan.max_batch)
+            args = (body, request.headers.get("content-type", ""), self.manifest)
+            limits = {"max_bytes": self.plan.max_body_bytes, "max_batch": self.plan.max_batch}
+            if len(body) <= DECODE_INLINE_BYTES:  # a small body: decoded here, quicker than a thread hop
+                x = decode_body(*args, **limits)
+            else:  # parsing megabytes of JSON or decoding a large image would hold every other request
+                x = await asyncio.get_running_loop().run_in_executor(None, lambda: decode_body(*args, **limits))
         except InputError as e:
             self._reject(e.status)
             return _error(e.status, e.message)
+        except _Gone:  # nobody to answer: counted, one line in the log
+            self._reject(499)
+            _log.info("a client hung up before its request body ended")
+            return Response(status_code=499)
         single = x.shape[0] == 1
         try:
             th = thresholds_of(self.policy, int(self.manifest["num_exits"])) if self.ship_thresholds else None
@@ -203,25 +233,50 @@ class Front:
             close()
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
 
-def create_app(front: Front):
-    """A Starlette ASGI app serving ``front`` (any ASGI server runs it; uvicorn here)."""
-    from starlette.applications import Starlette
-    from starlette.routing import Route
+class _Gone(Exception):
+    """The client hung up while its request body was being read."""
 
-    async def endpoint(request: Request):
-        return await front.handle(request)
 
-    routes = [Route("/predict", endpoint, methods=["GET", "POST", "PUT"]),
-              Route("/health", endpoint, methods=["GET", "POST"]),
-              Route("/metrics", endpoint, methods=["GET", "POST"]),
-              Route("/monitor/revert", endpoint, methods=["GET", "POST"])]
-    app = Starlette(routes=routes)
-    app.state.front = front
-    return app
+class _App:
+    """The ASGI app of a :class:`Front`: every request, on any path and with any method, goes to
+    :meth:`Front.handle`, which answers unknown paths (404) and methods (405, with ``Allow``) in
+    JSON as it answers the rest (no redirect of ``/predict/``; ``HEAD`` where ``GET`` is served)."""
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":  # lifespan, websockets: not served
+            return
+        response = await self.front.handle(Request(scope, receive))
+        await response(scope, receive, send)
+
+
+def create_app(front: Front) -> _App:
+    """The ASGI app serving ``front`` (any ASGI server runs it; uvicorn here: :func:`uvicorn_config`)."""
+    return _App(front)
+
+
+def uvicorn_config(app, **kw):
+    """uvicorn's settings for an eenn front, with the limits a server facing clients needs: at most
+    half the open files this process may hold as connections and requests at once (503 beyond,
+    instead of failing to accept), idle keep-alive connections kept 30 s, and 5 s for requests in
+    flight to finish once asked to stop (a client that never ends its upload cannot hold the
+    shutdown). uvicorn's parser has no limit on header size and no time limit on a request's
+    head: in front of untrusted clients put a proxy that has them (HAProxy, as the Ray mode does)."""
+    import resource
+
+    import uvicorn
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    cap = max(64, (soft if soft != resource.RLIM_INFINITY else 4096) // 2)
+    options = dict(log_level="warning", access_log=False, lifespan="off", limit_concurrency=cap,
+                   timeout_keep_alive=30, timeout_graceful_shutdown=5)
+    return uvicorn.Config(app, **{**options, **kw})
 
 
 def local_front(plan: TierPlan) -> Front:
@@ -264,8 +319,7 @@ class LocalServer:
 
         self.front = local_front(plan)
         self.app = create_app(self.front)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning",
-                                                    access_log=False, lifespan="off"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, host=host, port=port))
         self.thread: threading.Thread | None = None
         self.host = host
 

@@ -48,7 +48,7 @@ def _kind(body: bytes, content_type: str) -> str:
         return "multipart"
     if ct in ("image/png", "image/jpeg", "image/jpg") or body[:8] == b"\x89PNG\r\n\x1a\n" or body[:3] == b"\xff\xd8\xff":
         return "image"
-    if ct in ("application/x-npy", "application/npy") or body[:6] == b"\x93NUMPY":
+    if ct in ("application/x-npy", "application/npy", "application/octet-stream") or body[:6] == b"\x93NUMPY":
         return "npy"
     if ct == "application/json" or body.lstrip()[:1] in (b"[", b"{"):
         return "json"
@@ -89,7 +89,8 @@ def _image(body: bytes, manifest: dict) -> np.ndarray:
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise InputError(400, f"cannot decode the image: {e}") from None
+        why = "not a PNG or JPEG image Pillow can read" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise InputError(400, f"cannot decode the image: {why}") from None
     px = px[None] if px.ndim == 2 else px.transpose(2, 0, 1)
     return _normalise(px[None], manifest)
 
@@ -132,8 +133,11 @@ def _npy(body: bytes) -> np.ndarray:
     own parser, once per distinct header: requests of one shape repeat it, and parsing it is most
     of what ``np.load`` costs a small body (about 30 us). Arrays that need unpickling are refused."""
     view = memoryview(body)
+    if bytes(view[:6]) != _NPY_MAGIC:
+        raise InputError(400, "the body is not a .npy array (it does not begin with the .npy magic \\x93NUMPY): "
+                              "send np.save's bytes, or another content type")
     start = None
-    if bytes(view[:6]) == _NPY_MAGIC and len(view) >= 10:
+    if len(view) >= 10:
         major = view[6]
         width = {1: 2, 2: 4}.get(major)  # (3.0, a UTF-8 header, is left to np.load)
         if width is not None and len(view) >= 8 + width:
