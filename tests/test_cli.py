@@ -164,6 +164,15 @@ def test_a_refused_resume_writes_nothing(run_dir, tmp_path, capsys):
     assert sorted(p.name for p in d.iterdir()) == ["last.safetensors"], capsys.readouterr().err
 
 
+def test_a_diverging_run_stops_in_one_line_and_saves_no_broken_epoch(tmp_path, capsys):
+    out = tmp_path / "nan"
+    assert main(["train", "--dataset", "digits", "--backbone", "mlp", "--exits", "all", "--epochs", "3", "--lr", "1e30",
+                 "--limit", "300", "--batch-size", "1024", "--out", str(out), "--no-progress", "--no-report"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "became [nan" in err[0] and "lower the learning rate" in err[0], err
+    assert not (out / "last.safetensors").exists() and not (out / "best.safetensors").exists()
+
+
 def test_compare_two_methods(tmp_path, capsys):
     cfg = tmp_path / "cmp.yaml"
     cfg.write_text("data: {name: digits}\nmodel: {backbone: lenet5, exits: [1, 2], backbone_options: {width: 2}}\n"

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"eenn: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as e:
+    except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError, FloatingPointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else getattr(e, "summary", e)
         print(f"eenn: error: {msg}", file=sys.stderr)
         return 1

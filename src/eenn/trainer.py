@@ -6,6 +6,7 @@ code runs as one process or under ``torchrun`` with DistributedDataParallel.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -157,6 +158,14 @@ class Trainer:
         self._restore_rng(state, path)
         return done
 
+    def _restart_hint(self) -> str:
+        """Where a diverged run goes on from: the last epoch saved, if any (the diverged one is not)."""
+        last = Path(self.config.out_dir) / "last.safetensors" if self.config.out_dir else None
+        if last is None or not last.exists():
+            return ""
+        return (f" (re-running resumes from {last}, the last epoch saved before it diverged; delete it or set "
+                "train.resume=false to start again)")
+
     def _schedule_from(self, epochs_done: int) -> float:
         """The schedule of the current settings, where it is after ``epochs_done`` epochs (a resumed
         run whose epochs, learning rate or schedule changed: the saved schedule's state describes
@@ -256,6 +265,10 @@ class Trainer:
                                  env=env) if len(data.val) else None
             if val is not None:
                 metrics.update(val_loss=val["loss"], val_acc=val["acc"])
+                if not all(math.isfinite(v) for v in val["loss"]):  # diverged: this epoch is not saved
+                    raise FloatingPointError(f"the validation loss became {val['loss']} after epoch {epoch + 1}: the "
+                                             "weights diverged; lower the learning rate or enable grad_clip"
+                                             f"{self._restart_hint()}")
             if env.enabled:  # every rank's RNG stream, for rank 0's checkpoint
                 self._rank_rng = D.all_gather_objects(rng_state(), env, f"gathering RNG states after epoch {epoch + 1}")
             self.history.append(metrics)
@@ -312,7 +325,7 @@ class Trainer:
                 loss = out["loss"]
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; "
-                                             "lower the learning rate or enable grad_clip")
+                                             f"lower the learning rate or enable grad_clip{self._restart_hint()}")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if c.grad_clip:
