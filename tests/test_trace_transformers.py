@@ -172,6 +172,23 @@ def test_masks_and_position_ids_cross_cuts_and_follow_compaction(tmp_path):
     assert m["input_dtype"] == "int64"
     res = StagedRunner(tmp_path)(ids.numpy())
     assert np.array_equal(res["exit"], sim.exit.numpy()) and np.array_equal(res["prediction"], sim.prediction.numpy())
+    # served over HTTP: token ids as JSON integers or an int64 .npy answer as the engine does
+    import json
+
+    from _helpers import npy_bytes, post
+    from eenn.serve import LocalServer, TierPlan
+
+    plan = TierPlan.from_dict({"model": str(tmp_path), "tiers": [{"name": "device", "segments": "0-1"},
+                                                                  {"name": "cloud", "segments": "rest"}]})
+    with LocalServer(plan) as url:
+        status, out = post(url, npy_bytes(ids.numpy()))
+        assert status == 200, out
+        assert [(p["class"], p["exit"]) for p in out["predictions"]] == list(zip(sim.prediction.tolist(),
+                                                                                  sim.exit.tolist()))
+        status, one = post(url, json.dumps(ids[3].tolist()).encode(), "application/json")
+        assert status == 200 and (one["class"], one["exit"]) == (sim.prediction[3], sim.exit[3])
+        status, bad = post(url, json.dumps([0.5] * 12).encode(), "application/json")
+        assert status == 422 and "token ids" in bad["error"]
     again = eenn.load(eenn.save(net, tmp_path / "tok.eenn"), model=TokenModel()).eval()
     assert again.backbone.input_dtype == torch.long
 

@@ -218,9 +218,29 @@ def _json(body: bytes, manifest: dict) -> np.ndarray:
     return a.astype(np.float64)
 
 
+def _token_ids(a: np.ndarray, manifest: dict, max_batch: int) -> np.ndarray:
+    """Integer model inputs (token ids) ``[B, *input_shape]`` in the export's ``input_dtype``."""
+    shape, dtype = tuple(manifest["input_shape"]), np.dtype(manifest["input_dtype"])
+    if a.dtype.kind not in "iu":
+        if a.dtype.kind != "f" or not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
+            raise InputError(422, f"this model takes token ids: send whole numbers (an integer array), got {a.dtype} "
+                                  "values that are not")
+    if a.size and (a.min() < np.iinfo(dtype).min or a.max() > np.iinfo(dtype).max):
+        raise InputError(422, f"token ids must fit {dtype}, got values from {a.min()} to {a.max()}")
+    if a.shape == shape:
+        a = a[None]
+    if a.shape[1:] != shape or not 1 <= a.shape[0]:
+        raise InputError(422, f"wrong shape {tuple(a.shape)}: expected one sample {shape} or a batch "
+                              f"(B, {', '.join(map(str, shape))}) of token ids")
+    if a.shape[0] > max_batch:
+        raise InputError(413, f"batch of {a.shape[0]} samples is larger than the limit of {max_batch}")
+    return a.astype(dtype)
+
+
 def decode_body(body: bytes, content_type: str, manifest: dict, *, max_bytes: int = MAX_BODY_BYTES,
                 max_batch: int = MAX_BATCH) -> np.ndarray:
-    """The float32 model inputs ``[B, *input_shape]`` carried by a request body; raises
+    """The float32 model inputs ``[B, *input_shape]`` carried by a request body (for a model of
+    token ids, integer arrays in the export's ``input_dtype``); raises
     :class:`InputError` with a 4xx status and the reason otherwise (400 for a body that none of
     the readers foresaw: the manifest is checked when it is read, so the body is what failed)."""
     try:
@@ -242,9 +262,14 @@ def _decode(body: bytes, content_type: str, manifest: dict, max_bytes: int, max_
         kind = _kind(body, content_type)
         if kind == "multipart":
             raise InputError(400, "nested multipart bodies are not accepted")
+    ids = np.dtype(manifest.get("input_dtype", "float32")).kind in "iu"  # a model of token ids
     if kind == "image":
+        if ids:
+            raise InputError(415, "this model takes token ids, not images: send a .npy or JSON array of integers")
         return _image(body, manifest)
     a = _npy(body) if kind == "npy" else _json(body, manifest)
+    if ids:
+        return _token_ids(a, manifest, max_batch)
     if a.dtype == np.uint8:
         pixels = True
     elif a.dtype.kind == "f":

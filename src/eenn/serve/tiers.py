@@ -41,7 +41,8 @@ def start_message(manifest: dict[str, Any], x: np.ndarray, thresholds: list[floa
     (one per non-final exit): the policy's thresholds to serve this request with, which every tier
     adopts from the message (and hands on), so that thresholds refitted at the front reach every
     replica of every tier with the traffic (the agreement monitor on Ray)."""
-    arrays, meta = start((torch.from_numpy(np.ascontiguousarray(x, np.float32)),)).to_arrays()
+    dtype = x.dtype if x.dtype.kind in "iu" else np.float32  # token ids stay integers
+    arrays, meta = start((torch.from_numpy(np.ascontiguousarray(x, dtype)),)).to_arrays()
     if thresholds is not None:
         meta["thresholds"] = [float(t) for t in thresholds]
     return encode(arrays, meta)
