@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +172,26 @@ def test_a_diverging_run_stops_in_one_line_and_saves_no_broken_epoch(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "became [nan" in err[0] and "lower the learning rate" in err[0], err
     assert not (out / "last.safetensors").exists() and not (out / "best.safetensors").exists()
+
+
+@pytest.mark.parametrize("methods, message", [
+    ("  B NET: {objective: {name: joint}}\n  B-NET: {objective: {name: final}}\n",
+     "methods 'B NET' and 'B-NET' would share the run directory 'B-NET'"),
+    ("  A: {objective: {name: joint}}\n  X: {objective: {name: joint, options: {wieghts: sdn}}}\n",
+     "methods.X: objective: objective 'joint' does not accept option(s) 'wieghts'"),
+    ("  AEP: {objective: {name: aep}, prune: true}\n", "methods.AEP.prune: pruning keeps the best truncation"),
+])
+def test_compare_files_are_checked_whole_before_anything_trains(tmp_path, methods, message):
+    """Every method's mistakes are found when the file is read, not when its turn comes after
+    the others trained; labels map to distinct folders inside --out ('..' included)."""
+    from eenn.compare import _slug, load_compare
+    from eenn.config import ConfigError
+
+    cfg = tmp_path / "cmp.yaml"
+    cfg.write_text("data: {name: digits}\nmethods:\n" + methods)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_compare(cfg)
+    assert _slug("..") == "method" and _slug("./x") == "x"
 
 
 def test_compare_two_methods(tmp_path, capsys):

@@ -61,6 +61,8 @@ def test_bad_configs_name_the_key(tmp_path, text, message):
     ("train: {lr: .nan}", "train: lr must be > 0, got nan"),
     ("train: {device: gpu}", "train: device 'gpu' is not a device"),
     ("objective: {name: heads_only}", "give the trained network's weights (objective.options.checkpoint"),
+    ("objective: {name: joint, options: {wieghts: sdn}}", "objective: objective 'joint' does not accept option(s) 'wieghts'"),
+    ("objective: {name: jiont}", "objective: unknown objective 'jiont'"),
 ])
 def test_values_a_run_cannot_use_are_refused_before_it_starts(tmp_path, text, message):
     """Settings of the right type that would fail a run (often only after training, at the

@@ -30,7 +30,8 @@ __all__ = ["compare", "load_compare", "CompareResult"]
 
 
 def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "method"
+    """The run directory's name for a method's label (never ``.`` or ``..``: inside ``--out``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-.") or "method"
 
 
 def load_compare(path: str | Path, overrides: list[str] | None = None,
@@ -63,6 +64,13 @@ def load_compare(path: str | Path, overrides: list[str] | None = None,
             cfg = check_config(config_from_dict(merge(base_values, spec)))
         except ConfigError as e:
             raise ConfigError(f"{path}: methods.{label}: {e}") from None
+        if extras["prune"] and "weights" not in cfg.eval.policy_options:
+            raise ConfigError(f"{path}: methods.{label}.prune: pruning keeps the best truncation of the AEP ensemble, "
+                              "which needs eval.policy_options.weights (e.g. {weights: hybrid})")
+        taken = next((other for other in out if _slug(other) == _slug(str(label))), None)
+        if taken is not None:
+            raise ConfigError(f"{path}: methods {taken!r} and {label!r} would share the run directory "
+                              f"{_slug(str(label))!r}: rename one")
         out[str(label)] = (cfg, extras)
     return base, out
 

@@ -162,6 +162,12 @@ def check_config(config: RunConfig) -> RunConfig:
     except ValueError as err:
         raise ConfigError(f"train: {err}") from None
     opts = config.objective.options
+    from .objectives.base import check_objective
+
+    try:
+        check_objective(config.objective.name, opts)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConfigError(f"objective: {err.args[0] if err.args else err}") from None
     if config.objective.name in ("heads_only", "ztw_heads") and not opts.get("checkpoint"):
         raise ConfigError(f"objective {config.objective.name!r} trains the exits on a frozen backbone: give the "
                           "trained network's weights (objective.options.checkpoint, CLI: -O checkpoint=FILE), or "
@@ -186,9 +192,9 @@ def check_config(config: RunConfig) -> RunConfig:
     if e.deployments not in ("all", "eager"):
         raise ConfigError(f"eval.deployments: expected all or eager, got {e.deployments!r}")
     for key, values in (("batch_sizes", e.batch_sizes), ("timing_samples", e.timing_samples or [1])):
-        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
-            raise ConfigError(f"eval.{key}: expected a list of whole numbers >= 1, got {values!r}")
-    if e.timing_samples is not None and len(e.timing_samples) not in (1, len(e.batch_sizes)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise ConfigError(f"eval.{key}: expected a list of whole numbers >= 1 ([] skips timing), got {values!r}")
+    if e.batch_sizes and e.timing_samples is not None and len(e.timing_samples) not in (1, len(e.batch_sizes)):
         raise ConfigError(f"eval.timing_samples {e.timing_samples}: give one count, or one per batch size "
                           f"({len(e.batch_sizes)} for {e.batch_sizes}), or leave it out (null: at least 256 samples "
                           "and 8 batches per size)")

@@ -90,6 +90,12 @@ def create_objective(name: str | Objective, **options: Any) -> Objective:
         if options:
             raise ValueError("options cannot be given together with an Objective instance")
         return name
+    return check_objective(name, options)(**options)
+
+
+def check_objective(name: str, options: dict[str, Any]):
+    """The registered objective's factory, once ``name`` and ``options`` are known to fit it
+    (nothing built: a config names its mistakes before anything trains)."""
     factory = _OBJECTIVES.get(name)
     check_options(f"objective {name!r}", factory.__init__ if isinstance(factory, type) else factory, options, skip=("self",))
-    return factory(**options)
+    return factory
