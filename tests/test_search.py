@@ -117,6 +117,9 @@ def test_gated_objectives_get_gated_heads_and_mobilenet_family_builds():
     (lambda r: r["train"].update(epoch=3), r"train: unknown key\(s\) epoch"),
     (lambda r: r["search"].update(sampler="cmaes"), "search.sampler"),
     (lambda r: r.update(policy={"name": "ensemble"}), "policy.name"),
+    (lambda r: r.update(objective={"name": "joint", "options": {"wieghts": "sdn"}}),
+     r"objective: objective 'joint' does not accept option\(s\) 'wieghts'"),
+    (lambda r: r["train"].update(lr="abc"), "train/retrain: lr must be a number, got 'abc'"),
 ])
 def test_bad_config_names_the_key(mutate, match):
     raw = tiny()

@@ -4,7 +4,7 @@ learning-rate schedule. The loop that uses them is :mod:`eenn.trainer`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -56,6 +56,14 @@ class TrainConfig:
             self.device = str(self.device)
 
     def validate(self) -> None:
+        for f in fields(self):  # a number where a number goes (a config's "abc" would fail a comparison below)
+            v, d = getattr(self, f.name), f.default
+            if type(d) in (int, float) and not (isinstance(v, (int, float)) and not isinstance(v, bool)):
+                raise ValueError(f"{f.name} must be a number, got {v!r}")
+            if type(d) is int and not isinstance(v, int):
+                raise ValueError(f"{f.name} must be a whole number, got {v!r}")
+            if type(d) is bool and not isinstance(v, bool):
+                raise ValueError(f"{f.name} must be true or false, got {v!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:

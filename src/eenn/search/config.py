@@ -122,6 +122,12 @@ class SearchConfig:
         if objective not in list_objectives():
             raise ConfigError(f"objective.name: unknown objective {objective!r}; choose one of {', '.join(list_objectives())}")
         objective_options = dict(obj.get("options") or {})
+        from ..objectives.base import check_objective
+
+        try:  # the options' names and types now, not in the first trial (nachos' mmax comes from the ceiling)
+            check_objective(objective, {**({"mmax": 1.0} if objective == "nachos" else {}), **objective_options})
+        except (KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f"objective: {e.args[0] if e.args else e}") from None
 
         pol = _section(raw, "policy", _POLICY_KEYS)
 
