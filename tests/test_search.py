@@ -514,3 +514,21 @@ def test_nachos_objective_searches_gated_designs(tmp_path):
     res = run_search(cfg, out=tmp_path, storage="memory", progress=False)
     (done,) = [r for r in res.records if r["state"] == "COMPLETE"]
     assert done["network"]["head"] == "nachos" and 0 < done["val_accuracy"] <= 1
+
+
+def test_a_design_another_worker_is_training_is_left_to_it():
+    """Two searches started together on one study draw alike: a trial whose design is being
+    trained by another (RUNNING) trial is pruned at once, free, naming that trial, instead of
+    training the same design twice."""
+    from eenn.search.study import _objective, load_search_data
+
+    config = SearchConfig.from_dict(tiny())
+    data = load_search_data(config)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    running = study.ask()  # another worker's trial, under way
+    config.space.sample(running, gated=config.gated, **SHAPE)
+    study.enqueue_trial(running.params)
+    study.optimize(_objective(config, data, None), n_trials=1)
+    (mine,) = [t for t in study.get_trials() if t.number != running.number]
+    assert mine.state == TrialState.PRUNED and mine.user_attrs["duplicate_of"] == running.number
+    assert "train_seconds" not in mine.user_attrs and not counts_as_trained("PRUNED", mine.user_attrs)

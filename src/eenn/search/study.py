@@ -161,6 +161,12 @@ def _objective(config: SearchConfig, data: DataSplits, device: str | None) -> Ca
                 trial.set_user_attr("duplicate_of", t.number)
                 _set_constraints(trial, t.user_attrs, config)
                 return t.values[0], t.values[1]
+        # ... or a design another worker is training now (two searches started on one study draw
+        # alike): left to that trial, free; this worker draws again
+        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.number != trial.number and t.params == trial.params:
+                trial.set_user_attr("duplicate_of", t.number)
+                raise optuna.TrialPruned(f"the same design is being trained by trial {t.number}")
         try:
             result = evaluate_design(config, design, data, device=device)
         except Pruned as p:
