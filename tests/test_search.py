@@ -532,3 +532,11 @@ def test_a_design_another_worker_is_training_is_left_to_it():
     (mine,) = [t for t in study.get_trials() if t.number != running.number]
     assert mine.state == TrialState.PRUNED and mine.user_attrs["duplicate_of"] == running.number
     assert "train_seconds" not in mine.user_attrs and not counts_as_trained("PRUNED", mine.user_attrs)
+
+
+def test_a_storage_that_cannot_be_opened_is_one_line(tmp_path):
+    (tmp_path / "study.db").write_bytes(b"not a database" * 100)
+    for url, why in [("foo://bar", "NoSuchModuleError"), (f"sqlite:///{tmp_path}/study.db", "file is not a database")]:
+        with pytest.raises(ConfigError, match=f"cannot open the study storage .*{why}"):
+            search_study._storage(url, tmp_path, (5, 20))
+    assert (tmp_path / "study.db").read_bytes() == b"not a database" * 100  # left as it was

@@ -115,7 +115,13 @@ def _storage(url: str | None, out: str | Path, heartbeat: tuple[int, int] | None
             key = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in
                    inspect.signature(cls.__init__).parameters else "failed_trial_callback")
             kw = {"heartbeat_interval": heartbeat[0], "grace_period": heartbeat[1], key: _retry_dead_trial}
-        return _storage_class()(url, engine_kwargs=engine, **kw)
+        try:
+            return _storage_class()(url, engine_kwargs=engine, **kw)
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy's and the database's errors, one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"cannot open the study storage {url!r} ({type(e).__name__}: {first}): give an RDB URL "
+                              "such as sqlite:///runs/search/study.db; a file that is not an Optuna database must be "
+                              "moved away first") from None
 
 
 def create_study(config: SearchConfig, storage: Any = None, study_name: str | None = None, *, out: str | Path = ".",
