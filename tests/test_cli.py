@@ -214,6 +214,16 @@ def test_compare_two_methods(tmp_path, capsys):
     before = (tmp_path / "cmp" / "B-NET" / "metrics.jsonl").read_text()
     assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "cmp"), "--methods", "B-NET"]) == 0
     assert (tmp_path / "cmp" / "B-NET" / "metrics.jsonl").read_text() == before
+    # the tables still hold the other finished methods, not B-NET alone
+    assert "| data set | Baseline | B-NET | AEP |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert "AEP pruned (AEP): k* =" in (tmp_path / "cmp" / "compare.md").read_text()
+    # --retrain trains the method again from its start (it used to resume the finished run: no training)
+    last = tmp_path / "cmp" / "Baseline" / "last.safetensors"
+    written = last.stat().st_mtime_ns
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "cmp"), "--methods", "Baseline",
+                 "--retrain"]) == 0
+    assert last.stat().st_mtime_ns > written  # the checkpoint was written again
+    assert len((tmp_path / "cmp" / "Baseline" / "metrics.jsonl").read_text().splitlines()) == 1
     # other evaluation settings: reported again with them, still no training
     assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "cmp"), "--methods", "B-NET",
                  "--set", "eval.goal={max_drop: 0.2}"]) == 0

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from .config import (ConfigError, RunConfig, apply_overrides, check_config, config_from_dict, config_to_dict, merge, read_yaml,
                      save_config)
-from .io import write_json
+from .io import read_json, write_json
 from .policies import ExitPolicy
 from .report import Report
 from .run import build_data, evaluate_run, open_run, run_info, train_run
@@ -102,11 +103,31 @@ def compare(path: str | Path, *, overrides: list[str] | None = None, only: list[
             report = evaluate_run(net, build_data(cfg), cfg, run_dir)
             save_config(cfg, run_dir / "config.yaml")
         else:
-            report = train_run(cfg, argv=argv)["report"]
+            if retrain:  # from the start, not resumed from the finished run's last epoch
+                cfg = replace(cfg, train=replace(cfg.train, resume=False))
+            try:
+                report = train_run(cfg, argv=argv)["report"]
+            except ConfigError as e:
+                if "trained with other settings" not in str(e):
+                    raise
+                raise ConfigError(f"method {label!r}: {run_dir} holds a run trained with other settings; train it "
+                                  f"again with `eenn compare ... --retrain --methods '{label}'` ({e})") from None
         row: dict[str, Any] = {"dir": str(run_dir), "objective": cfg.objective.name, "report": report.data}
         if extras["prune"]:
             row["prune"] = _prune(run_dir, cfg)
         rows[label] = row
+    if only:  # the tables keep the file's other methods whose runs are finished with its settings
+        _, every = load_compare(path, overrides)
+        for label, (cfg, extras) in every.items():
+            run_dir = root / _slug(label)
+            cfg.train.out_dir = str(run_dir)
+            if label in rows or _finished(run_dir, cfg) != "done":
+                continue
+            rows[label] = {"dir": str(run_dir), "objective": cfg.objective.name,
+                           "report": Report.load(run_dir / "report.json").data}
+            if extras["prune"] and (run_dir / "prune.json").exists():
+                rows[label]["prune"] = read_json(run_dir / "prune.json")
+        rows = {label: rows[label] for label in every if label in rows}
     md = _markdown(base, rows)
     (root / "compare.md").write_text(md)
     write_json({"run": run_info(argv), "methods": rows}, root / "compare.json")
