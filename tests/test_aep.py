@@ -222,3 +222,18 @@ def test_learned_weights_do_not_collapse_with_the_default_loss(trained):
     joint, prefix = trained["learned-joint"][1].weights(), trained["learned"][1].weights()
     assert joint.max() > 0.9
     assert prefix.max() < 0.75 and prefix.min() > 0.05
+
+
+def test_aep_prune_names_its_input_mistakes(digits):
+    from eenn.functional import scheme_weights
+
+    net = tiny_net().eval()
+    net.input_spec = eenn.InputSpec.from_info(digits.info)
+    with pytest.raises(TypeError, match="pass data.val, not data"):
+        aep_prune(net, [0.25] * 4, digits)
+    with pytest.raises(ValueError, match=r"finite, >= 0 and not all 0, got \[nan"):
+        aep_prune(net, [float("nan")] * 4, digits.val)
+    # a scheme's name, as the ensemble policy takes it: the scheme's weights
+    by_name = aep_prune(net, "linear", digits.val, latency_batch_size=None)
+    by_value = aep_prune(net, scheme_weights("linear", 4), digits.val, latency_batch_size=None)
+    assert by_name.k == by_value.k and by_name.weights == by_value.weights

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load, read_description, save
-from .data import InputSpec, TensorDataset, TensorLoader
+from .data import DataSplits, InputSpec, TensorDataset, TensorLoader
 from .network import MultiExitNetwork
 from .functional import ensemble_so_far
 
@@ -186,12 +186,23 @@ def aep_prune(net: MultiExitNetwork, weights: Tensor | Sequence[float], val: Ten
               latency_batch_size: int | None = 256, latency_repeats: int = 10) -> PruneResult:
     """Choose k* on ``val`` (see the module docstring), cut ``net`` there and measure the costs.
 
-    ``weights``: the ensemble weights, one per exit (e.g. ``AEP.weights()``). The pixels of
+    ``weights``: the ensemble weights, one per exit (e.g. ``AEP.weights()``), or a scheme's name
+    (``"linear"``, ``"hybrid"``, ...). The pixels of
     ``val`` are normalised by ``net.input_spec``. ``device``: where the data go; by default the
     network's (the network is not moved). ``latency_batch_size=None`` skips the latency measurement."""
+    if isinstance(val, DataSplits):
+        raise TypeError("aep_prune: val is one split (a TensorDataset), the validation one: pass data.val, not data")
+    if not isinstance(val, TensorDataset):
+        raise TypeError(f"aep_prune: val must be a TensorDataset (e.g. data.val), got {type(val).__name__}")
+    if isinstance(weights, str):  # a scheme, as ExitPolicy("ensemble", weights=...) takes it
+        from .functional import scheme_weights
+
+        weights = scheme_weights(weights, net.num_exits)
     w = torch.as_tensor(weights, dtype=torch.float32).detach().cpu()
     if w.shape != (net.num_exits,):
         raise ValueError(f"aep_prune: need one weight per exit ({net.num_exits}), got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
+        raise ValueError(f"aep_prune: the weights must be finite, >= 0 and not all 0, got {w.tolist()}")
     device = torch.device(device) if device is not None else _device_of(net)
     was = net.training
     net.eval()
