@@ -540,3 +540,21 @@ def test_a_storage_that_cannot_be_opened_is_one_line(tmp_path):
         with pytest.raises(ConfigError, match=f"cannot open the study storage .*{why}"):
             search_study._storage(url, tmp_path, (5, 20))
     assert (tmp_path / "study.db").read_bytes() == b"not a database" * 100  # left as it was
+
+
+def test_ctrl_c_leaves_no_optuna_traceback():
+    """Optuna logs a trial stopped by Ctrl-C with its traceback; the search filters that record
+    out (its command says it in one line) and keeps every other failed trial's."""
+    import logging
+
+    search_study._quiet_interrupts()
+    log = logging.getLogger("optuna.study._optimize")
+
+    def record(exc):
+        try:
+            raise exc
+        except BaseException:
+            return log.makeRecord(log.name, logging.WARNING, __file__, 1, "Trial 0 failed", (), sys.exc_info())
+
+    assert not log.filter(record(KeyboardInterrupt()))
+    assert log.filter(record(ValueError("a real failure")))

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -308,6 +310,7 @@ def _work(config: SearchConfig, storage: Any, study_name: str, n_trials: int, *,
     callbacks: list = [_StopWhenTrained(n_trials)]
     if progress:
         callbacks.append(_Progress(config, n_trials, prefix))
+    _quiet_interrupts()
     study.optimize(_objective(config, data, device), n_trials=cap, callbacks=callbacks, catch=(FloatingPointError,))
 
 
@@ -315,8 +318,26 @@ def _worker_main(config_dict: dict, storage: str, study_name: str, n_trials: int
                  device: str | None, heartbeat, progress: bool) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     config = SearchConfig.from_dict(config_dict)
-    _work(config, storage, study_name, n_trials, seed=seed, out=out, prefix=prefix, device=device,
-          heartbeat=heartbeat, progress=progress)
+    try:
+        _work(config, storage, study_name, n_trials, seed=seed, out=out, prefix=prefix, device=device,
+              heartbeat=heartbeat, progress=progress)
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker: the parent says it once
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # and a second one cannot interrupt the exit
+        sys.exit(130)
+
+
+class _NoInterruptTrace(logging.Filter):
+    """Drops the traceback Optuna logs for a trial stopped by Ctrl-C (the command says it in one
+    line); a trial that fails for any other reason is still logged in full."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
+def _quiet_interrupts() -> None:
+    log = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
+    if not any(isinstance(f, _NoInterruptTrace) for f in log.filters):
+        log.addFilter(_NoInterruptTrace())
 
 
 def run_search(config: SearchConfig, *, storage: str | None = None, study_name: str | None = None,
