@@ -120,6 +120,7 @@ def test_gated_objectives_get_gated_heads_and_mobilenet_family_builds():
     (lambda r: r.update(objective={"name": "joint", "options": {"wieghts": "sdn"}}),
      r"objective: objective 'joint' does not accept option\(s\) 'wieghts'"),
     (lambda r: r["train"].update(lr="abc"), "train/retrain: lr must be a number, got 'abc'"),
+    (lambda r: r.update(space=[1]), r"space: expected a mapping such as \{family: resnet"),
 ])
 def test_bad_config_names_the_key(mutate, match):
     raw = tiny()
@@ -558,3 +559,14 @@ def test_ctrl_c_leaves_no_optuna_traceback():
 
     assert not log.filter(record(KeyboardInterrupt()))
     assert log.filter(record(ValueError("a real failure")))
+
+
+def test_a_space_smaller_than_the_trials_asked_stops_when_all_are_measured(tmp_path, capsys):
+    space = {"family": "resnet", "stages": [{"depth": 1, "channels": [4, 8]}, {"depth": 1, "channels": 8}],
+             "head": {"type": "linear", "width": None}}
+    config = SearchConfig.from_dict(tiny(space=space))
+    assert config.space.size() == 2
+    result = run_search(config, storage="memory", n_trials=3, out=tmp_path, progress=True)
+    assert "the space holds 2 designs, fewer than the 3 trials asked" in capsys.readouterr().out
+    trials = result.study.get_trials()
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 2 and len(trials) <= 6  # not 48 repeats

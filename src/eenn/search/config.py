@@ -92,6 +92,9 @@ class SearchConfig:
             raise ConfigError(f"unknown top-level key(s) {', '.join(sorted(map(str, bad)))}; allowed: {', '.join(_SECTIONS)}")
         if "space" not in raw:
             raise ConfigError("space: missing; declare the search space (family, stages, exits, head)")
+        if raw["space"] is not None and not isinstance(raw["space"], Mapping):
+            raise ConfigError(f"space: expected a mapping such as {{family: resnet, stages: [...]}}, got "
+                              f"{type(raw['space']).__name__} {raw['space']!r}"[:200])
         space_dict = copy.deepcopy(dict(raw["space"] or {}))
         space = SearchSpace.from_dict(space_dict)
 

@@ -278,14 +278,23 @@ def _n_finished(study) -> int:
 
 
 class _StopWhenTrained:
-    """Stops the study once ``n`` trials have used the training budget (across all workers)."""
+    """Stops the study once ``n`` trials have used the training budget (across all workers), or
+    once every design of a space of ``size`` designs has been finished (further trials could
+    only repeat them)."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
+    def __init__(self, n: int, size: int | None = None) -> None:
+        self.n, self.size = n, size
 
     def __call__(self, study, trial) -> None:
+        from optuna.trial import TrialState
+
         if _n_finished(study) >= self.n:
             study.stop()
+        elif self.size is not None:
+            seen = {tuple(sorted(t.params.items())) for t in
+                    study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))}
+            if len(seen) >= self.size:
+                study.stop()
 
 
 # Free trials (pruned before training, repeats) are bounded too, so that a space whose designs
@@ -307,7 +316,7 @@ def _work(config: SearchConfig, storage: Any, study_name: str, n_trials: int, *,
         print(f"{prefix}eenn search: the study already holds {len(study.get_trials(deepcopy=False))} trials, most of them "
               "pruned before training or repeats; stopping. Raise the MAC ceiling or shrink the space.", flush=True)
         return
-    callbacks: list = [_StopWhenTrained(n_trials)]
+    callbacks: list = [_StopWhenTrained(n_trials, config.space.size())]
     if progress:
         callbacks.append(_Progress(config, n_trials, prefix))
     _quiet_interrupts()
@@ -377,6 +386,9 @@ def run_search(config: SearchConfig, *, storage: str | None = None, study_name: 
         print(f"eenn search: study {name!r} in {url if url != 'memory' else 'memory'}; {have} of {n_trials} trials "
               f"already finished; {workers} worker(s); space of {config.space.size():,} designs; constraints: "
               f"val accuracy >= {config.accuracy_floor:.4f}, expected MACs <= {config.macs_ceiling:,.0f}", flush=True)
+        if config.space.size() < n_trials:
+            print(f"eenn search: the space holds {config.space.size():,} designs, fewer than the {n_trials} trials asked: "
+                  "the search stops once every design is measured", flush=True)
         for number, why, queued in recovered:
             print(f"eenn search: trial {number} was left running by a worker that stopped ({why}): marked failed"
                   + ("; its design is queued again" if queued else ""), flush=True)
