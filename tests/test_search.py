@@ -501,8 +501,13 @@ def test_cli_runs_a_search_and_rewrites_the_report(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "[1/1 trained" in text and "best admissible" in text and "Pareto-optimal" in text
     # The same study reported under a floor nobody reaches: exit 1 and a sentence saying why.
+    designs = sorted(p.name for p in (out / "designs").iterdir())
+    assert designs  # the front's design configs
+    (out / "designs" / "mine.yaml").write_text("# a file of the user's\n")
     assert search_cli.main(["--config", str(cfg), "--out", str(out), "--report-only", "--floor", "1.0"]) == 1
     assert "no admissible design" in capsys.readouterr().out
+    # the designs that report left are off the front now: gone; the user's file stays
+    assert sorted(p.name for p in (out / "designs").iterdir()) == ["mine.yaml"]
 
 
 def test_nachos_objective_searches_gated_designs(tmp_path):

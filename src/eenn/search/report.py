@@ -197,6 +197,14 @@ def write_report(out: str | Path, study, config: SearchConfig, records: list[dic
     out = Path(out)
     (out / "designs").mkdir(parents=True, exist_ok=True)
     files = {"markdown": str(out / "pareto.md"), "json": str(out / "pareto.json"), "plot": str(out / "pareto.png")}
+    # this study's designs from an earlier report that the front no longer holds (another floor, say)
+    mine = f"# eenn design search: study {study_name!r}, trial "
+    on_front = {f"trial_{r['number']}.yaml" for r in front}
+    for old in (out / "designs").glob("trial_*.yaml"):
+        if old.name not in on_front:
+            with open(old) as f:
+                if f.readline().startswith(mine):
+                    old.unlink()
     designs = {}
     for r in front:
         p = out / "designs" / f"trial_{r['number']}.yaml"
