@@ -246,6 +246,7 @@ def test_compare_two_methods(tmp_path, capsys):
     (["predict", "run", "x.npy", "--calibration", "typo.json"], 1, "--calibration typo.json: no such file"),
     (["compare", "--config", "/nonexistent.yaml"], 2, "not found"),
     (["predict"], 2, "the following arguments are required"),
+    (["compare", "--config", "c.yaml", "--methods", ","], 2, "expected one or more method labels"),
 ])
 def test_bad_input_is_one_line(argv, code, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

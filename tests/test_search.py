@@ -508,6 +508,11 @@ def test_cli_runs_a_search_and_rewrites_the_report(tmp_path, capsys):
     assert "no admissible design" in capsys.readouterr().out
     # the designs that report left are off the front now: gone; the user's file stays
     assert sorted(p.name for p in (out / "designs").iterdir()) == ["mine.yaml"]
+    # nothing to report in a fresh folder: said so, and no empty database or folder left there
+    assert search_cli.main(["--config", str(cfg), "--out", str(tmp_path / "fresh"), "--report-only"]) == 2
+    assert "no study 'tiny'" in capsys.readouterr().err and not (tmp_path / "fresh" / "study.db").exists()
+    assert search_cli.main(["--config", str(cfg), "--out", str(tmp_path / "zero"), "--trials", "0"]) == 2
+    assert "need trials >= 1" in capsys.readouterr().err and not (tmp_path / "zero").exists()
 
 
 def test_nachos_objective_searches_gated_designs(tmp_path):

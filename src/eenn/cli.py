@@ -24,6 +24,13 @@ def _value(text: str):
         return text
 
 
+def _labels(text: str) -> list[str]:
+    labels = [x.strip() for x in text.split(",") if x.strip()]
+    if not labels:
+        raise argparse.ArgumentTypeError(f"expected one or more method labels separated by commas, got {text!r}")
+    return labels
+
+
 def _exits(text: str):
     """``all``, ``none`` and ``<distribution>:<n>`` as they are; otherwise a comma-separated list of
     stages, each an index or a stage name (``1,3`` or ``block2.0,block3.0``), as the Python API takes."""
@@ -219,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
                        "'methods:'); write Table 1, Table 2 and one accuracy-MACs figure.",
                        epilog=EPILOG_COMPARE, formatter_class=raw)
     m.add_argument("--config", required=True, help="compare YAML file")
-    m.add_argument("--methods", type=lambda s: [x for x in s.split(",") if x], help="only these methods (comma-separated labels)")
+    m.add_argument("--methods", type=_labels, help="only these methods (comma-separated labels)")
     m.add_argument("-s", "--set", action="append", dest="overrides", default=[], metavar="KEY=VALUE",
                    help="override a base key for every method, e.g. train.epochs=1")
     m.add_argument("--out", help="output directory (default: the file's train.out_dir)")

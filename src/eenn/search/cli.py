@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 __all__ = ["add_parser", "build_parser", "main", "run"]
 
@@ -97,6 +98,8 @@ def _report_only(config, args) -> int:
     name = args.study or config.name
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+            raise KeyError(name)  # no study to report (and no empty database left behind)
         study = optuna.load_study(study_name=name, storage=_storage(url, args.out, None))
     except KeyError:
         print(f"eenn search: error: no study {name!r} in {url}", file=sys.stderr)

@@ -366,10 +366,10 @@ def run_search(config: SearchConfig, *, storage: str | None = None, study_name: 
     from .report import summarise, write_report
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     n_trials = config.trials if n_trials is None else int(n_trials)
     if n_trials < 1 or workers < 1:
         raise ConfigError(f"need trials >= 1 and workers >= 1, got {n_trials} and {workers}")
+    out.mkdir(parents=True, exist_ok=True)
     url = storage or default_storage(out)
     if url == "memory" and workers > 1:
         raise ConfigError("workers > 1 need a shared storage: give an RDB URL (sqlite:///..., postgresql://...)")
