@@ -67,7 +67,7 @@ def load_compare(path: str | Path, overrides: list[str] | None = None,
             raise ConfigError(f"{path}: methods.{label}: {e}") from None
         if extras["prune"] and "weights" not in cfg.eval.policy_options:
             raise ConfigError(f"{path}: methods.{label}.prune: pruning keeps the best truncation of the AEP ensemble, "
-                              "which needs eval.policy_options.weights (e.g. {weights: hybrid})")
+                              "which needs eval.policy_options.weights (e.g. {weights: linear})")
         taken = next((other for other in out if _slug(other) == _slug(str(label))), None)
         if taken is not None:
             raise ConfigError(f"{path}: methods {taken!r} and {label!r} would share the run directory "

@@ -185,8 +185,8 @@ def check_config(config: RunConfig) -> RunConfig:
         raise ConfigError(f"eval.policy {e.policy!r} with options {e.policy_options!r}: "
                           f"{err.args[0] if err.args else err}") from None
     if policy.name == "ensemble" and sum(k in e.policy_options for k in ("weights", "ensemble")) != 1:
-        raise ConfigError("eval.policy 'ensemble' needs eval.policy_options.weights: a scheme (uniform, linear, "
-                          "hybrid, ...) or one weight per exit, e.g. --set 'eval.policy_options={weights: hybrid}'")
+        raise ConfigError("eval.policy 'ensemble' needs eval.policy_options.weights: a fixed scheme (uniform or "
+                          "linear) or one weight per exit, e.g. --set 'eval.policy_options={weights: linear}'")
     if e.split not in ("train", "val", "test"):
         raise ConfigError(f"eval.split: expected train, val or test, got {e.split!r}")
     if e.deployments not in ("all", "eager"):

@@ -186,17 +186,20 @@ def aep_prune(net: MultiExitNetwork, weights: Tensor | Sequence[float], val: Ten
               latency_batch_size: int | None = 256, latency_repeats: int = 10) -> PruneResult:
     """Choose k* on ``val`` (see the module docstring), cut ``net`` there and measure the costs.
 
-    ``weights``: the ensemble weights, one per exit (e.g. ``AEP.weights()``), or a scheme's name
-    (``"linear"``, ``"hybrid"``, ...). The pixels of
+    ``weights``: the ensemble weights, one per exit (e.g. ``AEP.weights()``), or a fixed scheme's
+    name (``"uniform"``, ``"linear"``). The pixels of
     ``val`` are normalised by ``net.input_spec``. ``device``: where the data go; by default the
     network's (the network is not moved). ``latency_batch_size=None`` skips the latency measurement."""
     if isinstance(val, DataSplits):
         raise TypeError("aep_prune: val is one split (a TensorDataset), the validation one: pass data.val, not data")
     if not isinstance(val, TensorDataset):
         raise TypeError(f"aep_prune: val must be a TensorDataset (e.g. data.val), got {type(val).__name__}")
-    if isinstance(weights, str):  # a scheme, as ExitPolicy("ensemble", weights=...) takes it
-        from .functional import scheme_weights
+    if isinstance(weights, str):  # a fixed scheme, as ExitPolicy("ensemble", weights=...) takes it
+        from .functional import SCHEMES, scheme_weights
 
+        if weights not in SCHEMES[:2]:
+            raise ValueError(f"aep_prune: weights by name must be a fixed scheme ({' or '.join(SCHEMES[:2])}), got "
+                             f"{weights!r}; a learned scheme's weights are the trained objective's (AEP.weights())")
         weights = scheme_weights(weights, net.num_exits)
     w = torch.as_tensor(weights, dtype=torch.float32).detach().cpu()
     if w.shape != (net.num_exits,):
