@@ -49,7 +49,7 @@ def test_exits_flag_takes_what_the_python_api_takes():
 
 
 def test_bad_command_lines_give_one_clear_line(capsys):
-    assert main(["train", "--objective", "nope", "--epochs", "1"]) == 1
+    assert main(["train", "--objective", "nope", "--epochs", "1"]) == 2  # found by the config check
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown objective 'nope'" in err[0]
     assert main(["train", "-O", "weights"]) == 2

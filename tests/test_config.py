@@ -63,6 +63,9 @@ def test_bad_configs_name_the_key(tmp_path, text, message):
     ("objective: {name: heads_only}", "give the trained network's weights (objective.options.checkpoint"),
     ("objective: {name: joint, options: {wieghts: sdn}}", "objective: objective 'joint' does not accept option(s) 'wieghts'"),
     ("objective: {name: jiont}", "objective: unknown objective 'jiont'"),
+    ("model: {backbone: resnet21}", "model: unknown backbone 'resnet21'"),
+    ("model: {backbone: mlp, backbone_options: {width: abc}}", "model: backbone 'mlp': option 'width' must be"),
+    ("model: {head: lineer}", "model: unknown exit head 'lineer'"),
 ])
 def test_values_a_run_cannot_use_are_refused_before_it_starts(tmp_path, text, message):
     """Settings of the right type that would fail a run (often only after training, at the
