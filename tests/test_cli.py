@@ -194,6 +194,20 @@ def test_compare_files_are_checked_whole_before_anything_trains(tmp_path, method
     assert _slug("..") == "method" and _slug("./x") == "x"
 
 
+def test_a_method_that_fails_does_not_stop_the_others(tmp_path, capsys):
+    cfg = tmp_path / "cmp.yaml"
+    cfg.write_text("data: {name: digits, limit: 300}\nmodel: {backbone: mlp, exits: all}\n"
+                   "train: {epochs: 1, lr: 0.05, progress: false, batch_size: 1024, optimizer: sgd}\n"
+                   "eval: {batch_sizes: [], curve_points: 3}\n"
+                   "methods:\n  Diverges: {train: {lr: 1.0e+30}}\n  B-NET: {objective: {name: joint}}\n")
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "cmp")]) == 1
+    err = capsys.readouterr().err
+    assert "1 method(s) failed, the tables hold the others: Diverges: FloatingPointError" in err
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| data set | B-NET |" in md and "- Diverges: FloatingPointError" in md
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["failed"].keys() == {"Diverges"}
+
+
 def test_compare_two_methods(tmp_path, capsys):
     cfg = tmp_path / "cmp.yaml"
     cfg.write_text("data: {name: digits}\nmodel: {backbone: lenet5, exits: [1, 2], backbone_options: {width: 2}}\n"

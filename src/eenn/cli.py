@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "predict":
             return commands._predict(args)
         elif args.command == "compare":
-            commands._compare(args)
+            return commands._compare(args)
         elif args.command == "list":
             from . import data, list_backbones, list_heads, list_objectives, policies
 

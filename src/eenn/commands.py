@@ -190,10 +190,15 @@ def _predict(args) -> int:
     return 1 if failed else 0
 
 
-def _compare(args) -> None:
+def _compare(args) -> int:
     from .compare import compare
 
     res = compare(args.config, overrides=args.overrides, only=args.methods, out=args.out,
                   argv=sys.argv[1:] if args._argv is None else args._argv, retrain=args.retrain)
     print(res.markdown())
     print(f"written: {res['dir']}/compare.md, compare.json, curves.png")
+    if res["failed"]:
+        print(f"eenn: error: {len(res['failed'])} method(s) failed, the tables hold the others: "
+              + "; ".join(f"{k}: {v}" for k, v in res["failed"].items()), file=sys.stderr)
+        return 1
+    return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -91,48 +92,63 @@ def compare(path: str | Path, *, overrides: list[str] | None = None, only: list[
     root = Path(out or base.train.out_dir or f"runs/{base.data.name}-{base.model.backbone}-compare")
     root.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
+    failed: dict[str, str] = {}
     for label, (cfg, extras) in methods.items():
         run_dir = root / _slug(label)
         cfg.train.out_dir = str(run_dir)
         print(f"== {label}: {cfg.objective.name} {cfg.objective.options or ''} -> {run_dir}", flush=True)
-        state = "untrained" if retrain else _finished(run_dir, cfg)
-        if state == "done":
-            report = Report.load(run_dir / "report.json")
-        elif state == "trained":  # only the evaluation settings changed: report again, no training
-            net, _, _ = open_run(run_dir)
-            report = evaluate_run(net, build_data(cfg), cfg, run_dir)
-            save_config(cfg, run_dir / "config.yaml")
-        else:
-            if retrain:  # from the start, not resumed from the finished run's last epoch
-                cfg = replace(cfg, train=replace(cfg.train, resume=False))
-            try:
-                report = train_run(cfg, argv=argv)["report"]
-            except ConfigError as e:
-                if "trained with other settings" not in str(e):
-                    raise
-                raise ConfigError(f"method {label!r}: {run_dir} holds a run trained with other settings; train it "
-                                  f"again with `eenn compare ... --retrain --methods '{label}'` ({e})") from None
-        row: dict[str, Any] = {"dir": str(run_dir), "objective": cfg.objective.name, "report": report.data}
-        if extras["prune"]:
-            row["prune"] = _prune(run_dir, cfg)
-        rows[label] = row
+        try:  # one method failing (diverged, say) does not cost the others their turn
+            rows[label] = _method(label, cfg, extras, run_dir, argv, retrain)
+        except (ValueError, RuntimeError, FloatingPointError, OSError) as e:
+            failed[label] = f"{type(e).__name__}: {e}"
+            print(f"== {label}: failed ({failed[label]})", file=sys.stderr, flush=True)
     if only:  # the tables keep the file's other methods whose runs are finished with its settings
         _, every = load_compare(path, overrides)
         for label, (cfg, extras) in every.items():
             run_dir = root / _slug(label)
             cfg.train.out_dir = str(run_dir)
-            if label in rows or _finished(run_dir, cfg) != "done":
+            if label in rows or label in failed or _finished(run_dir, cfg) != "done":
                 continue
             rows[label] = {"dir": str(run_dir), "objective": cfg.objective.name,
                            "report": Report.load(run_dir / "report.json").data}
             if extras["prune"] and (run_dir / "prune.json").exists():
                 rows[label]["prune"] = read_json(run_dir / "prune.json")
         rows = {label: rows[label] for label in every if label in rows}
+    if not rows:
+        raise RuntimeError("every method failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     md = _markdown(base, rows)
+    if failed:
+        md += "\nFailed, not in the tables (fix the method and run the command again):\n\n" + "".join(
+            f"- {label}: {why}\n" for label, why in failed.items())
     (root / "compare.md").write_text(md)
-    write_json({"run": run_info(argv), "methods": rows}, root / "compare.json")
+    write_json({"run": run_info(argv), "methods": rows, "failed": failed}, root / "compare.json")
     _plot(rows, root / "curves.png", base)
-    return CompareResult(methods=rows, dir=str(root), markdown=md)
+    return CompareResult(methods=rows, dir=str(root), markdown=md, failed=failed)
+
+
+def _method(label: str, cfg: RunConfig, extras: dict, run_dir: Path, argv, retrain: bool) -> dict[str, Any]:
+    """One method's row: its run trained (or resumed, or only reported again) and reported."""
+    state = "untrained" if retrain else _finished(run_dir, cfg)
+    if state == "done":
+        report = Report.load(run_dir / "report.json")
+    elif state == "trained":  # only the evaluation settings changed: report again, no training
+        net, _, _ = open_run(run_dir)
+        report = evaluate_run(net, build_data(cfg), cfg, run_dir)
+        save_config(cfg, run_dir / "config.yaml")
+    else:
+        if retrain:  # from the start, not resumed from the finished run's last epoch
+            cfg = replace(cfg, train=replace(cfg.train, resume=False))
+        try:
+            report = train_run(cfg, argv=argv)["report"]
+        except ConfigError as e:
+            if "trained with other settings" not in str(e):
+                raise
+            raise ConfigError(f"method {label!r}: {run_dir} holds a run trained with other settings; train it "
+                              f"again with `eenn compare ... --retrain --methods '{label}'` ({e})") from None
+    row: dict[str, Any] = {"dir": str(run_dir), "objective": cfg.objective.name, "report": report.data}
+    if extras["prune"]:
+        row["prune"] = _prune(run_dir, cfg)
+    return row
 
 
 def _finished(run_dir: Path, cfg: RunConfig) -> str:
