@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .io import encode_inf
+from .registry import is_whole
 
 __all__ = ["CheckpointError", "save", "load", "load_state", "load_weights", "read_checkpoint", "read_description"]
 
@@ -267,25 +268,21 @@ def load(
     return net.to(map_location)
 
 
-def _is_int(v: Any, least: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= least
-
-
 # Fields of a network description (MultiExitNetwork.config) that a hand edit may break: what each
 # must be, as a test and in words. Fields absent here, or absent from the file, are not checked.
 _FIELDS: dict[str, tuple] = {
-    "num_classes": (lambda v: _is_int(v, 2), "an int >= 2"),
-    "input_shape": (lambda v: isinstance(v, list) and bool(v) and all(_is_int(s, 1) for s in v), "a list of ints >= 1"),
-    "exits": (lambda v: isinstance(v, list) and all(_is_int(s, 0) for s in v), "a list of stage indices"),
+    "num_classes": (lambda v: is_whole(v, 2), "an int >= 2"),
+    "input_shape": (lambda v: isinstance(v, list) and bool(v) and all(is_whole(s, 1) for s in v), "a list of ints >= 1"),
+    "exits": (lambda v: isinstance(v, list) and all(is_whole(s, 0) for s in v), "a list of stage indices"),
     "head": (lambda v: isinstance(v, list) and all(isinstance(h, str) for h in v), "a list of head names"),
     "head_options": (lambda v: isinstance(v, list) and all(isinstance(o, dict) for o in v), "a list of mappings"),
-    "truncated_at": (lambda v: v is None or _is_int(v, 0), "an exit index"),
+    "truncated_at": (lambda v: v is None or is_whole(v, 0), "an exit index"),
     "source": (lambda v: isinstance(v, dict), "a mapping"),
     "input_spec": (lambda v: v is None or isinstance(v, dict), "a mapping"),
     "source.name": (lambda v: isinstance(v, str), "a backbone name"),
-    "source.in_channels": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "source.num_classes": (lambda v: _is_int(v, 2), "an int >= 2"),
-    "source.input_size": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(s, 1) for s in v),
+    "source.in_channels": (lambda v: is_whole(v, 1), "an int >= 1"),
+    "source.num_classes": (lambda v: is_whole(v, 2), "an int >= 2"),
+    "source.input_size": (lambda v: isinstance(v, list) and len(v) == 2 and all(is_whole(s, 1) for s in v),
                           "[height, width], ints >= 1"),
     "source.options": (lambda v: isinstance(v, dict), "a mapping of backbone options"),
 }

@@ -51,6 +51,11 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
+def is_whole(v: Any, least: int | None = None) -> bool:
+    """``v`` is an integer (Python's or NumPy's; not a bool), and at least ``least`` when given."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and (least is None or v >= least)
+
+
 class OptionTypeError(TypeError, ValueError):
     """An option of the wrong type: a TypeError, and a ValueError for callers that report bad
     options as such (the CLI)."""
@@ -79,7 +84,7 @@ def check_options(what: str, fn: Callable, options: dict, skip: tuple[str, ...] 
 # The option types checked: a parameter annotated with these (``int | None``, ``Sequence[int]``,
 # ...), or unannotated with a default of one of them. Other annotations are the builder's business.
 _SCALARS: dict[str, Callable[[Any], bool]] = {
-    "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+    "int": is_whole,
     "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
     "bool": lambda v: isinstance(v, bool),
     "str": lambda v: isinstance(v, str),

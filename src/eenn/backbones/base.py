@@ -8,14 +8,13 @@ needs, such as the input of a residual add that spans the cut).
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..registry import Registry, check_options
+from ..registry import Registry, check_options, is_whole
 
 __all__ = [
     "Backbone",
@@ -155,13 +154,9 @@ def list_backbones() -> list[str]:
     return _BACKBONES.names()
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _size2(input_size: int | Sequence[int]) -> tuple[int, int]:
-    size = [input_size] * 2 if _is_int(input_size) else input_size
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(s) and s >= 1 for s in size)):
+    size = [input_size] * 2 if is_whole(input_size) else input_size
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(is_whole(s, 1) for s in size)):
         raise ValueError(f"input_size must be a positive int or (height, width), got {input_size!r}")
     return int(size[0]), int(size[1])
 
@@ -177,7 +172,7 @@ def create_backbone(
     """Build a registered backbone. ``options`` are the family's own (``width``, ...)."""
     builder = _BACKBONES.get(name)
     for arg, value, least in (("in_channels", in_channels, 1), ("num_classes", num_classes, 2)):
-        if not (_is_int(value) and value >= least):
+        if not is_whole(value, least):
             raise ValueError(f"{arg} must be an int >= {least}, got {value!r}")
     size = _size2(input_size)
     check_options(f"backbone {name!r}", builder, options, skip=("in_channels", "num_classes", "input_size"))

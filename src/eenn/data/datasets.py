@@ -13,7 +13,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from ..registry import Registry, check_options
+from ..registry import Registry, check_options, is_whole
 from .core import DataSplits, DatasetInfo, TensorDataset, cap, channel_stats, complement, split_off, stratified_pick
 from .formats import concat_batches, read_cifar_files, read_cifar_tar, read_idx_pair, read_svhn_mat
 from .errors import DatasetNotFoundError
@@ -111,15 +111,12 @@ def build_synthetic(*, data_dir=None, download=False, seed=0, num_classes: int =
                     input_size: int | tuple[int, int] = 8, num_samples: int = 600, noise: float = 40.0) -> TrainTest:
     """Each class is a fixed random template; a sample is its template plus Gaussian noise.
     ``num_samples`` in all, 20% of them the test split; everything is a function of ``seed``."""
-    def whole(v: Any, least: int) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= least
-
     for key, value, least in (("num_classes", num_classes, 2), ("in_channels", in_channels, 1),
                               ("num_samples", num_samples, 1)):
-        if not whole(value, least):
+        if not is_whole(value, least):
             raise ValueError(f"data set 'synthetic': {key} must be an int >= {least}, got {value!r}")
-    size = [input_size] * 2 if whole(input_size, 1) else input_size
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(whole(s, 1) for s in size)):
+    size = [input_size] * 2 if is_whole(input_size, 1) else input_size
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(is_whole(s, 1) for s in size)):
         raise ValueError(f"data set 'synthetic': input_size must be a positive int or (height, width), "
                          f"got {input_size!r}")
     if isinstance(noise, bool) or not isinstance(noise, (int, float, np.floating)) or not 0 <= noise < float("inf"):
