@@ -162,15 +162,13 @@ def check_config(config: RunConfig) -> RunConfig:
     except ValueError as err:
         raise ConfigError(f"train: {err}") from None
     m = config.model
-    from .backbones.base import _BACKBONES
-    from .heads import _HEADS
-    from .registry import check_options
+    from .backbones.base import check_backbone
+    from .heads import check_head
 
     try:
-        check_options(f"backbone {m.backbone!r}", _BACKBONES.get(m.backbone), m.backbone_options,
-                      skip=("in_channels", "num_classes", "input_size"))
+        check_backbone(m.backbone, m.backbone_options)
         for name in [m.head] if isinstance(m.head, str) else m.head:
-            _HEADS.get(name)
+            check_head(name)
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(f"model: {err.args[0] if err.args else err}") from None
     opts = config.objective.options

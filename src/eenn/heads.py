@@ -135,6 +135,14 @@ def list_heads() -> list[str]:
     return _HEADS.names()
 
 
+def check_head(name: str, options: dict[str, Any] | None = None):
+    """The registered head's builder, once ``name`` (and ``options``, when given) are known to fit it."""
+    builder = _HEADS.get(name)
+    if options is not None:
+        check_options(f"exit head {name!r}", builder, options, skip=("in_shape", "num_classes"))
+    return builder
+
+
 def create_head(name: str, in_shape: Sequence[int], num_classes: int, *, cascade: bool = False,
                 **options: Any) -> ExitHead:
     """Build head ``name`` for per-sample input shape ``in_shape`` ((C, H, W) or (F,)).
@@ -142,8 +150,7 @@ def create_head(name: str, in_shape: Sequence[int], num_classes: int, *, cascade
     ``cascade=True`` makes it a cascading head (ZTW) that also reads the previous exit's
     ``num_classes`` logits, so it needs a predecessor: a network passes the option on to every
     exit but its first (:class:`~eenn.network.MultiExitNetwork`)."""
-    builder = _HEADS.get(name)
-    check_options(f"exit head {name!r}", builder, options, skip=("in_shape", "num_classes"))
+    builder = check_head(name, options)
     head = builder(tuple(int(s) for s in in_shape), num_classes, **options)
     return head.add_cascade(num_classes) if cascade else head
 

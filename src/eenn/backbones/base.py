@@ -154,6 +154,14 @@ def list_backbones() -> list[str]:
     return _BACKBONES.names()
 
 
+def check_backbone(name: str, options: dict[str, Any]):
+    """The registered backbone's builder, once ``name`` and the family's ``options`` are known to
+    fit it (nothing built: a config names its mistakes before anything trains)."""
+    builder = _BACKBONES.get(name)
+    check_options(f"backbone {name!r}", builder, options, skip=("in_channels", "num_classes", "input_size"))
+    return builder
+
+
 def _size2(input_size: int | Sequence[int]) -> tuple[int, int]:
     size = [input_size] * 2 if is_whole(input_size) else input_size
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(is_whole(s, 1) for s in size)):
@@ -170,12 +178,11 @@ def create_backbone(
     **options: Any,
 ) -> Backbone:
     """Build a registered backbone. ``options`` are the family's own (``width``, ...)."""
-    builder = _BACKBONES.get(name)
+    builder = check_backbone(name, options)
     for arg, value, least in (("in_channels", in_channels, 1), ("num_classes", num_classes, 2)):
         if not is_whole(value, least):
             raise ValueError(f"{arg} must be an int >= {least}, got {value!r}")
     size = _size2(input_size)
-    check_options(f"backbone {name!r}", builder, options, skip=("in_channels", "num_classes", "input_size"))
     net = builder(in_channels=in_channels, num_classes=num_classes, input_size=size, **options)
     net.spec = {
         "name": name,
