@@ -59,17 +59,23 @@ def dump_yaml(data: Any) -> str:
     return yaml.dump(data, Dumper=_Plain, sort_keys=False)
 
 
+def _is_safetensors(p: Path) -> bool:
+    """Whether safetensors reads ``p``'s header (the weights are not read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt"):
+            return True
+    except Exception:  # noqa: BLE001 - any file it cannot read is not one
+        return False
+
+
 def writable_text_file(path: str | Path, what: str) -> Path:
     """``path`` for a text file of ``what`` (a calibration, a plan), refused when it names a
     checkpoint (by its suffix or its bytes): an ``--out`` mistyped onto ``best.safetensors`` must
     not replace the weights."""
     p = Path(path)
-    checkpoint = p.suffix == ".safetensors"
-    if not checkpoint and p.is_file():
-        with open(p, "rb") as f:
-            head = f.read(9)
-        checkpoint = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 32
-    if checkpoint:
+    if p.suffix == ".safetensors" or (p.is_file() and _is_safetensors(p)):
         raise ValueError(f"{p} is a checkpoint (safetensors): writing {what} there would replace it; give another "
                          "path (e.g. a .json or .yaml file)")
     if p.is_dir():

@@ -158,7 +158,7 @@ def _check_resumable(out: Path, config: RunConfig) -> None:
 def evaluate_run(net: MultiExitNetwork, data, config: RunConfig, out: str | Path | None) -> Report:
     e = config.eval
     report = evaluate(net, data, policy=e.policy, goal=e.goal, split=e.split, fallback=e.fallback,
-                      batch_sizes=tuple(e.batch_sizes), timing_samples=None if e.timing_samples is None else tuple(e.timing_samples), repeats=e.repeats,
+                      batch_sizes=tuple(e.batch_sizes), timing_samples=e.timing_samples, repeats=e.repeats,
                       curve_points=e.curve_points, device=config.train.device, policy_options=e.policy_options,
                       deployments=e.deployments)
     report.data["run"] = {"objective": config.objective.name, "objective_options": config.objective.options}
