@@ -9,7 +9,7 @@ import eenn
 
 ROOT = Path(eenn.__file__).parent
 # Inference and deployment: deciding exits, running networks, exporting, serving.
-INFERENCE = ("eenn.engine", "eenn.staged", "eenn.exporter", "eenn.inference", "eenn.outputs", "eenn.policies",
+INFERENCE = ("eenn.engine", "eenn.staged", "eenn.manifest", "eenn.exporter", "eenn.inference", "eenn.outputs", "eenn.policies",
              "eenn.serve", "eenn.functional", "eenn.network", "eenn.heads", "eenn.trace", "eenn.cost",
              "eenn.backbones", "eenn.data", "eenn.io")
 TRAINING = ("eenn.objectives", "eenn.trainer", "eenn.train_config", "eenn.callbacks")

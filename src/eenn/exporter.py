@@ -32,8 +32,9 @@ from .outputs import collect_outputs
 from .io import write_json
 from .policies import ExitPolicy, as_policy, calibrate, decide
 from .fused import FUSED_RULES, fuse_segments
-from .staged import (EXPORT_TOLERANCE, FORMAT, FORMAT_VERSION, MANIFEST, ExportError, StagedRunner, _digest,
-                     _session, load_manifest, read_segments)
+from .manifest import (EXPORT_TOLERANCE, FORMAT, FORMAT_VERSION, MANIFEST, ExportError, _digest, load_manifest,
+                       read_segments)
+from .staged import StagedRunner, _session
 
 __all__ = ["ExportError", "export", "load_manifest", "read_segments", "StagedRunner", "EXPORT_TOLERANCE",
            "calibration_record"]

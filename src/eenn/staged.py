@@ -17,9 +17,6 @@ is 10% slower than the former, hence both); a tier holding some segments holds t
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
 import tempfile
 import warnings
@@ -30,136 +27,14 @@ import numpy as np
 import torch
 
 from .inference import serial_torch
-from .io import read_json
+from .manifest import EXPORT_TOLERANCE, MANIFEST, ExportError, _digest, load_manifest, read_segments
 from .policies.loop import Answers, Running, degrade, run_exits, start
 from .policies.policy import ExitPolicy, as_policy
 
 __all__ = ["ExportError", "load_manifest", "read_segments", "StagedRunner", "Running", "Answers", "EXPORT_TOLERANCE"]
 
-FORMAT = "eenn.staged_onnx"
-FORMAT_VERSION = 2  # 2: the policy record is ExitPolicy.to_dict() ("rule"); version 1 ("name") is still read
-MANIFEST = "manifest.json"
-EXPORT_TOLERANCE = 1e-4  # largest |ONNX logit - PyTorch logit| accepted at export time
 _DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,
            "int32": np.int32, "bool": np.bool_}
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-class ExportError(ValueError):
-    """An export that cannot be made or an exported model that cannot be read; says why."""
-
-
-# ------------------------------------------------------------------------------------ manifest
-def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of an exported model (``path``: its directory or ``manifest.json``), its
-    parts checked against each other (:func:`_check_manifest`)."""
-    given = Path(path)
-    p = given / MANIFEST if given.is_dir() else given
-    if not p.is_file():
-        where = given if given.is_dir() or given.name != MANIFEST else given.parent
-        raise ExportError(f"no exported model at {where} (missing {MANIFEST}); run `eenn export` first")
-    try:
-        m = read_json(p)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{p} is not valid JSON ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ExportError(f"{p}: not an eenn staged export (format "
-                          f"{m.get('format') if isinstance(m, dict) else None!r})")
-    version = m.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ExportError(f"{MANIFEST} of {p.parent}: `format_version` must be an integer, got {version!r}; "
-                          "re-export the model")
-    if version > FORMAT_VERSION:
-        raise ExportError(f"{p} was written by a newer eenn ({m.get('eenn_version')}); upgrade eenn to read it")
-    _check_manifest(m, p.parent)
-    m["_dir"] = str(p.parent)
-    return m
-
-
-_SEGMENT_KEYS = ("index", "file", "sha256", "inputs", "outputs", "num_state_outputs", "cascade", "macs")
-
-
-def _check_manifest(m: dict[str, Any], where: Path) -> None:
-    """Refuse a manifest whose parts disagree (a hand edit, a truncated copy) once, when it is
-    read, instead of failing in every request: the counts, the segments, the input shape, the
-    class names, the normalisation, the policy and the validation record."""
-    def bad(what: str) -> ExportError:
-        return ExportError(f"{MANIFEST} of {where}: {what}; re-export the model")
-
-    def number(v: Any) -> bool:
-        return not isinstance(v, bool) and (isinstance(v, int) or isinstance(v, float) and math.isfinite(v))
-
-    counts = {}
-    for key in ("num_exits", "num_classes"):
-        v = m.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise bad(f"`{key}` must be an integer >= 1, got {v!r}")
-        counts[key] = v
-    E, C = counts["num_exits"], counts["num_classes"]
-    shape = m.get("input_shape")
-    if (not isinstance(shape, list) or not shape
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
-        raise bad(f"`input_shape` must be a list of positive integers, got {shape!r}")
-    if not isinstance(m.get("has_gates"), bool):
-        raise bad(f"`has_gates` must be true or false, got {m.get('has_gates')!r}")
-    segs = m.get("segments")
-    if not isinstance(segs, list) or len(segs) != E:
-        got = f"{len(segs)} entries" if isinstance(segs, list) else "none" if segs is None else repr(segs)
-        raise bad(f"`segments` must list one entry per exit ({E}, num_exits), got {got}")
-    for k, seg in enumerate(segs):
-        if not isinstance(seg, dict) or seg.get("index") != k:
-            raise bad(f"segment entry {k} must be a record with `index` {k}, got "
-                      f"{seg.get('index') if isinstance(seg, dict) else seg!r}")
-        missing = [key for key in _SEGMENT_KEYS if key not in seg]
-        if missing:
-            raise bad(f"segment {k} lacks {', '.join(missing)}")
-    first = segs[0]["inputs"]
-    if not (isinstance(first, list) and first and isinstance(first[0], dict) and isinstance(first[0].get("shape"), list)):
-        raise bad(f"segment 0's `inputs` must describe the model input, got {first!r}")
-    if first[0]["shape"][1:] != shape:
-        raise bad(f"`input_shape` {shape} does not match segment 0's input {first[0]['shape'][1:]}")
-    names = m.get("exit_names")
-    if not isinstance(names, list) or len(names) != E:
-        raise bad(f"`exit_names` must list {E} names (num_exits), got {names!r}")
-    classes = m.get("class_names")
-    if classes is not None and (not isinstance(classes, list) or len(classes) != C):
-        got = f"{len(classes)} names" if isinstance(classes, list) else repr(classes)
-        raise bad(f"`class_names` must list {C} names (num_classes) or be null, got {got}")
-    pre = m.get("preprocess")
-    if pre is not None:
-        if not isinstance(pre, dict):
-            raise bad(f"`preprocess` must be a record of `mean` and `std` or null, got {pre!r}")
-        channels = shape[0]
-        for key in ("mean", "std"):
-            v = pre.get(key)
-            vals = v if isinstance(v, list) else [v]
-            if len(vals) not in (1, channels) or not all(number(x) for x in vals):
-                many = "1 number" if channels == 1 else f"1 or {channels} numbers"
-                raise bad(f"`preprocess.{key}` must be {many} (per channel of input_shape {shape}), got {v!r}")
-            if key == "std" and min(vals) <= 0:
-                raise bad(f"`preprocess.std` must be > 0, got {v!r}")
-    try:
-        if not isinstance(m.get("policy"), dict):
-            raise ValueError(f"got {m.get('policy')!r}")
-        ExitPolicy.from_dict(m["policy"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise bad(f"`policy` is not an exit policy record ({e})") from None
-    val = m.get("validation")
-    if val is not None and not isinstance(val, dict):
-        raise bad(f"`validation` must be a record or null, got {val!r}")
-    depth = (val or {}).get("depth_distribution")
-    if depth is not None and (not isinstance(depth, list) or len(depth) != E
-                              or not all(number(p) and p >= 0 for p in depth)):
-        raise bad(f"`validation.depth_distribution` must be {E} shares >= 0 (num_exits), got {depth!r}")
-
-
-def read_segments(manifest: dict[str, Any], segments: tuple[int, int]) -> dict[int, bytes]:
-    """The ONNX bytes of segments ``a..b-1`` of an exported model, by index."""
-    base = Path(manifest["_dir"])
-    return {s["index"]: (base / s["file"]).read_bytes() for s in manifest["segments"][segments[0]:segments[1]]}
 
 
 def _session(model: bytes, threads: int, optimized_path: str | None = None, *, spin: bool = True,
