@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import math
 import multiprocessing
 import os
@@ -29,7 +28,8 @@ from ..data import DataSplits
 from .candidate import Pruned, _shape_kw, evaluate_design, load_search_data
 from .config import SearchConfig
 from .space import ConfigError
-from .workers import _OWN_ATTRS, _record_worker, _recover_dead_trials, _retry_dead_trial, _storage_class
+from .workers import (_OWN_ATTRS, _quiet_interrupts, _record_worker, _recover_dead_trials, _retry_dead_trial,
+                      _storage_class)
 
 __all__ = ["ImpossibleConstraints", "SearchResult", "constraint_values", "create_study", "run_search",
            "default_storage"]
@@ -333,20 +333,6 @@ def _worker_main(config_dict: dict, storage: str, study_name: str, n_trials: int
     except KeyboardInterrupt:  # Ctrl-C reaches every worker: the parent says it once
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # and a second one cannot interrupt the exit
         sys.exit(130)
-
-
-class _NoInterruptTrace(logging.Filter):
-    """Drops the traceback Optuna logs for a trial stopped by Ctrl-C (the command says it in one
-    line); a trial that fails for any other reason is still logged in full."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
-
-
-def _quiet_interrupts() -> None:
-    log = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
-    if not any(isinstance(f, _NoInterruptTrace) for f in log.filters):
-        log.addFilter(_NoInterruptTrace())
 
 
 def run_search(config: SearchConfig, *, storage: str | None = None, study_name: str | None = None,

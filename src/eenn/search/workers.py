@@ -1,8 +1,10 @@
 """Trials that a dead worker left RUNNING: how a dead worker is told from a live one, and how
-its trials are failed and their designs queued again (used by :mod:`eenn.search.study`)."""
+its trials are failed and their designs queued again; and a worker stopped by Ctrl-C, which
+leaves no traceback (used by :mod:`eenn.search.study`)."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
 from datetime import datetime
@@ -213,3 +215,17 @@ def _storage_class():
             return ids
 
     return SearchStorage
+
+
+class _NoInterruptTrace(logging.Filter):
+    """Drops the traceback Optuna logs for a trial stopped by Ctrl-C (the command says it in one
+    line); a trial that fails for any other reason is still logged in full."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
+def _quiet_interrupts() -> None:
+    log = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
+    if not any(isinstance(f, _NoInterruptTrace) for f in log.filters):
+        log.addFilter(_NoInterruptTrace())
