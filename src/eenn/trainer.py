@@ -7,15 +7,12 @@ code runs as one process or under ``torchrun`` with DistributedDataParallel.
 from __future__ import annotations
 
 import math
-import os
-import random
 import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -24,6 +21,7 @@ from . import distributed as D
 from .callbacks import Callback, Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
 from .data import DataSplits, InputSpec, TensorDataset, TensorLoader
 from .outputs import evaluate_exits
+from .rng import rng_state, seed_everything, set_rng_state
 from .network import MultiExitNetwork
 from .objectives import EpochContext, Objective, create_objective, exit_losses
 from .train_config import TrainConfig, build_optimizer, build_scheduler
@@ -43,31 +41,6 @@ class _Step(nn.Module):
         out = self.net(x, exits=self.objective.exits)
         extra = {"indices": idx} if self.objective.needs_indices else {}
         return self.objective(out, y, **extra), out.logits
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # settings that shape the learning-rate curve: a resume that changes one rebuilds the schedule
