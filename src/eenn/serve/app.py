@@ -68,20 +68,20 @@ class Front:
         if coding not in ("", "identity"):
             raise InputError(415, f"Content-Encoding {coding!r} is not supported: send the body uncompressed")
         chunks, size = [], 0
-        stream = request.stream().__aiter__()
+        loop = asyncio.get_running_loop()
         try:
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(stream.__anext__(), BODY_STALL_S)
-                except StopAsyncIteration:
-                    break
-                except asyncio.TimeoutError:
-                    raise InputError(408, f"no part of the body came for {BODY_STALL_S:g} s ({size} bytes read"
-                                          + (f" of {declared}" if declared else "") + ")") from None
-                size += len(chunk)
-                if size > limit:  # stop reading as soon as the limit is passed
-                    raise InputError(413, f"body larger than the limit of {limit} bytes")
-                chunks.append(chunk)
+            # one deadline for the whole read, moved on with every part (not a task per part: this
+            # runs for every request)
+            async with asyncio.timeout(BODY_STALL_S) as deadline:
+                async for chunk in request.stream():
+                    deadline.reschedule(loop.time() + BODY_STALL_S)
+                    size += len(chunk)
+                    if size > limit:  # stop reading as soon as the limit is passed
+                        raise InputError(413, f"body larger than the limit of {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise InputError(408, f"no part of the body came for {BODY_STALL_S:g} s ({size} bytes read"
+                                  + (f" of {declared}" if declared else "") + ")") from None
         except ClientDisconnect:
             raise _Gone() from None
         return b"".join(chunks)
