@@ -80,8 +80,8 @@ def _find(source: Source, data_dir: str | os.PathLike | None, download: bool) ->
         found = locate(source, data_dir)
     if found is None:
         raise not_found_error(source, data_dir)
-    root = None if data_dir is None else Path(data_dir).expanduser().resolve()
-    if root is not None and root not in (found.folder.resolve(), *found.folder.resolve().parents):
+    folder = found.folder.resolve()
+    if data_dir is not None and Path(data_dir).expanduser().resolve() not in (folder, *folder.parents):
         warnings.warn(f"data set {source.name!r}: no complete set of its files in data_dir {os.fspath(data_dir)!r}; "
                       f"read from {found.folder} instead", stacklevel=4)
     return found
