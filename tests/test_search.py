@@ -571,6 +571,31 @@ def test_ctrl_c_leaves_no_optuna_traceback():
     assert log.filter(record(ValueError("a real failure")))
 
 
+def test_a_trial_stopped_by_ctrl_c_is_trained_when_the_search_resumes(tmp_path, monkeypatch):
+    """Ctrl-C during a trial's training: Optuna marks it failed; its design is queued again, so
+    that re-running the command trains it (rather than leaving it to the sampler's luck)."""
+    cfg = SearchConfig.from_dict(tiny(search={"trials": 1, "sampler": "random", "seed": 0}))
+    real = search_study.evaluate_design
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search_study, "evaluate_design", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(cfg, out=tmp_path, progress=False, report=False)
+    url = f"sqlite:///{tmp_path}/study.db"
+    stopped, queued = optuna.load_study(study_name="tiny", storage=url).trials
+    assert stopped.state == TrialState.FAIL and stopped.params
+    assert queued.state == TrialState.WAITING and queued.user_attrs["retried_from"] == stopped.number
+    assert stopped.user_attrs["failed_because"] == "stopped by Ctrl-C"
+    monkeypatch.setattr(search_study, "evaluate_design", real)
+    res = run_search(cfg, out=tmp_path, progress=False, report=False)
+    (retry,) = [t for t in res.study.trials if t.user_attrs.get("retried_from") == stopped.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == stopped.params
+    assert retry.user_attrs["retry_reason"] == "stopped by Ctrl-C"
+    assert _counted(url, "tiny") == [retry.number]
+
+
 def test_a_space_smaller_than_the_trials_asked_stops_when_all_are_measured(tmp_path, capsys):
     space = {"family": "resnet", "stages": [{"depth": 1, "channels": [4, 8]}, {"depth": 1, "channels": 8}],
              "head": {"type": "linear", "width": None}}

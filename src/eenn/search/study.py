@@ -28,7 +28,7 @@ from ..data import DataSplits
 from .candidate import Pruned, _shape_kw, evaluate_design, load_search_data
 from .config import SearchConfig
 from .space import ConfigError
-from .workers import (_OWN_ATTRS, _quiet_interrupts, _record_worker, _recover_dead_trials, _retry_dead_trial,
+from .workers import (_OWN_ATTRS, _quiet_interrupts, _record_worker, _recover_dead_trials, _requeue, _retry_dead_trial,
                       _storage_class)
 
 __all__ = ["ImpossibleConstraints", "SearchResult", "constraint_values", "create_study", "run_search",
@@ -177,6 +177,10 @@ def _objective(config: SearchConfig, data: DataSplits, device: str | None) -> Ca
                 raise optuna.TrialPruned(f"the same design is being trained by trial {t.number}")
         try:
             result = evaluate_design(config, design, data, device=device)
+        except KeyboardInterrupt:  # Optuna marks it failed; the design is trained when the search resumes
+            trial.set_user_attr("failed_because", "stopped by Ctrl-C")
+            _requeue(trial.study, trial, "stopped by Ctrl-C", once=False)
+            raise
         except Pruned as p:
             for k, v in p.attrs.items():
                 trial.set_user_attr(k, v)
@@ -345,7 +349,7 @@ def run_search(config: SearchConfig, *, storage: str | None = None, study_name: 
     ``storage`` is an Optuna RDB URL (default ``sqlite:///<out>/study.db``; ``"memory"`` keeps it
     in this process only, one worker). Re-running the same call continues the same study: the
     trials already trained count towards ``n_trials``; trials a killed run left RUNNING are failed
-    and their designs queued again, and the sampler is seeded anew (from ``config.seed`` and the
+    and their designs queued again, as are those of trials stopped by Ctrl-C, and the sampler is seeded anew (from ``config.seed`` and the
     number of trials the study holds) so that it does not replay the designs drawn before.
     Raises :class:`ImpossibleConstraints` before any training when the MAC ceiling is below the
     cheapest design of the space."""

@@ -156,10 +156,11 @@ def _dead_trials(storage, study_id: int) -> list[tuple[Any, str]]:
     return dead
 
 
-def _requeue(study, trial, why: str) -> bool:
+def _requeue(study, trial, why: str, *, once: bool = True) -> bool:
     """Queue a dead trial's design again (the same parameters), once: a retry that dies too is not
-    retried, nor is a trial that died before drawing any parameter (the sampler draws anew)."""
-    if not trial.params or trial.user_attrs.get("retried_from") is not None:
+    retried (``once=False``, for a trial stopped by Ctrl-C rather than killed by its design: it
+    is), nor is a trial that died before drawing any parameter (the sampler draws anew)."""
+    if not trial.params or (once and trial.user_attrs.get("retried_from") is not None):
         return False
     if any(t.user_attrs.get("retried_from") == trial.number for t in study.get_trials(deepcopy=False)):
         return False  # another process queued it already
