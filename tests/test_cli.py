@@ -269,3 +269,69 @@ def test_bad_input_is_one_line(argv, code, needle, capsys, tmp_path, monkeypatch
     assert main(argv) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+_USER_MODEL = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.b(self.a(x)), 1))
+
+
+def make():
+    return Net()
+
+
+def not_a_model():
+    return 42
+'''
+
+
+def test_cli_loads_a_network_made_by_attach_exits_with_model(tmp_path, monkeypatch, capsys):
+    """A network cut from a user model stores no code: the commands that load a checkpoint take
+    --model MODULE:FUNCTION (a module on the path or a .py file), and without it say so in one
+    line; eenn.load takes the same string as ``model=``."""
+    import numpy as np
+
+    (tmp_path / "usermodels.py").write_text(_USER_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import usermodels
+
+    torch.manual_seed(0)
+    net = eenn.attach_exits(usermodels.make(), at=["a"], input_shape=(1, 8, 8)).eval()
+    ckpt = eenn.save(net, tmp_path / "cut.safetensors", policy=eenn.ExitPolicy("max_prob", [0.5]))
+    x = torch.randn(5, 1, 8, 8)
+    np.save(tmp_path / "x.npy", x.numpy())
+    with torch.no_grad():
+        want = eenn.DynamicEngine(net, eenn.ExitPolicy("max_prob", [0.5]))(x)
+
+    assert main(["predict", str(ckpt), str(tmp_path / "x.npy"), "--json"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "attach_exits on a user model (usermodels.Net)" in err[0] and "--model MODULE:FUNCTION" in err[0]
+    with pytest.raises(eenn.checkpoint.ModelRequired, match=r"pass model="):
+        eenn.load(ckpt)
+    monkeypatch.chdir(tmp_path)  # a module name is looked for in the current folder
+    for spec in ("usermodels:make", str(tmp_path / "usermodels.py") + ":Net"):
+        assert main(["predict", str(ckpt), str(tmp_path / "x.npy"), "--json", "--model", spec]) == 0, spec
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [(r["prediction"], r["exit"]) for r in rows] == list(zip(want.prediction.tolist(), want.exit.tolist()))
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "exp"), "--model", "usermodels:make"]) == 0
+    assert (tmp_path / "exp" / "manifest.json").exists()
+    again = eenn.load(ckpt, model="usermodels.py:make")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), net.state_dict().values()))
+    bad = {"usermodels": "expected MODULE:FUNCTION", "nosuchmodule:make": "cannot import 'nosuchmodule'",
+           "usermodels:missing": "has no function or class 'missing'", "nofile.py:make": "no file nofile.py",
+           "usermodels:not_a_model": "returned int, not a torch.nn.Module"}
+    for spec, says in bad.items():
+        assert main(["predict", str(ckpt), str(tmp_path / "x.npy"), "--model", spec]) == 1, spec
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], (spec, err)

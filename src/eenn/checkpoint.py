@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from .io import encode_inf
 from .registry import is_whole
 
-__all__ = ["CheckpointError", "save", "load", "load_state", "load_weights", "read_checkpoint", "read_description"]
+__all__ = ["CheckpointError", "ModelRequired", "import_model", "save", "load", "load_state", "load_weights",
+           "read_checkpoint", "read_description"]
 
 FORMAT = "eenn.multi_exit_network"
 FORMAT_VERSION = 1
@@ -29,6 +30,54 @@ STATE_PREFIX = "_state/"  # tensors of the training state (optimiser, RNG); not 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit; the message says why and what to do."""
+
+
+class ModelRequired(CheckpointError):
+    """A network made by :func:`eenn.attach_exits` loaded without its user model (``model=`` in
+    Python; ``summary`` is the command line's wording, ``--model``)."""
+
+    def __init__(self, path: Path, model_class: str | None) -> None:
+        what = f"{path} holds a network made by eenn.attach_exits on a user model ({model_class or 'unnamed'}); " \
+               "its code is not stored with the weights"
+        super().__init__(f"{what}: pass model=<a fresh instance of that model> (or model='MODULE:FUNCTION')")
+        self.summary = (f"{what}: give --model MODULE:FUNCTION, a function or class of yours that returns a fresh "
+                        "instance of it (e.g. --model mymodels:make_net, run from the folder holding mymodels.py)")
+
+
+def import_model(spec: str) -> nn.Module:
+    """A fresh user model from ``"module:function"`` (or ``"path/to/file.py:function"``): the
+    function (or class) is imported and called without arguments. The current folder is searched
+    first, as ``python -m`` does. For networks made by :func:`eenn.attach_exits`, whose code is
+    not part of a checkpoint."""
+    import importlib
+    import importlib.util
+    import sys
+
+    where, sep, attr = str(spec).rpartition(":")
+    if not sep or not where or not attr.isidentifier():
+        raise ValueError(f"model {spec!r}: expected MODULE:FUNCTION (e.g. mymodels:make_net or models/net.py:Net)")
+    try:
+        if where.endswith(".py"):
+            file = Path(where)
+            if not file.is_file():
+                raise ValueError(f"model {spec!r}: no file {file}")
+            unit = importlib.util.spec_from_file_location(f"_eenn_user_model_{file.stem}", file)
+            module = importlib.util.module_from_spec(unit)
+            unit.loader.exec_module(module)
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(where)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"model {spec!r}: cannot import {e.name!r} (searched the current folder and the Python "
+                         "path; give a module name or a .py file)") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"model {spec!r}: {where} has no function or class {attr!r}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {spec!r}: {attr}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _version() -> str:
@@ -242,19 +291,25 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
 def load(
     path: str | os.PathLike,
     *,
-    model: nn.Module | None = None,
+    model: nn.Module | str | None = None,
     leaf_modules: Sequence[type] | None = None,
     map_location: str | torch.device = "cpu",
 ):
     """Rebuild the network described in ``path`` and load its weights.
 
     For a network made by :func:`eenn.attach_exits`, pass a fresh instance of the same user
-    model as ``model`` (code is never loaded from a file)."""
+    model as ``model``, or ``"module:function"`` naming code of yours that builds one (see
+    :func:`import_model`; code is never loaded from the checkpoint)."""
     from .network import MultiExitNetwork
 
     path = Path(path)
     desc, tensors = read_checkpoint(path)
     _check_network(desc.get("network"), path)
+    source = desc["network"].get("source") or {}
+    if source.get("kind") == "traced" and model is None:
+        raise ModelRequired(path, source.get("model_class"))
+    if isinstance(model, str):
+        model = import_model(model)
     try:
         net = MultiExitNetwork.from_config(desc["network"], model=model, leaf_modules=leaf_modules)
     except KeyError as e:

@@ -7,6 +7,8 @@ import json
 import sys
 import typing
 
+from .serve.cli import MODEL_HELP
+
 EPILOG_TRAIN = """examples:
   eenn train --dataset fashion_mnist --backbone resnet20 --exits linear:3 --objective joint --epochs 10 --out runs/r20
   eenn train --config configs/fmnist_resnet18.yaml --set train.epochs=3 --set model.backbone_options.width=0.5
@@ -203,6 +205,7 @@ def _parser() -> argparse.ArgumentParser:
                        "MACs, measured speed-up of the dynamic engine, accuracy-MACs curve with the oracle.",
                        epilog=EPILOG_EVALUATE, formatter_class=raw)
     e.add_argument("run", help="a run directory or a checkpoint file")
+    e.add_argument("--model", default=None, metavar="MODULE:FUNCTION", help=MODEL_HELP)
     e.add_argument("--out", help="report directory (default: the run directory)")
     _add_run_flags(e, model=False, train=False)
 
@@ -210,6 +213,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Fit the policy's per-exit thresholds on the validation split to a goal and "
                        "report how the goal holds on the test split.", epilog=EPILOG_CALIBRATE, formatter_class=raw)
     c.add_argument("run", help="a run directory or a checkpoint file")
+    c.add_argument("--model", default=None, metavar="MODULE:FUNCTION", help=MODEL_HELP)
     c.add_argument("--out", help="calibration file (default: <run>/calibration.json)")
     _add_run_flags(c, model=False, train=False)
 
@@ -217,6 +221,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Run the dynamic engine on input files: prediction, exit, confidence.",
                        epilog=EPILOG_PREDICT, formatter_class=raw)
     r.add_argument("run", help="a run directory or a checkpoint file")
+    r.add_argument("--model", default=None, metavar="MODULE:FUNCTION", help=MODEL_HELP)
     r.add_argument("inputs", nargs="+", help="image (.png, .jpg), .npy or .json files")
     r.add_argument("--calibration", help="calibration.json from `eenn calibrate`")
     r.add_argument("--json", action="store_true", help="one JSON object per input on stdout")

@@ -73,7 +73,7 @@ def _opened(args):
     from .config import config_to_dict
     from .run import data_info_of, open_run
 
-    net, config, run_dir = open_run(args.run)
+    net, config, run_dir = open_run(args.run, model=args.model)
     base = config_to_dict(config) if config is not None else {}
     if config is None:  # a bare checkpoint: the data set it was trained on, when it says
         ckpt = args.run if os.path.isfile(args.run) else None
@@ -136,7 +136,7 @@ def _predict(args) -> int:
     if args.calibration and not os.path.isfile(args.calibration):
         raise FileNotFoundError(f"--calibration {args.calibration}: no such file (write one with `eenn calibrate "
                                 f"{args.run}`)")
-    net, config, run_dir = open_run(args.run)
+    net, config, run_dir = open_run(args.run, model=args.model)
     # the policy: --calibration, the run's calibration.json, one saved in the checkpoint, the report's
     candidates = [args.calibration] if args.calibration else [
         os.path.join(run_dir, "calibration.json"),

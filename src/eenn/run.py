@@ -167,9 +167,10 @@ def evaluate_run(net: MultiExitNetwork, data, config: RunConfig, out: str | Path
     return report
 
 
-def open_run(path: str | Path) -> tuple[MultiExitNetwork, RunConfig | None, Path]:
+def open_run(path: str | Path, model=None) -> tuple[MultiExitNetwork, RunConfig | None, Path]:
     """A trained network from a run directory (its best, else last, checkpoint) or a checkpoint
-    file, with the run's config when there is one, and the directory reports go to."""
+    file, with the run's config when there is one, and the directory reports go to. ``model``:
+    for a network made by :func:`eenn.attach_exits`, as for :func:`eenn.load`."""
     p = Path(path)
     if p.is_dir():
         ckpt = next((p / n for n in ("best.safetensors", "last.safetensors") if (p / n).exists()), None)
@@ -190,7 +191,7 @@ def open_run(path: str | Path) -> tuple[MultiExitNetwork, RunConfig | None, Path
         if dropped:
             warnings.warn(f"{run_dir / 'config.yaml'} was written by an eenn with settings this one no longer has "
                           f"({', '.join(dropped)}); they are ignored", UserWarning, stacklevel=2)
-    return load(ckpt), config, run_dir
+    return load(ckpt, model=model), config, run_dir
 
 
 def data_info_of(path: str | Path) -> dict[str, Any] | None:

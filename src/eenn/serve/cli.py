@@ -9,6 +9,10 @@ import sys
 
 __all__ = ["add_parsers", "run_export", "run_serve", "run_plan"]
 
+# --model of the commands that load a checkpoint (here and in eenn.cli)
+MODEL_HELP = ("for a network made by eenn.attach_exits on a model of yours: the function or class that builds "
+              "a fresh one, called without arguments (mymodels:make_net, or models/net.py:Net)")
+
 EPILOG_EXPORT = """examples:
   eenn export runs/r20/best.safetensors --out export/ --policy max_prob --thresholds 0.9,0.85,0.8
   eenn export runs/r20/best.safetensors --out export/ --calibration calib.json
@@ -101,6 +105,7 @@ def add_parsers(subparsers) -> None:
                               "stages plus exit head) and manifest.json (policy, thresholds, MACs, shapes).",
                               epilog=EPILOG_EXPORT, formatter_class=raw)
     e.add_argument("checkpoint", help="a .safetensors checkpoint written by eenn")
+    e.add_argument("--model", default=None, metavar="MODULE:FUNCTION", help=MODEL_HELP)
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--policy", default=None, help="exit policy (default: the calibration's, else max_prob)")
     e.add_argument("--thresholds", type=_floats, default=None, help="one value or one per non-final exit: 0.9,0.8")
@@ -169,7 +174,7 @@ def run_export(args) -> int:
             calib = read_json(args.calibration)  # `eenn calibrate` writes infinite thresholds as "inf"
         except json.JSONDecodeError as e:
             raise ValueError(f"{args.calibration}: not a JSON calibration record ({e})") from None
-    net = load(args.checkpoint).eval()
+    net = load(args.checkpoint, model=args.model).eval()
     if calib.get("policy") is not None:
         policy = ExitPolicy.from_dict(calib)
     elif "policy" in read_description(args.checkpoint):  # saved with the weights: eenn.save(..., policy=)
