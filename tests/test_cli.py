@@ -277,18 +277,23 @@ from torch import nn
 
 
 class Net(nn.Module):
-    def __init__(self):
+    def __init__(self, scale=1.0):
         super().__init__()
+        self.scale = scale
         self.a = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
         self.b = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
         self.fc = nn.Linear(4 * 8 * 8, 3)
 
     def forward(self, x):
-        return self.fc(torch.flatten(self.b(self.a(x)), 1))
+        return self.fc(torch.flatten(self.b(self.a(x)), 1)) * self.scale
 
 
 def make():
     return Net()
+
+
+def make_scaled():
+    return Net(scale=2.0)
 
 
 def not_a_model():
@@ -328,6 +333,8 @@ def test_cli_loads_a_network_made_by_attach_exits_with_model(tmp_path, monkeypat
     assert (tmp_path / "exp" / "manifest.json").exists()
     again = eenn.load(ckpt, model="usermodels.py:make")
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), net.state_dict().values()))
+    with pytest.warns(UserWarning, match="traces to another graph"):  # same weights, another constant
+        eenn.load(ckpt, model="usermodels:make_scaled")
     bad = {"usermodels": "expected MODULE:FUNCTION", "nosuchmodule:make": "cannot import 'nosuchmodule'",
            "usermodels:missing": "has no function or class 'missing'", "nofile.py:make": "no file nofile.py",
            "usermodels:not_a_model": "returned int, not a torch.nn.Module"}

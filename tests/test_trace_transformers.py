@@ -1,7 +1,10 @@
 """attach_exits on transformer encoders: torch.nn encoders (nn.TransformerEncoder, a list of
 encoder layers), values without a batch dimension and attention masks across the cuts, token-id
 inputs, and Hugging Face encoders built from a config (where `transformers` is installed)."""
+import warnings
+
 import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -264,9 +267,14 @@ def test_hf_bert_with_exits_end_to_end(tmp_path):
     sum(F.cross_entropy(lg, torch.arange(6) % 3) for lg in out.logits).backward()
     assert all(h.weight.grad is not None for h in net.modules() if isinstance(h, nn.Linear))
     net.eval()
-    again = eenn.load(eenn.save(net, tmp_path / "bert.eenn"), model=eenn.hf.encoder(_bert(), pad_token_id=0)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model built as when saved: nothing to say
+        again = eenn.load(eenn.save(net, tmp_path / "bert.eenn"), model=eenn.hf.encoder(_bert(), pad_token_id=0)).eval()
     with torch.no_grad():
         assert torch.equal(again(ids).logits, net(ids).logits)
+    # built with another pad id (a constant in the traced graph, not a weight): the load says so
+    with pytest.warns(UserWarning, match=r"traces to another graph .*\(another constant, such as a pad id"):
+        eenn.load(tmp_path / "bert.eenn", model=eenn.hf.encoder(_bert(), pad_token_id=1))
 
 
 def test_hf_vit_with_exits():

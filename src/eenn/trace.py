@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import operator
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -279,10 +281,30 @@ def attach_exits(
         # Informational only: classes cannot go into JSON, so loading takes them again.
         "leaf_modules": [f"{t.__module__}.{t.__qualname__}" for t in leaf_modules or ()],
         "tracer": tracer,
+        # what the cut graph computes, to tell at load time a model built otherwise (another pad
+        # id, changed code) from the one the weights were trained in: see _rebuild
+        "graph": _graph_digest(segments),
+        "torch": _torch_version(),
     }
     if input_dtype is not None:
         source["input_dtype"] = str(input_dtype).removeprefix("torch.")
     return MultiExitNetwork(backbone, list(range(len(cuts))), head, head_options, source=source)
+
+
+def _graph_digest(segments: Sequence[fx.GraphModule]) -> str:
+    """A digest of the segments' generated code (their operators, constants and wiring; comments,
+    which may name source files, left out)."""
+    h = hashlib.sha256()
+    for seg in segments:
+        for line in seg.code.splitlines():
+            if line.strip() and not line.strip().startswith("#"):
+                h.update(line.rstrip().encode() + b"\n")
+        h.update(b"--segment--\n")
+    return h.hexdigest()[:16]
+
+
+def _torch_version() -> str:
+    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
 
 
 def _rebuild(
@@ -297,7 +319,7 @@ def _rebuild(
             "its code is not stored with the weights: pass model=<a fresh instance of that model>"
         )
     n = len(src["at"])
-    return attach_exits(
+    net = attach_exits(
         model,
         at=src["at"],
         input_shape=config["input_shape"],
@@ -309,6 +331,15 @@ def _rebuild(
         input_dtype=getattr(torch, src["input_dtype"]) if src.get("input_dtype") else None,
         tracer=src.get("tracer", "fx"),
     )
+    now = net.config["source"]
+    # Traced by the same PyTorch, the same model gives the same code; another version may trace
+    # the same model otherwise, so then nothing is said.
+    if src.get("graph") and src.get("torch") == now["torch"] and src["graph"] != now["graph"]:
+        warnings.warn(f"the {type(model).__name__} given traces to another graph than the one these weights were "
+                      f"saved with (model {src.get('model_class')}): it is built otherwise (another constant, such as "
+                      "a pad id, or changed code); the weights load, but the network may not compute what it did",
+                      UserWarning, stacklevel=4)
+    return net
 
 
 _REBUILDERS["traced"] = _rebuild
