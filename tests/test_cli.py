@@ -342,3 +342,17 @@ def test_cli_loads_a_network_made_by_attach_exits_with_model(tmp_path, monkeypat
         assert main(["predict", str(ckpt), str(tmp_path / "x.npy"), "--model", spec]) == 1, spec
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], (spec, err)
+
+
+def test_a_settings_error_under_torchrun_is_said_once(tmp_path, monkeypatch, capsys):
+    """Every torchrun rank reads the same settings: a settings error is printed by rank 0 only
+    (each rank still exits 2)."""
+    args = ["train", "--dataset", "digits", "--backbone", "lenet5", "--lr", "-1", "--out", str(tmp_path / "r")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    said = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert main(args) == 2
+        said.append(capsys.readouterr().err.strip().splitlines())
+    assert len(said[0]) == 1 and "lr" in said[0][0] and said[1] == []
+    assert not (tmp_path / "r").exists()

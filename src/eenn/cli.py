@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 
@@ -296,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         elif hasattr(args, "run") and callable(args.run):
             return args.run(args)
     except ConfigError as e:
-        print(f"eenn: error: {e}", file=sys.stderr)
+        # Under torchrun every rank reads the same settings and fails the same way: rank 0 says it.
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0":
+            print(f"eenn: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError, FloatingPointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else getattr(e, "summary", e)
