@@ -36,7 +36,7 @@ def test_byot_loss_by_hand():
     y = torch.tensor([1])
     kl = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
     alpha, t = 0.4, 2.0
-    want = (1 - alpha) * L2 + alpha * t * t * kl + math.log(10 / 9)
+    want = (1 - alpha) * L2 + alpha * t * t * kl + (1 - alpha) * math.log(10 / 9)  # every CE at (1 - alpha)
     out = SelfDistill(temperature=t, alpha=alpha)(ExitOutputs(logits, None), y)
     assert out["loss"].item() == pytest.approx(want, rel=1e-6)
     assert out["kd"].item() == pytest.approx(t * t * kl, rel=1e-6)
@@ -47,9 +47,9 @@ def test_teacher_gets_no_gradient_from_the_distillation_term():
     y = torch.randint(0, 4, (5,))
     for variant in ("byot", "ztw"):
         logits.grad = None
-        obj = SelfDistill(alpha=1.0, variant=variant)  # byot: the early exits learn from the teacher only
+        obj = SelfDistill(alpha=0.5, variant=variant)
         obj(ExitOutputs(logits, None), y)["loss"].backward()
-        ce_final = F.cross_entropy(logits[-1], y) / (1 if variant == "byot" else 3)
+        ce_final = F.cross_entropy(logits[-1], y) * (0.5 if variant == "byot" else 1 / 3)
         (want,) = torch.autograd.grad(ce_final, logits)
         assert torch.allclose(logits.grad[-1], want[-1], atol=1e-6), variant
         assert logits.grad[:-1].abs().sum() > 0

@@ -224,6 +224,17 @@ def test_msdnet_reproduces_distribution_on_val(policy):
     assert counts[:3].tolist() == [math.floor(1000 * p[k].item()) for k in range(3)]
 
 
+def test_msdnet_leaves_an_exit_empty_when_too_few_samples_are_left():
+    """Ties at exit 0 let 9 of 10 samples leave where 6 were wanted; exit 1 wants 3 of the one
+    left: as in MSDNet's code, nobody leaves there (its threshold stays out of reach) and the
+    last sample goes on to the final exit."""
+    from eenn.policies.calibrate import _msdnet
+
+    sc = torch.tensor([[0.9] * 9 + [0.1], [0.5] * 9 + [0.8], [0.0] * 10])
+    th = _msdnet(sc, False, torch.tensor([0.6, 0.3, 0.1]))
+    assert th[0].item() == pytest.approx(0.9) and th[1].item() == math.inf
+
+
 def test_fit_on_val_report_on_test():
     rules = [lambda c: c > 0.85, lambda c: c > 0.5]
     val, _ = synthetic(300, 4, rules)

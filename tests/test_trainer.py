@@ -79,11 +79,12 @@ def test_joint_weight_schemes():
     s.prepare(net)
     frac = net.cost().fraction
     ctx = lambda e: EpochContext(e, 10, net, None, (0.0,), (1.0,), torch.device("cpu"), 0)  # noqa: E731
+    # SDN's loop counts epochs from 1: tau_i(e) = min(C_i, 0.01 + e C_i / E) for e = 1..E
     s.begin_epoch(ctx(0))
-    assert s.weights.tolist() == pytest.approx([0.01, 0.01, 1.0])
-    s.begin_epoch(ctx(5))
+    assert s.weights.tolist() == pytest.approx([0.01 + 0.1 * frac[0], 0.01 + 0.1 * frac[1], 1.0])
+    s.begin_epoch(ctx(4))
     assert s.weights.tolist() == pytest.approx([min(frac[0], 0.01 + 0.5 * frac[0]), min(frac[1], 0.01 + 0.5 * frac[1]), 1.0])
-    s.begin_epoch(ctx(10))
+    s.begin_epoch(ctx(9))  # the last epoch: C_i
     assert s.weights.tolist() == pytest.approx([frac[0], frac[1], 1.0])
     u = Joint([0.2, 0.3, 1.0])
     u.prepare(net)

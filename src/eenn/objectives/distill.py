@@ -4,7 +4,8 @@ Two forms, both with the final exit as a detached teacher:
 
 - ``"byot"`` (Be Your Own Teacher; defaults T = 3, α = 0.1 from the unofficial
   luanyunteng/pytorch-be-your-own-teacher ``train.py`` [C]):
-  ``L = Σ_{i<B} [(1−α) CE(h_i, y) + α T² KL(softmax(h_B/T) ‖ softmax(h_i/T))] + CE(h_B, y)``.
+  ``L = Σ_{i<B} [(1−α) CE(h_i, y) + α T² KL(softmax(h_B/T) ‖ softmax(h_i/T))] + (1−α) CE(h_B, y)``
+  (the sum over every exit, the final one's KL being 0, as in that ``train.py``).
 - ``"ztw"`` (Zero Time Waste's ``distill_last`` [C]): the mean cross-entropy of every exit plus
   ``mean_{i<B} CE(h_i, softmax(h_B).detach())``, the auxiliary weight being 1 [I].
 """
@@ -69,7 +70,7 @@ class SelfDistill(Objective):
         if self.variant == "byot":
             kd = kd_term(logits[:-1], teacher, self.temperature)
             early = ((1 - self.alpha) * ce[:-1] + self.alpha * kd).sum()
-            loss = early + ce[-1]
+            loss = early + (1 - self.alpha) * ce[-1]
         else:
             # CE against soft targets = KL + the teacher's entropy: the same gradient as KL at T = 1.
             e = logits.shape[0] - 1

@@ -77,12 +77,14 @@ class Joint(Objective):
         self.weights = torch.tensor(w, dtype=torch.float32, device=self.weights.device)
 
     def _sdn(self, epoch: int, num_epochs: int) -> list[float]:
+        """SDN's weights in epoch ``epoch`` (counted from 1, as SDN's training loop does: the
+        first epoch already has C_i / E, the last C_i)."""
         c = self._fractions
         return [min(ci, 0.01 + epoch * ci / num_epochs) for ci in c[:-1]] + [1.0]
 
     def begin_epoch(self, ctx: EpochContext) -> None:
-        if self.scheme == "sdn":
-            self.weights = torch.tensor(self._sdn(ctx.epoch, ctx.num_epochs), device=self.weights.device)
+        if self.scheme == "sdn":  # ctx.epoch counts from 0
+            self.weights = torch.tensor(self._sdn(ctx.epoch + 1, ctx.num_epochs), device=self.weights.device)
 
     def forward(self, outputs: ExitOutputs, targets: Tensor, indices: Tensor | None = None) -> dict[str, Tensor]:
         per_exit = exit_losses(outputs.logits, targets, self.label_smoothing)

@@ -307,15 +307,17 @@ def _guarded(sc: Tensor, strict: bool, correct: Tensor, cost: CostTable, goal: G
 
 def _msdnet(sc: Tensor, strict: bool, p: Tensor) -> Tensor:
     """MSDNet's thresholds: for each exit k < E in turn, among the samples still running, the
-    score of the ``floor(N p_k)``-th most confident; everything at or above it leaves."""
+    score of the ``floor(N p_k)``-th most confident; everything at or above it leaves. Where
+    fewer than that are still running (ties at an earlier exit let more leave there), nobody
+    leaves at k, as in MSDNet's own code (its threshold stays at 1e8)."""
     e, n = sc.shape
     running = torch.ones(n, dtype=torch.bool)
     th = torch.full((e - 1,), math.inf)
     for k in range(e - 1):
         want = math.floor(n * p[k].item())
         alive = sc[k][running].sort(descending=True).values
-        if want > 0 and len(alive) > 0:
-            v = alive[min(want, len(alive)) - 1]
+        if 0 < want <= len(alive):
+            v = alive[want - 1]
             th[k] = torch.nextafter(v, torch.tensor(-math.inf)) if strict else v
         running &= ~(sc[k] > th[k] if strict else sc[k] >= th[k])
     return th
