@@ -169,6 +169,12 @@ class NACHOS(Objective):
         cost: ``"macs"`` (backbone to the exit + that exit's head: NACHOS' f2 accounting) or
             ``"dynamic_macs"`` (every earlier head counted too).
 
+    Two defaults are ours [ours]: NACHOS trains the exits of an already trained backbone, frozen,
+    for 5 warm-up epochs and 5 more (``freeze_backbone=True, support_warmup=5``, and
+    ``support_set=True`` where its ``--support_set`` is given); eenn's defaults train backbone and
+    exits together from scratch (the design search trains each candidate so), where a frozen
+    backbone would learn nothing and a warm-up has nothing to wait for.
+
     Logged parts are unweighted: ``cls``, ``prior``, ``macs`` (m, absolute MACs),
     ``macs_penalty`` and ``sup``.
     """
