@@ -15,7 +15,7 @@ Targets (issue 16): >= 0.85 at batch 1 and 256 on 2 CPU threads; on a GPU, over 
 CUDA graphs, >= 2.0x at batch 1, 1.6x at 256, 1.5x at 4096 (benchmarks/gpu_checks.sh runs it there).
 
     .venv/bin/python benchmarks/deploy_speed.py --checkpoint runs/deploy-speed.safetensors
-    python benchmarks/deploy_speed.py --device cuda --batches 1,256,4096 --samples 512,8192,16384
+    python benchmarks/deploy_speed.py --device cuda --batches 1,256,4096 --samples 512,8192,8192
 """
 import argparse
 import os
@@ -31,7 +31,7 @@ from eenn.inference import tune_cpu_allocator
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist")
-    p.add_argument("--limit", type=int, default=20000, help="training images (0: all)")
+    p.add_argument("--limit", type=int, default=20000, help="images per split, training, validation and test (0: all)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--exits", default="linear:3")
     p.add_argument("--policy", default="max_prob")

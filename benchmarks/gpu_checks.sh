@@ -17,6 +17,6 @@ python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_inferen
     -k "cuda or graphs or stream or bucket or precision" 2>&1 | tee "$out/tests.log" | tail -5
 for ck in "$@"; do
     python3 benchmarks/deploy_speed.py --device cuda --checkpoint "$ck" --limit 0 --batches 1,256,4096 \
-        --samples 512,8192,16384 2>&1 | tee "$out/$(basename "$(dirname "$ck")")-$(basename "$ck" .safetensors).log" \
+        --samples 512,8192,8192 2>&1 | tee "$out/$(basename "$(dirname "$ck")")-$(basename "$ck" .safetensors).log" \
         | grep -v "Warning\|^  return"
 done

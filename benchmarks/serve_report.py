@@ -109,7 +109,7 @@ def render(a, prep, results, summary, elapsed, load, rounds=()) -> str:
         f"Model: {source}; exits after {[s['exit_name'] for s in m['segments']]}, MACs per segment "
         f"{[s['macs'] for s in m['segments']]}. max_prob thresholds {[round(t, 4) for t in th]} set on the "
         f"validation split ({how}); test accuracy {100 * acc:.2f}% with early exits, {100 * acc_whole:.2f}% whole. Share of "
-        f"the test samples that run to each segment {[round(d, 3) for d in depth]}: past the device tier "
+        f"the test samples that leave after each segment (their deepest) {[round(d, 3) for d in depth]}: past the device tier "
         f"{sum(depth[bounds[0][1]:]):.3f}, past the edge tier {sum(depth[bounds[1][1]:]):.3f}. Segment times (onnxruntime + policy, one "
         f"thread) {[round(1e3 * t, 3) for t in seg1]} ms at batch 1, {[round(1e3 * t, 3) for t in segb]} ms at "
         f"batch 32.",

@@ -353,8 +353,12 @@ def test_deployments_time_every_path_and_name_the_fastest(tmp_path):
         eng, streamed = DynamicEngine(net, policy), []  # a re-batching path gets the whole list of batches
         paths.append(Deployment("re-batched", eng.static, lambda bs: streamed.append(len(bs)) or list(eng.stream(bs)), True))
         names.append("re-batched")
-        timing = time_deployments(net, policy, x, [1, 8], samples=[6, 24], repeats=1, paths=paths, settle=0.0, warm=0.0)
+        # 40 asked at batch 8, 24 there: the 24 are timed, and the times divided by 24
+        timing = time_deployments(net, policy, x, [1, 8], samples=[6, 40], repeats=1, paths=paths, settle=0.0, warm=0.0)
+        with pytest.raises(ValueError, match="one sample count >= 1 per batch size"):
+            time_deployments(net, policy, x, [1, 8, 16], samples=[6, 24], repeats=1, paths=paths)
     assert streamed == [6, 6, 3, 3]  # per batch size: the untimed pass and one repeat, each on the whole stream
+    assert [r["samples"] for r in timing["rows"]] == [6, 24]
     for r in timing["rows"]:
         best_s = min(r["paths"], key=lambda k: r["paths"][k]["static_ms"])
         best_e = min(r["paths"], key=lambda k: r["paths"][k]["early_ms"])

@@ -198,7 +198,7 @@ def time_deployments(net: MultiExitNetwork, policy: ExitPolicy, x: Tensor, batch
                      settle: float = 0.1, warm: float = 0.05) -> dict[str, Any]:
     """Milliseconds per sample of the static and the early-exit network on every path, over the
     model inputs ``x`` cut into batches of each size (the first ``samples[i]`` of them for the
-    i-th size): one untimed pass, then ``repeats`` timed passes with every path's static and
+    i-th size, or all of them where there are fewer): one untimed pass, then ``repeats`` timed passes with every path's static and
     early-exit runs interleaved (a change in machine load hits all alike); medians.
 
     ``settle`` seconds pass between two timed runs. A runtime's worker threads keep spinning for
@@ -220,6 +220,9 @@ def time_deployments(net: MultiExitNetwork, policy: ExitPolicy, x: Tensor, batch
     net = net.eval()
     paths = paths if paths is not None else deployments(net, policy, device=x.device)
     counts = list(samples) if samples is not None else [len(x)] * len(batch_sizes)
+    if len(counts) != len(batch_sizes) or min(counts) < 1:
+        raise ValueError(f"need one sample count >= 1 per batch size, got {counts} for batch sizes {list(batch_sizes)}")
+    counts = [min(int(n), len(x)) for n in counts]  # as many as there are: times are divided by what ran
     full = float(net.cost().macs[-1])
     engine = DynamicEngine(net, policy)
     rows = []
