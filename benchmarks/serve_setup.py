@@ -166,13 +166,13 @@ def prepare(a, sizes):
     assert pixels.dtype == np.uint8, pixels.dtype
     x_test = next(iter(eenn.TensorLoader(data.test, len(data.test), input_spec=net.input_spec)))[0][:n_test]
     policy = ExitPolicy("max_prob", th)
-    whole_policy = ExitPolicy("max_prob", [float("inf")] * 3)
+    whole_policy = ExitPolicy("max_prob", [float("inf")] * (net.num_exits - 1))  # served by static.onnx
     with torch.no_grad():
         eng = DynamicEngine(net, policy)(x_test)
         eng_whole = DynamicEngine(net, whole_policy)(x_test)
     expected = list(zip(eng.prediction.tolist(), eng.exit.tolist()))
     expected_whole = list(zip(eng_whole.prediction.tolist(), eng_whole.exit.tolist()))
-    depth = (torch.bincount(eng.depth, minlength=4).float() / len(eng.depth)).tolist()
+    depth = (torch.bincount(eng.depth, minlength=net.num_exits).float() / len(eng.depth)).tolist()
     acc = float((eng.prediction == test_y[:n_test]).float().mean())
     acc_whole = float((eng_whole.prediction == test_y[:n_test]).float().mean())
     for name, (_, stop) in zip(NAMES, bounds_ee[:-1]):
@@ -202,7 +202,7 @@ def prepare(a, sizes):
           + f" (expected {1e3 * chosen.predicted_s:.3f} ms a sample)", flush=True)
     planned_bounds = [b for _, b in planned]
     deployments = [("early exit", planned_bounds, [n for n, _ in planned], depth),
-                   ("whole", [(0, 4)], ["whole"], [0.0, 0.0, 0.0, 1.0])]
+                   ("whole", [(0, net.num_exits)], ["whole"], [0.0] * (net.num_exits - 1) + [1.0])]
     if a.split_served:
         if bounds_ee == planned_bounds:
             print("the forced split is the chosen one: served once", flush=True)

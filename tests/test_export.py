@@ -2,6 +2,7 @@
 sample, for every policy, fallback and head kind; tuple states of fx-cut models cross the cuts as
 several named tensors."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -428,3 +429,38 @@ def test_fused_graph_keeps_each_segments_weights_in_its_branch(tmp_path, batched
         (g,) = deeper
         depth += 1
     assert depth == len(segs) - 1
+
+
+def test_served_whole_the_static_graph_answers(tmp_path):
+    """A runner holding the whole model under a policy that lets nobody leave early (thresholds out
+    of reach: +inf for max_prob, -inf for entropy) answers through static.onnx, without the exits'
+    heads and decisions: the final exit's answers, in one call, on a batch and through
+    start/advance (a tier serving the network whole); a policy that can fire goes back to the exits."""
+    from eenn.staged import read_segments
+
+    net = _net()
+    x = torch.randn(9, 1, 8, 8)
+    export(net, tmp_path, policy=eenn.ExitPolicy("max_prob", [math.inf] * (net.num_exits - 1)))
+    with torch.no_grad():
+        final = net.backbone(x)
+    m = load_manifest(tmp_path)
+    for runner in (StagedRunner(tmp_path), StagedRunner(m, models=read_segments(m, (0, net.num_exits)))):
+        assert runner._static_call is not None
+        for out in (runner(x.numpy()), runner.advance(runner.start(x.numpy()))[0].ordered(len(x))):
+            out = {k: np.asarray(v) for k, v in out.items()}
+            assert np.array_equal(out["prediction"], final.argmax(-1).numpy())
+            assert (out["exit"] == net.num_exits - 1).all() and (out["depth"] == net.num_exits - 1).all()
+            assert np.abs(out["probs"] - final.softmax(-1).numpy()).max() < 1e-4
+        th = _midpoint_thresholds(net, x, "max_prob")
+        runner.set_policy("max_prob", th)  # a refit that lets samples leave: the exits answer again
+        assert runner._static_call is None
+        want = DynamicEngine(net, eenn.ExitPolicy("max_prob", th))(x)
+        assert np.array_equal(runner(x.numpy())["exit"], want.exit.numpy())
+        runner.set_policy("entropy", -math.inf)
+        assert runner._static_call is not None and (runner(x.numpy())["exit"] == net.num_exits - 1).all()
+    # a tier holding only some segments, or another fallback, never takes that path
+    assert StagedRunner(tmp_path, segments=(0, 2))._static_call is None
+    assert StagedRunner(tmp_path, fallback="most_confident")._static_call is None
+    (tmp_path / "static.onnx").write_bytes(b"tampered")
+    with pytest.raises(ExportError, match="static.onnx does not match its checksum"):
+        StagedRunner(tmp_path)

@@ -134,7 +134,14 @@ def _check_manifest(m: dict[str, Any], where: Path) -> None:
         raise bad(f"`validation.depth_distribution` must be {E} shares >= 0 (num_exits), got {depth!r}")
 
 
-def read_segments(manifest: dict[str, Any], segments: tuple[int, int]) -> dict[int, bytes]:
-    """The ONNX bytes of segments ``a..b-1`` of an exported model, by index."""
+def read_segments(manifest: dict[str, Any], segments: tuple[int, int]) -> dict[int | str, bytes]:
+    """The ONNX bytes of segments ``a..b-1`` of an exported model, by index; for the whole model,
+    also the static graph's, under ``"static"`` (where the export has one): a runner serving the
+    network whole under a policy that lets nobody leave early runs that instead."""
     base = Path(manifest["_dir"])
-    return {s["index"]: (base / s["file"]).read_bytes() for s in manifest["segments"][segments[0]:segments[1]]}
+    out: dict[int | str, bytes] = {s["index"]: (base / s["file"]).read_bytes()
+                                   for s in manifest["segments"][segments[0]:segments[1]]}
+    static = manifest.get("static") or {}
+    if tuple(segments) == (0, int(manifest["num_exits"])) and static.get("file") and (base / static["file"]).exists():
+        out["static"] = (base / static["file"]).read_bytes()
+    return out

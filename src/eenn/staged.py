@@ -62,6 +62,20 @@ def _session(model: bytes, threads: int, optimized_path: str | None = None, *, s
     return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def _never_fires(bound) -> bool:
+    """Whether a bound per-exit policy lets no sample leave before the final exit whatever its
+    scores: every threshold out of reach for the rule's comparison (``>=``/``>`` against
+    +inf, ``<``/``<=`` against -inf). Policies with state across exits (patience, cumulative,
+    ensembles) are not judged: False."""
+    from .policies.rules import canonical
+
+    if bound.policy.name not in ("max_prob", "margin", "gate", "entropy") or bound.thresholds.numel() == 0:
+        return False
+    rule = {"entropy": "<"}.get(bound.policy.name, ">=")
+    _, th, _ = canonical(torch.zeros(1), bound.thresholds.float(), rule)
+    return bool(torch.isposinf(th).all())
+
+
 def _check_graph_input(sess, shape: tuple[int, ...], where: Path) -> None:
     """Refuse a manifest ``input_shape`` that segment 0's graph does not take (else every run
     fails inside onnxruntime)."""
@@ -85,6 +99,24 @@ def _caller(sess):
         return lambda feeds: sess.run(names, feeds)
     run = inner.run
     return lambda feeds: run(names, feeds, None)
+
+
+def _static_session(model: bytes, threads: int):
+    """The static graph (``static.onnx``: input -> final logits) with the answer of the final
+    exit appended (``prediction``, ``probs``), as an onnxruntime session."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.load_from_string(model)
+    g = m.graph
+    logits = g.output[0].name
+    g.node.extend([helper.make_node("ArgMax", [logits], ["eenn/prediction"], axis=-1, keepdims=0),
+                   helper.make_node("Softmax", [logits], ["eenn/probs"], axis=-1)])
+    classes = g.output[0].type.tensor_type.shape.dim[-1]
+    del g.output[:]
+    g.output.extend([helper.make_tensor_value_info("eenn/prediction", TensorProto.INT64, [None]),
+                     helper.make_tensor_value_info("eenn/probs", TensorProto.FLOAT, [None, classes.dim_value or None])])
+    return _session(m.SerializeToString(), threads)
 
 
 def _fused_session(segments: dict[int, bytes], manifest: dict[str, Any], rule: str, threads: int):
@@ -182,6 +214,30 @@ class StagedRunner:
                               f"({type(e).__name__}: {e}); using the exported one", RuntimeWarning, stacklevel=2)
                 self._set_fused(_session(data, threads), None)
             self._fused_th = self.bound.thresholds.numpy() if self.num_exits > 1 else np.zeros(1, np.float32)
+        # Served whole under a policy that lets nobody leave early (every threshold out of reach):
+        # the static graph answers, without the exits' heads and decisions (a baseline deployment).
+        self._threads, self._static_bytes, self._static_sess = threads, None, None
+        static = m.get("static") or {}
+        if (a, b) == (0, self.num_exits) and static.get("file"):
+            self._static_bytes = models.get("static") if models is not None else (
+                (base / static["file"]).read_bytes() if (base / static["file"]).exists() else None)
+            if self._static_bytes is not None and _digest(self._static_bytes) != static["sha256"]:
+                raise ExportError(f"{base / static['file']} does not match its checksum in the manifest; re-export")
+        self._use_static()
+
+    def _use_static(self) -> None:
+        """Answer through the static graph while the policy cannot fire before the final exit
+        (built the first time it is needed); through the exit loop otherwise."""
+        self._static_call = None
+        if self._static_bytes is None or self.policy.fallback != "final" or not _never_fires(self.bound):
+            return
+        if self._static_sess is None:
+            self._static_sess = _static_session(self._static_bytes, self._threads)
+        self._static_call = _caller(self._static_sess)
+
+    def _static_answer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pred, probs = self._static_call({"input": x})
+        return pred, np.full(len(x), self.num_exits - 1, np.int64), probs
 
     def _set_fused(self, one, batched) -> None:
         """The fused graphs' sessions (batch 1, any batch; None: none) and their calls."""
@@ -208,6 +264,7 @@ class StagedRunner:
             else:
                 self._fused_th = bound.thresholds.numpy() if self.num_exits > 1 else np.zeros(1, np.float32)
         self.policy, self.bound = policy, bound
+        self._use_static()
 
     def exit_outputs(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every exit's output on a batch ``x``, nobody leaving: ``(logits [E, N, C], gates [E, N]
@@ -229,6 +286,10 @@ class StagedRunner:
         if (self.first, self.stop) != (0, self.num_exits):
             raise ExportError("this runner holds only some segments; use start()/advance()")
         x = self._input(x)
+        if self._static_call is not None and len(x):
+            pred, exit_, probs = self._static_answer(x)
+            return {"prediction": pred, "exit": exit_, "depth": exit_.copy(), "probs": probs,
+                    "degraded": np.zeros(len(x), bool)}
         call = self._fused_for(len(x))
         if call is not None:  # one call, nothing around it
             pred, exit_, probs = call({"input": x, "thresholds": self._fused_th})
@@ -262,10 +323,14 @@ class StagedRunner:
             raise ExportError(f"this runner holds segments {self.first}..{self.stop - 1}, the features are for "
                               f"segment {running.next}")
         answers = Answers()
-        call = self._fused_for(len(running)) if running.next == 0 and stop == self.num_exits else None
-        if call is not None:
+        whole = running.next == 0 and stop == self.num_exits and len(running) > 0
+        call = self._fused_for(len(running)) if whole else None
+        if whole and (call is not None or self._static_call is not None):
             x = running.state[0] if isinstance(running.state, tuple) else running.state
-            pred, exit_, probs = call({"input": x.numpy(), "thresholds": self._fused_th})
+            if self._static_call is not None:
+                pred, exit_, probs = self._static_answer(x.numpy())
+            else:
+                pred, exit_, probs = call({"input": x.numpy(), "thresholds": self._fused_th})
             e = torch.from_numpy(exit_)
             answers.add(running.index, torch.from_numpy(pred), e, e, torch.from_numpy(probs))
             return answers, None
