@@ -117,6 +117,9 @@ def run_load(url, inputs, expected, *, per_request, clients, seconds, stops=(1, 
             raise RuntimeError(f"the load generator failed (exit code {proc.exitcode})")
     rows, wall = parent.recv()
     proc.join()
+    for r in rows:  # an answer short of the samples sent is a failure, not fewer samples
+        if r["status"] == 200 and not len(r["cls"]) == len(r["exit"]) == per_request:
+            r["status"], r["error"] = -1, f"answered {len(r['cls'])} of the {per_request} samples sent"
     ok = [r for r in rows if r["status"] == 200]
     lat = sorted(r["s"] for r in rows) or [float("nan")]
     differ = samples = 0
