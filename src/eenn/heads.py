@@ -286,9 +286,13 @@ def eenets(in_shape, num_classes, *, batch_norm: bool = False, pool: bool = True
 
 @register_head("nachos")
 def nachos(in_shape, num_classes, *, width: int = 32, pool: int | None = None) -> ExitHead:
-    """NACHOS' early-exit classifier: a max-pool (kernel ``pool``; by default the one that
-    brings the map to at most 4 px), three ReLU + conv3x3 layers of ``width``, 2x``width``,
-    4x``width`` channels, flatten, and a linear layer to K logits plus a confidence unit."""
+    """NACHOS' early-exit classifier: a max-pool (kernel ``pool``), three ReLU + conv3x3 layers
+    of ``width``, 2x``width``, 4x``width`` channels, flatten, and a linear layer to K logits plus
+    a confidence unit. The default pool is ours [ours]: the kernel that brings the map to at most
+    4 px, chosen from this exit's map alone. NACHOS picks kernel 1, 2 or 4 per exit, raising it
+    while the exit costs at least as much as the next one (its ``get_intermediate_classifiers_
+    adaptive``); on a small backbone the head can then cost more than the rest of the network:
+    check ``net.cost()`` and give ``pool`` where it does."""
     _need_spatial("nachos", in_shape)
     _at_least("nachos", "width", width)
     _at_least("nachos", "pool", pool)
