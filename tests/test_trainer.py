@@ -70,6 +70,27 @@ def test_trainer_fit_takes_net_data_objective_like_eenn_fit(digits):
     assert [h["epoch"] for h in hist] == [1]
 
 
+def test_joint_from_a_trained_backbone_as_branchynet_trains(tmp_path):
+    """BranchyNet's recipe: the main network first, then every exit jointly from it: ``joint``
+    with ``checkpoint=`` loads the backbone's weights (the exits' heads stay as they are); a
+    checkpoint of another backbone is refused."""
+    main = small_net()
+    with torch.no_grad():  # "trained": other weights than a fresh network's
+        for p in main.parameters():
+            p.add_(1.0)
+    path = eenn.save(main, tmp_path / "main.safetensors")
+    net = small_net()
+    heads = {k: v.clone() for k, v in net.heads.state_dict().items()}
+    assert not torch.equal(next(iter(net.backbone.parameters())), next(iter(main.backbone.parameters())))
+    Joint(checkpoint=path).prepare(net)
+    assert all(torch.equal(a, b) for a, b in zip(net.backbone.state_dict().values(), main.backbone.state_dict().values()))
+    assert all(torch.equal(v, net.heads.state_dict()[k]) for k, v in heads.items())
+    other = eenn.create_network("mlp", in_channels=1, num_classes=10, input_size=(8, 8), exits="all")
+    with pytest.raises(eenn.checkpoint.CheckpointError, match="does not match this network's backbone"):
+        Joint(checkpoint=path).prepare(other)
+    assert eenn.create_objective("joint", checkpoint=str(path)).checkpoint == str(path)
+
+
 def test_joint_weight_schemes():
     net = small_net()
     j = Joint("pabee")

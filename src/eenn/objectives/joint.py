@@ -44,21 +44,30 @@ class Joint(Objective):
     w_i(e) = min(C_i, 0.01 + e C_i / E) for the internal classifiers, 1 for the final one),
     ``"pabee"`` (w_i = i / sum_j j) or a list with one weight per exit.
 
+    ``checkpoint``: an eenn checkpoint whose backbone weights are loaded before training (a
+    resumed run then loads its own): BranchyNet's recipe [C] trains the main network first
+    (``final``), then every exit jointly from it (``joint`` with ``checkpoint=`` that run's
+    ``best.safetensors``); without it, backbone and exits train together from scratch.
+
     Assumption [I]: SDN's C_i are its classifiers' positions as fractions of the network's cost
     (0.15 ... 0.9); here they are the exits' own measured cost fractions, which is what they
     stand for when exits are not at those exact positions.
     """
 
-    def __init__(self, weights: str | Sequence[float] = "uniform", label_smoothing: float = 0.0) -> None:
+    def __init__(self, weights: str | Sequence[float] = "uniform", label_smoothing: float = 0.0,
+                 checkpoint: str | os.PathLike | None = None) -> None:
         super().__init__()
         if isinstance(weights, str) and weights not in WEIGHT_SCHEMES:
             raise ValueError(f"unknown weight scheme {weights!r}; choose {', '.join(WEIGHT_SCHEMES)} or give a list")
         self.scheme = weights
         self.label_smoothing = label_smoothing
+        self.checkpoint = checkpoint
         self.register_buffer("weights", torch.ones(0), persistent=False)
         self._fractions: list[float] = []
 
     def prepare(self, net: MultiExitNetwork) -> None:
+        if self.checkpoint is not None:
+            load_backbone(net, self.checkpoint)
         e = net.num_exits
         if isinstance(self.scheme, str):
             if self.scheme == "uniform":
