@@ -65,9 +65,15 @@ def import_model(spec: str) -> nn.Module:
             module = importlib.util.module_from_spec(unit)
             unit.loader.exec_module(module)
         else:
-            if "" not in sys.path and os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(where)
+            here = os.getcwd()
+            added = "" not in sys.path and here not in sys.path
+            if added:  # for this import only
+                sys.path.insert(0, here)
+            try:
+                module = importlib.import_module(where)
+            finally:
+                if added and here in sys.path:
+                    sys.path.remove(here)
     except ModuleNotFoundError as e:
         raise ValueError(f"model {spec!r}: cannot import {e.name!r} (searched the current folder and the Python "
                          "path; give a module name or a .py file)") from None
