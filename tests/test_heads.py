@@ -8,6 +8,17 @@ SHAPES = [(16, 8, 8), (32, 1, 1), (64,), (17, 8)]  # feature map, 1x1 map, flat,
 TOKEN_HEADS = ("token", "lgvit_local", "lgvit_global")
 
 
+def _backbone_reading(shape):
+    """A one-stage backbone whose classifier reads features of ``shape`` (for heads built from a
+    backbone, ``replica``; the others do not take it)."""
+    from eenn.backbones.base import Backbone
+    from eenn.heads import TokenPool
+
+    pool = {3: [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()], 2: [TokenPool(shape[-1], 0)], 1: []}[len(shape)]
+    dim = shape[0] if len(shape) != 2 else shape[1]
+    return Backbone([torch.nn.Identity()], torch.nn.Sequential(*pool, torch.nn.Linear(dim, 5)), input_shape=shape)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("name", eenn.list_heads())
 def test_head_outputs(name, shape):
@@ -20,7 +31,7 @@ def test_head_outputs(name, shape):
         with pytest.raises(ValueError, match="reads token states"):
             eenn.create_head(name, shape, 5)
         return
-    head = eenn.create_head(name, shape, 5)
+    head = eenn.create_head(name, shape, 5, backbone=_backbone_reading(shape))
     logits, gate = head(torch.randn(3, *shape))
     assert logits.shape == (3, 5)
     gated = name in ("branching", "eenets", "nachos")
@@ -161,3 +172,59 @@ def test_head_option_types_and_sizes_are_named(name, options, message):
     with pytest.raises((TypeError, ValueError), match=message):
         eenn.create_head(name, (16, 8, 8), 5, **options)
     assert eenn.create_head("linear", (16,), 5, width=0).feature_dim == 16  # 0: no hidden layer
+
+
+@pytest.mark.parametrize("name,opts", [("alexnet", {"width": 0.25}), ("resnet20", {"width": 0.5}), ("mlp", {}),
+                                       ("vit", {"patch_size": 7})])
+def test_replica_heads_copy_the_backbones_classifier(name, opts, tmp_path):
+    """AEP's exits: at every stage a copy of the backbone's own classifier (the same layers, not
+    shared, freshly initialised) behind an adapter to the shape it reads; the network trains,
+    saves and loads, and exports to ONNX with the engine's answers."""
+    import numpy as np
+
+    from eenn.exporter import StagedRunner, export
+
+    torch.manual_seed(0)
+    net = eenn.create_network(name, in_channels=1, num_classes=10, input_size=(28, 28), exits="all", head="replica",
+                              **opts)
+    clf = net.backbone.classifier
+    layers = [type(m) for m in (clf if isinstance(clf, torch.nn.Sequential) else [clf])]
+    mine = {id(p) for p in clf.parameters()}
+    for head in net.heads:
+        adapter, body = head.body
+        assert [type(m) for m in body] + [type(head.classifier)] == layers  # the classifier's layers, in order
+        assert not mine & {id(p) for p in head.parameters()}  # copies, not the classifier itself
+    x = torch.randn(4, 1, 28, 28)
+    out = net(x)
+    assert out.logits.shape == (net.num_exits, 4, 10)
+    sum(torch.nn.functional.cross_entropy(lg, torch.arange(4)) for lg in out.logits).backward()
+    assert all(p.grad is not None for h in net.heads for p in h.parameters())
+    net.eval()
+    again = eenn.load(eenn.save(net, tmp_path / "r.safetensors")).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, net(x).logits)
+        policy = eenn.ExitPolicy("max_prob", [0.5] * (net.num_exits - 1))
+        want = eenn.DynamicEngine(net, policy)(x)
+    export(net, tmp_path / "onnx", policy=policy)
+    got = StagedRunner(tmp_path / "onnx")(x.numpy())
+    assert np.array_equal(got["prediction"], want.prediction.numpy())
+
+
+def test_replica_head_needs_a_backbone_with_a_classifier_to_copy():
+    with pytest.raises(ValueError, match="copies the backbone's own classifier: build it as part of a network"):
+        eenn.create_head("replica", (8, 4, 4), 10)
+    with pytest.raises(ValueError, match="'backbone' is not an option"):
+        eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, head="replica",
+                            head_options={"backbone": "resnet20"})
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(torch.relu(self.a(x)), 1))
+
+    with pytest.raises(ValueError, match="classifier .* is not a nn.Linear or a nn.Sequential ending in one"):
+        eenn.attach_exits(Net(), at=["a"], input_shape=(1, 8, 8), head="replica")

@@ -9,6 +9,8 @@ branching, EENets and NACHOS learn; a single ``Linear(d, K + 1)`` whose last uni
 """
 from __future__ import annotations
 
+import copy
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -138,20 +140,26 @@ def list_heads() -> list[str]:
 def check_head(name: str, options: dict[str, Any] | None = None):
     """The registered head's builder, once ``name`` (and ``options``, when given) are known to fit it."""
     builder = _HEADS.get(name)
+    if options is not None and "backbone" in options:
+        raise ValueError(f"exit head {name!r}: 'backbone' is not an option (a network gives its heads its own backbone)")
     if options is not None:
-        check_options(f"exit head {name!r}", builder, options, skip=("in_shape", "num_classes"))
+        check_options(f"exit head {name!r}", builder, options, skip=("in_shape", "num_classes", "backbone"))
     return builder
 
 
 def create_head(name: str, in_shape: Sequence[int], num_classes: int, *, cascade: bool = False,
-                **options: Any) -> ExitHead:
-    """Build head ``name`` for per-sample input shape ``in_shape`` ((C, H, W) or (F,)).
+                backbone: nn.Module | None = None, **options: Any) -> ExitHead:
+    """Build head ``name`` for per-sample input shape ``in_shape`` ((C, H, W) or (F,));
+    ``backbone``: the network's, for heads built from it (``replica``).
 
     ``cascade=True`` makes it a cascading head (ZTW) that also reads the previous exit's
     ``num_classes`` logits, so it needs a predecessor: a network passes the option on to every
     exit but its first (:class:`~eenn.network.MultiExitNetwork`)."""
     builder = check_head(name, options)
-    head = builder(tuple(int(s) for s in in_shape), num_classes, **options)
+    # A head that builds on the backbone itself (``replica``) names it among its arguments; a
+    # network passes its backbone, which is not an option (nothing of it goes into a config).
+    extra = {"backbone": backbone} if "backbone" in inspect.signature(builder).parameters else {}
+    head = builder(tuple(int(s) for s in in_shape), num_classes, **extra, **options)
     return head.add_cascade(num_classes) if cascade else head
 
 
@@ -354,3 +362,65 @@ def lgvit_global(in_shape, num_classes, *, heads: int = 4, gate: bool = False) -
     pooling over all tokens (``heads`` learned queries), fully connected."""
     _need_tokens("lgvit_global", in_shape)
     return ExitHead(AttentionPool(in_shape[1], heads), in_shape[1], num_classes, gate=gate)
+
+
+@register_head("replica")
+def replica(in_shape, num_classes, *, backbone: nn.Module | None = None, gate: bool = False) -> ExitHead:
+    """AEP's exit [C]: a copy of the backbone's own classifier (its layers, freshly initialised),
+    behind an adapter [I] that brings this stage's features to what the classifier reads: a 1x1
+    convolution to its channels and an average pool to its map size (no pool where the classifier
+    pools to a fixed size itself, as a global average pool does), a linear map of widths for
+    token states and flat features. The classifier must be a ``nn.Sequential`` ending in a
+    ``nn.Linear`` (the registered backbones'); a network passes its backbone when it builds its
+    heads."""
+    if backbone is None:
+        raise ValueError("exit head 'replica' copies the backbone's own classifier: build it as part of a network "
+                         "(eenn.create_network(..., head='replica'))")
+    clf = getattr(backbone, "classifier", None)
+    if isinstance(clf, nn.Linear):
+        clf = nn.Sequential(clf)
+    if not (isinstance(clf, nn.Sequential) and len(clf) and isinstance(clf[-1], nn.Linear)):
+        raise ValueError(f"exit head 'replica': this backbone's classifier ({type(clf).__name__}) is not a "
+                         "nn.Linear or a nn.Sequential ending in one, so there is nothing to copy; pick another head")
+    target = tuple(int(d) for d in backbone.stage_info[-1].shape)
+    body = copy.deepcopy(clf[:-1])
+    for m in body.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return ExitHead(nn.Sequential(_adapter(tuple(in_shape), target, body), body), clf[-1].in_features, num_classes,
+                    gate=gate)
+
+
+def _adapter(shape: tuple[int, ...], target: tuple[int, ...], body: nn.Module) -> nn.Module:
+    """What brings features of ``shape`` to ``target``, the shape ``body`` reads (see :func:`replica`)."""
+    if shape == target:
+        return nn.Identity()
+    if len(shape) != len(target) or (len(shape) == 2 and shape[0] != target[0]):
+        raise ValueError(f"exit head 'replica': this stage gives features of shape {list(shape)} and the classifier "
+                         f"reads {list(target)}; there is no adapter between those, pick another head")
+    if len(shape) != 3:  # token states (same count) or flat features: the widths
+        return nn.Linear(shape[-1], target[-1])
+    (c, h, w), (c2, h2, w2) = shape, target
+    mods: list[nn.Module] = [nn.Conv2d(c, c2, 1)] if c != c2 else []
+    if (h, w) != (h2, w2) and not _reads(body, (c2, h, w)):
+        if h < h2 or w < w2:
+            raise ValueError(f"exit head 'replica': this stage's {h}x{w} map is smaller than the {h2}x{w2} the "
+                             "classifier reads; pick another head")
+        # windows of stride s = h // h2 and size h - (h2 - 1) s: exactly h2 of them (s where s
+        # divides h); an average pool of fixed windows, which ONNX has, where an adaptive pool to a
+        # size that does not divide the map has no ONNX form
+        s = (h // h2, w // w2)
+        mods.append(nn.AvgPool2d((h - (h2 - 1) * s[0], w - (w2 - 1) * s[1]), stride=s))
+    return nn.Sequential(*mods)
+
+
+def _reads(body: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Whether ``body`` takes features of ``shape`` as they are (a classifier that pools itself)."""
+    try:
+        with torch.no_grad():
+            body.eval()(torch.zeros(2, *shape))
+        return True
+    except (RuntimeError, ValueError):
+        return False
+    finally:
+        body.train()

@@ -81,9 +81,11 @@ class MultiExitNetwork(nn.Module):
         names = [str(h) for h in _per_exit(head, len(stages), "head")]
         options = [resolve_head_options(h, dict(o or {}), saved=saved)
                    for h, o in zip(names, _per_exit(head_options or {}, len(stages), "head_options"))]
+        if any("backbone" in o for o in options):
+            raise ValueError("exit head option 'backbone' is not an option (a network gives its heads its own backbone)")
         # The first exit has no predecessor to read, so the head option "cascade" (ZTW) takes
         # effect from the second exit on; the stored options keep it as given.
-        heads = [create_head(h, backbone.stage_info[s].shape, backbone.num_classes,
+        heads = [create_head(h, backbone.stage_info[s].shape, backbone.num_classes, backbone=backbone,
                              **(o if k > 0 else {key: v for key, v in o.items() if key != "cascade"}))
                  for k, (h, s, o) in enumerate(zip(names, stages, options))]
         self._set_exits(stages, heads, names, options)
