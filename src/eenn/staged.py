@@ -235,9 +235,17 @@ class StagedRunner:
             self._static_sess = _static_session(self._static_bytes, self._threads)
         self._static_call = _caller(self._static_sess)
 
-    def _static_answer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pred, probs = self._static_call({"input": x})
-        return pred, np.full(len(x), self.num_exits - 1, np.int64), probs
+    def _at_once(self, x: np.ndarray):
+        """The whole model's answer to ``x`` in one onnxruntime call, ``(prediction, exit,
+        probs)``: the static graph's where the policy cannot fire, else the fused graph's; None
+        where neither serves (the segment loop answers)."""
+        if not len(x):
+            return None
+        if self._static_call is not None:
+            pred, probs = self._static_call({"input": x})
+            return pred, np.full(len(x), self.num_exits - 1, np.int64), probs
+        call = self._fused_for(len(x))
+        return None if call is None else call({"input": x, "thresholds": self._fused_th})
 
     def _set_fused(self, one, batched) -> None:
         """The fused graphs' sessions (batch 1, any batch; None: none) and their calls."""
@@ -286,13 +294,9 @@ class StagedRunner:
         if (self.first, self.stop) != (0, self.num_exits):
             raise ExportError("this runner holds only some segments; use start()/advance()")
         x = self._input(x)
-        if self._static_call is not None and len(x):
-            pred, exit_, probs = self._static_answer(x)
-            return {"prediction": pred, "exit": exit_, "depth": exit_.copy(), "probs": probs,
-                    "degraded": np.zeros(len(x), bool)}
-        call = self._fused_for(len(x))
-        if call is not None:  # one call, nothing around it
-            pred, exit_, probs = call({"input": x, "thresholds": self._fused_th})
+        got = self._at_once(x)
+        if got is not None:  # one call, nothing around it
+            pred, exit_, probs = got
             return {"prediction": pred, "exit": exit_, "depth": exit_.copy(), "probs": probs,
                     "degraded": np.zeros(len(x), bool)}
         answers, rest = self.advance(self.start(x))
@@ -323,14 +327,12 @@ class StagedRunner:
             raise ExportError(f"this runner holds segments {self.first}..{self.stop - 1}, the features are for "
                               f"segment {running.next}")
         answers = Answers()
-        whole = running.next == 0 and stop == self.num_exits and len(running) > 0
-        call = self._fused_for(len(running)) if whole else None
-        if whole and (call is not None or self._static_call is not None):
+        got = None
+        if running.next == 0 and stop == self.num_exits:
             x = running.state[0] if isinstance(running.state, tuple) else running.state
-            if self._static_call is not None:
-                pred, exit_, probs = self._static_answer(x.numpy())
-            else:
-                pred, exit_, probs = call({"input": x.numpy(), "thresholds": self._fused_th})
+            got = self._at_once(x.numpy())
+        if got is not None:
+            pred, exit_, probs = got
             e = torch.from_numpy(exit_)
             answers.add(running.index, torch.from_numpy(pred), e, e, torch.from_numpy(probs))
             return answers, None
