@@ -8,7 +8,7 @@ import os
 import sys
 import typing
 
-from .serve.cli import MODEL_HELP
+from .export_cli import MODEL_HELP
 
 EPILOG_TRAIN = """examples:
   eenn train --dataset fashion_mnist --backbone resnet20 --exits linear:3 --objective joint --epochs 10 --out runs/r20
