@@ -10,14 +10,12 @@ trials a killed worker left running are failed and their designs queued again (s
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import multiprocessing
 import os
 import signal
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,8 +26,8 @@ from ..data import DataSplits
 from .candidate import Pruned, _shape_kw, evaluate_design, load_search_data
 from .config import SearchConfig
 from .space import ConfigError
-from .workers import (_OWN_ATTRS, _quiet_interrupts, _record_worker, _recover_dead_trials, _requeue, _retry_dead_trial,
-                      _storage_class)
+from .workers import (_OWN_ATTRS, _quiet_interrupts, _record_worker, _recover_dead_trials, _requeue, _storage,
+                      default_storage)
 
 __all__ = ["ImpossibleConstraints", "SearchResult", "constraint_values", "create_study", "run_search",
            "default_storage"]
@@ -92,38 +90,6 @@ def _sampler_seed(seed: int, worker: int, trials_before: int) -> int:
 
     return int(np.random.SeedSequence([seed, worker, trials_before]).generate_state(1)[0])
 
-
-
-def default_storage(out: str | Path) -> str:
-    return f"sqlite:///{Path(out).resolve() / 'study.db'}"
-
-
-def _storage(url: str | None, out: str | Path, heartbeat: tuple[int, int] | None):
-    import optuna
-
-    url = url or default_storage(out)
-    if url == "memory":
-        return optuna.storages.InMemoryStorage()
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat options
-        kw: dict[str, Any] = {}
-        if heartbeat:
-            # Before each trial, every worker fails the trials of dead workers (_dead_trials) and
-            # queues their designs again, once (the callback's name changed in Optuna 4.9).
-            cls = optuna.storages.RDBStorage
-            key = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in
-                   inspect.signature(cls.__init__).parameters else "failed_trial_callback")
-            kw = {"heartbeat_interval": heartbeat[0], "grace_period": heartbeat[1], key: _retry_dead_trial}
-        try:
-            return _storage_class()(url, engine_kwargs=engine, **kw)
-        except Exception as e:  # noqa: BLE001 - SQLAlchemy's and the database's errors, one line
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ConfigError(f"cannot open the study storage {url!r} ({type(e).__name__}: {first}): give an RDB URL "
-                              "such as sqlite:///runs/search/study.db; a file that is not an Optuna database must be "
-                              "moved away first") from None
 
 
 def create_study(config: SearchConfig, storage: Any = None, study_name: str | None = None, *, out: str | Path = ".",

@@ -1,15 +1,20 @@
-"""Trials that a dead worker left RUNNING: how a dead worker is told from a live one, and how
-its trials are failed and their designs queued again; and a worker stopped by Ctrl-C, which
-leaves no traceback (used by :mod:`eenn.search.study`)."""
+"""The study's storage and the worker processes on it: the storage opened (an RDB whose
+stale-trial check knows worker processes); trials that a dead worker left RUNNING, how a dead
+worker is told from a live one, and how its trials are failed and their designs queued again;
+and a worker stopped by Ctrl-C, which leaves no traceback (used by :mod:`eenn.search.study`)."""
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import socket
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from ..config import ConfigError
 
 # --------------------------------------------------------------------- trials of dead workers
 # Optuna marks a trial RUNNING when it creates it; the worker can die any time after (killed, out
@@ -230,3 +235,35 @@ def _quiet_interrupts() -> None:
     log = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
     if not any(isinstance(f, _NoInterruptTrace) for f in log.filters):
         log.addFilter(_NoInterruptTrace())
+
+
+def default_storage(out: str | Path) -> str:
+    return f"sqlite:///{Path(out).resolve() / 'study.db'}"
+
+
+def _storage(url: str | None, out: str | Path, heartbeat: tuple[int, int] | None):
+    import optuna
+
+    url = url or default_storage(out)
+    if url == "memory":
+        return optuna.storages.InMemoryStorage()
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat options
+        kw: dict[str, Any] = {}
+        if heartbeat:
+            # Before each trial, every worker fails the trials of dead workers (_dead_trials) and
+            # queues their designs again, once (the callback's name changed in Optuna 4.9).
+            cls = optuna.storages.RDBStorage
+            key = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in
+                   inspect.signature(cls.__init__).parameters else "failed_trial_callback")
+            kw = {"heartbeat_interval": heartbeat[0], "grace_period": heartbeat[1], key: _retry_dead_trial}
+        try:
+            return _storage_class()(url, engine_kwargs=engine, **kw)
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy's and the database's errors, one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"cannot open the study storage {url!r} ({type(e).__name__}: {first}): give an RDB URL "
+                              "such as sqlite:///runs/search/study.db; a file that is not an Optuna database must be "
+                              "moved away first") from None
