@@ -225,3 +225,46 @@ def test_nachos_trains_and_the_constraint_lowers_expected_macs(digits):
     # The penalty pulls the expected cost down; without it the same run spends far more (seeds
     # 0-2 measured: 0.56-0.66 of the unconstrained cost after 3 epochs).
     assert hist[-1]["train_macs"] < 0.8 * runs["noconstraints"][-1]["train_macs"]
+
+
+def _pooled(net):
+    """Each head's max-pool kernel (1: none)."""
+    return [h.body[0].kernel_size if isinstance(h.body[0], torch.nn.MaxPool2d) else 1 for h in net.heads]
+
+
+def test_adaptive_pool_is_nachos_rule_on_the_cost_table(tmp_path):
+    """pool="adaptive" (NACHOS' get_intermediate_classifiers_adaptive): each exit's kernel is the
+    first of 1, 2, 4 under which the exit costs less than the next one (net.cost()'s MACs), or 4
+    where none does; checked against networks built with the kernels given by hand."""
+    def build(pool):
+        torch.manual_seed(0)
+        return eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=28, exits="all",
+                                   head="nachos", head_options=pool)
+
+    net = build({"pool": "adaptive"})
+    kernels = _pooled(net)
+    assert net.head_options[0]["pool"] == "adaptive"  # stored as given, resolved again when loaded
+    assert set(kernels) == {2, 4} and len(set(kernels)) > 1  # ResNet-20's maps: 16-64 channels, top kernel 4
+    macs = net.cost().macs
+    for k, kernel in enumerate(kernels):
+        assert macs[k] < macs[k + 1] or kernel == 4
+        if kernel > 1:  # half the kernel would not have been enough
+            by_hand = build([{"pool": kernel // 2 if j == k else kk} for j, kk in enumerate(kernels)])
+            assert by_hand.cost().macs[k] >= macs[k + 1]
+    eenn.save(net, tmp_path / "n.safetensors")
+    back = eenn.load(tmp_path / "n.safetensors")
+    assert _pooled(back) == kernels
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(back.eval()(x).logits, net.eval()(x).logits)
+
+
+def test_adaptive_pool_only_where_asked_and_not_on_a_lone_head():
+    torch.manual_seed(0)
+    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=28, exits=[2, 5],
+                              head="nachos", head_options=[{"pool": "adaptive"}, {"pool": 3}])
+    assert _pooled(net)[1] == 3 and _pooled(net)[0] in (1, 2, 4)
+    with pytest.raises(ValueError, match="resolved by the network"):
+        eenn.create_head("nachos", (16, 28, 28), 10, pool="adaptive")
+    with pytest.raises(ValueError, match="int kernel, None or 'adaptive', got 'max'"):
+        eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=28, exits=[2], head="nachos",
+                            head_options={"pool": "max"})

@@ -294,16 +294,23 @@ def eenets(in_shape, num_classes, *, batch_norm: bool = False, pool: bool = True
 
 
 @register_head("nachos")
-def nachos(in_shape, num_classes, *, width: int = 32, pool: int | None = None) -> ExitHead:
+def nachos(in_shape, num_classes, *, width: int = 32, pool: int | str | None = None) -> ExitHead:
     """NACHOS' early-exit classifier: a max-pool (kernel ``pool``), three ReLU + conv3x3 layers
     of ``width``, 2x``width``, 4x``width`` channels, flatten, and a linear layer to K logits plus
     a confidence unit. The default pool is ours [ours]: the kernel that brings the map to at most
-    4 px, chosen from this exit's map alone. NACHOS picks kernel 1, 2 or 4 per exit, raising it
-    while the exit costs at least as much as the next one (its ``get_intermediate_classifiers_
-    adaptive``); on a small backbone the head can then cost more than the rest of the network:
-    check ``net.cost()`` and give ``pool`` where it does."""
+    4 px, chosen from this exit's map alone. ``pool="adaptive"`` is NACHOS' own rule (its
+    ``get_intermediate_classifiers_adaptive``): kernel 1, 2 or 4, raised while the exit costs at
+    least as much as the next one; it needs the next exit, so a network resolves it
+    (:func:`eenn.placement.nachos_pools`). On a small backbone NACHOS' heads can cost more than
+    the rest of the network: check ``net.cost()``."""
     _need_spatial("nachos", in_shape)
     _at_least("nachos", "width", width)
+    if isinstance(pool, str):
+        raise ValueError(f"exit head 'nachos': option 'pool' must be an int kernel, None or 'adaptive', got {pool!r}"
+                         if pool != "adaptive" else
+                         "exit head 'nachos': pool='adaptive' is resolved by the network from the next exit's cost "
+                         "(give it in create_network/attach_exits head_options); a head built alone takes an int "
+                         "kernel or None")
     _at_least("nachos", "pool", pool)
     c, h, w = in_shape
     k = pool if pool is not None else max(1, -(-min(h, w) // 4))

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .backbones.base import Backbone, State, create_backbone, head_input
 from .cost import CostTable, count_macs, count_params, profile_stages
 from .heads import ExitHead, HeadClassifier, create_head, resolve_head_options
-from .placement import EXIT_DISTRIBUTIONS, ExitSpec, cost_thresholds, place_exits
+from .placement import EXIT_DISTRIBUTIONS, ExitSpec, cost_thresholds, nachos_pools, place_exits
 
 __all__ = [
     "EXIT_DISTRIBUTIONS",
@@ -85,8 +85,11 @@ class MultiExitNetwork(nn.Module):
             raise ValueError("exit head option 'backbone' is not an option (a network gives its heads its own backbone)")
         # The first exit has no predecessor to read, so the head option "cascade" (ZTW) takes
         # effect from the second exit on; the stored options keep it as given.
+        # NACHOS' pool="adaptive" depends on the next exit's cost: resolved here, stored as given.
+        pools = nachos_pools(backbone, stages, names, options)
         heads = [create_head(h, backbone.stage_info[s].shape, backbone.num_classes, backbone=backbone,
-                             **(o if k > 0 else {key: v for key, v in o.items() if key != "cascade"}))
+                             **{**(o if k > 0 else {key: v for key, v in o.items() if key != "cascade"}),
+                                **({"pool": pools[k]} if k in pools else {})})
                  for k, (h, s, o) in enumerate(zip(names, stages, options))]
         self._set_exits(stages, heads, names, options)
         if source is None and backbone.spec is not None:

@@ -7,9 +7,9 @@ from typing import Sequence, Union
 import torch
 
 from .backbones.base import Backbone
-from .cost import profile_stages
+from .cost import count_macs, profile_stages
 
-__all__ = ["EXIT_DISTRIBUTIONS", "ExitSpec", "cost_thresholds", "place_exits"]
+__all__ = ["EXIT_DISTRIBUTIONS", "ExitSpec", "cost_thresholds", "nachos_pools", "place_exits"]
 
 # Where to put exits: stage indices or names, "all", "none", or a cost distribution given
 # as {"distribution": "fine", "num_exits": 2} or the short string "fine:2".
@@ -97,3 +97,44 @@ def _place_by_cost(distribution: str, num_exits: int, backbone: Backbone) -> lis
             )
         out.append(idx)
     return out
+
+
+def nachos_pools(backbone: Backbone, stages: Sequence[int], names: Sequence[str],
+                 options: Sequence[dict]) -> dict[int, int]:
+    """NACHOS' adaptive pooling for the ``nachos`` heads given ``pool="adaptive"``: ``{exit:
+    kernel}``. From the last early exit to the first, as NACHOS' ``get_intermediate_classifiers_
+    adaptive`` does: an exit's MACs (the backbone up to its stage plus its head) are compared
+    with the next exit's (the final one: the whole backbone), and its head's max-pool kernel is
+    raised 1 -> 2 -> 4 while they are not below them. The largest kernel follows the exit's
+    channels, as there: 4 from 16 channels, 2 from 8, else 1. Other heads count as built."""
+    from .heads import create_head
+
+    if not any(n == "nachos" and o.get("pool") == "adaptive" for n, o in zip(names, options)):
+        return {}
+    stage_macs, cls_macs = profile_stages(backbone.stages, backbone.classifier, backbone.input_shape,
+                                          backbone.input_dtype)
+    cum = torch.tensor(stage_macs, dtype=torch.int64).cumsum(0).tolist()
+    nxt, pools = cum[-1] + cls_macs, {}
+
+    def macs(k: int, **change) -> int:
+        shape = backbone.stage_info[stages[k]].shape
+        opts = {**options[k], **change}
+        if k == 0:
+            opts.pop("cascade", None)
+        head = create_head(names[k], shape, backbone.num_classes, backbone=backbone, **opts).eval()
+        prev = (torch.zeros(1, backbone.num_classes),) if head.cascades else ()
+        return cum[stages[k]] + count_macs(head, torch.zeros(1, *shape), *prev)
+
+    for k in reversed(range(len(stages))):
+        if names[k] == "nachos" and options[k].get("pool") == "adaptive":
+            channels = backbone.stage_info[stages[k]].shape[0]
+            top = 4 if channels >= 16 else 2 if channels >= 8 else 1
+            kernel, mine = 1, macs(k, pool=1)
+            while mine >= nxt and kernel < top:
+                kernel *= 2
+                mine = macs(k, pool=kernel)
+            pools[k] = kernel
+        else:
+            mine = macs(k)
+        nxt = mine
+    return pools
