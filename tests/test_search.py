@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -605,3 +606,46 @@ def test_a_space_smaller_than_the_trials_asked_stops_when_all_are_measured(tmp_p
     assert "the space holds 2 designs, fewer than the 3 trials asked" in capsys.readouterr().out
     trials = result.study.get_trials()
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 2 and len(trials) <= 6  # not 48 repeats
+
+
+def test_nachos_epsilon_grid_by_hand():
+    """NACHOS' tuning: one ε for every early exit, the first exit's at least 0.7, the ε with the
+    best validation accuracy, the smaller on ties (NACHOS keeps the first found)."""
+    from eenn.cost import CostTable
+    from eenn.search.candidate import nachos_epsilon
+
+    def logits(q, right):  # two classes, the target is 0: top probability q, on the target or not
+        d = math.log(q / (1 - q))
+        return [d, 0.0] if right else [0.0, d]
+
+    # per sample (exit 0, exit 1, final): see the accuracies below
+    rows = [[logits(0.75, False), logits(0.9, True), logits(0.9, True)],
+            [logits(0.6, False), logits(0.55, False), logits(0.9, True)],
+            [logits(0.72, True), logits(0.65, False), logits(0.9, False)]]
+    cache = CachedOutputs(torch.tensor(rows).permute(1, 0, 2).contiguous(), None, torch.zeros(3, dtype=torch.long))
+    cost = CostTable(("e0", "e1", "final"), (0, 1, 2), (1, 2, 3), (0, 0, 0), (1, 2, 3), (1, 2, 3), (1, 1, 1),
+                     (1 / 3, 2 / 3, 1.0), 3)
+    # ε <= 0.5: 1/3 (the first two leave wrong); 0.6: 2/3; 0.7: 2/3; 0.8: 2/3 (the third goes on, wrong)
+    got = nachos_epsilon(eenn.ExitPolicy("max_prob"), cache, cost)
+    assert got.thresholds.tolist() == pytest.approx([0.7, 0.6])
+    assert nachos_epsilon(eenn.ExitPolicy("max_prob"), cache, cost, grid=(0.8, 0.7)).thresholds.tolist() == \
+        pytest.approx([0.8, 0.8])
+    with pytest.raises(ValueError, match="not for 'entropy'"):
+        nachos_epsilon(eenn.ExitPolicy("entropy"), cache, cost)
+
+
+def test_search_calibrates_with_nachos_grid_when_asked(tmp_path):
+    cfg = SearchConfig.from_dict(tiny(policy={"name": "max_prob", "calibration": "nachos"},
+                                      search={"trials": 1, "sampler": "random"},
+                                      constraints={"accuracy_floor": 0.0, "macs_ceiling": 10**9}))
+    assert SearchConfig.from_dict(cfg.to_dict()).calibration == "nachos"
+    res = run_search(cfg, out=tmp_path, storage="memory", progress=False)
+    (done,) = [r for r in res.records if r["state"] == "COMPLETE"]
+    th = done["thresholds"]
+    grid = (0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8)
+    eps = th[-1] if len(th) > 1 else th[0]
+    assert min(abs(eps - g) for g in grid) < 1e-6 and th[0] == pytest.approx(max(0.7, eps))
+    assert th[1:] == pytest.approx([eps] * (len(th) - 1))
+    for bad, msg in [({"calibration": "grid"}, "choose fit"), ({"name": "entropy", "calibration": "nachos"}, "not for 'entropy'")]:
+        with pytest.raises(ConfigError, match=msg):
+            SearchConfig.from_dict(tiny(policy=bad))

@@ -18,10 +18,10 @@ from ..data import DataSplits, load_dataset
 from ..data.core import cap
 from ..outputs import CachedOutputs, collect_outputs
 from ..policies import ExitPolicy, Goal, calibrate, evaluate_policy
-from .config import SearchConfig
+from .config import GRID_POLICIES, SearchConfig
 from .space import ConfigError, Design
 
-__all__ = ["Pruned", "evaluate_design", "load_search_data", "repair_thresholds"]
+__all__ = ["NACHOS_GRID", "Pruned", "evaluate_design", "load_search_data", "nachos_epsilon", "repair_thresholds"]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -42,6 +42,31 @@ def load_search_data(config: SearchConfig) -> DataSplits:
 def _shape_kw(data: DataSplits) -> dict[str, Any]:
     info = data.info
     return {"num_classes": info.num_classes, "in_channels": info.in_channels, "input_size": tuple(info.input_size)}
+
+
+# ------------------------------------------------------------------------------- NACHOS' ε grid
+NACHOS_GRID = (0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8)
+
+
+def nachos_epsilon(policy: ExitPolicy, val_cache: CachedOutputs, cost: CostTable, *,
+                   grid=NACHOS_GRID, first_min: float = 0.7) -> ExitPolicy:
+    """NACHOS' own threshold tuning (METHODS.md §4; its ``ee_train.py``): one ε for every early
+    exit from ``grid``, the first exit's raised to at least ``first_min``, and of those the ε
+    with the best validation accuracy (on ties the smaller one, as NACHOS' strict comparison
+    keeps the first found). For rules whose scores are probabilities (``cumulative``, NACHOS'
+    own, and ``gate``, ``max_prob``, ``margin``)."""
+    if policy.name not in GRID_POLICIES:
+        raise ValueError(f"NACHOS' ε grid sets thresholds in [0, 1] for {', '.join(GRID_POLICIES)}; "
+                         f"not for {policy.name!r}")
+    e = val_cache.logits.shape[0]
+    best = None
+    for eps in grid:
+        th = [max(first_min, eps), *[eps] * (e - 2)][: e - 1]
+        candidate = policy.replace(thresholds=th)
+        acc = evaluate_policy(candidate, val_cache, cost)["accuracy"]
+        if best is None or acc > best[0]:
+            best = (acc, candidate)
+    return best[1]
 
 
 # ---------------------------------------------------------------------------------------- repair
@@ -119,7 +144,11 @@ def evaluate_design(config: SearchConfig, design: Design, data: DataSplits, *, d
         raise Pruned(f"best exit reached {pruner.first:.3f} validation accuracy after epoch 1 (< {config.prune_below})",
                      {**base, "val_accuracy": float(pruner.first), "val_macs": float(lower), "train_seconds": seconds})
     val = collect_outputs(net, data.val)  # normalised by net.input_spec, which fit set
-    fitted = calibrate(ExitPolicy(config.policy, fallback=config.fallback), val, cost, Goal(max_drop=config.max_drop))
+    policy = ExitPolicy(config.policy, fallback=config.fallback)
+    if config.calibration == "nachos":
+        fitted = nachos_epsilon(policy, val, cost)
+    else:
+        fitted = calibrate(policy, val, cost, Goal(max_drop=config.max_drop))
     fitted, repaired = repair_thresholds(fitted, val, cost, accuracy_floor=floor, macs_ceiling=ceiling)
     rv = evaluate_policy(fitted, val, cost)
     out = {**base, "train_seconds": seconds, "thresholds": [float(t) for t in fitted.thresholds.tolist()],

@@ -6,7 +6,7 @@ so that a typo is an error naming the key, not a silently ignored setting.
     space: {...}                   # see eenn.search.space
     constraints: {accuracy_floor: 0.9, macs_ceiling: 150000}
     objective: {name: joint, options: {}}         # or nachos (its mmax defaults to the MAC ceiling)
-    policy: {name: max_prob, max_drop: 0.01, fallback: final}
+    policy: {name: max_prob, max_drop: 0.01, fallback: final, calibration: fit}   # or nachos: its ε grid
     train: {epochs: 2, ...}        # the proxy budget: eenn.TrainConfig fields
     retrain: {epochs: 30}          # written into each design's config for its full training
     search: {trials: 16, sampler: nsga2, population: 8, seed: 0, prune_below: null}
@@ -29,7 +29,9 @@ SAMPLERS = ("nsga2", "tpe", "gp", "random")
 _SECTIONS = ("name", "dataset", "space", "constraints", "objective", "policy", "train", "retrain", "search")
 _DATASET_KEYS = ("name", "data_dir", "download", "val_fraction", "seed", "train_limit", "val_limit", "test_limit")
 _SEARCH_KEYS = ("trials", "sampler", "population", "startup_trials", "seed", "prune_below")
-_POLICY_KEYS = ("name", "max_drop", "fallback")
+_POLICY_KEYS = ("name", "max_drop", "fallback", "calibration")
+CALIBRATIONS = ("fit", "nachos")
+GRID_POLICIES = ("cumulative", "gate", "max_prob", "margin")  # NACHOS' ε grid: scores in [0, 1], higher fires
 # The proxy budget's defaults: short, quiet, on the CPU unless told otherwise.
 _TRAIN_DEFAULTS = {"epochs": 2, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 5e-4,
                    "schedule": "onecycle", "progress": False}
@@ -73,6 +75,7 @@ class SearchConfig:
     policy: str = "max_prob"
     max_drop: float = 0.01
     fallback: str = "final"
+    calibration: str = "fit"  # fit: eenn's calibrator to max_drop; nachos: NACHOS' ε grid (best val accuracy)
     train: dict[str, Any] = field(default_factory=dict)
     retrain: dict[str, Any] = field(default_factory=dict)
     trials: int = 16
@@ -144,6 +147,13 @@ class SearchConfig:
             ExitPolicy(policy, fallback=fallback)
         except ValueError as e:
             raise ConfigError(f"policy: {e}") from None
+        calibration = pol.get("calibration", "fit")
+        if calibration not in CALIBRATIONS:
+            raise ConfigError(f"policy.calibration: {calibration!r}; choose fit (eenn's calibrator, to max_drop) or "
+                              "nachos (NACHOS' ε grid)")
+        if calibration == "nachos" and policy not in GRID_POLICIES:
+            raise ConfigError(f"policy.calibration: nachos sets thresholds in [0, 1] for {', '.join(GRID_POLICIES)}; "
+                              f"not for {policy!r} (use calibration: fit)")
 
         from ..trainer import TrainConfig
 
@@ -178,7 +188,8 @@ class SearchConfig:
             objective_options.setdefault("mmax", float(ceiling))
         return cls(name=name, dataset=ds, space=space, space_dict=space_dict, accuracy_floor=float(floor),
                    macs_ceiling=float(ceiling), objective=objective, objective_options=objective_options,
-                   policy=policy, max_drop=float(max_drop), fallback=fallback, train=train, retrain=retrain,
+                   policy=policy, max_drop=float(max_drop), fallback=fallback, calibration=calibration,
+                   train=train, retrain=retrain,
                    trials=trials, sampler=sampler, population=population, startup_trials=startup, seed=seed,
                    prune_below=None if prune_below is None else float(prune_below))
 
@@ -195,7 +206,8 @@ class SearchConfig:
             "space": copy.deepcopy(self.space_dict),
             "constraints": {"accuracy_floor": self.accuracy_floor, "macs_ceiling": self.macs_ceiling},
             "objective": {"name": self.objective, "options": dict(self.objective_options)},
-            "policy": {"name": self.policy, "max_drop": self.max_drop, "fallback": self.fallback},
+            "policy": {"name": self.policy, "max_drop": self.max_drop, "fallback": self.fallback,
+                       "calibration": self.calibration},
             "train": dict(self.train),
             "retrain": dict(self.retrain),
             "search": {"trials": self.trials, "sampler": self.sampler, "population": self.population,
