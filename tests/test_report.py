@@ -110,6 +110,27 @@ def test_gated_network_reports_both_inference_options_of_the_paper():
     assert "gated" not in evaluate(*_joint(), batch_sizes=(), curve_points=0).data  # no gates, no section
 
 
+def test_eenets_v3_run_reports_its_own_fixed_rule():
+    """After EENets' v3 loss the paper's rule is 1/N (N early exits), not 0.5: a run reports it."""
+    from eenn.config import config_from_dict
+    from eenn.run import evaluate_run
+
+    data = eenn.load_dataset("synthetic", num_samples=300, noise=70.0)
+    torch.manual_seed(0)
+    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 3, 5], width=0.5,
+                              head="eenets")
+    eenn.fit(net, data, eenn.create_objective("eenets", version="v3"), epochs=1, lr=0.05, batch_size=64, progress=False)
+    cfg = config_from_dict({"objective": {"name": "eenets", "options": {"version": "v3"}},
+                            "eval": {"policy": "gate", "batch_sizes": [], "curve_points": 0}})
+    r = evaluate_run(net.eval(), data, cfg, None)
+    fixed = evaluate_policy(ExitPolicy("gate", 1 / 3), collect_outputs(net, data.test), net.cost())
+    assert r["gated"]["fixed_rule"]["threshold"] == pytest.approx(1 / 3)
+    assert r["gated"]["fixed_rule"]["accuracy"] == pytest.approx(fixed["accuracy"])
+    assert "fixed gate >= 0.333" in r.to_markdown()
+    v2 = config_from_dict({"objective": {"name": "eenets"}, "eval": {"policy": "gate", "batch_sizes": [], "curve_points": 0}})
+    assert evaluate_run(net.eval(), data, v2, None)["gated"]["fixed_rule"]["threshold"] == 0.5
+
+
 def _joint():
     data = eenn.load_dataset("synthetic", num_samples=200, noise=70.0)
     net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits=[1, 4], width=0.5)

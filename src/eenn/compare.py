@@ -213,10 +213,11 @@ def _markdown(base: RunConfig, rows: dict[str, dict]) -> str:
                      f"{100 * o['accuracy']:.2f}% | {o['speedup']:.2f}x |")
     fixed = [(label, row["report"]["gated"]["fixed_rule"]) for label, row in rows.items() if "gated" in row["report"]]
     if fixed:
-        lines += ["", "Gated methods with the paper's fixed rule (first gate above 0.5, no fitting), test split:", "",
-                  "| Method | Test acc. | Speed-up (MACs) | Exits |", "|---|---|---|---|"]
+        lines += ["", "Gated methods with the paper's fixed rule (first gate at the threshold, 0.5, or 1/N after "
+                  "EENets' v3 loss; no fitting), test split:", "",
+                  "| Method | Threshold | Test acc. | Speed-up (MACs) | Exits |", "|---|---|---|---|---|"]
         for label, f in fixed:
-            lines.append(f"| {label} | {100 * f['accuracy']:.2f}% | {f['speedup']:.2f}x | "
+            lines.append(f"| {label} | {f.get('threshold', 0.5):.3g} | {100 * f['accuracy']:.2f}% | {f['speedup']:.2f}x | "
                          f"{Report(rows[label]['report']).exits_text(f['exit_distribution'])} |")
     for label, row in rows.items():
         p = row.get("prune")

@@ -163,7 +163,7 @@ class Report:
         if d.get("gated"):
             g, f = d["gated"], d["gated"]["fixed_rule"]
             lines += ["", f"Gated network, the paper's two inference options: soft output f~_1 (every exit runs) "
-                      f"{100 * g['soft_output_accuracy']:.2f}%; hard exits at the fixed gate > 0.5 (no fitting) "
+                      f"{100 * g['soft_output_accuracy']:.2f}%; hard exits at the fixed gate >= {f.get('threshold', 0.5):.3g} (no fitting) "
                       f"{100 * f['accuracy']:.2f}% with a {f['speedup']:.2f}x MAC speed-up ({self.exits_text(f['exit_distribution'])})."]
         if d.get("deployments"):
             lines += ["", f"Wall-clock on {d['machine']['device']} ({d['machine']['threads']} threads), the static "
@@ -256,7 +256,7 @@ def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_pro
              split: str = "test", fallback: str = "final", batch_sizes: Sequence[int] = (1, 256),
              timing_samples: Sequence[int] | int | None = None, repeats: int = 5, curve_points: int = 12,
              device: str | torch.device | None = None, val: CachedOutputs | None = None,
-             policy_options: Mapping | None = None, deployments: str = "all") -> Report:
+             policy_options: Mapping | None = None, deployments: str = "all", fixed_gate: float = 0.5) -> Report:
     """The full report for ``net`` on ``data`` (a split bundle from :func:`eenn.load_dataset`).
 
     ``goal`` is a calibration goal (default ``{"max_drop": 0.01}``); ``batch_sizes`` the batch
@@ -265,6 +265,8 @@ def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_pro
     (0 skips it). ``policy``: a rule name (with ``fallback`` and ``policy_options``, e.g.
     ``weights=`` for ``ensemble``) or an :class:`~eenn.policies.ExitPolicy`; its thresholds are
     fitted to ``goal`` on the validation split.
+    ``fixed_gate``: a gated network's fixed rule, reported beside the fitted thresholds (0.5, the
+    branching paper's and EENets'; 1/N after EENets' v3 loss).
     ``deployments``: the paths timed (:mod:`eenn.deployments`): ``"all"`` that this machine
     offers (PyTorch eager and optimised, onnxruntime), the speed-up being the fastest early-exit
     path's over the fastest static path's; ``"eager"``: PyTorch eager only. Accuracy figures
@@ -292,11 +294,12 @@ def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_pro
     if cache.gates is not None:
         # The differentiable-branching paper's two inference options: (1) the soft output f~_1
         # (every exit runs; an ensemble, nothing saved) and (2) hard exits by the gates at the
-        # fixed 0.5 (beside the thresholds fitted above).
-        fixed = evaluate_policy(ExitPolicy("gate", 0.5, fallback=pol.fallback), cache, cost)
+        # fixed threshold, 0.5 unless the method says otherwise (beside the thresholds fitted above).
+        fixed = evaluate_policy(ExitPolicy("gate", fixed_gate, fallback=pol.fallback), cache, cost)
         soft = soft_conditional(cache.logits.softmax(-1), cache.gates)
         gated = {"soft_output_accuracy": (soft.argmax(-1) == cache.targets).double().mean().item(),
-                 "fixed_rule": {k: fixed[k] for k in ("accuracy", "speedup", "expected_macs", "exit_distribution")}}
+                 "fixed_rule": {"threshold": float(fixed_gate),
+                                **{k: fixed[k] for k in ("accuracy", "speedup", "expected_macs", "exit_distribution")}}}
 
     timing, deploy = [], None
     if batch_sizes:

@@ -155,12 +155,21 @@ def _check_resumable(out: Path, config: RunConfig) -> None:
         )
 
 
+def _fixed_gate(config: RunConfig, num_exits: int) -> float:
+    """The method's own fixed gate threshold: 1/N after EENets' v3 loss, else 0.5."""
+    if config.objective.name != "eenets":
+        return 0.5
+    from .objectives.eenets import confidence_threshold
+
+    return confidence_threshold(str(config.objective.options.get("version", "v2")), num_exits)
+
+
 def evaluate_run(net: MultiExitNetwork, data, config: RunConfig, out: str | Path | None) -> Report:
     e = config.eval
     report = evaluate(net, data, policy=e.policy, goal=e.goal, split=e.split, fallback=e.fallback,
                       batch_sizes=tuple(e.batch_sizes), timing_samples=e.timing_samples, repeats=e.repeats,
                       curve_points=e.curve_points, device=config.train.device, policy_options=e.policy_options,
-                      deployments=e.deployments)
+                      deployments=e.deployments, fixed_gate=_fixed_gate(config, net.num_exits))
     report.data["run"] = {"objective": config.objective.name, "objective_options": config.objective.options}
     if out is not None:
         report.save(out)

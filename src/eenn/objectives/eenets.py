@@ -37,7 +37,7 @@ from .branching import (COST_KINDS, _check_gate_init, _check_lam, _check_outputs
                         balanced_bce, correctness_bce, exit_costs, init_gates, probs_nll, require_gates)
 from ..functional import exit_losses, first_above, soft_conditional_recursive
 
-__all__ = ["EENets", "VERSIONS", "confidence_exit", "exit_tag_bce", "best_exit_tags"]
+__all__ = ["EENets", "VERSIONS", "confidence_exit", "confidence_threshold", "exit_tag_bce", "best_exit_tags"]
 
 VERSIONS = ("v0", "v1", "v2", "v3", "v4")
 
@@ -53,9 +53,14 @@ def confidence_exit(gates: Tensor, version: str = "v2", num_exits: int | None = 
     if version not in VERSIONS:
         raise ValueError(f"unknown EENets loss version {version!r}; choose one of {', '.join(VERSIONS)}")
     e = gates.shape[0] if num_exits is None else int(num_exits)
-    n = e - 1
-    threshold = 1.0 / n if version == "v3" and n > 0 else 0.5
-    return first_above(gates, threshold)
+    return first_above(gates, confidence_threshold(version, e))
+
+
+def confidence_threshold(version: str, num_exits: int) -> float:
+    """The fixed confidence threshold of EENets' inference rule: 1/N after v3 (N early exits,
+    ``num_exits - 1``), else 0.5."""
+    n = int(num_exits) - 1
+    return 1.0 / n if version == "v3" and n > 0 else 0.5
 
 
 # ----------------------------------------------------------------------- v4 building blocks
