@@ -264,6 +264,7 @@ def test_compare_two_methods(tmp_path, capsys):
 ])
 def test_bad_input_is_one_line(argv, code, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "no-data").mkdir()  # an empty $EENN_DATA_DIR: the user's own is not searched
     monkeypatch.setenv("EENN_DATA_DIR", str(tmp_path / "no-data"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert main(argv) == code
@@ -356,3 +357,32 @@ def test_a_settings_error_under_torchrun_is_said_once(tmp_path, monkeypatch, cap
         said.append(capsys.readouterr().err.strip().splitlines())
     assert len(said[0]) == 1 and "lr" in said[0][0] and said[1] == []
     assert not (tmp_path / "r").exists()
+
+
+def test_export_and_calibrate_use_the_training_split(tmp_path, capsys):
+    """`--dataset` calibration takes the validation split the network was trained beside (its
+    run's config, else what its checkpoint records), never silently samples it was trained on."""
+    import shutil
+
+    data = eenn.load_dataset("digits", seed=3)
+    torch.manual_seed(0)
+    net = eenn.create_network("lenet5", in_channels=1, num_classes=10, input_size=8, exits=[1], width=2)
+    eenn.fit(net, data, epochs=1, lr=0.05, progress=False, out_dir=str(tmp_path / "run"), seed=3)
+    bare = tmp_path / "bare.safetensors"  # no run config beside it: the checkpoint says
+    shutil.copy(tmp_path / "run" / "best.safetensors", bare)
+    capsys.readouterr()
+    assert main(["export", str(bare), "--dataset", "digits", "--out", str(tmp_path / "exp")]) == 0
+    out, err = capsys.readouterr()
+    assert "digits validation (144 samples, seed 3, val_fraction 0.1" in out and "note:" not in err
+    assert main(["calibrate", str(bare), "--out", str(tmp_path / "cal.json")]) == 0
+    from eenn.io import read_json
+
+    fitted = eenn.calibrate("max_prob", eenn.collect_outputs(net.eval(), data.val), net.cost(), {"max_drop": 0.01})
+    assert read_json(tmp_path / "cal.json")["policy"]["thresholds"] == pytest.approx(fitted.thresholds.tolist())
+    # a checkpoint that does not say: the default split, and a note that says so
+    plain = tmp_path / "plain.safetensors"
+    eenn.save(net, plain)
+    capsys.readouterr()
+    assert main(["export", str(plain), "--dataset", "digits", "--out", str(tmp_path / "exp2")]) == 0
+    out, err = capsys.readouterr()
+    assert "seed 0" in out and err.startswith("note:") and "eenn calibrate RUN" in err

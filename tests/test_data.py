@@ -180,12 +180,23 @@ def test_cifar_batch_missing_keys(tmp_path):
         load_splits("cifar10", tmp_path)
 
 
-def test_cifar_truncated_archive(tmp_path):
-    write_cifar10(tmp_path, archive=True)
+@pytest.mark.parametrize("keep", [200, 0.5])
+def test_cifar_truncated_archive(tmp_path, keep):
+    """Cut anywhere (in a member too), the archive is what is named as broken, not a member."""
+    write_cifar10(tmp_path, n=200, archive=True)
     archive = tmp_path / "cifar-10-python.tar.gz"
-    archive.write_bytes(archive.read_bytes()[:200])
-    with pytest.raises(DatasetCorruptError, match="cifar-10-python.tar.gz"):
+    blob = archive.read_bytes()
+    archive.write_bytes(blob[:keep if isinstance(keep, int) else int(len(blob) * keep)])
+    with pytest.raises(DatasetCorruptError, match=r"cifar-10-python.tar.gz: is not a readable .tar.gz archive"):
         load_splits("cifar10", tmp_path)
+
+
+def test_a_web_page_for_an_archive_is_one_line(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_text("<html>not found</html>")
+    with pytest.raises(DatasetCorruptError) as err:
+        load_splits("cifar10", tmp_path)
+    assert "\n" in str(err.value) and "\n" not in err.value.summary  # tarfile lists each method it tried
+    assert err.value.summary.startswith(f"{tmp_path / 'cifar-10-python.tar.gz'}: is not a readable .tar.gz archive")
 
 
 class Evil:
@@ -242,6 +253,14 @@ def test_search_order(tmp_path, monkeypatch):
     # a data_dir that is not there is a mistake (a typo), not a reason to read the files from elsewhere
     with pytest.raises(DatasetNotFoundError, match="data_dir .*not-a-folder' is not a folder"):
         load_splits("mnist", tmp_path / "not-a-folder")
+    # $EENN_DATA_DIR follows the same rule: not a folder is refused, a folder without the files said
+    monkeypatch.setenv(sources.ENV_VAR, str(tmp_path / "typo"))
+    with pytest.raises(DatasetNotFoundError, match=r"\$EENN_DATA_DIR is .*typo', which is not a folder"):
+        load_splits("mnist", None)
+    monkeypatch.setenv(sources.ENV_VAR, str(tmp_path / "nothing-here"))
+    with pytest.warns(UserWarning, match=r"no complete set of its files in \$EENN_DATA_DIR .*nothing-here'; read from") as w:
+        assert len(load_splits("mnist", None).train) == 30
+    assert w[0].filename == __file__  # the warning names the caller's line, not eenn's
     monkeypatch.delenv(sources.ENV_VAR)
     assert len(load_splits("mnist", None).train) == 30
     if not Path("/usr/share/datasets/mnist").exists():
@@ -503,3 +522,15 @@ def test_crop_flip_matches_reference():
     for i in range(6):  # per-sample reference
         ref = padded[i, :, top[i]:top[i] + 5, left[i]:left[i] + 7]
         assert torch.equal(out[i], ref.flip(-1) if flip[i] else ref)
+
+
+def test_a_validation_split_rounding_to_nothing_is_refused():
+    with pytest.raises(ValueError, match=r"val_fraction 0.0001 of its 1438 training samples leaves no validation"):
+        load_dataset("digits", val_fraction=0.0001)
+
+
+def test_a_limit_below_the_classes_keeps_classes_chosen_by_the_seed():
+    """Stratified and seeded: with fewer samples than classes, which classes keep one follows the
+    seed (it used to be always the lowest ones)."""
+    kept = {tuple(sorted(set(load_dataset("digits", seed=s, limit=4).train.y.tolist()))) for s in range(6)}
+    assert len(kept) > 1 and all(len(k) == 4 for k in kept)

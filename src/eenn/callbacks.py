@@ -112,8 +112,9 @@ class Checkpointer(Callback):
             self.best = monitored_value(metrics, self.monitor)
         extra = {"epoch": metrics["epoch"], "metrics": metrics}
         data = getattr(trainer, "data", None)
-        if data is not None:  # which data set; its sizes, normalisation and names are net.input_spec
-            extra["data"] = {"name": data.info.name}
+        if data is not None:  # which data set and split; its sizes, normalisation and names are net.input_spec
+            split = getattr(data.info, "split", None)
+            extra["data"] = {"name": data.info.name, **({"split": dict(split)} if split else {})}
         save(trainer.net, self.dir / "last.safetensors", extra=extra, state=trainer.state_dict())
         if improved or "val_acc" not in metrics:
             save(trainer.net, self.dir / "best.safetensors", extra=extra)

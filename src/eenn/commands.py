@@ -78,8 +78,10 @@ def _opened(args):
     if config is None:  # a bare checkpoint: the data set it was trained on, when it says
         ckpt = args.run if os.path.isfile(args.run) else None
         info = data_info_of(ckpt) if ckpt else None
-        if info:
-            base = {"data": {"name": info["name"]}}
+        if info:  # and, where it records it, how it was split (its validation samples are the right ones)
+            split = info.get("split") or {}
+            base = {"data": {"name": info["name"], **{k: split[k] for k in ("val_fraction", "limit") if k in split}},
+                    **({"train": {"seed": split["seed"]}} if "seed" in split else {})}
     cfg = _config(args, base)
     if config is None and "data" not in base and not getattr(args, "config", None) and "data.name" not in vars(args):
         raise ValueError(f"{args.run} does not say which data set it was trained on: give --dataset")

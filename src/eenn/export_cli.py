@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 __all__ = ["MODEL_HELP", "add_parser", "run_export"]
 
@@ -66,6 +67,34 @@ def add_parser(subparsers) -> None:
     e.set_defaults(run=run_export)
 
 
+def _training_split(checkpoint: str, dataset: str) -> dict | None:
+    """How the network in ``checkpoint`` was split for training on ``dataset``, as
+    :func:`eenn.load_dataset` options (``seed``, ``val_fraction``, ``limit``, ``data_dir``):
+    from its run's ``config.yaml`` beside it (written whole by ``eenn train``), else from what
+    the checkpoint records; None where neither says, or for another data set."""
+    from pathlib import Path
+
+    from .checkpoint import read_description
+    from .io import yaml_load
+
+    def same(a) -> bool:
+        return a is not None and str(a).strip().lower().replace("-", "_") == dataset.strip().lower().replace("-", "_")
+
+    run = Path(checkpoint).parent / "config.yaml"
+    if run.is_file():
+        try:
+            cfg = yaml_load(run.read_text()) or {}
+            d, t = cfg.get("data") or {}, cfg.get("train") or {}
+            if same(d.get("name")):
+                return {"seed": int(t.get("seed", 0)), "val_fraction": float(d.get("val_fraction", 0.1)),
+                        "limit": d.get("limit"), "data_dir": d.get("data_dir")}
+        except (OSError, ValueError, TypeError, AttributeError, __import__("yaml").YAMLError):
+            pass  # not a run's config: what the checkpoint says
+    data = (read_description(checkpoint).get("extra") or {}).get("data") or {}
+    split = data.get("split")
+    return dict(split) if isinstance(split, dict) and same(data.get("name")) else None
+
+
 def run_export(args) -> int:
     from .checkpoint import load, read_description
     from .data import InputSpec
@@ -99,13 +128,23 @@ def run_export(args) -> int:
     if args.dataset:
         from .data import load_dataset
 
-        data = load_dataset(args.dataset, data_dir=args.data_dir)
+        split = _training_split(args.checkpoint, args.dataset)
+        if split is None:
+            print(f"note: {args.checkpoint} does not say how {args.dataset} was split for its training: calibrating "
+                  "on the default validation split (seed 0, val_fraction 0.1), which holds samples it was trained on "
+                  "if it was split otherwise; `eenn calibrate RUN` calibrates on the run's own split (then give "
+                  "--calibration)", file=sys.stderr)
+            split = {}
+        data_dir = args.data_dir or split.pop("data_dir", None)
+        split.pop("data_dir", None)
+        data = load_dataset(args.dataset, data_dir=data_dir, **split)
         if net.input_spec is None:  # a checkpoint without an input description: the named data set's
             net.input_spec = InputSpec.from_info(data.info)
         if policy.thresholds is None:
             rec = calibration_record(net, data.val, policy, {"max_drop": args.max_drop})
             policy, validation = ExitPolicy.from_dict(rec), rec["validation"]
-            print(f"calibrated {policy.name} on {args.dataset} validation (max_drop={args.max_drop}): thresholds "
+            print(f"calibrated {policy.name} on {args.dataset} validation ({len(data.val)} samples, seed "
+                  f"{data.info.split['seed']}, val_fraction {data.info.split['val_fraction']}; max_drop={args.max_drop}): thresholds "
                   f"{[round(t, 4) for t in policy.thresholds.tolist()]}, accuracy {100 * validation['accuracy']:.2f}%")
     if policy.thresholds is None:
         raise ValueError("no thresholds: give --thresholds, --calibration FILE or --dataset NAME")

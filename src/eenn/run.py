@@ -190,17 +190,24 @@ def open_run(path: str | Path, model=None) -> tuple[MultiExitNetwork, RunConfig 
         ckpt, run_dir = p, p.parent
     else:
         raise FileNotFoundError(f"{p} is neither a run directory nor a checkpoint file")
-    config = None
-    if (run_dir / "config.yaml").exists():
-        dropped: list[str] = []
-        try:
-            config = config_from_dict(read_yaml(run_dir / "config.yaml"), dropped=dropped)
-        except ConfigError as e:
-            raise ConfigError(f"{run_dir / 'config.yaml'}: {e}") from None
-        if dropped:
-            warnings.warn(f"{run_dir / 'config.yaml'} was written by an eenn with settings this one no longer has "
-                          f"({', '.join(dropped)}); they are ignored", UserWarning, stacklevel=2)
-    return load(ckpt, model=model), config, run_dir
+    return load(ckpt, model=model), read_run_config(run_dir), run_dir
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig | None:
+    """The run's ``config.yaml`` in ``run_dir``, checked; None where there is none."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return None
+    dropped: list[str] = []
+    try:
+        config = config_from_dict(read_yaml(path), dropped=dropped)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if dropped:
+        warnings.warn(f"{path} was written by an eenn with settings this one no longer has "
+                      f"({', '.join(dropped)}); they are ignored", UserWarning, stacklevel=3)
+    return config
+
 
 
 def data_info_of(path: str | Path) -> dict[str, Any] | None:

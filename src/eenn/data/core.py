@@ -5,7 +5,7 @@ labels ``[N]``: compact (a byte per pixel), movable to a GPU in one copy, and ba
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,6 +22,9 @@ class DatasetInfo:
     mean: tuple[float, ...]   # per channel, of x/255 on the train split (after the val carve-out)
     std: tuple[float, ...]
     class_names: tuple[str, ...]
+    # how load_dataset split it ({"seed", "val_fraction", "limit"}), so that a trained network's
+    # checkpoint can name its validation split; None for splits made otherwise
+    split: dict[str, Any] | None = field(default=None, compare=False)
 
 
 def _as_tensor(a: Any) -> Tensor:
@@ -86,8 +89,10 @@ def stratified_pick(labels: np.ndarray, count: int, seed: Sequence[int]) -> np.n
     classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     quota = counts * (count / n)
     take = np.floor(quota).astype(np.int64)
-    short = count - int(take.sum())  # hand the rest to the largest remainders (ties: lower class)
-    take[np.argsort(-(quota - take), kind="stable")[:short]] += 1
+    short = count - int(take.sum())  # hand the rest to the largest remainders, ties in a seeded order
+    if short:
+        order = np.random.default_rng([*seed, 1]).permutation(len(classes))
+        take[order[np.argsort(-(quota - take)[order], kind="stable")][:short]] += 1
     perm = np.random.default_rng(list(seed)).permutation(n)
     grouped = perm[np.argsort(inverse[perm], kind="stable")]  # by class, shuffled within each class
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])

@@ -7,6 +7,7 @@ then carves the validation split out of train, applies ``limit`` and computes me
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -60,14 +61,24 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, val_fr
             f"data set {key!r}: data_dir {os.fspath(data_dir)!r} is not a folder. Give the folder that holds the files "
             f"(or a subfolder {key!r} of it), or leave data_dir (CLI: --data-dir) out to search ${ENV_VAR}, the user "
             "cache and the system folders")
+    env = os.environ.get(ENV_VAR) or None
+    if data_dir is None and env is not None and not Path(env).expanduser().is_dir():
+        raise DatasetNotFoundError(
+            f"data set {key!r}: ${ENV_VAR} is {env!r}, which is not a folder. Point it at the folder that holds the "
+            f"data sets (each in a subfolder named after it), or unset it to search the user cache and the system folders")
     check_options(f"data set {key!r}", builder, options, skip=("data_dir", "download", "seed"))
     raw = builder(data_dir=data_dir, download=download, seed=seed, **options)
     train, val = split_off(raw.train, val_fraction, (seed, _VAL_STREAM))
+    if val_fraction > 0 and len(val) == 0:
+        raise ValueError(f"data set {key!r}: val_fraction {val_fraction} of its {len(raw.train)} training samples "
+                         f"leaves no validation samples (thresholds are calibrated on them); give at least "
+                         f"{1 / len(raw.train):.2g}" if len(raw.train) else f"data set {key!r} has no training samples")
     train, val, test = (cap(ds, limit, (seed, _LIMIT_STREAM, i)) for i, ds in enumerate((train, val, raw.test)))
     mean, std = channel_stats(train.x)
     _, c, h, w = raw.train.x.shape
     info = DatasetInfo(name=key, num_classes=len(raw.class_names), in_channels=c, input_size=(h, w),
-                       mean=mean, std=std, class_names=tuple(raw.class_names))
+                       mean=mean, std=std, class_names=tuple(raw.class_names),
+                       split={"seed": seed, "val_fraction": val_fraction, "limit": limit})
     return DataSplits(train=train, val=val, test=test, info=info)
 
 
@@ -81,10 +92,23 @@ def _find(source: Source, data_dir: str | os.PathLike | None, download: bool) ->
     if found is None:
         raise not_found_error(source, data_dir)
     folder = found.folder.resolve()
-    if data_dir is not None and Path(data_dir).expanduser().resolve() not in (folder, *folder.parents):
-        warnings.warn(f"data set {source.name!r}: no complete set of its files in data_dir {os.fspath(data_dir)!r}; "
-                      f"read from {found.folder} instead", stacklevel=4)
+    asked = ("data_dir", data_dir) if data_dir is not None else (f"${ENV_VAR}", os.environ.get(ENV_VAR) or None)
+    if asked[1] is not None and Path(asked[1]).expanduser().resolve() not in (folder, *folder.parents):
+        warnings.warn(f"data set {source.name!r}: no complete set of its files in {asked[0]} {os.fspath(asked[1])!r}; "
+                      f"read from {found.folder} instead", stacklevel=_caller_level())
     return found
+
+
+def _caller_level() -> int:
+    """``warnings.warn``'s stacklevel that names the first frame outside eenn (the user's call),
+    whichever builder path led here."""
+    import eenn
+
+    inside = str(Path(eenn.__file__).parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _split_fixed_test(x: np.ndarray, y: np.ndarray, names: tuple[str, ...], fraction: float = 0.2) -> TrainTest:

@@ -3,17 +3,19 @@ for a person: what was looked for or what is wrong, and what to do about it."""
 from __future__ import annotations
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """The data set's files are in none of the searched places (or a download failed)."""
-
+class _OneLine:
     @property
     def summary(self) -> str:
-        """The message on one line, for a shell: what is missing, the files and places looked at,
-        and how to get them."""
+        """The message on one line, for a shell (the CLI prints this)."""
         return " ".join(ln.strip() for ln in str(self.args[0] if self.args else "").splitlines() if ln.strip())
 
 
-class DatasetCorruptError(ValueError):
+class DatasetNotFoundError(_OneLine, FileNotFoundError):
+    """The data set's files are in none of the searched places (or a download failed); its
+    ``summary``: what is missing, the files and places looked at, and how to get them."""
+
+
+class DatasetCorruptError(_OneLine, ValueError):
     """A data file exists but cannot be read: truncated, wrong format, inconsistent, or unsafe."""
 
 

@@ -10,6 +10,7 @@ library (gzip, tarfile, pickle, scipy) into a ``DatasetCorruptError`` that names
 from __future__ import annotations
 
 import codecs
+import io
 import gzip
 import pickle
 import posixpath
@@ -185,7 +186,9 @@ def read_cifar_tar(archive: Path, members: list[str], label_key: str, num_classe
                 base = posixpath.basename(info.name)
                 if info.isfile() and base in members and base not in found:
                     source = f"{archive}!{info.name}"
-                    batch = load_pickle(tar.extractfile(info), source)  # type: ignore[arg-type]
+                    # read whole first: a truncated archive is then the archive's error, not the member's
+                    raw = tar.extractfile(info).read()  # type: ignore[union-attr]
+                    batch = load_pickle(io.BytesIO(raw), source)
                     found[base] = cifar_arrays(batch, label_key, num_classes, source)
     except DatasetCorruptError:
         raise
