@@ -221,6 +221,67 @@ def test_constant_and_batch_size_values_cross_a_cut():
         assert torch.equal(res.prediction[late], model(x[late]).argmax(1))
 
 
+class CausalModel(nn.Module):
+    """nn.TransformerEncoder under PyTorch's own causal mask (additive, -inf above the diagonal),
+    which crosses the cuts with the states."""
+
+    def __init__(self, dim=16, nhead=2, norm_first=True):
+        super().__init__()
+        self.tok = nn.Embedding(20, dim)
+        layer = nn.TransformerEncoderLayer(dim, nhead, 2 * dim, batch_first=True, norm_first=norm_first)
+        self.blocks = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+        self.fc = nn.Linear(dim, 4)
+
+    def forward(self, ids):
+        mask = nn.Transformer.generate_square_subsequent_mask(ids.size(1))
+        return self.fc(self.blocks(self.tok(ids), mask=mask, is_causal=True)[:, -1])
+
+
+def test_a_causal_mask_exports_and_the_length_is_the_traced_one(tmp_path):
+    torch.manual_seed(0)
+    net = eenn.attach_exits(CausalModel().eval(), at=["blocks.layers.0", "blocks.layers.1"], input_shape=(12,),
+                            input_dtype=torch.long).eval()
+    ids = torch.randint(1, 20, (24, 12))
+    th = _thresholds(net, ids)
+    sim = _engine_equals_simulation(net, ids, th)
+    export(net, tmp_path, policy="max_prob", thresholds=th)  # the -inf of the mask agree with PyTorch's
+    res = StagedRunner(tmp_path)(ids.numpy())
+    assert np.array_equal(res["exit"], sim.exit.numpy()) and np.array_equal(res["prediction"], sim.prediction.numpy())
+    # the sequence length is a constant of the cut graph: another one is refused, not answered wrongly
+    for length in (8, 16):
+        with pytest.raises(ValueError, match=r"expected inputs \[B, 12\] \(token ids .*padded or cut to the length"):
+            net(torch.randint(1, 20, (2, length)))
+
+
+def test_loading_into_a_model_configured_otherwise_warns(tmp_path):
+    """nn.TransformerEncoderLayer is called whole: its heads and norm_first are not in the cut
+    graph's code, so they are recorded beside it and checked when loading."""
+    torch.manual_seed(0)
+    net = eenn.attach_exits(CausalModel(), at=["blocks.layers.0"], input_shape=(8,), input_dtype=torch.long)
+    path = eenn.save(net, tmp_path / "c.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eenn.load(path, model=CausalModel())
+    for other in (CausalModel(nhead=4), CausalModel(norm_first=False)):
+        with pytest.warns(UserWarning, match="traces to another graph"):
+            eenn.load(path, model=other)
+
+
+def test_sequence_first_layers_say_to_use_batch_first():
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(20, 16)
+            self.blocks = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32), 2, enable_nested_tensor=False)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.fc(self.blocks(self.tok(ids).transpose(0, 1)).mean(0))
+
+    with pytest.raises(eenn.TraceError, match="batch_first=False.*Build the layers with batch_first=True"):
+        eenn.attach_exits(SeqFirst(), at=["blocks.layers.0"], input_shape=(8,), input_dtype=torch.long)
+
+
 def test_bad_input_dtype_and_tracer_say_what_to_do():
     with pytest.raises(TypeError, match="torch.dtype such as torch.long"):
         eenn.attach_exits(TokenModel(), at=["layers.0"], input_shape=(8,), input_dtype="long")

@@ -97,7 +97,9 @@ class MultiExitNetwork(nn.Module):
         self.source = source
         # What _check_input knows without an input_spec: token ids, or a built-in backbone's shape.
         self._token_ids = backbone.input_dtype is not None and not backbone.input_dtype.is_floating_point
-        self._known_shape = backbone.input_shape if (source or {}).get("kind") == "backbone" else None
+        # A built-in backbone takes its shape; a traced model the one it was traced at (its other
+        # sizes, a sequence length say, are constants of the cut graph from then on).
+        self._known_shape = backbone.input_shape if (source or {}).get("kind") in ("backbone", "traced") else None
         self.truncated_at: int | None = None  # set by truncate(): the exit that became final
         self._parent_config: dict[str, Any] | None = None
         # What the network takes as input (an eenn.InputSpec: shape, normalisation, class names);
@@ -147,14 +149,15 @@ class MultiExitNetwork(nn.Module):
         shape = spec.shape if spec is not None else self._known_shape
         if isinstance(x, Tensor):  # the fast path: a dtype test and a tuple comparison
             if ids:
-                if not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+                if not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool) and (
+                        shape is None or x.shape[1:] == shape):
                     return
             elif (x.is_floating_point() or (pixels and x.dtype == torch.uint8)) and (
                     shape is None or x.shape[1:] == shape):
                 return
-        dims = f"[B, {', '.join(map(str, shape))}]" if shape is not None and not ids else "[B, ...]"
+        dims = f"[B, {', '.join(map(str, shape))}]" if shape is not None else "[B, ...]"
         if ids:
-            kind = f"token ids ({self.backbone.input_dtype})"
+            kind = f"token ids ({self.backbone.input_dtype}), padded or cut to the length the network was traced at"
         elif pixels:
             kind = "float model inputs, or uint8 pixels for net.input_spec to normalise"
         else:

@@ -262,7 +262,7 @@ def attach_exits(
                     + ("the cut point itself must be a tensor with a leading batch dimension. " if i == 0 else
                        "only tensors (with or without a leading batch dimension), numbers and tuples of them "
                        "can cross a cut, and a tensor's shape may depend on the batch only in its first "
-                       "dimension. ") + "Cut at another node."
+                       "dimension. ") + (_SEQUENCE_FIRST if i == 0 and _sequence_first(model) else "Cut at another node.")
                 )
             kinds[-1].append(kind)
     segments, carried = _build_segments(graph, cuts, root, kinds)
@@ -284,11 +284,41 @@ def attach_exits(
         # what the cut graph computes, to tell at load time a model built otherwise (another pad
         # id, changed code) from the one the weights were trained in: see _rebuild
         "graph": _graph_digest(segments),
+        # and how the modules the graph calls whole are configured (heads, norm_first, ... of an
+        # nn.TransformerEncoderLayer: settings that are not weights and not in the graph's code)
+        "leaves": _leaf_digest(segments),
         "torch": _torch_version(),
     }
     if input_dtype is not None:
         source["input_dtype"] = str(input_dtype).removeprefix("torch.")
     return MultiExitNetwork(backbone, list(range(len(cuts))), head, head_options, source=source)
+
+
+_SEQUENCE_FIRST = ("The model has transformer layers with batch_first=False, whose states are [length, batch, "
+                   "dim] throughout: no cut inside them has the batch first. Build the layers with "
+                   "batch_first=True (the same weights load) to attach exits to them.")
+
+
+def _sequence_first(model: nn.Module) -> bool:
+    """Whether ``model`` holds PyTorch transformer layers that keep the sequence first."""
+    kinds = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
+    return any(isinstance(m, kinds) and not getattr(m, "batch_first", True) for m in model.modules())
+
+
+def _leaf_digest(segments: Sequence[fx.GraphModule]) -> str:
+    """A digest of the settings of the modules the segments call whole: for each module under
+    them, its type and its public attributes of plain types (and functions by name)."""
+    h = hashlib.sha256()
+    for seg in segments:
+        for node in seg.graph.nodes:
+            if node.op != "call_module":
+                continue
+            for name, sub in seg.get_submodule(node.target).named_modules():
+                conf = sorted((k, getattr(v, "__name__", None) if callable(v) else v) for k, v in vars(sub).items()
+                              if not k.startswith("_") and k != "training"
+                              and (callable(v) or isinstance(v, (bool, int, float, str, type(None)))))
+                h.update(f"{node.target}.{name}:{type(sub).__qualname__}:{conf}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def _graph_digest(segments: Sequence[fx.GraphModule]) -> str:
@@ -334,7 +364,8 @@ def _rebuild(
     now = net.config["source"]
     # Traced by the same PyTorch, the same model gives the same code; another version may trace
     # the same model otherwise, so then nothing is said.
-    if src.get("graph") and src.get("torch") == now["torch"] and src["graph"] != now["graph"]:
+    if src.get("graph") and src.get("torch") == now["torch"] and (
+            src["graph"] != now["graph"] or src.get("leaves", now["leaves"]) != now["leaves"]):
         warnings.warn(f"the {type(model).__name__} given traces to another graph than the one these weights were "
                       f"saved with (model {src.get('model_class')}): it is built otherwise (another constant, such as "
                       "a pad id, or changed code); the weights load, but the network may not compute what it did",
