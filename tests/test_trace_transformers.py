@@ -282,6 +282,22 @@ def test_sequence_first_layers_say_to_use_batch_first():
         eenn.attach_exits(SeqFirst(), at=["blocks.layers.0"], input_shape=(8,), input_dtype=torch.long)
 
 
+def test_a_nested_tensor_encoder_with_a_padding_mask_warns():
+    class Nested(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(20, 16)
+            self.blocks = nn.TransformerEncoder(_layer(16), 2)  # enable_nested_tensor defaults to True
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.fc(self.blocks(self.tok(ids), src_key_padding_mask=ids == 0).mean(1))
+
+    with pytest.warns(UserWarning, match="enable_nested_tensor=True leaves padded positions as zeros") as w:
+        eenn.attach_exits(Nested(), at=["blocks.layers.0"], input_shape=(8,), input_dtype=torch.long)
+    assert [r.filename for r in w if "nested_tensor" in str(r.message)] == [__file__]  # the model's line
+
+
 def test_bad_input_dtype_and_tracer_say_what_to_do():
     with pytest.raises(TypeError, match="torch.dtype such as torch.long"):
         eenn.attach_exits(TokenModel(), at=["layers.0"], input_shape=(8,), input_dtype="long")
@@ -435,3 +451,21 @@ def test_hf_model_traced_with_fx_says_what_to_do():
             image_size=8, patch_size=4, num_channels=1, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
             intermediate_size=8))
         eenn.hf.encoder(vit, pad_token_id=0)
+
+
+def test_hf_attention_dropout_follows_train_and_eval():
+    """The export is traced in eval mode, where Hugging Face's attention passes dropout_p = 0; the
+    cut model gives its attention dropout back while training."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5))
+    net = eenn.attach_exits(eenn.hf.encoder(bert, pad_token_id=0), at=["bert.encoder.layer.0"], input_shape=(8,),
+                            input_dtype=torch.long)
+    ids = torch.randint(1, 100, (4, 8))
+    net.train()
+    assert not torch.equal(net(ids).logits[-1], net(ids).logits[-1])  # attention dropout only: it is there
+    bert.eval(), net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(ids).logits[-1], bert(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

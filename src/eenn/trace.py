@@ -38,6 +38,7 @@ from .heads import resolve_head_options
 from .network import _REBUILDERS, MultiExitNetwork, _per_exit
 from .trace_export import TraceError, _export
 from .trace_segments import _build_segments, _carry_kind
+from .userframe import caller_stacklevel
 
 __all__ = ["attach_exits", "TraceError"]
 
@@ -63,6 +64,13 @@ class _Tracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         if isinstance(m, nn.TransformerEncoder) and not isinstance(m, self.leaf_types):
             forward = functools.partial(_encoder_forward, m)
+            padded = kwargs.get("src_key_padding_mask", args[2] if len(args) > 2 else None) is not None
+            if padded and getattr(m, "use_nested_tensor", False):
+                warnings.warn(
+                    f"{self.path_of_module(m)}: an nn.TransformerEncoder built with enable_nested_tensor=True leaves "
+                    "padded positions as zeros in inference (its nested-tensor path); cut, it computes them. A model "
+                    "that reads padded positions after it (an unmasked mean, say) then answers otherwise at the final "
+                    "exit than on its own: build the encoder with enable_nested_tensor=False", UserWarning, stacklevel=caller_stacklevel())
         out = super().call_module(m, forward, args, kwargs)
         # read now: an attribute proxy makes its node lazily. A module returning a tuple whose
         # first element is traced (a Hugging Face layer: hidden state, attention weights) names

@@ -5,7 +5,8 @@ torch.export follows shapes where ``torch.fx`` cannot, and records a dynamic bat
 its graph calls ATen operators, keeps checks that mean nothing in a segment, and records the
 module calls in each node's ``nn_module_stack`` rather than as ``call_module`` nodes. Here the
 checks go, sizes read from the input are handed to public functions (which the ONNX exporter
-follows), dropout becomes ``nn.Dropout`` modules, and every module call is mapped to the node
+follows), dropout becomes ``nn.Dropout`` modules (attention dropout, which the eval-mode trace
+holds at 0, a module with the model's probability), and every module call is mapped to the node
 it hands on, so that cut points can be named by module as with ``torch.fx``.
 """
 from __future__ import annotations
@@ -80,6 +81,17 @@ def _export(model: nn.Module, input_shape: tuple[int, ...], input_dtype: torch.d
             new.meta = dict(n.meta)
             n.replace_all_uses_with(new)
             g.erase_node(n)
+        elif n.op == "call_function" and n.target is torch.ops.aten.scaled_dot_product_attention.default:
+            p = _attention_dropout(model, n)
+            if p:  # exported in eval mode, the call holds dropout_p = 0: give it back for training
+                name = f"eenn_attention_{drops}"
+                drops += 1
+                gm.add_submodule(name, _Attention(p))
+                with g.inserting_before(n):
+                    new = g.call_module(name, tuple(n.args), dict(n.kwargs))
+                new.meta = dict(n.meta)
+                n.replace_all_uses_with(new)
+                g.erase_node(n)
         elif n.op == "call_function" and not isinstance(n.target, torch._ops.OpOverload) and \
                 any(a in sizes for a in n.all_input_nodes):
             sizes.add(n)  # arithmetic on sizes (operator.mul, ...): kept as it is, traced on a size
@@ -87,6 +99,43 @@ def _export(model: nn.Module, input_shape: tuple[int, ...], input_dtype: torch.d
             _size_traceable(g, n)
     g.lint()
     return gm, _export_module_calls(g, model)
+
+
+class _Attention(nn.Module):
+    """``scaled_dot_product_attention`` with the model's attention dropout while training (none
+    in eval mode, as the model's own attention does)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        return torch.ops.aten.scaled_dot_product_attention(q, k, v, attn_mask, self.p if self.training else 0.0,
+                                                           is_causal, **kw)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def _attention_dropout(model: nn.Module, n: fx.Node) -> float:
+    """The attention dropout of the module that made the attention call ``n`` (its ``dropout``
+    probability, or its config's ``attention_probs_dropout_prob`` / ``attention_dropout``); 0
+    where none is found."""
+    stack = n.meta.get("nn_module_stack") or {}
+    for path, _ in reversed(list(stack.values())):
+        try:
+            mod = model.get_submodule(path.removeprefix("L['self'].").removeprefix("self."))
+        except AttributeError:
+            continue
+        for value in (getattr(mod, "dropout", None), getattr(mod, "dropout_prob", None)):
+            p = value.p if isinstance(value, nn.Dropout) else value
+            if isinstance(p, float):
+                return p
+        conf = getattr(mod, "config", None)
+        for key in ("attention_probs_dropout_prob", "attention_dropout"):
+            if isinstance(getattr(conf, key, None), float):
+                return float(getattr(conf, key))
+    return 0.0
 
 
 def _slice(x: Tensor, dim: int, start: Any = None, end: Any = None, step: int = 1) -> Tensor:

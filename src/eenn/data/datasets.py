@@ -7,7 +7,6 @@ then carves the validation split out of train, applies ``limit`` and computes me
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -15,6 +14,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from ..registry import Registry, check_options, is_whole
+from ..userframe import caller_stacklevel
 from .core import DataSplits, DatasetInfo, TensorDataset, cap, channel_stats, complement, split_off, stratified_pick
 from .formats import concat_batches, read_cifar_files, read_cifar_tar, read_idx_pair, read_svhn_mat
 from .errors import DatasetNotFoundError
@@ -95,20 +95,9 @@ def _find(source: Source, data_dir: str | os.PathLike | None, download: bool) ->
     asked = ("data_dir", data_dir) if data_dir is not None else (f"${ENV_VAR}", os.environ.get(ENV_VAR) or None)
     if asked[1] is not None and Path(asked[1]).expanduser().resolve() not in (folder, *folder.parents):
         warnings.warn(f"data set {source.name!r}: no complete set of its files in {asked[0]} {os.fspath(asked[1])!r}; "
-                      f"read from {found.folder} instead", stacklevel=_caller_level())
+                      f"read from {found.folder} instead", stacklevel=caller_stacklevel())
     return found
 
-
-def _caller_level() -> int:
-    """``warnings.warn``'s stacklevel that names the first frame outside eenn (the user's call),
-    whichever builder path led here."""
-    import eenn
-
-    inside = str(Path(eenn.__file__).parent)
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _split_fixed_test(x: np.ndarray, y: np.ndarray, names: tuple[str, ...], fraction: float = 0.2) -> TrainTest:
