@@ -282,6 +282,22 @@ def test_sequence_first_layers_say_to_use_batch_first():
         eenn.attach_exits(SeqFirst(), at=["blocks.layers.0"], input_shape=(8,), input_dtype=torch.long)
 
 
+def test_export_tracer_names_the_first_encoder_layer():
+    """torch.export shares a size computed in layer 0 (batch x heads) with the layers after it:
+    layer 0 still hands on one value, its output, and can be named as a cut point."""
+    torch.manual_seed(0)
+    model = TokenModel().eval()
+    net = eenn.attach_exits(model, at=["layers.0", "layers.1"], input_shape=(12,), input_dtype=torch.long,
+                            tracer="export").eval()
+    ids = torch.randint(1, 20, (5, 12))
+    ids[:, 9:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(net(ids).logits[-1], model(ids), atol=1e-5, rtol=1e-5)
+    direct = eenn.attach_exits(CausalModel().eval(), at=["blocks.layers.0"], input_shape=(8,), input_dtype=torch.long,
+                               tracer="export")
+    assert direct.num_exits == 2
+
+
 def test_a_nested_tensor_encoder_with_a_padding_mask_warns():
     class Nested(nn.Module):
         def __init__(self):

@@ -177,7 +177,9 @@ def _size_traceable(g: fx.Graph, n: fx.Node) -> None:
 
 def _export_module_calls(g: fx.Graph, model: nn.Module) -> dict[str, list[fx.Node | None]]:
     """Per submodule (qualified name), the node each call hands on: the one node of the call
-    (input-dependent) that a node outside it uses; None when that is not exactly one."""
+    (input-dependent) that a node outside it uses, sizes aside (torch.export shares a size
+    computed in one layer, batch x heads say, with the layers after it); None when that is not
+    exactly one."""
     names = {m for m, _ in model.named_modules() if m}
     members: dict[str, list[fx.Node]] = {}  # one entry per call (nn_module_stack key)
     path_of: dict[str, str] = {}
@@ -196,6 +198,8 @@ def _export_module_calls(g: fx.Graph, model: nn.Module) -> dict[str, list[fx.Nod
     for key, nodes in members.items():
         inside = set(nodes)
         outs = [n for n in nodes if n in depends and any(u not in inside for u in n.users)]
+        if len(outs) > 1:
+            outs = [n for n in outs if not isinstance(n.meta.get("val"), (int, torch.SymInt))]
         calls.setdefault(path_of[key], []).append(outs[0] if len(outs) == 1 else None)
     return calls
 
