@@ -129,6 +129,14 @@ def test_token_heads_read_what_they_say():
     assert torch.allclose(last(x)[0], last(changed_first)[0])
 
 
+def test_token_head_on_a_vit_without_class_token_asks_for_the_index():
+    kw = dict(in_channels=1, num_classes=10, input_size=8, dim=16, depth=2, heads=2, class_token=False, exits="all")
+    with pytest.raises(ValueError, match="no class token .* give index="):
+        eenn.create_network("vit", head="token", **kw)
+    assert eenn.create_network("vit", head="token", head_options={"index": 3}, **kw).num_exits == 2
+    assert eenn.create_network("vit", head="token", **{**kw, "class_token": True}).num_exits == 2
+
+
 def test_local_head_finds_the_grid_or_asks_for_it():
     from eenn.heads import token_grid
 

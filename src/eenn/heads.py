@@ -324,12 +324,20 @@ def nachos(in_shape, num_classes, *, width: int = 32, pool: int | str | None = N
 
 
 @register_head("token")
-def token(in_shape, num_classes, *, index: int = 0, width: int | None = None, gate: bool = False) -> ExitHead:
+def token(in_shape, num_classes, *, index: int | None = None, width: int | None = None, gate: bool = False,
+          backbone: nn.Module | None = None) -> ExitHead:
     """A transformer's class-token head (DeeBERT, PABEE): LayerNorm, the token at ``index``
-    (the class token, 0 by default), fully connected. ``width`` adds DeeBERT's pooler, one
-    hidden layer with tanh."""
+    (by default 0, the class token), fully connected. ``width`` adds DeeBERT's pooler, one
+    hidden layer with tanh. On a network whose own classifier averages the tokens (a ``vit``
+    with ``class_token=False``) there is no class token: ``index`` must then be given."""
     _need_tokens("token", in_shape)
     _at_least("token", "width", width, _NO_HIDDEN)
+    if index is None:
+        pool = next((m for m in getattr(backbone, "classifier", nn.Identity()).modules() if isinstance(m, TokenPool)), None)
+        if pool is not None and pool.index is None:
+            raise ValueError("exit head 'token': this network has no class token (its classifier averages the "
+                             "tokens); use head 'linear' (their mean) or give index= to read one token")
+        index = 0
     n, d = in_shape
     if not -n <= index < n:
         raise ValueError(f"exit head 'token': index {index} is outside the {n} tokens of this stage")

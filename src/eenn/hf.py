@@ -4,8 +4,9 @@ A ``transformers`` classifier takes keyword inputs (``input_ids``, ``attention_m
 ``pixel_values``) and returns a ``ModelOutput``; :func:`encoder` wraps it as an ``nn.Module``
 that takes one tensor (token ids, the attention mask derived from the pad id, or pixels) and
 returns the logits. The wrapper holds the model's own submodules under their own names, so
-cut points are named as in the model (``bert.encoder.layer.1``, ``vit.encoder.layer.2``) and
-its state dict is the model's. Hugging Face code branches on shapes in Python, which
+cut points are named as in the model (``bert.encoder.layer.1``; ``vit.encoder.layer.2`` in
+transformers 4; ``[n for n, _ in model.named_modules()]`` lists them) and its state dict is the
+model's. Hugging Face code branches on shapes in Python, which
 ``torch.fx`` cannot trace; the wrapper asks attach_exits to trace it with ``torch.export``::
 
     net = eenn.attach_exits(eenn.hf.encoder(bert, pad_token_id=0),
