@@ -175,7 +175,51 @@ def _edited(tmp_path, edit):
     (lambda d: d.pop("network"), r"the description has no 'network' mapping"),
     (lambda d: d["network"].pop("exits"), r"the network description lacks the field 'exits'"),
     (lambda d: d["network"]["source"]["options"].update(width="abc"), r"option 'width' must be a number, got 'abc'"),
+    # the real reason, not "lacks the field"
+    (lambda d: d["network"].update(head=["nope", "linear"]), r"does not rebuild: unknown exit head 'nope'"),
+    (lambda d: d["network"]["source"].update(name="nope"), r"does not rebuild: unknown backbone 'nope'"),
+    # sizes that are not the stored weights' are refused before anything is allocated
+    (lambda d: (d["network"].update(num_classes=10**12), d["network"]["source"].update(num_classes=10**12)),
+     r"the network description does not match the stored weights \(wrong shape: .*weight"),
+    (lambda d: d["network"]["source"]["options"].update(width=1e9), r"the network description does not rebuild"),
+    (lambda d: d["network"]["source"]["options"].update(hidden=[10**7, 10**7, 10**7]),
+     r"the network description does not match the stored weights"),
+    (lambda d: d["network"].update(input_shape=[1, 10**6, 10**6]), r"network\.input_shape must be a list of ints >= 1, at most"),
+    (lambda d: d.update(format_version="abc"), r"format_version must be a whole number, got 'abc'"),
 ])
 def test_hand_edited_description_names_file_and_field(tmp_path, edit, message):
-    with pytest.raises(eenn.CheckpointError, match=r"edited\.safetensors: .*" + message):
+    with pytest.raises(eenn.CheckpointError, match=r"edited\.safetensors: .*" + message) as err:
         eenn.load(_edited(tmp_path, edit))
+    assert "\n" not in str(err.value)
+
+
+def test_damaged_training_state_references_are_refused(tmp_path):
+    def edit(d):
+        d["state"] = {"optimizer": {"__tensor__": "_state/root/nowhere"}}
+
+    with pytest.raises(eenn.CheckpointError, match=r"edited\.safetensors: the training state refers to the tensor "
+                                                   r"'_state/root/nowhere'"):
+        eenn.checkpoint.load_state(_edited(tmp_path, edit))
+
+
+def test_saves_clear_what_killed_saves_left_and_follow_the_umask(tmp_path):
+    """A save killed mid-write leaves a hidden full-size temporary: the next save of that file
+    removes it (and only eenn's temporaries of that name); checkpoints get the umask's
+    permissions, like the run's other files."""
+    import os
+
+    net = eenn.create_network("mlp", in_channels=1, num_classes=10, input_size=8)
+    stale = tmp_path / ".m.safetensors.k1ll3d.tmp"
+    stale.write_bytes(b"x" * 1000)
+    others = [tmp_path / ".other.safetensors.k1ll3d.tmp", tmp_path / "m.safetensors.tmp", tmp_path / "notes.txt"]
+    for p in others:
+        p.write_text("keep")
+    old = os.umask(0o022)
+    try:
+        path = eenn.save(net, tmp_path / "m.safetensors")
+        (tmp_path / "beside.txt").write_text("a run file")
+    finally:
+        os.umask(old)
+    assert not stale.exists() and all(p.exists() for p in others)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.safetensors", "beside.txt", *(p.name for p in others)])
+    assert path.stat().st_mode & 0o777 == (tmp_path / "beside.txt").stat().st_mode & 0o777 == 0o644

@@ -7,10 +7,12 @@ the tensor bytes is stored and checked, so a file damaged after its header is re
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,7 +23,7 @@ from .io import encode_inf
 from .registry import is_whole
 
 __all__ = ["CheckpointError", "ModelRequired", "import_model", "save", "load", "load_state", "load_weights",
-           "read_checkpoint", "read_description"]
+           "read_checkpoint", "read_description", "weights_digest"]
 
 FORMAT = "eenn.multi_exit_network"
 FORMAT_VERSION = 1
@@ -100,6 +102,12 @@ def _digest(tensors: dict[str, Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
         h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def weights_digest(net: nn.Module) -> str:
+    """The identity of ``net``'s weights: the ``sha256`` that a checkpoint of them saved without a
+    training state stores (``best.safetensors``; a ``last`` one also hashes its training state)."""
+    return _digest(_dedupe(net.state_dict())[0])
 
 
 def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -199,17 +207,29 @@ def save(
     except TypeError as e:
         raise CheckpointError(f"cannot save: the description or `extra` is not JSON-serialisable ({e})") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    _remove_stale_temporaries(path)
+    # created as the run's other files are (the umask's permissions, not mkstemp's 0600)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        save_file(tensors, tmp, metadata={"eenn": text})
+        mode = tmp.stat().st_mode & 0o777
+        save_file(tensors, str(tmp), metadata={"eenn": text})
+        os.chmod(tmp, mode)  # safetensors writes its files 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete what earlier saves of ``path`` killed mid-write left behind (full-size hidden
+    ``.NAME.*.tmp`` files); nothing else is touched."""
+    for stale in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.tmp")):
+        if os.path.isfile(stale) and not os.path.islink(stale):
+            Path(stale).unlink(missing_ok=True)
 
 
 def _open_header(path: Path) -> dict[str, Any]:
@@ -235,7 +255,11 @@ def _open_header(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: the stored description is not valid JSON ({e})") from None
     if desc.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {desc.get('format')!r}")
-    if int(desc.get("format_version", 0)) > FORMAT_VERSION:
+    version = desc.get("format_version", 0)
+    if not is_whole(version, 0):
+        raise CheckpointError(f"{path}: format_version must be a whole number, got {version!r}; the file was edited "
+                              "or damaged: re-save it or use another copy")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} was written by a newer eenn ({desc.get('eenn_version')}, format "
             f"{desc['format_version']}); upgrade eenn to read it"
@@ -268,23 +292,43 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
     none was saved)."""
     desc, tensors = read_checkpoint(Path(path))
     tree = desc.get("state")
-    return desc.get("extra", {}), (_unflatten(tree, tensors) if tree is not None else None)
+    try:
+        return desc.get("extra", {}), (_unflatten(tree, tensors) if tree is not None else None)
+    except KeyError as e:  # a tensor reference the file does not hold
+        raise CheckpointError(f"{path}: the training state refers to the tensor {e.args[0]!r}, which the file does "
+                              "not hold; the file was edited or damaged: delete it to start again") from None
+    except (TypeError, ValueError) as e:  # a tagged entry (tuple, items, array) that is not one
+        raise CheckpointError(f"{path}: the training state holds a malformed entry ({e}); the file was edited or "
+                              "damaged: delete it to start again") from None
 
 
-def _load_into(net: nn.Module, desc: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> None:
+def _stored_weights(desc: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The network's tensors in a checkpoint, shared ones under each of their names."""
     state = {k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)}
     for alias, name in desc.get("aliases", {}).items():
-        state[alias] = tensors[name]
-    expected = net.state_dict()
+        if name in tensors:
+            state[alias] = tensors[name]
+    return state
+
+
+def _misfit(expected: dict[str, Tensor], state: dict[str, Tensor]) -> str:
+    """What keeps ``state`` from loading into a network whose ``state_dict()`` is ``expected``
+    ("" when nothing does)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                parts.append(f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
-        raise CheckpointError(f"{path} does not fit the network ({'; '.join(parts)})")
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if keys:
+            parts.append(f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+    return "; ".join(parts)
+
+
+def _load_into(net: nn.Module, desc: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> None:
+    state = _stored_weights(desc, tensors)
+    misfit = _misfit(net.state_dict(), state)
+    if misfit:
+        raise CheckpointError(f"{path} does not fit the network ({misfit})")
     net.load_state_dict(state)
 
 
@@ -306,8 +350,6 @@ def load(
     For a network made by :func:`eenn.attach_exits`, pass a fresh instance of the same user
     model as ``model``, or ``"module:function"`` naming code of yours that builds one (see
     :func:`import_model`; code is never loaded from the checkpoint)."""
-    from .network import MultiExitNetwork
-
     path = Path(path)
     desc, tensors = read_checkpoint(path)
     _check_network(desc.get("network"), path)
@@ -316,24 +358,62 @@ def load(
         raise ModelRequired(path, source.get("model_class"))
     if isinstance(model, str):
         model = import_model(model)
-    try:
-        net = MultiExitNetwork.from_config(desc["network"], model=model, leaf_modules=leaf_modules)
-    except KeyError as e:
-        raise CheckpointError(f"{path}: the network description lacks the field {e.args[0]!r}; the file was edited "
-                              "or damaged: re-save the network with eenn.save") from None
-    except TypeError as e:  # a wrong type _check_network does not look at (a backbone option, say)
-        raise CheckpointError(f"{path}: the network description does not rebuild: {e}") from None
+    if source.get("kind") == "backbone":
+        _check_sizes(desc, tensors, path)
+    net = _rebuild(desc["network"], path, model=model, leaf_modules=leaf_modules)
     _load_into(net, desc, tensors, path)
     if net.input_spec is None:
         net.input_spec = _legacy_input_spec(desc)
     return net.to(map_location)
 
 
+def _rebuild(network: dict[str, Any], path: Path, **kw: Any) -> nn.Module:
+    """``MultiExitNetwork.from_config``, its errors about the description said as such."""
+    from .network import MultiExitNetwork
+
+    try:
+        return MultiExitNetwork.from_config(network, **kw)
+    except KeyError as e:
+        what = e.args[0] if e.args else ""
+        if isinstance(what, str) and what.isidentifier():  # a field's name: the description lacks it
+            raise CheckpointError(f"{path}: the network description lacks the field {what!r}; the file was edited "
+                                  "or damaged: re-save the network with eenn.save") from None
+        # a registry's message (an unknown backbone or head, with the names there are)
+        raise CheckpointError(f"{path}: the network description does not rebuild: {what}; the file was edited or "
+                              "damaged, or needs the code that registers that name") from None
+    except TypeError as e:  # a wrong type _check_network does not look at (a backbone option, say)
+        raise CheckpointError(f"{path}: the network description does not rebuild: {e}") from None
+
+
+def _check_sizes(desc: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> None:
+    """Refuse a description whose sizes (classes, widths, ...) are not those of the stored weights
+    before anything is allocated: the network is built on the meta device (shapes, no memory)
+    and its tensors' shapes compared with the file's. A network whose code cannot be built there
+    (one that reads a tensor's value while it is built) is not checked here."""
+    try:
+        with torch.device("meta"):
+            net = _rebuild(desc["network"], path)
+    except (RuntimeError, NotImplementedError) as e:
+        if "meta" in str(e):  # not buildable without memory: the real build checks the shapes
+            return
+        raise CheckpointError(f"{path}: the network description does not rebuild ({' '.join(str(e).split())}); "
+                              "the file was edited or damaged: re-save the network with eenn.save") from None
+    misfit = _misfit(net.state_dict(), _stored_weights(desc, tensors))
+    if misfit:
+        raise CheckpointError(f"{path}: the network description does not match the stored weights ({misfit}); the "
+                              "file was edited or damaged: re-save the network with eenn.save")
+
+
+# at most this many input values per sample (3 x 4096 x 4096 fits): a description asking for more
+# was edited, and building it would allocate the probe input of that size
+_MAX_INPUT_VALUES = 2**26
+
 # Fields of a network description (MultiExitNetwork.config) that a hand edit may break: what each
 # must be, as a test and in words. Fields absent here, or absent from the file, are not checked.
 _FIELDS: dict[str, tuple] = {
     "num_classes": (lambda v: is_whole(v, 2), "an int >= 2"),
-    "input_shape": (lambda v: isinstance(v, list) and bool(v) and all(is_whole(s, 1) for s in v), "a list of ints >= 1"),
+    "input_shape": (lambda v: isinstance(v, list) and bool(v) and all(is_whole(s, 1) for s in v)
+                    and math.prod(v) <= _MAX_INPUT_VALUES, "a list of ints >= 1, at most 2**26 values in all"),
     "exits": (lambda v: isinstance(v, list) and all(is_whole(s, 0) for s in v), "a list of stage indices"),
     "head": (lambda v: isinstance(v, list) and all(isinstance(h, str) for h in v), "a list of head names"),
     "head_options": (lambda v: isinstance(v, list) and all(isinstance(o, dict) for o in v), "a list of mappings"),
@@ -343,8 +423,8 @@ _FIELDS: dict[str, tuple] = {
     "source.name": (lambda v: isinstance(v, str), "a backbone name"),
     "source.in_channels": (lambda v: is_whole(v, 1), "an int >= 1"),
     "source.num_classes": (lambda v: is_whole(v, 2), "an int >= 2"),
-    "source.input_size": (lambda v: isinstance(v, list) and len(v) == 2 and all(is_whole(s, 1) for s in v),
-                          "[height, width], ints >= 1"),
+    "source.input_size": (lambda v: isinstance(v, list) and len(v) == 2 and all(is_whole(s, 1) for s in v)
+                          and math.prod(v) <= _MAX_INPUT_VALUES, "[height, width], ints >= 1, at most 2**26 pixels"),
     "source.options": (lambda v: isinstance(v, dict), "a mapping of backbone options"),
 }
 
