@@ -45,7 +45,9 @@ def monitored_value(metrics: dict[str, Any], monitor: str) -> float:
 
 
 class EarlyStopping(Callback):
-    """Stop when the monitored validation metric has not improved for ``patience`` epochs."""
+    """Stop when the monitored validation metric has not improved for ``patience`` epochs. A run
+    resumed after it stopped stays stopped (its training is finished) unless ``patience`` grew.
+    Its saved state names the monitor it compared: resumed under another, it compares anew."""
 
     MONITORS = ("val_acc_final", "val_acc_mean", "val_loss")
 
@@ -54,21 +56,53 @@ class EarlyStopping(Callback):
         self.best = -math.inf
         self.bad_epochs = 0
 
+    @property
+    def stopped(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def on_fit_start(self, trainer):
+        if self.stopped:
+            trainer.should_stop = True
+
     def on_epoch_end(self, trainer, metrics):
         value = monitored_value(metrics, self.monitor)
         if value > self.best + self.min_delta:
             self.best, self.bad_epochs = value, 0
         else:
             self.bad_epochs += 1
-            if self.bad_epochs >= self.patience:
+            if self.stopped:
                 trainer.should_stop = True
 
     def state_dict(self):
-        return {"best": self.best, "bad_epochs": self.bad_epochs}
+        return {"best": self.best, "bad_epochs": self.bad_epochs, "monitor": self.monitor}
 
     def load_state_dict(self, state):
-        if state:
-            self.best, self.bad_epochs = state["best"], state["bad_epochs"]
+        if _same_monitor(state, self.monitor):
+            self.best, self.bad_epochs = _number(state, "best"), _count(state, "bad_epochs")
+
+
+def _same_monitor(state: dict[str, Any] | None, monitor: str) -> bool:
+    """Whether a saved comparison state applies to ``monitor`` (states written before they named
+    their monitor are taken as the current one's)."""
+    if state is None:
+        return False
+    if not isinstance(state, dict):
+        raise TypeError(f"expected a mapping, got {type(state).__name__}")
+    return state.get("monitor", monitor) == monitor
+
+
+def _number(state: dict[str, Any], key: str) -> float:
+    v = state.get(key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+        raise ValueError(f"{key} must be a number, got {v!r}")
+    return float(v)
+
+
+def _count(state: dict[str, Any], key: str) -> int:
+    v = state.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{key} must be a whole number >= 0, got {v!r}")
+    return v
 
 
 class MetricsLogger(Callback):
@@ -97,7 +131,10 @@ class MetricsLogger(Callback):
 
 class Checkpointer(Callback):
     """Write ``last.safetensors`` (weights + optimiser, scheduler, RNG, epoch) after every epoch
-    and ``best.safetensors`` whenever the monitored metric improves."""
+    and ``best.safetensors`` whenever the monitored metric improves. ``best`` is written first:
+    a kill between the two leaves a ``best`` at least as good as the one ``last``'s state records
+    (the epoch is then trained again and compared with that). The saved state names its monitor:
+    resumed under another, the comparison starts anew (the next epoch writes ``best``)."""
 
     def __init__(self, out_dir: str | Path, monitor: str = "val_acc_final") -> None:
         self.dir = Path(out_dir)
@@ -115,16 +152,16 @@ class Checkpointer(Callback):
         if data is not None:  # which data set and split; its sizes, normalisation and names are net.input_spec
             split = getattr(data.info, "split", None)
             extra["data"] = {"name": data.info.name, **({"split": dict(split)} if split else {})}
-        save(trainer.net, self.dir / "last.safetensors", extra=extra, state=trainer.state_dict())
         if improved or "val_acc" not in metrics:
             save(trainer.net, self.dir / "best.safetensors", extra=extra)
+        save(trainer.net, self.dir / "last.safetensors", extra=extra, state=trainer.state_dict())
 
     def state_dict(self):
-        return {"best": self.best}
+        return {"best": self.best, "monitor": self.monitor}
 
     def load_state_dict(self, state):
-        if state:
-            self.best = state["best"]
+        if _same_monitor(state, self.monitor):
+            self.best = _number(state, "best")
 
 
 class ProgressBar(Callback):

@@ -53,9 +53,13 @@ def _train(args) -> None:
     hist = res["history"]
     if os.environ.get("RANK", "0") != "0":
         return
+    # the run's epochs, resumed ones included, and how many of them this invocation trained
+    notes = [f"{len(hist)} trained now"] if len(hist) != res["epochs"] else []
+    notes += ["stopped early"] if res["stopped"] else []
+    line = f"done: {res['epochs']} epochs" + (f" ({', '.join(notes)})" if notes else "")
     if hist and "val_acc" in hist[-1]:
-        accs = " ".join(f"{100 * a:.2f}" for a in hist[-1]["val_acc"])
-        print(f"done: {len(hist)} epochs; validation accuracy per exit (%): {accs}")
+        line += f"; validation accuracy per exit (%): {' '.join(f'{100 * a:.2f}' for a in hist[-1]['val_acc'])}"
+    print(line)
     if res["report"] is not None:
         _print_table2(res["report"])
     print(f"run directory: {res['dir']}")

@@ -160,9 +160,27 @@ def _finished(run_dir: Path, cfg: RunConfig) -> str:
     lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     saved, want = read_yaml(run_dir / "config.yaml"), config_to_dict(cfg)
     trained = all(saved.get(k) == v for k, v in want.items() if k != "eval")
-    if not (trained and lines and lines[-1].get("epoch") == cfg.train.epochs):
+    if not (trained and lines and (lines[-1].get("epoch") == cfg.train.epochs or _stopped_early(run_dir, cfg))):
         return "untrained"
     return "done" if saved.get("eval") == want.get("eval") and (run_dir / "report.json").exists() else "trained"
+
+
+def _stopped_early(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether the run's last checkpoint records that early stopping ended it (its training is then
+    finished, short of ``train.epochs``). A checkpoint that cannot tell is not."""
+    from .callbacks import EarlyStopping
+    from .checkpoint import read_description
+
+    last = run_dir / "last.safetensors"
+    if not cfg.train.early_stopping or not last.is_file():
+        return False
+    stopping = EarlyStopping(cfg.train.early_stopping, cfg.train.monitor)
+    try:
+        state = read_description(last).get("state") or {}
+        stopping.load_state_dict(state.get("callbacks", {}).get("EarlyStopping"))
+    except (ValueError, TypeError, AttributeError):  # damaged: training it again says what is wrong
+        return False
+    return stopping.stopped
 
 
 def _prune(run_dir: Path, cfg: RunConfig) -> dict:

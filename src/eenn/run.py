@@ -86,7 +86,8 @@ def train_run(config: RunConfig, *, argv: list[str] | None = None, report: bool 
               callbacks=()) -> dict:
     """Train the run described by ``config`` in ``config.train.out_dir`` (resuming from its
     ``last.safetensors``), then evaluate its best checkpoint; returns ``{"dir", "history",
-    "report"}``."""
+    "report", "epochs", "stopped"}`` (``history``: the epochs trained now; ``epochs``: the run's
+    epochs done in all)."""
     from .trainer import Trainer
 
     check_config(config)
@@ -100,8 +101,11 @@ def train_run(config: RunConfig, *, argv: list[str] | None = None, report: bool 
     if config.train.resume:
         _check_resumable(out, config)
     files = _RunFiles(config, out, argv)
-    history = Trainer(config.train, callbacks=[*callbacks, files]).fit(net, data, objective)
-    result = {"dir": str(out), "history": history, "report": None}
+    trainer = Trainer(config.train, callbacks=[*callbacks, files])
+    history = trainer.fit(net, data, objective)
+    # epochs: the run's, resumed ones included; stopped: whether early stopping (or a callback) ended it
+    result = {"dir": str(out), "history": history, "report": None, "epochs": trainer.epoch + 1,
+              "stopped": trainer.should_stop}
     if report and os.environ.get("RANK", "0") == "0":
         best = load(out / "best.safetensors") if (out / "best.safetensors").exists() else net
         result["report"] = evaluate_run(best, data, config, out)
@@ -131,10 +135,22 @@ def _differences(saved: Any, want: Any, where: str = "") -> list[str]:
     return [] if saved == want else [f"{where.rstrip('.')}: {saved!r} -> {want!r}"]
 
 
+# what a resumed run must keep: its data (train.seed picks the validation split), network,
+# objective, and optimiser (whose saved state another one cannot take)
+_FIXED_ON_RESUME = ("data", "model", "objective", "train.seed", "train.optimizer")
+
+
+def _setting(values: dict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        values = values.get(key) if isinstance(values, dict) else None
+    return values
+
+
 def _check_resumable(out: Path, config: RunConfig) -> None:
-    """Refuse to resume ``out``'s training with other data, network or objective: the weights and
-    state in ``last.safetensors`` belong to the run its ``config.yaml`` describes, and going on
-    under another description would give a network that neither describes. (Other training
+    """Refuse to resume ``out``'s training with other data, seed, network, objective or optimiser:
+    the weights and state in ``last.safetensors`` belong to the run its ``config.yaml`` describes,
+    and going on under another description would give a network that neither describes (with
+    another seed, a validation split holding samples it was trained on). (Other training
     settings, more epochs say, may change: the trainer resumes and warns.)"""
     last, saved_path = out / "last.safetensors", out / "config.yaml"
     if not (last.exists() and saved_path.exists()):
@@ -144,8 +160,7 @@ def _check_resumable(out: Path, config: RunConfig) -> None:
         saved = config_to_dict(config_from_dict(saved))
     except ConfigError:
         pass
-    diff = [d for k in ("data", "model", "objective")
-            for d in _differences(saved.get(k), want.get(k), f"{k}.")]
+    diff = [d for k in _FIXED_ON_RESUME for d in _differences(_setting(saved, k), _setting(want, k), f"{k}.")]
     if diff:
         raise ConfigError(
             f"{out} holds a run trained with other settings ({'; '.join(diff[:6])}"

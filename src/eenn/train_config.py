@@ -12,7 +12,7 @@ from torch import nn
 from . import distributed as D
 from .callbacks import EarlyStopping
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "build_optimizer", "build_scheduler"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "build_optimizer", "build_scheduler", "unused_momentum"]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
@@ -20,14 +20,18 @@ SCHEDULES = ("cosine", "onecycle", "step", "constant")
 
 @dataclass
 class TrainConfig:
-    """Everything the loop needs; entry points fill it from flags or YAML (habit 9)."""
+    """Everything the loop needs; entry points fill it from flags or YAML (habit 9).
+
+    ``momentum`` is SGD's. The ``onecycle`` schedule cycles the momentum itself (SGD's momentum,
+    AdamW's beta1: 0.95 down to 0.85 and back, PyTorch's OneCycleLR), so a momentum given with it
+    is not used (the trainer warns); AdamW has none (its beta1 is 0.9)."""
 
     epochs: int = 10
     batch_size: int = 128  # per process under torchrun
     eval_batch_size: int = 512
     optimizer: str = "sgd"
     lr: float = 0.05
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD's; not used by onecycle, which cycles it between 0.85 and 0.95, nor by adamw
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # per-step cosine annealing, one-cycle, step decay or constant
     step_epochs: int = 30  # "step": multiply the rate by `gamma` every `step_epochs` epochs
@@ -84,7 +88,8 @@ class TrainConfig:
                                ("weight_decay", self.weight_decay >= 0, ">= 0"),
                                ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
                                ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0 (or None: off)"),
-                               ("seed", self.seed >= 0, ">= 0"), ("crop_padding", self.crop_padding >= 0, ">= 0")):
+                               ("seed", 0 <= self.seed < 2**32, "in [0, 2**32 - 1] (NumPy's seeds)"),
+                               ("crop_padding", self.crop_padding >= 0, ">= 0")):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
         if self.device is not None:
@@ -93,6 +98,20 @@ class TrainConfig:
             except (RuntimeError, ValueError):
                 raise ValueError(f"device {self.device!r} is not a device: use cpu, cuda or cuda:N (None: cuda when "
                                  "present)") from None
+
+
+def unused_momentum(config: TrainConfig) -> str | None:
+    """Why a ``momentum`` other than the default is not used (one line), or None when it is."""
+    c = config
+    if c.momentum == TrainConfig.momentum:
+        return None
+    if c.schedule == "onecycle":
+        what = "AdamW's beta1" if c.optimizer == "adamw" else "the momentum"
+        return (f"momentum {c.momentum} is not used: the onecycle schedule cycles {what} between 0.85 and 0.95; "
+                "choose another schedule to set it")
+    if c.optimizer == "adamw":
+        return f"momentum {c.momentum} is not used: adamw has no momentum setting (its beta1 is 0.9)"
+    return None
 
 
 def build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:

@@ -6,7 +6,9 @@ code runs as one process or under ``torchrun`` with DistributedDataParallel.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -24,7 +26,8 @@ from .outputs import evaluate_exits
 from .rng import rng_state, seed_everything, set_rng_state
 from .network import MultiExitNetwork
 from .objectives import EpochContext, Objective, create_objective, exit_losses
-from .train_config import TrainConfig, build_optimizer, build_scheduler
+from .registry import is_whole
+from .train_config import TrainConfig, build_optimizer, build_scheduler, unused_momentum
 
 __all__ = ["TrainConfig", "Trainer", "fit", "evaluate_exits"]
 
@@ -106,29 +109,41 @@ class Trainer:
         _, state = load_state(path)
         if state is None:
             raise ValueError(f"{path} holds no training state to resume from; delete it or set resume=False")
+        saved = _checked_state(state, path, self.config.epochs)
+        if saved.get("optimizer", self.config.optimizer) != self.config.optimizer:
+            raise ValueError(f"{path} was trained with optimizer {saved['optimizer']!r}, whose state cannot go on in "
+                             f"{self.config.optimizer!r}: resume with optimizer {saved['optimizer']!r}, choose another "
+                             "out_dir, or set resume=False to start again")
         load_weights(self.net, path)
-        saved = state.get("config", {})
-        ignore = {"out_dir", "resume", "progress", "device", "early_stopping", "monitor", "eval_batch_size",
-                  "dist_timeout"}
+        ignore = {"out_dir", "resume", "progress", "device", "early_stopping", "eval_batch_size", "dist_timeout"}
         changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in asdict(self.config).items()
                    if k not in ignore and k in saved and saved[k] != v]
-        done = int(state["epoch"])
+        done = state["epoch"]
         reshaped = [k for k in _SCHEDULE_KEYS if k in saved and saved[k] != getattr(self.config, k)]
-        self.objective.load_state_dict(state["objective"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        with _restoring(path, "objective"):
+            self.objective.load_state_dict(state["objective"])
+        with _restoring(path, "optimizer"):
+            self.optimizer.load_state_dict(state["optimizer"])
+            _check_optimizer_state(self.optimizer)
         if reshaped:
             lr = self._schedule_from(done)
             how = (f"the learning-rate schedule is rebuilt for the new {', '.join(reshaped)} and goes on from where "
                    f"{done} epoch(s) put it (lr {lr:.3g})")
         else:
-            self.scheduler.load_state_dict(state["scheduler"])
+            with _restoring(path, "scheduler"):
+                self.scheduler.load_state_dict(state["scheduler"])
             how = "the learning-rate schedule goes on as it was saved"
+        if saved.get("monitor", self.config.monitor) != self.config.monitor:
+            how += f"; best.safetensors and early stopping compare anew under {self.config.monitor}"
+        for cb in self.callbacks:
+            name = type(cb).__name__
+            with _restoring(path, f"callbacks.{name}"):
+                cb.load_state_dict(state["callbacks"].get(name))
+        with _restoring(path, "rng"):
+            self._restore_rng(state, path)
         if changed:
             warnings.warn(f"resuming {path} with changed settings ({'; '.join(changed)}); the optimiser's state is "
-                          f"kept and {how}", stacklevel=3)
-        for cb in self.callbacks:
-            cb.load_state_dict(state["callbacks"].get(type(cb).__name__))
-        self._restore_rng(state, path)
+                          f"kept and {how}", stacklevel=_caller_level())
         return done
 
     def _restart_hint(self) -> str:
@@ -167,7 +182,7 @@ class Trainer:
             return
         if env.is_main:
             warnings.warn(f"{path} was written by {len(ranks)} process(es), this run has {env.world_size}: "
-                          "ranks without a saved RNG state are re-seeded", stacklevel=4)
+                          "ranks without a saved RNG state are re-seeded", stacklevel=_caller_level())
         if env.rank < len(ranks):
             set_rng_state(ranks[env.rank])
         else:
@@ -215,6 +230,9 @@ class Trainer:
         if not params:
             raise ValueError("nothing to train: every parameter is frozen")
         self.optimizer = build_optimizer(c, params)
+        unused = unused_momentum(c)
+        if unused and env.is_main:
+            warnings.warn(unused, UserWarning, stacklevel=_caller_level())
         self.scheduler = build_scheduler(c, self.optimizer, len(self.train_loader))
         # The built-in callbacks write files and draw bars: rank 0 only. The user's run everywhere.
         self.callbacks = (self._callbacks() if env.is_main else []) + self.extra_callbacks
@@ -227,8 +245,14 @@ class Trainer:
         self.epoch, self.start_epoch, self.should_stop = start - 1, start, False
         for cb in self.callbacks:
             cb.on_fit_start(self)
+        # a resumed run that early stopping had ended is finished (EarlyStopping says so on rank 0)
+        self.should_stop = D.broadcast_flag(self.should_stop, env, device, "rank 0's stop decision on resuming")
+        if self.should_stop and start and env.is_main:
+            warnings.warn(f"nothing to train: {last} records a run that stopped early after epoch {start} (raise "
+                          "early_stopping to go on, or delete it to start again)", UserWarning,
+                          stacklevel=_caller_level())
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.amp and device.type == "cuda")
-        for epoch in range(start, c.epochs):
+        for epoch in range(start, c.epochs if not self.should_stop else start):
             self.epoch = epoch
             metrics = self._train_epoch(epoch, autocast)
             # Each rank has moved rank 0's BatchNorm statistics with its own last batch: make them
@@ -336,6 +360,78 @@ class Trainer:
         }
         metrics.update({f"train_{k}": v.item() / n for k, v in parts.items()})
         return metrics
+
+
+def _caller_level() -> int:
+    """``warnings.warn``'s stacklevel that names the first frame outside this module: the code that
+    called the trainer (``eenn.fit``'s caller, or ``eenn.run``)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+# What a resume reads from the saved training state before restoring anything: each field's test
+# (given the run's saved number of epochs) and what it must be, in words.
+_STATE_FIELDS: dict[str, tuple] = {
+    "epoch": (lambda v, epochs: is_whole(v, 0) and v <= epochs, "the number of epochs done, from 0 to {epochs}"),
+    "config": (lambda v, _: isinstance(v, dict), "a mapping of training settings"),
+    "optimizer": (lambda v, _: isinstance(v, dict), "an optimiser state (a mapping)"),
+    "scheduler": (lambda v, _: isinstance(v, dict), "a schedule state (a mapping)"),
+    "objective": (lambda v, _: isinstance(v, dict), "an objective state (a mapping)"),
+    "callbacks": (lambda v, _: isinstance(v, dict), "a mapping of callback states"),
+    "rng": (lambda v, _: isinstance(v, dict), "a mapping of random-number states"),
+}
+
+
+def _checked_state(state: Any, path: Path, epochs: int) -> dict[str, Any]:
+    """The saved training settings, once every field a resume reads is there and of its kind
+    (``epochs``: the run's, where the saved settings do not say)."""
+    from .checkpoint import CheckpointError
+
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: the training state must be a mapping, got {type(state).__name__}; the file "
+                              "was edited or damaged: delete it (or set resume=False) to start again")
+    saved = state.get("config")
+    if isinstance(saved, dict) and is_whole(saved.get("epochs"), 1):
+        epochs = saved["epochs"]
+    for field, (ok, allowed) in _STATE_FIELDS.items():
+        if not ok(state.get(field), epochs):
+            raise CheckpointError(f"{path}: the training state's {field} must be {allowed.format(epochs=epochs)}, got "
+                                  f"{_short(state.get(field))}; the file was edited or damaged: delete it (or set "
+                                  "resume=False) to start again")
+    return saved
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@contextlib.contextmanager
+def _restoring(path: Path, field: str):
+    """Restore one part of the training state; what fails is said as a CheckpointError naming the
+    file and the field."""
+    from .checkpoint import CheckpointError
+
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+        why = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+        raise CheckpointError(f"{path}: the training state's {field} cannot be restored ({type(e).__name__}: "
+                              f"{why}); the file was edited or damaged: delete it (or set resume=False) to start "
+                              "again") from None
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse per-parameter buffers (momentum, Adam's moments) of another shape than their
+    parameter's: loading does not look, and the first step would fail mid-epoch."""
+    for p, buffers in optimizer.state.items():
+        for name, v in buffers.items():
+            if isinstance(v, Tensor) and v.dim() and v.shape != p.shape:
+                raise ValueError(f"{name} of shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}")
 
 
 def claim_input_spec(net: MultiExitNetwork, info) -> InputSpec:
