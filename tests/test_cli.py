@@ -257,6 +257,7 @@ def test_compare_two_methods(tmp_path, capsys):
     (["train", "--optimizer", "adam"], 2, "train: unknown optimizer 'adam'"),
     (["train", "--val-fraction", "0"], 2, "data.val_fraction: 0 must lie in (0, 1)"),
     (["calibrate", "run", "--out", "run/best.safetensors"], 1, "is a checkpoint (safetensors): writing a calibration"),
+    (["train", "--set", "train.seed=99999999999999999999"], 2, "train: seed must be in [0, 2**32 - 1]"),
     (["predict", "run", "x.npy", "--calibration", "typo.json"], 1, "--calibration typo.json: no such file"),
     (["compare", "--config", "/nonexistent.yaml"], 2, "not found"),
     (["predict"], 2, "the following arguments are required"),
@@ -386,3 +387,59 @@ def test_export_and_calibrate_use_the_training_split(tmp_path, capsys):
     assert main(["export", str(plain), "--dataset", "digits", "--out", str(tmp_path / "exp2")]) == 0
     out, err = capsys.readouterr()
     assert "seed 0" in out and err.startswith("note:") and "eenn calibrate RUN" in err
+
+
+def test_evaluate_refuses_an_out_that_is_a_file_before_evaluating(run_dir, capsys):
+    before = (run_dir / "best.safetensors").read_bytes()
+    assert main(["evaluate", str(run_dir), "--out", str(run_dir / "best.safetensors")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "best.safetensors is a file" in err, err
+    assert (run_dir / "best.safetensors").read_bytes() == before
+
+
+def test_predict_refuses_a_calibration_of_other_weights(tmp_path, capsys):
+    """A run trained again after `eenn calibrate` has other weights: its calibration.json is
+    refused (one line: re-run eenn calibrate) rather than silently used; records that do not say
+    which weights they were fitted on (older ones) still work."""
+    import numpy as np
+
+    from eenn.io import read_json, write_json
+
+    run = tmp_path / "run"
+    train = ["train", "--dataset", "digits", "--backbone", "mlp", "--no-progress", "--no-report", "--out", str(run)]
+    assert main([*train, "--epochs", "1"]) == 0
+    assert main(["calibrate", str(run), "--max-drop", "0.05"]) == 0
+    record = read_json(run / "calibration.json")
+    assert record["weights_sha256"] == eenn.read_description(run / "best.safetensors")["sha256"]
+    np.save(tmp_path / "x.npy", eenn.load_dataset("digits").test.x[0].numpy())
+    predict = ["predict", str(run), str(tmp_path / "x.npy")]
+    assert main(predict) == 0
+    with pytest.warns(UserWarning, match="epochs: 1 -> 2"):
+        assert main([*train, "--epochs", "2"]) == 0
+    capsys.readouterr()
+    assert main(predict) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calibration.json was calibrated on other weights" in err[0], err
+    assert f"re-run `eenn calibrate {run}`" in err[0]
+    # also when named with --calibration (re-run with --out to that file)
+    write_json(record, tmp_path / "cal.json")
+    assert main([*predict, "--calibration", str(tmp_path / "cal.json")]) == 1
+    assert f"re-run `eenn calibrate {run} --out {tmp_path / 'cal.json'}`" in capsys.readouterr().err
+    del record["weights_sha256"]  # an older record: taken as it is
+    write_json(record, run / "calibration.json")
+    assert main(predict) == 0
+
+
+def test_predict_says_what_is_wrong_with_a_damaged_policy_in_the_checkpoint(tmp_path, capsys):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    net = eenn.create_network("mlp", in_channels=1, num_classes=10, input_size=8, exits="all")
+    path = eenn.save(net, tmp_path / "m.safetensors", policy=eenn.policies.ExitPolicy("max_prob", 0.9))
+    desc, tensors = eenn.checkpoint.read_checkpoint(path)
+    desc["policy"]["rule"] = "nope"
+    save_file(tensors, path, metadata={"eenn": json.dumps(desc)})
+    np.save(tmp_path / "x.npy", np.zeros((1, 8, 8), dtype=np.float32))
+    assert main(["predict", str(path), str(tmp_path / "x.npy")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0] and str(path) in err[0] and "no thresholds" not in err[0], err

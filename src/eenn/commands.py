@@ -95,6 +95,9 @@ def _opened(args):
 def _evaluate(args) -> None:
     from .run import build_data, evaluate_run
 
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file: the report is a folder (report.md, report.json, curve.png); "
+                         "give a folder")
     net, cfg, run_dir = _opened(args)
     report = evaluate_run(net, build_data(cfg), cfg, args.out or run_dir)
     print(report.to_markdown())
@@ -134,6 +137,7 @@ def _predict(args) -> int:
     import numpy as np
     import torch
 
+    from .checkpoint import read_description
     from .engine import DynamicEngine
     from .policies import ExitPolicy
     from .run import open_run
@@ -143,21 +147,22 @@ def _predict(args) -> int:
         raise FileNotFoundError(f"--calibration {args.calibration}: no such file (write one with `eenn calibrate "
                                 f"{args.run}`)")
     net, config, run_dir = open_run(args.run, model=args.model)
-    # the policy: --calibration, the run's calibration.json, one saved in the checkpoint, the report's
-    candidates = [args.calibration] if args.calibration else [
-        os.path.join(run_dir, "calibration.json"),
-        args.run if os.path.isfile(args.run) else os.path.join(run_dir, "best.safetensors"),
-        os.path.join(run_dir, "report.json")]
+    # the policy: --calibration, the run's calibration.json, one saved in the checkpoint, the report's:
+    # the first that holds one (a damaged one is refused for what is wrong with it)
+    ckpt = args.run if os.path.isfile(args.run) else os.path.join(run_dir, "best.safetensors")
+    default = os.path.join(run_dir, "calibration.json")
+    candidates = [args.calibration] if args.calibration else [default, ckpt, os.path.join(run_dir, "report.json")]
     policy = None
     for path in candidates:
-        if not os.path.exists(path):
+        if not os.path.isfile(path) or (path == ckpt and "policy" not in read_description(path)):
             continue
+        if path != ckpt:
+            _check_fitted_on(path, net, f"eenn calibrate {args.run}" + (f" --out {path}" if path != default else ""))
         try:
             policy = ExitPolicy.load(path)
-            break
-        except ValueError:
-            if path == args.calibration:
-                raise
+        except ValueError as e:  # damaged: said as such, naming the file
+            raise ValueError(str(e) if path in str(e) else f"{path}: {e}") from None
+        break
     if policy is None:
         raise ValueError(f"no thresholds for {args.run}: run `eenn calibrate {args.run}` first or give --calibration")
     spec = net.input_spec  # older checkpoints: eenn.load reads it from their extra data
@@ -194,6 +199,23 @@ def _predict(args) -> int:
                 print(f"{rec['input']}: {rec['class']} (class {c}), exit {k} ({rec['exit_name']}), "
                       f"confidence {rec['confidence']:.3f}, {rec['macs']:,} MACs")
     return 1 if failed else 0
+
+
+def _check_fitted_on(path: str, net, calibrate: str) -> None:
+    """Refuse a calibration record fitted on other weights than ``net``'s (the run was trained
+    again since, or it is another checkpoint's): its thresholds do not hold for these. Records
+    that do not name their weights (older ones) are taken as they are."""
+    from .checkpoint import weights_digest
+    from .io import read_json
+
+    try:
+        record = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # not a record: reading its policy says so
+    fitted_on = record.get("weights_sha256") if isinstance(record, dict) else None
+    if fitted_on is not None and fitted_on != weights_digest(net):
+        raise ValueError(f"{path} was calibrated on other weights than these (trained again since?): re-run "
+                         f"`{calibrate}`")
 
 
 def _compare(args) -> int:

@@ -354,7 +354,13 @@ def calibration_record(net, val_dataset, policy: ExitPolicy | str, goal, *, fall
                        **policy_options) -> dict[str, Any]:
     """Calibrate ``policy`` on a validation split and describe the result as the JSON that
     ``eenn export --calibration`` and ``eenn predict`` read: the fitted policy, the goal, and the
-    validation exit and depth distributions that split planning weighs its latencies with."""
+    validation exit and depth distributions that split planning weighs its latencies with, and
+    ``weights_sha256``, the weights it was fitted on (:func:`eenn.checkpoint.weights_digest`: the
+    ``sha256`` of their checkpoint saved without training state), so that a record for other
+    weights is refused."""
+    from .checkpoint import weights_digest
+
+    fitted_on = weights_digest(net)
     cache = collect_outputs(net, val_dataset)  # normalised by net.input_spec
     fitted = calibrate(policy, cache, net.cost(), goal, fallback=fallback, **policy_options)
     d = decide(fitted, cache)
@@ -368,4 +374,5 @@ def calibration_record(net, val_dataset, policy: ExitPolicy | str, goal, *, fall
             "exit_distribution": (torch.bincount(d.exit, minlength=E).float() / len(d.exit)).tolist(),
             "depth_distribution": (torch.bincount(d.depth, minlength=E).float() / len(d.depth)).tolist(),
         },
+        "weights_sha256": fitted_on,
     }
