@@ -374,7 +374,7 @@ def test_inputs_are_checked_up_front():
     px = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
     assert torch.equal(eng(px.numpy()).exit, eng(px).exit)  # raw pixels, also as a numpy array
 
-    class Tokens(nn.Module):  # token ids: any length; floats refused
+    class Tokens(nn.Module):  # token ids of the traced length; floats and other lengths refused
         def __init__(self):
             super().__init__()
             self.emb, self.fc, self.out = nn.Embedding(50, 8), nn.Linear(8, 8), nn.Linear(8, 3)
@@ -384,6 +384,9 @@ def test_inputs_are_checked_up_front():
 
     text = eenn.attach_exits(Tokens(), at="fc", input_shape=(6,), input_dtype=torch.long).eval()
     eng = DynamicEngine(text, "max_prob", 0.5)
-    assert len(eng(torch.randint(0, 50, (4, 6))).exit) == 4 and len(eng(torch.randint(0, 50, (2, 9))).exit) == 2
-    with pytest.raises(ValueError, match=r"expected inputs \[B, \.\.\.\] \(token ids \(torch.int64\)\), got float32"):
+    assert len(eng(torch.randint(0, 50, (4, 6))).exit) == 4
+    # the sizes of a cut graph are the traced ones (the batch size aside): another length is refused
+    with pytest.raises(ValueError, match=r"expected inputs \[B, 6\] \(token ids \(torch.int64\), padded or cut .*got int64 \[2, 9\]"):
+        eng(torch.randint(0, 50, (2, 9)))
+    with pytest.raises(ValueError, match=r"expected inputs \[B, 6\] \(token ids \(torch.int64\).*got float32"):
         eng(torch.randn(2, 6))

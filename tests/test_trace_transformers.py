@@ -196,6 +196,26 @@ def test_masks_and_position_ids_cross_cuts_and_follow_compaction(tmp_path):
     assert again.backbone.input_dtype == torch.long
 
 
+def test_token_ids_are_calibrated_from_a_pair_of_tensors(tmp_path):
+    """Token-id networks have no pixels to normalise: collect_outputs takes (ids, labels) as
+    they are, and the policy calibrated on them exports and answers as the engine does."""
+    torch.manual_seed(0)
+    net = eenn.attach_exits(TokenModel().eval(), at=["layers.0", "layers.1"], input_shape=(12,),
+                            input_dtype=torch.long).eval()
+    ids, labels = torch.randint(1, 20, (80, 12)), torch.randint(0, 4, (80,))
+    ids[::3, 8:] = 0
+    cache = eenn.collect_outputs(net, (ids, labels), batch_size=32)
+    with torch.no_grad():
+        torch.testing.assert_close(cache.logits, net(ids).logits)
+    assert torch.equal(cache.targets, labels)
+    policy = eenn.calibrate("max_prob", cache, net.cost(), {"max_drop": 0.05})
+    export(net, tmp_path, policy=policy)
+    res, sim = StagedRunner(tmp_path)(ids.numpy()), DynamicEngine(net, policy)(ids)
+    assert np.array_equal(res["exit"], sim.exit.numpy()) and np.array_equal(res["prediction"], sim.prediction.numpy())
+    with pytest.raises(ValueError, match="a pair \\(inputs, labels\\) of tensors of one length"):
+        eenn.collect_outputs(net, (ids, labels[:5]))
+
+
 def test_constant_and_batch_size_values_cross_a_cut():
     class Shaped(nn.Module):
         def __init__(self):

@@ -22,22 +22,34 @@ class CachedOutputs(NamedTuple):
 
 
 @torch.no_grad()
-def collect_outputs(net: MultiExitNetwork, dataset: TensorDataset, *, batch_size: int = 512,
+def collect_outputs(net: MultiExitNetwork, dataset: TensorDataset | tuple[Tensor, Tensor], *, batch_size: int = 512,
                     device=None) -> CachedOutputs:
-    """Every exit's output on every sample of ``dataset`` (eval mode; kept on the CPU), its
-    pixels normalised by ``net.input_spec`` (a ValueError when the network has none)."""
-    spec = net.require_input_spec("collect_outputs")
+    """Every exit's output on every sample of ``dataset`` (eval mode; kept on the CPU): a
+    ``TensorDataset`` of pixels, normalised by ``net.input_spec`` (a ValueError when the network
+    has none), or a pair ``(inputs, labels)`` of tensors given to the network as they are (token
+    ids, say, or model inputs already normalised)."""
+    dev = device or next(net.parameters()).device
+    if isinstance(dataset, tuple):
+        if len(dataset) != 2 or not all(isinstance(t, Tensor) for t in dataset) or len(dataset[0]) != len(dataset[1]):
+            raise ValueError("collect_outputs takes a TensorDataset or a pair (inputs, labels) of tensors of one length")
+        batches = ((dataset[0][i:i + batch_size].to(dev), dataset[1][i:i + batch_size].to(dev))
+                   for i in range(0, len(dataset[1]), batch_size))
+    else:
+        batches = TensorLoader(dataset, batch_size, input_spec=net.require_input_spec("collect_outputs"), device=dev)
+    logits, gates, ys = [], [], []
     was = net.training
     net.eval()
-    dev = device or next(net.parameters()).device
-    logits, gates, ys = [], [], []
-    for x, y in TensorLoader(dataset, batch_size, input_spec=spec, device=dev):
-        out = net(x)
-        logits.append(out.logits.float().cpu())
-        if out.gates is not None:
-            gates.append(out.gates.float().cpu())
-        ys.append(y.cpu())
-    net.train(was)
+    try:
+        for x, y in batches:
+            out = net(x)
+            logits.append(out.logits.float().cpu())
+            if out.gates is not None:
+                gates.append(out.gates.float().cpu())
+            ys.append(y.cpu())
+    finally:
+        net.train(was)
+    if not ys:
+        raise ValueError("collect_outputs: no samples to run")
     return CachedOutputs(torch.cat(logits, 1), torch.cat(gates, 1) if gates else None, torch.cat(ys))
 
 
