@@ -425,6 +425,10 @@ def test_predict_refuses_a_calibration_of_other_weights(tmp_path, capsys):
     write_json(record, tmp_path / "cal.json")
     assert main([*predict, "--calibration", str(tmp_path / "cal.json")]) == 1
     assert f"re-run `eenn calibrate {run} --out {tmp_path / 'cal.json'}`" in capsys.readouterr().err
+    # and by eenn export, which would put the stale thresholds into the deployment
+    assert main(["export", str(run / "best.safetensors"), "--out", str(tmp_path / "exp"),
+                 "--calibration", str(tmp_path / "cal.json")]) == 1
+    assert "was fitted on other weights" in capsys.readouterr().err and not (tmp_path / "exp").exists()
     del record["weights_sha256"]  # an older record: taken as it is
     write_json(record, run / "calibration.json")
     assert main(predict) == 0

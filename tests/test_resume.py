@@ -50,7 +50,7 @@ def test_a_run_that_stopped_early_is_finished(tmp_path, capsys):
     assert f"done: {epochs} epochs (0 trained now, stopped early)" in capsys.readouterr().out
     assert {k: v for k, v in _files(out).items() if k not in ("config.yaml", "run.json")} == \
         {k: v for k, v in before.items() if k not in ("config.yaml", "run.json")}
-    assert all(w.filename.endswith("run.py") for w in caught)  # the trainer's caller, not trainer.py
+    assert all(w.filename == __file__ for w in caught)  # the caller outside eenn, not trainer.py
     assert _finished(out, load_config(out / "config.yaml")) == "trained"  # compare reuses it (reports it again)
 
 

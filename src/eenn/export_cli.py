@@ -109,6 +109,14 @@ def run_export(args) -> int:
         except json.JSONDecodeError as e:
             raise ValueError(f"{args.calibration}: not a JSON calibration record ({e})") from None
     net = load(args.checkpoint, model=args.model).eval()
+    fitted_on = calib.get("weights_sha256")
+    if fitted_on is not None:
+        from .checkpoint import weights_digest
+
+        if fitted_on != weights_digest(net):
+            raise ValueError(f"--calibration {args.calibration} was fitted on other weights than {args.checkpoint}'s "
+                             "(the run was trained again, or it is another checkpoint's); its thresholds do not hold "
+                             "for these: run `eenn calibrate` on this checkpoint again")
     if calib.get("policy") is not None:
         policy = ExitPolicy.from_dict(calib)
     elif "policy" in read_description(args.checkpoint):  # saved with the weights: eenn.save(..., policy=)

@@ -10,6 +10,7 @@ branching, EENets and NACHOS learn; a single ``Linear(d, K + 1)`` whose last uni
 from __future__ import annotations
 
 import copy
+import math
 import inspect
 from typing import Any, Callable, Sequence
 
@@ -289,7 +290,7 @@ def eenets(in_shape, num_classes, *, batch_norm: bool = False, pool: bool = True
         dim = in_shape[0]
     else:
         mods.append(nn.Flatten())
-        dim = int(torch.tensor(in_shape).prod())
+        dim = math.prod(in_shape)  # plain integers: the head builds on the meta device too
     return ExitHead(nn.Sequential(*mods), dim, num_classes, gate=True, gate_probs=gate_probs)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -28,6 +27,7 @@ from .network import MultiExitNetwork
 from .objectives import EpochContext, Objective, create_objective, exit_losses
 from .registry import is_whole
 from .train_config import TrainConfig, build_optimizer, build_scheduler, unused_momentum
+from .userframe import caller_stacklevel
 
 __all__ = ["TrainConfig", "Trainer", "fit", "evaluate_exits"]
 
@@ -143,7 +143,7 @@ class Trainer:
             self._restore_rng(state, path)
         if changed:
             warnings.warn(f"resuming {path} with changed settings ({'; '.join(changed)}); the optimiser's state is "
-                          f"kept and {how}", stacklevel=_caller_level())
+                          f"kept and {how}", stacklevel=caller_stacklevel())
         return done
 
     def _restart_hint(self) -> str:
@@ -182,7 +182,7 @@ class Trainer:
             return
         if env.is_main:
             warnings.warn(f"{path} was written by {len(ranks)} process(es), this run has {env.world_size}: "
-                          "ranks without a saved RNG state are re-seeded", stacklevel=_caller_level())
+                          "ranks without a saved RNG state are re-seeded", stacklevel=caller_stacklevel())
         if env.rank < len(ranks):
             set_rng_state(ranks[env.rank])
         else:
@@ -232,7 +232,7 @@ class Trainer:
         self.optimizer = build_optimizer(c, params)
         unused = unused_momentum(c)
         if unused and env.is_main:
-            warnings.warn(unused, UserWarning, stacklevel=_caller_level())
+            warnings.warn(unused, UserWarning, stacklevel=caller_stacklevel())
         self.scheduler = build_scheduler(c, self.optimizer, len(self.train_loader))
         # The built-in callbacks write files and draw bars: rank 0 only. The user's run everywhere.
         self.callbacks = (self._callbacks() if env.is_main else []) + self.extra_callbacks
@@ -250,7 +250,7 @@ class Trainer:
         if self.should_stop and start and env.is_main:
             warnings.warn(f"nothing to train: {last} records a run that stopped early after epoch {start} (raise "
                           "early_stopping to go on, or delete it to start again)", UserWarning,
-                          stacklevel=_caller_level())
+                          stacklevel=caller_stacklevel())
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.amp and device.type == "cuda")
         for epoch in range(start, c.epochs if not self.should_stop else start):
             self.epoch = epoch
@@ -360,15 +360,6 @@ class Trainer:
         }
         metrics.update({f"train_{k}": v.item() / n for k, v in parts.items()})
         return metrics
-
-
-def _caller_level() -> int:
-    """``warnings.warn``'s stacklevel that names the first frame outside this module: the code that
-    called the trainer (``eenn.fit``'s caller, or ``eenn.run``)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename == __file__:
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 # What a resume reads from the saved training state before restoring anything: each field's test
