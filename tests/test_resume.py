@@ -202,3 +202,19 @@ def test_a_damaged_training_state_is_refused_before_anything_is_written(trained,
     assert len(err) == 1 and err[0].startswith(f"eenn: error: {out / 'last.safetensors'}: "), err
     assert __import__("re").search(message, err[0]), err
     assert _files(out) == before
+
+
+def test_a_resume_applies_the_new_weight_decay_and_momentum(digits, tmp_path):
+    """The saved optimiser state holds the settings it was made with; a resume with others (said
+    in the warning) trains with the new ones."""
+    kw = dict(out_dir=tmp_path / "r", progress=False, optimizer="sgd", schedule="cosine")
+    eenn.fit(_net(), digits, "joint", epochs=1, weight_decay=5e-4, momentum=0.9, **kw)
+    seen = []
+
+    class Spy(eenn.callbacks.Callback):
+        def on_epoch_end(self, trainer, metrics):
+            seen.append({(g["weight_decay"], g["momentum"]) for g in trainer.optimizer.param_groups})
+
+    with pytest.warns(UserWarning, match="weight_decay: 0.0005 -> 0.01.*with the new weight decay and momentum"):
+        eenn.fit(_net(), digits, "joint", epochs=2, weight_decay=0.01, momentum=0.5, callbacks=[Spy()], **kw)
+    assert seen == [{(0.01, 0.5)}]

@@ -125,6 +125,10 @@ class Trainer:
         with _restoring(path, "optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
             _check_optimizer_state(self.optimizer)
+        for group in self.optimizer.param_groups:  # the saved groups hold the old settings: the current ones apply
+            group["weight_decay"] = self.config.weight_decay
+            if "momentum" in group and self.config.schedule != "onecycle":  # one-cycle sets it itself
+                group["momentum"] = self.config.momentum
         if reshaped:
             lr = self._schedule_from(done)
             how = (f"the learning-rate schedule is rebuilt for the new {', '.join(reshaped)} and goes on from where "
@@ -143,7 +147,7 @@ class Trainer:
             self._restore_rng(state, path)
         if changed:
             warnings.warn(f"resuming {path} with changed settings ({'; '.join(changed)}); the optimiser's state is "
-                          f"kept and {how}", stacklevel=caller_stacklevel())
+                          f"kept, with the new weight decay and momentum, and {how}", stacklevel=caller_stacklevel())
         return done
 
     def _restart_hint(self) -> str:
