@@ -273,6 +273,28 @@ def test_a_causal_mask_exports_and_the_length_is_the_traced_one(tmp_path):
             net(torch.randint(1, 20, (2, length)))
 
 
+def test_export_checks_token_models_on_ids_they_take(tmp_path):
+    """A one-row embedding table (a segment table of size 1, as RoBERTa's token types) does not
+    bound the check ids to 0, the padding id, which would mask every token."""
+    class WithSegment(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.seg = nn.Embedding(20, 16), nn.Embedding(1, 16)
+            self.blocks = nn.TransformerEncoder(_layer(16), 2, enable_nested_tensor=False)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, ids):
+            h = self.tok(ids) + self.seg(torch.zeros_like(ids))
+            return self.fc(self.blocks(h, src_key_padding_mask=ids == 0).mean(1))
+
+    torch.manual_seed(0)
+    net = eenn.attach_exits(WithSegment(), at=["blocks.layers.0"], input_shape=(8,), input_dtype=torch.long).eval()
+    export(net, tmp_path, thresholds=0.9)
+    ids = torch.randint(1, 20, (6, 8))
+    res, sim = StagedRunner(tmp_path)(ids.numpy()), DynamicEngine(net, "max_prob", 0.9)(ids)
+    assert np.array_equal(res["exit"], sim.exit.numpy()) and np.array_equal(res["prediction"], sim.prediction.numpy())
+
+
 def test_loading_into_a_model_configured_otherwise_warns(tmp_path):
     """nn.TransformerEncoderLayer is called whole: its heads and norm_first are not in the cut
     graph's code, so they are recorded beside it and checked when loading."""

@@ -82,12 +82,22 @@ def _no_fastpath():
 
 def _example_input(net, batch: int, gen: torch.Generator) -> Tensor:
     """A random batch to check the graphs on: normal floats, or, for a network that takes
-    integers (token ids), ids valid for every embedding table in it."""
+    integers (token ids), ids the network takes: drawn below the largest embedding table's size
+    that runs (the vocabulary, as a rule), else the next; not below every table's, which a
+    one-row table (RoBERTa's token types) would make all padding."""
     dtype = getattr(net.backbone, "input_dtype", None)
     if dtype is None or dtype.is_floating_point:
         return torch.randn(batch, *net.input_shape, generator=gen, dtype=dtype or torch.float32)
-    high = min((m.num_embeddings for m in net.modules() if isinstance(m, nn.Embedding)), default=2)
-    return torch.randint(0, high, (batch, *net.input_shape), generator=gen, dtype=dtype)
+    sizes = sorted({m.num_embeddings for m in net.modules() if isinstance(m, nn.Embedding)}, reverse=True) or [2]
+    for high in sizes:
+        ids = torch.randint(0, high, (batch, *net.input_shape), generator=gen, dtype=dtype)
+        try:
+            with torch.no_grad():
+                net(ids)
+            return ids
+        except (IndexError, RuntimeError):  # an id out of some table's range: a smaller bound
+            continue
+    return ids
 
 
 MIN_OPSET = 13
