@@ -57,7 +57,7 @@ def test_bad_configs_name_the_key(tmp_path, text, message):
     ("train: {grad_clip: -1}", "train: grad_clip must be > 0"),
     ("train: {early_stopping: 0}", "train: early_stopping must be >= 1"),
     ("train: {gamma: -1}", "train: gamma must be > 0"),
-    ("train: {seed: -1}", "train: seed must be >= 0"),
+    ("train: {seed: -1}", "train: seed must be in [0, 2**32 - 1]"),
     ("train: {lr: .nan}", "train: lr must be > 0, got nan"),
     ("train: {device: gpu}", "train: device 'gpu' is not a device"),
     ("objective: {name: heads_only}", "give the trained network's weights (objective.options.checkpoint"),
