@@ -6,7 +6,6 @@ code runs as one process or under ``torchrun`` with DistributedDataParallel.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -25,7 +24,7 @@ from .outputs import evaluate_exits
 from .rng import rng_state, seed_everything, set_rng_state
 from .network import MultiExitNetwork
 from .objectives import EpochContext, Objective, create_objective, exit_losses
-from .registry import is_whole
+from .train_state import check_optimizer_state, checked_state, restoring
 from .train_config import TrainConfig, build_optimizer, build_scheduler, unused_momentum
 from .userframe import caller_stacklevel
 
@@ -109,7 +108,7 @@ class Trainer:
         _, state = load_state(path)
         if state is None:
             raise ValueError(f"{path} holds no training state to resume from; delete it or set resume=False")
-        saved = _checked_state(state, path, self.config.epochs)
+        saved = checked_state(state, path, self.config.epochs)
         if saved.get("optimizer", self.config.optimizer) != self.config.optimizer:
             raise ValueError(f"{path} was trained with optimizer {saved['optimizer']!r}, whose state cannot go on in "
                              f"{self.config.optimizer!r}: resume with optimizer {saved['optimizer']!r}, choose another "
@@ -120,11 +119,11 @@ class Trainer:
                    if k not in ignore and k in saved and saved[k] != v]
         done = state["epoch"]
         reshaped = [k for k in _SCHEDULE_KEYS if k in saved and saved[k] != getattr(self.config, k)]
-        with _restoring(path, "objective"):
+        with restoring(path, "objective"):
             self.objective.load_state_dict(state["objective"])
-        with _restoring(path, "optimizer"):
+        with restoring(path, "optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
-            _check_optimizer_state(self.optimizer)
+            check_optimizer_state(self.optimizer)
         for group in self.optimizer.param_groups:  # the saved groups hold the old settings: the current ones apply
             group["weight_decay"] = self.config.weight_decay
             if "momentum" in group and self.config.schedule != "onecycle":  # one-cycle sets it itself
@@ -134,16 +133,16 @@ class Trainer:
             how = (f"the learning-rate schedule is rebuilt for the new {', '.join(reshaped)} and goes on from where "
                    f"{done} epoch(s) put it (lr {lr:.3g})")
         else:
-            with _restoring(path, "scheduler"):
+            with restoring(path, "scheduler"):
                 self.scheduler.load_state_dict(state["scheduler"])
             how = "the learning-rate schedule goes on as it was saved"
         if saved.get("monitor", self.config.monitor) != self.config.monitor:
             how += f"; best.safetensors and early stopping compare anew under {self.config.monitor}"
         for cb in self.callbacks:
             name = type(cb).__name__
-            with _restoring(path, f"callbacks.{name}"):
+            with restoring(path, f"callbacks.{name}"):
                 cb.load_state_dict(state["callbacks"].get(name))
-        with _restoring(path, "rng"):
+        with restoring(path, "rng"):
             self._restore_rng(state, path)
         if changed:
             warnings.warn(f"resuming {path} with changed settings ({'; '.join(changed)}); the optimiser's state is "
@@ -364,69 +363,6 @@ class Trainer:
         }
         metrics.update({f"train_{k}": v.item() / n for k, v in parts.items()})
         return metrics
-
-
-# What a resume reads from the saved training state before restoring anything: each field's test
-# (given the run's saved number of epochs) and what it must be, in words.
-_STATE_FIELDS: dict[str, tuple] = {
-    "epoch": (lambda v, epochs: is_whole(v, 0) and v <= epochs, "the number of epochs done, from 0 to {epochs}"),
-    "config": (lambda v, _: isinstance(v, dict), "a mapping of training settings"),
-    "optimizer": (lambda v, _: isinstance(v, dict), "an optimiser state (a mapping)"),
-    "scheduler": (lambda v, _: isinstance(v, dict), "a schedule state (a mapping)"),
-    "objective": (lambda v, _: isinstance(v, dict), "an objective state (a mapping)"),
-    "callbacks": (lambda v, _: isinstance(v, dict), "a mapping of callback states"),
-    "rng": (lambda v, _: isinstance(v, dict), "a mapping of random-number states"),
-}
-
-
-def _checked_state(state: Any, path: Path, epochs: int) -> dict[str, Any]:
-    """The saved training settings, once every field a resume reads is there and of its kind
-    (``epochs``: the run's, where the saved settings do not say)."""
-    from .checkpoint import CheckpointError
-
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: the training state must be a mapping, got {type(state).__name__}; the file "
-                              "was edited or damaged: delete it (or set resume=False) to start again")
-    saved = state.get("config")
-    if isinstance(saved, dict) and is_whole(saved.get("epochs"), 1):
-        epochs = saved["epochs"]
-    for field, (ok, allowed) in _STATE_FIELDS.items():
-        if not ok(state.get(field), epochs):
-            raise CheckpointError(f"{path}: the training state's {field} must be {allowed.format(epochs=epochs)}, got "
-                                  f"{_short(state.get(field))}; the file was edited or damaged: delete it (or set "
-                                  "resume=False) to start again")
-    return saved
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-@contextlib.contextmanager
-def _restoring(path: Path, field: str):
-    """Restore one part of the training state; what fails is said as a CheckpointError naming the
-    file and the field."""
-    from .checkpoint import CheckpointError
-
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
-        why = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
-        raise CheckpointError(f"{path}: the training state's {field} cannot be restored ({type(e).__name__}: "
-                              f"{why}); the file was edited or damaged: delete it (or set resume=False) to start "
-                              "again") from None
-
-
-def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse per-parameter buffers (momentum, Adam's moments) of another shape than their
-    parameter's: loading does not look, and the first step would fail mid-epoch."""
-    for p, buffers in optimizer.state.items():
-        for name, v in buffers.items():
-            if isinstance(v, Tensor) and v.dim() and v.shape != p.shape:
-                raise ValueError(f"{name} of shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}")
 
 
 def claim_input_spec(net: MultiExitNetwork, info) -> InputSpec:

@@ -1,0 +1,78 @@
+"""What a resume checks in a saved training state before restoring anything from it: each field
+there and of its kind, what fails to restore said as a :class:`~eenn.checkpoint.CheckpointError`
+naming the file and the field, optimiser buffers of their parameter's shape."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .registry import is_whole
+
+__all__ = ["check_optimizer_state", "checked_state", "restoring"]
+
+
+# What a resume reads from the saved training state before restoring anything: each field's test
+# (given the run's saved number of epochs) and what it must be, in words.
+_STATE_FIELDS: dict[str, tuple] = {
+    "epoch": (lambda v, epochs: is_whole(v, 0) and v <= epochs, "the number of epochs done, from 0 to {epochs}"),
+    "config": (lambda v, _: isinstance(v, dict), "a mapping of training settings"),
+    "optimizer": (lambda v, _: isinstance(v, dict), "an optimiser state (a mapping)"),
+    "scheduler": (lambda v, _: isinstance(v, dict), "a schedule state (a mapping)"),
+    "objective": (lambda v, _: isinstance(v, dict), "an objective state (a mapping)"),
+    "callbacks": (lambda v, _: isinstance(v, dict), "a mapping of callback states"),
+    "rng": (lambda v, _: isinstance(v, dict), "a mapping of random-number states"),
+}
+
+
+def checked_state(state: Any, path: Path, epochs: int) -> dict[str, Any]:
+    """The saved training settings, once every field a resume reads is there and of its kind
+    (``epochs``: the run's, where the saved settings do not say)."""
+    from .checkpoint import CheckpointError
+
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: the training state must be a mapping, got {type(state).__name__}; the file "
+                              "was edited or damaged: delete it (or set resume=False) to start again")
+    saved = state.get("config")
+    if isinstance(saved, dict) and is_whole(saved.get("epochs"), 1):
+        epochs = saved["epochs"]
+    for field, (ok, allowed) in _STATE_FIELDS.items():
+        if not ok(state.get(field), epochs):
+            raise CheckpointError(f"{path}: the training state's {field} must be {allowed.format(epochs=epochs)}, got "
+                                  f"{_short(state.get(field))}; the file was edited or damaged: delete it (or set "
+                                  "resume=False) to start again")
+    return saved
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@contextlib.contextmanager
+def restoring(path: Path, field: str):
+    """Restore one part of the training state; what fails is said as a CheckpointError naming the
+    file and the field."""
+    from .checkpoint import CheckpointError
+
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+        why = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+        raise CheckpointError(f"{path}: the training state's {field} cannot be restored ({type(e).__name__}: "
+                              f"{why}); the file was edited or damaged: delete it (or set resume=False) to start "
+                              "again") from None
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse per-parameter buffers (momentum, Adam's moments) of another shape than their
+    parameter's: loading does not look, and the first step would fail mid-epoch."""
+    for p, buffers in optimizer.state.items():
+        for name, v in buffers.items():
+            if isinstance(v, Tensor) and v.dim() and v.shape != p.shape:
+                raise ValueError(f"{name} of shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}")
