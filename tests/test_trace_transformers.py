@@ -210,7 +210,10 @@ def test_token_ids_are_calibrated_from_a_pair_of_tensors(tmp_path):
     assert torch.equal(cache.targets, labels)
     policy = eenn.calibrate("max_prob", cache, net.cost(), {"max_drop": 0.05})
     export(net, tmp_path, policy=policy)
-    res, sim = StagedRunner(tmp_path)(ids.numpy()), DynamicEngine(net, policy)(ids)
+    # compared on other ids: calibrated thresholds sit on calibration samples' scores, where a last
+    # bit of another processor's arithmetic could decide
+    fresh = torch.randint(1, 20, (40, 12))
+    res, sim = StagedRunner(tmp_path)(fresh.numpy()), DynamicEngine(net, policy)(fresh)
     assert np.array_equal(res["exit"], sim.exit.numpy()) and np.array_equal(res["prediction"], sim.prediction.numpy())
     with pytest.raises(ValueError, match="a pair \\(inputs, labels\\) of tensors of one length"):
         eenn.collect_outputs(net, (ids, labels[:5]))
