@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from .registry import is_whole
+
 if TYPE_CHECKING:
     from .trainer import Trainer
 
@@ -100,9 +102,9 @@ def _number(state: dict[str, Any], key: str) -> float:
 
 def _count(state: dict[str, Any], key: str) -> int:
     v = state.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+    if not is_whole(v, 0):
         raise ValueError(f"{key} must be a whole number >= 0, got {v!r}")
-    return v
+    return int(v)
 
 
 class MetricsLogger(Callback):

@@ -71,7 +71,9 @@ def _training_split(checkpoint: str, dataset: str) -> dict | None:
     """How the network in ``checkpoint`` was split for training on ``dataset``, as
     :func:`eenn.load_dataset` options (``seed``, ``val_fraction``, ``limit``, ``data_dir``):
     from its run's ``config.yaml`` beside it (written whole by ``eenn train``), else from what
-    the checkpoint records; None where neither says, or for another data set."""
+    the checkpoint records; None where neither says, or for another data set. The YAML is read
+    here rather than through ``eenn.run.read_run_config``, which would bring the training modules
+    into the serving side (``eenn serve`` registers this command)."""
     from pathlib import Path
 
     from .checkpoint import read_description
