@@ -10,14 +10,15 @@ branching, EENets and NACHOS learn; a single ``Linear(d, K + 1)`` whose last uni
 from __future__ import annotations
 
 import copy
-import math
 import inspect
+import math
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .adapters import shape_adapter
+from .exit_head import ExitHead, HeadClassifier
 from .registry import Registry, check_options
 from .token_bodies import AttentionPool, TokenGridConv, TokenPool, token_grid
 
@@ -33,71 +34,6 @@ __all__ = [
     "register_head",
     "token_grid",
 ]
-
-
-class ExitHead(nn.Module):
-    """``body`` -> flat vector of size ``feature_dim`` -> logits (and a gate in [0, 1]).
-
-    With :meth:`add_cascade` (``create_head(..., cascade=True)``) the head also reads the
-    previous exit's logits, layer-normalised and detached, beside its own vector (Zero Time
-    Waste's cascading heads)."""
-
-    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int, *, gate: bool = False,
-                 gate_probs: bool = False) -> None:
-        super().__init__()
-        self.body = body
-        self.feature_dim = feature_dim
-        self.classifier = nn.Linear(feature_dim, num_classes)
-        # gate_probs: the gate also reads its own exit's class probabilities, sorted (so it sees
-        # how peaked they are, whatever the class) and detached (the gate's losses do not move the
-        # classifier) [ours]: a gate can then learn at least what max_prob or the margin know.
-        self.gate_probs = bool(gate and gate_probs)
-        self.gate = nn.Linear(feature_dim + (num_classes if self.gate_probs else 0), 1) if gate else None
-        self.cascade_norm: nn.LayerNorm | None = None
-
-    @property
-    def has_gate(self) -> bool:
-        return self.gate is not None
-
-    @property
-    def cascades(self) -> bool:
-        return self.cascade_norm is not None
-
-    def add_cascade(self, prev_classes: int) -> "ExitHead":
-        """Widen the classifier (and gate) to also read the previous exit's ``prev_classes`` logits."""
-        d, k = self.feature_dim, self.classifier.out_features
-        self.cascade_norm = nn.LayerNorm(prev_classes)
-        self.classifier = nn.Linear(d + prev_classes, k)
-        if self.gate is not None:
-            self.gate = nn.Linear(d + prev_classes + (k if self.gate_probs else 0), 1)
-        return self
-
-    def forward(self, x: Tensor, prev_logits: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        z = self.body(x)
-        if self.cascade_norm is not None:
-            if prev_logits is None:
-                raise ValueError("this cascading head needs the previous exit's logits")
-            # Detached, as in ZTW: a later head must not pull an earlier head's output around.
-            z = torch.cat([z, self.cascade_norm(prev_logits.detach())], dim=1)
-        logits = self.classifier(z)
-        if self.gate is None:
-            return logits, None
-        g_in = z
-        if self.gate_probs:
-            probs = logits.detach().float().softmax(-1).sort(-1, descending=True).values.to(z.dtype)
-            g_in = torch.cat([z, probs], dim=1)
-        return logits, torch.sigmoid(self.gate(g_in)).squeeze(1)
-
-
-class HeadClassifier(nn.Module):
-    """An exit head used as a network's final classifier (after truncation): logits only."""
-
-    def __init__(self, head: ExitHead) -> None:
-        super().__init__()
-        self.head = head
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(x)[0]
 
 
 class MixedPool2d(nn.Module):
