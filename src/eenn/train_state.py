@@ -1,9 +1,11 @@
 """What a resume checks in a saved training state before restoring anything from it: each field
 there and of its kind, what fails to restore said as a :class:`~eenn.checkpoint.CheckpointError`
-naming the file and the field, optimiser buffers of their parameter's shape."""
+naming the file and the field, optimiser buffers of their parameter's shape; and each rank's
+random-number state taken back."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,10 @@ import torch
 from torch import Tensor
 
 from .registry import is_whole
+from .rng import set_rng_state
+from .userframe import caller_stacklevel
 
-__all__ = ["check_optimizer_state", "checked_state", "restoring"]
+__all__ = ["check_optimizer_state", "checked_state", "restore_rng", "restoring"]
 
 
 # What a resume reads from the saved training state before restoring anything: each field's test
@@ -76,3 +80,21 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         for name, v in buffers.items():
             if isinstance(v, Tensor) and v.dim() and v.shape != p.shape:
                 raise ValueError(f"{name} of shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}")
+
+
+def restore_rng(state: dict[str, Any], path: Path, env, seed: int) -> None:
+    """Each rank takes back its own RNG state. A checkpoint written by a different number of
+    processes has no state for some ranks: those are re-seeded per rank and epoch (the run goes
+    on, but not as the uninterrupted one would have). ``env``: the run's
+    :class:`~eenn.distributed.DistEnv`."""
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if len(ranks) == env.world_size:
+        set_rng_state(ranks[env.rank])
+        return
+    if env.is_main:
+        warnings.warn(f"{path} was written by {len(ranks)} process(es), this run has {env.world_size}: "
+                      "ranks without a saved RNG state are re-seeded", stacklevel=caller_stacklevel())
+    if env.rank < len(ranks):
+        set_rng_state(ranks[env.rank])
+    else:
+        torch.manual_seed(seed + env.rank + 1_000_003 * int(state["epoch"]))

@@ -21,10 +21,10 @@ from . import distributed as D
 from .callbacks import Callback, Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
 from .data import DataSplits, InputSpec, TensorDataset, TensorLoader
 from .outputs import evaluate_exits
-from .rng import rng_state, seed_everything, set_rng_state
+from .rng import rng_state, seed_everything
 from .network import MultiExitNetwork
 from .objectives import EpochContext, Objective, create_objective, exit_losses
-from .train_state import check_optimizer_state, checked_state, restoring
+from .train_state import check_optimizer_state, checked_state, restore_rng, restoring
 from .train_config import TrainConfig, build_optimizer, build_scheduler, unused_momentum
 from .userframe import caller_stacklevel
 
@@ -143,7 +143,7 @@ class Trainer:
             with restoring(path, f"callbacks.{name}"):
                 cb.load_state_dict(state["callbacks"].get(name))
         with restoring(path, "rng"):
-            self._restore_rng(state, path)
+            restore_rng(state, path, self.env, self.config.seed)
         if changed:
             warnings.warn(f"resuming {path} with changed settings ({'; '.join(changed)}); the optimiser's state is "
                           f"kept, with the new weight decay and momentum, and {how}", stacklevel=caller_stacklevel())
@@ -173,23 +173,6 @@ class Trainer:
             for _ in range(min(steps, self.config.epochs * len(self.train_loader))):
                 self.scheduler.step()
         return float(self.optimizer.param_groups[0]["lr"])
-
-    def _restore_rng(self, state: dict[str, Any], path: Path) -> None:
-        """Each rank takes back its own RNG state. A checkpoint written by a different number of
-        processes has no state for some ranks: those are re-seeded per rank and epoch (the run
-        goes on, but not as the uninterrupted one would have)."""
-        env = self.env
-        ranks = state.get("rng_ranks") or [state["rng"]]
-        if len(ranks) == env.world_size:
-            set_rng_state(ranks[env.rank])
-            return
-        if env.is_main:
-            warnings.warn(f"{path} was written by {len(ranks)} process(es), this run has {env.world_size}: "
-                          "ranks without a saved RNG state are re-seeded", stacklevel=caller_stacklevel())
-        if env.rank < len(ranks):
-            set_rng_state(ranks[env.rank])
-        else:
-            torch.manual_seed(self.config.seed + env.rank + 1_000_003 * int(state["epoch"]))
 
     # ---------------------------------------------------------------------------- loop
     def fit(self, net: MultiExitNetwork, data: DataSplits, objective: str | Objective) -> list[dict[str, Any]]:
