@@ -47,8 +47,15 @@ class ExitHead(nn.Module):
             self.gate = nn.Linear(d + prev_classes + (k if self.gate_probs else 0), 1)
         return self
 
-    def forward(self, x: Tensor, prev_logits: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        z = self.body(x)
+    @property
+    def reads_keep(self) -> bool:
+        """Whether the body can leave padded tokens out (a ``keep`` mask, :func:`eenn.attach_exits`'s ``pad_id``)."""
+        return _reads_keep(self.body)
+
+    def forward(self, x: Tensor, prev_logits: Tensor | None = None, keep: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None]:
+        """``keep`` (``[B, N]`` bool, token states only): the tokens that are not padding."""
+        z = self.body(x) if keep is None else _with_keep(self.body, x, keep)
         if self.cascade_norm is not None:
             if prev_logits is None:
                 raise ValueError("this cascading head needs the previous exit's logits")
@@ -64,12 +71,32 @@ class ExitHead(nn.Module):
         return logits, torch.sigmoid(self.gate(g_in)).squeeze(1)
 
 
+def _reads_keep(body: nn.Module) -> bool:
+    if getattr(body, "takes_keep", False):
+        return True
+    return isinstance(body, nn.Sequential) and len(body) > 0 and _reads_keep(body[0])
+
+
+def _with_keep(body: nn.Module, x: Tensor, keep: Tensor) -> Tensor:
+    """``body(x)`` with the padding mask given to the module that reads the tokens (the body
+    itself, or the first of a ``nn.Sequential``: a pool, then hidden layers)."""
+    if getattr(body, "takes_keep", False):
+        return body(x, keep)
+    if not _reads_keep(body):
+        raise ValueError(f"this exit head's body ({type(body).__name__}) cannot leave padded tokens out")
+    z = _with_keep(body[0], x, keep)
+    for sub in list(body)[1:]:
+        z = sub(z)
+    return z
+
+
 class HeadClassifier(nn.Module):
     """An exit head used as a network's final classifier (after truncation): logits only."""
 
     def __init__(self, head: ExitHead) -> None:
         super().__init__()
         self.head = head
+        self.takes_keep = head.reads_keep
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(x)[0]
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        return self.head(x, keep=keep)[0]

@@ -45,6 +45,11 @@ class HFEncoder(nn.Module):
             raise ValueError(f"pad_token_id applies to token-id models; {type(model).__name__} takes {self.input_name}")
         self.training = model.training
 
+    @property
+    def eenn_pad_id(self) -> int | None:
+        """What attach_exits takes as its ``pad_id``: exit heads then leave padded tokens out."""
+        return self.pad_token_id
+
     def train(self, mode: bool = True) -> "HFEncoder":
         super().train(mode)
         self.model.training = mode
@@ -67,6 +72,7 @@ class HFEncoder(nn.Module):
 
 def encoder(model: nn.Module, *, pad_token_id: int | None = None) -> HFEncoder:
     """``model`` as a module that takes one tensor and returns logits: token ids ``[B, L]``
-    (with ``pad_token_id``, the attention mask is ``ids != pad_token_id``; without, every token
-    is attended to) or, for a vision model, pixels ``[B, C, H, W]``."""
+    (with ``pad_token_id``, the attention mask is ``ids != pad_token_id``, and the exit heads
+    :func:`eenn.attach_exits` puts on it leave padded tokens out too; without, every token is
+    attended to) or, for a vision model, pixels ``[B, C, H, W]``."""
     return HFEncoder(model, pad_token_id)

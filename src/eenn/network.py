@@ -13,7 +13,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from .backbones.base import Backbone, State, create_backbone, head_input
+from .backbones.base import Backbone, State, create_backbone, head_input, head_keep
 from .cost import CostTable, count_macs, count_params, profile_stages
 from .heads import ExitHead, HeadClassifier, create_head, resolve_head_options
 from .placement import EXIT_DISTRIBUTIONS, ExitSpec, cost_thresholds, nachos_pools, place_exits
@@ -91,6 +91,12 @@ class MultiExitNetwork(nn.Module):
                              **{**(o if k > 0 else {key: v for key, v in o.items() if key != "cascade"}),
                                 **({"pool": pools[k]} if k in pools else {})})
                  for k, (h, s, o) in enumerate(zip(names, stages, options))]
+        bad = next((k for k, h in enumerate(heads) if not h.reads_keep), None) if backbone.carries_keep else None
+        if bad is not None:
+            raise ValueError(
+                f"exit head {names[bad]!r} (exit {bad}) cannot leave padded tokens out, and this network masks them "
+                "(attach_exits with a pad_id): use head 'linear' (the mean of the real tokens), 'token' (the "
+                "class token) or 'lgvit_global', or attach_exits(..., pad_id=None) to read every position")
         self._set_exits(stages, heads, names, options)
         if source is None and backbone.spec is not None:
             source = {"kind": "backbone", **backbone.spec}
@@ -189,7 +195,7 @@ class MultiExitNetwork(nn.Module):
         exit's gate is 1 when the network has gates, else None). Cascading heads (``cascades``)
         also need the previous exit's logits as ``prev_logits``."""
         state = self._run_stages(k, state)
-        logits, gate = self._run_exit(k, head_input(state), prev_logits)
+        logits, gate = self._run_exit(k, state, prev_logits)
         return state, logits, gate
 
     def _run_stages(self, k: int, state: State) -> State:
@@ -198,11 +204,13 @@ class MultiExitNetwork(nn.Module):
             state = self.backbone.stages[i](state)
         return state
 
-    def _run_exit(self, k: int, feat: Tensor, prev_logits: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def _run_exit(self, k: int, state: State, prev_logits: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Exit ``k`` on the state after its stages (a padding mask it carries goes to the head)."""
         if k < len(self.heads):
             head = self.heads[k]
-            return head(feat, prev_logits) if head.cascades else head(feat)
-        logits = self.backbone.classifier(feat)
+            keep = head_keep(state, self.backbone.carries_keep)
+            return head(head_input(state), prev_logits if head.cascades else None, keep)
+        logits = self.backbone.classify(state)
         return logits, (logits.new_ones(logits.shape[0]) if self.has_gates else None)
 
     def forward(self, x: Tensor, exits: Sequence[int] | None = None) -> ExitOutputs:
@@ -218,7 +226,7 @@ class MultiExitNetwork(nn.Module):
         for k in range(wanted[-1] + 1):
             state = self._run_stages(k, state)
             if k in wanted or (self.cascades and k < len(self.heads)):
-                lg, g = self._run_exit(k, head_input(state), prev)
+                lg, g = self._run_exit(k, state, prev)
                 prev = lg
                 if k in wanted:
                     logits.append(lg)
@@ -238,6 +246,7 @@ class MultiExitNetwork(nn.Module):
         bb = self.backbone
         new_bb = Backbone(list(bb.stages[: s + 1]), HeadClassifier(self.heads[k]), input_shape=bb.input_shape,
                           stage_names=[i.name for i in bb.stage_info[: s + 1]], input_dtype=bb.input_dtype)
+        new_bb.carries_keep = bb.carries_keep
         net = MultiExitNetwork(new_bb, "none", source=copy.deepcopy(self.source))
         net._set_exits(self.exit_stages[:k], list(self.heads[:k]), self.head_names[:k],
                        copy.deepcopy(self.head_options[:k]))

@@ -25,16 +25,24 @@ def token_grid(num_tokens: int) -> tuple[int, int, bool] | None:
 
 class TokenPool(nn.Module):
     """LayerNorm over the width, then one token (``index``; the class token at 0, as DeeBERT's
-    and PABEE's heads read it) or, with ``index=None``, the mean over all tokens."""
+    and PABEE's heads read it) or, with ``index=None``, the mean over all tokens, or over the
+    tokens ``keep`` marks (``[B, N]`` bool: not padding) when it is given."""
+
+    takes_keep = True  # an exit head passes it the padding mask (attach_exits(pad_id=...))
 
     def __init__(self, dim: int, index: int | None = None) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.index = index
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         x = self.norm(x)
-        return x.mean(dim=1) if self.index is None else x[:, self.index]
+        if self.index is not None:
+            return x[:, self.index]
+        if keep is None:
+            return x.mean(dim=1)
+        w = keep.unsqueeze(-1).to(x.dtype)
+        return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)  # a row of padding only (bucket rows) gives 0
 
 
 class TokenGridConv(nn.Module):
@@ -60,8 +68,8 @@ class TokenGridConv(nn.Module):
 
 class AttentionPool(nn.Module):
     """LGViT-style global aggregation [ours in the details]: ``heads`` learned queries attend
-    over all tokens (one query per head, keys and values from a linear map of the normalised
-    tokens); the heads' results are concatenated and projected."""
+    over all tokens, or those ``keep`` marks (one query per head, keys and values from a linear
+    map of the normalised tokens); the heads' results are concatenated and projected."""
 
     def __init__(self, dim: int, heads: int = 4) -> None:
         super().__init__()
@@ -73,10 +81,14 @@ class AttentionPool(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    takes_keep = True
+
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         b, n, d = x.shape
         h = self.heads
         k, v = self.kv(self.norm(x)).reshape(b, n, 2, h, d // h).unbind(2)  # [B, N, H, D/H] each
         scores = torch.einsum("bnhc,hc->bhn", k, self.query)  # the query carries the 1/sqrt scale
+        if keep is not None:  # padded tokens get no weight (the lowest finite score: no NaN on a padding-only row)
+            scores = scores.masked_fill(~keep.unsqueeze(1), torch.finfo(scores.dtype).min)
         out = torch.einsum("bhn,bnhc->bhc", scores.softmax(dim=-1), v)
         return self.proj(out.reshape(b, d))

@@ -198,6 +198,19 @@ def _prefixes(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
+_FROM_MODEL: Any = object()  # attach_exits' pad_id when not given: the model's eenn_pad_id
+
+
+def _add_keep(graph: fx.Graph, pad_id: int) -> fx.Node | None:
+    """Add ``input != pad_id`` (the tokens that are not padding) after the model's input; None
+    when the graph has not exactly one input (the segments then say what is wrong)."""
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return None
+    with graph.inserting_after(inputs[0]):
+        return graph.create_node("call_function", operator.ne, (inputs[0], pad_id), name="eenn_keep")
+
+
 def attach_exits(
     model: nn.Module,
     at: str | Sequence[str],
@@ -209,6 +222,7 @@ def attach_exits(
     leaf_modules: Sequence[type] | None = None,
     input_dtype: torch.dtype | None = None,
     tracer: str | None = None,
+    pad_id: Any = _FROM_MODEL,
 ):
     """Cut ``model`` at the fx nodes named in ``at`` and attach an exit head at each cut.
 
@@ -220,8 +234,12 @@ def attach_exits(
     ``(3, 32, 32)``, or ``(L,)`` for token ids with ``input_dtype=torch.long``. ``tracer`` is ``"fx"`` (``torch.fx``'s symbolic
     tracing, the default) or ``"export"`` (``torch.export``, for models whose Python code
     branches on shapes, e.g. Hugging Face models; node names are then those of ATen operators);
-    a model may name its own with an ``eenn_tracer`` attribute. The returned network shares its
-    parameters with ``model``; its final exit is ``model``'s own output.
+    a model may name its own with an ``eenn_tracer`` attribute. ``pad_id`` (token ids only): the
+    id that pads a sequence; the exit heads then leave padded positions out (a mean over the
+    real tokens; attention pooling that gives them no weight), the mask ``ids != pad_id`` being
+    carried across the cuts with the samples. By default the model's ``eenn_pad_id`` attribute
+    (:func:`eenn.hf.encoder` sets it to its ``pad_token_id``), else None: every position is read.
+    The returned network shares its parameters with ``model``; its final exit is ``model``'s own output.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach_exits needs an nn.Module, got {type(model).__name__}")
@@ -234,6 +252,13 @@ def attach_exits(
         raise TypeError(f"input_dtype must be a torch.dtype such as torch.long, got {input_dtype!r}")
     tracer = tracer or getattr(model, "eenn_tracer", "fx")
     input_shape = tuple(int(s) for s in input_shape)
+    pad_id = getattr(model, "eenn_pad_id", None) if pad_id is _FROM_MODEL else pad_id
+    if pad_id is not None:
+        if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+            raise TypeError(f"attach_exits: pad_id must be a token id (an int) or None, got {pad_id!r}")
+        if input_dtype is None or input_dtype.is_floating_point or len(input_shape) != 1:
+            raise TraceError("attach_exits: pad_id applies to token ids: give input_shape=(length,) and "
+                             "input_dtype=torch.long, or leave pad_id out")
     if tracer == "fx":
         graph, module_calls = _trace(model, leaf_modules)
         root = model
@@ -245,7 +270,8 @@ def attach_exits(
     else:
         raise TraceError(f"tracer must be 'fx' or 'export', got {tracer!r}")
     cuts = _resolve_cuts(graph, list(at), module_calls, [m for m, _ in model.named_modules() if m])
-    segments, carried = _build_segments(graph, cuts, root)
+    keep = _add_keep(graph, pad_id) if pad_id is not None else None
+    segments, carried = _build_segments(graph, cuts, root, keep=keep)
     # Two odd batch sizes, so that a batch dimension is not confused with a small fixed one, and
     # the way every carried value depends on the batch shows.
     batches = (3, 5)
@@ -273,7 +299,7 @@ def attach_exits(
                        "dimension. ") + (_SEQUENCE_FIRST if i == 0 and _sequence_first(model) else "Cut at another node.")
                 )
             kinds[-1].append(kind)
-    segments, carried = _build_segments(graph, cuts, root, kinds)
+    segments, carried = _build_segments(graph, cuts, root, kinds, keep=keep)
     final = runs[0][-1]
     if not (isinstance(final, Tensor) and final.dim() == 2 and final.shape[0] == batches[0]):
         got = tuple(final.shape) if isinstance(final, Tensor) else type(final).__name__
@@ -282,6 +308,7 @@ def attach_exits(
         raise TraceError(f"num_classes={num_classes} but the model returns {final.shape[1]} logits")
     names = [c.name for c in cuts] + ["output"]
     backbone = Backbone(segments, nn.Identity(), input_shape=input_shape, stage_names=names, input_dtype=input_dtype)
+    backbone.carries_keep = keep is not None
     source: dict[str, Any] = {
         "kind": "traced",
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -299,6 +326,8 @@ def attach_exits(
     }
     if input_dtype is not None:
         source["input_dtype"] = str(input_dtype).removeprefix("torch.")
+    if pad_id is not None:
+        source["pad_id"] = pad_id
     return MultiExitNetwork(backbone, list(range(len(cuts))), head, head_options, source=source)
 
 
@@ -368,6 +397,7 @@ def _rebuild(
         leaf_modules=leaf_modules,
         input_dtype=getattr(torch, src["input_dtype"]) if src.get("input_dtype") else None,
         tracer=src.get("tracer", "fx"),
+        pad_id=src.get("pad_id"),  # a description saved before pad_id masked nothing
     )
     now = net.config["source"]
     # Traced by the same PyTorch, the same model gives the same code; another version may trace

@@ -74,10 +74,13 @@ def _carry_kind(a: Any, b: Any, ba: int, bb: int) -> tuple | None:
 
 
 def _build_segments(
-    graph: fx.Graph, cuts: list[fx.Node], root: nn.Module, kinds: list[list[tuple]] | None = None
+    graph: fx.Graph, cuts: list[fx.Node], root: nn.Module, kinds: list[list[tuple]] | None = None,
+    *, keep: fx.Node | None = None,
 ) -> tuple[list[fx.GraphModule], list[list[str]]]:
     """The segments; ``kinds[k][i]`` says how the ``i``-th value alive across cut ``k`` is
-    carried (:func:`_carry_kind`); without it every value is handed on as it is (to find out)."""
+    carried (:func:`_carry_kind`); without it every value is handed on as it is (to find out).
+    ``keep`` (the padding mask's node) crosses every cut, last, whether or not the model reads
+    it: the exit heads do."""
     nodes = list(graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
@@ -117,7 +120,7 @@ def _build_segments(
             if seg[n] <= k and any(u is output or (u in seg and seg[u] > k) for u in n.users)
         ]
         head = cuts[k]
-        carried.append([head] + [n for n in live if n is not head])
+        carried.append([head] + [n for n in live if n is not head and n is not keep] + ([keep] if keep else []))
     if kinds is None:
         kinds = [[("batch",)] * len(c) for c in carried]
     sent = [[i for i, kd in enumerate(kk) if kd[0] in ("batch", "broadcast", "rows")] for kk in kinds]

@@ -23,6 +23,7 @@ __all__ = [
     "create_backbone",
     "list_backbones",
     "head_input",
+    "head_keep",
     "dry_run",
 ]
 
@@ -32,6 +33,13 @@ State = Tensor | tuple[Tensor, ...]
 def head_input(state: State) -> Tensor:
     """The tensor an exit head reads from a stage's output state."""
     return state[0] if isinstance(state, tuple) else state
+
+
+def head_keep(state: State, carries: bool) -> Tensor | None:
+    """The padding mask (``[B, N]`` bool, True: a real token) that a token network cut with
+    ``attach_exits(pad_id=...)`` carries last in its state (``carries``: the backbone's
+    ``carries_keep``); None otherwise."""
+    return state[-1] if carries and isinstance(state, tuple) else None
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,8 @@ class Backbone(nn.Module):
         self.num_classes = int(logits.shape[1])
         # Set by create_backbone so that a checkpoint can rebuild the network from data.
         self.spec: dict[str, Any] | None = None
+        # Set by attach_exits(pad_id=...): every stage's state ends with the padding mask (head_keep).
+        self.carries_keep = False
 
     @property
     def num_stages(self) -> int:
@@ -138,7 +148,17 @@ class Backbone(nn.Module):
         return feats
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.forward_features(x))
+        state: State = x
+        for stage in self.stages:
+            state = stage(state)
+        return self.classify(state)
+
+    def classify(self, state: State) -> Tensor:
+        """The final classifier on the last stage's state (given the padding mask when it reads one)."""
+        keep = head_keep(state, self.carries_keep)
+        if keep is not None and getattr(self.classifier, "takes_keep", False):
+            return self.classifier(head_input(state), keep)
+        return self.classifier(head_input(state))
 
 
 _BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")
