@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import operator
 import warnings
 from typing import Any, Sequence
@@ -37,7 +36,7 @@ from .backbones.base import Backbone, dry_run
 from .heads import resolve_head_options
 from .network import _REBUILDERS, MultiExitNetwork, _per_exit
 from .trace_export import TraceError, _export
-from .trace_segments import _build_segments, _carry_kind
+from .trace_segments import _add_keep, _build_segments, _carry_kind, _graph_digest, _leaf_digest
 from .userframe import caller_stacklevel
 
 __all__ = ["attach_exits", "TraceError"]
@@ -201,16 +200,6 @@ def _prefixes(name: str) -> list[str]:
 _FROM_MODEL: Any = object()  # attach_exits' pad_id when not given: the model's eenn_pad_id
 
 
-def _add_keep(graph: fx.Graph, pad_id: int) -> fx.Node | None:
-    """Add ``input != pad_id`` (the tokens that are not padding) after the model's input; None
-    when the graph has not exactly one input (the segments then say what is wrong)."""
-    inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(inputs) != 1:
-        return None
-    with graph.inserting_after(inputs[0]):
-        return graph.create_node("call_function", operator.ne, (inputs[0], pad_id), name="eenn_keep")
-
-
 def attach_exits(
     model: nn.Module,
     at: str | Sequence[str],
@@ -340,34 +329,6 @@ def _sequence_first(model: nn.Module) -> bool:
     """Whether ``model`` holds PyTorch transformer layers that keep the sequence first."""
     kinds = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
     return any(isinstance(m, kinds) and not getattr(m, "batch_first", True) for m in model.modules())
-
-
-def _leaf_digest(segments: Sequence[fx.GraphModule]) -> str:
-    """A digest of the settings of the modules the segments call whole: for each module under
-    them, its type and its public attributes of plain types (and functions by name)."""
-    h = hashlib.sha256()
-    for seg in segments:
-        for node in seg.graph.nodes:
-            if node.op != "call_module":
-                continue
-            for name, sub in seg.get_submodule(node.target).named_modules():
-                conf = sorted((k, getattr(v, "__name__", None) if callable(v) else v) for k, v in vars(sub).items()
-                              if not k.startswith("_") and k != "training"
-                              and (callable(v) or isinstance(v, (bool, int, float, str, type(None)))))
-                h.update(f"{node.target}.{name}:{type(sub).__qualname__}:{conf}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def _graph_digest(segments: Sequence[fx.GraphModule]) -> str:
-    """A digest of the segments' generated code (their operators, constants and wiring; comments,
-    which may name source files, left out)."""
-    h = hashlib.sha256()
-    for seg in segments:
-        for line in seg.code.splitlines():
-            if line.strip() and not line.strip().startswith("#"):
-                h.update(line.rstrip().encode() + b"\n")
-        h.update(b"--segment--\n")
-    return h.hexdigest()[:16]
 
 
 def _torch_version() -> str:

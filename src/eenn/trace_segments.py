@@ -2,11 +2,13 @@
 each cut and how each is carried so that it survives the engine's compaction (a leading batch
 dimension as it is; no batch dimension broadcast in front; ``B * k`` rows split into ``[B, k]``;
 numbers written in as constants or read back from the state's batch size), and the
-``fx.GraphModule`` of every segment."""
+``fx.GraphModule`` of every segment; the padding mask a token network carries across every cut;
+and the digests that tell at load time a model built otherwise."""
 from __future__ import annotations
 
+import hashlib
 import operator
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, fx, nn
@@ -182,3 +184,41 @@ def _build_segments(
         g.lint()
         modules.append(fx.GraphModule(root, g, class_name=f"Segment{k}"))
     return modules, [[n.name for n in c] for c in carried]
+
+
+def _add_keep(graph: fx.Graph, pad_id: int) -> fx.Node | None:
+    """Add ``input != pad_id`` (the tokens that are not padding) after the model's input; None
+    when the graph has not exactly one input (the segments then say what is wrong)."""
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return None
+    with graph.inserting_after(inputs[0]):
+        return graph.create_node("call_function", operator.ne, (inputs[0], pad_id), name="eenn_keep")
+
+
+def _leaf_digest(segments: Sequence[fx.GraphModule]) -> str:
+    """A digest of the settings of the modules the segments call whole: for each module under
+    them, its type and its public attributes of plain types (and functions by name)."""
+    h = hashlib.sha256()
+    for seg in segments:
+        for node in seg.graph.nodes:
+            if node.op != "call_module":
+                continue
+            for name, sub in seg.get_submodule(node.target).named_modules():
+                conf = sorted((k, getattr(v, "__name__", None) if callable(v) else v) for k, v in vars(sub).items()
+                              if not k.startswith("_") and k != "training"
+                              and (callable(v) or isinstance(v, (bool, int, float, str, type(None)))))
+                h.update(f"{node.target}.{name}:{type(sub).__qualname__}:{conf}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _graph_digest(segments: Sequence[fx.GraphModule]) -> str:
+    """A digest of the segments' generated code (their operators, constants and wiring; comments,
+    which may name source files, left out)."""
+    h = hashlib.sha256()
+    for seg in segments:
+        for line in seg.code.splitlines():
+            if line.strip() and not line.strip().startswith("#"):
+                h.update(line.rstrip().encode() + b"\n")
+        h.update(b"--segment--\n")
+    return h.hexdigest()[:16]
