@@ -1,7 +1,9 @@
-"""What a resume checks in a saved training state before restoring anything from it: each field
-there and of its kind, what fails to restore said as a :class:`~eenn.checkpoint.CheckpointError`
-naming the file and the field, optimiser buffers of their parameter's shape; and each rank's
-random-number state taken back."""
+"""What the trainer checks before it trains: that the data fit the network (their kind and shape,
+the network's input description, labels it has classes for) and, on a resume, the saved training
+state before restoring anything from it: each field there and of its kind, what fails to restore
+said as a :class:`~eenn.checkpoint.CheckpointError` naming the file and the field, optimiser
+buffers of their parameter's shape, the data of the kind the saved network was trained on; and
+each rank's random-number state taken back."""
 from __future__ import annotations
 
 import contextlib
@@ -12,11 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .data import InputSpec
 from .registry import is_whole
 from .rng import set_rng_state
 from .userframe import caller_stacklevel
 
-__all__ = ["check_optimizer_state", "checked_state", "restore_rng", "restoring"]
+__all__ = ["check_labels", "check_optimizer_state", "check_resumed_input", "checked_state", "claim_input_spec",
+           "restore_rng", "restoring"]
 
 
 # What a resume reads from the saved training state before restoring anything: each field's test
@@ -98,3 +102,69 @@ def restore_rng(state: dict[str, Any], path: Path, env, seed: int) -> None:
         set_rng_state(ranks[env.rank])
     else:
         torch.manual_seed(seed + env.rank + 1_000_003 * int(state["epoch"]))
+
+
+# ------------------------------------------------------------------------- the data
+
+def _takes_token_ids(net) -> bool:
+    dtype = getattr(net.backbone, "input_dtype", None)
+    return dtype is not None and not dtype.is_floating_point
+
+
+def claim_input_spec(net, info) -> InputSpec:
+    """Give ``net`` the input description of the data it is trained on (``info``, a
+    :class:`~eenn.data.DatasetInfo`), or check that the one it has is that one. Data of another
+    kind than the network takes (token ids for a network of float inputs, say) are refused."""
+    spec = InputSpec.from_info(info)
+    ids = _takes_token_ids(net)
+    if ids != (spec.kind == "tokens"):
+        takes = (f"token ids (it was traced with input_dtype={net.backbone.input_dtype})" if ids else
+                 "float inputs (a network of token ids is made with eenn.attach_exits(..., input_dtype=torch.long))")
+        raise ValueError(f"the network takes {takes}; the data set {info.name!r} holds {spec.describe()}: train it "
+                         "on data of the kind it takes")
+    if spec.kind != "pixels" and tuple(net.input_shape) != spec.shape:
+        raise ValueError(f"the network takes inputs of shape {tuple(net.input_shape)} per sample (its input_shape); "
+                         f"the data set {info.name!r} holds {spec.describe()}: pad or cut the samples to that shape")
+    if net.input_spec is None:
+        net.input_spec = spec
+    elif not net.input_spec.same_input(spec):
+        have = net.input_spec
+        if "pixels" not in (have.kind, spec.kind) or have.kind != spec.kind:
+            raise ValueError(
+                f"the network's input description (net.input_spec) says it takes {have.describe()}; the data set "
+                f"{info.name!r} it is asked to train on holds {spec.describe()}: train it on data of the kind it was "
+                "trained on, or set net.input_spec = None to adopt this data set's description")
+        raise ValueError(
+            f"the network's input description (shape {have.shape}, mean {have.mean}, std {have.std}) is not "
+            f"that of the data set {info.name!r} it is asked to train on (shape {spec.shape}, mean {spec.mean}, "
+            f"std {spec.std}): train it on data normalised as before, or set net.input_spec = None to "
+            "adopt this data set's statistics")
+    return net.input_spec
+
+
+def check_labels(net, data) -> None:
+    """Labels the network has no class for would fail mid-epoch (on a GPU, as a device-side
+    assertion): refused here, naming the split."""
+    for split in ("train", "val"):
+        y = getattr(data, split).y
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= net.num_classes):
+            raise ValueError(f"the {split} split's labels range over [{int(y.min())}, {int(y.max())}], the network "
+                             f"has {net.num_classes} classes (0..{net.num_classes - 1}): build it with "
+                             "num_classes covering every label")
+
+
+def check_resumed_input(spec: InputSpec, path: Path) -> None:
+    """A run goes on only on data of the kind and shape its saved network was trained on."""
+    from .checkpoint import CheckpointError, read_description
+
+    saved = (read_description(path).get("network") or {}).get("input_spec")
+    if saved is None:
+        return
+    try:
+        have = InputSpec.from_dict(saved)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: network.input_spec is not an input description ({type(e).__name__}: {e}); "
+                              "the file was edited or damaged: delete it (or set resume=False) to start again") from None
+    if (have.kind, have.shape) != (spec.kind, spec.shape):
+        raise ValueError(f"{path} was trained on {have.describe()}, this run's data hold {spec.describe()}: resume "
+                         "on the data it was trained on, choose another out_dir, or set resume=False to start again")

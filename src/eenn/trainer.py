@@ -24,7 +24,8 @@ from .outputs import evaluate_exits
 from .rng import rng_state, seed_everything
 from .network import MultiExitNetwork
 from .objectives import EpochContext, Objective, create_objective, exit_losses
-from .train_state import check_optimizer_state, checked_state, restore_rng, restoring
+from .train_state import (check_labels, check_optimizer_state, check_resumed_input, checked_state,
+                          claim_input_spec, restore_rng, restoring)
 from .train_config import TrainConfig, build_optimizer, build_scheduler, unused_momentum
 from .userframe import caller_stacklevel
 
@@ -108,6 +109,7 @@ class Trainer:
         _, state = load_state(path)
         if state is None:
             raise ValueError(f"{path} holds no training state to resume from; delete it or set resume=False")
+        check_resumed_input(self.net.input_spec, path)
         saved = checked_state(state, path, self.config.epochs)
         if saved.get("optimizer", self.config.optimizer) != self.config.optimizer:
             raise ValueError(f"{path} was trained with optimizer {saved['optimizer']!r}, whose state cannot go on in "
@@ -178,7 +180,16 @@ class Trainer:
     def fit(self, net: MultiExitNetwork, data: DataSplits, objective: str | Objective) -> list[dict[str, Any]]:
         if isinstance(objective, DataSplits):
             raise TypeError("Trainer.fit takes (net, data, objective), in that order, like eenn.fit")
+        if not isinstance(data, DataSplits):
+            raise TypeError(f"Trainer.fit takes data as eenn.data.DataSplits (eenn.load_dataset(...), or "
+                            f"eenn.data.from_tensors(train=(x, y), val=(x, y)) for tensors of your own), got "
+                            f"{type(data).__name__}")
+        spec = InputSpec.from_info(data.info)
+        if self.config.augment and spec.kind != "pixels":
+            raise ValueError(f"augment=True crops and flips images; the data set {data.info.name!r} holds "
+                             f"{spec.describe()}: set augment=False")
         claim_input_spec(net, data.info)
+        check_labels(net, data)
         device = self._device()
         self.env = env = D.setup(device.type, self.config.dist_timeout)
         if env.enabled and device.type == "cuda":
@@ -269,7 +280,8 @@ class Trainer:
     def _train_epoch(self, epoch: int, autocast) -> dict[str, Any]:
         c, env, net = self.config, self.env, self.net
         spec = net.input_spec
-        ctx = EpochContext(epoch, c.epochs, net, self.data.train, spec.mean, spec.std, self.device, c.seed)
+        context = EpochContext if spec.kind == "pixels" else _ModelInputContext
+        ctx = context(epoch, c.epochs, net, self.data.train, spec.mean, spec.std, self.device, c.seed)
         held_out = self.objective.begin_epoch(ctx)
         keep = None
         if held_out is not None:  # this epoch trains on the rest (e.g. NACHOS' support set is held out)
@@ -348,20 +360,12 @@ class Trainer:
         return metrics
 
 
-def claim_input_spec(net: MultiExitNetwork, info) -> InputSpec:
-    """Give ``net`` the input description of the data it is trained on (``info``, a
-    :class:`~eenn.data.DatasetInfo`), or check that the one it has is that one."""
-    spec = InputSpec.from_info(info)
-    if net.input_spec is None:
-        net.input_spec = spec
-    elif not net.input_spec.same_input(spec):
-        have = net.input_spec
-        raise ValueError(
-            f"the network's input description (shape {have.shape}, mean {have.mean}, std {have.std}) is not "
-            f"that of the data set {info.name!r} it is asked to train on (shape {spec.shape}, mean {spec.mean}, "
-            f"std {spec.std}): train it on data normalised as before, or set net.input_spec = None to "
-            "adopt this data set's statistics")
-    return net.input_spec
+class _ModelInputContext(EpochContext):
+    """The epoch context of data that are model inputs as they are (token ids, float features):
+    what an objective draws from ``train`` is moved to the device, not normalised."""
+
+    def normalise(self, x: Tensor) -> Tensor:
+        return x.to(self.device)
 
 
 def _has_unused_parameters(step: _Step, train: TensorDataset) -> bool:

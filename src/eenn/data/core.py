@@ -1,7 +1,9 @@
 """The in-memory containers of the data layer and the helpers that split them.
 
-A data set is held as ONE uint8 tensor of images ``[N, C, H, W]`` (0..255) and one int64 tensor of
-labels ``[N]``: compact (a byte per pixel), movable to a GPU in one copy, and batched by slicing.
+A data set is held as ONE tensor of samples and one int64 tensor of labels ``[N]``: compact,
+movable to a GPU in one copy, and batched by slicing. The registered data sets hold uint8 images
+``[N, C, H, W]`` (0..255, a byte per pixel); data of one's own (:func:`eenn.data.from_tensors`)
+may also be integer token ids ``[N, L]`` or float features ``[N, ...]``, model inputs as they are.
 """
 from __future__ import annotations
 
@@ -12,19 +14,29 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .spec import input_kind
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
     name: str
     num_classes: int
-    in_channels: int
-    input_size: tuple[int, int]
+    in_channels: int | None   # None where the samples are not images
+    input_size: tuple[int, int] | None
     mean: tuple[float, ...]   # per channel, of x/255 on the train split (after the val carve-out)
     std: tuple[float, ...]
     class_names: tuple[str, ...]
     # how load_dataset split it ({"seed", "val_fraction", "limit"}), so that a trained network's
     # checkpoint can name its validation split; None for splits made otherwise
     split: dict[str, Any] | None = field(default=None, compare=False)
+    # what the samples are: "pixels" (uint8, normalised by mean/std), "tokens" (integer ids) or
+    # "features" (floats); the last two have no in_channels/input_size and empty mean/std
+    kind: str = "pixels"
+    input_shape: tuple[int, ...] | None = None  # per sample; (in_channels, *input_size) for pixels
+
+    def __post_init__(self) -> None:
+        if self.kind == "pixels" and self.input_shape is None:
+            object.__setattr__(self, "input_shape", (int(self.in_channels), *map(int, self.input_size)))
 
 
 def _as_tensor(a: Any) -> Tensor:
@@ -34,15 +46,24 @@ def _as_tensor(a: Any) -> Tensor:
 
 
 class TensorDataset:
-    """Images ``x`` uint8 ``[N, C, H, W]`` and labels ``y`` int64 ``[N]`` on one device."""
+    """Samples ``x`` and labels ``y`` int64 ``[N]`` on one device. ``x`` is uint8 images
+    ``[N, C, H, W]``, int64/int32 token ids ``[N, L]`` or floating-point features ``[N, ...]``
+    (its ``kind``: ``"pixels"``, ``"tokens"`` or ``"features"``)."""
 
     def __init__(self, x: Tensor | np.ndarray, y: Tensor | np.ndarray | Sequence[int]) -> None:
         self.x = _as_tensor(x)
-        self.y = _as_tensor(y).to(self.x.device, torch.int64)
-        if self.x.dtype != torch.uint8:
-            raise TypeError(f"images must be uint8 (0..255), got {self.x.dtype}")
-        if self.x.ndim != 4:
-            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(self.x.shape)}")
+        y = _as_tensor(y)
+        self.kind = input_kind(self.x)  # a TypeError for other dtypes
+        if y.is_floating_point() or y.is_complex():
+            raise TypeError(f"labels must be integer class indices, got {str(y.dtype).removeprefix('torch.')}; "
+                            "whole numbers stored as floats: pass y.long()")
+        self.y = y.to(self.x.device, torch.int64)
+        if self.kind == "pixels" and self.x.ndim != 4:
+            raise ValueError(f"uint8 samples are images [N, C, H, W], got shape {tuple(self.x.shape)}; token ids "
+                             "must be int64 or int32 (x.long())")
+        if self.x.ndim < 2:
+            raise ValueError(f"samples must be [N, ...] with one row per sample, got shape {tuple(self.x.shape)}; "
+                             "one number per sample is x[:, None]")
         if self.y.shape != (len(self.x),):
             raise ValueError(f"labels must be [N] with N={len(self.x)}, got shape {tuple(self.y.shape)}")
 

@@ -7,7 +7,8 @@ permutation is dealt round-robin to the ranks, exactly like ``DistributedSampler
 augmentation is drawn per global position, what a sample gets does not depend on the rank count.
 Each batch is then gathered on ``device`` (crop and flip fused in one indexing op on uint8) and
 converted to float32 as ``(x / 255 - mean) / std`` by :func:`eenn.data.spec.normalize`'s arithmetic
-(given as ``mean``/``std`` or as an ``input_spec``).
+(given as ``mean``/``std`` or as an ``input_spec``). Token ids and float features are model inputs
+already: their batches are only gathered on ``device``, integers staying integers.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .core import TensorDataset
-from .spec import InputSpec, PerChannel, apply_normalization, normalization_factors
+from .spec import InputSpec, PerChannel, apply_normalization, describe_input, normalization_factors
 
 _SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1
 
@@ -49,7 +50,9 @@ class TensorLoader:
     """Iterate ``(x float32 [B, C, H, W], y int64 [B])`` on ``device`` (plus the samples' indices
     with ``return_indices``); see the module docstring. The normalisation is ``mean``/``std`` or
     ``input_spec`` (an :class:`~eenn.data.InputSpec`, e.g. ``net.input_spec``), not both; with
-    neither, pixels are only scaled to [0, 1]."""
+    neither, pixels are only scaled to [0, 1]. A data set of token ids or float features gives its
+    samples as they are (``[B, ...]``, its own dtype); ``input_spec`` must then be of that kind,
+    and ``augment`` (crops and flips of images) is refused."""
 
     def __init__(self, dataset: TensorDataset, batch_size: int, *, shuffle: bool = False, drop_last: bool = False,
                  mean: PerChannel = None, std: PerChannel = None, input_spec: InputSpec | None = None,
@@ -71,11 +74,25 @@ class TensorLoader:
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.epoch = 0
         self.return_indices = return_indices  # yield (x, y, indices into `dataset`)
+        kind, shape = dataset.kind, tuple(dataset.x.shape[1:])
         if input_spec is not None:
             if mean is not None or std is not None:
                 raise ValueError("give the normalisation as mean/std or as input_spec, not both")
-            if tuple(dataset.x.shape[1:]) != input_spec.shape:
-                raise ValueError(f"the images are {tuple(dataset.x.shape[1:])}, the input_spec says {input_spec.shape}")
+            if input_spec.kind != kind:
+                raise ValueError(f"the data set holds {describe_input(kind, shape)}, the input_spec says the network "
+                                 f"takes {input_spec.describe()}")
+            if shape != input_spec.shape:
+                what = "images" if kind == "pixels" else "samples"
+                raise ValueError(f"the {what} are {shape}, the input_spec says {input_spec.shape}")
+        if kind != "pixels":
+            if mean is not None or std is not None:
+                raise ValueError(f"mean/std normalise uint8 pixels; this data set holds {describe_input(kind, shape)}, "
+                                 "which go to the network as they are: leave mean/std out")
+            if augment:
+                raise ValueError(f"augment crops and flips images; this data set holds {describe_input(kind, shape)}: "
+                                 "set augment=False")
+            self._scale = self._shift = None  # model inputs as they are
+        elif input_spec is not None:
             self._scale, self._shift = input_spec.factors(self.device)
         else:  # (x / 255 - mean) / std == x * scale + shift
             self._scale, self._shift = normalization_factors(mean, std, dataset.x.shape[1], self.device)
@@ -127,5 +144,6 @@ class TensorLoader:
             x = x_all[idx]
             if params is not None:
                 x = crop_flip(x, params[0][sl], params[1][sl], params[2][sl], self.crop_padding)
-            x = apply_normalization(x, self._scale, self._shift)
+            if self._scale is not None:
+                x = apply_normalization(x, self._scale, self._shift)
             yield (x, y_all[idx], idx) if self.return_indices else (x, y_all[idx])
