@@ -168,7 +168,8 @@ def _predict(args) -> int:
     spec = net.input_spec  # older checkpoints: eenn.load reads it from their extra data
     names = spec.class_names if spec is not None else None
     manifest = {"input_shape": list(net.input_shape),
-                "preprocess": {"mean": list(spec.mean), "std": list(spec.std)} if spec is not None else None}
+                "preprocess": {"mean": list(spec.mean), "std": list(spec.std)}
+                if spec is not None and spec.kind == "pixels" else None}
     engine = DynamicEngine(net.eval(), policy)
     types = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".npy": "application/x-npy",
              ".json": "application/json"}

@@ -228,7 +228,8 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
         "exit_names": list(net.exit_names),
         "has_gates": bool(net.has_gates),
         "policy": record,
-        "preprocess": ({"mean": list(spec.mean), "std": list(spec.std)} if spec is not None else None),
+        "preprocess": ({"mean": list(spec.mean), "std": list(spec.std)} if spec is not None and spec.kind == "pixels"
+                       else None),  # token ids and float features are model inputs as they are
         "class_names": list(spec.class_names) if spec is not None and spec.class_names is not None else None,
         "validation": validation,
         "dynamic_macs": [int(m) for m in cost.dynamic_macs],
