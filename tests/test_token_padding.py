@@ -85,7 +85,8 @@ def test_the_mask_follows_the_samples_through_engine_export_and_serving(tmp_path
     th, cache = _thresholds(net, ids)
     sim = decide("max_prob", cache, th)
     assert len(set(sim.exit.tolist())) == 3  # samples leave at every exit: compaction is exercised
-    for eng in (DynamicEngine(net, "max_prob", th), DynamicEngine(net, "max_prob", th, micro_batch=5)):
+    for eng in (DynamicEngine(net, "max_prob", th), DynamicEngine(net, "max_prob", th, micro_batch=5),
+                DynamicEngine(net, "max_prob", th, optimize=True)):
         res = eng(ids)
         assert torch.equal(res.exit, sim.exit) and torch.equal(res.prediction, sim.prediction)
     with torch.no_grad():
