@@ -79,6 +79,7 @@ FIT = dict(epochs=2, lr=1e-2, optimizer="adamw", batch_size=32, progress=False)
 # ------------------------------------------------------------------------------------ training
 
 def test_a_text_transformer_learns_from_token_ids(tokens):
+    assert eenn.from_tensors is from_tensors
     assert tokens.info.kind == "tokens" and tokens.info.input_shape == (LENGTH,) and tokens.info.num_classes == 2
     net = text_net()
     history = eenn.fit(net, tokens, "joint", **FIT)
@@ -96,7 +97,7 @@ def test_every_objective_trains_on_token_ids(tokens, objective, kw):
     gated = objective in ("branching", "eenets", "nachos")
     net = text_net(head_options={"gate": True} if gated else None)
     if objective == "nachos":
-        kw = {"mmax": net.cost().macs[-1]}
+        kw = {"mmax": net.cost().macs[-1], "support_set": True}  # drawn from the ids, not normalised
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # nachos' support set is noted as small
         history = eenn.fit(net, tokens, eenn.create_objective(objective, **kw), **FIT)
@@ -220,11 +221,15 @@ def test_evaluation_paths_take_token_ids(tokens, tmp_path):
     policy = eenn.calibrate("max_prob", val, net.cost(), {"max_drop": 0.05})
     result = eenn.DynamicEngine(net.eval(), policy)(tokens.test.x)
     assert (result.prediction == tokens.test.y).double().mean() > 0.8
-    report = eenn.evaluate(net, tokens, batch_sizes=(), curve_points=2, goal={"max_drop": 0.05})
+    report = eenn.evaluate(net, tokens, batch_sizes=(4,), timing_samples=8, repeats=1, deployments="eager",
+                           curve_points=2, goal={"max_drop": 0.05})
+    assert report.data["timing"][0]["batch_size"] == 4
     assert report.data["dataset"] == {"name": "has7", "split": "test", "samples": 64}
     assert report.data["result"]["accuracy"] > 0.8
     manifest = eenn.export(net, tmp_path / "export", policy=policy)
     assert manifest["preprocess"] is None and manifest["class_names"] == ["no7", "has7"]  # ids are not pixels
+    pruned = eenn.aep_prune(net, [1.0, 1.0], tokens.val, latency_batch_size=None)
+    assert len(pruned.val_acc) == 2
 
 
 def test_evaluation_refuses_tensors_without_a_test_split():
@@ -234,6 +239,8 @@ def test_evaluation_refuses_tensors_without_a_test_split():
     eenn.fit(net, data, epochs=1, progress=False)
     with pytest.raises(ValueError, match="no samples"):
         eenn.collect_outputs(net, data.test)
+    with pytest.raises(ValueError, match=r"test split of 'tensors' holds no samples.*give it test=\(x, y\)"):
+        eenn.evaluate(net, data, batch_sizes=())
 
 
 # -------------------------------------------------------------------------------------- pixels

@@ -4,7 +4,7 @@ The names a user needs, by layer (the modules behind them, bottom to top):
 
 - model: ``create_network``, ``attach_exits``, ``MultiExitNetwork``, ``InputSpec``, ``CostTable``,
   ``create_backbone``/``create_head`` (``backbones``, ``heads``, ``network``, ``trace``, ``cost``);
-- data: ``load_dataset``, ``TensorLoader`` (``data``);
+- data: ``load_dataset``, ``from_tensors``, ``TensorLoader`` (``data``);
 - train: ``fit``, ``Trainer``, ``TrainConfig``, ``create_objective`` (``objectives``, ``trainer``);
 - infer: ``collect_outputs``, ``ExitPolicy``, ``calibrate``, ``Goal``, ``DynamicEngine``,
   ``evaluate`` (``outputs``, ``policies``, ``engine``, ``inference``, ``report``);
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 from .backbones import Backbone, StageInfo, create_backbone, list_backbones, register_backbone
 from .checkpoint import CheckpointError, load, read_description, save
 from .cost import CostTable
-from .data import InputSpec, TensorLoader, list_datasets, load_dataset
+from .data import InputSpec, TensorLoader, from_tensors, list_datasets, load_dataset
 from .heads import ExitHead, create_head, list_heads, register_head
 from .network import ExitOutputs, MultiExitNetwork, NetworkConfig, create_network, place_exits
 from .trace import TraceError, attach_exits
@@ -37,7 +37,7 @@ __all__ = [
     "StageInfo", "TraceError", "attach_exits", "create_backbone", "create_head", "create_network", "list_backbones",
     "list_heads", "place_exits", "register_backbone", "register_head",
     # data
-    "TensorLoader", "list_datasets", "load_dataset",
+    "TensorLoader", "from_tensors", "list_datasets", "load_dataset",
     # train
     "Objective", "TrainConfig", "Trainer", "create_objective", "fit", "list_objectives", "register_objective",
     # infer

@@ -279,8 +279,11 @@ def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_pro
     net = net.to(dev).eval()
     info = data.info
     cost = net.cost()
-    val = val if val is not None else collect_outputs(net, data.val, device=dev)
     split_set = getattr(data, split)
+    if not len(split_set):
+        raise ValueError(f"the {split} split of {info.name!r} holds no samples to report on" + (
+            " (eenn.data.from_tensors was given test=None: give it test=(x, y))" if split == "test" else ""))
+    val = val if val is not None else collect_outputs(net, data.val, device=dev)
     cache = collect_outputs(net, split_set, device=dev)
     fitted = calibrate(pol, val, cost, goal)
     result = report_goal(fitted, cache, cost, goal)

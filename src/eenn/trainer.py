@@ -180,7 +180,7 @@ class Trainer:
     def fit(self, net: MultiExitNetwork, data: DataSplits, objective: str | Objective) -> list[dict[str, Any]]:
         if isinstance(objective, DataSplits):
             raise TypeError("Trainer.fit takes (net, data, objective), in that order, like eenn.fit")
-        if not isinstance(data, DataSplits):
+        if not all(hasattr(data, k) for k in ("train", "val", "info")):
             raise TypeError(f"Trainer.fit takes data as eenn.data.DataSplits (eenn.load_dataset(...), or "
                             f"eenn.data.from_tensors(train=(x, y), val=(x, y)) for tensors of your own), got "
                             f"{type(data).__name__}")
@@ -388,7 +388,9 @@ def _has_unused_parameters(step: _Step, train: TensorDataset) -> bool:
 
 def fit(net: MultiExitNetwork, data: DataSplits, objective: str | Objective = "joint",
         callbacks: Sequence[Callback] = (), **config: Any) -> list[dict[str, Any]]:
-    """One-call training: ``eenn.fit(net, data, "joint", epochs=5, lr=0.05, out_dir="runs/a")``."""
+    """One-call training: ``eenn.fit(net, data, "joint", epochs=5, lr=0.05, out_dir="runs/a")``.
+    ``data``: a data set's splits (:func:`eenn.load_dataset`) or your own tensors'
+    (:func:`eenn.data.from_tensors`: uint8 pixels, token ids or float features)."""
     unknown = set(config) - set(TrainConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown training option(s) {', '.join(sorted(unknown))}; "
