@@ -129,7 +129,7 @@ def claim_input_spec(net, info) -> InputSpec:
         net.input_spec = spec
     elif not net.input_spec.same_input(spec):
         have = net.input_spec
-        if "pixels" not in (have.kind, spec.kind) or have.kind != spec.kind:
+        if not have.kind == spec.kind == "pixels":
             raise ValueError(
                 f"the network's input description (net.input_spec) says it takes {have.describe()}; the data set "
                 f"{info.name!r} it is asked to train on holds {spec.describe()}: train it on data of the kind it was "

@@ -24,7 +24,7 @@ __all__ = ["from_tensors"]
 
 def _tensor(a: Any, what: str) -> Tensor:
     if isinstance(a, Tensor):
-        return a
+        return a.detach()  # the same memory; data need no gradient
     if isinstance(a, np.ndarray):
         if a.dtype.kind not in "biuf":
             raise TypeError(f"from_tensors: {what} is a NumPy array of dtype {a.dtype}; give numbers")
