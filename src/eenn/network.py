@@ -142,9 +142,9 @@ class MultiExitNetwork(nn.Module):
         """``input_spec``, or a ValueError saying how to set it (``what`` names the caller)."""
         if self.input_spec is None:
             raise ValueError(
-                f"{what} needs the network's input description (net.input_spec), which is not set, to turn "
-                "uint8 pixels into model inputs: set net.input_spec = eenn.InputSpec.from_info(data.info) "
-                "or train the network with eenn.fit, which sets it")
+                f"{what} needs the network's input description (net.input_spec), which is not set, to know "
+                "what it takes (uint8 pixels to normalise, token ids, float features): set net.input_spec = "
+                "eenn.InputSpec.from_info(data.info) or train the network with eenn.fit, which sets it")
         return self.input_spec
 
     def _check_input(self, x: Tensor, where: str, pixels: bool) -> None:
