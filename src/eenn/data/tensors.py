@@ -22,6 +22,7 @@ from .spec import describe_input
 
 __all__ = ["from_tensors"]
 
+
 def _tensor(a: Any, what: str) -> Tensor:
     if isinstance(a, Tensor):
         return a.detach()  # the same memory; data need no gradient
