@@ -464,3 +464,21 @@ def test_served_whole_the_static_graph_answers(tmp_path):
     (tmp_path / "static.onnx").write_bytes(b"tampered")
     with pytest.raises(ExportError, match="static.onnx does not match its checksum"):
         StagedRunner(tmp_path)
+
+
+def test_a_network_without_early_exits_calibrates_and_exports(tmp_path):
+    """``exits="none"`` (the static network): calibration has nothing to fit, the export is one
+    segment without a fused graph, and the runner answers as the network does."""
+    torch.manual_seed(0)
+    net = eenn.create_network("resnet20", in_channels=1, num_classes=10, input_size=8, exits="none").eval()
+    x = torch.randn(12, 1, 8, 8)
+    with torch.no_grad():
+        logits = net(x).logits
+    cache = CachedOutputs(logits, None, torch.randint(0, 10, (12,)))
+    for goal in ({"max_drop": 0.01}, {"budget": 0.5}, {"msdnet_q": 1.0}, {"max_drop": 0.01, "alpha": 0.1}):
+        fitted = eenn.calibrate("max_prob", cache, net.cost(), goal)
+        assert fitted.thresholds.numel() == 0, goal
+    m = export(net, tmp_path, policy=fitted)
+    assert m["num_exits"] == 1 and m["fused"]["file"] is None and "no early exit" in m["fused"]["reason"]
+    res = StagedRunner(tmp_path)(x.numpy())
+    assert np.array_equal(res["prediction"], logits[-1].argmax(-1).numpy()) and not res["exit"].any()

@@ -125,7 +125,10 @@ def run_export(args) -> int:
         policy = ExitPolicy.load(args.checkpoint)
     else:
         policy = ExitPolicy(args.policy or "max_prob")
+    fitted = policy if calib.get("policy") is not None else None
+    dropped = None
     if args.policy and args.policy != policy.name:  # another rule: the calibration's thresholds do not apply
+        dropped = f"--policy {args.policy} is not the rule {policy.name!r} that {args.calibration or args.checkpoint} fixes"
         policy = ExitPolicy(args.policy, fallback=policy.fallback)
     if args.fallback:
         policy = policy.replace(fallback=args.fallback)
@@ -135,6 +138,10 @@ def run_export(args) -> int:
         # a checkpoint without an input description, and a calibration record that carries it (older ones did)
         net.input_spec = InputSpec(tuple(net.input_shape), tuple(calib["mean"]), tuple(calib["std"]))
     validation = calib.get("validation")
+    # the record's exit distribution is its own policy's, which eenn plan would weigh latencies with
+    stale = validation is not None and fitted is not None and policy.to_dict() != fitted.to_dict()
+    if stale:
+        validation = None
     if args.dataset:
         from .data import load_dataset
 
@@ -157,7 +164,15 @@ def run_export(args) -> int:
                   f"{data.info.split['seed']}, val_fraction {data.info.split['val_fraction']}; max_drop={args.max_drop}): thresholds "
                   f"{[round(t, 4) for t in policy.thresholds.tolist()]}, accuracy {100 * validation['accuracy']:.2f}%")
     if policy.thresholds is None:
+        if dropped:
+            raise ValueError(f"no thresholds: {dropped}, so its thresholds do not apply; calibrate for {args.policy} "
+                             f"(`eenn calibrate RUN --policy {args.policy}`, then --calibration), or give --thresholds "
+                             "or --dataset NAME")
         raise ValueError("no thresholds: give --thresholds, --calibration FILE or --dataset NAME")
+    if stale and validation is None:
+        print(f"note: --policy/--fallback/--thresholds change the policy {args.calibration} was fitted to, so its "
+              "validation exit distribution does not describe this export and is left out (`eenn plan` then asks for "
+              "one: calibrate the policy you export, e.g. `eenn calibrate RUN --policy NAME`)", file=sys.stderr)
     m = export(net, args.out, policy=policy, validation=validation, opset=args.opset)
     print(f"exported {m['num_exits']} segments to {args.out} (max |ONNX - PyTorch| logit "
           f"{m['check']['max_abs_logit_diff']:.2g})")

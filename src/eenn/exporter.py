@@ -20,6 +20,7 @@ import contextlib
 import io
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -241,7 +242,18 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
     tmp = out / (MANIFEST + ".tmp")
     write_json(manifest, tmp)  # strict JSON: infinite thresholds as "inf" / "-inf"
     os.replace(tmp, out / MANIFEST)
+    _remove_stale(out, manifest)
     return manifest
+
+
+def _remove_stale(out: Path, manifest: dict[str, Any]) -> None:
+    """Remove the graphs an earlier export into ``out`` left that this manifest does not name
+    (a deeper network's last segments, a fused graph this policy has none of), so that the folder
+    holds one export only. Other files are left alone."""
+    named = {s["file"] for s in manifest["segments"]} | {manifest["static"]["file"], manifest["fused"]["file"]}
+    for f in [*out.glob("segment_*.onnx"), out / "fused_batch1.onnx"]:
+        if f.name not in named and re.fullmatch(r"segment_\d+\.onnx|fused_batch1\.onnx", f.name) and f.is_file():
+            f.unlink()
 
 
 def _keep_inputs(data: bytes, names: list[str], args: tuple) -> bytes:
@@ -333,6 +345,8 @@ def _export_fused(manifest: dict, seg_bytes: list[bytes], out: Path, x: Tensor, 
     rule has that form; checked against the staged runner sample by sample, with the policy's
     thresholds and with thresholds that send everyone out at the first exit and nobody."""
     policy = ExitPolicy.from_dict(manifest["policy"])
+    if manifest["num_exits"] == 1:
+        return {"file": None, "reason": "no early exit: the static graph is the whole network"}
     if policy.name not in FUSED_RULES or policy.fallback != "final":
         return {"file": None, "reason": f"policy {policy.name!r} with fallback {policy.fallback!r} has no fused form "
                                         f"(fused: {', '.join(FUSED_RULES)} with the final fallback)"}

@@ -233,6 +233,8 @@ def calibrate(policy: ExitPolicy | str, val_cache: CachedOutputs, cost_table: Co
     sc, _, strict = canonical(s.score.float(), torch.zeros(e - 1), s.rule)
     back = (lambda t: -t) if s.rule in ("<", "<=") else (lambda t: t)
 
+    if e == 1:  # no early exit (exits "none"): nothing to fit, every sample takes the final one
+        return pol.replace(thresholds=torch.zeros(0))
     if goal.kind == "msdnet_q":
         th = _msdnet(sc, strict, msdnet_distribution(goal.msdnet_q, e))
     elif goal.alpha is not None:

@@ -4,6 +4,7 @@ the parsed args."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["add_parsers", "run_serve", "run_plan"]
@@ -85,8 +86,8 @@ def add_parsers(subparsers) -> None:
                               "link costs and the validation exit distribution.", epilog=EPILOG_PLAN,
                               formatter_class=raw)
     p.add_argument("export_dir")
-    p.add_argument("--tier", action="append", required=True, metavar="NAME=SPEED")
-    p.add_argument("--link", action="append", default=[], metavar="BYTES_PER_S,LATENCY_S")
+    p.add_argument("--tier", action="append", required=True, metavar="NAME=SPEED", type=_usage(_tier_syntax))
+    p.add_argument("--link", action="append", default=[], metavar="BYTES_PER_S,LATENCY_S", type=_usage(_link))
     p.add_argument("--float16", action="store_true", help="features cross tiers as float16")
     p.add_argument("--out", default=None, help="write the chosen plan (YAML) here")
     p.add_argument("--split", default=None, metavar="SEGS,SEGS,...",
@@ -132,12 +133,7 @@ def _speeds(specs: list[str], manifest: dict, batch: int = 1):
                 measured = measure_segments(manifest)
                 if batch > 1:
                     batched = measure_segments(manifest, batch=batch, repeats=10)[0]
-            try:
-                factor = float(value.partition(":")[2] or 1.0)
-            except ValueError:
-                raise ValueError(f"--tier {spec!r}: measure:F takes a number F (how many times faster)") from None
-            if not 0 < factor < float("inf"):
-                raise ValueError(f"--tier {spec!r}: the speed factor must be a number > 0")
+            factor = _factor(spec, value)
             speeds.append(TierSpeed(name, segment_s=[t / factor for t in measured[0]], answer_s=measured[1] / factor,
                                     batch_s=None if batched is None else [t / factor for t in batched], batch=batch))
         else:
@@ -146,6 +142,51 @@ def _speeds(specs: list[str], manifest: dict, batch: int = 1):
     if len(set(names)) != len(names):
         raise ValueError(f"--tier names must be distinct, got {', '.join(names)}")
     return speeds
+
+
+def _usage(check):
+    """An argparse ``type`` from ``check(text)``: its ValueError becomes a usage error (exit 2)."""
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    return parse
+
+
+def _tier_syntax(spec: str) -> None:
+    """Refuse a ``--tier`` that is not NAME=MACS_PER_S[,OVERHEAD_S], NAME=measure or NAME=measure:F."""
+    name, sep, value = spec.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"--tier takes NAME=SPEED, got {spec!r}")
+    if value == "measure" or value.startswith("measure:"):
+        _factor(spec, value)
+    else:
+        _declared(spec, value)
+
+
+def _factor(spec: str, value: str) -> float:
+    try:
+        factor = float(value.partition(":")[2] or 1.0)
+    except ValueError:
+        raise ValueError(f"--tier {spec!r}: measure:F takes a number F (how many times faster)") from None
+    if not 0 < factor < float("inf"):
+        raise ValueError(f"--tier {spec!r}: the speed factor must be a number > 0")
+    return factor
+
+
+def _link(text: str):
+    from .plan import LinkSpec
+
+    try:
+        bw, lat = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--link takes BYTES_PER_S,LATENCY_S, got {text!r}") from None
+    try:
+        return LinkSpec(bw, lat)
+    except ValueError as e:
+        raise ValueError(f"--link {text!r}: {e}") from None
 
 
 def _declared(spec: str, value: str) -> tuple[float, float]:
@@ -188,11 +229,8 @@ def _split(text: str, names: list[str], num_exits: int) -> list[tuple[int, int]]
 
 
 def run_plan(args) -> int:
-    import os
-
     from ..io import writable_text_file
     from ..staged import load_manifest
-    from .plan import LinkSpec
     from .sizing import propose_serving
     from .splits import expected_latency, plan_splits
 
@@ -206,16 +244,7 @@ def run_plan(args) -> int:
         raise ValueError(f"--measure-batch must be >= 1, got {args.measure_batch}")
     m = load_manifest(args.export_dir)
     speeds = _speeds(args.tier, m, args.measure_batch if batching else 1)
-    links = []
-    for text in args.link:
-        try:
-            bw, lat = (float(v) for v in text.split(","))
-        except ValueError:
-            raise ValueError(f"--link takes BYTES_PER_S,LATENCY_S, got {text!r}") from None
-        try:
-            links.append(LinkSpec(bw, lat))
-        except ValueError as e:
-            raise ValueError(f"--link {text!r}: {e}") from None
+    links = [_link(text) for text in args.link]
     names = [s.name for s in speeds]
     depth = (m.get("validation") or {}).get("depth_distribution")
     if depth is None:
@@ -274,7 +303,9 @@ def run_plan(args) -> int:
     if args.out:
         from ..io import dump_yaml
 
-        plan = {"model": str(args.export_dir), "tiers": tiers, "float16": args.float16}
+        # a plan names its export relative to itself (TierPlan.load reads it so), wherever it is written
+        model = os.path.relpath(os.path.abspath(args.export_dir), os.path.dirname(os.path.abspath(args.out)))
+        plan = {"model": model, "tiers": tiers, "float16": args.float16}
         with open(writable_text_file(args.out, "a plan"), "w") as f:
             f.write(dump_yaml(plan))
         print(f"wrote {args.out}")
