@@ -17,7 +17,7 @@ MODEL_HELP = ("for a network made by eenn.attach_exits on a model of yours: the 
 EPILOG_EXPORT = """examples:
   eenn export runs/r20/best.safetensors --out export/ --policy max_prob --thresholds 0.9,0.85,0.8
   eenn export runs/r20/best.safetensors --out export/ --calibration calib.json
-  eenn export runs/r20/best.safetensors --out export/ --dataset digits --max-drop 0.02
+  eenn export runs/r20/best.safetensors --out export/ --dataset digits --max-drop 0.02   # default 0.01
 
 --calibration reads a calibration record {"policy": {"rule", "thresholds", "fallback", "options"},
 "validation": ...} (`eenn calibrate` and eenn.exporter.calibration_record write it; older flat
@@ -62,7 +62,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--calibration", default=None, metavar="FILE", help="JSON with thresholds etc. (see below)")
     e.add_argument("--dataset", default=None, help="registered data set for normalisation / calibration")
     e.add_argument("--data-dir", default=None)
-    e.add_argument("--max-drop", type=float, default=0.02, help="with --dataset and no --thresholds (default 0.02)")
+    e.add_argument("--max-drop", type=float, default=0.01,
+                   help="with --dataset and no --thresholds (default 0.01, as eenn train and eenn calibrate)")
     e.add_argument("--opset", type=int, default=17)
     e.set_defaults(run=run_export)
 
