@@ -29,7 +29,7 @@ from .trainer import TrainConfig
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "ObjectiveConfig", "EvalConfig", "RunConfig",
            "load_config", "save_config", "check_config", "config_from_dict", "config_to_dict", "apply_overrides",
-           "merge"]
+           "merge", "parse_exits"]
 
 
 class ConfigError(ValueError):
@@ -49,7 +49,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet20"
     backbone_options: dict = field(default_factory=dict)  # e.g. {width: 0.5}
-    exits: str | list = "all"  # "all", "none", [1, 3], "linear:3", stage names
+    exits: str | list | int = "all"  # "all", "none", [1, 3] or "1,3", "linear:3", stage names ("block2.0,block3.0")
     head: str | list = "linear"  # one head for every exit, or one per exit
     head_options: dict | list = field(default_factory=dict)
 
@@ -147,6 +147,46 @@ def config_from_dict(values: Mapping, *, dropped: list | None = None) -> RunConf
     return _build(RunConfig, values, "", dropped)
 
 
+def parse_exits(value: Any) -> str | list:
+    """Where the exits go, read the same from ``--exits``, ``--set model.exits=`` and YAML:
+    ``all``, ``none`` and ``<distribution>:<number>`` (``linear:3``) as they are; a stage index
+    (``3``), or a comma-separated text or list of stages, each an index or a stage name (``1,3``,
+    ``block2.0,block3.0``, ``[1, 3]``) -> a list. What is wrong in the form is a ConfigError;
+    whether a stage exists is known once the network is built."""
+    from .placement import EXIT_DISTRIBUTIONS
+
+    how = ("use all, none, <distribution>:<number of exits> (e.g. linear:3), or stages by index or name, "
+           "e.g. 1,3 or block2.0,block3.0")
+    given = value
+    if isinstance(value, str):
+        text = value.strip()
+        if text in ("all", "none"):
+            return text
+        if ":" in text:
+            dist, _, k = text.partition(":")
+            if dist.strip() not in EXIT_DISTRIBUTIONS or not k.strip().isdigit() or int(k) < 1:
+                raise ConfigError(f"model.exits: {value!r} not understood: a placement by cost is "
+                                  f"<distribution>:<number of exits> with a distribution of "
+                                  f"{', '.join(EXIT_DISTRIBUTIONS)} and a number >= 1, e.g. linear:3")
+            return f"{dist.strip()}:{int(k)}"
+        value = [t.strip() for t in text.split(",")]
+        if not text or not all(value):
+            raise ConfigError(f"model.exits: {text!r} names no stage where one is expected; {how} (none for no exits)")
+    elif isinstance(value, bool) or not isinstance(value, (int, list)):
+        raise ConfigError(f"model.exits: {value!r} not understood; {how}")
+    items = [value] if isinstance(value, int) else value
+    out: list = []
+    for s in items:
+        if isinstance(s, str) and s.lstrip("-").isdigit():
+            s = int(s)
+        if isinstance(s, bool) or not isinstance(s, (int, str)) or s == "":
+            raise ConfigError(f"model.exits: {s!r} in {given!r} is not a stage; {how}")
+        out.append(s)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"model.exits: {given!r} names a stage twice: each exit goes after a different stage")
+    return out
+
+
 def check_config(config: RunConfig) -> RunConfig:
     """Refuse what the types let through but a run cannot use, before anything is trained or
     written: values out of range, an evaluation that would fail after training (the goal, the
@@ -162,6 +202,7 @@ def check_config(config: RunConfig) -> RunConfig:
     except ValueError as err:
         raise ConfigError(f"train: {err}") from None
     m = config.model
+    m.exits = parse_exits(m.exits)
     from .backbones.base import check_backbone
     from .heads import check_head
 

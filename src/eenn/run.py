@@ -44,11 +44,7 @@ def run_info(argv: list[str] | None = None) -> dict:
         except metadata.PackageNotFoundError:
             pass
     versions["python"] = platform.python_version()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit, dirty = _git_state(Path(__file__).resolve().parent)
     from .report import _cpu_name
 
     return {
@@ -60,8 +56,25 @@ def run_info(argv: list[str] | None = None) -> dict:
                  "threads": torch.get_num_threads(),
                  "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "git_commit": commit,
+        "git_dirty": dirty,
         "versions": versions,
     }
+
+
+def _git_state(where: Path) -> tuple[str | None, bool | None]:
+    """The commit of the git checkout holding ``where`` and whether its tracked files differ from
+    it (``git status --porcelain``; untracked files, run outputs among them, do not count);
+    (None, None) outside a checkout or without git."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=where)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = (git("rev-parse", "HEAD") or "").strip() or None
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return commit, (None if status is None else bool(status.strip()))
 
 
 def build_data(config: RunConfig):
@@ -97,9 +110,11 @@ def train_run(config: RunConfig, *, argv: list[str] | None = None, report: bool 
     data = build_data(config)
     net = build_network(config, data.info)
     objective = create_objective(config.objective.name, **config.objective.options)
-    out.mkdir(parents=True, exist_ok=True)
     if config.train.resume:
-        _check_resumable(out, config)
+        _check_resumable(out, config, data.info, objective)
+    # the directory is made once training starts (_RunFiles, the trainer's own callbacks): a run
+    # refused before that (an objective that does not fit the network, a checkpoint= that does
+    # not load) leaves no empty run directory behind
     files = _RunFiles(config, out, argv)
     trainer = Trainer(config.train, callbacks=[*callbacks, files])
     history = trainer.fit(net, data, objective)
@@ -109,21 +124,58 @@ def train_run(config: RunConfig, *, argv: list[str] | None = None, report: bool 
     if report and os.environ.get("RANK", "0") == "0":
         best = load(out / "best.safetensors") if (out / "best.safetensors").exists() else net
         result["report"] = evaluate_run(best, data, config, out)
+        if not files.trains:  # the record kept; its eval section is now that of the report just written
+            _record_eval(out, config)
     return result
 
 
+def _record_eval(out: Path, config: RunConfig) -> None:
+    path = out / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved = config_from_dict(read_yaml(path))
+    except ConfigError:
+        return
+    if saved.eval != config.eval:
+        save_config(dataclasses.replace(saved, eval=config.eval), path)
+
+
 class _RunFiles(Callback):
-    """Writes the run's ``config.yaml`` and ``run.json`` once training starts (its weights built or
-    resumed), on rank 0: a run refused before that (a checkpoint that does not fit, say) leaves the
-    directory's files as they were."""
+    """Writes the run's record once training starts (its weights built or resumed), on rank 0: a
+    run refused before that (a checkpoint that does not fit, say) leaves the directory as it was.
+
+    ``config.yaml`` is the config its weights were trained under, ``run.json`` the command that
+    started the run; a resume that trains more epochs rewrites ``config.yaml`` (the settings it
+    goes on under) and appends its own command, date and commit to ``run.json``'s ``"resumed"``
+    list (with ``"from_epoch"``). A re-run that trains nothing (the run is finished) keeps both
+    as they were: its other settings never reached the weights (the trainer says which changed)."""
 
     def __init__(self, config: RunConfig, out: Path, argv: list[str] | None) -> None:
         self.config, self.out, self.argv = config, out, argv
+        self.trains = True
 
     def on_fit_start(self, trainer) -> None:
-        if os.environ.get("RANK", "0") == "0":
-            save_config(self.config, self.out / "config.yaml")
-            (self.out / "run.json").write_text(json.dumps(run_info(self.argv), indent=2))
+        if os.environ.get("RANK", "0") != "0":
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        start = trainer.start_epoch
+        self.trains = not trainer.should_stop and start < trainer.config.epochs
+        if not self.trains and start:  # finished: the record describes the weights, and stays
+            return
+        info = run_info(self.argv)
+        record = self.out / "run.json"
+        if start and record.is_file():
+            try:
+                first = json.loads(record.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                first = None
+            if isinstance(first, dict):  # the run's first command stays; this one is appended
+                keep = ("command", "argv", "cwd", "date", "git_commit", "git_dirty")
+                first.setdefault("resumed", []).append({"from_epoch": start, **{k: info.get(k) for k in keep}})
+                info = first
+        save_config(self.config, self.out / "config.yaml")
+        record.write_text(json.dumps(info, indent=2))
 
 
 def _differences(saved: Any, want: Any, where: str = "") -> list[str]:
@@ -146,15 +198,32 @@ def _setting(values: dict, dotted: str) -> Any:
     return values
 
 
-def _check_resumable(out: Path, config: RunConfig) -> None:
+def _check_resumable(out: Path, config: RunConfig, info=None, objective=None) -> None:
     """Refuse to resume ``out``'s training with other data, seed, network, objective or optimiser:
     the weights and state in ``last.safetensors`` belong to the run its ``config.yaml`` describes,
     and going on under another description would give a network that neither describes (with
     another seed, a validation split holding samples it was trained on). (Other training
-    settings, more epochs say, may change: the trainer resumes and warns.)"""
+    settings, more epochs say, may change: the trainer resumes and warns.) Without
+    ``config.yaml`` (a directory ``eenn.fit(..., out_dir=)`` wrote), what the checkpoint records
+    of its data, split and objective is held to, as the trainer does (``info``: the data's
+    :class:`~eenn.data.DatasetInfo`, ``objective`` the one built)."""
+    from .checkpoint import CheckpointError
+    from .train_state import check_same_run
+
     last, saved_path = out / "last.safetensors", out / "config.yaml"
-    if not (last.exists() and saved_path.exists()):
-        return
+    if last.exists() and saved_path.exists():
+        _check_config_yaml(out, config)
+    if last.is_file() and info is not None and objective is not None:
+        try:
+            check_same_run(last, info, objective)
+        except CheckpointError:
+            raise  # a damaged file: the trainer's own message, as a file error
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _check_config_yaml(out: Path, config: RunConfig) -> None:
+    last, saved_path = out / "last.safetensors", out / "config.yaml"
     saved, want = read_yaml(saved_path), config_to_dict(config)
     try:  # through the config class, so that settings added since with their defaults compare equal
         saved = config_to_dict(config_from_dict(saved))

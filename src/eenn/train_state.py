@@ -19,8 +19,8 @@ from .registry import is_whole
 from .rng import set_rng_state
 from .userframe import caller_stacklevel
 
-__all__ = ["check_labels", "check_optimizer_state", "check_resumed_input", "checked_state", "claim_input_spec",
-           "restore_rng", "restoring"]
+__all__ = ["check_labels", "check_optimizer_state", "check_resumed_input", "check_same_run", "checked_state",
+           "claim_input_spec", "resume_message", "restore_rng", "restoring"]
 
 
 # What a resume reads from the saved training state before restoring anything: each field's test
@@ -168,3 +168,64 @@ def check_resumed_input(spec: InputSpec, path: Path) -> None:
     if (have.kind, have.shape) != (spec.kind, spec.shape):
         raise ValueError(f"{path} was trained on {have.describe()}, this run's data hold {spec.describe()}: resume "
                          "on the data it was trained on, choose another out_dir, or set resume=False to start again")
+
+
+# ------------------------------------------------------------------------- the same run
+
+def _changes(saved: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for the keys both record with other values."""
+    return [f"{k}: {saved[k]!r} -> {new[k]!r}" for k in saved if k in new and saved[k] != new[k]]
+
+
+def check_same_run(path: Path, info, objective, spec: InputSpec | None = None) -> None:
+    """Refuse to resume the run saved in ``path`` on other data, another split of them (seed,
+    val_fraction, limit: a validation split holding samples it was trained on) or with another
+    objective (name, and options where both record them), before anything is restored or
+    written. Reads what the checkpoint itself records, so that a run directory without
+    ``config.yaml`` (``eenn.fit(..., out_dir=)``) is held to it too; older checkpoints that do
+    not record a part are not checked on it. ``info``: the :class:`~eenn.data.DatasetInfo`;
+    ``spec``: the network's input description, checked by :func:`check_resumed_input`."""
+    from .checkpoint import read_description
+    from .objectives.base import describe_objective
+
+    if spec is not None:
+        check_resumed_input(spec, path)
+
+    desc = read_description(path)
+    diff: list[str] = []
+    data = (desc.get("extra") or {}).get("data")
+    if isinstance(data, dict) and data.get("name") is not None:
+        split, new_split = data.get("split"), getattr(info, "split", None)
+        diff += [f"data set {data['name']!r} -> {info.name!r}"] if data["name"] != info.name else []
+        if isinstance(split, dict) and isinstance(new_split, dict):
+            diff += [f"data.{d}" for d in _changes(split, dict(new_split))]
+    saved = (desc.get("state") or {}).get("objective_spec")
+    if isinstance(saved, dict) and saved.get("name") is not None:
+        new = describe_objective(objective)
+        if saved["name"] != new["name"]:
+            diff.append(f"objective {saved['name']!r} -> {new['name']!r}")
+        elif isinstance(saved.get("options"), dict) and isinstance(new.get("options"), dict):
+            diff += [f"objective option {d}" for d in _changes(saved["options"], new["options"])]
+    if diff:
+        raise ValueError(f"{path} was trained with other data or another objective ({'; '.join(diff)}): a resumed "
+                         "run keeps its data, validation split (another would hold samples it was trained on) and "
+                         "objective; resume with those, choose another out_dir, or set resume=False "
+                         "(train.resume=false) to start again")
+
+
+def resume_message(path: Path, changed: list[str], how: str, done: int, epochs: int, callbacks) -> str | None:
+    """What a resume says about settings that changed: applied from here on, or, when the run has
+    nothing left to train (``done`` of ``epochs``, or stopped early by one of ``callbacks``), not
+    applied at all."""
+    from .callbacks import EarlyStopping
+
+    if not changed:
+        return None
+    stopped = any(isinstance(cb, EarlyStopping) and cb.stopped for cb in callbacks)
+    if done >= epochs or stopped:
+        return (f"{path} is finished ({done} epoch(s) done{', stopped early' if stopped else ''}): nothing is trained "
+                f"now, so the changed settings ({'; '.join(changed)}) do not apply to its weights, and the run's "
+                "record (config.yaml, run.json) is kept as it was; raise epochs to train on under them, or choose "
+                "another out_dir")
+    return (f"resuming {path} with changed settings ({'; '.join(changed)}); the optimiser's state is kept, with the "
+            f"new weight decay and momentum, and {how}")

@@ -23,9 +23,9 @@ from .data import DataSplits, InputSpec, TensorDataset, TensorLoader
 from .outputs import evaluate_exits
 from .rng import rng_state, seed_everything
 from .network import MultiExitNetwork
-from .objectives import EpochContext, Objective, create_objective, exit_losses
-from .train_state import (check_labels, check_optimizer_state, check_resumed_input, checked_state,
-                          claim_input_spec, restore_rng, restoring)
+from .objectives import EpochContext, Objective, create_objective, describe_objective, exit_losses
+from .train_state import (check_labels, check_optimizer_state, check_same_run, checked_state, claim_input_spec,
+                          restore_rng, restoring, resume_message)
 from .train_config import TrainConfig, build_optimizer, build_scheduler, unused_momentum
 from .userframe import caller_stacklevel
 
@@ -97,6 +97,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "objective": self.objective.state_dict(),
+            "objective_spec": describe_objective(self.objective),  # a resume under another objective is refused
             "rng": ranks[0] if ranks else rng_state(),
             **({"rng_ranks": ranks} if ranks and len(ranks) > 1 else {}),
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks if cb.state_dict() is not None},
@@ -109,7 +110,7 @@ class Trainer:
         _, state = load_state(path)
         if state is None:
             raise ValueError(f"{path} holds no training state to resume from; delete it or set resume=False")
-        check_resumed_input(self.net.input_spec, path)
+        check_same_run(path, self.data.info, self.objective, self.net.input_spec)
         saved = checked_state(state, path, self.config.epochs)
         if saved.get("optimizer", self.config.optimizer) != self.config.optimizer:
             raise ValueError(f"{path} was trained with optimizer {saved['optimizer']!r}, whose state cannot go on in "
@@ -146,9 +147,9 @@ class Trainer:
                 cb.load_state_dict(state["callbacks"].get(name))
         with restoring(path, "rng"):
             restore_rng(state, path, self.env, self.config.seed)
-        if changed:
-            warnings.warn(f"resuming {path} with changed settings ({'; '.join(changed)}); the optimiser's state is "
-                          f"kept, with the new weight decay and momentum, and {how}", stacklevel=caller_stacklevel())
+        note = resume_message(path, changed, how, done, self.config.epochs, self.callbacks)
+        if note:  # said after everything was restored: a refusal above leaves nothing to say
+            warnings.warn(note, stacklevel=caller_stacklevel())
         return done
 
     def _restart_hint(self) -> str:

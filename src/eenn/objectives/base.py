@@ -6,6 +6,8 @@ generic hooks below, whose defaults do nothing special.
 """
 from __future__ import annotations
 
+import inspect
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -16,7 +18,8 @@ from ..data import TensorDataset
 from ..network import ExitOutputs, MultiExitNetwork
 from ..registry import Registry, check_options
 
-__all__ = ["EpochContext", "Objective", "create_objective", "list_objectives", "register_objective"]
+__all__ = ["EpochContext", "Objective", "create_objective", "describe_objective", "list_objectives",
+           "register_objective"]
 
 
 @dataclass
@@ -90,7 +93,29 @@ def create_objective(name: str | Objective, **options: Any) -> Objective:
         if options:
             raise ValueError("options cannot be given together with an Objective instance")
         return name
-    return check_objective(name, options)(**options)
+    factory = check_objective(name, options)
+    obj = factory(**options)
+    # what a checkpoint records of the method (a resume under another is refused): the name and
+    # every option, defaults included, so that leaving out a default compares equal to giving it
+    defaults = {n: p.default for n, p in inspect.signature(factory).parameters.items()
+                if n != "self" and p.default is not p.empty}
+    obj.objective_spec = {"name": name, "options": _jsonable({**defaults, **options})}
+    return obj
+
+
+def describe_objective(obj: Objective) -> dict[str, Any]:
+    """``{"name", "options"}`` of an objective made by :func:`create_objective` (by name); for
+    one built from its class, the registered name only (its options are not known)."""
+    spec = getattr(obj, "objective_spec", None)
+    if isinstance(spec, dict):
+        return spec
+    name = next((n for n in _OBJECTIVES.names() if _OBJECTIVES.get(n) is type(obj)), type(obj).__name__)
+    return {"name": name}
+
+
+def _jsonable(value: Any) -> Any:
+    """Options as JSON data (paths and other objects as their text), to be stored and compared."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def check_objective(name: str, options: dict[str, Any]):

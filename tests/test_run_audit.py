@@ -1,0 +1,179 @@
+"""Run directories as a new user meets them: a resume held to the data, split and objective its
+checkpoint records (with or without config.yaml), a re-run that trains nothing keeping the run's
+record, run.json's history and git state, refused runs leaving no directory behind, and exits
+given through --set as through --exits."""
+import json
+import subprocess
+
+import pytest
+import torch
+
+import eenn
+from eenn.cli import main
+
+B = ["train", "--dataset", "digits", "--backbone", "mlp", "--no-progress", "--no-report"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return eenn.load_dataset("digits", seed=0)
+
+
+def _net():
+    torch.manual_seed(0)
+    return eenn.create_network("mlp", in_channels=1, num_classes=10, input_size=8, exits="all")
+
+
+def _files(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+# ------------------------------------------------------------------ A2: the resume check without config.yaml
+@pytest.fixture(scope="module")
+def py_run(tmp_path_factory, digits):
+    """A directory as the README's eenn.fit(..., out_dir=) writes it: no config.yaml."""
+    out = tmp_path_factory.mktemp("py") / "run"
+    eenn.fit(_net(), digits, "joint", epochs=1, out_dir=out, progress=False)
+    assert not (out / "config.yaml").exists()
+    return out
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--objective", "distill"], ["objective 'joint' -> 'distill'"]),
+    (["--seed", "5", "--val-fraction", "0.3"], ["data.seed: 0 -> 5", "data.val_fraction: 0.1 -> 0.3"]),
+    (["--limit", "500"], ["data.limit: None -> 500"]),
+    (["-O", "weights=pabee"], ["objective option weights: 'uniform' -> 'pabee'"]),
+])
+def test_the_cli_refuses_to_resume_a_python_run_on_other_data_or_objective(py_run, tmp_path, capsys, flags, named):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(py_run, out)
+    before = _files(out)
+    capsys.readouterr()
+    assert main([*B, "--exits", "all", "--epochs", "2", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained with other data or another objective" in err[0], err
+    assert all(n in err[0] for n in named) and "choose another out_dir" in err[0], err
+    assert _files(out) == before
+
+
+def test_the_python_api_refuses_another_split_or_objective_before_anything_is_written(py_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(py_run, out)
+    before = _files(out)
+    other = eenn.load_dataset("digits", seed=5, val_fraction=0.3)
+    with pytest.raises(ValueError, match=r"data\.seed: 0 -> 5; data\.val_fraction: 0\.1 -> 0\.3"):
+        eenn.fit(_net(), other, "joint", epochs=2, out_dir=out, progress=False)
+    with pytest.raises(ValueError, match="objective 'joint' -> 'distill'"):
+        eenn.fit(_net(), eenn.load_dataset("digits", seed=0), "distill", epochs=2, out_dir=out, progress=False)
+    assert _files(out) == before
+    # a default given explicitly is the same objective: it resumes
+    same = eenn.create_objective("joint", weights="uniform")
+    with pytest.warns(UserWarning, match="epochs: 1 -> 2"):
+        eenn.fit(_net(), eenn.load_dataset("digits", seed=0), same, epochs=2, out_dir=out, progress=False)
+
+
+def test_a_cli_run_without_its_config_yaml_is_still_held_to_its_objective(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main([*B, "--epochs", "1", "--out", str(out)]) == 0
+    (out / "config.yaml").unlink()
+    before = _files(out)
+    capsys.readouterr()
+    assert main([*B, "--epochs", "2", "--out", str(out), "--objective", "distill"]) == 2
+    assert "objective 'joint' -> 'distill'" in capsys.readouterr().err
+    assert _files(out) == before
+
+
+# ------------------------------------------------------------------ A8: the record of a run
+def test_a_rerun_that_trains_nothing_keeps_the_record_and_says_what_did_not_apply(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert main([*B, "--epochs", "1", "--out", str(out)]) == 0
+    record = {k: v for k, v in _files(out).items() if k in ("config.yaml", "run.json")}
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=r"is finished .*label_smoothing: 0\.0 -> 0\.1.* do not apply to its "
+                                         r"weights.*record \(config\.yaml, run\.json\) is kept"):
+        assert main([*B, "--epochs", "1", "--out", str(out), "--label-smoothing", "0.1"]) == 0
+    assert "done: 1 epochs (0 trained now)" in capsys.readouterr().out
+    assert {k: v for k, v in _files(out).items() if k in ("config.yaml", "run.json")} == record
+
+
+def test_a_resume_that_trains_keeps_the_first_command_and_appends_its_own(tmp_path):
+    out = tmp_path / "a"
+    assert main([*B, "--epochs", "1", "--out", str(out)]) == 0
+    first = json.loads((out / "run.json").read_text())
+    with pytest.warns(UserWarning, match="epochs: 1 -> 2"):
+        assert main([*B, "--epochs", "2", "--out", str(out)]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["command"] == first["command"] and "--epochs 1" in info["command"]
+    [resumed] = info["resumed"]
+    assert resumed["from_epoch"] == 1 and "--epochs 2" in resumed["command"]
+    assert set(resumed) >= {"date", "git_commit", "git_dirty", "argv"}
+    assert eenn.config.load_config(out / "config.yaml").train.epochs == 2  # the settings it went on under
+
+
+def test_run_json_says_whether_the_checkout_was_dirty(tmp_path):
+    from eenn.run import _git_state
+
+    assert _git_state(tmp_path) == (None, None)  # not a checkout: said as unknown, nothing fails
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "f.py").write_text("a = 1\n")
+    subprocess.run([*git, "add", "f.py"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=tmp_path, check=True)
+    (tmp_path / "untracked.txt").write_text("run outputs do not make it dirty\n")
+    commit, dirty = _git_state(tmp_path)
+    assert len(commit) == 40 and dirty is False
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert _git_state(tmp_path) == (commit, True)
+    assert "git_dirty" in eenn.run.run_info([])
+
+
+# ------------------------------------------------------------------ D: refused runs leave no directory
+@pytest.mark.parametrize("flags", [
+    ["--objective", "branching"],                                   # no gated heads
+    ["--objective", "heads_only", "-O", "checkpoint={missing}"],
+    ["--objective", "heads_only", "-O", "checkpoint={corrupt}"],
+    ["--objective", "joint", "-O", "checkpoint={corrupt}"],
+])
+def test_a_refused_run_leaves_no_run_directory(tmp_path, capsys, flags):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a checkpoint")
+    flags = [f.format(missing=tmp_path / "missing.safetensors", corrupt=corrupt) for f in flags]
+    out = tmp_path / "runs" / "r"
+    assert main([*B, "--epochs", "1", "--out", str(out), *flags]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------ C6: exits through --set
+@pytest.mark.parametrize("value, want", [("1,3", [1, 3]), ("block2.0", ["block2.0"]), ("3", [3]),
+                                         ("[1, 3]", [1, 3]), ("linear:3", "linear:3"), ("none", "none")])
+def test_exits_set_in_the_config_read_as_the_flag_reads_them(value, want):
+    from eenn.config import load_config
+
+    assert load_config(None, [f"model.exits={value}"]).model.exits == want
+
+
+@pytest.mark.parametrize("value, message", [
+    ("foo:2", "distribution of linear, golden, pareto, fine"),
+    ("linear:x", "<distribution>:<number of exits>"),
+    ("1,1", "names a stage twice"),
+    ("1,,3", "names no stage"),
+])
+def test_a_bad_exits_value_is_a_config_error(tmp_path, capsys, value, message):
+    assert main([*B, "--epochs", "1", "--out", str(tmp_path / "r"), "--set", f"model.exits={value}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.exits" in err[0] and message in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_exits_by_stage_name_through_set_build_and_train(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--dataset", "digits", "--backbone", "resnet20", "-B", "width=0.25", "--no-progress",
+                 "--no-report", "--epochs", "1", "--limit", "200", "--out", str(out),
+                 "--set", "model.exits=block2.0"]) == 0
+    net = eenn.load(out / "last.safetensors")
+    assert net.num_exits == 2
