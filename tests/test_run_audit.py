@@ -177,3 +177,29 @@ def test_exits_by_stage_name_through_set_build_and_train(tmp_path, capsys):
                  "--set", "model.exits=block2.0"]) == 0
     net = eenn.load(out / "last.safetensors")
     assert net.num_exits == 2
+
+
+# ------------------------------------------------------------------ C4: compare --methods keeps the others
+def test_compare_methods_keeps_the_other_methods_under_new_eval_settings(tmp_path, capsys):
+    cfg = tmp_path / "cmp.yaml"
+    cfg.write_text("data: {name: digits, limit: 300}\nmodel: {backbone: mlp, exits: all}\n"
+                   "train: {epochs: 1, lr: 0.05, progress: false}\n"
+                   "eval: {batch_sizes: [], curve_points: 3, deployments: eager}\n"
+                   "methods:\n  Baseline: {objective: {name: final}}\n  B-NET: {objective: {name: joint}}\n"
+                   "  Later: {objective: {name: distill}}\n")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", str(cfg), "--out", str(out), "--methods", "Baseline,B-NET"]) == 0
+    metrics = (out / "Baseline" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["compare", "--config", str(cfg), "--out", str(out), "--methods", "B-NET",
+                 "--set", "eval.goal={max_drop: 0.05}"]) == 0
+    said = capsys.readouterr().out
+    md = (out / "compare.md").read_text()
+    # Baseline: finished, evaluated again under the new goal (not trained again); Later: never run, said so
+    assert "| data set | Baseline | B-NET |" in md
+    assert "Baseline: not in --methods; evaluated again under the new eval settings (no training)" in said
+    assert (out / "Baseline" / "metrics.jsonl").read_text() == metrics
+    assert json.loads((out / "Baseline" / "report.json").read_text())["policy"]["goal"] == {"max_drop": 0.05}
+    assert "Left out of the tables" in md and "- Later: not trained yet" in md
+    assert "Later: left out of the tables (not trained yet" in said
+    assert json.loads((out / "compare.json").read_text())["left_out"].keys() == {"Later"}

@@ -102,17 +102,31 @@ def compare(path: str | Path, *, overrides: list[str] | None = None, only: list[
         except (ValueError, RuntimeError, FloatingPointError, OSError) as e:
             failed[label] = f"{type(e).__name__}: {e}"
             print(f"== {label}: failed ({failed[label]})", file=sys.stderr, flush=True)
-    if only:  # the tables keep the file's other methods whose runs are finished with its settings
+    left_out: dict[str, str] = {}
+    if only:  # the tables keep the file's other methods whose runs are trained with its settings
         _, every = load_compare(path, overrides)
         for label, (cfg, extras) in every.items():
             run_dir = root / _slug(label)
             cfg.train.out_dir = str(run_dir)
-            if label in rows or label in failed or _finished(run_dir, cfg) != "done":
+            if label in rows or label in failed:
                 continue
-            rows[label] = {"dir": str(run_dir), "objective": cfg.objective.name,
-                           "report": Report.load(run_dir / "report.json").data}
-            if extras["prune"] and (run_dir / "prune.json").exists():
-                rows[label]["prune"] = read_json(run_dir / "prune.json")
+            state = _finished(run_dir, cfg)
+            if state == "done":
+                rows[label] = {"dir": str(run_dir), "objective": cfg.objective.name,
+                               "report": Report.load(run_dir / "report.json").data}
+                if extras["prune"] and (run_dir / "prune.json").exists():
+                    rows[label]["prune"] = read_json(run_dir / "prune.json")
+            elif state == "trained":  # other evaluation settings: evaluated again under them, nothing trained
+                print(f"== {label}: not in --methods; evaluated again under the new eval settings (no training)",
+                      flush=True)
+                try:
+                    rows[label] = _method(label, cfg, extras, run_dir, argv, False)
+                except (ValueError, RuntimeError, FloatingPointError, OSError) as e:
+                    failed[label] = f"{type(e).__name__}: {e}"
+                    print(f"== {label}: failed ({failed[label]})", file=sys.stderr, flush=True)
+            else:
+                left_out[label] = _why_left_out(run_dir, cfg)
+                print(f"== {label}: left out of the tables ({left_out[label]})", flush=True)
         rows = {label: rows[label] for label in every if label in rows}
     if not rows:
         raise RuntimeError("every method failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
@@ -120,8 +134,12 @@ def compare(path: str | Path, *, overrides: list[str] | None = None, only: list[
     if failed:
         md += "\nFailed, not in the tables (fix the method and run the command again):\n\n" + "".join(
             f"- {label}: {why}\n" for label, why in failed.items())
+    if left_out:
+        md += ("\nLeft out of the tables: not run with these settings (run them with `--methods "
+               f"{','.join(left_out)}`):\n\n" + "".join(f"- {label}: {why}\n" for label, why in left_out.items()))
     (root / "compare.md").write_text(md)
-    write_json({"run": run_info(argv), "methods": rows, "failed": failed}, root / "compare.json")
+    write_json({"run": run_info(argv), "methods": rows, "failed": failed, "left_out": left_out},
+               root / "compare.json")
     _plot(rows, root / "curves.png", base)
     return CompareResult(methods=rows, dir=str(root), markdown=md, failed=failed)
 
@@ -163,6 +181,20 @@ def _finished(run_dir: Path, cfg: RunConfig) -> str:
     if not (trained and lines and (lines[-1].get("epoch") == cfg.train.epochs or _stopped_early(run_dir, cfg))):
         return "untrained"
     return "done" if saved.get("eval") == want.get("eval") and (run_dir / "report.json").exists() else "trained"
+
+
+def _why_left_out(run_dir: Path, cfg: RunConfig) -> str:
+    """Why a method that :func:`_finished` calls untrained cannot be in the tables, in words."""
+    from .run import _differences
+
+    if not (run_dir / "config.yaml").exists() or not (run_dir / "metrics.jsonl").exists():
+        return f"not trained yet ({run_dir} holds no finished run)"
+    saved, want = read_yaml(run_dir / "config.yaml"), config_to_dict(cfg)
+    diff = [d for k, v in want.items() if k != "eval" for d in _differences(saved.get(k), v, f"{k}.")]
+    if diff:
+        return f"its run was trained with other settings ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''})"
+    lines = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return f"its run is unfinished ({len(lines)} of {cfg.train.epochs} epochs)"
 
 
 def _stopped_early(run_dir: Path, cfg: RunConfig) -> bool:
