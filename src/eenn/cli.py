@@ -108,8 +108,9 @@ def _kv(flag: str):
     return parse
 
 
-def _add_run_flags(p: argparse.ArgumentParser, *, model: bool = True, train: bool = True) -> None:
-    """The flags that set keys of a RunConfig; given flags override the --config file."""
+def _add_run_flags(p: argparse.ArgumentParser, *, model: bool = True, train: bool = True, report: bool = True) -> None:
+    """The flags that set keys of a RunConfig; given flags override the --config file. ``report``:
+    also the flags of the evaluation report (split, timing, curve), which calibrate does not make."""
     S = argparse.SUPPRESS
     p.add_argument("--config", help="YAML run config (sections data, model, objective, train, eval)")
     p.add_argument("-s", "--set", action="append", dest="overrides", metavar="KEY=VALUE", default=[],
@@ -133,14 +134,14 @@ def _add_run_flags(p: argparse.ArgumentParser, *, model: bool = True, train: boo
         g.add_argument("--objective", dest="objective.name", default=S)
         g.add_argument("-O", "--objective-option", dest="objective.options", action="append", type=_kv("-O"),
                        metavar="KEY=VALUE", default=S, help="e.g. weights=sdn")
-    _add_eval_flags(p)
+    _add_eval_flags(p, report=report)
     if train:
         _add_train_config(p)
     else:
         p.add_argument("--device", dest="train.device", default=S, help="cpu, cuda, cuda:1")
 
 
-def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+def _add_eval_flags(p: argparse.ArgumentParser, *, report: bool = True) -> None:
     S = argparse.SUPPRESS
     g = p.add_argument_group("exit policy and report")
     g.add_argument("--policy", dest="eval.policy", default=S, help="exit rule (eenn list policies)")
@@ -151,6 +152,8 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     goal.add_argument("--msdnet-q", dest="goal.msdnet_q", type=float, default=S, help="goal: MSDNet's exit distribution p_k ~ q^k")
     g.add_argument("--alpha", dest="goal.alpha", type=float, default=S, help="with --max-drop: guarantee it with confidence 1-alpha")
     g.add_argument("--fallback", dest="eval.fallback", choices=("final", "most_confident"), default=S)
+    if not report:
+        return
     g.add_argument("--split", dest="eval.split", choices=("val", "test", "train"), default=S)
     g.add_argument("--batch-sizes", dest="eval.batch_sizes", type=_ints, default=S, help="timed batch sizes, e.g. 1,256 ('' skips timing)")
     g.add_argument("--timing-samples", dest="eval.timing_samples", type=_ints, default=S, help="samples timed per batch size, e.g. 256,2048 (default: at least 256 and 8 batches of each size)")
@@ -216,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("run", help="a run directory or a checkpoint file")
     c.add_argument("--model", default=None, metavar="MODULE:FUNCTION", help=MODEL_HELP)
     c.add_argument("--out", help="calibration file (default: <run>/calibration.json)")
-    _add_run_flags(c, model=False, train=False)
+    _add_run_flags(c, model=False, train=False, report=False)
 
     r = sub.add_parser("predict", help="predict the class of images or arrays, with the exit taken",
                        description="Run the dynamic engine on input files: prediction, exit, confidence.",
@@ -293,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "search":
             from .search.cli import run as run_search
 
+            commands._out_folder(args.out)
             return run_search(args)
         elif hasattr(args, "run") and callable(args.run):
             return args.run(args)

@@ -22,13 +22,16 @@ def _flag_values(args) -> dict:
         out.setdefault(section, {})[key] = value
     if goal:
         if "alpha" in goal and "max_drop" not in goal:
-            raise ValueError("--alpha guards a --max-drop goal: give --max-drop too")
+            from .config import ConfigError
+
+            raise ConfigError("--alpha guards a --max-drop goal: give --max-drop too")
         out.setdefault("eval", {})["goal"] = goal
     return out
 
 
-def _config(args, base: dict | None = None):
-    from .config import apply_overrides, check_config, config_from_dict, merge, read_yaml
+def _values(args, base: dict | None = None) -> dict:
+    """The run config as nested dicts: ``base``, then the --config file, the flags and --set."""
+    from .config import apply_overrides, merge, read_yaml
 
     values = dict(base or {})
     if args.config:
@@ -41,14 +44,62 @@ def _config(args, base: dict | None = None):
         values["eval"]["goal"] = flags["eval"]["goal"]
     if "batch_sizes" in flags.get("eval", {}) and "timing_samples" not in flags["eval"]:
         values["eval"]["timing_samples"] = None  # sized for the sizes given, not the config's others
-    values = apply_overrides(values, args.overrides)
-    return check_config(config_from_dict(values))
+    return apply_overrides(values, args.overrides)
+
+
+def _config(args, base: dict | None = None, values: dict | None = None):
+    from .config import check_config, config_from_dict
+
+    config = check_config(config_from_dict(_values(args, base) if values is None else values))
+    _check_names(config)
+    return config
+
+
+def _check_names(config) -> None:
+    """The data set's name and the heads' options, refused as settings (exit status 2) before
+    anything is read or trained, as check_config refuses backbone options."""
+    from .config import ConfigError
+    from .data import list_datasets
+    from .data.datasets import DATASETS
+    from .heads import check_head
+
+    name = config.data.name
+    if name.strip().lower().replace("-", "_") not in list_datasets():  # load_dataset's spellings
+        try:
+            DATASETS.get(name)
+        except KeyError as err:
+            raise ConfigError(f"data.name: {err.args[0]}") from None
+    m = config.model
+    heads = [m.head] if isinstance(m.head, str) else list(m.head)
+    options = m.head_options if isinstance(m.head_options, list) else [m.head_options]
+    per_exit = not isinstance(m.head, str) and isinstance(m.head_options, list) and len(heads) == len(options)
+    pairs = zip(heads, options) if per_exit else [(h, o) for h in heads for o in options]
+    try:
+        for head, opts in pairs:  # "cascade" is the network's option for a head, not the head builder's
+            check_head(head, {k: v for k, v in dict(opts or {}).items() if k != "cascade"})
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConfigError(f"model: {err.args[0] if err.args else err}") from None
+
+
+def _out_folder(path, flag: str = "--out") -> None:
+    """Refuse an output folder that is a file, or lies inside one, before anything runs."""
+    from pathlib import Path
+
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise ValueError(f"{flag} {path}: {q} is a file, not a folder; give a folder path (the files are "
+                                 "written into it)")
+            return
 
 
 def _train(args) -> None:
     from .run import train_run
 
     config = _config(args)
+    if config.train.out_dir:
+        _out_folder(config.train.out_dir)
     res = train_run(config, argv=sys.argv[1:] if args._argv is None else args._argv, report=args.report)
     hist = res["history"]
     if os.environ.get("RANK", "0") != "0":
@@ -66,38 +117,100 @@ def _train(args) -> None:
 
 
 def _print_table2(report) -> None:
-    print("| Architecture | Test acc. | Inf. time (batch 1) | Speed-up | Exits |")
-    print("|---|---|---|---|---|")
+    print("\n".join(report.table2_header()))
     for row in report.table2_rows():
         print("| " + " | ".join(row) + " |")
 
 
 def _opened(args):
     """(net, config, run_dir) of the run/checkpoint argument, its config updated by the flags."""
+    import dataclasses
+
     from .config import config_to_dict
     from .run import data_info_of, open_run
 
     net, config, run_dir = open_run(args.run, model=args.model)
+    ckpt = args.run if os.path.isfile(args.run) else next(
+        p for p in (os.path.join(args.run, n) for n in ("best.safetensors", "last.safetensors")) if os.path.isfile(p))
+    info = data_info_of(ckpt)  # the data set the checkpoint was trained on and its split, where it records them
+    recorded = dict(info["split"]) if info and isinstance(info.get("split"), dict) else None
     base = config_to_dict(config) if config is not None else {}
-    if config is None:  # a bare checkpoint: the data set it was trained on, when it says
-        ckpt = args.run if os.path.isfile(args.run) else None
-        info = data_info_of(ckpt) if ckpt else None
-        if info:  # and, where it records it, how it was split (its validation samples are the right ones)
-            split = info.get("split") or {}
-            base = {"data": {"name": info["name"], **{k: split[k] for k in ("val_fraction", "limit") if k in split}},
-                    **({"train": {"seed": split["seed"]}} if "seed" in split else {})}
-    cfg = _config(args, base)
+    if config is None and info:  # a checkpoint without its run's config.yaml: the data set it records
+        base = {"data": {"name": info["name"], **{k: recorded[k] for k in ("val_fraction", "limit") if k in (recorded or {})}},
+                **({"train": {"seed": recorded["seed"]}} if "seed" in (recorded or {}) else {})}
+    elif config is not None and recorded is None and (not info or _same_data(info.get("name"), config.data.name)):
+        recorded = {"seed": config.train.seed, "val_fraction": config.data.val_fraction}
+    values = _values(args, base)
+    _drop_other_rules_options(base, values)
+    cfg = _config(args, values=values)
     if config is None and "data" not in base and not getattr(args, "config", None) and "data.name" not in vars(args):
         raise ValueError(f"{args.run} does not say which data set it was trained on: give --dataset")
+    _check_split(args.run, recorded, (info or {}).get("name") or (config.data.name if config else None), cfg)
+    if cfg.train.device:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=_device(args, cfg)))
     return net, cfg, run_dir
+
+
+def _same_data(a, b) -> bool:
+    def key(name):
+        return str(name).strip().lower().replace("-", "_")
+
+    return a is not None and b is not None and key(a) == key(b)
+
+
+def _check_split(run: str, recorded: dict | None, trained_on: str | None, cfg) -> None:
+    """Refuse a validation split other than the one the network was trained beside: another
+    seed or val_fraction puts samples it was trained on into the split its thresholds are fitted
+    on. (``limit`` only caps each split: the validation samples stay held out.)"""
+    from .config import ConfigError
+
+    if not recorded or not _same_data(trained_on, cfg.data.name):
+        return
+    want = {"seed": cfg.train.seed, "val_fraction": cfg.data.val_fraction}
+    was = {k: recorded.get(k, v) for k, v in want.items()}
+    if any(was[k] != want[k] for k in want):
+        def said(d):
+            return f"val_fraction {d['val_fraction']:g}, seed {d['seed']}"
+
+        raise ConfigError(f"{run} was trained beside the validation split of {said(was)}; {said(want)} would fit "
+                          "thresholds on samples it was trained on: leave out --val-fraction and --set train.seed "
+                          "(the run's own split is used)")
+
+
+def _drop_other_rules_options(base: dict, values: dict) -> None:
+    """A rule named on the command line instead of the run's: the run's policy options were its
+    rule's (an ensemble's weights, say), so they are not carried over unless given again."""
+    run_eval, ev = base.get("eval") or {}, values.get("eval") or {}
+    run_rule, run_opts = run_eval.get("policy"), run_eval.get("policy_options") or {}
+    if run_opts and ev.get("policy", run_rule) != run_rule and ev.get("policy_options") == run_opts:
+        ev["policy_options"] = {}
+        print(f"note: policy {ev['policy']!r} instead of the run's {run_rule!r}: the run's policy options "
+              f"({', '.join(run_opts)}) are {run_rule!r}'s and are not carried over", file=sys.stderr)
+
+
+def _device(args, cfg):
+    """The device to evaluate on, checked as `eenn train` checks it (a one-line error when CUDA is
+    asked for and absent). The run's own training device, not asked for here, is only used where
+    this machine has it."""
+    from .trainer import Trainer
+
+    try:
+        return str(Trainer(cfg.train)._device())
+    except ValueError:
+        asked = "train.device" in vars(args) or any(o.split("=", 1)[0].strip() == "train.device"
+                                                    for o in args.overrides)
+        if asked:
+            raise
+        print(f"note: {args.run} was trained on {cfg.train.device!r}, which this machine does not have: evaluating "
+              "where the network is (give --device to choose)", file=sys.stderr)
+        return None
 
 
 def _evaluate(args) -> None:
     from .run import build_data, evaluate_run
 
-    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is a file: the report is a folder (report.md, report.json, curve.png); "
-                         "give a folder")
+    if args.out:  # the report is a folder (report.md, report.json, curve.png)
+        _out_folder(args.out)
     net, cfg, run_dir = _opened(args)
     report = evaluate_run(net, build_data(cfg), cfg, args.out or run_dir)
     print(report.to_markdown())
@@ -113,10 +226,16 @@ def _calibrate(args) -> None:
 
     if args.out:
         writable_text_file(args.out, "a calibration")
+        folder = os.path.dirname(args.out) or "."
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--out {args.out}: there is no folder {folder}; create it or give a path in a "
+                                    "folder that exists")
     net, cfg, run_dir = _opened(args)
     data = build_data(cfg)
     e = cfg.eval
     net.eval()
+    if cfg.train.device:
+        net.to(cfg.train.device)
     # The record `eenn export --calibration` and `eenn predict` read, plus the test-split figures.
     record = calibration_record(net, data.val, ExitPolicy(e.policy, fallback=e.fallback, **e.policy_options), e.goal)
     fitted = ExitPolicy.from_dict(record)
@@ -157,7 +276,10 @@ def _predict(args) -> int:
         if not os.path.isfile(path) or (path == ckpt and "policy" not in read_description(path)):
             continue
         if path != ckpt:
-            _check_fitted_on(path, net, f"eenn calibrate {args.run}" + (f" --out {path}" if path != default else ""))
+            redo = f"`eenn calibrate {args.run}" + (f" --out {path}`" if path != default else "`")
+            if not args.calibration and path.endswith("report.json"):  # the report's thresholds
+                redo = f"`eenn evaluate {args.run}` (or `eenn calibrate {args.run}`, whose record predict reads first)"
+            _check_fitted_on(path, net, redo)
         try:
             policy = ExitPolicy.load(path)
         except ValueError as e:  # damaged: said as such, naming the file
@@ -188,7 +310,8 @@ def _predict(args) -> int:
         with torch.no_grad():
             res = engine(x.float())
             out = net(x.float(), exits=None)
-        probs = torch.softmax(out.logits.float(), -1)
+            # the rule's answering probabilities (an ensemble's for ensemble rules), as the server answers
+            probs = engine.bound.probs(engine.bound.scores(out.logits, out.gates), out.logits)
         for i in range(len(x)):
             k, c = int(res.exit[i]), int(res.prediction[i])
             rec = {"input": path if len(x) == 1 else f"{path}[{i}]", "prediction": c,
@@ -202,10 +325,11 @@ def _predict(args) -> int:
     return 1 if failed else 0
 
 
-def _check_fitted_on(path: str, net, calibrate: str) -> None:
-    """Refuse a calibration record fitted on other weights than ``net``'s (the run was trained
-    again since, or it is another checkpoint's): its thresholds do not hold for these. Records
-    that do not name their weights (older ones) are taken as they are."""
+def _check_fitted_on(path: str, net, redo: str) -> None:
+    """Refuse a calibration record (or a report) fitted on other weights than ``net``'s (the run
+    was trained again since, or it is another checkpoint's): its thresholds do not hold for these;
+    ``redo`` says which command fits them again. Records that do not name their weights (older
+    ones) are taken as they are."""
     from .checkpoint import weights_digest
     from .io import read_json
 
@@ -216,12 +340,14 @@ def _check_fitted_on(path: str, net, calibrate: str) -> None:
     fitted_on = record.get("weights_sha256") if isinstance(record, dict) else None
     if fitted_on is not None and fitted_on != weights_digest(net):
         raise ValueError(f"{path} was calibrated on other weights than these (trained again since?): re-run "
-                         f"`{calibrate}`")
+                         f"{redo}")
 
 
 def _compare(args) -> int:
     from .compare import compare
 
+    if args.out:
+        _out_folder(args.out)
     res = compare(args.config, overrides=args.overrides, only=args.methods, out=args.out,
                   argv=sys.argv[1:] if args._argv is None else args._argv, retrain=args.retrain)
     print(res.markdown())

@@ -109,7 +109,9 @@ def accuracy_macs_curve(policy: ExitPolicy | str, val: CachedOutputs, split: Cac
 @dataclass
 class Report:
     """Plain data (JSON-able) with writers. ``data`` keys: ``model``, ``dataset``, ``policy``,
-    ``exits``, ``result``, ``validation``, ``timing``, ``curve``, ``oracle``, ``machine``."""
+    ``exits``, ``result``, ``validation``, ``timing``, ``curve``, ``oracle``, ``machine``, and
+    ``weights_sha256``, the weights the thresholds were fitted on (as in a calibration record:
+    ``eenn predict`` refuses the thresholds of a run trained again since)."""
 
     data: dict = field(default_factory=dict)
 
@@ -123,6 +125,11 @@ class Report:
     def exits_text(self, distribution: Sequence[float] | None = None) -> str:
         dist = self.data["result"]["exit_distribution"] if distribution is None else distribution
         return ", ".join(f"#{i + 1}: {100 * p:.1f}%" for i, p in enumerate(dist) if p > 0)
+
+    def table2_header(self) -> list[str]:
+        """The Table-2 header lines, the accuracy column named after the split reported on."""
+        split = {"test": "Test", "val": "Val.", "train": "Train"}.get(self.data["dataset"]["split"], "Test")
+        return [f"| Architecture | {split} acc. | Inf. time (batch 1) | Speed-up | Exits |", "|---|---|---|---|---|"]
 
     def table2_rows(self) -> list[list[str]]:
         """Rows of the Table-2 layout: the static backbone, the policy, the oracle."""
@@ -151,8 +158,7 @@ class Report:
             f"{', '.join(f'{t:.4g}' for t in p['thresholds'])}. Goal held on this split: "
             f"{'yes' if r['goal_held'] else 'no'}.",
             "",
-            "| Architecture | Test acc. | Inf. time (batch 1) | Speed-up | Exits |",
-            "|---|---|---|---|---|",
+            *self.table2_header(),
         ]
         lines += ["| " + " | ".join(row) + " |" for row in self.table2_rows()]
         lines += ["", f"Oracle saving captured by the policy: {100 * r['captured_share']:.1f}%.", "",
@@ -271,6 +277,8 @@ def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_pro
     offers (PyTorch eager and optimised, onnxruntime), the speed-up being the fastest early-exit
     path's over the fastest static path's; ``"eager"``: PyTorch eager only. Accuracy figures
     always come from the network as it is."""
+    from .checkpoint import weights_digest
+
     goal = dict(goal or {"max_drop": 0.01})
     pol = as_policy(policy, fallback=fallback, **dict(policy_options or {}))
     if split not in ("val", "test", "train"):
@@ -342,6 +350,7 @@ def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_pro
         "curve": curve,
         "machine": {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "weights_sha256": weights_digest(net),  # read as a calibration record's: stale thresholds are refused
     }
     return Report(data_out)
 
