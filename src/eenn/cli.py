@@ -143,7 +143,7 @@ def _add_run_flags(p: argparse.ArgumentParser, *, model: bool = True, train: boo
 
 def _add_eval_flags(p: argparse.ArgumentParser, *, report: bool = True) -> None:
     S = argparse.SUPPRESS
-    g = p.add_argument_group("exit policy and report")
+    g = p.add_argument_group("exit policy and report" if report else "exit policy")
     g.add_argument("--policy", dest="eval.policy", default=S, help="exit rule (eenn list policies)")
     goal = g.add_mutually_exclusive_group()
     goal.add_argument("--max-drop", dest="goal.max_drop", type=float, default=S,
