@@ -1,5 +1,6 @@
 """Self-distillation and Zero Time Waste: the losses and the geometric ensemble on hand-computed
 examples, then distill -> ztw_heads -> ztw_ensemble trained on digits."""
+import json
 import math
 
 import pytest
@@ -148,3 +149,41 @@ def test_ztw_heads_then_ensemble_on_a_frozen_network(digits, distilled, tmp_path
     acc = (z.argmax(-1) == yb).float().mean(1).tolist()
     assert acc[0] == pytest.approx(raw[0], abs=0.05)  # one member: a recalibration of exit 0
     assert min(acc) > 0.6
+
+
+def test_a_ztw_ensemble_run_takes_the_heads_checkpoint_and_reports_with_its_ensemble(digits, distilled, tmp_path,
+                                                                                       capsys):
+    """eenn train: refused without checkpoint= (it would fit the ensemble to a random network) or with
+    one of another network; with the ztw_heads network it trains the ensemble on it, frozen, reports
+    with the learned ensemble and stores it in best.safetensors, where evaluate, calibrate, predict
+    and export find it."""
+    from eenn.cli import main
+    from eenn.policies import ExitPolicy
+    from eenn.run import open_run
+
+    _, _, plain = distilled
+    net = small_net(cascade=True)
+    eenn.fit(net, digits, ZTWHeads(checkpoint=plain), epochs=1, lr=0.05, batch_size=64, progress=False)
+    heads = eenn.save(net, tmp_path / "heads.safetensors")
+    out = tmp_path / "runs" / "z"
+    cmd = ["train", "--dataset", "digits", "--backbone", "resnet20", "-B", "width=0.5", "--exits", "4,6",
+           "-H", "cascade=true", "--objective", "ztw_ensemble", "--epochs", "2", "--lr", "0.05", "--out", str(out),
+           "--no-progress", "--deployments", "eager", "--batch-sizes", "", "--curve-points", "3"]
+    assert main(cmd) == 2
+    assert "give the ztw_heads run's weights (objective.options.checkpoint" in capsys.readouterr().err
+    assert main([*cmd, "-O", f"checkpoint={plain}"]) == 1  # heads without cascades: another network
+    assert "ztw_ensemble: checkpoint= must hold this network" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+    assert main([*cmd, "-O", f"checkpoint={heads}"]) == 0
+    best = eenn.load(out / "best.safetensors")
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in best.state_dict().items())  # frozen
+    learned = eenn.checkpoint.load_state(out / "last.safetensors")[1]["objective"]
+    stored = ExitPolicy.load(out / "best.safetensors")
+    assert stored.name == "ensemble" and stored.thresholds is not None  # fitted by the report
+    assert torch.equal(stored.options["ensemble"]["weight"], learned["ensemble.weight"].cpu())
+    report = json.loads((out / "report.json").read_text())
+    assert report["policy"]["rule"] == "ensemble" and set(report["policy"]["options"]) == {"ensemble"}
+    _, config, _ = open_run(out)  # what eenn evaluate and calibrate read
+    assert config.eval.policy == "ensemble"
+    assert torch.equal(config.eval.policy_options["ensemble"].weight, learned["ensemble.weight"].cpu())

@@ -223,6 +223,10 @@ def check_config(config: RunConfig) -> RunConfig:
         raise ConfigError(f"objective {config.objective.name!r} trains the exits on a frozen backbone: give the "
                           "trained network's weights (objective.options.checkpoint, CLI: -O checkpoint=FILE), or "
                           "the backbone stays at its random start")
+    if config.objective.name == "ztw_ensemble" and not opts.get("checkpoint"):
+        raise ConfigError("objective 'ztw_ensemble' trains ZTW's ensemble on a frozen, trained network: give the "
+                          "ztw_heads run's weights (objective.options.checkpoint, CLI: -O checkpoint=FILE, e.g. "
+                          "runs/ztw-heads/best.safetensors), or the ensemble is fitted to a network at its random start")
     from .policies import ExitPolicy
     from .policies.calibrate import _as_goal
 
@@ -235,9 +239,11 @@ def check_config(config: RunConfig) -> RunConfig:
     except (TypeError, ValueError, KeyError) as err:
         raise ConfigError(f"eval.policy {e.policy!r} with options {e.policy_options!r}: "
                           f"{err.args[0] if err.args else err}") from None
-    if policy.name == "ensemble" and sum(k in e.policy_options for k in ("weights", "ensemble")) != 1:
+    given = sum(k in e.policy_options for k in ("weights", "ensemble"))
+    if policy.name == "ensemble" and given != 1 and not (given == 0 and config.objective.name == "ztw_ensemble"):
         raise ConfigError("eval.policy 'ensemble' needs eval.policy_options.weights: a fixed scheme (uniform or "
-                          "linear) or one weight per exit, e.g. --set 'eval.policy_options={weights: linear}'")
+                          "linear) or one weight per exit, e.g. --set 'eval.policy_options={weights: linear}' "
+                          "(a ztw_ensemble run uses its learned ensemble)")
     if e.split not in ("train", "val", "test"):
         raise ConfigError(f"eval.split: expected train, val or test, got {e.split!r}")
     if e.deployments not in ("all", "eager"):

@@ -26,7 +26,7 @@ from .checkpoint import load, read_description
 from .config import ConfigError, RunConfig, check_config, config_from_dict, config_to_dict, read_yaml, save_config
 from .data import load_dataset
 from .network import MultiExitNetwork, create_network
-from .objectives import create_objective
+from .objectives import GeometricEnsemble, ZTWEnsemble, create_objective
 from .report import Report, evaluate
 
 __all__ = ["build_data", "build_network", "train_run", "evaluate_run", "open_run", "run_info"]
@@ -121,12 +121,74 @@ def train_run(config: RunConfig, *, argv: list[str] | None = None, report: bool 
     # epochs: the run's, resumed ones included; stopped: whether early stopping (or a callback) ended it
     result = {"dir": str(out), "history": history, "report": None, "epochs": trainer.epoch + 1,
               "stopped": trainer.should_stop}
-    if report and os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") != "0":
+        return result
+    # ZTW's geometric ensemble is the objective's (its training state): the report answers with it
+    ensemble = objective.ensemble if isinstance(objective, ZTWEnsemble) else None
+    if report:
         best = load(out / "best.safetensors") if (out / "best.safetensors").exists() else net
-        result["report"] = evaluate_run(best, data, config, out)
+        result["report"] = evaluate_run(best, data, with_ensemble(config, ensemble), out)
         if not files.trains:  # the record kept; its eval section is now that of the report just written
             _record_eval(out, config)
+    if ensemble is not None:
+        _store_ensemble(out, ensemble, result["report"])
     return result
+
+
+def with_ensemble(config: RunConfig, ensemble) -> RunConfig:
+    """``config`` whose evaluation answers with ZTW's learned geometric ``ensemble`` (a
+    :class:`~eenn.objectives.GeometricEnsemble` or its ``{"weight", "bias"}``): a ``ztw_ensemble``
+    run evaluated with ``max_prob`` (ZTW's rule: the ensemble's top probability) or ``ensemble``
+    and no weights of its own gets the rule ``ensemble`` with ``ensemble=``; another rule
+    (``entropy``, say) reads the exits themselves. ``config`` as it is otherwise."""
+    e = config.eval
+    if ensemble is None or config.objective.name != "ztw_ensemble" or e.policy not in ("max_prob", "ensemble") \
+            or any(k in e.policy_options for k in ("weights", "ensemble")):
+        return config
+    parts = (ensemble.weight, ensemble.bias) if isinstance(ensemble, torch.nn.Module) else \
+        (ensemble["weight"], ensemble["bias"])
+    weight, bias = (torch.as_tensor(t, dtype=torch.float32).detach().cpu() for t in parts)
+    frozen = GeometricEnsemble(*bias.shape)  # a copy on the CPU: [E, C] bias, [E, E] weight
+    frozen.load_state_dict({"weight": weight, "bias": bias})
+    return dataclasses.replace(config, eval=dataclasses.replace(
+        e, policy="ensemble", policy_options={**e.policy_options, "ensemble": frozen.requires_grad_(False)}))
+
+
+def stored_ensemble(checkpoint: str | Path) -> dict | None:
+    """The ZTW ensemble a run stored in ``checkpoint`` with its exit policy (``{"weight",
+    "bias"}`` tensors), or None."""
+    from .io import decode_inf
+    from .policies import ExitPolicy
+
+    stored = read_description(checkpoint).get("policy")
+    if not isinstance(stored, dict) or "ensemble" not in (stored.get("options") or {}):
+        return None
+    return ExitPolicy.from_dict(decode_inf(stored)).options["ensemble"]
+
+
+def _store_ensemble(out: Path, ensemble, report: Report | None) -> None:
+    """Keep a ztw_ensemble run's trained ensemble with its weights: ``best.safetensors`` (else
+    ``last``) gets the exit policy ``ensemble`` holding it, with the report's thresholds when the
+    report fitted that rule (then ``eenn predict`` and ``eenn export`` run it as it is), else
+    unfitted (``eenn calibrate`` fits it); :func:`open_run` gives it to ``eenn evaluate`` and
+    ``eenn calibrate``. The weights are not touched."""
+    from .checkpoint import save
+    from .policies import ExitPolicy
+
+    path = next((out / n for n in ("best.safetensors", "last.safetensors") if (out / n).is_file()), None)
+    if path is None:
+        return
+    policy = ExitPolicy("ensemble", ensemble=ensemble)
+    if report is not None:
+        fitted = ExitPolicy.from_dict(report.data)
+        if fitted.name == "ensemble" and "ensemble" in fitted.options:
+            policy = fitted
+    desc, state = read_description(path), None
+    if path.name == "last.safetensors":
+        from .checkpoint import load_state
+
+        _, state = load_state(path)
+    save(load(path), path, extra=desc.get("extra"), state=state, policy=policy)
 
 
 def _record_eval(out: Path, config: RunConfig) -> None:
@@ -274,7 +336,10 @@ def open_run(path: str | Path, model=None) -> tuple[MultiExitNetwork, RunConfig 
         ckpt, run_dir = p, p.parent
     else:
         raise FileNotFoundError(f"{p} is neither a run directory nor a checkpoint file")
-    return load(ckpt, model=model), read_run_config(run_dir), run_dir
+    config = read_run_config(run_dir)
+    if config is not None and config.objective.name == "ztw_ensemble":  # its learned ensemble, where stored
+        config = with_ensemble(config, stored_ensemble(ckpt))
+    return load(ckpt, model=model), config, run_dir
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig | None:

@@ -4,8 +4,11 @@ after the backbone:
 1. ``ztw_heads``: cascading heads (build the network with ``head_options={"cascade": True}``:
    every head but the first also reads the previous exit's logits, LayerNorm'ed and detached)
    trained on the frozen backbone with ``mean_i CE_i`` [C].
-2. ``ztw_ensemble``: with the whole network frozen, a :class:`GeometricEnsemble` per exit,
+2. ``ztw_ensemble``: with the whole network frozen (``checkpoint=``: the ``ztw_heads`` run's
+   weights, backbone and heads), a :class:`GeometricEnsemble` per exit,
    ``z_i = (1/i) Σ_{j≤i} exp(w_ij) log_softmax(h_j) + b_i`` [C], trained with CE(z_i, y).
+   A run (``eenn train``) stores the trained ensemble in its ``best.safetensors`` as the exit
+   policy ``ExitPolicy("ensemble", ensemble=...)`` and reports with it (:mod:`eenn.run`).
 
 :func:`save_ensemble` / :func:`load_ensemble` keep a trained ensemble in a safetensors file
 for the exit policies (exit when max softmax(z_i) exceeds a threshold).
@@ -77,14 +80,27 @@ class ZTWEnsemble(Objective):
     submodule (``.ensemble``, built in ``prepare``), so the trainer optimises and checkpoints it.
     The logged ``ensemble_acc`` is the ensembles' training accuracy averaged over the exits
     (``train_acc`` stays the network's own exits').
+
+    ``checkpoint``: an eenn checkpoint of this very network (backbone, exits and heads: the
+    ``ztw_heads`` run's ``best.safetensors``) loaded before training; a checkpoint of another
+    network is refused. Without it the network is taken as it is (trained in this process).
     """
 
-    def __init__(self, init_std: float = 0.01) -> None:
+    def __init__(self, init_std: float = 0.01, checkpoint: str | os.PathLike | None = None) -> None:
         super().__init__()
         self.init_std = init_std
+        self.checkpoint = checkpoint
         self.ensemble: GeometricEnsemble | None = None
 
     def prepare(self, net: MultiExitNetwork) -> None:
+        if self.checkpoint is not None:
+            from ..checkpoint import CheckpointError, load_weights
+
+            try:
+                load_weights(net, self.checkpoint)
+            except CheckpointError as e:
+                raise CheckpointError(f"ztw_ensemble: checkpoint= must hold this network, exits and heads included "
+                                      f"(the ztw_heads run's weights): {e}") from None
         net.requires_grad_(False)
         ens = self.ensemble
         if ens is None or (ens.num_exits, ens.num_classes) != (net.num_exits, net.num_classes):
