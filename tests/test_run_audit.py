@@ -94,10 +94,24 @@ def test_a_rerun_that_trains_nothing_keeps_the_record_and_says_what_did_not_appl
     record = {k: v for k, v in _files(out).items() if k in ("config.yaml", "run.json")}
     capsys.readouterr()
     with pytest.warns(UserWarning, match=r"is finished .*label_smoothing: 0\.0 -> 0\.1.* do not apply to its "
-                                         r"weights.*record \(config\.yaml, run\.json\) is kept"):
+                                         r"weights, and the run's record keeps its own"):
         assert main([*B, "--epochs", "1", "--out", str(out), "--label-smoothing", "0.1"]) == 0
     assert "done: 1 epochs (0 trained now)" in capsys.readouterr().out
     assert {k: v for k, v in _files(out).items() if k in ("config.yaml", "run.json")} == record
+
+
+def test_a_rerun_that_trains_nothing_records_only_the_eval_settings_of_its_new_report(tmp_path):
+    out = tmp_path / "a"
+    cmd = [*B[:-1], "--deployments", "eager", "--batch-sizes", "", "--curve-points", "3", "--epochs", "1",
+           "--out", str(out)]
+    assert main(cmd) == 0
+    run_json = (out / "run.json").read_bytes()
+    with pytest.warns(UserWarning, match=r"lr: 0\.05 -> 0\.5"):
+        assert main([*cmd, "--max-drop", "0.05", "--lr", "0.5"]) == 0
+    config = eenn.config.load_config(out / "config.yaml")
+    assert config.eval.goal == {"max_drop": 0.05} and config.train.lr == 0.05
+    assert json.loads((out / "report.json").read_text())["policy"]["goal"] == {"max_drop": 0.05}
+    assert (out / "run.json").read_bytes() == run_json
 
 
 def test_a_resume_that_trains_keeps_the_first_command_and_appends_its_own(tmp_path):

@@ -211,7 +211,8 @@ class _RunFiles(Callback):
     started the run; a resume that trains more epochs rewrites ``config.yaml`` (the settings it
     goes on under) and appends its own command, date and commit to ``run.json``'s ``"resumed"``
     list (with ``"from_epoch"``). A re-run that trains nothing (the run is finished) keeps both
-    as they were: its other settings never reached the weights (the trainer says which changed)."""
+    as they were: its other settings never reached the weights (the trainer says which changed);
+    only ``config.yaml``'s ``eval`` section follows the report such a re-run writes."""
 
     def __init__(self, config: RunConfig, out: Path, argv: list[str] | None) -> None:
         self.config, self.out, self.argv = config, out, argv

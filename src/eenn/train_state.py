@@ -225,7 +225,7 @@ def resume_message(path: Path, changed: list[str], how: str, done: int, epochs: 
     if done >= epochs or stopped:
         return (f"{path} is finished ({done} epoch(s) done{', stopped early' if stopped else ''}): nothing is trained "
                 f"now, so the changed settings ({'; '.join(changed)}) do not apply to its weights, and the run's "
-                "record (config.yaml, run.json) is kept as it was; raise epochs to train on under them, or choose "
-                "another out_dir")
+                "record keeps its own (config.yaml's training settings, run.json's command); raise epochs to train "
+                "on under them, or choose another out_dir")
     return (f"resuming {path} with changed settings ({'; '.join(changed)}); the optimiser's state is kept, with the "
             f"new weight decay and momentum, and {how}")
