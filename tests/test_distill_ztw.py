@@ -187,3 +187,9 @@ def test_a_ztw_ensemble_run_takes_the_heads_checkpoint_and_reports_with_its_ense
     _, config, _ = open_run(out)  # what eenn evaluate and calibrate read
     assert config.eval.policy == "ensemble"
     assert torch.equal(config.eval.policy_options["ensemble"].weight, learned["ensemble.weight"].cpu())
+    # eenn evaluate: the learned ensemble by default; another rule reads the exits themselves
+    for rule, out_dir in (("max_prob", "ev1"), ("entropy", "ev2")):
+        assert main(["evaluate", str(out), "--policy", rule, "--deployments", "eager", "--batch-sizes", "",
+                     "--out", str(tmp_path / out_dir)]) == 0
+    assert json.loads((tmp_path / "ev1" / "report.json").read_text())["policy"]["rule"] == "ensemble"
+    assert json.loads((tmp_path / "ev2" / "report.json").read_text())["policy"]["options"] == {}

@@ -227,6 +227,13 @@ def check_config(config: RunConfig) -> RunConfig:
         raise ConfigError("objective 'ztw_ensemble' trains ZTW's ensemble on a frozen, trained network: give the "
                           "ztw_heads run's weights (objective.options.checkpoint, CLI: -O checkpoint=FILE, e.g. "
                           "runs/ztw-heads/best.safetensors), or the ensemble is fitted to a network at its random start")
+    if config.objective.name == "ztw_ensemble" and "ensemble" in e.policy_options and e.policy != "ensemble":
+        # the run's learned ensemble (eenn.run.with_ensemble) goes with ZTW's rule, max_prob over it;
+        # another rule (entropy, say) reads the exits themselves
+        if e.policy == "max_prob":
+            e.policy = "ensemble"
+        else:
+            e.policy_options = {k: v for k, v in e.policy_options.items() if k != "ensemble"}
     from .policies import ExitPolicy
     from .policies.calibrate import _as_goal
 
