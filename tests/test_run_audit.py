@@ -217,3 +217,15 @@ def test_compare_methods_keeps_the_other_methods_under_new_eval_settings(tmp_pat
     assert "Left out of the tables" in md and "- Later: not trained yet" in md
     assert "Later: left out of the tables (not trained yet" in said
     assert json.loads((out / "compare.json").read_text())["left_out"].keys() == {"Later"}
+
+
+def test_compare_tables_name_the_split_they_report_on(tmp_path):
+    cfg = tmp_path / "cmp.yaml"
+    cfg.write_text("data: {name: digits, limit: 300}\nmodel: {backbone: mlp, exits: all}\n"
+                   "train: {epochs: 1, lr: 0.05, progress: false}\n"
+                   "eval: {batch_sizes: [], curve_points: 3, deployments: eager, split: val}\n"
+                   "methods:\n  B-NET: {objective: {name: joint}}\n")
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| Method | Val. acc. |" in md and "Table 1: val accuracy" in md and ", val split." in md
+    assert "Test acc." not in md and "test split" not in md

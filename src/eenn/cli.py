@@ -35,11 +35,15 @@ def _labels(text: str) -> list[str]:
 
 
 def _exits(text: str):
-    """``all``, ``none`` and ``<distribution>:<n>`` as they are; otherwise a comma-separated list of
-    stages, each an index or a stage name (``1,3`` or ``block2.0,block3.0``), as the Python API takes."""
-    if text.strip() in ("all", "none") or ":" in text:
-        return text.strip()
-    return [int(s) if s.lstrip("-").isdigit() else s for s in (t.strip() for t in text.split(",")) if s]
+    """``--exits`` as ``model.exits`` reads it (:func:`eenn.config.parse_exits`): ``all``, ``none``,
+    ``<distribution>:<n>``, or a comma-separated list of stage indices or names; a malformed one
+    is a usage error."""
+    from .config import ConfigError, parse_exits
+
+    try:
+        return parse_exits(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_train_config(p: argparse.ArgumentParser) -> None:
@@ -190,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
         "with the oracle; the report and plots go to --out.",
         epilog="example: eenn demo --backbone resnet20 --epochs 30", formatter_class=raw)
     d.add_argument("--backbone", default="resnet20", help="registered backbone (default: resnet20)")
-    d.add_argument("--exits", default="all", help="'all', 'none', stages by index or name ('1,3', 'block2.0'), or a distribution 'fine:2'")
+    d.add_argument("--exits", default="all", type=_exits, help="'all', 'none', stages by index or name ('1,3', 'block2.0'), or a distribution 'fine:2'")
     d.add_argument("--epochs", type=int, default=30)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
@@ -273,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            run_demo(backbone=args.backbone, exits=_exits(args.exits), epochs=args.epochs, seed=args.seed,
+            run_demo(backbone=args.backbone, exits=args.exits, epochs=args.epochs, seed=args.seed,
                      device=args.device, out=args.out)
         elif args.command == "train":
             commands._train(args)

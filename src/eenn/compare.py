@@ -239,18 +239,20 @@ def _markdown(base: RunConfig, rows: dict[str, dict]) -> str:
     labels = list(rows)
     any_report = Report(next(iter(rows.values()))["report"])
     d = any_report.data
+    split = d["dataset"].get("split", "test")  # the split the rows report on (eval.split), "test" by default
+    acc = {"test": "Test", "val": "Val.", "train": "Train"}.get(split, "Test") + " acc."
     lines = [f"# {base.model.backbone} on {base.data.name}: {', '.join(labels)}", "",
-             "Table 1: test accuracy at the final exit (no early exit).", "",
+             f"Table 1: {split} accuracy at the final exit (no early exit).", "",
              "| " + " | ".join(["data set", *labels]) + " |", "|---" * (len(labels) + 1) + "|",
              "| " + " | ".join([d["dataset"]["name"], *(f"{100 * r['report']['result']['final_accuracy']:.2f}%"
                                                         for r in rows.values())]) + " |",
              "| " + " | ".join(["soft output (gated: option 1)",
                                 *(f"{100 * r['report']['gated']['soft_output_accuracy']:.2f}%" if "gated" in r["report"]
                                   else "—" for r in rows.values())]) + " |", "",
-             "Table 2: early exit enabled (thresholds fitted on the validation split), test split. Inference time is "
+             f"Table 2: early exit enabled (thresholds fitted on the validation split), {split} split. Inference time is "
              "per sample at batch 1 on this machine; speed-up is over the static backbone, measured on the clock "
              "and predicted by MACs.", "",
-             "| Method | Test acc. | Inf. time | Speed-up (measured) | Speed-up (MACs) | Exits | Oracle acc. | Oracle speed-up (MACs) |",
+             f"| Method | {acc} | Inf. time | Speed-up (measured) | Speed-up (MACs) | Exits | Oracle acc. | Oracle speed-up (MACs) |",
              "|---|---|---|---|---|---|---|---|"]
     for label, row in rows.items():
         r = row["report"]
@@ -264,8 +266,8 @@ def _markdown(base: RunConfig, rows: dict[str, dict]) -> str:
     fixed = [(label, row["report"]["gated"]["fixed_rule"]) for label, row in rows.items() if "gated" in row["report"]]
     if fixed:
         lines += ["", "Gated methods with the paper's fixed rule (first gate at the threshold, 0.5, or 1/N after "
-                  "EENets' v3 loss; no fitting), test split:", "",
-                  "| Method | Threshold | Test acc. | Speed-up (MACs) | Exits |", "|---|---|---|---|---|"]
+                  f"EENets' v3 loss; no fitting), {split} split:", "",
+                  f"| Method | Threshold | {acc} | Speed-up (MACs) | Exits |", "|---|---|---|---|---|"]
         for label, f in fixed:
             lines.append(f"| {label} | {f.get('threshold', 0.5):.3g} | {100 * f['accuracy']:.2f}% | {f['speedup']:.2f}x | "
                          f"{Report(rows[label]['report']).exits_text(f['exit_distribution'])} |")
