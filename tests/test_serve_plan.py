@@ -193,8 +193,9 @@ def test_tiers_on_one_machine_become_one_tier_and_a_far_faster_one_over_a_free_l
 
 
 def test_eenn_plan_names_the_argument_that_is_wrong(tmp_path, capsys):
-    """Bad --tier, --link, --split or export values: exit status 1, one line naming the flag or
-    the path and what is allowed, and no plan written."""
+    """Bad --tier, --link, --split or export values: one line naming the flag or the path and what
+    is allowed, and no plan written; exit status 2 (a usage error) where the flag's own form is
+    wrong, 1 where it does not fit the export or the other flags."""
     d = _export(tmp_path)
     out = tmp_path / "plan.yaml"
     ok = ["--tier", "device=1e8", "--tier", "cloud=1e10", "--link", "1e9,0.001"]
@@ -206,9 +207,15 @@ def test_eenn_plan_names_the_argument_that_is_wrong(tmp_path, capsys):
             (["--tier", "device=fast", "--tier", "cloud=1e10", "--link", "1e9,0.001"],
              "--tier 'device=fast': SPEED is MACS_PER_S[,OVERHEAD_S] in numbers"),
             (["--tier", "device=measurex", "--tier", "cloud=1e10", "--link", "1e9,0.001"], "--tier 'device=measurex'"),
-            (["--tier", "a=1e8", "--tier", "a=1e9", "--link", "1e9,0.001"], "--tier names must be distinct"),
             ([*ok[:4], "--link=-1,0.01"], "--link '-1,0.01': link `bandwidth` must be a number of bytes per second > 0"),
-            ([*ok[:4], "--link=1e6,-5"], "--link '1e6,-5': link `latency_s` must be a number of seconds >= 0"),
+            ([*ok[:4], "--link=1e6,-5"], "--link '1e6,-5': link `latency_s` must be a number of seconds >= 0")]:
+        with pytest.raises(SystemExit) as e:
+            _main(["plan", str(d), *argv, "--out", str(out)])
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # (this stand-alone parser prints its usage first)
+        assert e.value.code == 2 and last.startswith("eenn plan: error: argument --") and message in last, (argv, last)
+        assert not out.exists()
+    for argv, message in [
+            (["--tier", "a=1e8", "--tier", "a=1e9", "--link", "1e9,0.001"], "--tier names must be distinct"),
             ([*ok, "--split", "2-1,rest"], "--split '2-1,rest': tier 'device': segments 2-1 are reversed: write the "
                                           "first one first (1-2)"),
             ([*ok, "--split", "0-1-2,rest"], "--split '0-1-2,rest': tier 'device': cannot read segments '0-1-2'")]:
