@@ -115,3 +115,17 @@ def gated_quick_check(net, data, objective, epochs: int = 8):
     exit_acc = (test.logits.argmax(-1) == test.targets[None]).double().mean(1)
     goal = {"max_drop": 0.01}
     return exit_acc, report_goal(calibrate("gate", val, net.cost(), goal), test, net.cost(), goal)
+
+
+# The small CLI training run and network the resume tests share (tests/test_resume.py, test_run_audit.py).
+MLP_TRAIN = ["train", "--dataset", "digits", "--backbone", "mlp", "--no-progress", "--no-report"]
+
+
+def mlp_net():
+    torch.manual_seed(0)
+    return eenn.create_network("mlp", in_channels=1, num_classes=10, input_size=8, exits="all")
+
+
+def dir_files(out):
+    """The files in ``out`` and their bytes: what a refused resume must leave as it was."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}

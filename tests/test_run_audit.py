@@ -6,26 +6,16 @@ import json
 import subprocess
 
 import pytest
-import torch
 
 import eenn
 from eenn.cli import main
 
-B = ["train", "--dataset", "digits", "--backbone", "mlp", "--no-progress", "--no-report"]
+from _helpers import MLP_TRAIN as B, dir_files as _files, mlp_net as _net
 
 
 @pytest.fixture(scope="module")
 def digits():
     return eenn.load_dataset("digits", seed=0)
-
-
-def _net():
-    torch.manual_seed(0)
-    return eenn.create_network("mlp", in_channels=1, num_classes=10, input_size=8, exits="all")
-
-
-def _files(out):
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
 
 
 # ------------------------------------------------------------------ A2: the resume check without config.yaml
