@@ -50,35 +50,7 @@ def _values(args, base: dict | None = None) -> dict:
 def _config(args, base: dict | None = None, values: dict | None = None):
     from .config import check_config, config_from_dict
 
-    config = check_config(config_from_dict(_values(args, base) if values is None else values))
-    _check_names(config)
-    return config
-
-
-def _check_names(config) -> None:
-    """The data set's name and the heads' options, refused as settings (exit status 2) before
-    anything is read or trained, as check_config refuses backbone options."""
-    from .config import ConfigError
-    from .data import list_datasets
-    from .data.datasets import DATASETS
-    from .heads import check_head
-
-    name = config.data.name
-    if name.strip().lower().replace("-", "_") not in list_datasets():  # load_dataset's spellings
-        try:
-            DATASETS.get(name)
-        except KeyError as err:
-            raise ConfigError(f"data.name: {err.args[0]}") from None
-    m = config.model
-    heads = [m.head] if isinstance(m.head, str) else list(m.head)
-    options = m.head_options if isinstance(m.head_options, list) else [m.head_options]
-    per_exit = not isinstance(m.head, str) and isinstance(m.head_options, list) and len(heads) == len(options)
-    pairs = zip(heads, options) if per_exit else [(h, o) for h in heads for o in options]
-    try:
-        for head, opts in pairs:  # "cascade" is the network's option for a head, not the head builder's
-            check_head(head, {k: v for k, v in dict(opts or {}).items() if k != "cascade"})
-    except (KeyError, ValueError, TypeError) as err:
-        raise ConfigError(f"model: {err.args[0] if err.args else err}") from None
+    return check_config(config_from_dict(_values(args, base) if values is None else values))
 
 
 def _out_folder(path, flag: str = "--out") -> None:

@@ -187,6 +187,18 @@ def parse_exits(value: Any) -> str | list:
     return out
 
 
+def _check_data_name(name: str) -> None:
+    """Refuse a data set name load_dataset would not know (in any of its spellings)."""
+    from .data import list_datasets
+    from .data.datasets import DATASETS
+
+    if name.strip().lower().replace("-", "_") not in list_datasets():
+        try:
+            DATASETS.get(name)
+        except KeyError as err:
+            raise ConfigError(f"data.name: {err.args[0]}") from None
+
+
 def check_config(config: RunConfig) -> RunConfig:
     """Refuse what the types let through but a run cannot use, before anything is trained or
     written: values out of range, an evaluation that would fail after training (the goal, the
@@ -206,10 +218,15 @@ def check_config(config: RunConfig) -> RunConfig:
     from .backbones.base import check_backbone
     from .heads import check_head
 
+    _check_data_name(d.name)
+    heads = [m.head] if isinstance(m.head, str) else list(m.head)
+    options = m.head_options if isinstance(m.head_options, list) else [m.head_options]
+    per_exit = not isinstance(m.head, str) and isinstance(m.head_options, list) and len(heads) == len(options)
     try:
         check_backbone(m.backbone, m.backbone_options)
-        for name in [m.head] if isinstance(m.head, str) else m.head:
-            check_head(name)
+        for head, head_opts in zip(heads, options) if per_exit else [(h, o) for h in heads for o in options]:
+            # "cascade" is the network's option for a head (ZTW), not the head builder's
+            check_head(head, {k: v for k, v in dict(head_opts or {}).items() if k != "cascade"})
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(f"model: {err.args[0] if err.args else err}") from None
     opts = config.objective.options
