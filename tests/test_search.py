@@ -562,14 +562,18 @@ def test_ctrl_c_leaves_no_optuna_traceback():
     search_study._quiet_interrupts()
     log = logging.getLogger("optuna.study._optimize")
 
-    def record(exc):
+    def record(exc, n):
         try:
             raise exc
         except BaseException:
-            return log.makeRecord(log.name, logging.WARNING, __file__, 1, "Trial 0 failed", (), sys.exc_info())
+            return log.makeRecord(log.name, logging.WARNING, __file__, 1, f"Trial {n} failed with parameters: {{}}",
+                                  (), sys.exc_info())
 
-    assert not log.filter(record(KeyboardInterrupt()))
-    assert log.filter(record(ValueError("a real failure")))
+    def value_line(n):  # what Optuna logs after the failure, without a traceback
+        return log.makeRecord(log.name, logging.WARNING, __file__, 1, f"Trial {n} failed with value None.", (), None)
+
+    assert not log.filter(record(KeyboardInterrupt(), 2)) and not log.filter(value_line(2))
+    assert log.filter(record(ValueError("a real failure"), 3)) and log.filter(value_line(3))
 
 
 def test_a_trial_stopped_by_ctrl_c_is_trained_when_the_search_resumes(tmp_path, monkeypatch):

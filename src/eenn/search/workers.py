@@ -8,6 +8,7 @@ import functools
 import inspect
 import logging
 import os
+import re
 import socket
 import warnings
 from datetime import datetime
@@ -224,11 +225,25 @@ def _storage_class():
 
 
 class _NoInterruptTrace(logging.Filter):
-    """Drops the traceback Optuna logs for a trial stopped by Ctrl-C (the command says it in one
-    line); a trial that fails for any other reason is still logged in full."""
+    """Drops what Optuna logs for a trial stopped by Ctrl-C (the command says it in one line): the
+    record with its traceback and the "Trial N failed with value None." line after it; a trial
+    that fails for any other reason is still logged in full."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stopped: set[str] = set()  # trial numbers whose second line is still to come
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+        trial = re.match(r"Trial (\d+) failed", str(record.msg))
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            if trial:
+                self._stopped.add(trial.group(1))
+            return False
+        if trial and str(record.msg).startswith(f"Trial {trial.group(1)} failed with value") \
+                and trial.group(1) in self._stopped:
+            self._stopped.discard(trial.group(1))
+            return False
+        return True
 
 
 def _quiet_interrupts() -> None:
