@@ -37,7 +37,9 @@ def main():
     p.add_argument("--policy", default="max_prob")
     p.add_argument("--max-drop", type=float, default=0.01)
     p.add_argument("--batches", default="1,256")
-    p.add_argument("--samples", default="512,2048", help="test samples timed per batch size")
+    p.add_argument("--samples", default=None,
+                   help="test samples timed per batch size, one value or one each (default: 512 at batch 1, "
+                        "8 batches' worth (at least 2048) at larger ones)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: CUDA graphs, bf16 where it holds)")
@@ -62,8 +64,13 @@ def main():
     net.eval().to(a.device)
     policy = eenn.calibrate(a.policy, eenn.collect_outputs(net, data.val), net.cost(), {"max_drop": a.max_drop})
     batches = [int(v) for v in a.batches.split(",")]
-    samples = [int(v) for v in a.samples.split(",")]
-    samples = (samples * len(batches))[: len(batches)] if len(samples) == 1 else samples
+    if a.samples is None:
+        samples = [512 if b == 1 else max(2048, 8 * b) for b in batches]
+    else:
+        samples = [int(v) for v in a.samples.split(",")]
+        samples = (samples * len(batches))[: len(batches)] if len(samples) == 1 else samples
+        if len(samples) != len(batches):
+            p.error(f"--samples gives {len(samples)} counts for {len(batches)} batch sizes: one value or one each")
     x = net.preprocess(data.test.x[: max(samples)].to(a.device))
     paths = deployments(net, policy, device=a.device, val=data.val)
     timing = time_deployments(net, policy, x, batches, samples=samples, repeats=a.repeats, paths=paths)
