@@ -135,9 +135,6 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
     no input description: such an export takes float model inputs only); ``validation`` (from
     :func:`calibration_record`) stores the validation exit distribution that split planning uses.
     """
-    from . import __version__
-    from .backbones.base import head_input
-
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory")
@@ -145,10 +142,27 @@ def export(net, out_dir: str | os.PathLike, *, policy: ExitPolicy | str = "max_p
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
         raise ExportError(f"opset {opset!r}: the exported graphs need ONNX opset {MIN_OPSET} or later (the exit "
                           f"rule's comparisons), and this PyTorch writes up to {top}; the default is 17")
-    net = net.eval()
     spec = net.input_spec
-    E = net.num_exits
+    names = spec.class_names if spec is not None else None
+    if names is not None and len(names) != net.num_classes:  # the manifest's loader would refuse them
+        raise ExportError(f"net.input_spec names {len(names)} classes, the network has {net.num_classes}: give "
+                          "every class a name, or set net.input_spec = dataclasses.replace(net.input_spec, "
+                          "class_names=None)")
     record = _policy_record(net, as_policy(policy, thresholds, fallback=fallback, **dict(policy_options or {})))
+    modes = {m: m.training for m in net.modules()}
+    try:  # in eval mode while exporting, then as the caller had it (a check in the middle of training)
+        return _write(net.eval(), out, record, validation, opset, check_batch)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _write(net, out: Path, record: dict[str, Any], validation: dict | None, opset: int,
+           check_batch: int) -> dict[str, Any]:
+    from . import __version__
+    from .backbones.base import head_input
+
+    spec, E = net.input_spec, net.num_exits
     cost = net.cost()
     seg_macs = [cost.dynamic_macs[0]] + [b - a for a, b in zip(cost.dynamic_macs[:-1], cost.dynamic_macs[1:])]
     out.mkdir(parents=True, exist_ok=True)

@@ -145,12 +145,18 @@ def _fused_session(segments: dict[int, bytes], manifest: dict[str, Any], rule: s
     return one, batched
 
 
+def _non_finite(x: np.ndarray) -> ExportError:
+    return ExportError(f"the input holds {int((~np.isfinite(x)).sum())} non-finite values (NaN, infinity, or beyond "
+                       f"{x.dtype}'s range), which no exit can answer; send finite numbers")
+
+
 # ------------------------------------------------------------------------------------ runner
 class StagedRunner:
     """Run an exported model with onnxruntime through the exit loop.
 
     ``StagedRunner(dir)(x)`` runs every segment and returns ``{prediction, exit, depth, probs,
-    degraded}`` (NumPy arrays in batch order). ``segments=(a, b)`` loads only segments
+    degraded}`` (NumPy arrays in batch order); ``x``: finite float model inputs, uint8 pixels
+    (normalised with the manifest's ``preprocess``, as the server does) or token ids. ``segments=(a, b)`` loads only segments
     ``a..b-1`` (one tier); :meth:`start` and :meth:`advance` then run a batch through them.
     ``policy`` (an :class:`~eenn.policies.ExitPolicy` or a rule name), ``thresholds`` and
     ``fallback`` override the manifest's; ``models`` gives the segments' ONNX bytes by index
@@ -169,16 +175,16 @@ class StagedRunner:
             raise ExportError(f"segments ({a}, {b}) out of range for {self.num_exits} segments")
         self.first, self.stop = a, b
         stored = ExitPolicy.from_dict(m["policy"])
-        if policy is None:
+        self.policy = as_policy(stored if policy is None else policy, thresholds, fallback=fallback)
+        other = self.policy.name != stored.name
+        if isinstance(policy, str) and not other:  # the stored rule by name: its thresholds and options
             self.policy = as_policy(stored, thresholds, fallback=fallback)
-        else:
-            keep = thresholds if thresholds is not None or isinstance(policy, ExitPolicy) else stored.thresholds
-            self.policy = as_policy(policy, keep, fallback=fallback)
         self.has_gates = bool(m["has_gates"])
         try:
             self.bound = self.policy.bind(self.num_exits, has_gates=self.has_gates)
-        except ValueError as e:
-            raise ExportError(str(e)) from None
+        except ValueError as e:  # the stored thresholds and options (ensemble weights) are for the stored rule only
+            why = f" (the export's thresholds are for its {stored.name!r} rule)" if other and thresholds is None else ""
+            raise ExportError(f"{e}{why}") from None
         self.sessions: dict[int, Any] = {}
         loaded: dict[int, bytes] = {}
         base = Path(m.get("_dir", "."))
@@ -306,18 +312,40 @@ class StagedRunner:
 
     # -- one tier's share ----------------------------------------------------------------
     def start(self, x: np.ndarray) -> Running:
-        """A batch of model inputs ``[B, *input_shape]`` (float32, or the export's ``input_dtype``) before segment 0."""
+        """A batch ``[B, *input_shape]`` (as :meth:`__call__` takes it) before segment 0."""
         return start((torch.from_numpy(self._input(x)),))
 
     def _input(self, x) -> np.ndarray:
+        """``x`` as the model input: float inputs as they are (finite only), uint8 pixels
+        normalised with the manifest's ``preprocess`` as the server does, token ids in the
+        export's ``input_dtype``."""
+        floats = self.input_dtype.kind == "f"
         if (type(x) is np.ndarray and x.dtype == self.input_dtype and x.shape[1:] == self.input_shape
                 and x.flags.c_contiguous):  # as it comes (a sample at batch 1 costs ~40 us in all)
+            if floats and not np.isfinite(x).all():
+                raise _non_finite(x)
             return x
         x = np.asarray(x)
         if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape:
             raise ExportError(f"this model takes inputs of shape [batch, {', '.join(map(str, self.input_shape))}], "
                               f"got {list(x.shape)}; pad or resize the inputs, or re-export for this shape")
-        return np.ascontiguousarray(x, dtype=self.input_dtype)
+        if x.dtype == np.uint8 and floats:
+            # the server's own normalisation (InputSpec.normalize), bit for bit what net.preprocess gives
+            from .serve.inputs import InputError, _normalise
+
+            try:
+                return np.ascontiguousarray(_normalise(x, self.manifest), dtype=self.input_dtype)
+            except InputError as e:
+                raise ExportError(e.message) from None
+        if floats and x.dtype.kind != "f" or x.dtype == np.uint8:
+            took = f"float model inputs{' or uint8 pixels' if self.manifest.get('preprocess') else ''}" if floats \
+                else f"{self.input_dtype} token ids (uint8 arrays are read as pixels: x.astype(np.{self.input_dtype}))"
+            raise ExportError(f"this model takes {took}, got an array of {x.dtype}")
+        with np.errstate(over="ignore"):
+            x = np.ascontiguousarray(x, dtype=self.input_dtype)
+        if floats and not np.isfinite(x).all():
+            raise _non_finite(x)
+        return x
 
     def advance(self, running: Running, stop: int | None = None) -> tuple[Answers, Running | None]:
         """Run ``running`` through this runner's segments (up to ``stop``); return the samples

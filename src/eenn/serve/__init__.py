@@ -19,9 +19,9 @@ __all__ = ["AgreementMonitor", "Front", "InputError", "LinkSpec", "LocalPipeline
            "PlanResult", "Tier", "TierPlan", "TierSpeed", "as_plan", "create_app", "decode", "decode_body", "encode",
            "expected_latency", "local_front", "measure_segments", "plan_splits", "serve"]
 
-_LAZY = {"Front": "app", "LocalServer": "app", "create_app": "app", "local_front": "app", "InputError": "inputs",
-         "decode_body": "inputs", "LocalPipeline": "local", "Tier": "tiers", "AgreementMonitor": "monitor",
-         "MonitorConfig": "monitor"}
+_LAZY = {"Front": "app", "LocalServer": "app", "create_app": "app", "local_front": "app", "as_plan": "app",
+         "InputError": "inputs", "decode_body": "inputs", "LocalPipeline": "local", "Tier": "tiers",
+         "AgreementMonitor": "monitor", "MonitorConfig": "monitor"}
 
 
 def __getattr__(name: str):
@@ -32,19 +32,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def as_plan(plan: TierPlan | dict | str | Path) -> TierPlan:
-    if isinstance(plan, TierPlan):
-        return plan
-    if isinstance(plan, dict):
-        return TierPlan.from_dict(plan)
-    return TierPlan.load(plan)
-
-
 def serve(plan: TierPlan | dict | str | Path, address: str | None = None, *, local: bool = False,
           host: str = "127.0.0.1", port: int = 8000, ingress: str = "haproxy") -> None:
     """Serve ``plan`` until interrupted: on Ray Serve (an embedded Ray when ``address`` is None,
     the cluster at ``address`` otherwise), or in this process with ``local=True``. ``ingress``:
     what takes the HTTP requests on an embedded Ray (:func:`eenn.serve.ray_app.start`)."""
+    from .app import as_plan
+
     plan = as_plan(plan)
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise ValueError(f"port must be a number 0-65535 (0: any free one), got {port!r}")

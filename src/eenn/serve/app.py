@@ -8,6 +8,7 @@ import asyncio
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from starlette.requests import Request
@@ -15,14 +16,15 @@ from starlette.responses import JSONResponse, Response
 
 from ..io import encode_inf
 from ..policies import ExitPolicy
+from ..manifest import load_manifest
 from .inputs import InputError, decode_body
 from .monitor_config import thresholds_of
 from .prometheus import prometheus_text
-from .plan import TierPlan
+from .plan import LinkSpec, TierPlan, TierSpec
 from .local import LocalPipeline
 from .tiers import build_response, start_message
 
-__all__ = ["Front", "create_app", "LocalServer", "local_front", "uvicorn_config", "METRICS_TYPE"]
+__all__ = ["Front", "as_plan", "create_app", "LocalServer", "local_front", "uvicorn_config", "METRICS_TYPE"]
 
 Call = Callable[[bytes], Awaitable[dict]]
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text exposition format
@@ -279,13 +281,38 @@ def uvicorn_config(app, **kw):
     return uvicorn.Config(app, **{**options, **kw})
 
 
-def local_front(plan: TierPlan) -> Front:
+def as_plan(plan: TierPlan | dict | str | Path) -> TierPlan:
+    """A :class:`TierPlan` from a plan, its dict or a YAML/JSON file; a plan built directly is
+    checked as a parsed one is (its tiers :class:`TierSpec`, taking consecutive segments from 0)."""
+    if isinstance(plan, dict):
+        return TierPlan.from_dict(plan)
+    if not isinstance(plan, TierPlan):
+        return TierPlan.load(plan)
+    at = 0
+    for t in plan.tiers:
+        if not isinstance(t, TierSpec) or t.start != at or not t.start < t.stop:
+            got = repr(t) if not isinstance(t, TierSpec) else f"tier {t.name!r} with segments {t.start}..{t.stop - 1}"
+            raise ValueError(f"TierPlan tiers must be TierSpec(name, start, stop) taking consecutive segments from 0, "
+                             f"got {got:.120}; or pass the plan as a dict (TierPlan.from_dict({{'model': ..., "
+                             "'tiers': [{'name': ..., 'segments': 'rest'}]}))")
+        at = t.stop
+    exits = int(load_manifest(plan.model)["num_exits"])
+    if at != exits:
+        raise ValueError(f"the plan's tiers cover segments 0..{at - 1} of the model's 0..{exits - 1}; the last tier "
+                         f"must stop at {exits}")
+    if not all(isinstance(link, LinkSpec) for link in plan.links):
+        raise ValueError(f"TierPlan links must be LinkSpec(bandwidth, latency_s), got {plan.links!r:.120}")
+    return plan
+
+
+def local_front(plan: TierPlan | dict | str | Path) -> Front:
     """A front whose tiers run in this process (each request in a worker thread of its own pool;
     each tier runs one batch at a time, as its ``max_batch``/``batch_wait_ms`` gather them); with
     the plan's ``monitor:`` section, an agreement monitor whose new thresholds go to every tier's
-    runner."""
+    runner. ``plan``: as :func:`as_plan` takes it."""
     from concurrent.futures import ThreadPoolExecutor
 
+    plan = as_plan(plan)
     pipe = LocalPipeline(plan)
     # enough request threads to fill the largest batch from single-sample requests
     pool = ThreadPoolExecutor(max_workers=min(256, max(16, 2 * max(t.max_batch for t in plan.tiers))),
@@ -314,7 +341,7 @@ class LocalServer:
     """The in-process mode behind a real HTTP socket: ``with LocalServer(plan) as url: ...``
     (``port=0`` picks a free port)."""
 
-    def __init__(self, plan: TierPlan, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, plan: TierPlan | dict | str | Path, *, host: str = "127.0.0.1", port: int = 0) -> None:
         import uvicorn
 
         self.front = local_front(plan)
