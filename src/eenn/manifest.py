@@ -4,6 +4,7 @@ fault instead of failing in every request) and the segments' bytes. Running them
 :mod:`eenn.staged`; writing them, :mod:`eenn.exporter`."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -145,3 +146,32 @@ def read_segments(manifest: dict[str, Any], segments: tuple[int, int]) -> dict[i
     if tuple(segments) == (0, int(manifest["num_exits"])) and static.get("file") and (base / static["file"]).exists():
         out["static"] = (base / static["file"]).read_bytes()
     return out
+
+
+NO_PREPROCESS = ("this model was exported without an input description (its manifest has no \"preprocess\" mean/std), "
+                 "so pixels cannot be turned into its inputs: send float model inputs, or export a network whose "
+                 "input_spec is set")
+
+
+def normalise_pixels(px, manifest: dict):
+    """uint8 pixels [B, C, H, W] (a NumPy array) -> float32 ``(x/255 - mean)/std`` with the exported
+    statistics, by :meth:`eenn.InputSpec.normalize` itself (the arithmetic of
+    :class:`eenn.TensorLoader` and ``net.preprocess``), so that an exported model's runner and
+    server give a pixel bit for bit the input the evaluation gave it. A ValueError
+    (:data:`NO_PREPROCESS`) where the manifest has no statistics."""
+    import numpy as np
+    import torch
+
+    pre = manifest.get("preprocess")
+    if not pre:
+        raise ValueError(NO_PREPROCESS)
+    spec = _pixel_spec(tuple(px.shape[1:]), tuple(np.ravel(pre["mean"]).tolist()), tuple(np.ravel(pre["std"]).tolist()))
+    return spec.normalize(torch.from_numpy(np.require(px, requirements=["C", "W"]))).numpy()
+
+
+@functools.lru_cache(maxsize=16)
+def _pixel_spec(shape: tuple, mean: tuple, std: tuple):
+    """The model's input description, made once per model: it keeps its normalisation factors."""
+    from .data.spec import InputSpec
+
+    return InputSpec(shape, mean, std)

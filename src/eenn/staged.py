@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .inference import serial_torch
-from .manifest import EXPORT_TOLERANCE, MANIFEST, ExportError, _digest, load_manifest, read_segments
+from .manifest import EXPORT_TOLERANCE, MANIFEST, ExportError, _digest, load_manifest, normalise_pixels, read_segments
 from .policies.loop import Answers, Running, degrade, run_exits, start
 from .policies.policy import ExitPolicy, as_policy
 
@@ -331,12 +331,10 @@ class StagedRunner:
                               f"got {list(x.shape)}; pad or resize the inputs, or re-export for this shape")
         if x.dtype == np.uint8 and floats:
             # the server's own normalisation (InputSpec.normalize), bit for bit what net.preprocess gives
-            from .serve.inputs import InputError, _normalise
-
             try:
-                return np.ascontiguousarray(_normalise(x, self.manifest), dtype=self.input_dtype)
-            except InputError as e:
-                raise ExportError(e.message) from None
+                return np.ascontiguousarray(normalise_pixels(x, self.manifest), dtype=self.input_dtype)
+            except ValueError as e:
+                raise ExportError(str(e)) from None
         if floats and x.dtype.kind != "f" or x.dtype == np.uint8:
             took = f"float model inputs{' or uint8 pixels' if self.manifest.get('preprocess') else ''}" if floats \
                 else f"{self.input_dtype} token ids (uint8 arrays are read as pixels: x.astype(np.{self.input_dtype}))"

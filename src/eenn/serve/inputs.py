@@ -103,26 +103,14 @@ def _image_shape(manifest: dict) -> tuple[int, int, int]:
 
 
 def _normalise(px: np.ndarray, manifest: dict) -> np.ndarray:
-    """uint8 pixels [B, C, H, W] -> float32 ``(x/255 - mean)/std`` with the exported statistics,
-    by :meth:`eenn.InputSpec.normalize` itself (the arithmetic of :class:`eenn.TensorLoader` and
-    ``net.preprocess``), so that a served image gets bit for bit the input the evaluation gave it."""
-    import torch
+    """uint8 pixels -> the model's float inputs (:func:`eenn.manifest.normalise_pixels`); a 422
+    where the export has no statistics."""
+    from ..manifest import normalise_pixels
 
-    pre = manifest.get("preprocess")
-    if not pre:
-        raise InputError(422, "this model was exported without an input description (its manifest has no "
-                              "\"preprocess\" mean/std), so pixels cannot be turned into its inputs: send float "
-                              "model inputs, or export a network whose input_spec is set")
-    spec = _spec(tuple(px.shape[1:]), tuple(np.ravel(pre["mean"]).tolist()), tuple(np.ravel(pre["std"]).tolist()))
-    return spec.normalize(torch.from_numpy(np.require(px, requirements=["C", "W"]))).numpy()
-
-
-@functools.lru_cache(maxsize=16)
-def _spec(shape: tuple, mean: tuple, std: tuple):
-    """The model's input description, made once per model: it keeps its normalisation factors."""
-    from ..data.spec import InputSpec
-
-    return InputSpec(shape, mean, std)
+    try:
+        return normalise_pixels(px, manifest)
+    except ValueError as e:
+        raise InputError(422, str(e)) from None
 
 
 _NPY_MAGIC = b"\x93NUMPY"
