@@ -24,7 +24,7 @@ from .registry import is_whole
 from .user_model import import_model
 
 __all__ = ["CheckpointError", "ModelRequired", "import_model", "save", "load", "load_state", "load_weights",
-           "read_checkpoint", "read_description", "weights_digest"]
+           "read_checkpoint", "read_description", "usable_device", "weights_digest"]
 
 FORMAT = "eenn.multi_exit_network"
 FORMAT_VERSION = 1
@@ -45,6 +45,35 @@ class ModelRequired(CheckpointError):
         super().__init__(f"{what}: pass model=<a fresh instance of that model> (or model='MODULE:FUNCTION')")
         self.summary = (f"{what}: give --model MODULE:FUNCTION, a function or class of yours that returns a fresh "
                         "instance of it (e.g. --model mymodels:make_net, run from the folder holding mymodels.py)")
+
+
+def usable_device(device: str | torch.device, what: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``, refused in one line where this machine has none such
+    (CUDA asked for without CUDA), before anything is moved there; ``what``: the argument's name
+    in the message. Shared by :func:`load` and the trainer."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{what} {device!r} is not a device ({e}): give 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what} {str(device)!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def _checked_policy(net: nn.Module, policy: Any) -> dict[str, Any]:
+    """The record of ``policy`` once it fits ``net`` (its exit count and gates, thresholds
+    fitted), checked by the policy's own ``bind`` as the engine and the exporter check it."""
+    if isinstance(policy, str):
+        raise TypeError(f"eenn.save: policy={policy!r} is a rule name without thresholds; save a fitted policy: "
+                        f"eenn.ExitPolicy({policy!r}, thresholds) or one from eenn.calibrate(...)")
+    if not callable(getattr(policy, "bind", None)) or not callable(getattr(policy, "to_dict", None)):
+        raise TypeError(f"eenn.save: policy must be an eenn.ExitPolicy (e.g. from eenn.calibrate), got "
+                        f"{type(policy).__name__}")
+    try:
+        policy.bind(net.num_exits, has_gates=net.has_gates)
+    except ValueError as e:
+        raise ValueError(f"eenn.save: the policy does not fit this network ({net.num_exits} exits): {e}") from None
+    return encode_inf(policy.to_dict())  # strict JSON: infinite thresholds as "inf"
 
 
 def _version() -> str:
@@ -146,6 +175,7 @@ def save(
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; give a file name such as {path / 'model.safetensors'}")
+    record = _checked_policy(net, policy) if policy is not None else None
     tensors, aliases = _dedupe(net.state_dict())
     state_tree = _flatten(state, tensors, "root") if state is not None else None
     desc = {
@@ -159,8 +189,8 @@ def save(
         "extra": extra or {},
         "state": state_tree,
     }
-    if policy is not None:
-        desc["policy"] = encode_inf(policy.to_dict())  # strict JSON: infinite thresholds as "inf"
+    if record is not None:
+        desc["policy"] = record
     try:
         text = json.dumps(desc)
     except TypeError as e:
@@ -310,6 +340,7 @@ def load(
     model as ``model``, or ``"module:function"`` naming code of yours that builds one (see
     :func:`import_model`; code is never loaded from the checkpoint)."""
     path = Path(path)
+    map_location = usable_device(map_location, "map_location")
     desc, tensors = read_checkpoint(path)
     _check_network(desc.get("network"), path)
     source = desc["network"].get("source") or {}

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import distributed as D
-from .data import TensorDataset, TensorLoader
+from .data import DataSplits, TensorDataset, TensorLoader
 from .network import MultiExitNetwork
 from .functional import exit_losses
 
@@ -28,6 +28,12 @@ def collect_outputs(net: MultiExitNetwork, dataset: TensorDataset | tuple[Tensor
     ``TensorDataset`` of pixels, normalised by ``net.input_spec`` (a ValueError when the network
     has none), or a pair ``(inputs, labels)`` of tensors given to the network as they are (token
     ids, say, or model inputs already normalised)."""
+    if isinstance(dataset, DataSplits):
+        raise TypeError("collect_outputs: dataset is one split (a TensorDataset), e.g. the validation one: pass "
+                        "data.val (or data.test), not data")
+    if not isinstance(dataset, (TensorDataset, tuple)):
+        raise TypeError(f"collect_outputs: dataset must be a TensorDataset (e.g. data.val) or a pair (inputs, labels) "
+                        f"of tensors, got {type(dataset).__name__}")
     dev = device or next(net.parameters()).device
     if isinstance(dataset, tuple):
         if len(dataset) != 2 or not all(isinstance(t, Tensor) for t in dataset) or len(dataset[0]) != len(dataset[1]):

@@ -52,7 +52,11 @@ def prune_at(net: MultiExitNetwork, weights: Tensor | Sequence[float], k: int) -
     """The ensemble of exits ``0..k`` on ``net.truncate(k)`` (stages and exits after ``k`` are
     gone; parameters are shared with ``net``)."""
     w = torch.as_tensor(weights, dtype=torch.float32)
-    k = int(k) % net.num_exits
+    E = net.num_exits
+    if isinstance(k, bool) or not isinstance(k, int) or not -E <= k < E:
+        raise ValueError(f"prune_at: k must be an exit index (an int from 0 to {E - 1}, or -{E}..-1 from the end), "
+                         f"got {k!r}")
+    k %= E  # a negative index counts from the end, as in a list
     return EnsembleClassifier(net.truncate(k), w[: k + 1])
 
 
@@ -158,15 +162,41 @@ def evaluate_ensemble(module: nn.Module, dataset: TensorDataset, *, batch_size: 
     return correct / max(n, 1)
 
 
+def _random_input(module: nn.Module, input_shape: Sequence[int], batch_size: int, device) -> Tensor:
+    """A random batch of the kind ``module`` takes: for a network of token ids (or a module
+    holding one, as an :class:`EnsembleClassifier` does) ids in range, drawn as the exporter
+    draws its check batch (``eenn.exporter._example_input``); else normal floats."""
+    net = module if isinstance(module, MultiExitNetwork) else getattr(module, "net", None)
+    dtype = getattr(getattr(net, "backbone", None), "input_dtype", None)
+    if isinstance(net, MultiExitNetwork) and dtype is not None and not dtype.is_floating_point:
+        from .exporter import _example_input
+
+        return _example_input(net, batch_size, torch.Generator().manual_seed(0)).to(device)
+    return torch.randn(batch_size, *input_shape, device=device)
+
+
+def _latency_batch(net: MultiExitNetwork, val: TensorDataset, batch_size: int, device) -> Tensor | None:
+    """``batch_size`` samples of ``val`` (repeated when it holds fewer) as the network takes
+    them: real inputs of its kind, normalised by its input description (None: no samples)."""
+    if len(val) == 0:
+        return None
+    idx = torch.arange(batch_size) % len(val)
+    loader = TensorLoader(val.subset(idx), batch_size, input_spec=net.require_input_spec("aep_prune"), device=device)
+    return next(iter(loader))[0]
+
+
 @torch.inference_mode()
 def measure_latency(module: nn.Module, input_shape: Sequence[int], batch_size: int, *,
-                    device: str | torch.device | None = None, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time in MILLISECONDS of ``module`` on one random batch of ``batch_size``
-    (``warmup`` untimed calls first; CUDA is synchronised around every timed call)."""
+                    device: str | torch.device | None = None, warmup: int = 3, repeats: int = 10,
+                    inputs: Tensor | None = None) -> float:
+    """Median wall time in MILLISECONDS of ``module`` on one batch of ``batch_size``
+    (``warmup`` untimed calls first; CUDA is synchronised around every timed call): ``inputs``
+    when given (a batch of real samples), else a random one of the kind the module takes (token
+    ids in range for a network of token ids, see :func:`_random_input`)."""
     device = torch.device(device) if device is not None else _device_of(module)
     was = module.training
     module.eval()
-    x = torch.randn(batch_size, *input_shape, device=device)
+    x = inputs.to(device) if inputs is not None else _random_input(module, input_shape, batch_size, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         module(x)
@@ -189,7 +219,8 @@ def aep_prune(net: MultiExitNetwork, weights: Tensor | Sequence[float], val: Ten
     ``weights``: the ensemble weights, one per exit (e.g. ``AEP.weights()``), or a fixed scheme's
     name (``"uniform"``, ``"linear"``). The pixels of
     ``val`` are normalised by ``net.input_spec``. ``device``: where the data go; by default the
-    network's (the network is not moved). ``latency_batch_size=None`` skips the latency measurement."""
+    network's (the network is not moved). Latency is timed on ``latency_batch_size`` samples of
+    ``val`` (repeated when it holds fewer); ``latency_batch_size=None`` skips the measurement."""
     if isinstance(val, DataSplits):
         raise TypeError("aep_prune: val is one split (a TensorDataset), the validation one: pass data.val, not data")
     if not isinstance(val, TensorDataset):
@@ -216,10 +247,12 @@ def aep_prune(net: MultiExitNetwork, weights: Tensor | Sequence[float], val: Ten
     k = choose_exit(correct)
     full, pruned = EnsembleClassifier(net, w), prune_at(net, w, k)
     costs = []
+    x = _latency_batch(net, val, latency_batch_size, device) if latency_batch_size else None
     for m in (full, pruned):
         lat = None
         if latency_batch_size:
-            lat = measure_latency(m, net.input_shape, latency_batch_size, device=device, repeats=latency_repeats)
+            lat = measure_latency(m, net.input_shape, latency_batch_size, device=device, repeats=latency_repeats,
+                                  inputs=x)
         c = m.net.cost()
         costs.append(PruneCost(params=c.total_params, macs=c.dynamic_macs[-1], latency_ms=lat))
     n = max(len(val), 1)

@@ -150,6 +150,24 @@ def _resolve_cuts(
     return sorted(cuts, key=order.__getitem__)
 
 
+def _check_final_segment(graph: fx.Graph, last: fx.Node) -> None:
+    """Refuse a last cut after which the model computes nothing (at its output node, the final
+    classifier, say): the final exit would be an empty segment behind a head of its own."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    todo = list(graph.output_node().all_input_nodes)  # what the output is computed from
+    seen: set[fx.Node] = set()
+    while todo:
+        n = todo.pop()
+        if n in seen or order[n] <= order[last]:  # the cut itself, or computed before it
+            continue
+        if n.op.startswith("call_"):
+            return
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    raise TraceError(f"cutting at {last.name!r} leaves the final segment nothing to compute ({last.name!r} gives the "
+                     "model's output): cut before the model's output; the final exit is the model's own")
+
+
 def _first_element(name: str, node: fx.Node) -> fx.Node:
     """A call that returns a tuple (a leaf module such as nn.MultiheadAttention, whose value is
     only ever indexed) is cut at its element 0, the hidden state by convention."""
@@ -240,6 +258,8 @@ def attach_exits(
     if input_dtype is not None and not isinstance(input_dtype, torch.dtype):
         raise TypeError(f"input_dtype must be a torch.dtype such as torch.long, got {input_dtype!r}")
     tracer = tracer or getattr(model, "eenn_tracer", "fx")
+    if isinstance(input_shape, int) and not isinstance(input_shape, bool):
+        input_shape = (input_shape,)  # one dimension: a sequence's length, a feature vector's size
     input_shape = tuple(int(s) for s in input_shape)
     pad_id = getattr(model, "eenn_pad_id", None) if pad_id is _FROM_MODEL else pad_id
     if pad_id is not None:
@@ -259,6 +279,7 @@ def attach_exits(
     else:
         raise TraceError(f"tracer must be 'fx' or 'export', got {tracer!r}")
     cuts = _resolve_cuts(graph, list(at), module_calls, [m for m, _ in model.named_modules() if m])
+    _check_final_segment(graph, cuts[-1])
     keep = _add_keep(graph, pad_id) if pad_id is not None else None
     segments, carried = _build_segments(graph, cuts, root, keep=keep)
     # Two odd batch sizes, so that a batch dimension is not confused with a small fixed one, and

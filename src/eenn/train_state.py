@@ -7,6 +7,7 @@ each rank's random-number state taken back."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from .registry import is_whole
 from .rng import set_rng_state
 from .userframe import caller_stacklevel
 
-__all__ = ["check_labels", "check_optimizer_state", "check_resumed_input", "check_same_run", "checked_state",
+__all__ = ["batch_norm_drop_last", "check_labels", "check_optimizer_state", "check_resumed_input", "check_same_run", "checked_state",
            "claim_input_spec", "resume_message", "restore_rng", "restoring"]
 
 
@@ -115,7 +116,7 @@ def claim_input_spec(net, info) -> InputSpec:
     """Give ``net`` the input description of the data it is trained on (``info``, a
     :class:`~eenn.data.DatasetInfo`), or check that the one it has is that one. Data of another
     kind than the network takes (token ids for a network of float inputs, say) are refused."""
-    spec = InputSpec.from_info(info)
+    spec = _class_names(net, info, InputSpec.from_info(info))
     ids = _takes_token_ids(net)
     if ids != (spec.kind == "tokens"):
         takes = (f"token ids (it was traced with input_dtype={net.backbone.input_dtype})" if ids else
@@ -140,6 +141,39 @@ def claim_input_spec(net, info) -> InputSpec:
             f"std {spec.std}): train it on data normalised as before, or set net.input_spec = None to "
             "adopt this data set's statistics")
     return net.input_spec
+
+
+def _class_names(net, info, spec: InputSpec) -> InputSpec:
+    """``spec`` with one class name per class of the network, so that an export (whose runner
+    reads one name per class) and a report name every class: fewer names than the network has
+    classes are refused; of more (labels that fit, checked by :func:`check_labels`), the
+    network's first classes' names are kept, label i being class i."""
+    names, m = spec.class_names, net.num_classes
+    if names is None or len(names) == m:
+        return spec
+    if len(names) < m:
+        raise ValueError(f"the data set {info.name!r} names {len(names)} classes, the network has {m}: give "
+                         f"num_classes={m} to from_tensors (or class_names of {m} names), or build the network "
+                         f"with num_classes={len(names)}")
+    return dataclasses.replace(spec, class_names=names[:m])
+
+
+def batch_norm_drop_last(net, n_train: int, batch_size: int, env=None) -> bool:
+    """Whether the training loader must drop a trailing batch of one sample: a BatchNorm layer
+    in training takes its statistics over the batch, and one sample has none (torch fails
+    mid-epoch, deep in the layer). Then also: a batch size of 1, or a training split of one
+    sample (per process, under ``env``, a :class:`~eenn.distributed.DistEnv`), refused here. Under
+    DDP the loader drops every partial batch anyway."""
+    world = env.world_size if env is not None else 1
+    norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    if norm and batch_size == 1:
+        raise ValueError("batch_size=1 cannot train a network with BatchNorm layers (their statistics need 2 or "
+                         "more samples per batch): give batch_size >= 2")
+    per_rank = -(-n_train // world)
+    if norm and per_rank == 1:
+        raise ValueError(f"the training split holds {n_train} sample(s), one per batch, and the network has "
+                         "BatchNorm layers, whose statistics need 2 or more samples per batch: train on more samples")
+    return world > 1 or (norm and per_rank % batch_size == 1)
 
 
 def check_labels(net, data) -> None:

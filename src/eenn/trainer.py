@@ -24,8 +24,9 @@ from .outputs import evaluate_exits
 from .rng import rng_state, seed_everything
 from .network import MultiExitNetwork
 from .objectives import EpochContext, Objective, create_objective, describe_objective, exit_losses
-from .train_state import (check_labels, check_optimizer_state, check_same_run, checked_state, claim_input_spec,
-                          restore_rng, restoring, resume_message)
+from .checkpoint import usable_device
+from .train_state import (batch_norm_drop_last, check_labels, check_optimizer_state, check_same_run, checked_state,
+                          claim_input_spec, restore_rng, restoring, resume_message)
 from .train_config import TrainConfig, build_optimizer, build_scheduler, unused_momentum
 from .userframe import caller_stacklevel
 
@@ -70,10 +71,7 @@ class Trainer:
     # ------------------------------------------------------------------------- set-up
     def _device(self) -> torch.device:
         if self.config.device:
-            dev = torch.device(self.config.device)
-            if dev.type == "cuda" and not torch.cuda.is_available():
-                raise ValueError(f"device {self.config.device!r} asked for, but CUDA is not available here")
-            return dev
+            return usable_device(self.config.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def _callbacks(self) -> list[Callback]:
@@ -191,6 +189,7 @@ class Trainer:
                              f"{spec.describe()}: set augment=False")
         claim_input_spec(net, data.info)
         check_labels(net, data)
+        batch_norm_drop_last(net, len(data.train), self.config.batch_size)  # refusals before any set-up
         device = self._device()
         self.env = env = D.setup(device.type, self.config.dist_timeout)
         if env.enabled and device.type == "cuda":
@@ -212,10 +211,10 @@ class Trainer:
             obj.label_smoothing = c.label_smoothing
         obj.prepare(net)
         self.data, self.device = data, device
-        self._loader_args = dict(shuffle=True, drop_last=env.enabled, input_spec=net.input_spec,
-                                 augment=c.augment, crop_padding=c.crop_padding, flip=c.flip, device=device,
-                                 seed=c.seed, rank=env.rank, world_size=env.world_size,
-                                 return_indices=obj.needs_indices)
+        drop_last = batch_norm_drop_last(net, len(data.train), c.batch_size, env)
+        self._loader_args = dict(shuffle=True, drop_last=drop_last, input_spec=net.input_spec, augment=c.augment,
+                                 crop_padding=c.crop_padding, flip=c.flip, device=device, seed=c.seed,
+                                 rank=env.rank, world_size=env.world_size, return_indices=obj.needs_indices)
         self.train_loader = TensorLoader(data.train, c.batch_size, **self._loader_args)
         if len(self.train_loader) == 0:
             raise ValueError(f"the training split ({len(data.train)} samples) is smaller than one batch")
