@@ -146,7 +146,7 @@ def test_evaluate_calibrate_predict(run_dir, tmp_path, capsys):
 
     net = eenn.load(run_dir / "best.safetensors")
     xb = next(iter(eenn.TensorLoader(data.test.subset(torch.arange(2)), 2, mean=data.info.mean, std=data.info.std)))[0]
-    ref = DynamicEngine(net, eenn.policies.ExitPolicy.from_dict(cal))(xb)
+    ref = DynamicEngine(net.eval(), eenn.policies.ExitPolicy.from_dict(cal))(xb)
     assert [r["prediction"] for r in recs] == ref.prediction.tolist() and [r["exit"] for r in recs] == ref.exit.tolist()
     err = io.err.strip().splitlines()
     assert len(err) == 1 and "bad.npy" in err[0]

@@ -98,7 +98,10 @@ def test_engine_with_calibrated_thresholds_on_digits():
     policy = calibrate("max_prob", val, net.cost(), {"max_drop": 0.02})
     sim = decide(policy, test)
     x = next(iter(eenn.TensorLoader(data.test, len(data.test), mean=data.info.mean, std=data.info.std)))[0]
-    res = DynamicEngine(net, policy)(x)
+    with pytest.raises(RuntimeError, match=r"eval mode: net\.eval\(\)"):  # refused, not switched behind our back
+        DynamicEngine(net, policy)
+    assert net.training
+    res = DynamicEngine(net.eval(), policy)(x)
     assert torch.equal(res.prediction, sim.prediction) and torch.equal(res.exit, sim.exit)
     with pytest.raises(RuntimeError, match="eval mode"):
         eng = DynamicEngine(net, policy)

@@ -5,7 +5,8 @@ batch size, on CPU and CUDA.
 The decisions are made by the exit loop (:func:`eenn.policies.run_exits`), the same code that
 the ONNX runner, the serving tiers and the simulation on cached outputs run; the engine only
 supplies how a segment is computed (eager or optimised, whole or in micro-batches). Networks
-must be in eval mode (BatchNorm then does not depend on the batch make-up).
+must be in eval mode (BatchNorm then does not depend on the batch make-up): the engine refuses
+one in training mode rather than switching it.
 """
 from __future__ import annotations
 
@@ -43,9 +44,20 @@ class DynamicEngine:
     :class:`~eenn.policies.ExitPolicy` (e.g. from :func:`~eenn.policies.calibrate`), or
     ``DynamicEngine(net, "max_prob", thresholds, fallback=..., **rule_options)``.
 
+    ``net`` must be in eval mode (``net.eval()``); a network in training mode is refused
+    rather than switched behind the caller's back.
+
     ``x``: model inputs (float), or raw uint8 pixels, which the network's input description
-    normalises (:meth:`~eenn.MultiExitNetwork.preprocess`); a tensor or a numpy array. A shape
-    or dtype the network does not take is refused up front, saying what it takes.
+    normalises (:meth:`~eenn.MultiExitNetwork.preprocess`); a tensor or a numpy array. Floats of
+    another type (float64, float16) are converted to the parameters' type, tensors and numpy
+    arrays alike (``net(x)`` refuses them instead). A shape or dtype the network does not take
+    is refused up front, saying what it takes.
+
+    ``check_finite=True``: refuse float inputs holding NaN or inf (they would get a confident
+    answer from the final exit). It costs one reduction over the input per call: about 7 us at
+    batch 1 on a CPU core (2-3% of a call that leaves at the first exit of a small resnet20,
+    under 1% of one through the whole network), and on CUDA a wait for the device; ``False``
+    skips it.
 
     ``micro_batch``: run each segment on at most this many samples at a time (the survivors of
     all pieces are merged before the next segment). On CPUs, large batches of high-resolution
@@ -72,16 +84,21 @@ class DynamicEngine:
     def __init__(self, net: MultiExitNetwork, policy: ExitPolicy | str, thresholds=None, *,
                  fallback: str | None = None, micro_batch: int | None = None, optimize: bool = False,
                  buckets: Sequence[int] | None = None, autocast: torch.dtype | None = None,
-                 channels_last: bool = False, **policy_options) -> None:
+                 channels_last: bool = False, check_finite: bool = True, **policy_options) -> None:
         self.policy = as_policy(policy, thresholds, fallback=fallback, **policy_options)
         if "probs" in self.policy.options:
             raise ValueError("the engine computes ensembles itself: give weights= or ensemble=, not probs=")
-        self.net = net.eval()
+        if net.training:
+            raise RuntimeError("DynamicEngine: put the network in eval mode: net.eval() (training-mode BatchNorm "
+                               "mixes samples)")
+        self.net = net
         self.bound = self.policy.bind(net.num_exits, has_gates=net.has_gates)
         self.thresholds = self.bound.thresholds
-        if micro_batch is not None and micro_batch < 1:
-            raise ValueError(f"micro_batch must be a positive number of samples or None, got {micro_batch}")
-        self.micro_batch = micro_batch
+        if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, numbers.Integral)
+                                        or micro_batch < 1):
+            raise ValueError(f"micro_batch must be a positive whole number of samples or None, got {micro_batch!r}")
+        self.micro_batch = None if micro_batch is None else int(micro_batch)
+        self.check_finite = check_finite
         self.dynamic_macs = torch.tensor(net.cost().dynamic_macs, dtype=torch.float64)
         self._macs: dict[torch.device, Tensor] = {}  # dynamic_macs on each device used, copied once
         if optimize and buckets is not None:
@@ -131,11 +148,18 @@ class DynamicEngine:
         return st, lg, g
 
     def _input(self, x: Tensor) -> Tensor:
-        if isinstance(x, np.ndarray):  # floats in the parameters' type (numpy's default is float64)
+        # One rule for tensors and numpy arrays: floats in the parameters' type (numpy's default is float64)
+        if isinstance(x, np.ndarray):
             p = next(self.net.parameters(), torch.zeros(()))
             x = torch.as_tensor(x, device=p.device, dtype=p.dtype if np.issubdtype(x.dtype, np.floating) else None)
+        elif isinstance(x, Tensor) and x.is_floating_point() and x.dtype != self.net.input_float_dtype:
+            x = x.to(self.net.input_float_dtype)
         self.net._check_input(x, "DynamicEngine", pixels=True)
-        x = self.net.preprocess(x) if x.dtype == torch.uint8 else x
+        if x.dtype == torch.uint8:
+            x = self.net.preprocess(x).to(self.net.input_float_dtype)
+        elif self.check_finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError("DynamicEngine: the inputs hold NaN or inf, which would get a confident answer from the "
+                             "final exit: clean them (or pass check_finite=False to skip this check)")
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ one segment at a time through :meth:`MultiExitNetwork.forward_segment`.
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from .backbones.base import Backbone, State, create_backbone, head_input, head_keep
 from .cost import CostTable, count_macs, count_params, profile_stages
 from .heads import ExitHead, HeadClassifier, create_head, resolve_head_options
+from .input_check import check_input
 from .placement import EXIT_DISTRIBUTIONS, ExitSpec, cost_thresholds, nachos_pools, place_exits
 
 __all__ = [
@@ -148,31 +150,20 @@ class MultiExitNetwork(nn.Module):
         return self.input_spec
 
     def _check_input(self, x: Tensor, where: str, pixels: bool) -> None:
-        """Refuse an input the network cannot take, saying what it takes: token ids for a model
-        of integer inputs; else floats (or, with ``pixels``, uint8 pixels) of the known per-sample
-        shape (``input_spec``'s, or a built-in backbone's), or any shape when neither is known."""
-        ids, spec = self._token_ids, self.input_spec
-        shape = spec.shape if spec is not None else self._known_shape
-        if isinstance(x, Tensor):  # the fast path: a dtype test and a tuple comparison
-            if ids:
-                if not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool) and (
-                        shape is None or x.shape[1:] == shape):
-                    return
-            elif (x.is_floating_point() or (pixels and x.dtype == torch.uint8)) and (
-                    shape is None or x.shape[1:] == shape):
-                return
-        dims = f"[B, {', '.join(map(str, shape))}]" if shape is not None else "[B, ...]"
-        if ids:
-            kind = f"token ids ({self.backbone.input_dtype}), padded or cut to the length the network was traced at"
-        elif pixels:
-            kind = "float model inputs, or uint8 pixels for net.input_spec to normalise"
-        else:
-            kind = "float model inputs; uint8 pixels go through net.preprocess(x) first"
-        if not isinstance(x, Tensor):
-            hint = "; torch.as_tensor(x) makes it one" if hasattr(x, "__array__") else ""
-            raise TypeError(f"{where}: expected a tensor {dims} ({kind}), got a {type(x).__name__}{hint}")
-        got = f"{str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
-        raise ValueError(f"{where}: expected inputs {dims} ({kind}), got {got}")
+        """Refuse an input the network cannot take, saying what it takes (:func:`.input_check.check_input`)."""
+        check_input(self, x, where, pixels)
+
+    @property
+    def input_float_dtype(self) -> torch.dtype:
+        """The float type the network takes: its parameters' (float32 unless converted)."""
+        held = self.__dict__.get("_dtype_of")  # a parameter, held so that calls need not walk the modules
+        if held is None:
+            held = self.__dict__["_dtype_of"] = (next((p for p in self.parameters() if p.is_floating_point()), None),)
+        return held[0].dtype if held[0] is not None else torch.float32
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_dtype_of", None)  # .to(), .half(), ...: look again
+        return super()._apply(fn, *args, **kwargs)
 
     def preprocess(self, x: Tensor) -> Tensor:
         """uint8 pixels ``[..., C, H, W]`` -> the float32 model input (``input_spec.normalize``);
@@ -215,7 +206,9 @@ class MultiExitNetwork(nn.Module):
 
     def forward(self, x: Tensor, exits: Sequence[int] | None = None) -> ExitOutputs:
         """Every exit's output; with ``exits`` (indices, negative allowed) only those exits'
-        heads run (and those a cascading head needs), and stages only as deep as the deepest."""
+        heads run (and those a cascading head needs), and stages only as deep as the deepest.
+        ``x`` must be in the parameters' float type (another one is refused, not converted; the
+        engine converts); NaN and inf are not looked for here (training speed; the engine does)."""
         self._check_input(x, "net(x)", pixels=False)
         wanted = range(self.num_exits) if exits is None else sorted({int(e) % self.num_exits for e in exits})
         if not len(wanted):
@@ -236,8 +229,13 @@ class MultiExitNetwork(nn.Module):
     def truncate(self, exit_index: int) -> "MultiExitNetwork":
         """A smaller network that ends at exit ``exit_index``: the stages after it and the later
         exits are removed for good, and that exit's head becomes the final classifier (AEP's
-        pruning step). Parameters are shared with this network, not copied."""
-        k = int(exit_index) % self.num_exits
+        pruning step). Parameters are shared with this network, not copied. ``exit_index``: an
+        integer in ``-num_exits .. num_exits - 1`` (negative counts from the final exit)."""
+        n = self.num_exits
+        if isinstance(exit_index, bool) or not isinstance(exit_index, numbers.Integral) or not -n <= exit_index < n:
+            raise ValueError(f"truncate: exit_index must be an integer exit index in {-n}..{n - 1} for this "
+                             f"{n}-exit network, got {exit_index!r}")
+        k = int(exit_index) % n
         if k == self.num_exits - 1:
             return self
         if self.heads[k].cascades:

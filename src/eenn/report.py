@@ -259,7 +259,7 @@ def _model_name(net: MultiExitNetwork) -> str:
 
 
 def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_prob", goal: Mapping | None = None,
-             split: str = "test", fallback: str = "final", batch_sizes: Sequence[int] = (1, 256),
+             split: str = "test", fallback: str | None = None, batch_sizes: Sequence[int] = (1, 256),
              timing_samples: Sequence[int] | int | None = None, repeats: int = 5, curve_points: int = 12,
              device: str | torch.device | None = None, val: CachedOutputs | None = None,
              policy_options: Mapping | None = None, deployments: str = "all", fixed_gate: float = 0.5) -> Report:
@@ -268,9 +268,11 @@ def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_pro
     ``goal`` is a calibration goal (default ``{"max_drop": 0.01}``); ``batch_sizes`` the batch
     sizes timed, with ``timing_samples`` samples each (one number for all, or one per batch
     size; None: at least 256 samples and 8 batches of each size; ``batch_sizes=()`` skips timing); ``curve_points`` budgets for the accuracy-MACs curve
-    (0 skips it). ``policy``: a rule name (with ``fallback`` and ``policy_options``, e.g.
-    ``weights=`` for ``ensemble``) or an :class:`~eenn.policies.ExitPolicy`; its thresholds are
-    fitted to ``goal`` on the validation split.
+    (0 skips it). ``policy``: a rule name (with ``fallback``, default ``"final"``, and
+    ``policy_options``, e.g. ``weights=`` for ``ensemble``) or an :class:`~eenn.policies.ExitPolicy`
+    (which keeps its own fallback unless ``fallback`` is given); its thresholds are fitted to
+    ``goal`` on the validation split. The network runs in eval mode and is left in the mode it
+    was in.
     ``fixed_gate``: a gated network's fixed rule, reported beside the fitted thresholds (0.5, the
     branching paper's and EENets'; 1/N after EENets' v3 loss).
     ``deployments``: the paths timed (:mod:`eenn.deployments`): ``"all"`` that this machine
@@ -284,75 +286,79 @@ def evaluate(net: MultiExitNetwork, data, *, policy: ExitPolicy | str = "max_pro
     if split not in ("val", "test", "train"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     dev = torch.device(device) if device is not None else next(net.parameters()).device
+    was = net.training
     net = net.to(dev).eval()
-    info = data.info
-    cost = net.cost()
-    split_set = getattr(data, split)
-    if not len(split_set):
-        raise ValueError(f"the {split} split of {info.name!r} holds no samples to report on" + (
-            " (eenn.data.from_tensors was given test=None: give it test=(x, y))" if split == "test" else ""))
-    val = val if val is not None else collect_outputs(net, data.val, device=dev)
-    cache = collect_outputs(net, split_set, device=dev)
-    fitted = calibrate(pol, val, cost, goal)
-    result = report_goal(fitted, cache, cost, goal)
-    on_val = evaluate_policy(fitted, val, cost)
-    exit_acc = (cache.logits.argmax(-1) == cache.targets[None]).double().mean(1).tolist()
-    exits = [{"name": n, "accuracy": a, "macs": int(m), "dynamic_macs": int(dm), "params": int(p), "share": s}
-             for n, a, m, dm, p, s in zip(cost.exit_names, exit_acc, cost.macs, cost.dynamic_macs, cost.params,
-                                          result["exit_distribution"])]
-    o = oracle(cache, cost)
-    gated = None
-    if cache.gates is not None:
-        # The differentiable-branching paper's two inference options: (1) the soft output f~_1
-        # (every exit runs; an ensemble, nothing saved) and (2) hard exits by the gates at the
-        # fixed threshold, 0.5 unless the method says otherwise (beside the thresholds fitted above).
-        fixed = evaluate_policy(ExitPolicy("gate", fixed_gate, fallback=pol.fallback), cache, cost)
-        soft = soft_conditional(cache.logits.softmax(-1), cache.gates)
-        gated = {"soft_output_accuracy": (soft.argmax(-1) == cache.targets).double().mean().item(),
-                 "fixed_rule": {"threshold": float(fixed_gate),
-                                **{k: fixed[k] for k in ("accuracy", "speedup", "expected_macs", "exit_distribution")}}}
+    try:
+        info = data.info
+        cost = net.cost()
+        split_set = getattr(data, split)
+        if not len(split_set):
+            raise ValueError(f"the {split} split of {info.name!r} holds no samples to report on" + (
+                " (eenn.data.from_tensors was given test=None: give it test=(x, y))" if split == "test" else ""))
+        val = val if val is not None else collect_outputs(net, data.val, device=dev)
+        cache = collect_outputs(net, split_set, device=dev)
+        fitted = calibrate(pol, val, cost, goal)
+        result = report_goal(fitted, cache, cost, goal)
+        on_val = evaluate_policy(fitted, val, cost)
+        exit_acc = (cache.logits.argmax(-1) == cache.targets[None]).double().mean(1).tolist()
+        exits = [{"name": n, "accuracy": a, "macs": int(m), "dynamic_macs": int(dm), "params": int(p), "share": s}
+                 for n, a, m, dm, p, s in zip(cost.exit_names, exit_acc, cost.macs, cost.dynamic_macs, cost.params,
+                                              result["exit_distribution"])]
+        o = oracle(cache, cost)
+        gated = None
+        if cache.gates is not None:
+            # The differentiable-branching paper's two inference options: (1) the soft output f~_1
+            # (every exit runs; an ensemble, nothing saved) and (2) hard exits by the gates at the
+            # fixed threshold, 0.5 unless the method says otherwise (beside the thresholds fitted above).
+            fixed = evaluate_policy(ExitPolicy("gate", fixed_gate, fallback=pol.fallback), cache, cost)
+            soft = soft_conditional(cache.logits.softmax(-1), cache.gates)
+            gated = {"soft_output_accuracy": (soft.argmax(-1) == cache.targets).double().mean().item(),
+                     "fixed_rule": {"threshold": float(fixed_gate),
+                                    **{k: fixed[k] for k in ("accuracy", "speedup", "expected_macs", "exit_distribution")}}}
 
-    timing, deploy = [], None
-    if batch_sizes:
-        if timing_samples is None:
-            counts = [max(256, 8 * b) for b in batch_sizes]
-        elif isinstance(timing_samples, int):
-            counts = [timing_samples] * len(batch_sizes)
-        else:
-            counts = list(timing_samples)
-            counts = counts * len(batch_sizes) if len(counts) == 1 else counts
-        if len(counts) != len(batch_sizes):
-            raise ValueError(f"timing_samples {list(counts)}: give one count, or one per batch size "
-                             f"({len(batch_sizes)} for {list(batch_sizes)})")
-        x_all = next(iter(TensorLoader(split_set, max(counts), input_spec=net.input_spec, device=dev)))[0]
-        paths = make_deployments(net, fitted, device=dev, paths=deployments, val=data.val)
-        deploy = time_deployments(net, fitted, x_all, batch_sizes, samples=counts, repeats=repeats, paths=paths)
-        timing = [{"batch_size": r["batch_size"], "samples": r["samples"], "repeats": repeats,
-                   "static_ms_per_sample": r["paths"][r["best_static"]]["static_ms"],
-                   "engine_ms_per_sample": r["paths"][r["best_early"]]["early_ms"], "measured_speedup": r["speedup"],
-                   "mac_speedup": r["mac_speedup"], "ratio": r["ratio"], "best_static": r["best_static"],
-                   "best_early": r["best_early"]} for r in deploy["rows"]]
-    curve = accuracy_macs_curve(pol, val, cache, cost, points=curve_points) if curve_points else []
-    data_out = {
-        "model": {"name": _model_name(net), "exits": list(cost.exit_names), "params": cost.total_params,
-                  "full_macs": int(cost.macs[-1])},
-        "dataset": {"name": info.name, "split": split, "samples": len(split_set)},
-        "validation": {"samples": len(val.targets), "accuracy": on_val["accuracy"],
-                       "final_accuracy": on_val["final_accuracy"], "expected_macs": on_val["expected_macs"],
-                       "speedup": on_val["speedup"]},
-        "policy": {"name": pol.name, "goal": goal, **_record(fitted)},
-        "exits": exits,
-        "result": result,
-        "oracle": o,
-        **({"gated": gated} if gated else {}),
-        "timing": timing,
-        "deployments": deploy,
-        "curve": curve,
-        "machine": {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "weights_sha256": weights_digest(net),  # read as a calibration record's: stale thresholds are refused
-    }
-    return Report(data_out)
+        timing, deploy = [], None
+        if batch_sizes:
+            if timing_samples is None:
+                counts = [max(256, 8 * b) for b in batch_sizes]
+            elif isinstance(timing_samples, int):
+                counts = [timing_samples] * len(batch_sizes)
+            else:
+                counts = list(timing_samples)
+                counts = counts * len(batch_sizes) if len(counts) == 1 else counts
+            if len(counts) != len(batch_sizes):
+                raise ValueError(f"timing_samples {list(counts)}: give one count, or one per batch size "
+                                 f"({len(batch_sizes)} for {list(batch_sizes)})")
+            x_all = next(iter(TensorLoader(split_set, max(counts), input_spec=net.input_spec, device=dev)))[0]
+            paths = make_deployments(net, fitted, device=dev, paths=deployments, val=data.val)
+            deploy = time_deployments(net, fitted, x_all, batch_sizes, samples=counts, repeats=repeats, paths=paths)
+            timing = [{"batch_size": r["batch_size"], "samples": r["samples"], "repeats": repeats,
+                       "static_ms_per_sample": r["paths"][r["best_static"]]["static_ms"],
+                       "engine_ms_per_sample": r["paths"][r["best_early"]]["early_ms"], "measured_speedup": r["speedup"],
+                       "mac_speedup": r["mac_speedup"], "ratio": r["ratio"], "best_static": r["best_static"],
+                       "best_early": r["best_early"]} for r in deploy["rows"]]
+        curve = accuracy_macs_curve(pol, val, cache, cost, points=curve_points) if curve_points else []
+        data_out = {
+            "model": {"name": _model_name(net), "exits": list(cost.exit_names), "params": cost.total_params,
+                      "full_macs": int(cost.macs[-1])},
+            "dataset": {"name": info.name, "split": split, "samples": len(split_set)},
+            "validation": {"samples": len(val.targets), "accuracy": on_val["accuracy"],
+                           "final_accuracy": on_val["final_accuracy"], "expected_macs": on_val["expected_macs"],
+                           "speedup": on_val["speedup"]},
+            "policy": {"name": pol.name, "goal": goal, **_record(fitted)},
+            "exits": exits,
+            "result": result,
+            "oracle": o,
+            **({"gated": gated} if gated else {}),
+            "timing": timing,
+            "deployments": deploy,
+            "curve": curve,
+            "machine": {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+                        "threads": torch.get_num_threads(), "torch": torch.__version__},
+            "weights_sha256": weights_digest(net),  # read as a calibration record's: stale thresholds are refused
+        }
+        return Report(data_out)
+    finally:
+        net.train(was)
 
 
 def _cpu_name() -> str:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Mapping
 
@@ -56,6 +57,7 @@ from torch import Tensor
 
 from ..cost import CostTable
 from ..outputs import CachedOutputs
+from ..userframe import caller_stacklevel
 from .loop import decide
 from .oracle import captured_share, check_cost_table, oracle
 from .policy import ExitPolicy, as_policy
@@ -78,7 +80,7 @@ class Goal:
     max_drop: float | None = None
     budget: float | None = None
     msdnet_q: float | None = None
-    tolerance: float = 0.05  # (c) only: largest total-variation distance to the target distribution on test
+    tolerance: float | None = None  # (c) only (default 0.05): largest total-variation distance to the target on test
     alpha: float | None = None  # (a) only: guard the drop with confidence 1 - alpha (learn-then-test)
 
     def __post_init__(self) -> None:
@@ -95,6 +97,11 @@ class Goal:
             raise ValueError(f"a goal needs exactly one of max_drop, budget, msdnet_q; got {set_ or 'none'}")
         if self.alpha is not None and self.max_drop is None:
             raise ValueError(f"goal 'alpha' guards a max_drop goal; got it with {set_[0]!r}")
+        if self.msdnet_q is None and self.tolerance is not None:
+            raise ValueError(f"goal 'tolerance' is the msdnet_q goal's allowed distance to its distribution; got it "
+                             f"with {set_[0]!r}: leave it out")
+        if self.msdnet_q is not None and self.tolerance is None:
+            object.__setattr__(self, "tolerance", 0.05)
 
     @property
     def kind(self) -> str:
@@ -236,7 +243,9 @@ def calibrate(policy: ExitPolicy | str, val_cache: CachedOutputs, cost_table: Co
     if e == 1:  # no early exit (exits "none"): nothing to fit, every sample takes the final one
         return pol.replace(thresholds=torch.zeros(0))
     if goal.kind == "msdnet_q":
-        th = _msdnet(sc, strict, msdnet_distribution(goal.msdnet_q, e))
+        target = msdnet_distribution(goal.msdnet_q, e)
+        th = _msdnet(sc, strict, target)
+        _warn_coarse(pol.name, sc, strict, th, target, goal)
     elif goal.alpha is not None:
         th = _guarded(sc, strict, s.prediction == val_cache.targets[None], cost_table, goal, fallback,
                       dict(levels=levels, multipliers=multipliers, pair_values=pair_values, max_rounds=max_rounds),
@@ -323,6 +332,19 @@ def _msdnet(sc: Tensor, strict: bool, p: Tensor) -> Tensor:
             th[k] = torch.nextafter(v, torch.tensor(-math.inf)) if strict else v
         running &= ~(sc[k] > th[k] if strict else sc[k] >= th[k])
     return th
+
+
+def _warn_coarse(rule: str, sc: Tensor, strict: bool, th: Tensor, target: Tensor, goal: Goal) -> None:
+    """Warn where the fitted thresholds miss the msdnet target on the very split they were fitted
+    on: the rule's scores take too few values (ties, e.g. patience's counters) to split it so."""
+    exits = route(sc, th, ">" if strict else ">=")[0]
+    got = torch.bincount(exits, minlength=sc.shape[0]).double() / max(sc.shape[1], 1)
+    if 0.5 * (got - target).abs().sum().item() <= goal.tolerance:
+        return
+    values = len(torch.unique(sc[:-1]))
+    warnings.warn(f"calibrate: rule {rule!r}'s scores take {values} distinct values, too coarse for the msdnet_q="
+                  f"{goal.msdnet_q:g} target {[round(v, 2) for v in target.tolist()]}: on the validation split the exits "
+                  f"take {[round(v, 2) for v in got.tolist()]}", stacklevel=caller_stacklevel())
 
 
 def evaluate_policy(policy: ExitPolicy, cache: CachedOutputs, cost_table: CostTable) -> dict:

@@ -33,7 +33,8 @@ from ..checkpoint import read_description
 from ..functional import SCHEMES, scheme_weights
 from ..io import decode_inf, read_json
 from ..registry import check_options
-from .rules import FALLBACKS, RULES, Scores, as_thresholds, exit_step, get_policy, list_policies, padded_step
+from .rules import (FALLBACKS, RULES, Scores, as_thresholds, exit_step, get_policy, list_policies, padded_step,
+                    threshold_tensor)
 
 __all__ = ["ExitPolicy", "BoundPolicy", "FALLBACKS", "as_policy", "policy_scores"]
 
@@ -60,6 +61,9 @@ class ExitPolicy:
                  **options: Any) -> None:
         if isinstance(rule, ExitPolicy):
             raise TypeError("ExitPolicy(rule=...) takes a rule name; to change a policy use policy.replace(...)")
+        if not (isinstance(rule, str) or callable(rule)):
+            raise TypeError(f"ExitPolicy(rule=...) takes a rule name such as 'max_prob' or a rule function, got a "
+                            f"{type(rule).__name__}")
         if isinstance(rule, str) and rule not in list_policies():
             raise ValueError(f"unknown exit rule {rule!r}; choose one of {', '.join(list_policies())}")
         if fallback not in FALLBACKS:
@@ -81,7 +85,7 @@ class ExitPolicy:
             options["ensemble"] = {k: torch.as_tensor(v, dtype=torch.float32).detach().cpu() for k, v in ens.items()}
         self.options = options
         self.fallback = fallback
-        self.thresholds = None if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float32).detach().cpu()
+        self.thresholds = None if thresholds is None else threshold_tensor(thresholds)
 
     @property
     def name(self) -> str:
@@ -241,6 +245,8 @@ def as_policy(policy: "ExitPolicy | str | Callable | Mapping", thresholds=None, 
     if isinstance(policy, Mapping):
         p = ExitPolicy.from_dict(policy)
         return as_policy(p, thresholds, fallback=fallback, **options)
+    if not (isinstance(policy, str) or callable(policy)):
+        raise TypeError(f"a policy is an eenn.ExitPolicy or a rule name such as 'max_prob', got a {type(policy).__name__}")
     return ExitPolicy(policy, thresholds, fallback=fallback or "final", **options)
 
 

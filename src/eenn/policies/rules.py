@@ -40,7 +40,7 @@ from torch import Tensor
 from ..functional import ensemble_so_far, geometric_ensemble, stick_breaking
 from ..registry import Registry
 
-__all__ = ["Scores", "Decision", "register_policy", "get_policy", "list_policies", "as_thresholds", "canonical",
+__all__ = ["Scores", "Decision", "register_policy", "get_policy", "list_policies", "as_thresholds", "threshold_tensor", "canonical",
            "per_exit", "exit_step", "padded_step", "route", "RULES", "FALLBACKS"]
 
 RULES = (">=", ">", "<", "<=")
@@ -268,11 +268,29 @@ def padded_step(policy: str | Policy, num_exits: int, **options) -> Step:
 
 def as_thresholds(thresholds: Tensor | float | list, num_exits: int) -> Tensor:
     """``[E-1]`` float thresholds from a scalar (the same for every exit) or a sequence."""
-    th = torch.as_tensor(thresholds, dtype=torch.float32)
+    th = threshold_tensor(thresholds)
     if th.dim() == 0:
         th = th.expand(num_exits - 1)
-    if th.shape[-1:] != (num_exits - 1,):
+    if th.shape != (num_exits - 1,):
         raise ValueError(f"need one threshold per non-final exit ({num_exits - 1}), got shape {tuple(th.shape)}")
+    return th
+
+
+def threshold_tensor(thresholds) -> Tensor:
+    """Thresholds as a float32 tensor (a scalar or one per exit), refusing what is not numbers
+    and NaN (``inf`` is a threshold: never fires; ``-inf``: always fires)."""
+    if isinstance(thresholds, (str, bytes)) or (isinstance(thresholds, (list, tuple))
+                                                and any(isinstance(v, (str, bytes)) for v in thresholds)):
+        raise TypeError(f"thresholds are numbers (one for every exit, or one per non-final exit), got {thresholds!r}")
+    try:
+        th = torch.as_tensor(thresholds, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"thresholds are numbers (one for every exit, or one per non-final exit), got "
+                        f"{type(thresholds).__name__} {str(thresholds)[:60]}") from None
+    if th.dim() > 1:
+        raise ValueError(f"thresholds are a number or one per non-final exit (1-D), got shape {tuple(th.shape)}")
+    if bool(th.isnan().any()):
+        raise ValueError(f"thresholds must not be NaN (inf: never exit there, -inf: always), got {th.tolist()}")
     return th
 
 
