@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .io import encode_inf
 from .registry import is_whole
+from .state_codec import STATE_PREFIX, dedupe, flatten_state, unflatten_state
 from .user_model import import_model
 
 __all__ = ["CheckpointError", "ModelRequired", "import_model", "save", "load", "load_state", "load_weights",
@@ -28,7 +29,6 @@ __all__ = ["CheckpointError", "ModelRequired", "import_model", "save", "load", "
 
 FORMAT = "eenn.multi_exit_network"
 FORMAT_VERSION = 1
-STATE_PREFIX = "_state/"  # tensors of the training state (optimiser, RNG); not part of the network
 
 
 class CheckpointError(ValueError):
@@ -95,65 +95,7 @@ def _digest(tensors: dict[str, Tensor]) -> str:
 def weights_digest(net: nn.Module) -> str:
     """The identity of ``net``'s weights: the ``sha256`` that a checkpoint of them saved without a
     training state stores (``best.safetensors``; a ``last`` one also hashes its training state)."""
-    return _digest(_dedupe(net.state_dict())[0])
-
-
-def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """safetensors refuses tensors that share memory (tied or reused weights): keep one name
-    per storage view and record the others as aliases."""
-    seen: dict[tuple, str] = {}
-    tensors: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    for k, t in state.items():
-        sig = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if t.numel() and sig in seen:
-            aliases[k] = seen[sig]
-        else:
-            seen[sig] = k
-            tensors[k] = t.detach().contiguous().cpu()
-    return tensors, aliases
-
-
-def _flatten(obj: Any, tensors: dict[str, Tensor], path: str) -> Any:
-    """Turn a nested state (optimiser, scheduler, RNG states) into JSON, moving its tensors into
-    ``tensors``; tuples and non-string dict keys are tagged so that :func:`_unflatten` restores
-    them exactly."""
-    if isinstance(obj, Tensor):
-        key = STATE_PREFIX + path
-        tensors[key] = obj.detach().contiguous().cpu().clone()
-        return {"__tensor__": key}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: _flatten(v, tensors, f"{path}/{k}") for k, v in obj.items()}
-        return {"__items__": [[_flatten(k, tensors, f"{path}/k{i}"), _flatten(v, tensors, f"{path}/{i}")]
-                              for i, (k, v) in enumerate(obj.items())]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars (numpy's RNG state)
-        return {"__array__": obj.tolist(), "dtype": str(obj.dtype)}
-    raise CheckpointError(f"cannot store training state entry {path!r} of type {type(obj).__name__}")
-
-
-def _unflatten(obj: Any, tensors: dict[str, Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [_unflatten(v, tensors) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__tensor__" in obj:
-        return tensors[obj["__tensor__"]]
-    if "__tuple__" in obj:
-        return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
-    if "__items__" in obj:
-        return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__items__"]}
-    if "__array__" in obj:
-        import numpy as np
-
-        return np.asarray(obj["__array__"], dtype=obj["dtype"])
-    return {k: _unflatten(v, tensors) for k, v in obj.items()}
+    return _digest(dedupe(net.state_dict())[0])
 
 
 def save(
@@ -176,8 +118,11 @@ def save(
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; give a file name such as {path / 'model.safetensors'}")
     record = _checked_policy(net, policy) if policy is not None else None
-    tensors, aliases = _dedupe(net.state_dict())
-    state_tree = _flatten(state, tensors, "root") if state is not None else None
+    tensors, aliases = dedupe(net.state_dict())
+    try:
+        state_tree = flatten_state(state, tensors, "root") if state is not None else None
+    except TypeError as e:
+        raise CheckpointError(str(e)) from None
     desc = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -282,7 +227,7 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
     desc, tensors = read_checkpoint(Path(path))
     tree = desc.get("state")
     try:
-        return desc.get("extra", {}), (_unflatten(tree, tensors) if tree is not None else None)
+        return desc.get("extra", {}), (unflatten_state(tree, tensors) if tree is not None else None)
     except KeyError as e:  # a tensor reference the file does not hold
         raise CheckpointError(f"{path}: the training state refers to the tensor {e.args[0]!r}, which the file does "
                               "not hold; the file was edited or damaged: delete it to start again") from None
