@@ -52,6 +52,16 @@ def _per_exit(value: Any, n: int, what: str) -> list:
 _REBUILDERS: dict[str, Callable[..., "MultiExitNetwork"]] = {}
 
 
+def exit_position(index: Any, num_exits: int, what: str) -> int:
+    """``index`` as a position ``0..num_exits-1`` (a negative one counts from the final exit, as
+    in a list); anything else, out of range or not an integer, is a one-line ValueError naming ``what``."""
+    n = num_exits
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not -n <= index < n:
+        raise ValueError(f"{what} must be an exit index: an integer exit index in {-n}..{n - 1} for this "
+                         f"{n}-exit network, got {index!r}")
+    return int(index) % n
+
+
 class MultiExitNetwork(nn.Module):
     """A backbone plus one exit head after each chosen stage; the final exit is the backbone's
     own classifier.
@@ -231,11 +241,7 @@ class MultiExitNetwork(nn.Module):
         exits are removed for good, and that exit's head becomes the final classifier (AEP's
         pruning step). Parameters are shared with this network, not copied. ``exit_index``: an
         integer in ``-num_exits .. num_exits - 1`` (negative counts from the final exit)."""
-        n = self.num_exits
-        if isinstance(exit_index, bool) or not isinstance(exit_index, numbers.Integral) or not -n <= exit_index < n:
-            raise ValueError(f"truncate: exit_index must be an integer exit index in {-n}..{n - 1} for this "
-                             f"{n}-exit network, got {exit_index!r}")
-        k = int(exit_index) % n
+        k = exit_position(exit_index, self.num_exits, "truncate: exit_index")
         if k == self.num_exits - 1:
             return self
         if self.heads[k].cascades:

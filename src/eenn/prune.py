@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load, read_description, save
 from .data import DataSplits, InputSpec, TensorDataset, TensorLoader
-from .network import MultiExitNetwork
+from .network import MultiExitNetwork, exit_position
 from .functional import ensemble_so_far
 
 __all__ = ["EnsembleClassifier", "PruneCost", "PruneResult", "aep_prune", "choose_exit", "evaluate_ensemble",
@@ -52,11 +52,7 @@ def prune_at(net: MultiExitNetwork, weights: Tensor | Sequence[float], k: int) -
     """The ensemble of exits ``0..k`` on ``net.truncate(k)`` (stages and exits after ``k`` are
     gone; parameters are shared with ``net``)."""
     w = torch.as_tensor(weights, dtype=torch.float32)
-    E = net.num_exits
-    if isinstance(k, bool) or not isinstance(k, int) or not -E <= k < E:
-        raise ValueError(f"prune_at: k must be an exit index (an int from 0 to {E - 1}, or -{E}..-1 from the end), "
-                         f"got {k!r}")
-    k %= E  # a negative index counts from the end, as in a list
+    k = exit_position(k, net.num_exits, "prune_at: k")
     return EnsembleClassifier(net.truncate(k), w[: k + 1])
 
 

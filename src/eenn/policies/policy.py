@@ -245,9 +245,7 @@ def as_policy(policy: "ExitPolicy | str | Callable | Mapping", thresholds=None, 
     if isinstance(policy, Mapping):
         p = ExitPolicy.from_dict(policy)
         return as_policy(p, thresholds, fallback=fallback, **options)
-    if not (isinstance(policy, str) or callable(policy)):
-        raise TypeError(f"a policy is an eenn.ExitPolicy or a rule name such as 'max_prob', got a {type(policy).__name__}")
-    return ExitPolicy(policy, thresholds, fallback=fallback or "final", **options)
+    return ExitPolicy(policy, thresholds, fallback=fallback or "final", **options)  # which refuses a non-rule
 
 
 def policy_scores(policy: "ExitPolicy | str", cached_or_logits, *, gates: Tensor | None = None, **options) -> Scores:
