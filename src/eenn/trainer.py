@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed as D
 from .callbacks import Callback, Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
-from .data import DataSplits, InputSpec, TensorDataset, TensorLoader
+from .data import DataSplits, TensorDataset, TensorLoader
 from .outputs import evaluate_exits
 from .rng import rng_state, seed_everything
 from .network import MultiExitNetwork
@@ -183,10 +183,6 @@ class Trainer:
             raise TypeError(f"Trainer.fit takes data as eenn.data.DataSplits (eenn.load_dataset(...), or "
                             f"eenn.data.from_tensors(train=(x, y), val=(x, y)) for tensors of your own), got "
                             f"{type(data).__name__}")
-        spec = InputSpec.from_info(data.info)
-        if self.config.augment and spec.kind != "pixels":
-            raise ValueError(f"augment=True crops and flips images; the data set {data.info.name!r} holds "
-                             f"{spec.describe()}: set augment=False")
         claim_input_spec(net, data.info)
         check_labels(net, data)
         batch_norm_drop_last(net, len(data.train), self.config.batch_size)  # refusals before any set-up
@@ -280,8 +276,7 @@ class Trainer:
     def _train_epoch(self, epoch: int, autocast) -> dict[str, Any]:
         c, env, net = self.config, self.env, self.net
         spec = net.input_spec
-        context = EpochContext if spec.kind == "pixels" else _ModelInputContext
-        ctx = context(epoch, c.epochs, net, self.data.train, spec.mean, spec.std, self.device, c.seed)
+        ctx = EpochContext(epoch, c.epochs, net, self.data.train, spec.mean, spec.std, self.device, c.seed)
         held_out = self.objective.begin_epoch(ctx)
         keep = None
         if held_out is not None:  # this epoch trains on the rest (e.g. NACHOS' support set is held out)
@@ -358,14 +353,6 @@ class Trainer:
         }
         metrics.update({f"train_{k}": v.item() / n for k, v in parts.items()})
         return metrics
-
-
-class _ModelInputContext(EpochContext):
-    """The epoch context of data that are model inputs as they are (token ids, float features):
-    what an objective draws from ``train`` is moved to the device, not normalised."""
-
-    def normalise(self, x: Tensor) -> Tensor:
-        return x.to(self.device)
 
 
 def _has_unused_parameters(step: _Step, train: TensorDataset) -> bool:

@@ -89,8 +89,8 @@ class TensorLoader:
                 raise ValueError(f"mean/std normalise uint8 pixels; this data set holds {describe_input(kind, shape)}, "
                                  "which go to the network as they are: leave mean/std out")
             if augment:
-                raise ValueError(f"augment crops and flips images; this data set holds {describe_input(kind, shape)}: "
-                                 "set augment=False")
+                raise ValueError(f"augment=True crops and flips images; this data set holds "
+                                 f"{describe_input(kind, shape)}: set augment=False")
             self._scale = self._shift = None  # model inputs as they are
         elif input_spec is not None:
             self._scale, self._shift = input_spec.factors(self.device)

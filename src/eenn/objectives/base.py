@@ -36,11 +36,13 @@ class EpochContext:
     seed: int
 
     def normalise(self, x: Tensor) -> Tensor:
-        """uint8 images from ``train`` -> the float input the network is trained on (the
-        loader's own arithmetic, :func:`eenn.data.spec.normalize`)."""
+        """Samples from ``train`` -> the input the network is trained on, on ``device``: uint8
+        images by the loader's own arithmetic (:func:`eenn.data.spec.normalize`); token ids and
+        float features are model inputs as they are."""
         from ..data.spec import normalize
 
-        return normalize(x.to(self.device), self.mean, self.std)
+        x = x.to(self.device)
+        return normalize(x, self.mean, self.std) if x.dtype == torch.uint8 else x
 
     def generator(self, stream: int = 0) -> torch.Generator:
         """A CPU generator that is the same on every DDP rank for this (seed, epoch, stream)."""
