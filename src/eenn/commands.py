@@ -124,10 +124,9 @@ def _opened(args):
 
 
 def _same_data(a, b) -> bool:
-    def key(name):
-        return str(name).strip().lower().replace("-", "_")
+    from .data.datasets import dataset_key
 
-    return a is not None and b is not None and key(a) == key(b)
+    return a is not None and b is not None and dataset_key(a) == dataset_key(b)
 
 
 def _check_split(run: str, recorded: dict | None, trained_on: str | None, cfg) -> None:
@@ -164,10 +163,10 @@ def _device(args, cfg):
     """The device to evaluate on, checked as `eenn train` checks it (a one-line error when CUDA is
     asked for and absent). The run's own training device, not asked for here, is only used where
     this machine has it."""
-    from .trainer import Trainer
+    from .checkpoint import usable_device
 
     try:
-        return str(Trainer(cfg.train)._device())
+        return str(usable_device(cfg.train.device))
     except ValueError:
         asked = "train.device" in vars(args) or any(o.split("=", 1)[0].strip() == "train.device"
                                                     for o in args.overrides)

@@ -190,9 +190,9 @@ def parse_exits(value: Any) -> str | list:
 def _check_data_name(name: str) -> None:
     """Refuse a data set name load_dataset would not know (in any of its spellings)."""
     from .data import list_datasets
-    from .data.datasets import DATASETS
+    from .data.datasets import DATASETS, dataset_key
 
-    if name.strip().lower().replace("-", "_") not in list_datasets():
+    if dataset_key(name) not in list_datasets():
         try:
             DATASETS.get(name)
         except KeyError as err:

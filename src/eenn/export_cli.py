@@ -78,10 +78,11 @@ def _training_split(checkpoint: str, dataset: str) -> dict | None:
     from pathlib import Path
 
     from .checkpoint import read_description
+    from .data.datasets import dataset_key
     from .io import yaml_load
 
     def same(a) -> bool:
-        return a is not None and str(a).strip().lower().replace("-", "_") == dataset.strip().lower().replace("-", "_")
+        return a is not None and dataset_key(a) == dataset_key(dataset)
 
     run = Path(checkpoint).parent / "config.yaml"
     if run.is_file():

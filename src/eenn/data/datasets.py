@@ -45,6 +45,12 @@ def list_datasets() -> list[str]:
     return DATASETS.names()
 
 
+def dataset_key(name: str) -> str:
+    """The registry's spelling of a data set's name: case, surrounding spaces and ``-`` against
+    ``_`` do not matter (``Fashion-MNIST`` is ``fashion_mnist``)."""
+    return str(name).strip().lower().replace("-", "_")
+
+
 def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, val_fraction: float = 0.1,
                  seed: int = 0, download: bool = False, limit: int | None = None, **options: Any) -> DataSplits:
     """Train / val / test splits of a registered data set, plus its ``DatasetInfo``.
@@ -52,7 +58,7 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, val_fr
     The test split is the official one; val is a stratified, seeded ``val_fraction`` of the official
     train split; ``limit`` caps each split (stratified, seeded); mean/std are those of the final train.
     """
-    key = name.strip().lower().replace("-", "_")
+    key = dataset_key(name)
     key = key if key in DATASETS else name
     builder = DATASETS.get(key)
     # a folder named explicitly that is not there is a mistake, not a reason to take the files from somewhere else
