@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .export_checks import check_other_batch, output_gap, keep_inputs
 from .outputs import collect_outputs
 from .io import write_json
 from .policies import ExitPolicy, as_policy, calibrate, decide
@@ -196,7 +197,7 @@ def _write(net, out: Path, record: dict[str, Any], validation: dict | None, opse
                 torch.onnx.export(module, args, buf, dynamo=False, input_names=names_in, output_names=names_out,
                                   dynamic_axes={n: {0: "batch"} for n in names_in + names_out},
                                   opset_version=opset, do_constant_folding=True)
-            data = _keep_inputs(buf.getvalue(), names_in, args)
+            data = keep_inputs(buf.getvalue(), names_in, args)
             seg_bytes.append(data)
             fname = f"segment_{k}.onnx"
             (out / fname).write_bytes(data)
@@ -205,12 +206,12 @@ def _write(net, out: Path, record: dict[str, Any], validation: dict | None, opse
             got = sess.run(None, {n: a.numpy() for n, a in zip(names_in, args)})
             want = [*state_out, logits] + ([gate] if gate is not None and not final else [])
             for name, g_, w_ in zip(names_out, got, want):
-                diff, close = _gap(g_, w_)
+                diff, close = output_gap(g_, w_)
                 if name == "logits":
                     worst = max(worst, diff)
                 if not close:
                     raise ExportError(f"segment {k} output {name!r}: ONNX differs from PyTorch by {diff:.3g}")
-            _check_other_batch(sess, names_in, args, lambda *a, m=module: m(*a), names_out, check_batch,
+            check_other_batch(sess, names_in, args, lambda *a, m=module: m(*a), names_out, check_batch,
                                f"segment {k}")
             tensors_in = [*state_in] + ([prev] if cascade else [])
             segments.append({
@@ -270,69 +271,6 @@ def _remove_stale(out: Path, manifest: dict[str, Any]) -> None:
             f.unlink()
 
 
-def _keep_inputs(data: bytes, names: list[str], args: tuple) -> bytes:
-    """The ONNX graph with every named input, used or not: the exporter drops an input the graph
-    does not read (a causal mask that ``is_causal=True`` makes PyTorch ignore, say), while every
-    segment is called with all the values carried across its cut."""
-    import onnx
-    from onnx import helper
-
-    m = onnx.load_from_string(data)
-    have = {i.name for i in m.graph.input}
-    missing = [(n, a) for n, a in zip(names, args) if n not in have]
-    if not missing:
-        return data
-    for n, a in missing:
-        m.graph.input.append(helper.make_tensor_value_info(
-            n, helper.np_dtype_to_tensor_dtype(a.numpy().dtype), ["batch", *a.shape[1:]]))
-    return m.SerializeToString()
-
-
-def _gap(got: np.ndarray, want: Tensor) -> tuple[float, bool]:
-    """The largest |ONNX - PyTorch| of one output, and whether it is within the export's
-    tolerance (relative to the output's scale; shapes must agree)."""
-    if got.shape != tuple(want.shape):
-        return float("inf"), False
-    if not want.numel():
-        return 0.0, True
-    a, b = got.astype(np.float64), want.numpy().astype(np.float64)  # masks: bool
-    # equal infinities (an additive attention mask's -inf) and NaN against NaN agree; anything
-    # against NaN, or an infinity against another value, does not (the gap is then NaN or inf)
-    same = (a == b) | (np.isnan(a) & np.isnan(b))
-    with np.errstate(invalid="ignore"):  # inf - inf where they agree: masked out
-        diff = float(np.max(np.where(same, 0.0, np.abs(a - b))))
-    finite = np.abs(b[np.isfinite(b)])
-    return diff, diff <= EXPORT_TOLERANCE * max(1.0, float(finite.max()) if finite.size else 1.0)
-
-
-def _check_other_batch(sess, names_in: list[str], args: tuple, fn, names_out: list[str], batch: int,
-                       what: str) -> None:
-    """Run an exported graph at a batch size other than the one it was exported at (rows of
-    ``args`` repeated or dropped) and compare it with PyTorch (``fn``): a model that reads its
-    batch size in a way the ONNX exporter keeps as a constant (``x.view(5, ...)`` after a trace;
-    a Hugging Face model before :mod:`eenn.trace_export` rewrites its ATen calls) fails here
-    instead of answering wrongly later."""
-    other = 2 if batch != 2 else 3
-    rows = torch.arange(other) % batch
-    args = tuple(a.index_select(0, rows) for a in args)
-    with torch.no_grad():
-        want = fn(*args)
-    want = [want] if isinstance(want, Tensor) else list(want)
-    try:
-        got = sess.run(None, {n: a.numpy() for n, a in zip(names_in, args)})
-    except Exception as e:  # noqa: BLE001 - onnxruntime's errors have one type per provider
-        got, why = None, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    else:
-        bad = [n for n, g_, w_ in zip(names_out, got, want) if not _gap(g_, w_)[1]]
-        why = f"output {bad[0]!r} differs from PyTorch" if bad else None
-    if why is not None:
-        raise ExportError(
-            f"{what}: the ONNX graph exported at batch {batch} does not run at batch {other} ({why}): the model "
-            "reads a size from its input in a way the ONNX exporter keeps as a constant. Run this network with "
-            "eenn.DynamicEngine, or write that part with public torch functions (x.view(x.size(0), ...))"
-        )
-
-
 def _export_static(net, out: Path, x: Tensor, opset: int) -> dict[str, Any]:
     """The static network as one graph (``static.onnx``): the baseline an early exit must beat,
     and what serving the network whole runs."""
@@ -345,11 +283,11 @@ def _export_static(net, out: Path, x: Tensor, opset: int) -> dict[str, Any]:
         want = net.backbone(x)
     data = buf.getvalue()
     sess = _session(data, 1)
-    diff, close = _gap(sess.run(None, {"input": x.numpy()})[0], want)
+    diff, close = output_gap(sess.run(None, {"input": x.numpy()})[0], want)
     if not close:
         raise ExportError(f"the static graph: ONNX differs from PyTorch by {diff:.3g}")
     with _no_fastpath():
-        _check_other_batch(sess, ["input"], (x,), net.backbone.eval(), ["logits"], len(x), "the static graph")
+        check_other_batch(sess, ["input"], (x,), net.backbone.eval(), ["logits"], len(x), "the static graph")
     (out / "static.onnx").write_bytes(data)
     return {"file": "static.onnx", "sha256": _digest(data), "max_abs_logit_diff": diff}
 
