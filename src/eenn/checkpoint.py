@@ -20,12 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from .io import encode_inf
+from .devices import usable_device
 from .registry import is_whole
 from .state_codec import STATE_PREFIX, dedupe, flatten_state, unflatten_state
 from .user_model import import_model
 
 __all__ = ["CheckpointError", "ModelRequired", "import_model", "save", "load", "load_state", "load_weights",
-           "read_checkpoint", "read_description", "usable_device", "weights_digest"]
+           "read_checkpoint", "read_description", "weights_digest"]
 
 FORMAT = "eenn.multi_exit_network"
 FORMAT_VERSION = 1
@@ -45,19 +46,6 @@ class ModelRequired(CheckpointError):
         super().__init__(f"{what}: pass model=<a fresh instance of that model> (or model='MODULE:FUNCTION')")
         self.summary = (f"{what}: give --model MODULE:FUNCTION, a function or class of yours that returns a fresh "
                         "instance of it (e.g. --model mymodels:make_net, run from the folder holding mymodels.py)")
-
-
-def usable_device(device: str | torch.device, what: str = "device") -> torch.device:
-    """``device`` as a ``torch.device``, refused in one line where this machine has none such
-    (CUDA asked for without CUDA), before anything is moved there; ``what``: the argument's name
-    in the message. Shared by :func:`load` and the trainer."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"{what} {device!r} is not a device ({e}): give 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{what} {str(device)!r} asked for, but CUDA is not available here")
-    return dev
 
 
 def _checked_policy(net: nn.Module, policy: Any) -> dict[str, Any]:

@@ -163,7 +163,7 @@ def _device(args, cfg):
     """The device to evaluate on, checked as `eenn train` checks it (a one-line error when CUDA is
     asked for and absent). The run's own training device, not asked for here, is only used where
     this machine has it."""
-    from .checkpoint import usable_device
+    from .devices import usable_device
 
     try:
         return str(usable_device(cfg.train.device))

@@ -24,7 +24,7 @@ from .outputs import evaluate_exits
 from .rng import rng_state, seed_everything
 from .network import MultiExitNetwork
 from .objectives import EpochContext, Objective, create_objective, describe_objective, exit_losses
-from .checkpoint import usable_device
+from .devices import usable_device
 from .train_state import (batch_norm_drop_last, check_labels, check_optimizer_state, check_same_run, checked_state,
                           claim_input_spec, restore_rng, restoring, resume_message)
 from .train_config import TrainConfig, build_optimizer, build_scheduler, unused_momentum
