@@ -129,3 +129,14 @@ def mlp_net():
 def dir_files(out):
     """The files in ``out`` and their bytes: what a refused resume must leave as it was."""
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def mlp_compare_yaml(folder, methods: str, *, train: str = "", eval: str = ""):
+    """A compare file of small MLP runs on 300 digits (``methods``: the YAML lines under
+    ``methods:``; ``train``/``eval``: more settings for those sections, ", "-led)."""
+    path = folder / "cmp.yaml"
+    path.write_text("data: {name: digits, limit: 300}\nmodel: {backbone: mlp, exits: all}\n"
+                    f"train: {{epochs: 1, lr: 0.05, progress: false{train}}}\n"
+                    f"eval: {{batch_sizes: [], curve_points: 3{eval}}}\n"
+                    "methods:\n" + methods)
+    return path

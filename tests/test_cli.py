@@ -10,6 +10,8 @@ import torch
 import eenn
 from eenn.cli import main
 
+from _helpers import mlp_compare_yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -195,11 +197,8 @@ def test_compare_files_are_checked_whole_before_anything_trains(tmp_path, method
 
 
 def test_a_method_that_fails_does_not_stop_the_others(tmp_path, capsys):
-    cfg = tmp_path / "cmp.yaml"
-    cfg.write_text("data: {name: digits, limit: 300}\nmodel: {backbone: mlp, exits: all}\n"
-                   "train: {epochs: 1, lr: 0.05, progress: false, batch_size: 1024, optimizer: sgd}\n"
-                   "eval: {batch_sizes: [], curve_points: 3}\n"
-                   "methods:\n  Diverges: {train: {lr: 1.0e+30}}\n  B-NET: {objective: {name: joint}}\n")
+    cfg = mlp_compare_yaml(tmp_path, "  Diverges: {train: {lr: 1.0e+30}}\n  B-NET: {objective: {name: joint}}\n",
+                           train=", batch_size: 1024, optimizer: sgd")
     assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "cmp")]) == 1
     err = capsys.readouterr().err
     assert "1 method(s) failed, the tables hold the others: Diverges: FloatingPointError" in err

@@ -6,11 +6,12 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 import eenn
 from eenn.cli import main
 
-from _helpers import MLP_TRAIN as B, dir_files as _files, mlp_net as _net
+from _helpers import MLP_TRAIN as B, dir_files as _files, mlp_compare_yaml as _compare_yaml, mlp_net as _net
 
 
 @pytest.fixture(scope="module")
@@ -185,12 +186,8 @@ def test_exits_by_stage_name_through_set_build_and_train(tmp_path, capsys):
 
 # ------------------------------------------------------------------ C4: compare --methods keeps the others
 def test_compare_methods_keeps_the_other_methods_under_new_eval_settings(tmp_path, capsys):
-    cfg = tmp_path / "cmp.yaml"
-    cfg.write_text("data: {name: digits, limit: 300}\nmodel: {backbone: mlp, exits: all}\n"
-                   "train: {epochs: 1, lr: 0.05, progress: false}\n"
-                   "eval: {batch_sizes: [], curve_points: 3, deployments: eager}\n"
-                   "methods:\n  Baseline: {objective: {name: final}}\n  B-NET: {objective: {name: joint}}\n"
-                   "  Later: {objective: {name: distill}}\n")
+    cfg = _compare_yaml(tmp_path, "  Baseline: {objective: {name: final}}\n  B-NET: {objective: {name: joint}}\n"
+                        "  Later: {objective: {name: distill}}\n", eval=", deployments: eager")
     out = tmp_path / "cmp"
     assert main(["compare", "--config", str(cfg), "--out", str(out), "--methods", "Baseline,B-NET"]) == 0
     metrics = (out / "Baseline" / "metrics.jsonl").read_text()
@@ -210,12 +207,32 @@ def test_compare_methods_keeps_the_other_methods_under_new_eval_settings(tmp_pat
 
 
 def test_compare_tables_name_the_split_they_report_on(tmp_path):
-    cfg = tmp_path / "cmp.yaml"
-    cfg.write_text("data: {name: digits, limit: 300}\nmodel: {backbone: mlp, exits: all}\n"
-                   "train: {epochs: 1, lr: 0.05, progress: false}\n"
-                   "eval: {batch_sizes: [], curve_points: 3, deployments: eager, split: val}\n"
-                   "methods:\n  B-NET: {objective: {name: joint}}\n")
+    cfg = _compare_yaml(tmp_path, "  B-NET: {objective: {name: joint}}\n", eval=", deployments: eager, split: val")
     assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "cmp")]) == 0
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| Method | Val. acc. |" in md and "Table 1: val accuracy" in md and ", val split." in md
     assert "Test acc." not in md and "test split" not in md
+
+
+def test_compare_reports_again_when_the_weights_changed_since_the_report(tmp_path, capsys):
+    """A method's report.json names the weights it was made on; where the run's checkpoint holds
+    other weights (trained again by hand, copied over), compare evaluates it again (no training)
+    rather than tabling the stale report."""
+    cfg = _compare_yaml(tmp_path, "  B-NET: {objective: {name: joint}}\n", eval=", deployments: eager")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", str(cfg), "--out", str(out)]) == 0
+    run = out / "B-NET"
+    first = json.loads((run / "report.json").read_text())
+    metrics = (run / "metrics.jsonl").read_text()
+    assert main(["compare", "--config", str(cfg), "--out", str(out)]) == 0  # unchanged: the report is reused
+    assert json.loads((run / "report.json").read_text()) == first
+    other = eenn.load(run / "best.safetensors")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    eenn.save(other, run / "best.safetensors")
+    assert main(["compare", "--config", str(cfg), "--out", str(out)]) == 0
+    again = json.loads((run / "report.json").read_text())
+    assert again["weights_sha256"] == eenn.checkpoint.read_description(run / "best.safetensors")["sha256"]
+    assert again["weights_sha256"] != first["weights_sha256"]
+    assert (run / "metrics.jsonl").read_text() == metrics  # evaluated again, not trained

@@ -180,7 +180,23 @@ def _finished(run_dir: Path, cfg: RunConfig) -> str:
     trained = all(saved.get(k) == v for k, v in want.items() if k != "eval")
     if not (trained and lines and (lines[-1].get("epoch") == cfg.train.epochs or _stopped_early(run_dir, cfg))):
         return "untrained"
-    return "done" if saved.get("eval") == want.get("eval") and (run_dir / "report.json").exists() else "trained"
+    done = saved.get("eval") == want.get("eval") and (run_dir / "report.json").exists()
+    return "done" if done and _report_fits_weights(run_dir) else "trained"
+
+
+def _report_fits_weights(run_dir: Path) -> bool:
+    """Whether ``report.json`` was made on the weights the run holds now (its ``weights_sha256``
+    against the stored checkpoint's); a report that does not name its weights (older ones) fits."""
+    from .checkpoint import read_description, weights_digest
+
+    fitted_on = Report.load(run_dir / "report.json").data.get("weights_sha256")
+    if fitted_on is None:
+        return True
+    best = run_dir / "best.safetensors"
+    if best.exists():  # saved without a training state: its stored digest is the weights'
+        return read_description(best).get("sha256") == fitted_on
+    net, _, _ = open_run(run_dir)
+    return weights_digest(net) == fitted_on
 
 
 def _why_left_out(run_dir: Path, cfg: RunConfig) -> str:
