@@ -69,6 +69,25 @@ def test_prune_at_counts_a_negative_index_from_the_end():
     assert prune_at(net, [1.0] * net.num_exits, -net.num_exits).net.num_exits == 1
 
 
+@pytest.mark.parametrize("exits", [[3], [0, 7], [-4], [1.5], [True]])
+def test_forward_refuses_an_exit_index_out_of_range(exits):
+    """net(x, exits=[3]) on a 3-exit network ran exit 0 (the index wrapped); it is refused."""
+    net = mlp().eval()
+    with pytest.raises(ValueError, match=r"forward\(exits=...\) must be an exit index"):
+        net(pixels(2)[0], exits=exits)
+
+
+def test_forward_counts_a_negative_exit_from_the_end():
+    net = mlp().eval()
+    x = pixels(2)[0]
+    with torch.no_grad():
+        full = net(x).logits
+        last = net(x, exits=[-1]).logits
+        first_two = net(x, exits=[1, -3]).logits
+    assert len(last) == 1 and torch.equal(last[0], full[-1])
+    assert len(first_two) == 2 and torch.equal(first_two[0], full[0]) and torch.equal(first_two[1], full[1])
+
+
 # ---------------------------------------------------------------- 2. BatchNorm and batches of one
 
 def test_batch_size_1_with_batchnorm_is_refused_before_training():

@@ -10,7 +10,7 @@ import torch
 
 import eenn
 from eenn.callbacks import Callback
-from eenn.data import InputSpec, TensorDataset, TensorLoader, from_tensors
+from eenn.data import InputSpec, TensorDataset, TensorLoader, from_tensors, register_dataset
 
 LENGTH, VOCAB = 8, 20
 
@@ -315,3 +315,69 @@ def test_the_loader_and_input_spec_keep_model_inputs_as_they_are():
         InputSpec((LENGTH,), kind="text")
     with pytest.raises(TypeError, match="labels must be integer class indices"):
         TensorDataset(np.zeros((4, 3), np.float32), np.zeros(4, np.float32))
+
+
+# ------------------------------------------------------------------------ registered data sets
+
+@pytest.fixture
+def registered():
+    """Register builders for the test and take them out again afterwards."""
+    from eenn.data import datasets as ds_mod
+
+    names = []
+
+    def add(name, build):
+        register_dataset(name)(build)
+        names.append(name)
+
+    yield add
+    for name in names:
+        ds_mod.DATASETS._items.pop(name)
+
+
+def test_a_registered_data_set_of_token_ids_or_features_loads_and_trains(registered):
+    """load_dataset used to read every registered set as pixels (mean/std of uint8 [N, C, H, W]):
+    one of token ids or features failed; it is now read as from_tensors reads tensors."""
+    from eenn.data import TrainTest
+
+    def has7(*, data_dir=None, download=False, seed=0):
+        (x, y), (xt, yt) = token_task(320, 0), token_task(64, 2)
+        return TrainTest(TensorDataset(x, y), TensorDataset(xt, yt), ("no7", "has7"))
+
+    def sums(*, data_dir=None, download=False, seed=0):
+        (x, y), (xt, yt) = feature_task(200, 0), feature_task(40, 1)
+        return TrainTest(TensorDataset(x.double(), y), TensorDataset(xt.double(), yt), ("neg", "pos"))
+
+    registered("has7_test", has7)
+    registered("sums_test", sums)
+    data = eenn.load_dataset("has7_test", val_fraction=0.2, limit=200)
+    assert data.info.kind == "tokens" and data.info.input_shape == (LENGTH,) and data.info.mean == ()
+    assert data.info.split == {"seed": 0, "val_fraction": 0.2, "limit": 200}
+    assert (len(data.train), len(data.val), len(data.test)) == (200, 64, 64) and data.train.x.dtype == torch.int64
+    net = text_net()
+    history = eenn.fit(net, data, "joint", **FIT)
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    assert net.input_spec == InputSpec((LENGTH,), class_names=("no7", "has7"), kind="tokens")
+    feats = eenn.load_dataset("sums_test")
+    assert feats.info.kind == "features" and feats.info.input_shape == (10,)
+    assert {ds.x.dtype for ds in (feats.train, feats.val, feats.test)} == {torch.float32}
+    eenn.fit(feature_net(), feats, "joint", **FIT)
+
+
+def test_a_registered_data_set_with_mixed_or_bad_samples_is_refused(registered):
+    from eenn.data import TrainTest
+
+    def mixed(*, data_dir=None, download=False, seed=0):
+        x, y = token_task(40, 0)
+        return TrainTest(TensorDataset(x, y), TensorDataset(x.float(), y), ("a", "b"))
+
+    def negative(*, data_dir=None, download=False, seed=0):
+        x, y = token_task(40, 0)
+        return TrainTest(TensorDataset(x - 5, y), TensorDataset(x, y), ("a", "b"))
+
+    registered("mixed_test", mixed)
+    registered("negative_test", negative)
+    with pytest.raises(ValueError, match="data set 'mixed_test': its test samples are features"):
+        eenn.load_dataset("mixed_test")
+    with pytest.raises(ValueError, match="data set 'negative_test': train x holds negative token ids"):
+        eenn.load_dataset("negative_test")

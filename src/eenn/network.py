@@ -220,7 +220,8 @@ class MultiExitNetwork(nn.Module):
         ``x`` must be in the parameters' float type (another one is refused, not converted; the
         engine converts); NaN and inf are not looked for here (training speed; the engine does)."""
         self._check_input(x, "net(x)", pixels=False)
-        wanted = range(self.num_exits) if exits is None else sorted({int(e) % self.num_exits for e in exits})
+        n = self.num_exits
+        wanted = range(n) if exits is None else sorted({exit_position(e, n, "forward(exits=...)") for e in exits})
         if not len(wanted):
             raise ValueError("forward(exits=...) needs at least one exit")
         state: State = x

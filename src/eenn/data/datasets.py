@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
+import torch
 
 from ..registry import Registry, check_options, is_whole
 from ..userframe import caller_stacklevel
-from .core import DataSplits, DatasetInfo, TensorDataset, cap, channel_stats, complement, split_off, stratified_pick
+from .core import DataSplits, TensorDataset, cap, complement, split_off, stratified_pick
 from .formats import concat_batches, read_cifar_files, read_cifar_tar, read_idx_pair, read_svhn_mat
 from .errors import DatasetNotFoundError
+from .tensors import check_kind, split_info
 from .sources import (ENV_VAR, Found, Layout, Remote, Source, download as download_source, locate,
                       not_found_error)
 
@@ -80,11 +82,17 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, val_fr
                          f"leaves no validation samples (thresholds are calibrated on them); give at least "
                          f"{1 / len(raw.train):.2g}" if len(raw.train) else f"data set {key!r} has no training samples")
     train, val, test = (cap(ds, limit, (seed, _LIMIT_STREAM, i)) for i, ds in enumerate((train, val, raw.test)))
-    mean, std = channel_stats(train.x)
-    _, c, h, w = raw.train.x.shape
-    info = DatasetInfo(name=key, num_classes=len(raw.class_names), in_channels=c, input_size=(h, w),
-                       mean=mean, std=std, class_names=tuple(raw.class_names),
-                       split={"seed": seed, "val_fraction": val_fraction, "limit": limit})
+    # pixels (normalised by the train split's statistics), token ids or features, as from_tensors reads them
+    who = f"data set {key!r}"
+    kind = check_kind("train", raw.train.x, who)
+    if check_kind("test", raw.test.x, who) != kind or raw.test.x.shape[1:] != raw.train.x.shape[1:]:
+        raise ValueError(f"{who}: its test samples are {raw.test.kind} of shape {list(raw.test.x.shape[1:])}, its "
+                         f"training samples {raw.train.kind} of shape {list(raw.train.x.shape[1:])}; a builder must "
+                         "return one kind of sample of one shape")
+    if kind == "features" and train.x.dtype != torch.float32:  # the dtype the network computes in
+        train, val, test = (TensorDataset(ds.x.float(), ds.y) for ds in (train, val, test))
+    info = split_info(key, kind, train.x, tuple(raw.class_names),
+                      split={"seed": seed, "val_fraction": val_fraction, "limit": limit})
     return DataSplits(train=train, val=val, test=test, info=info)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from .core import DataSplits, DatasetInfo, TensorDataset, channel_stats
 from .spec import describe_input
 
-__all__ = ["from_tensors"]
+__all__ = ["from_tensors", "split_info"]
 
 
 def _tensor(a: Any, what: str) -> Tensor:
@@ -56,25 +56,25 @@ def _pair(split: str, pair: Any) -> tuple[Tensor, Tensor]:
     return x, y.to(x.device, torch.int64)
 
 
-def _kind(split: str, x: Tensor) -> str:
+def check_kind(split: str, x: Tensor, who: str = "from_tensors") -> str:
     dtype = str(x.dtype).removeprefix("torch.")
     if x.dtype == torch.uint8:
         if x.ndim != 4:
-            raise ValueError(f"from_tensors: {split} x is uint8 of shape {list(x.shape)}; uint8 samples are pixels "
+            raise ValueError(f"{who}: {split} x is uint8 of shape {list(x.shape)}; uint8 samples are pixels "
                              "[N, C, H, W] (token ids must be int64 or int32: x.long())")
         return "pixels"
     if x.dtype in (torch.int64, torch.int32):
         if len(x) and int(x.min()) < 0:
-            raise ValueError(f"from_tensors: {split} x holds negative token ids (down to {int(x.min())}); ids index "
+            raise ValueError(f"{who}: {split} x holds negative token ids (down to {int(x.min())}); ids index "
                              "an embedding and must be >= 0")
         return "tokens"
     if x.is_floating_point():
         bad = int((~torch.isfinite(x)).sum())
         if bad:
-            raise ValueError(f"from_tensors: {split} x holds {bad} NaN or infinite value(s); fix or drop those "
+            raise ValueError(f"{who}: {split} x holds {bad} NaN or infinite value(s); fix or drop those "
                              "samples first")
         return "features"
-    raise TypeError(f"from_tensors: {split} x is {dtype}; samples must be uint8 pixels [N, C, H, W], int64/int32 "
+    raise TypeError(f"{who}: {split} x is {dtype}; samples must be uint8 pixels [N, C, H, W], int64/int32 "
                     "token ids or floating-point features")
 
 
@@ -95,7 +95,7 @@ def from_tensors(train: tuple[Any, Any], val: tuple[Any, Any], test: tuple[Any, 
     pairs = {"train": _pair("train", train), "val": _pair("val", val)}
     if test is not None:
         pairs["test"] = _pair("test", test)
-    kinds = {split: _kind(split, x) for split, (x, _) in pairs.items()}
+    kinds = {split: check_kind(split, x) for split, (x, _) in pairs.items()}
     kind, shape = kinds["train"], tuple(pairs["train"][0].shape[1:])
     for split, (x, _) in pairs.items():
         if kinds[split] != kind or tuple(x.shape[1:]) != shape:
@@ -129,11 +129,18 @@ def from_tensors(train: tuple[Any, Any], val: tuple[Any, Any], test: tuple[Any, 
     if "test" not in splits:
         x, y = pairs["train"]
         splits["test"] = TensorDataset(x[:0], y[:0])
-    if kind == "pixels":
-        mean, std = channel_stats(splits["train"].x)
-        info = DatasetInfo(name=name, num_classes=num_classes, in_channels=shape[0], input_size=shape[1:],
-                           mean=mean, std=std, class_names=names)
-    else:
-        info = DatasetInfo(name=name, num_classes=num_classes, in_channels=None, input_size=None, mean=(), std=(),
-                           class_names=names, kind=kind, input_shape=shape)
+    info = split_info(name, kind, splits["train"].x, names)
     return DataSplits(train=splits["train"], val=splits["val"], test=splits["test"], info=info)
+
+
+def split_info(name: str, kind: str, train_x: Tensor, class_names: tuple[str, ...],
+               split: dict[str, Any] | None = None) -> DatasetInfo:
+    """The :class:`DatasetInfo` of samples of ``kind`` (see :func:`check_kind`): pixels get the train
+    split's per-channel mean/std; token ids and features are given to the network as they are."""
+    shape = tuple(train_x.shape[1:])
+    if kind == "pixels":
+        mean, std = channel_stats(train_x)
+        return DatasetInfo(name=name, num_classes=len(class_names), in_channels=shape[0], input_size=shape[1:],
+                           mean=mean, std=std, class_names=class_names, split=split)
+    return DatasetInfo(name=name, num_classes=len(class_names), in_channels=None, input_size=None, mean=(), std=(),
+                       class_names=class_names, kind=kind, input_shape=shape, split=split)
