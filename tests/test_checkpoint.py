@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import eenn
+from eenn.callbacks import Callback
 from tests.test_trace import ResCat
 
 
@@ -35,6 +36,26 @@ def test_save_load_round_trip(tmp_path):
     assert desc["extra"] == {"epoch": 3} and desc["eenn_version"] == eenn.__version__
     assert desc["network"]["source"]["name"] == "resnet20"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_load_returns_eval_mode_ready_for_the_engine_and_fit_trains_it(tmp_path):
+    """A loaded network is for inference first: eval mode, which the engine requires (it came
+    back in training mode, and the engine refused it); eenn.fit switches it to training itself."""
+    net = eenn.create_network("mlp", in_channels=1, num_classes=10, input_size=8, exits="all").train()
+    path = eenn.save(net, tmp_path / "m.safetensors")
+    loaded = eenn.load(path)
+    assert not any(m.training for m in loaded.modules())
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    assert eenn.DynamicEngine(loaded, "max_prob", 0.5)(torch.randn(4, 1, 8, 8)).prediction.shape == (4,)
+    data = eenn.from_tensors(train=(x.repeat(8, 1, 1, 1), torch.arange(32) % 10), val=(x, torch.arange(4)))
+    seen = []
+
+    class Mode(Callback):
+        def on_train_batch_end(self, trainer, batch, loss, exit_acc):
+            seen.append(loaded.training)
+
+    eenn.fit(loaded, data, "joint", [Mode()], epochs=1, batch_size=16, progress=False)
+    assert seen and all(seen)
 
 
 def test_traced_model_round_trip_needs_the_model(tmp_path):

@@ -271,7 +271,11 @@ def load(
 
     For a network made by :func:`eenn.attach_exits`, pass a fresh instance of the same user
     model as ``model``, or ``"module:function"`` naming code of yours that builds one (see
-    :func:`import_model`; code is never loaded from the checkpoint)."""
+    :func:`import_model`; code is never loaded from the checkpoint).
+
+    The network comes back in eval mode, ready for the engine, export and serving (which refuse
+    one in training mode); ``eenn.fit`` switches it to training mode itself, and ``.train()``
+    does so for a loop of your own."""
     path = Path(path)
     map_location = usable_device(map_location, "map_location")
     desc, tensors = read_checkpoint(path)
@@ -287,7 +291,7 @@ def load(
     _load_into(net, desc, tensors, path)
     if net.input_spec is None:
         net.input_spec = _legacy_input_spec(desc)
-    return net.to(map_location)
+    return net.to(map_location).eval()
 
 
 def _rebuild(network: dict[str, Any], path: Path, **kw: Any) -> nn.Module:
