@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eenn.backbones import Backbone, create_backbone, list_backbones, register_backbone
+from eenn.backbones import Backbone, create_backbone, head_input, list_backbones, register_backbone
 from eenn.backbones.base import _BACKBONES
 
 K = 10
@@ -30,6 +30,7 @@ NUM_STAGES = {
     "resnet110": 54,
     "mobilenetv2": 17,
     "vit": 6,
+    "msdnet": 4,
 }
 
 # Exact counts for a 3x32x32 input, 10 classes, width 1 (default options), to catch drift.
@@ -48,6 +49,7 @@ PARAMS = {
     "resnet110": 1_727_962,  # reference: 1.7M
     "mobilenetv2": 2_236_682,  # reference: MobileNetV2 with 10 classes ~2.24M
     "vit": 208_970,  # 4x4 patches, width 64, 6 blocks (33,472 each), MLP ratio 2, class token, 65 positions
+    "msdnet": 533_622,  # 4 blocks of 4, 2, 2, 2 layers on 3 scales (ours; no published CIFAR count at this depth)
 }
 HE_RESNETS = ["resnet20", "resnet32", "resnet56", "resnet110"]
 
@@ -74,8 +76,8 @@ def _check_stage_shapes(net: Backbone, x: torch.Tensor) -> None:
         state = x
         for stage, info in zip(net.stages, net.stage_info):
             state = stage(state)
-            assert tuple(state.shape) == (x.shape[0], *info.shape), info.name
-        assert net.classifier(state).shape == (x.shape[0], K)
+            assert tuple(head_input(state).shape) == (x.shape[0], *info.shape), info.name
+        assert net.classifier(head_input(state)).shape == (x.shape[0], K)
 
 
 def test_every_family_is_registered_with_keyword_only_builder():

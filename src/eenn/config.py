@@ -50,8 +50,14 @@ class ModelConfig:
     backbone: str = "resnet20"
     backbone_options: dict = field(default_factory=dict)  # e.g. {width: 0.5}
     exits: str | list | int = "all"  # "all", "none", [1, 3] or "1,3", "linear:3", stage names ("block2.0,block3.0")
-    head: str | list = "linear"  # one head for every exit, or one per exit
+    head: str | list | None = None  # one head for every exit, or one per exit; None: the backbone's default
     head_options: dict | list = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.head is None:  # linear, or the family's own (msdnet): a stored config names it
+            from .backbones import default_head
+
+            self.head = default_head(self.backbone)
 
 
 @dataclass

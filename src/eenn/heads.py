@@ -260,6 +260,24 @@ def nachos(in_shape, num_classes, *, width: int = 32, pool: int | str | None = N
     return ExitHead(nn.Sequential(*mods), chans[-1] * hp * wp, num_classes, gate=True)
 
 
+def msdnet_body(channels: int, width: int = 128) -> nn.Sequential:
+    """MSDNet's classifier up to its linear layer: two conv3x3/stride-2 + BN + ReLU layers of
+    ``width`` channels, global average pooling, flatten. Also the ``msdnet`` backbone's own."""
+    def conv(cin: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+
+    return nn.Sequential(*conv(channels), *conv(width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+@register_head("msdnet")
+def msdnet(in_shape, num_classes, *, width: int = 128, gate: bool = False) -> ExitHead:
+    """MSDNet's classifier (Huang et al. 2018): two strided conv3x3 layers of ``width`` channels
+    on the stage's map (the coarsest scale, on the ``msdnet`` backbone), pooled, fully connected."""
+    _need_spatial("msdnet", in_shape)
+    _at_least("msdnet", "width", width)
+    return ExitHead(msdnet_body(in_shape[0], width), width, num_classes, gate=gate)
+
+
 @register_head("token")
 def token(in_shape, num_classes, *, index: int | None = None, width: int | None = None, gate: bool = False,
           backbone: nn.Module | None = None) -> ExitHead:

@@ -70,7 +70,8 @@ class MultiExitNetwork(nn.Module):
         backbone: a :class:`~eenn.backbones.Backbone` (see :func:`eenn.create_backbone`).
         exits: stage indices or names, ``"all"``, ``"none"``, or a cost distribution
             (``"fine:2"`` / ``{"distribution": "fine", "num_exits": 2}``; METHODS.md §2).
-        head: registered head name, or one per intermediate exit.
+        head: registered head name, or one per intermediate exit; None: the backbone's
+            default (``linear``; MSDNet's classifier, ``msdnet``, on the ``msdnet`` backbone).
         head_options: keyword options for the head(s), a dict or one per exit.
         source: how to rebuild the backbone from data (set by the factories; used by
             :func:`eenn.save`).
@@ -80,7 +81,7 @@ class MultiExitNetwork(nn.Module):
         self,
         backbone: Backbone,
         exits: ExitSpec = "all",
-        head: str | Sequence[str] = "linear",
+        head: str | Sequence[str] | None = None,
         head_options: dict | Sequence[dict] | None = None,
         *,
         source: dict | None = None,
@@ -90,6 +91,7 @@ class MultiExitNetwork(nn.Module):
         self.backbone = backbone
         self.exit_spec = copy.deepcopy(exits) if not isinstance(exits, (list, tuple)) else list(exits)
         stages = place_exits(exits, backbone)
+        head = getattr(backbone, "default_head", "linear") if head is None else head
         names = [str(h) for h in _per_exit(head, len(stages), "head")]
         options = [resolve_head_options(h, dict(o or {}), saved=saved)
                    for h, o in zip(names, _per_exit(head_options or {}, len(stages), "head_options"))]
@@ -366,7 +368,7 @@ class NetworkConfig:
     input_size: int | tuple[int, int] = 32
     backbone_options: dict[str, Any] = field(default_factory=dict)
     exits: Any = "all"
-    head: str | list[str] = "linear"
+    head: str | list[str] | None = None  # None: the backbone's own default (linear; msdnet for MSDNet)
     head_options: dict[str, Any] | list[dict[str, Any]] = field(default_factory=dict)
 
     def build(self) -> MultiExitNetwork:
@@ -387,7 +389,7 @@ def create_network(
     num_classes: int,
     input_size: int | tuple[int, int],
     exits: ExitSpec = "all",
-    head: str | Sequence[str] = "linear",
+    head: str | Sequence[str] | None = None,
     head_options: dict | Sequence[dict] | None = None,
     **backbone_options: Any,
 ) -> MultiExitNetwork:

@@ -25,6 +25,7 @@ __all__ = [
     "head_input",
     "head_keep",
     "dry_run",
+    "default_head",
 ]
 
 State = Tensor | tuple[Tensor, ...]
@@ -127,6 +128,7 @@ class Backbone(nn.Module):
         self.spec: dict[str, Any] | None = None
         # Set by attach_exits(pad_id=...): every stage's state ends with the padding mask (head_keep).
         self.carries_keep = False
+        self.default_head = "linear"  # the exit head when none is named (create_backbone: the registry's)
 
     @property
     def num_stages(self) -> int:
@@ -162,12 +164,27 @@ class Backbone(nn.Module):
 
 
 _BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")
+_DEFAULT_HEADS: dict[str, str] = {}
 
 
-def register_backbone(name: str | None = None):
+def register_backbone(name: str | None = None, *, head: str = "linear"):
     """Decorator: register a keyword-only builder
-    ``fn(*, in_channels, num_classes, input_size, **options) -> Backbone``."""
-    return _BACKBONES.register(name)
+    ``fn(*, in_channels, num_classes, input_size, **options) -> Backbone``; ``head``: the exit
+    head its networks get when none is named (MSDNet's own classifier for ``msdnet``)."""
+    register = _BACKBONES.register(name)
+
+    def deco(fn):
+        fn = register(fn)
+        _DEFAULT_HEADS[name or fn.__name__] = head
+        return fn
+
+    return deco
+
+
+def default_head(name: str) -> str:
+    """The exit head a registered backbone's networks get when none is named (``"linear"`` for
+    a name that is not registered: the registry says what is wrong with it)."""
+    return _DEFAULT_HEADS.get(name, "linear")
 
 
 def list_backbones() -> list[str]:
@@ -204,6 +221,7 @@ def create_backbone(
             raise ValueError(f"{arg} must be an int >= {least}, got {value!r}")
     size = _size2(input_size)
     net = builder(in_channels=in_channels, num_classes=num_classes, input_size=size, **options)
+    net.default_head = default_head(name)
     net.spec = {
         "name": name,
         "in_channels": int(in_channels),
