@@ -213,7 +213,7 @@ def test_resume_refuses_data_of_another_kind(tmp_path):
 
 # ---------------------------------------------------------------------------------- evaluation
 
-def test_evaluation_paths_take_token_ids(tokens, tmp_path):
+def test_evaluation_paths_take_token_ids(tokens, tmp_path, capsys):
     net = text_net()
     eenn.fit(net, tokens, "joint", **FIT)
     val, test = eenn.collect_outputs(net, tokens.val), eenn.collect_outputs(net, tokens.test)
@@ -230,6 +230,18 @@ def test_evaluation_paths_take_token_ids(tokens, tmp_path):
     assert manifest["preprocess"] is None and manifest["class_names"] == ["no7", "has7"]  # ids are not pixels
     pruned = eenn.aep_prune(net, [1.0, 1.0], tokens.val, latency_batch_size=None)
     assert len(pruned.val_acc) == 2
+    # eenn predict reads a JSON array as token ids (it used to cast them to floats and fail)
+    from eenn.cli import main
+
+    eenn.save(net, tmp_path / "tok.safetensors", policy=policy)
+    (tmp_path / "ids.json").write_text(json.dumps(tokens.test.x[:5].tolist()))
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "tok.safetensors"), str(tmp_path / "ids.json"),
+                 "--model", "tests.test_tensor_data:TextNet", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["prediction"], r["exit"]) for r in rows] == list(zip(result.prediction[:5].tolist(),
+                                                                      result.exit[:5].tolist()))
+    assert {r["class"] for r in rows} <= {"no7", "has7"}
 
 
 def test_evaluation_refuses_tensors_without_a_test_split():
