@@ -24,3 +24,20 @@ def test_readme_python_examples_run_as_written(tmp_path, monkeypatch):
     for line, code in _blocks():
         # compiled with the README's line numbers, so a failure points at the README's own line
         exec(compile("\n" * (line - 1) + code, str(README), "exec"), namespace)
+
+
+def test_readme_config_example_trains(tmp_path, capsys):
+    """The README's YAML config (every ```yaml block that has the five sections) validates and
+    trains as written; only the data and the budget are made small here."""
+    from eenn.cli import main
+
+    text = README.read_text()
+    configs = [m.group(1) for m in re.finditer(r"^```yaml\n(.*?)^```", text, flags=re.S | re.M)
+               if all(f"\n{k}:" in "\n" + m.group(1) for k in ("data", "model", "objective", "train", "eval"))]
+    assert configs
+    for i, config in enumerate(configs):
+        path = tmp_path / f"readme{i}.yaml"
+        path.write_text(config)
+        assert main(["train", "--config", str(path), "--out", str(tmp_path / f"run{i}"), "--no-report",
+                     "--no-progress", "--set", "data={name: digits, limit: 200}", "--set", "train.epochs=1"]) == 0, \
+            capsys.readouterr().err
