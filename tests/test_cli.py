@@ -21,12 +21,12 @@ def test_train_command_writes_a_run_and_resumes(tmp_path, capsys):
         return ["train", "--dataset", "digits", "--backbone", "lenet5", "--exits", "1,2", "--epochs", str(epochs),
                 "--lr", "0.05", "-O", "weights=pabee", "-B", "width=2", "--out", str(out), "--no-progress", *more]
 
-    assert main(args(2)) == 0
+    assert main(args(2, "--no-report")) == 0  # the report: tests run_dir and test_evaluate_calibrate_predict
     assert "validation accuracy per exit" in capsys.readouterr().out
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     net = eenn.load(out / "best.safetensors")
     assert net.num_exits == 3 and net.config["source"]["options"] == {"width": 2}
-    # re-running with more epochs continues from last.safetensors (the report is the first run's concern)
+    # re-running with more epochs continues from last.safetensors
     with pytest.warns(UserWarning, match="changed settings.*epochs: 2 -> 3"):
         assert main(args(3, "--no-report")) == 0
     assert [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
@@ -211,7 +211,7 @@ def test_compare_two_methods(tmp_path, capsys):
     cfg = tmp_path / "cmp.yaml"
     cfg.write_text("data: {name: digits}\nmodel: {backbone: lenet5, exits: [1, 2], backbone_options: {width: 2}}\n"
                    "train: {epochs: 1, lr: 0.05, progress: false}\n"
-                   "eval: {batch_sizes: [1], timing_samples: [4], repeats: 1, curve_points: 3}\n"
+                   "eval: {batch_sizes: [1], timing_samples: [4], repeats: 1, curve_points: 3, deployments: eager}\n"
                    "methods:\n  Baseline: {objective: {name: final}}\n  B-NET: {objective: {name: joint}}\n"
                    "  AEP: {objective: {name: aep, options: {scheme: linear}}, prune: true,\n"
                    "        eval: {policy: ensemble, policy_options: {weights: linear}}}\n")
