@@ -9,6 +9,7 @@ from torch import nn
 
 import eenn
 from _helpers import gap_thresholds
+from eenn.backbones import default_head
 from eenn.backbones.msdnet import DenseLayer, ScaleGrowth, Transition, scale_plan
 from eenn.cost import count_macs
 from eenn.engine import DynamicEngine
@@ -73,7 +74,7 @@ def test_blocks_are_stages_of_scales_coarsest_first():
     bb = net.backbone
     assert bb.num_stages == 5 and net.num_exits == 5 and net.exit_stages == [0, 1, 2, 3]
     assert [i.name for i in bb.stage_info] == [f"block{b}" for b in range(5)]
-    assert net.head_names == ["msdnet"] * 4 and bb.default_head == "msdnet"
+    assert net.head_names == ["msdnet"] * 4 and default_head(bb.spec["name"]) == "msdnet"
     with torch.no_grad():
         assert _states(net, torch.randn(2, 1, 8, 8)) == TINY_STATES
     assert [i.shape for i in bb.stage_info] == [s[0] for s in TINY_STATES]  # the heads read the coarsest

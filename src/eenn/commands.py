@@ -263,10 +263,8 @@ def _predict(args) -> int:
     manifest = {"input_shape": list(net.input_shape),
                 "preprocess": {"mean": list(spec.mean), "std": list(spec.std)}
                 if spec is not None and spec.kind == "pixels" else None}
-    ids_dtype = getattr(net.backbone, "input_dtype", None)
-    takes_ids = ids_dtype is not None and not ids_dtype.is_floating_point
-    if takes_ids:  # the bodies are read as the server reads them: integer arrays of token ids
-        manifest["input_dtype"] = str(ids_dtype).removeprefix("torch.")
+    if net.takes_token_ids:  # the bodies are read as the server reads them: integer arrays of token ids
+        manifest["input_dtype"] = str(net.backbone.input_dtype).removeprefix("torch.")
     engine = DynamicEngine(net.eval(), policy)
     types = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".npy": "application/x-npy",
              ".json": "application/json"}
@@ -282,7 +280,7 @@ def _predict(args) -> int:
             print(f"eenn: error: {path}: {getattr(err, 'message', None) or err}", file=sys.stderr)
             failed += 1
             continue
-        x = x if takes_ids else x.float()
+        x = x if net.takes_token_ids else x.float()
         with torch.no_grad():
             res = engine(x)
             out = net(x, exits=None)

@@ -12,7 +12,7 @@ def check_input(net, x: Tensor, where: str, pixels: bool) -> None:
     """Refuse an input the network cannot take, saying what it takes: token ids for a model
     of integer inputs; else floats (or, with ``pixels``, uint8 pixels) of the known per-sample
     shape (``input_spec``'s, or a built-in backbone's), or any shape when neither is known."""
-    ids, spec = net._token_ids, net.input_spec
+    ids, spec = net.takes_token_ids, net.input_spec
     shape = spec.shape if spec is not None else net._known_shape
     if isinstance(x, Tensor):  # the fast path: a dtype test and a tuple comparison
         if ids:

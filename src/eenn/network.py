@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from .backbones.base import Backbone, State, create_backbone, head_input, head_keep
+from .backbones.base import Backbone, State, create_backbone, default_head, head_input, head_keep
 from .cost import CostTable, count_macs, count_params, profile_stages
 from .heads import ExitHead, HeadClassifier, create_head, resolve_head_options
 from .input_check import check_input
@@ -91,7 +91,7 @@ class MultiExitNetwork(nn.Module):
         self.backbone = backbone
         self.exit_spec = copy.deepcopy(exits) if not isinstance(exits, (list, tuple)) else list(exits)
         stages = place_exits(exits, backbone)
-        head = getattr(backbone, "default_head", "linear") if head is None else head
+        head = default_head((backbone.spec or {}).get("name")) if head is None else head  # msdnet's own, else linear
         names = [str(h) for h in _per_exit(head, len(stages), "head")]
         options = [resolve_head_options(h, dict(o or {}), saved=saved)
                    for h, o in zip(names, _per_exit(head_options or {}, len(stages), "head_options"))]
@@ -116,7 +116,7 @@ class MultiExitNetwork(nn.Module):
             source = {"kind": "backbone", **backbone.spec}
         self.source = source
         # What _check_input knows without an input_spec: token ids, or a built-in backbone's shape.
-        self._token_ids = backbone.input_dtype is not None and not backbone.input_dtype.is_floating_point
+        self.takes_token_ids = backbone.input_dtype is not None and not backbone.input_dtype.is_floating_point
         # A built-in backbone takes its shape; a traced model the one it was traced at (its other
         # sizes, a sequence length say, are constants of the cut graph from then on).
         self._known_shape = backbone.input_shape if (source or {}).get("kind") in ("backbone", "traced") else None

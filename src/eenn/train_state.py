@@ -107,17 +107,12 @@ def restore_rng(state: dict[str, Any], path: Path, env, seed: int) -> None:
 
 # ------------------------------------------------------------------------- the data
 
-def _takes_token_ids(net) -> bool:
-    dtype = getattr(net.backbone, "input_dtype", None)
-    return dtype is not None and not dtype.is_floating_point
-
-
 def claim_input_spec(net, info) -> InputSpec:
     """Give ``net`` the input description of the data it is trained on (``info``, a
     :class:`~eenn.data.DatasetInfo`), or check that the one it has is that one. Data of another
     kind than the network takes (token ids for a network of float inputs, say) are refused."""
     spec = _class_names(net, info, InputSpec.from_info(info))
-    ids = _takes_token_ids(net)
+    ids = net.takes_token_ids
     if ids != (spec.kind == "tokens"):
         takes = (f"token ids (it was traced with input_dtype={net.backbone.input_dtype})" if ids else
                  "float inputs (a network of token ids is made with eenn.attach_exits(..., input_dtype=torch.long))")

@@ -128,7 +128,6 @@ class Backbone(nn.Module):
         self.spec: dict[str, Any] | None = None
         # Set by attach_exits(pad_id=...): every stage's state ends with the padding mask (head_keep).
         self.carries_keep = False
-        self.default_head = "linear"  # the exit head when none is named (create_backbone: the registry's)
 
     @property
     def num_stages(self) -> int:
@@ -181,9 +180,9 @@ def register_backbone(name: str | None = None, *, head: str = "linear"):
     return deco
 
 
-def default_head(name: str) -> str:
+def default_head(name: str | None) -> str:
     """The exit head a registered backbone's networks get when none is named (``"linear"`` for
-    a name that is not registered: the registry says what is wrong with it)."""
+    a name that is not registered, or None: a backbone built otherwise)."""
     return _DEFAULT_HEADS.get(name, "linear")
 
 
@@ -221,7 +220,6 @@ def create_backbone(
             raise ValueError(f"{arg} must be an int >= {least}, got {value!r}")
     size = _size2(input_size)
     net = builder(in_channels=in_channels, num_classes=num_classes, input_size=size, **options)
-    net.default_head = default_head(name)
     net.spec = {
         "name": name,
         "in_channels": int(in_channels),
